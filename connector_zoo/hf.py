@@ -1,0 +1,36 @@
+"""Loading transformers checkpoints by preset, local directory or hub id (offline cache), with actionable errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from connector_zoo.io import cache_dir, materialize
+
+
+def preset_dir(family: str, preset: str, params: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """Directory of a tiny preset, built once with ``save_pretrained`` and then loaded like any local checkpoint."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return materialize(cache_dir() / "presets" / f"{family}-{preset}-{digest}", build)
+
+
+def load_pretrained(loader: Callable[..., Any], checkpoint: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    """``loader(checkpoint, **kwargs)`` with an error that says what to do when a hub id is not available offline."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the bench's own output
+    try:
+        return loader(str(checkpoint), **kwargs)
+    except (OSError, ValueError) as err:
+        local = Path(checkpoint).exists()
+        hint = (
+            f"{checkpoint} exists but is not a valid {what} checkpoint directory"
+            if local
+            else f"{checkpoint!r} is neither a local directory nor in the Hugging Face cache; without internet, "
+            f"download it on a connected machine (`hf download {checkpoint}`) and copy the cache, or pass a local path"
+        )
+        raise OSError(f"could not load {what} from {checkpoint!r}: {hint}. ({type(err).__name__}: {err})") from err

@@ -1,0 +1,63 @@
+"""Files: the cache directory, atomic writes, and directory checkpoints that are built once and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def cache_dir() -> Path:
+    """Where built presets, the mini world and feature caches live (``$CONNECTOR_ZOO_CACHE`` overrides)."""
+    root = os.environ.get("CONNECTOR_ZOO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "connector_zoo"
+    )
+    return Path(root)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` (files or directories).
+
+    A crash leaves only a ``.tmp-*`` sibling, never a half-written file under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} does not exist") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or was not written by this tool") from err
+
+
+def materialize(directory: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``directory``, calling ``build(tmp_dir)`` first if it does not exist yet (atomic: all or nothing)."""
+    if not (directory / ".complete").exists():
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+    return directory

@@ -1,0 +1,65 @@
+"""Shared loading for transformers vision towers (CLIP, SigLIP): tiny preset, local directory or hub id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from connector_zoo.hf import load_pretrained, preset_dir
+from encoders.base import EncoderInfo, VisionEncoder
+
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class HFVisionEncoder(VisionEncoder):
+    """Shared loading for transformers vision towers (CLIP, SigLIP): preset, local directory or hub id."""
+
+    model_cls: type
+    config_cls: type
+    processor_cls: type
+
+    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True):
+        super().__init__(checkpoint, layer, frozen)
+        path = checkpoint
+        if checkpoint in self.presets:
+            path = preset_dir(self.registered_name, checkpoint, self.presets[checkpoint], self._build_preset)
+        self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} vision model")
+        self.processor = load_pretrained(AutoImageProcessor.from_pretrained, path, f"{self.registered_name} processor")
+        cfg = self.model.config
+        side = cfg.image_size // cfg.patch_size
+        self.info = EncoderInfo(hidden_size=cfg.hidden_size, grid=(side, side), image_size=cfg.image_size,
+                                has_cls=self.has_cls, num_heads=cfg.num_attention_heads,
+                                num_layers=cfg.num_hidden_layers)
+        self.block = self.block_index(cfg.num_hidden_layers)
+        self.freeze(frozen)
+
+    has_cls = True
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> HFVisionEncoder:
+        return cls(checkpoint or cls.default_checkpoint, **kwargs)
+
+    def _build_preset(self, out_dir) -> None:
+        torch.manual_seed(0)
+        params = dict(self.presets[self.checkpoint])
+        self.model_cls(self.config_cls(**params)).save_pretrained(out_dir)
+        size = params["image_size"]
+        self.processor_cls(size=self._processor_size(size), crop_size={"height": size, "width": size},
+                           image_mean=OPENAI_MEAN, image_std=OPENAI_STD).save_pretrained(out_dir)
+
+    def _processor_size(self, size: int) -> dict[str, int]:
+        return {"shortest_edge": size}
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+    def preprocess_signature(self) -> dict[str, Any]:
+        return self.processor.to_dict()
+
+    def _ensure_eager(self) -> None:
+        if self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")

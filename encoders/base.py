@@ -1,0 +1,151 @@
+"""The vision-encoder contract.
+
+An encoder maps a batch of pixel tensors to the features of one *selected layer* (default: the penultimate,
+``hidden_states[-2]`` in transformers' indexing, before any post-layernorm, as LLaVA-1.5 and Prismatic do), with the
+CLS token kept apart from the N patch tokens, the patch grid (h, w), and on request the CLS-attention scores of that
+same layer (FasterVLM). Encoders are frozen and run under ``torch.no_grad()`` by default, so their features are a pure
+function of (encoder, weights, layer, image, preprocessing): ``cache_key()`` names that function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class VisionFeatures:
+    """What every encoder returns and every connector consumes.
+
+    patches:       (B, N, Dv) patch tokens of the selected layer, raster order over ``grid``.
+    cls:           (B, Dv) the CLS token of that layer, or None for encoders without one (SigLIP).
+    grid:          (h, w) with h * w == N.
+    cls_attention: (B, H, N) attention probabilities of the CLS query over the patch keys in the selected layer
+                   (for SigLIP: the attention-pooling probe over the final patches), or None if not requested.
+    """
+
+    patches: torch.Tensor
+    cls: torch.Tensor | None
+    grid: tuple[int, int]
+    cls_attention: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        h, w = self.grid
+        if self.patches.dim() != 3 or self.patches.shape[1] != h * w:
+            raise ValueError(f"patches must be (B, h*w={h * w}, Dv); got {tuple(self.patches.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.patches.shape[0]
+
+    def to(self, *args, **kwargs) -> VisionFeatures:
+        move = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
+        return replace(self, patches=move(self.patches), cls=move(self.cls), cls_attention=move(self.cls_attention))
+
+    def select(self, index) -> VisionFeatures:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return replace(self, patches=self.patches[index], cls=pick(self.cls), cls_attention=pick(self.cls_attention))
+
+    @staticmethod
+    def stack(items: list[VisionFeatures]) -> VisionFeatures:
+        """Batch single-image features (e.g. from the feature cache)."""
+        first = items[0]
+        cat = lambda attr: None if getattr(first, attr) is None else torch.cat([getattr(i, attr) for i in items])  # noqa: E731
+        return VisionFeatures(cat("patches"), cat("cls"), first.grid, cat("cls_attention"))
+
+
+@dataclass
+class EncoderInfo:
+    """Typed properties of a built encoder (what connectors and the harness may rely on)."""
+
+    hidden_size: int
+    grid: tuple[int, int]
+    image_size: int
+    has_cls: bool
+    num_heads: int
+    num_layers: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class VisionEncoder(nn.Module):
+    """Base class of every encoder. Subclasses implement ``_encode`` and ``preprocess`` and set ``info``."""
+
+    registered_name: str = ""
+    #: preset name -> kwargs of the tiny random-initialised configurations (built, saved, loaded back by path)
+    presets: dict[str, dict[str, Any]] = {}
+    default_checkpoint: str = "tiny"
+
+    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.layer = layer
+        self.frozen = frozen
+        self.info: EncoderInfo
+
+    # ---------------------------------------------------------------- contract
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> (B, 3, S, S) pixel tensor with the checkpoint's own preprocessing."""
+        raise NotImplementedError
+
+    def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor, with_cls_attention: bool = False) -> VisionFeatures:
+        if self.frozen:
+            with torch.no_grad():
+                return self._encode(pixel_values, with_cls_attention)
+        return self._encode(pixel_values, with_cls_attention)
+
+    def encode_images(self, images: list[Image.Image], with_cls_attention: bool = False) -> VisionFeatures:
+        device = next(self.parameters()).device
+        return self(self.preprocess(images).to(device), with_cls_attention=with_cls_attention)
+
+    # ----------------------------------------------------------------- helpers
+    def freeze(self, frozen: bool = True) -> VisionEncoder:
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
+        if frozen:
+            self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        # a frozen encoder stays in eval mode (no dropout), whatever the composed model does
+        return super().train(mode and not self.frozen)
+
+    def block_index(self, num_layers: int) -> int:
+        """The transformer block whose output is ``hidden_states[self.layer]`` (hidden_states[0] = embeddings)."""
+        index = self.layer if self.layer >= 0 else num_layers + 1 + self.layer
+        if not 1 <= index <= num_layers:
+            raise ValueError(
+                f"{self.registered_name}: layer {self.layer} is out of range for {num_layers} blocks; "
+                f"use 1..{num_layers} or -1..-{num_layers} (transformers' hidden_states indexing)"
+            )
+        return index - 1
+
+    def cache_key(self) -> str:
+        """Everything that determines the features: family, weights, layer, preprocessing."""
+        weights = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            weights.update(str(tuple(tensor.shape)).encode())
+        desc = {"family": self.registered_name, "checkpoint": str(self.checkpoint), "layer": self.layer,
+                "preprocess": self.preprocess_signature(), "weights": weights.hexdigest()}
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+    def preprocess_signature(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> VisionEncoder:
+        raise NotImplementedError

@@ -1,0 +1,48 @@
+"""CLIP ViT through transformers' ``CLIPVisionModel`` (LLaVA-1.5: ``openai/clip-vit-large-patch14-336``).
+
+Features are ``hidden_states[layer]`` (default -2, the penultimate block's output, before ``post_layernorm``), split
+into the CLS token (index 0) and the N patch tokens. The CLS-attention row of the same layer is taken from the
+model's own eager attention probabilities: ``attentions[block][:, :, 0, 1:]`` -> (B, H, N). transformers' SDPA kernel
+returns no weights, so asking for CLS attention switches the model to eager attention once (same numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from encoders import register
+from encoders._hf import HFVisionEncoder
+from encoders.base import VisionFeatures
+
+
+@register("clip")
+class CLIPEncoder(HFVisionEncoder):
+    """CLIP ViT (transformers CLIPVisionModel): penultimate layer, CLS kept apart, CLS-attention for pruning."""
+
+    model_cls = CLIPVisionModel
+    config_cls = CLIPVisionConfig
+    processor_cls = CLIPImageProcessor
+    default_checkpoint = "tiny"
+    presets = {
+        # 8x8 grid of 8-px patches on 64-px images: the mini world's default
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     image_size=64, patch_size=8),
+        # a 24x24 grid like CLIP-L/14-336 (576 patches), at toy width
+        "tiny-24": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        image_size=96, patch_size=4),
+    }
+    real_checkpoints = ("openai/clip-vit-large-patch14-336", "openai/clip-vit-base-patch32")
+
+    def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
+        if with_cls_attention:
+            self._ensure_eager()
+        dtype = self.model.dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True,
+                         output_attentions=with_cls_attention)
+        hidden = out.hidden_states[self.block + 1]
+        cls_attention = out.attentions[self.block][:, :, 0, 1:] if with_cls_attention else None
+        return VisionFeatures(patches=hidden[:, 1:], cls=hidden[:, 0], grid=self.info.grid, cls_attention=cls_attention)
