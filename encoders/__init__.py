@@ -15,4 +15,6 @@ def build_encoder(name: str, checkpoint: str | None = None, **kwargs: Any):
     """Build an encoder by registered name (or dotted path); ``None`` kwargs keep the component's defaults."""
     cls, implied = ENCODERS.resolve(name)
     kwargs = {k: v for k, v in {**implied, **kwargs}.items() if v is not None}
-    return cls.from_checkpoint(checkpoint, **kwargs)
+    built = cls.from_checkpoint(checkpoint, **kwargs)
+    built.spec = {"name": name, "checkpoint": checkpoint or cls.default_checkpoint, **kwargs}
+    return built

@@ -1,0 +1,92 @@
+"""The connector contract.
+
+A connector maps the encoder's :class:`~encoders.base.VisionFeatures` to visual tokens of the LLM's width D **and a
+per-sample mask**, because some connectors (cls_prune by ratio over padded batches, focus_moe) emit a different number
+of tokens per image. Tokens of a sample are left-aligned: ``mask[b, :count[b]]`` is True and the rest is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from encoders.base import EncoderInfo, VisionFeatures
+
+
+@dataclass
+class ConnectorOutput:
+    """tokens (B, T, D); mask (B, T) bool, True for real tokens; aux_loss: a scalar added to the LM loss, or None."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        """(B,) visual tokens per sample."""
+        return self.mask.sum(dim=1)
+
+    @staticmethod
+    def dense(tokens: torch.Tensor) -> ConnectorOutput:
+        return ConnectorOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+
+
+class Connector(nn.Module):
+    """Base class of every connector: ``Connector(in_dim, out_dim, **settings)(features) -> ConnectorOutput``."""
+
+    registered_name: str = ""
+    #: the encoder must return ``cls_attention`` (FasterVLM-style pruning)
+    needs_cls_attention: bool = False
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.spec: dict[str, Any] = {"name": self.registered_name}
+
+    def forward(self, features: VisionFeatures) -> ConnectorOutput:
+        raise NotImplementedError
+
+    def max_tokens(self, info: EncoderInfo) -> int:
+        """Upper bound on the tokens per image for an encoder (the LLM's context budget is checked against it)."""
+        return info.num_patches + int(info.has_cls)
+
+    @torch.no_grad()
+    def num_visual_tokens(self, features: VisionFeatures) -> torch.Tensor:
+        """(B,) tokens this connector emits for these features."""
+        return self(features).num_tokens
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+class PerTokenConnector(Connector):
+    """A connector that maps every selected token on its own (linear, MLP): usable inside ``cls_prune``.
+
+    ``feature_select``: ``"patch"`` (LLaVA's default: patch tokens only) or ``"cls_patch"`` (CLS first, then patches;
+    for encoders without CLS, such as SigLIP, both are the patch tokens).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, feature_select: str = "patch"):
+        super().__init__(in_dim, out_dim)
+        if feature_select not in ("patch", "cls_patch"):
+            raise ValueError(f"feature_select must be 'patch' or 'cls_patch', got {feature_select!r}")
+        self.feature_select = feature_select
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, in_dim) -> (B, N, out_dim)."""
+        raise NotImplementedError
+
+    def select(self, features: VisionFeatures) -> torch.Tensor:
+        if self.feature_select == "cls_patch" and features.cls is not None:
+            return torch.cat([features.cls[:, None], features.patches], dim=1)
+        return features.patches
+
+    def forward(self, features: VisionFeatures) -> ConnectorOutput:
+        return ConnectorOutput.dense(self.project(self.select(features)))
+
+    def max_tokens(self, info: EncoderInfo) -> int:
+        return info.num_patches + int(info.has_cls and self.feature_select == "cls_patch")

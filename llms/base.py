@@ -1,0 +1,185 @@
+"""The LLM-backend contract: a transformers causal LM, its tokenizer, its chat template and ``<image>`` handling.
+
+A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}``; the string ``<image>`` inside
+a user turn marks where the visual tokens go. The backend renders it with the tokenizer's own chat template and labels
+**exactly what the model must generate after each generation prompt, through the end-of-turn token**: for assistant
+turn i, the characters between ``render(messages[:i], add_generation_prompt=True)`` and the first end-of-turn string
+after it. Everything else (system, user turns, the image, padding) gets the ignore index -100. Labels are not
+shifted: transformers' causal-LM loss shifts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tokenizers import AddedToken
+from torch import nn
+from transformers import AutoTokenizer
+
+from connector_zoo.hf import load_pretrained, preset_dir
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class TemplateError(ValueError):
+    """The chat template does not render prefix-stably, or a conversation is malformed."""
+
+
+class LLMBackend(nn.Module):
+    """Base class of every LLM backend. Subclasses set ``model_cls``, ``config_cls``, ``presets`` and templates."""
+
+    registered_name: str = ""
+    model_cls: type
+    config_cls: type
+    presets: dict[str, dict[str, Any]] = {}
+    default_checkpoint = "tiny"
+    #: used when the checkpoint's tokenizer has no chat template, and saved into tiny presets
+    chat_template: str = ""
+    #: keyword arguments for the template when building a generation prompt
+    generation_template_kwargs: dict[str, Any] = {}
+    prepend_bos = False
+    #: special tokens of the tiny preset's tokenizer (roles: bos/eos/pad/unk/additional)
+    tiny_special_tokens: dict[str, Any] = {}
+
+    def __init__(self, checkpoint: str, frozen: bool = True, dtype: str | None = None):
+        super().__init__()
+        self.checkpoint = checkpoint
+        path = checkpoint
+        if checkpoint in self.presets:
+            path = preset_dir(self.registered_name, checkpoint, self.presets[checkpoint],
+                              lambda d: self.build_tiny(d, checkpoint))
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer")
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} model",
+                                     dtype=torch_dtype)
+        if not self.tokenizer.chat_template:
+            self.tokenizer.chat_template = self.chat_template
+        self._add_special_tokens()
+        self.frozen = frozen
+        self.model.requires_grad_(not frozen)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> LLMBackend:
+        return cls(checkpoint or cls.default_checkpoint, **kwargs)
+
+    # ------------------------------------------------------------------ tokens
+    def _add_special_tokens(self) -> None:
+        """``<image>`` as a special token (and ``<pad>`` where the tokenizer has none); embeddings resized.
+
+        New embedding rows are set to the mean of the old ones (deterministic, so a frozen LLM rebuilds exactly).
+        """
+        tok = self.tokenizer
+        new = []
+        if IMAGE_TOKEN not in tok.get_vocab():
+            new.append(AddedToken(IMAGE_TOKEN, special=True, normalized=False))
+        if tok.pad_token is None:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+        if new:
+            tok.add_tokens(new, special_tokens=True)
+        old = self.model.get_input_embeddings().weight.shape[0]
+        if len(tok) > old:
+            self.model.resize_token_embeddings(len(tok), mean_resizing=False)
+            with torch.no_grad():
+                for emb in {id(m): m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings())
+                            if m is not None}.values():
+                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+        self.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.pad_token_id = tok.pad_token_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
+
+    @property
+    def end_of_turn(self) -> str:
+        return self.tokenizer.eos_token
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    # --------------------------------------------------------------- templates
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, **kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **kwargs)
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        if self.prepend_bos and self.tokenizer.bos_token_id is not None and not text.startswith(self.tokenizer.bos_token):
+            ids, offsets = [self.tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
+    def encode_conversation(self, messages: list[dict[str, str]]) -> EncodedConversation:
+        """Token ids and labels (-100 everywhere but the assistant turns and their end-of-turn token)."""
+        check_messages(messages)
+        full = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            if not full.startswith(prefix):
+                raise TemplateError(
+                    f"{self.registered_name}: the chat template does not render prefix-stably at turn {i}; "
+                    f"cannot locate the assistant answer (prefix {prefix[-60:]!r})"
+                )
+            end = full.find(self.end_of_turn, len(prefix))
+            if end < 0:
+                raise TemplateError(f"{self.registered_name}: no end-of-turn {self.end_of_turn!r} after turn {i}")
+            spans.append((len(prefix), end + len(self.end_of_turn)))
+        ids, offsets = self._tokenize(full)
+        labels = [IGNORE_INDEX] * len(ids)
+        for t, (start, stop) in enumerate(offsets):
+            if stop > start and any(start < s_end and stop > s_start for s_start, s_end in spans):
+                labels[t] = ids[t]
+        return EncodedConversation(ids, labels)
+
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a prompt that ends with the generation prompt (for ``generate``)."""
+        check_messages(messages, need_assistant=False)
+        text = self.render(messages, add_generation_prompt=True, **self.generation_template_kwargs)
+        return self._tokenize(text)[0]
+
+    # ------------------------------------------------------------------ preset
+    @classmethod
+    def build_tiny(cls, out_dir, preset: str = "tiny", corpus: list[str] | None = None, seed: int = 0, **overrides):
+        """Write a random tiny checkpoint (model + offline tokenizer) with ``save_pretrained``; load it by path."""
+        from llms._tiny import build_tiny_tokenizer
+
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer(corpus, cls.tiny_special_tokens, cls.chat_template)
+        params = {**cls.presets[preset], **overrides}
+        config = cls.config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
+                                 pad_token_id=tokenizer.pad_token_id, **params)
+        cls.model_cls(config).save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+
+
+def check_messages(messages: list[dict[str, str]], need_assistant: bool = True) -> None:
+    """A malformed conversation raises with what is wrong and where."""
+    if not isinstance(messages, list) or not messages:
+        raise TemplateError(f"a conversation must be a non-empty list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise TemplateError(f"message {i} must be a dict with role system/user/assistant, got {m!r:.80}")
+        if not isinstance(m.get("content"), str):
+            raise TemplateError(f"message {i} ({m['role']}) has no text content")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise TemplateError("the conversation has no assistant turn, so nothing would be trained")

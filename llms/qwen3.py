@@ -1,0 +1,50 @@
+"""``qwen3``: transformers ``Qwen3ForCausalLM`` (reference notes: ``Qwen/Qwen3-4B``; also -0.6B, -1.7B).
+
+ChatML from the tokenizer's own template (``<|im_start|>role\\n...<|im_end|>``); the end of an assistant turn is
+``<|im_end|>``. Generation prompts are rendered with ``enable_thinking=False`` (Qwen3's non-thinking mode, the prompt
+ends in an empty ``<think></think>`` block), the mode the visual instruction data trains. The tiny preset's template
+reproduces the parts of Qwen3's that matter here: ChatML turns, and the empty think block that Qwen3 writes before the
+final answer when it follows the last user turn.
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from llms import register
+from llms.base import LLMBackend
+
+QWEN3_TINY_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_user -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@register("qwen3")
+class Qwen3Backend(LLMBackend):
+    """Qwen3 causal LM (Qwen3ForCausalLM) with its ChatML template; non-thinking generation prompts."""
+
+    model_cls = Qwen3ForCausalLM
+    config_cls = Qwen3Config
+    chat_template = QWEN3_TINY_TEMPLATE
+    generation_template_kwargs = {"enable_thinking": False}
+    tiny_special_tokens = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                           "additional": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]}
+    presets = {
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True),
+    }
+    real_checkpoints = ("Qwen/Qwen3-4B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-0.6B")
+
+    @property
+    def end_of_turn(self) -> str:
+        return "<|im_end|>"
