@@ -27,6 +27,7 @@ class HFVisionEncoder(VisionEncoder):
         path = checkpoint
         if checkpoint in self.presets:
             path = preset_dir(self.registered_name, checkpoint, self.presets[checkpoint], self._build_preset)
+        self.source = str(path)  # where the weights were read from
         self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} vision model")
         self.processor = load_pretrained(AutoImageProcessor.from_pretrained, path, f"{self.registered_name} processor")
         cfg = self.model.config

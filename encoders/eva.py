@@ -65,6 +65,7 @@ class EVAViTG(VisionEncoder):
     def _load(self, checkpoint: str) -> torch.nn.Module:
         if checkpoint in self.presets:
             checkpoint = str(preset_dir("eva-vit-g", checkpoint, self.presets[checkpoint], self._build_preset))
+        self.source = checkpoint  # where the weights were read from
         if checkpoint.startswith("open_clip:"):
             import open_clip
 

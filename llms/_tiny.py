@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 # A fixed little corpus so the default tiny tokenizers are deterministic; the mini world passes its own text.
@@ -30,5 +30,9 @@ def build_tiny_tokenizer(corpus: list[str] | None, special: dict[str, Any], chat
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus or DEFAULT_CORPUS, trainer)
+    bos = roles.get("bos_token")
+    if bos:  # like real Llama tokenizers, ``tokenizer(text)`` starts with BOS (the Llava processor relies on it)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, additional_special_tokens=extra,
                                    clean_up_tokenization_spaces=False, **roles)

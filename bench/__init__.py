@@ -1,0 +1,1 @@
+"""The harness: composes encoders, connectors and LLM backends, trains, evaluates and benchmarks them."""

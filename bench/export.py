@@ -1,0 +1,107 @@
+"""Export to transformers' ``LlavaForConditionalGeneration`` (the format transformers and serving engines load).
+
+Only a ``clip``/``siglip`` encoder + ``mlp2x_gelu`` connector + a Llama-family or Qwen3 LLM maps onto it: Llava's
+projector is always Linear -> GELU -> Linear. The layer choice maps to ``vision_feature_layer``; dropping CLS maps to
+``vision_feature_select_strategy="default"`` (CLIP with ``feature_select="patch"``), keeping every token to ``"full"``
+(SigLIP, or CLIP with ``cls_patch``). The processor's chat template wraps the LLM's own template so that it accepts
+transformers' content lists (``{"type": "image"}`` becomes ``<image>\\n``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from bench.vlm import VLM
+from connector_zoo.io import atomic_path
+from connectors.mlp import MLPConnector
+from encoders._hf import HFVisionEncoder
+
+# Turn content lists into strings, then hand over to the LLM's own template (which reads ``messages``).
+CONTENT_LIST_PREAMBLE = (
+    "{%- set ns = namespace(msgs=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.content is string -%}{%- set text = m.content -%}"
+    "{%- else -%}{%- set parts = namespace(t='') -%}"
+    "{%- for item in m.content -%}"
+    "{%- if item.type == 'image' -%}{%- set parts.t = parts.t + '<image>\\n' -%}"
+    "{%- elif item.type == 'text' -%}{%- set parts.t = parts.t + item.text -%}{%- endif -%}"
+    "{%- endfor -%}{%- set text = parts.t -%}{%- endif -%}"
+    "{%- set ns.msgs = ns.msgs + [{'role': m.role, 'content': text}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.msgs -%}"
+)
+
+
+class ExportError(ValueError):
+    """The model cannot be expressed as a transformers Llava model."""
+
+
+def check_exportable(vlm: VLM) -> None:
+    if not isinstance(vlm.encoder, HFVisionEncoder):
+        raise ExportError(
+            f"export-hf needs a transformers vision tower (clip or siglip); encoder {vlm.encoder.registered_name!r} "
+            "is not one"
+        )
+    conn = vlm.connector
+    if not (isinstance(conn, MLPConnector) and conn.depth == 2):
+        raise ExportError(
+            f"export-hf writes LlavaForConditionalGeneration, whose projector is always Linear-GELU-Linear "
+            f"(mlp2x_gelu); connector {conn.spec.get('name', conn.registered_name)!r} cannot be expressed in it. "
+            "Keep this project's own run directory for other connectors."
+        )
+    if vlm.llm.model.config.model_type not in ("llama", "qwen3"):
+        raise ExportError(f"export-hf supports Llama-family and Qwen3 LLMs, not {vlm.llm.model.config.model_type!r}")
+
+
+def feature_strategy(vlm: VLM) -> str:
+    drops_cls = vlm.encoder.info.has_cls and vlm.connector.feature_select == "patch"
+    return "default" if drops_cls else "full"
+
+
+def to_llava(vlm: VLM) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build the Llava model and processor holding exactly this model's weights."""
+    check_exportable(vlm)
+    enc, llm = vlm.encoder, vlm.llm
+    strategy = feature_strategy(vlm)
+    n_tokens = enc.info.num_patches + (1 if strategy == "full" and enc.info.has_cls else 0)
+    config = LlavaConfig(
+        vision_config=enc.model.config.to_dict(),
+        text_config=llm.model.config.to_dict(),
+        image_token_index=llm.image_token_id,
+        image_seq_length=n_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=enc.layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(llm.model.config.tie_word_embeddings),
+    )
+    hf = LlavaForConditionalGeneration(config).eval()
+    hf.model.vision_tower.load_state_dict(enc.model.state_dict())
+    hf.model.language_model.load_state_dict(llm.model.model.state_dict())
+    hf.lm_head.load_state_dict(llm.model.lm_head.state_dict())
+    proj = hf.model.multi_modal_projector
+    proj.linear_1.load_state_dict(vlm.connector.layers[0].state_dict())
+    proj.linear_2.load_state_dict(vlm.connector.layers[2].state_dict())
+    hf.to(llm.model.dtype)
+    processor = LlavaProcessor(
+        image_processor=enc.processor,
+        tokenizer=llm.tokenizer,
+        patch_size=enc.model.config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if enc.info.has_cls else 0,
+        image_token="<image>",
+        chat_template=CONTENT_LIST_PREAMBLE + llm.tokenizer.chat_template,
+    )
+    return hf, processor
+
+
+def export_hf(vlm: VLM, out_dir: str | Path) -> Path:
+    """Write a LlavaForConditionalGeneration directory (config, safetensors, processor, chat template) atomically."""
+    hf, processor = to_llava(vlm)
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        hf.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,243 @@
+"""The composed model: encode -> connect -> splice the visual tokens where ``<image>`` stands -> LLM.
+
+It receives built components and never dispatches on strings. A sample holds at most one ``<image>`` token; its
+visual tokens (only the real ones, ``mask`` True) replace it, so samples in a batch may carry different numbers of
+visual tokens. Training batches are right-padded, generation batches left-padded; pad positions get attention mask
+0 and label -100, visual positions get label -100. A sample longer than ``max_length`` raises
+:class:`SampleTooLong` instead of being cut: truncation never cuts into the visual tokens or silently drops answers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from connector_zoo.io import atomic_path, read_json
+from connectors import build_connector
+from connectors.base import Connector, ConnectorOutput
+from encoders import build_encoder
+from encoders.base import VisionEncoder, VisionFeatures
+from llms import build_llm
+from llms.base import IGNORE_INDEX, LLMBackend
+
+CONFIG_NAME = "vlm_config.json"
+WEIGHTS_NAME = "trainable.safetensors"
+
+
+class SampleTooLong(ValueError):
+    """A sample's text + visual tokens exceed the LLM context budget."""
+
+
+@dataclass
+class VLMInputs:
+    """One batch for the composed model. ``input_ids``/``labels`` are unpadded per sample.
+
+    Exactly one of ``pixel_values`` (B_img, 3, S, S) and ``features`` (precomputed, e.g. from the feature cache) is
+    given when any sample has an image; ``has_image[b]`` says which samples own the rows, in order.
+    """
+
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor] | None = None
+    pixel_values: torch.Tensor | None = None
+    features: VisionFeatures | None = None
+    has_image: list[bool] | None = None
+
+
+class VLM(nn.Module):
+    def __init__(self, encoder: VisionEncoder, connector: Connector, llm: LLMBackend, max_length: int | None = None):
+        super().__init__()
+        if connector.out_dim != llm.hidden_size or connector.in_dim != encoder.info.hidden_size:
+            raise ValueError(
+                f"connector maps {connector.in_dim} -> {connector.out_dim}, but the encoder gives "
+                f"{encoder.info.hidden_size} and the LLM takes {llm.hidden_size}"
+            )
+        self.encoder, self.connector, self.llm = encoder, connector, llm
+        self.max_length = max_length or getattr(llm.model.config, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------- components
+    @classmethod
+    def build(cls, encoder: dict[str, Any], connector: dict[str, Any], llm: dict[str, Any],
+              max_length: int | None = None) -> VLM:
+        """Build from specs ``{"name": ..., "checkpoint": ..., **settings}`` (the JSON that ``save`` writes)."""
+        enc = build_encoder(**encoder)
+        lm = build_llm(**llm)
+        conn_spec = dict(connector)
+        conn = build_connector(conn_spec.pop("name"), enc.info.hidden_size, lm.hidden_size, **conn_spec)
+        return cls(enc, conn, lm, max_length)
+
+    def specs(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.spec, "connector": self.connector.spec, "llm": self.llm.spec,
+                "max_length": self.max_length}
+
+    # ----------------------------------------------------------------- vision
+    def encode(self, pixel_values: torch.Tensor) -> VisionFeatures:
+        return self.encoder(pixel_values, with_cls_attention=self.connector.needs_cls_attention)
+
+    def visual_tokens(self, inputs: VLMInputs) -> ConnectorOutput | None:
+        features = inputs.features
+        if features is None and inputs.pixel_values is not None:
+            features = self.encode(inputs.pixel_values.to(self.device))
+        if features is None:
+            return None
+        return self.connector(features.to(self.device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.model.parameters()).device
+
+    # ---------------------------------------------------------------- splice
+    def splice(self, inputs: VLMInputs, visual: ConnectorOutput | None, padding_side: str = "right"):
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None, position_ids (B, L)."""
+        has_image = inputs.has_image or [visual is not None] * len(inputs.input_ids)
+        n_images = sum(has_image)
+        if visual is not None and visual.tokens.shape[0] != n_images:
+            raise ValueError(f"{n_images} samples have an image but {visual.tokens.shape[0]} were encoded")
+        embed_dtype = self.llm.model.get_input_embeddings().weight.dtype
+        rows, row_labels = [], []
+        image_row = 0
+        for b, ids in enumerate(inputs.input_ids):
+            ids = ids.to(self.device)
+            labels = inputs.labels[b].to(self.device) if inputs.labels is not None else None
+            where = (ids == self.llm.image_token_id).nonzero().flatten()
+            if has_image[b]:
+                if len(where) != 1:
+                    raise ValueError(f"sample {b} has an image but {len(where)} <image> tokens in its text (need 1)")
+                p = int(where[0])
+                vis = visual.tokens[image_row][visual.mask[image_row]].to(embed_dtype)
+                image_row += 1
+                rows.append(torch.cat([self.llm.embed(ids[:p]), vis, self.llm.embed(ids[p + 1:])]))
+                if labels is not None:
+                    fill = labels.new_full((vis.shape[0],), IGNORE_INDEX)
+                    row_labels.append(torch.cat([labels[:p], fill, labels[p + 1:]]))
+            else:
+                if len(where):
+                    raise ValueError(f"sample {b} has an <image> token in its text but no image")
+                rows.append(self.llm.embed(ids))
+                if labels is not None:
+                    row_labels.append(labels)
+            if self.max_length and rows[-1].shape[0] > self.max_length:
+                n_vis = rows[-1].shape[0] - ids.shape[0] + 1 if has_image[b] else 0
+                raise SampleTooLong(
+                    f"sample {b} needs {rows[-1].shape[0]} tokens ({n_vis} visual) but the LLM context budget is "
+                    f"{self.max_length}; it is not truncated: drop it, shorten its text, or use fewer visual tokens"
+                )
+        return self._pad(rows, row_labels if inputs.labels is not None else None, padding_side)
+
+    def _pad(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str):
+        longest = max(r.shape[0] for r in rows)
+        B, D = len(rows), rows[0].shape[-1]
+        embeds = rows[0].new_zeros(B, longest, D)
+        mask = torch.zeros(B, longest, dtype=torch.long, device=embeds.device)
+        out_labels = torch.full((B, longest), IGNORE_INDEX, dtype=torch.long, device=embeds.device) if labels else None
+        for b, row in enumerate(rows):
+            n = row.shape[0]
+            sl = slice(longest - n, longest) if side == "left" else slice(0, n)
+            embeds[b, sl] = row
+            mask[b, sl] = 1
+            if out_labels is not None:
+                out_labels[b, sl] = labels[b]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return embeds, mask, out_labels, position_ids
+
+    # --------------------------------------------------------------- forward
+    def forward(self, inputs: VLMInputs):
+        """Causal-LM output; ``loss`` includes the connector's auxiliary loss (if any) when labels are given."""
+        visual = self.visual_tokens(inputs)
+        embeds, mask, labels, position_ids = self.splice(inputs, visual)
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels)
+        out.lm_loss = out.loss
+        if out.loss is not None and visual is not None and visual.aux_loss is not None:
+            out.loss = out.loss + visual.aux_loss
+        out.visual_tokens = None if visual is None else visual.num_tokens
+        return out
+
+    @torch.no_grad()
+    def generate(self, images: list[Image.Image | None] | None, prompts: list[str] | list[list[dict[str, str]]],
+                 max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
+        """Greedy generation (by default) for a batch of (image or None, prompt); returns the decoded answers."""
+        images = images if images is not None else [None] * len(prompts)
+        has_image = [im is not None for im in images]
+        pixel_values = self.encoder.preprocess([im for im in images if im is not None]) if any(has_image) else None
+        ids = self.prompt_ids(has_image, prompts)
+        out = self.generate_ids(VLMInputs(ids, pixel_values=pixel_values, has_image=has_image), max_new_tokens, **kwargs)
+        return self.decode(out)
+
+    def prompt_ids(self, has_image: list[bool], prompts) -> list[torch.Tensor]:
+        """Prompt token ids; ``<image>`` is put at the start of the first user turn where an image has none."""
+        out = []
+        for b, prompt in enumerate(prompts):
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if has_image[b] and "<image>" not in messages[0]["content"]:
+                messages = [{**messages[0], "content": "<image>\n" + messages[0]["content"]}, *messages[1:]]
+            out.append(torch.tensor(self.llm.encode_prompt(messages)))
+        return out
+
+    @torch.no_grad()
+    def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """New token ids (B, T) for left-padded prompts; greedy unless sampling arguments are given."""
+        embeds, mask, _, _ = self.splice(inputs, self.visual_tokens(inputs), padding_side="left")
+        kwargs.setdefault("do_sample", False)
+        return self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                       eos_token_id=self.llm.eos_token_id, pad_token_id=self.llm.pad_token_id,
+                                       **kwargs)
+
+    def decode(self, generated: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.llm.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    # ---------------------------------------------------------- save & load
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The connector's full state plus every other trainable parameter (e.g. an unfrozen LLM)."""
+        state = {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        for name, p in self.named_parameters():
+            if p.requires_grad and not name.startswith("connector."):
+                state[name] = p
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``vlm_config.json`` + ``trainable.safetensors`` atomically; ``VLM.load`` rebuilds it exactly."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(self.trainable_state_dict(), str(tmp), metadata={"format": "pt"})
+        with atomic_path(directory / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(self.specs(), indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> VLM:
+        directory = Path(directory)
+        specs = read_json(directory / CONFIG_NAME)
+        for key, value in overrides.items():
+            specs[key] = {**specs[key], **value} if isinstance(value, dict) else value
+        model = cls.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
+        model.load_trainable(directory / WEIGHTS_NAME)
+        return model
+
+    def load_trainable(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: the run directory has no trained weights")
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is corrupt or incomplete") from err
+        own = dict(self.named_parameters()) | {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        unknown = sorted(set(state) - set(own))
+        missing = sorted(k for k in own if k.startswith("connector.") and k not in state)
+        wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+        if unknown or missing or wrong:
+            raise ValueError(
+                f"{path} does not fit this model (built from its vlm_config.json): "
+                f"unknown {unknown[:5]}, missing {missing[:5]}, wrong shape {wrong[:5]}"
+            )
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)

@@ -1,0 +1,50 @@
+"""Test setup: offline, a private cache for the tiny presets, and session-wide built components."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# before anything imports transformers or builds a preset
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("CONNECTOR_ZOO_CACHE", tempfile.mkdtemp(prefix="czoo-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from connectors import CONNECTORS  # noqa: E402
+from encoders import ENCODERS, build_encoder  # noqa: E402
+from llms import LLMS, build_llm  # noqa: E402
+
+torch.set_num_threads(2)
+
+ENCODER_NAMES = ["clip", "siglip", "eva-vit-g"]
+LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
+BUILTIN_CONNECTORS = sorted(CONNECTORS.builtins())
+
+
+@pytest.fixture(scope="session")
+def encoders():
+    return {name: build_encoder(name) for name in ENCODER_NAMES}
+
+
+@pytest.fixture(scope="session")
+def llms():
+    return {name: build_llm(name) for name in LLM_NAMES}
+
+
+def images(n: int, size: int = 64) -> list[Image.Image]:
+    """Images that differ: flat colours, a gradient, stripes."""
+    import numpy as np
+
+    out = []
+    for i in range(n):
+        arr = np.zeros((size, size, 3), np.uint8)
+        arr[..., i % 3] = 40 + 50 * i
+        arr[:, : size // (i + 2)] = 255 - 30 * i
+        out.append(Image.fromarray(arr))
+    return out
+
+

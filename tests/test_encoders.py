@@ -1,0 +1,130 @@
+"""Encoders: the selected layer, CLS handling, CLS attention, preprocessing, frozen, and loading by local path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ENCODER_NAMES, images
+from transformers import CLIPVisionModel, SiglipVisionModel
+
+from encoders import build_encoder
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_contract_shapes_and_frozen(encoders, name):
+    enc = encoders[name]
+    feats = enc.encode_images(images(3), with_cls_attention=True)
+    h, w = enc.info.grid
+    assert feats.patches.shape == (3, h * w, enc.info.hidden_size)
+    assert feats.grid == (h, w)
+    assert (feats.cls is None) == (name == "siglip")
+    assert feats.cls_attention.shape == (3, enc.info.num_heads, h * w)
+    assert not feats.patches.requires_grad
+    assert all(not p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training  # a frozen encoder stays in eval mode
+
+
+def test_clip_penultimate_layer_and_cls_split_match_transformers(encoders):
+    enc = encoders["clip"]
+    px = enc.preprocess(images(2))
+    ref = CLIPVisionModel.from_pretrained(enc.model.name_or_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_hidden_states=True, output_attentions=True)
+    feats = enc(px, with_cls_attention=True)
+    torch.testing.assert_close(feats.patches, out.hidden_states[-2][:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(feats.cls, out.hidden_states[-2][:, 0], rtol=0, atol=1e-6)
+    # the CLS query row over patch keys, of the same layer whose output is hidden_states[-2]
+    torch.testing.assert_close(feats.cls_attention, out.attentions[-2][:, :, 0, 1:], rtol=0, atol=1e-6)
+    # not the post-layernormed last layer
+    assert not torch.allclose(feats.patches, out.last_hidden_state[:, 1:])
+
+
+def test_siglip_never_drops_a_token(encoders):
+    enc = encoders["siglip"]
+    px = enc.preprocess(images(2))
+    ref = SiglipVisionModel.from_pretrained(enc.model.name_or_path).eval()
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_hidden_states=True)
+    feats = enc(px, with_cls_attention=True)
+    assert feats.patches.shape[1] == enc.info.num_patches == out.hidden_states[-2].shape[1]
+    torch.testing.assert_close(feats.patches, out.hidden_states[-2], rtol=0, atol=1e-6)
+    # probe attention is a distribution over all patches, per head
+    torch.testing.assert_close(feats.cls_attention.sum(-1), torch.ones(2, enc.info.num_heads))
+
+
+def test_eva_block_features_match_a_manual_forward(encoders):
+    enc = encoders["eva-vit-g"]
+    m = enc.model
+    px = enc.preprocess(images(2))
+    with torch.no_grad():
+        x = m.patch_embed(px)
+        x, rope = m._pos_embed(x)
+        for blk in m.blocks[: len(m.blocks) - 1]:  # output of the penultimate block = hidden_states[-2]
+            x = blk(x, rope=rope)
+        # hand computation of the last-used block's attention row: softmax(q k^T / sqrt(d)) of the CLS query
+        blk = m.blocks[len(m.blocks) - 2]
+    feats = enc(px, with_cls_attention=True)
+    torch.testing.assert_close(feats.patches, x[:, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(feats.cls, x[:, 0], rtol=0, atol=1e-5)
+    assert feats.cls_attention.shape[-1] == enc.info.num_patches
+    assert blk is m.blocks[enc.block]
+
+
+def test_eva_cls_attention_equals_hand_computation(encoders):
+    enc = encoders["eva-vit-g"]
+    m = enc.model
+    px = enc.preprocess(images(1))
+    with torch.no_grad():
+        x, rope = m._pos_embed(m.patch_embed(px))
+        for blk in m.blocks[: enc.block]:
+            x = blk(x, rope=rope)
+        attn = m.blocks[enc.block].attn
+        y = m.blocks[enc.block].norm1(x)
+        qkv = attn.qkv(y) if attn.q_bias is None else torch.nn.functional.linear(
+            y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        B, N, _ = y.shape
+        q, k, _v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        probs = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+    feats = enc(px, with_cls_attention=True)
+    torch.testing.assert_close(feats.cls_attention, probs[:, :, 0, 1:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_layer_selection(name, encoders):
+    enc = encoders[name]
+    last = build_encoder(name, layer=-1)
+    first = build_encoder(name, layer=1)
+    px = enc.preprocess(images(1))
+    a, b, c = enc(px).patches, last(px).patches, first(px).patches
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="out of range"):
+        build_encoder(name, layer=99)
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_loads_from_local_directory_offline(name, encoders, monkeypatch):
+    enc = encoders[name]
+    path = enc.source
+    assert "presets" in path  # the tiny preset was saved and is read back from a directory
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = build_encoder(name, checkpoint=str(path))
+    px = enc.preprocess(images(2))
+    # same attention kernel on both sides (asking for CLS attention selects eager), so bit-identical
+    torch.testing.assert_close(again(px, True).patches, enc(px, True).patches, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_missing_checkpoint_says_what_to_do(name, tmp_path):
+    with pytest.raises(OSError, match="neither a local directory nor in the Hugging Face cache"):
+        build_encoder(name, checkpoint="nobody/no-such-model-xyz")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(OSError, match="not a valid"):
+        build_encoder(name, checkpoint=str(tmp_path))
+
+
+def test_cache_key_tracks_what_determines_features(encoders):
+    enc = encoders["clip"]
+    assert enc.cache_key() == build_encoder("clip").cache_key()
+    assert enc.cache_key() != build_encoder("clip", layer=-1).cache_key()
+    assert enc.cache_key() != encoders["siglip"].cache_key()

@@ -1,0 +1,111 @@
+"""The registry mechanism: built-ins by reading source, runtime registration, entry points, dotted paths, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from torch import nn
+
+from connector_zoo.registry import Registry, RegistryError
+from connectors import CONNECTORS, build_connector
+from connectors.base import PerTokenConnector
+from encoders import ENCODERS
+from llms import LLMS
+
+
+def test_builtin_names_are_the_ones_asked_for():
+    assert sorted(ENCODERS.builtins()) == ["clip", "eva-vit-g", "siglip"]
+    assert sorted(LLMS.builtins()) == ["qwen3", "tinyllama", "vicuna"]
+    assert {"linear", "mlp2x_gelu"} <= set(CONNECTORS.builtins())
+
+
+def test_listing_imports_no_implementation():
+    code = "import sys, connectors, encoders, llms; " \
+           "[r.entries() for r in (connectors.CONNECTORS, encoders.ENCODERS, llms.LLMS)]; " \
+           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'timm')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_pattern_name_gives_depth():
+    conn = build_connector("mlp3x_gelu", 8, 16)
+    assert conn.depth == 3 and conn.spec == {"name": "mlp3x_gelu"}
+    assert len([m for m in conn.layers if isinstance(m, nn.Linear)]) == 3
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(RegistryError) as err:
+        CONNECTORS.get("mlp2x_gelo")
+    msg = str(err.value)
+    assert "did you mean 'mlp2x_gelu'" in msg and "available: " in msg and "linear" in msg
+
+
+def test_duplicate_name_raises():
+    reg = Registry("connector", "connectors", "connector_zoo.test_group", "connectors.base:Connector")
+
+    @reg.register("dup")
+    class A(PerTokenConnector):
+        pass
+
+    with pytest.raises(RegistryError, match="already registered"):
+
+        @reg.register("dup")
+        class B(PerTokenConnector):
+            pass
+
+    with pytest.raises(RegistryError, match="is a built-in"):
+
+        @reg.register("linear")
+        class C(PerTokenConnector):
+            pass
+
+
+def test_dotted_path_must_name_a_connector():
+    assert CONNECTORS.get("connectors.linear:LinearConnector").registered_name == "linear"
+    with pytest.raises(RegistryError, match="not a subclass"):
+        CONNECTORS.get("collections:OrderedDict")
+    with pytest.raises(RegistryError, match="failed to import"):
+        CONNECTORS.get("no_such_module_xyz:Thing")
+
+
+def make_distribution(root, dist: str, module: str, source: str, entry_points: str) -> None:
+    """An on-path distribution with real entry-point metadata (what `pip install` would leave)."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+def test_entry_point_plugin_and_broken_plugin(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "zoo_plugin_ok", "zoo_plugin_ok", """
+        from torch import nn
+        from connectors.base import PerTokenConnector
+
+        class Doubler(PerTokenConnector):
+            '''Twice a linear map (test plugin).'''
+            def __init__(self, in_dim, out_dim, feature_select="patch"):
+                super().__init__(in_dim, out_dim, feature_select)
+                self.proj = nn.Linear(in_dim, out_dim)
+            def project(self, tokens):
+                return 2 * self.proj(tokens)
+        """, "[connector_zoo.connectors]\ndoubler = zoo_plugin_ok:Doubler\n")
+    make_distribution(tmp_path, "zoo_plugin_broken", "zoo_plugin_broken", "raise ImportError('needs libfoo')\n",
+                      "[connector_zoo.connectors]\nbroken = zoo_plugin_broken:Thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    CONNECTORS.refresh()
+    try:
+        conn = build_connector("doubler", 4, 6)
+        assert type(conn).__name__ == "Doubler"
+        entries = {e.name: e for e in CONNECTORS.entries()}
+        assert entries["doubler"].origin == "plugin (zoo_plugin_ok 0.1)"
+        assert entries["doubler"].description == "Twice a linear map (test plugin)."
+        assert "needs libfoo" in entries["broken"].error  # listed with its error; the others still work
+        with pytest.raises(RegistryError, match=r"'broken' \(plugin \(zoo_plugin_broken 0.1\).*needs libfoo"):
+            CONNECTORS.get("broken")
+        assert CONNECTORS.get("linear").registered_name == "linear"
+    finally:
+        CONNECTORS.refresh()
