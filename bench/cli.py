@@ -85,8 +85,10 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     llm = build_llm(**specs["llm"])
     images = demo_images(enc.info.image_size, args.images)
     pixel_values = enc.preprocess(images)
-    print(f"encoder {args.encoder} ({enc.checkpoint}): grid {enc.info.grid[0]}x{enc.info.grid[1]} = "
-          f"{enc.info.num_patches} patches, width {enc.info.hidden_size}; LLM {args.llm} width {llm.hidden_size}")
+    print(
+        f"encoder {args.encoder} ({enc.checkpoint}): grid {enc.info.grid[0]}x{enc.info.grid[1]} = "
+        f"{enc.info.num_patches} patches, width {enc.info.hidden_size}; LLM {args.llm} width {llm.hidden_size}"
+    )
     print(f"{'connector':<16} {'tokens/image (per image)':<32} {'params':>10}")
     for name in args.connector.split(","):
         spec = specs_from_args(args, name)["connector"]
@@ -109,8 +111,10 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
         s = specs_from_args(args)
         vlm = VLM.build(s["encoder"], s["connector"], s["llm"])
     out = export_hf(vlm.eval(), args.out)
-    print(f"wrote LlavaForConditionalGeneration to {out} (load with LlavaForConditionalGeneration.from_pretrained "
-          f"and AutoProcessor.from_pretrained)")
+    print(
+        f"wrote LlavaForConditionalGeneration to {out} (load with LlavaForConditionalGeneration.from_pretrained "
+        f"and AutoProcessor.from_pretrained)"
+    )
 
 
 def demo_images(size: int, n: int):
@@ -121,10 +125,10 @@ def demo_images(size: int, n: int):
     rng = np.random.default_rng(0)
     kinds = [
         np.full((size, size, 3), 128, np.uint8),
-        np.repeat((np.arange(size) // max(1, size // 8) % 2 * 255).astype(np.uint8)[None, :, None], size, 0)
-        .repeat(3, 2),
-        ((np.add.outer(np.arange(size) // 4, np.arange(size) // 4) % 2) * 255).astype(np.uint8)[..., None]
-        .repeat(3, 2),
+        np.repeat((np.arange(size) // max(1, size // 8) % 2 * 255).astype(np.uint8)[None, :, None], size, 0).repeat(
+            3, 2
+        ),
+        ((np.add.outer(np.arange(size) // 4, np.arange(size) // 4) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),
         rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
     ]
     return [Image.fromarray(kinds[i % len(kinds)]) for i in range(n)]

@@ -63,8 +63,9 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------- components
     @classmethod
-    def build(cls, encoder: dict[str, Any], connector: dict[str, Any], llm: dict[str, Any],
-              max_length: int | None = None) -> VLM:
+    def build(
+        cls, encoder: dict[str, Any], connector: dict[str, Any], llm: dict[str, Any], max_length: int | None = None
+    ) -> VLM:
         """Build from specs ``{"name": ..., "checkpoint": ..., **settings}`` (the JSON that ``save`` writes)."""
         enc = build_encoder(**encoder)
         lm = build_llm(**llm)
@@ -73,8 +74,12 @@ class VLM(nn.Module):
         return cls(enc, conn, lm, max_length)
 
     def specs(self) -> dict[str, Any]:
-        return {"encoder": self.encoder.spec, "connector": self.connector.spec, "llm": self.llm.spec,
-                "max_length": self.max_length}
+        return {
+            "encoder": self.encoder.spec,
+            "connector": self.connector.spec,
+            "llm": self.llm.spec,
+            "max_length": self.max_length,
+        }
 
     # ----------------------------------------------------------------- vision
     def encode(self, pixel_values: torch.Tensor) -> VisionFeatures:
@@ -112,10 +117,10 @@ class VLM(nn.Module):
                 p = int(where[0])
                 vis = visual.tokens[image_row][visual.mask[image_row]].to(embed_dtype)
                 image_row += 1
-                rows.append(torch.cat([self.llm.embed(ids[:p]), vis, self.llm.embed(ids[p + 1:])]))
+                rows.append(torch.cat([self.llm.embed(ids[:p]), vis, self.llm.embed(ids[p + 1 :])]))
                 if labels is not None:
                     fill = labels.new_full((vis.shape[0],), IGNORE_INDEX)
-                    row_labels.append(torch.cat([labels[:p], fill, labels[p + 1:]]))
+                    row_labels.append(torch.cat([labels[:p], fill, labels[p + 1 :]]))
             else:
                 if len(where):
                     raise ValueError(f"sample {b} has an <image> token in its text but no image")
@@ -159,14 +164,21 @@ class VLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, images: list[Image.Image | None] | None, prompts: list[str] | list[list[dict[str, str]]],
-                 max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
+    def generate(
+        self,
+        images: list[Image.Image | None] | None,
+        prompts: list[str] | list[list[dict[str, str]]],
+        max_new_tokens: int = 32,
+        **kwargs: Any,
+    ) -> list[str]:
         """Greedy generation (by default) for a batch of (image or None, prompt); returns the decoded answers."""
         images = images if images is not None else [None] * len(prompts)
         has_image = [im is not None for im in images]
         pixel_values = self.encoder.preprocess([im for im in images if im is not None]) if any(has_image) else None
         ids = self.prompt_ids(has_image, prompts)
-        out = self.generate_ids(VLMInputs(ids, pixel_values=pixel_values, has_image=has_image), max_new_tokens, **kwargs)
+        out = self.generate_ids(
+            VLMInputs(ids, pixel_values=pixel_values, has_image=has_image), max_new_tokens, **kwargs
+        )
         return self.decode(out)
 
     def prompt_ids(self, has_image: list[bool], prompts) -> list[torch.Tensor]:
@@ -184,9 +196,14 @@ class VLM(nn.Module):
         """New token ids (B, T) for left-padded prompts; greedy unless sampling arguments are given."""
         embeds, mask, _, _ = self.splice(inputs, self.visual_tokens(inputs), padding_side="left")
         kwargs.setdefault("do_sample", False)
-        return self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       eos_token_id=self.llm.eos_token_id, pad_token_id=self.llm.pad_token_id,
-                                       **kwargs)
+        return self.llm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.llm.eos_token_id,
+            pad_token_id=self.llm.pad_token_id,
+            **kwargs,
+        )
 
     def decode(self, generated: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.llm.tokenizer.batch_decode(generated, skip_special_tokens=True)]
@@ -231,8 +248,11 @@ class VLM(nn.Module):
         own = dict(self.named_parameters()) | {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
         unknown = sorted(set(state) - set(own))
         missing = sorted(k for k in own if k.startswith("connector.") and k not in state)
-        wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-                 if k in own and v.shape != own[k].shape]
+        wrong = [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
         if unknown or missing or wrong:
             raise ValueError(
                 f"{path} does not fit this model (built from its vlm_config.json): "

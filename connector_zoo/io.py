@@ -50,7 +50,9 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path} does not exist") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or was not written by this tool") from err
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); the file is corrupt or was not written by this tool"
+        ) from err
 
 
 def materialize(directory: Path, build: Callable[[Path], None]) -> Path:

@@ -54,7 +54,9 @@ def _decorator_name(dec: ast.expr) -> tuple[str, str | None] | None:
     func_name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
     if func_name != "register" or not isinstance(dec.args[0], ast.Constant) or not isinstance(dec.args[0].value, str):
         return None
-    pattern = next((k.value.value for k in dec.keywords if k.arg == "pattern" and isinstance(k.value, ast.Constant)), None)
+    pattern = next(
+        (k.value.value for k in dec.keywords if k.arg == "pattern" and isinstance(k.value, ast.Constant)), None
+    )
     return dec.args[0].value, pattern
 
 
@@ -126,11 +128,15 @@ class Registry:
                 )
             builtin = self.builtins().get(name)
             if builtin is not None and builtin.target != target:
-                raise RegistryError(f"{self.family} name {name!r} is a built-in ({builtin.target}); choose another name")
+                raise RegistryError(
+                    f"{self.family} name {name!r} is a built-in ({builtin.target}); choose another name"
+                )
             self._classes[name] = cls
             cls.registered_name = name
             if builtin is None:
-                self._runtime[name] = Entry(name, target, _first_line(cls.__doc__), f"runtime ({cls.__module__})", pattern)
+                self._runtime[name] = Entry(
+                    name, target, _first_line(cls.__doc__), f"runtime ({cls.__module__})", pattern
+                )
             return cls
 
         return deco

@@ -10,8 +10,12 @@ from typing import Any
 
 from connector_zoo.registry import Registry
 
-CONNECTORS = Registry("connector", package="connectors", entry_point_group="connector_zoo.connectors",
-                      base_path="connectors.base:Connector")
+CONNECTORS = Registry(
+    "connector",
+    package="connectors",
+    entry_point_group="connector_zoo.connectors",
+    base_path="connectors.base:Connector",
+)
 register = CONNECTORS.register
 
 

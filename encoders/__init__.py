@@ -6,8 +6,9 @@ from typing import Any
 
 from connector_zoo.registry import Registry
 
-ENCODERS = Registry("encoder", package="encoders", entry_point_group="connector_zoo.encoders",
-                    base_path="encoders.base:VisionEncoder")
+ENCODERS = Registry(
+    "encoder", package="encoders", entry_point_group="connector_zoo.encoders", base_path="encoders.base:VisionEncoder"
+)
 register = ENCODERS.register
 
 

@@ -32,9 +32,14 @@ class HFVisionEncoder(VisionEncoder):
         self.processor = load_pretrained(AutoImageProcessor.from_pretrained, path, f"{self.registered_name} processor")
         cfg = self.model.config
         side = cfg.image_size // cfg.patch_size
-        self.info = EncoderInfo(hidden_size=cfg.hidden_size, grid=(side, side), image_size=cfg.image_size,
-                                has_cls=self.has_cls, num_heads=cfg.num_attention_heads,
-                                num_layers=cfg.num_hidden_layers)
+        self.info = EncoderInfo(
+            hidden_size=cfg.hidden_size,
+            grid=(side, side),
+            image_size=cfg.image_size,
+            has_cls=self.has_cls,
+            num_heads=cfg.num_attention_heads,
+            num_layers=cfg.num_hidden_layers,
+        )
         self.block = self.block_index(cfg.num_hidden_layers)
         self.freeze(frozen)
 
@@ -49,8 +54,12 @@ class HFVisionEncoder(VisionEncoder):
         params = dict(self.presets[self.checkpoint])
         self.model_cls(self.config_cls(**params)).save_pretrained(out_dir)
         size = params["image_size"]
-        self.processor_cls(size=self._processor_size(size), crop_size={"height": size, "width": size},
-                           image_mean=OPENAI_MEAN, image_std=OPENAI_STD).save_pretrained(out_dir)
+        self.processor_cls(
+            size=self._processor_size(size),
+            crop_size={"height": size, "width": size},
+            image_mean=OPENAI_MEAN,
+            image_std=OPENAI_STD,
+        ).save_pretrained(out_dir)
 
     def _processor_size(self, size: int) -> dict[str, int]:
         return {"shortest_edge": size}

@@ -139,8 +139,13 @@ class VisionEncoder(nn.Module):
             weights.update(name.encode())
             weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
             weights.update(str(tuple(tensor.shape)).encode())
-        desc = {"family": self.registered_name, "checkpoint": str(self.checkpoint), "layer": self.layer,
-                "preprocess": self.preprocess_signature(), "weights": weights.hexdigest()}
+        desc = {
+            "family": self.registered_name,
+            "checkpoint": str(self.checkpoint),
+            "layer": self.layer,
+            "preprocess": self.preprocess_signature(),
+            "weights": weights.hexdigest(),
+        }
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
     def preprocess_signature(self) -> dict[str, Any]:

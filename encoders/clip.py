@@ -8,10 +8,7 @@ returns no weights, so asking for CLS attention switches the model to eager atte
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from encoders import register
@@ -29,11 +26,23 @@ class CLIPEncoder(HFVisionEncoder):
     default_checkpoint = "tiny"
     presets = {
         # 8x8 grid of 8-px patches on 64-px images: the mini world's default
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                     image_size=64, patch_size=8),
+        "tiny": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+        ),
         # a 24x24 grid like CLIP-L/14-336 (576 patches), at toy width
-        "tiny-24": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=96, patch_size=4),
+        "tiny-24": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=96,
+            patch_size=4,
+        ),
     }
     real_checkpoints = ("openai/clip-vit-large-patch14-336", "openai/clip-vit-base-patch32")
 
@@ -41,8 +50,9 @@ class CLIPEncoder(HFVisionEncoder):
         if with_cls_attention:
             self._ensure_eager()
         dtype = self.model.dtype
-        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True,
-                         output_attentions=with_cls_attention)
+        out = self.model(
+            pixel_values=pixel_values.to(dtype), output_hidden_states=True, output_attentions=with_cls_attention
+        )
         hidden = out.hidden_states[self.block + 1]
         cls_attention = out.attentions[self.block][:, :, 0, 1:] if with_cls_attention else None
         return VisionFeatures(patches=hidden[:, 1:], cls=hidden[:, 0], grid=self.info.grid, cls_attention=cls_attention)

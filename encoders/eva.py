@@ -49,11 +49,18 @@ class EVAViTG(VisionEncoder):
         self.data_config = cfg
         self.transform = create_transform(**cfg, is_training=False)
         side = cfg["input_size"][-1] // self.model.patch_embed.patch_size[0]
-        self.info = EncoderInfo(hidden_size=self.model.embed_dim, grid=(side, side), image_size=cfg["input_size"][-1],
-                                has_cls=self.model.num_prefix_tokens == 1, num_heads=self.model.blocks[0].attn.num_heads,
-                                num_layers=len(self.model.blocks))
+        self.info = EncoderInfo(
+            hidden_size=self.model.embed_dim,
+            grid=(side, side),
+            image_size=cfg["input_size"][-1],
+            has_cls=self.model.num_prefix_tokens == 1,
+            num_heads=self.model.blocks[0].attn.num_heads,
+            num_layers=len(self.model.blocks),
+        )
         if self.model.num_prefix_tokens != 1:
-            raise ValueError(f"eva-vit-g expects one CLS prefix token; {checkpoint!r} has {self.model.num_prefix_tokens}")
+            raise ValueError(
+                f"eva-vit-g expects one CLS prefix token; {checkpoint!r} has {self.model.num_prefix_tokens}"
+            )
         self.block = self.block_index(len(self.model.blocks))
         self._attn_probs: torch.Tensor | None = None
         self.freeze(frozen)
@@ -70,8 +77,9 @@ class EVAViTG(VisionEncoder):
             import open_clip
 
             name, _, tag = checkpoint.removeprefix("open_clip:").partition("/")
-            model = load_pretrained(lambda n, **kw: open_clip.create_model(n, **kw), name, "open_clip EVA model",
-                                    pretrained=tag or None)
+            model = load_pretrained(
+                lambda n, **kw: open_clip.create_model(n, **kw), name, "open_clip EVA model", pretrained=tag or None
+            )
             return model.visual.trunk
         if Path(checkpoint).is_dir():
             checkpoint = f"local-dir:{checkpoint}"
@@ -84,8 +92,16 @@ class EVAViTG(VisionEncoder):
         args = dict(self.presets[self.checkpoint])
         model = timm.create_model(self.architecture, pretrained=False, num_classes=0, **args)
         size = args["img_size"]
-        model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size), mean=OPENAI_MEAN, std=OPENAI_STD,
-                                    interpolation="bicubic", crop_pct=1.0, crop_mode="center", num_classes=0)
+        model.pretrained_cfg = dict(
+            model.pretrained_cfg,
+            input_size=(3, size, size),
+            mean=OPENAI_MEAN,
+            std=OPENAI_STD,
+            interpolation="bicubic",
+            crop_pct=1.0,
+            crop_mode="center",
+            num_classes=0,
+        )
         save_for_hf(model, str(out_dir), model_args=args, safe_serialization=True)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -105,9 +121,14 @@ class EVAViTG(VisionEncoder):
             hook = attn.attn_drop.register_forward_hook(self._capture)
         try:
             dtype = next(self.model.parameters()).dtype
-            (patches, prefix), = self.model.forward_intermediates(
-                pixel_values.to(dtype), indices=[self.block], return_prefix_tokens=True, norm=False,
-                output_fmt="NLC", intermediates_only=True)
+            ((patches, prefix),) = self.model.forward_intermediates(
+                pixel_values.to(dtype),
+                indices=[self.block],
+                return_prefix_tokens=True,
+                norm=False,
+                output_fmt="NLC",
+                intermediates_only=True,
+            )
         finally:
             if hook is not None:
                 hook.remove()

@@ -27,10 +27,22 @@ class SigLIPEncoder(HFVisionEncoder):
     has_cls = False
     default_checkpoint = "tiny"
     presets = {
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                     image_size=64, patch_size=8),
-        "tiny-24": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=96, patch_size=4),
+        "tiny": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+        ),
+        "tiny-24": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=96,
+            patch_size=4,
+        ),
     }
     real_checkpoints = ("google/siglip-so400m-patch14-384", "google/siglip-base-patch16-224")
 

@@ -18,8 +18,9 @@ DEFAULT_CORPUS = [
 ] * 4
 
 
-def build_tiny_tokenizer(corpus: list[str] | None, special: dict[str, Any], chat_template: str,
-                         vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    corpus: list[str] | None, special: dict[str, Any], chat_template: str, vocab_size: int = 384
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE (encodes any text) with the given special tokens and chat template."""
     roles = {k: v for k, v in special.items() if k != "additional"}
     extra = list(special.get("additional", []))
@@ -27,12 +28,22 @@ def build_tiny_tokenizer(corpus: list[str] | None, special: dict[str, Any], chat
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus or DEFAULT_CORPUS, trainer)
     bos = roles.get("bos_token")
     if bos:  # like real Llama tokenizers, ``tokenizer(text)`` starts with BOS (the Llava processor relies on it)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, additional_special_tokens=extra,
-                                   clean_up_tokenization_spaces=False, **roles)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        chat_template=chat_template,
+        additional_special_tokens=extra,
+        clean_up_tokenization_spaces=False,
+        **roles,
+    )

@@ -58,12 +58,14 @@ class LLMBackend(nn.Module):
         self.checkpoint = checkpoint
         path = checkpoint
         if checkpoint in self.presets:
-            path = preset_dir(self.registered_name, checkpoint, self.presets[checkpoint],
-                              lambda d: self.build_tiny(d, checkpoint))
+            path = preset_dir(
+                self.registered_name, checkpoint, self.presets[checkpoint], lambda d: self.build_tiny(d, checkpoint)
+            )
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer")
         torch_dtype = getattr(torch, dtype) if dtype else None
-        self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} model",
-                                     dtype=torch_dtype)
+        self.model = load_pretrained(
+            self.model_cls.from_pretrained, path, f"{self.registered_name} model", dtype=torch_dtype
+        )
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = self.chat_template
         self._add_special_tokens()
@@ -92,8 +94,11 @@ class LLMBackend(nn.Module):
         if len(tok) > old:
             self.model.resize_token_embeddings(len(tok), mean_resizing=False)
             with torch.no_grad():
-                for emb in {id(m): m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings())
-                            if m is not None}.values():
+                for emb in {
+                    id(m): m
+                    for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings())
+                    if m is not None
+                }.values():
                     emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
         self.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_token_id = tok.pad_token_id
@@ -115,13 +120,18 @@ class LLMBackend(nn.Module):
 
     # --------------------------------------------------------------- templates
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  **kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        if self.prepend_bos and self.tokenizer.bos_token_id is not None and not text.startswith(self.tokenizer.bos_token):
+        if (
+            self.prepend_bos
+            and self.tokenizer.bos_token_id is not None
+            and not text.startswith(self.tokenizer.bos_token)
+        ):
             ids, offsets = [self.tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
         return ids, offsets
 
@@ -165,9 +175,13 @@ class LLMBackend(nn.Module):
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer(corpus, cls.tiny_special_tokens, cls.chat_template)
         params = {**cls.presets[preset], **overrides}
-        config = cls.config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
-                                 pad_token_id=tokenizer.pad_token_id, **params)
+        config = cls.config_cls(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
+            pad_token_id=tokenizer.pad_token_id,
+            **params,
+        )
         cls.model_cls(config).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
 

@@ -24,7 +24,8 @@ QWEN3_TINY_TEMPLATE = (
     "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
     "{%- endif -%}"
 )
 
@@ -37,11 +38,22 @@ class Qwen3Backend(LLMBackend):
     config_cls = Qwen3Config
     chat_template = QWEN3_TINY_TEMPLATE
     generation_template_kwargs = {"enable_thinking": False}
-    tiny_special_tokens = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                           "additional": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]}
+    tiny_special_tokens = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"],
+    }
     presets = {
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True),
+        "tiny": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        ),
     }
     real_checkpoints = ("Qwen/Qwen3-4B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-0.6B")
 

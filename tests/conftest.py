@@ -15,8 +15,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from connectors import CONNECTORS  # noqa: E402
-from encoders import ENCODERS, build_encoder  # noqa: E402
-from llms import LLMS, build_llm  # noqa: E402
+from encoders import build_encoder  # noqa: E402
+from llms import build_llm  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -46,5 +46,3 @@ def images(n: int, size: int = 64) -> list[Image.Image]:
         arr[:, : size // (i + 2)] = 255 - 30 * i
         out.append(Image.fromarray(arr))
     return out
-
-

@@ -81,8 +81,11 @@ def test_eva_cls_attention_equals_hand_computation(encoders):
             x = blk(x, rope=rope)
         attn = m.blocks[enc.block].attn
         y = m.blocks[enc.block].norm1(x)
-        qkv = attn.qkv(y) if attn.q_bias is None else torch.nn.functional.linear(
-            y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        qkv = (
+            attn.qkv(y)
+            if attn.q_bias is None
+            else torch.nn.functional.linear(y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        )
         B, N, _ = y.shape
         q, k, _v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         probs = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)

@@ -23,9 +23,11 @@ def test_builtin_names_are_the_ones_asked_for():
 
 
 def test_listing_imports_no_implementation():
-    code = "import sys, connectors, encoders, llms; " \
-           "[r.entries() for r in (connectors.CONNECTORS, encoders.ENCODERS, llms.LLMS)]; " \
-           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'timm')))"
+    code = (
+        "import sys, connectors, encoders, llms; "
+        "[r.entries() for r in (connectors.CONNECTORS, encoders.ENCODERS, llms.LLMS)]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'timm')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -81,7 +83,11 @@ def make_distribution(root, dist: str, module: str, source: str, entry_points: s
 
 
 def test_entry_point_plugin_and_broken_plugin(tmp_path, monkeypatch):
-    make_distribution(tmp_path, "zoo_plugin_ok", "zoo_plugin_ok", """
+    make_distribution(
+        tmp_path,
+        "zoo_plugin_ok",
+        "zoo_plugin_ok",
+        """
         from torch import nn
         from connectors.base import PerTokenConnector
 
@@ -92,9 +98,16 @@ def test_entry_point_plugin_and_broken_plugin(tmp_path, monkeypatch):
                 self.proj = nn.Linear(in_dim, out_dim)
             def project(self, tokens):
                 return 2 * self.proj(tokens)
-        """, "[connector_zoo.connectors]\ndoubler = zoo_plugin_ok:Doubler\n")
-    make_distribution(tmp_path, "zoo_plugin_broken", "zoo_plugin_broken", "raise ImportError('needs libfoo')\n",
-                      "[connector_zoo.connectors]\nbroken = zoo_plugin_broken:Thing\n")
+        """,
+        "[connector_zoo.connectors]\ndoubler = zoo_plugin_ok:Doubler\n",
+    )
+    make_distribution(
+        tmp_path,
+        "zoo_plugin_broken",
+        "zoo_plugin_broken",
+        "raise ImportError('needs libfoo')\n",
+        "[connector_zoo.connectors]\nbroken = zoo_plugin_broken:Thing\n",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     CONNECTORS.refresh()
     try:
