@@ -96,9 +96,14 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         conn = build_connector(spec.pop("name"), enc.info.hidden_size, llm.hidden_size, **spec)
         vlm = VLM(enc, conn, llm).eval()
         with torch.no_grad():
-            counts = conn(vlm.encode(pixel_values)).num_tokens.tolist()
+            features = vlm.encode(pixel_values)
+            note = ""
+            if hasattr(conn, "calibrate"):  # an untrained router: set its budget offset on these images
+                conn.calibrate(features)
+                note = "  (untrained router; budget offset calibrated on these images)"
+            counts = conn(features).num_tokens.tolist()
         mean = sum(counts) / len(counts)
-        print(f"{name:<16} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}")
+        print(f"{name:<16} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:

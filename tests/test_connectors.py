@@ -1,0 +1,339 @@
+"""The math of each connector, against an independent computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import images
+from PIL import Image
+from transformers import (
+    BertConfig,
+    BertModel,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    CLIPVisionModel,
+)
+
+from bench.vlm import VLM, VLMInputs
+from connectors import build_connector
+from connectors.cls_prune import CLSPrune
+from connectors.focus_moe import FocusMoE
+from connectors.qformer import QFormerConnector
+from encoders.base import VisionFeatures
+
+SMALL_Q = dict(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64, dropout=0.0)
+
+
+def feats(B=2, h=8, w=8, dv=48, cls=True, seed=0) -> VisionFeatures:
+    g = torch.Generator().manual_seed(seed)
+    return VisionFeatures(
+        torch.randn(B, h * w, dv, generator=g), torch.randn(B, dv, generator=g) if cls else None, (h, w)
+    )
+
+
+# ------------------------------------------------------------------ qformer
+def test_qformer_shapes_and_cross_attention_layout():
+    conn = build_connector("qformer", 48, 40, **SMALL_Q)
+    out = conn(feats())
+    assert out.tokens.shape == (2, 32, 40) and out.num_tokens.tolist() == [32, 32]
+    assert conn.cross_attention_layers() == [0, 2]
+    six = build_connector("qformer", 48, 40, **dict(SMALL_Q, num_layers=6))
+    assert six.cross_attention_layers() == [0, 2, 4]
+    three = build_connector("qformer", 48, 40, **dict(SMALL_Q, num_layers=6, cross_attention_freq=3, num_queries=8))
+    assert three.cross_attention_layers() == [0, 3] and three(feats()).tokens.shape == (2, 8, 40)
+    # real-size defaults are BLIP-2's
+    real = QFormerConnector.__init__.__defaults__
+    assert real[:6] == (32, 768, 12, 12, 3072, 2)
+
+
+def test_qformer_equals_hand_assembled_blip2_qformer():
+    f = feats()
+    torch.manual_seed(123)
+    conn = build_connector("qformer", 48, 40, **SMALL_Q).eval()
+    # the same parts, assembled by hand in the same order from the same seed
+    torch.manual_seed(123)
+    ln = torch.nn.LayerNorm(48)
+    queries = torch.nn.Parameter(torch.zeros(1, 32, 32))
+    torch.nn.init.normal_(queries, std=0.02)
+    qformer = Blip2QFormerModel(
+        Blip2QFormerConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            cross_attention_frequency=2,
+            encoder_hidden_size=48,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).eval()
+    proj = torch.nn.Linear(32, 40)
+    with torch.no_grad():
+        image = ln(torch.cat([f.cls[:, None], f.patches], 1))  # BLIP-2 keeps the CLS token
+        ref = proj(qformer(query_embeds=queries.expand(2, -1, -1), encoder_hidden_states=image).last_hidden_state)
+        torch.testing.assert_close(conn(f).tokens, ref, rtol=0, atol=1e-6)
+    assert abs(float(conn.query_tokens.detach().std()) - 0.02) < 0.005
+
+
+def test_qformer_gradients_reach_queries_qformer_projection_and_nothing_frozen():
+    conn = build_connector("qformer", 48, 40, **SMALL_Q)
+    conn(feats()).tokens.pow(2).mean().backward()
+    for name in (
+        "query_tokens",
+        "ln_vision.weight",
+        "proj.weight",
+        "qformer.encoder.layer.0.crossattention.attention.key.weight",
+        "qformer.encoder.layer.1.attention.attention.query.weight",
+    ):
+        assert dict(conn.named_parameters())[name].grad.abs().sum() > 0, name
+    frozen = build_connector("qformer", 48, 40, **SMALL_Q, freeze_qformer=True)
+    frozen(feats()).tokens.pow(2).mean().backward()
+    with_grad = {n for n, p in frozen.named_parameters() if p.grad is not None}
+    assert with_grad == {"proj.weight", "proj.bias"}
+
+
+def test_qformer_loads_a_blip2_checkpoint_minigpt4_style(tmp_path):
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=48
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            ffn_dim=64,
+            vocab_size=100,
+            word_embed_proj_dim=32,
+        ),
+        num_query_tokens=8,
+    )
+    blip2 = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        blip2.vision_model.post_layernorm.weight.normal_()  # make ln_vision distinguishable from a fresh one
+    blip2.save_pretrained(tmp_path / "blip2")
+    conn = build_connector(
+        "qformer", 48, 40, init_from=f"blip2:{tmp_path / 'blip2'}", freeze_qformer=True, dropout=0.0
+    ).eval()
+    assert conn.num_queries == 8 and conn.config.hidden_size == 32
+    f = feats(B=2, h=4, w=4)
+    with torch.no_grad():
+        image = blip2.vision_model.post_layernorm(torch.cat([f.cls[:, None], f.patches], 1))
+        ref = blip2.qformer(query_embeds=blip2.query_tokens.expand(2, -1, -1), encoder_hidden_states=image)
+        torch.testing.assert_close(conn(f).tokens, conn.proj(ref.last_hidden_state), rtol=0, atol=1e-5)
+    assert {n for n, p in conn.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}
+    with pytest.raises(ValueError, match="does not fit this Q-Former"):
+        build_connector("qformer", 64, 40, init_from=f"blip2:{tmp_path / 'blip2'}")
+
+
+def test_qformer_initialises_from_bert_with_lavis_renames(tmp_path):
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    conn = build_connector("qformer", 48, 40, **SMALL_Q, init_from=f"bert:{tmp_path / 'bert'}")
+    q, b = conn.qformer.state_dict(), bert.state_dict()
+    pairs = [
+        ("encoder.layer.1.attention.attention.query.weight", "encoder.layer.1.attention.self.query.weight"),
+        ("encoder.layer.2.attention.output.dense.weight", "encoder.layer.2.attention.output.dense.weight"),
+        ("encoder.layer.3.intermediate_query.dense.weight", "encoder.layer.3.intermediate.dense.weight"),
+        ("encoder.layer.0.output_query.LayerNorm.bias", "encoder.layer.0.output.LayerNorm.bias"),
+        ("layernorm.weight", "embeddings.LayerNorm.weight"),
+    ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(q[ours], b[theirs], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- cls_prune
+def test_cls_prune_keeps_the_hand_computed_top_k_in_raster_order(encoders):
+    enc = encoders["clip"]
+    px = enc.preprocess(images(3))
+    ref = CLIPVisionModel.from_pretrained(enc.source, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_attentions=True, output_hidden_states=True)
+    score = out.attentions[-2][:, :, 0, 1:].mean(dim=1)  # (B, N): CLS row of the selected layer, mean over heads
+    expected = score.topk(16, dim=1).indices.sort(dim=1).values
+    conn = build_connector("cls_prune", enc.info.hidden_size, 40, keep_ratio=0.25)
+    features = enc(px, with_cls_attention=True)
+    keep = conn.keep_mask(features)
+    kept = torch.stack([row.nonzero().flatten() for row in keep])
+    assert kept.tolist() == expected.tolist()
+    patches = out.hidden_states[-2][:, 1:]
+    ref_tokens = conn.inner.project(torch.stack([patches[b, expected[b]] for b in range(3)]))
+    torch.testing.assert_close(conn(features).tokens, ref_tokens, rtol=0, atol=1e-5)
+
+
+def test_cls_prune_ratio_count_and_keep_all():
+    f = feats()
+    f.cls_attention = torch.rand(2, 4, 64)
+    assert build_connector("cls_prune", 48, 40, keep_ratio=0.25)(f).num_tokens.tolist() == [16, 16]
+    assert build_connector("cls_prune", 48, 40, keep_tokens=10)(f).num_tokens.tolist() == [10, 10]
+    assert build_connector("cls_prune", 48, 40, keep_ratio=0.05)(f).num_tokens.tolist() == [3, 3]  # round(3.2)
+    # FasterVLM's counts on a 576-token grid
+    assert [CLSPrune(8, 8, keep_ratio=r).num_keep(576) for r in (0.75, 0.5, 0.25, 0.1, 0.05)] == [432, 288, 144, 58, 29]
+    torch.manual_seed(0)
+    full = build_connector("cls_prune", 48, 40, keep_ratio=1.0)
+    torch.testing.assert_close(full(f).tokens, full.inner(f).tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        build_connector("cls_prune", 48, 40, keep_ratio=1.5)
+
+
+def test_cls_prune_wraps_a_trained_projector_without_new_parameters():
+    f = feats()
+    f.cls_attention = torch.rand(2, 4, 64)
+    trained = build_connector("linear", 48, 40)
+    pruned = CLSPrune.wrap(trained, keep_ratio=0.5)
+    assert pruned.num_parameters() == trained.num_parameters() and pruned.inner is trained
+    keep = pruned.keep_mask(f)
+    torch.testing.assert_close(pruned(f).tokens, trained.project(f.patches[keep].view(2, 32, 48)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="per-token inner projector"):
+        CLSPrune.wrap(build_connector("qformer", 48, 40, **SMALL_Q))
+
+
+def test_cls_prune_without_a_score_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs the encoder's CLS-attention scores"):
+        build_connector("cls_prune", 48, 40)(feats())
+
+
+def test_cls_prune_on_siglip_uses_the_probe(encoders):
+    enc = encoders["siglip"]
+    conn = build_connector("cls_prune", enc.info.hidden_size, 40, keep_tokens=7)
+    out = conn(enc(enc.preprocess(images(2)), with_cls_attention=True))
+    assert out.num_tokens.tolist() == [7, 7]
+
+
+# ---------------------------------------------------------------- focus_moe
+def flat_and_busy(size=64) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.new("RGB", (size, size), (90, 140, 200)),
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+    ]
+
+
+def std_rule_router(conn: FocusMoE, threshold: float, sharpness: float = 50.0) -> None:
+    """Hand-set router: windows whose mean feature std is above ``threshold`` keep all tokens, others pool fully."""
+    dv = conn.in_dim
+    first, last = conn.router[0], conn.router[-1]
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, 2 * dv :] = 1.0 / dv  # hidden unit 0 = mean over channels of the window std
+        last.weight.zero_()
+        last.weight[0, 0], last.weight[-1, 0] = sharpness, -sharpness
+        last.bias.zero_()
+        last.bias[0], last.bias[-1] = -sharpness * threshold, sharpness * threshold
+
+
+def window_std(conn: FocusMoE, features: VisionFeatures) -> torch.Tensor:
+    return conn.windows(features).flatten(2, 3).std(2, unbiased=False).mean(-1)  # (B, M)
+
+
+def test_focus_moe_compresses_low_information_images_more(encoders, llms):
+    enc, llm = encoders["clip"], llms["vicuna"]
+    conn = build_connector("focus_moe", enc.info.hidden_size, llm.hidden_size, window=4).eval()
+    features = enc(enc.preprocess(flat_and_busy()))
+    stds = window_std(conn, features)
+    std_rule_router(conn, threshold=float((stds[0].max() + stds[1].min()) / 2))
+    counts = conn(features).num_tokens.tolist()
+    assert counts[0] < counts[1]
+    assert counts == [4 * 1, 4 * 16]  # 4 windows: fully pooled vs kept
+    # a batch whose images get different token counts runs through the composed model
+    vlm = VLM(enc, conn, llm).eval()
+    conv = [{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": "Blue."}]
+    e = llm.encode_conversation(conv)
+    ids, labels = torch.tensor(e.input_ids), torch.tensor(e.labels)
+    out = vlm(VLMInputs([ids, ids], [labels, labels], pixel_values=enc.preprocess(flat_and_busy()), has_image=[1, 1]))
+    assert out.visual_tokens.tolist() == [4, 64] and torch.isfinite(out.loss)
+    assert len(vlm.generate(flat_and_busy(), ["Describe.", "Describe."], max_new_tokens=2)) == 2
+
+
+def test_focus_moe_is_hard_top1_at_inference():
+    conn = build_connector("focus_moe", 48, 40, window=4, router_hidden=16)
+    torch.nn.init.normal_(conn.router[-1].weight)  # a router that is not uniform
+    conn.offset.fill_(0.3)
+    conn.eval()
+    f = feats(B=3, seed=2)
+    windows = conn.windows(f)
+    logits = conn.router_logits(windows, f.patches) + 0.3 * conn.tokens_per_expert.log()
+    choice = logits.argmax(-1)  # (B, M)
+    per_expert = conn.tokens_per_expert[choice].sum(1).long()
+    out = conn(f)
+    assert out.num_tokens.tolist() == per_expert.tolist()
+    torch.testing.assert_close(conn(f).tokens, out.tokens, rtol=0, atol=0)  # deterministic
+    # the tokens are the chosen experts' pooled windows, projected, window by window
+    b = 0
+    experts = conn.expert_tokens(windows)
+    expected = torch.cat([experts[int(e)][b, m] for m, e in enumerate(choice[b])])
+    torch.testing.assert_close(out.tokens[b, : out.num_tokens[b]], conn.inner.project(expected), rtol=0, atol=1e-6)
+
+
+def test_focus_moe_router_gets_gradients_from_the_lm_loss_alone():
+    torch.manual_seed(0)
+    conn = build_connector("focus_moe", 48, 40, window=4, budget_weight=0.0).train()
+    out = conn(feats())
+    out.tokens.sum().backward()  # not the budget term: the straight-through gate carries the LM gradient
+    assert conn.router[0].weight.grad.abs().sum() > 0 and conn.router[-1].weight.grad.abs().sum() > 0
+
+
+def regions(B: int, seed: int, h=8, w=8, dv=48, window=4) -> VisionFeatures:
+    """Features whose windows differ in detail (per-window spread from e^-2 to e^2), like flat and busy regions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, h, w, dv, generator=g)
+    spread = torch.exp(torch.empty(B, h // window, w // window).uniform_(-2, 2, generator=g))
+    x = x * spread.repeat_interleave(window, 1).repeat_interleave(window, 2)[..., None]
+    return VisionFeatures(x.reshape(B, h * w, dv), None, (h, w))
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.4, 0.7])  # between the experts' levels (1/16, 1/4, 1)
+def test_focus_moe_budget_sets_the_achieved_tokens(budget):
+    torch.manual_seed(0)
+    conn = build_connector("focus_moe", 48, 40, window=4, budget=budget, router_hidden=32)
+    opt = torch.optim.Adam(conn.router.parameters(), lr=1e-2)
+    for step in range(100):
+        conn.train()
+        out = conn(regions(16, seed=step))
+        loss = out.tokens.pow(2).mean() + out.aux_loss  # a stand-in LM loss moves the router
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    conn.eval()
+    counts = conn(regions(64, seed=999)).num_tokens.float()
+    achieved = counts.mean().item() / 64
+    assert abs(achieved - budget) < 0.05, achieved  # hard top-1 on held-out images meets the budget on average
+    assert counts.std() > 0  # ... with counts that differ from image to image
+
+
+def test_focus_moe_budget_loss_is_the_expected_count_gap():
+    torch.manual_seed(0)
+    conn = build_connector("focus_moe", 48, 40, window=4, budget=0.3, budget_weight=2.0).train()
+    f = regions(4, seed=0)
+    out = conn(f)
+    logits = conn.router_logits(conn.windows(f), f.patches) + conn.offset * conn.tokens_per_expert.log()
+    expected = (logits.softmax(-1) * conn.tokens_per_expert).sum((1, 2)) / 64
+    torch.testing.assert_close(out.aux_loss, 2.0 * ((expected - 0.3) ** 2).mean())
+
+
+def test_focus_moe_calibrate_without_training():
+    torch.manual_seed(0)
+    conn = build_connector("focus_moe", 48, 40, window=4, budget=0.3).eval()
+    conn.calibrate(regions(64, seed=1))
+    assert abs(conn(regions(64, seed=2)).num_tokens.float().mean().item() / 64 - 0.3) < 0.05
+
+
+def test_focus_moe_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="must divide the window"):
+        build_connector("focus_moe", 48, 40, window=4, scales=(1, 3))
+    with pytest.raises(ValueError, match="does not divide the patch grid"):
+        build_connector("focus_moe", 48, 40, window=3, scales=(1, 3))(feats())
