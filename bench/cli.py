@@ -11,9 +11,12 @@ Bad input (an unknown name, a missing file, a checkpoint of the wrong shape) pri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from connector_zoo.registry import RegistryError
@@ -122,6 +125,97 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from bench.run import RunConfig, run
+
+    if args.resume:
+        run(RunConfig(), Path(args.resume), resume=True)
+        return
+    specs = specs_from_args(args)
+    specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
+    specs["llm"] = {k: v for k, v in specs["llm"].items() if v is not None}
+    data: dict[str, Any] = {"kind": args.data}
+    if args.data == "world":
+        if args.world_scale != 1.0:
+            from bench.world import WorldConfig
+
+            data["world"] = dataclasses.asdict(WorldConfig().scaled(args.world_scale))
+    else:
+        if not args.data_path:
+            raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
+        data.update(path=args.data_path, image_folder=args.image_folder)
+    cfg = RunConfig(encoder=specs["encoder"], connector=specs["connector"], llm=specs["llm"], data=data,
+                    recipe=args.recipe, seed=args.seed, eval_limit=args.eval_limit, strict=args.strict,
+                    precision=args.precision, max_length=args.max_length)  # fmt: skip
+    if args.steps:
+        cfg.stages = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
+    out = Path(args.out) if args.out else Path("runs") / name
+    run(cfg, out)
+    print(f"run directory: {out}")
+
+
+def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
+    from bench.run import RECIPES
+
+    return RECIPES
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from bench.evaluate import evaluate_split
+    from bench.features import FeatureCache
+    from bench.run import RunConfig, load_data
+    from bench.vlm import VLM
+    from connector_zoo.io import read_json
+
+    run_dir = Path(args.run_dir)
+    cfg = RunConfig(**read_json(run_dir / "config.json"))
+    if args.eval_limit:
+        cfg.eval_limit = args.eval_limit
+    vlm = VLM.load(run_dir).eval()
+    _, _, eval_sets, _ = load_data(cfg, print)
+    from bench.data import Collator
+
+    for name, ds in eval_sets.items():
+        features = FeatureCache(vlm.encoder, ds.images, vlm.connector.needs_cls_attention)
+        features.ensure([s.image for s in ds.samples if s.image is not None])
+        ds.drop_bad_images(features.bad, cfg.strict)
+        collator = Collator(vlm.llm, features, vlm.connector.max_tokens(vlm.encoder.info), vlm.max_length)
+        m = evaluate_split(vlm, ds, collator, cfg.eval_limit)
+        if "accuracy" in m:
+            print(f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
+                  f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}")  # fmt: skip
+        loss_key = "caption_loss" if "caption_loss" in m else "loss"
+        print(f"{name}: {loss_key} {m[loss_key]:.4f}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from bench.vlm import VLM
+
+    vlm = VLM.load(args.run_dir).eval()
+    images = None
+    if args.image:
+        try:
+            images = [Image.open(args.image).convert("RGB")]
+        except OSError as err:
+            raise OSError(f"cannot read image {args.image!r}: {err}") from err
+    print(vlm.generate(images, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+
+
+def cmd_world_build(args: argparse.Namespace) -> None:
+    from bench.pretrain import pretrain_encoder, pretrain_llm
+    from bench.world import World, WorldConfig
+
+    world = World(WorldConfig().scaled(args.world_scale) if args.world_scale != 1.0 else WorldConfig())
+    print(f"world: {world.dir}")
+    for name in args.encoders.split(","):
+        print(f"encoder {name}: {pretrain_encoder(name, world)}")
+    for name in args.llms.split(","):
+        print(f"llm {name}: {pretrain_llm(name, world)}")
+
+
 def demo_images(size: int, n: int):
     """A few images of different content (flat, stripes, checkerboard, noise) for token-count reports."""
     import numpy as np
@@ -152,6 +246,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_component_args(p, connector_default="linear,mlp2x_gelu")
     p.add_argument("--images", type=int, default=4, help="number of demo images (flat, stripes, checker, noise)")
     p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("run", help="train and evaluate one combination (default: the offline mini world)")
+    add_component_args(p, connector_default="qformer")
+    p.set_defaults(llm="tinyllama")
+    p.add_argument("--recipe", default="mini", help="named training recipe (mini, llava-1.5-pretrain, budget, ...)")
+    p.add_argument("--steps", type=int, help="override the optimizer steps of every stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
+    p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
+    p.add_argument("--image-folder", help="image folder for LLaVA JSON")
+    p.add_argument("--world-scale", type=float, default=1.0, help="scale the mini world's splits (tests: 0.01)")
+    p.add_argument("--eval-limit", type=int, help="evaluate at most this many questions per split")
+    p.add_argument("--precision", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), no, bf16, fp16")
+    p.add_argument("--max-length", type=int, help="context budget in tokens (default: the LLM's)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--eval-limit", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="answer a prompt about an image with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--image")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("world", help="the embedded mini world")
+    wsub = p.add_subparsers(dest="world_command", required=True)
+    w = wsub.add_parser("build", help="build the world and pretrain its miniature backbones")
+    w.add_argument("--encoders", default="clip")
+    w.add_argument("--llms", default="tinyllama")
+    w.add_argument("--world-scale", type=float, default=1.0)
+    w.set_defaults(func=cmd_world_build)
 
     p = sub.add_parser("export-hf", help="write a transformers LlavaForConditionalGeneration directory")
     add_component_args(p)

@@ -73,3 +73,10 @@ class HFVisionEncoder(VisionEncoder):
     def _ensure_eager(self) -> None:
         if self.model.config._attn_implementation != "eager":
             self.model.set_attn_implementation("eager")
+
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values.to(self.model.dtype)).pooler_output
+
+    def save_checkpoint(self, directory) -> None:
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)

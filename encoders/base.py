@@ -151,6 +151,15 @@ class VisionEncoder(nn.Module):
     def preprocess_signature(self) -> dict[str, Any]:
         return {}
 
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, Dv) the model's own pooled image embedding (CLS after norm, or SigLIP's probe), with gradients:
+        what contrastive pretraining in the mini world trains."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, directory) -> None:
+        """Write weights + preprocessing so that ``from_checkpoint(directory)`` rebuilds this encoder."""
+        raise NotImplementedError
+
     @classmethod
     def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> VisionEncoder:
         raise NotImplementedError

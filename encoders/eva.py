@@ -14,6 +14,7 @@ probabilities are read at its ``attn_drop`` (identity at eval), giving ``attn[:,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class EVAViTG(VisionEncoder):
         return cls(checkpoint or cls.default_checkpoint, **kwargs)
 
     def _load(self, checkpoint: str) -> torch.nn.Module:
+        self.model_args: dict[str, Any] = {}  # architecture arguments of a local timm directory, to save it again
         if checkpoint in self.presets:
             checkpoint = str(preset_dir("eva-vit-g", checkpoint, self.presets[checkpoint], self._build_preset))
         self.source = checkpoint  # where the weights were read from
@@ -82,6 +84,7 @@ class EVAViTG(VisionEncoder):
             )
             return model.visual.trunk
         if Path(checkpoint).is_dir():
+            self.model_args = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_args", {})
             checkpoint = f"local-dir:{checkpoint}"
         return load_pretrained(timm.create_model, checkpoint, "timm EVA model", pretrained=True, num_classes=0)
 
@@ -103,6 +106,14 @@ class EVAViTG(VisionEncoder):
             num_classes=0,
         )
         save_for_hf(model, str(out_dir), model_args=args, safe_serialization=True)
+
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(pixel_values), pre_logits=True)
+
+    def save_checkpoint(self, directory) -> None:
+        from timm.models import save_for_hf
+
+        save_for_hf(self.model, str(directory), model_args=self.model_args, safe_serialization=True)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(im.convert("RGB")) for im in images])

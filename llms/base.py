@@ -168,12 +168,20 @@ class LLMBackend(nn.Module):
 
     # ------------------------------------------------------------------ preset
     @classmethod
-    def build_tiny(cls, out_dir, preset: str = "tiny", corpus: list[str] | None = None, seed: int = 0, **overrides):
+    def build_tiny(
+        cls,
+        out_dir,
+        preset: str = "tiny",
+        corpus: list[str] | None = None,
+        seed: int = 0,
+        vocab_size: int = 384,
+        **overrides,
+    ):
         """Write a random tiny checkpoint (model + offline tokenizer) with ``save_pretrained``; load it by path."""
         from llms._tiny import build_tiny_tokenizer
 
         torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer(corpus, cls.tiny_special_tokens, cls.chat_template)
+        tokenizer = build_tiny_tokenizer(corpus, cls.tiny_special_tokens, cls.chat_template, vocab_size)
         params = {**cls.presets[preset], **overrides}
         config = cls.config_cls(
             vocab_size=len(tokenizer),

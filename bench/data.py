@@ -1,0 +1,297 @@
+"""Data: the published formats, the mini world, and the collator.
+
+A :class:`Dataset` is a list of :class:`Sample` (an id, a conversation in the chat-message form, the index of its
+image in the dataset's :class:`ImageTable` or None) plus that table. Loaders:
+
+- ``llava_json(json_path, image_folder)``: LLaVA JSON (LLaVA-CC3M-Pretrain-595K ``chat.json``,
+  ``blip_laion_cc_sbu_558k.json``, ``llava_v1_5_mix665k.json``): ``{"id", "image", "conversations": [{"from":
+  "human"|"gpt", "value"}]}`` with ``<image>`` in the first human turn; entries without ``image`` are text-only.
+- ``hf_messages(path)``: a Hugging Face dataset saved locally (``save_to_disk`` or parquet/json files) in the
+  ``messages`` + ``images`` form of ``HuggingFaceH4/llava-instruct-mix-vsft``.
+- ``world_dataset(world, split)``: the mini world's questions (and captions).
+
+A bad sample (missing or unreadable image, no ``<image>`` where one is needed, a malformed record, a sequence that
+cannot fit) is skipped and recorded with its id and reason in ``dataset.skipped`` (the run's report), or raises
+:class:`BadSample` under ``strict``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.vlm import VLMInputs
+from llms.base import IMAGE_TOKEN, LLMBackend, TemplateError
+
+CAPTION_PROMPT = "Describe the image briefly."
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used, with its id and the reason."""
+
+
+@dataclass
+class Sample:
+    id: str
+    messages: list[dict[str, str]]
+    image: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ImageTable:
+    """Images of a dataset by index; ``key`` names the source for the feature cache."""
+
+    def __init__(self, key: str, loaders: list[Callable[[], Image.Image]], names: list[str]):
+        self.key, self._loaders, self.names = key, loaders, names
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def load(self, index: int) -> Image.Image:
+        try:
+            image = self._loaders[index]()
+            image.load()
+            return image.convert("RGB")
+        except Exception as err:  # missing, truncated or not an image at all
+            raise BadSample(f"image {self.names[index]!r} cannot be read ({type(err).__name__}: {err})") from err
+
+
+@dataclass
+class Dataset:
+    name: str
+    samples: list[Sample]
+    images: ImageTable
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, sample_id: str, reason: str, strict: bool) -> None:
+        if strict:
+            raise BadSample(f"{self.name}: sample {sample_id!r}: {reason} (drop --strict to skip such samples)")
+        self.skipped.append({"id": str(sample_id), "reason": reason})
+
+    def drop_bad_images(self, bad: dict[int, str], strict: bool) -> None:
+        """Remove samples whose image could not be read (found while encoding)."""
+        kept = []
+        for s in self.samples:
+            if s.image is not None and s.image in bad:
+                self.skip(s.id, bad[s.image], strict)
+            else:
+                kept.append(s)
+        self.samples = kept
+
+    def split(self, held_out: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """(train, held-out) by a seeded permutation; both share the image table."""
+        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        n = max(1, int(round(held_out * len(order))))
+        pick = lambda idx: [self.samples[i] for i in sorted(idx)]  # noqa: E731
+        return (Dataset(self.name, pick(order[n:]), self.images, self.skipped),
+                Dataset(self.name + ":heldout", pick(order[:n]), self.images, []))  # fmt: skip
+
+
+# --------------------------------------------------------------- LLaVA JSON
+ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+
+
+def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = False) -> Dataset:
+    json_path, image_folder = Path(json_path), Path(image_folder)
+    try:
+        records = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{json_path} is not a readable LLaVA JSON file: {err}") from err
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path}: a LLaVA JSON file holds a list of records, not {type(records).__name__}")
+    paths: dict[str, int] = {}
+    samples: list[Sample] = []
+    ds = Dataset(json_path.name, samples, ImageTable("", [], []))
+    for n, rec in enumerate(records):
+        rid = rec.get("id", f"#{n}") if isinstance(rec, dict) else f"#{n}"
+        try:
+            messages = llava_messages(rec)
+        except BadSample as err:
+            ds.skip(rid, str(err), strict)
+            continue
+        image = rec.get("image")
+        if image is not None:
+            if IMAGE_TOKEN not in messages[0]["content"] and not (
+                len(messages) > 1 and IMAGE_TOKEN in messages[1]["content"]
+            ):
+                ds.skip(rid, "has an image but no <image> in its first human turn", strict)
+                continue
+            paths.setdefault(str(image), len(paths))
+        elif any(IMAGE_TOKEN in m["content"] for m in messages):
+            ds.skip(rid, "has <image> in its text but no image", strict)
+            continue
+        samples.append(Sample(str(rid), messages, None if image is None else paths[str(image)]))
+    names = list(paths)
+    ds.images = ImageTable(f"llava:{image_folder.resolve()}", [lambda p=p: Image.open(image_folder / p) for p in names],
+                           names)  # fmt: skip
+    return ds
+
+
+def llava_messages(rec: Any) -> list[dict[str, str]]:
+    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+        raise BadSample("malformed record: no 'conversations' list")
+    out = []
+    for turn in rec["conversations"]:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise BadSample(f"malformed turn {str(turn)[:60]!r}: needs 'from' (human/gpt) and a string 'value'")
+        out.append({"role": ROLES[turn["from"]], "content": turn["value"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise BadSample("no assistant (gpt) turn")
+    return out
+
+
+# ----------------------------------------------------- HF messages + images
+def hf_messages(path: str | Path, split: str = "train", strict: bool = False) -> Dataset:
+    """A local Hugging Face dataset with ``messages`` (role + content list) and ``images`` columns."""
+    import datasets
+
+    path = Path(path)
+    try:
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data[split]
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable Hugging Face dataset ({type(err).__name__}: {err})") from err
+    samples: list[Sample] = []
+    loaders: list[Callable[[], Image.Image]] = []
+    ds = Dataset(path.name, samples, ImageTable(f"hf:{path.resolve()}:{split}", loaders, []))
+    for n, rec in enumerate(data):
+        rid = str(rec.get("id", f"#{n}"))
+        try:
+            messages, n_images = hf_record_messages(rec)
+        except BadSample as err:
+            ds.skip(rid, str(err), strict)
+            continue
+        images = rec.get("images") or []
+        if n_images != len(images) or n_images > 1:
+            ds.skip(rid, f"{n_images} image placeholders for {len(images)} images (one image per sample is "
+                         "supported)", strict)  # fmt: skip
+            continue
+        index = None
+        if images:
+            index = len(loaders)
+            loaders.append(lambda im=images[0]: im if isinstance(im, Image.Image) else Image.open(im["path"]))
+            ds.images.names.append(rid)
+        samples.append(Sample(rid, messages, index))
+    return ds
+
+
+def hf_record_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadSample("malformed record: no 'messages' list")
+    out, n_images = [], 0
+    for m in msgs:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            parts = []
+            for item in content:
+                if item.get("type") == "image":
+                    parts.append(IMAGE_TOKEN)
+                    n_images += 1
+                elif item.get("type") == "text" and isinstance(item.get("text"), str):
+                    parts.append(item["text"])
+            text = "\n".join(parts)
+        else:
+            raise BadSample(f"malformed message {str(m)[:60]!r}")
+        if m.get("role") not in ("user", "assistant", "system"):
+            raise BadSample(f"unknown role {m.get('role')!r}")
+        out.append({"role": m["role"], "content": text})
+    return out, n_images
+
+
+# ----------------------------------------------------------------- the world
+def world_dataset(world, split: str, captions: bool = True, questions: bool = True) -> Dataset:
+    records = world.records(split)
+    samples = []
+    for i, r in enumerate(records):
+        if captions:
+            samples.append(
+                Sample(
+                    f"{r['id']}/caption",
+                    [
+                        {"role": "user", "content": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+                        {"role": "assistant", "content": r["caption"]},
+                    ],
+                    i,
+                    {"type": "caption", "answer": r["caption"]},
+                )
+            )
+        if questions:
+            for j, qa in enumerate(r["qa"]):
+                samples.append(
+                    Sample(
+                        f"{r['id']}/q{j}",
+                        [
+                            {"role": "user", "content": f"{IMAGE_TOKEN}\n{qa['question']}"},
+                            {"role": "assistant", "content": qa["answer"]},
+                        ],
+                        i,
+                        {"type": qa["type"], "answer": qa["answer"]},
+                    )
+                )
+    images = world.images(split)
+    table = ImageTable(f"world:{world.cfg.key()}:{split}",
+                       [lambda i=i: Image.fromarray(np.asarray(images[i])) for i in range(len(records))],
+                       [r["id"] for r in records])  # fmt: skip
+    return Dataset(f"world:{split}", samples, table)
+
+
+# ------------------------------------------------------------------ collator
+class Collator:
+    """Samples -> :class:`VLMInputs` with cached features; tokenization through the backend's chat template.
+
+    ``visual_budget`` is the connector's maximum number of visual tokens: a sample whose text plus that budget does
+    not fit ``max_length`` is reported instead of truncated.
+    """
+
+    def __init__(self, llm: LLMBackend, features, visual_budget: int, max_length: int | None):
+        self.llm, self.features, self.visual_budget, self.max_length = llm, features, visual_budget, max_length
+        self._encoded: dict[str, Any] = {}
+
+    def encode(self, sample: Sample):
+        key = json.dumps(sample.messages) + f"|{sample.image is not None}"  # identical texts tokenize once
+        if key not in self._encoded:
+            try:
+                enc = self.llm.encode_conversation(sample.messages)
+            except TemplateError as err:
+                raise BadSample(str(err)) from err
+            n_visual = self.visual_budget if sample.image is not None else 0
+            if self.max_length and len(enc) - 1 + n_visual > self.max_length:
+                raise BadSample(f"needs {len(enc) - 1 + n_visual} tokens ({n_visual} visual), more than the context "
+                                f"budget {self.max_length}; not truncated")  # fmt: skip
+            self._encoded[key] = enc
+        return self._encoded[key]
+
+    def __call__(self, samples: list[Sample]) -> VLMInputs:
+        encoded = [self.encode(s) for s in samples]
+        with_image = [s.image for s in samples if s.image is not None]
+        return VLMInputs(
+            input_ids=[torch.tensor(e.input_ids) for e in encoded],
+            labels=[torch.tensor(e.labels) for e in encoded],
+            features=self.features.get(with_image) if with_image else None,
+            has_image=[s.image is not None for s in samples],
+        )
+
+    def check(self, dataset: Dataset, strict: bool) -> None:
+        """Tokenize everything once up front; bad samples are reported before training starts."""
+        kept = []
+        for s in dataset.samples:
+            try:
+                self.encode(s)
+                kept.append(s)
+            except BadSample as err:
+                dataset.skip(s.id, str(err), strict)
+        dataset.samples = kept

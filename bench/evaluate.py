@@ -1,0 +1,98 @@
+"""Evaluation: exact-match accuracy (overall and per question type) by greedy generation, caption / held-out loss,
+examples next to the truth, and the blind baseline (the same LLM with no image) that gives every number its floor."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from bench.data import BadSample, Collator, Dataset, Sample
+from bench.train import validation_loss
+from bench.vlm import VLM, VLMInputs
+from llms.base import IMAGE_TOKEN
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]+", "", text.lower()).strip()
+
+
+def strip_image(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**m, "content": m["content"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()}
+            for m in messages]  # fmt: skip
+
+
+@torch.no_grad()
+def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = False, batch_size: int = 64,
+           max_new_tokens: int = 12) -> list[str]:  # fmt: skip
+    """Greedy answers to the last user turn of each sample (the reference answer is dropped)."""
+    vlm.eval()
+    out: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        prompts = [s.messages[:-1] for s in chunk]
+        if blind:
+            prompts = [strip_image(p) for p in prompts]
+        ids = [torch.tensor(vlm.llm.encode_prompt(p)) for p in prompts]
+        with_image = [] if blind else [s.image for s in chunk if s.image is not None]
+        features = collator.features.get(with_image) if with_image else None
+        inputs = VLMInputs(ids, features=features, has_image=[not blind and s.image is not None for s in chunk])
+        out.extend(vlm.decode(vlm.generate_ids(inputs, max_new_tokens=max_new_tokens)))
+    return out
+
+
+def accuracy(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
+    hits: dict[str, list[int]] = defaultdict(list)
+    contains: list[int] = []
+    for s, pred in zip(samples, predictions):
+        truth, guess = normalize(s.messages[-1]["content"]), normalize(pred)
+        hits[s.meta.get("type", "all")].append(int(truth == guess))
+        contains.append(int(bool(truth) and re.search(rf"\b{re.escape(truth)}\b", guess) is not None))
+    every = [h for v in hits.values() for h in v]
+    return {
+        "exact_match": sum(every) / max(len(every), 1),
+        "contains_match": sum(contains) / max(len(contains), 1),
+        "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        "count": len(every),
+    }
+
+
+def qa_samples(data: Dataset, limit: int | None = None) -> list[Sample]:
+    out = [s for s in data.samples if s.meta.get("type") != "caption"]
+    return out[:limit] if limit else out
+
+
+def short_answer_samples(data: Dataset, max_words: int = 3) -> list[Sample]:
+    return [s for s in data.samples if len(s.messages[-1]["content"].split()) <= max_words]
+
+
+def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | None = None,
+                   examples: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Accuracy with the image and blind, plus loss on captions (or on everything, for published data)."""
+    samples = qa_samples(data, limit) if any("type" in s.meta for s in data.samples) else short_answer_samples(data)
+    samples = [s for s in samples if _usable(collator, s)][: limit or None]
+    result: dict[str, Any] = {}
+    if samples:
+        preds = answer(vlm, samples, collator)
+        blind = answer(vlm, samples, collator, blind=True)
+        result["accuracy"] = accuracy(samples, preds)
+        result["blind"] = accuracy(samples, blind)
+        result["examples"] = [{"id": s.id, "question": s.messages[-2]["content"].replace(IMAGE_TOKEN, "").strip(),
+                               "truth": s.messages[-1]["content"], "answer": p, "blind": b}
+                              for s, p, b in list(zip(samples, preds, blind))[:examples]]  # fmt: skip
+    captions = [s for s in data.samples if s.meta.get("type") == "caption"] or data.samples
+    loss = validation_loss(vlm, Dataset(data.name, captions, data.images), collator, batch_size=32, limit=500)
+    result["caption_loss" if captions is not data.samples else "loss"] = loss
+    result["perplexity"] = math.exp(min(loss, 50))
+    return result
+
+
+def _usable(collator: Collator, sample: Sample) -> bool:
+    try:
+        collator.encode(sample)
+        return True
+    except BadSample:
+        return False

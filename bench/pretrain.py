@@ -1,0 +1,154 @@
+"""Miniature backbones pretrained inside the mini world, so that connectors train as in LLaVA stage 1.
+
+- Encoders: each family's own architecture (tiny preset) trained contrastively on the world's image-caption pairs
+  against a small text transformer: CLIP's softmax loss for ``clip`` and ``eva-vit-g``, SigLIP's sigmoid loss for
+  ``siglip`` (open_clip's ``ClipLoss`` / ``SigLipLoss``). The image side is the model's own pooled embedding (CLS
+  after the final norm, or SigLIP's attention-pooling probe), so every layer, the probe included, learns.
+- LLMs: each backend's architecture trained as a language model on the world's captions and question-answer text
+  rendered with the backend's chat template, *without images*: they learn the language and the answer format, not
+  the answers (which need the image).
+
+Both are written with ``save_pretrained`` (timm's ``save_for_hf`` for EVA) into the world's cache directory and loaded
+back through the same code path as real checkpoints: by local directory.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench.world import World
+from connector_zoo.io import materialize
+from encoders import ENCODERS
+from llms import LLMS
+
+CAPTION_PROMPT = "Describe the image briefly."
+ENCODER_STEPS = 240
+LLM_STEPS = 800
+LLM_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+
+
+class TextTower(nn.Module):
+    """A small word-level text transformer for contrastive pretraining (discarded afterwards)."""
+
+    def __init__(self, vocab: dict[str, int], width: int, out_dim: int, max_len: int = 48):
+        super().__init__()
+        self.vocab, self.max_len = vocab, max_len
+        self.embed = nn.Embedding(len(vocab) + 1, width, padding_idx=0)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.proj = nn.Linear(width, out_dim)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        ids = torch.zeros(len(texts), self.max_len, dtype=torch.long)
+        for i, t in enumerate(texts):
+            words = [self.vocab.get(w, 0) for w in t.replace(",", " ,").replace(".", " .").split()][: self.max_len]
+            ids[i, : len(words)] = torch.tensor(words)
+        return ids
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenize(texts)
+        pad = ids == 0
+        x = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)
+        x = (x * ~pad[..., None]).sum(1) / (~pad).sum(1, keepdim=True).clamp(min=1)
+        return self.proj(x)
+
+
+def word_vocab(texts: list[str]) -> dict[str, int]:
+    words = sorted({w for t in texts for w in t.replace(",", " ,").replace(".", " .").split()})
+    return {w: i + 1 for i, w in enumerate(words)}
+
+
+def pretrain_encoder(
+    family: str, world: World, steps: int = ENCODER_STEPS, batch_size: int = 256, seed: int = 0
+) -> Path:
+    """The world's ``family`` encoder directory, trained on first use."""
+    cls = ENCODERS.get(family)
+    out = world.dir / "backbones" / f"encoder-{family}-s{steps}-b{batch_size}-seed{seed}"
+
+    def build(tmp: Path) -> None:
+        from open_clip.loss import ClipLoss, SigLipLoss
+
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        enc = cls.from_checkpoint("tiny", frozen=False)
+        enc.train()
+        dim = enc.info.hidden_size
+        records, images = world.records("train"), world.images("train")
+        text = TextTower(word_vocab([r["caption"] for r in records]), 64, dim)
+        img_proj = nn.Linear(dim, dim)
+        sigmoid = family == "siglip"
+        loss_fn = SigLipLoss() if sigmoid else ClipLoss()
+        scale = nn.Parameter(torch.tensor(math.log(10.0 if sigmoid else 1 / 0.07)))
+        bias = nn.Parameter(torch.tensor(-10.0))
+        params = [*enc.parameters(), *text.parameters(), *img_proj.parameters(), scale, bias]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+        for _ in tqdm(range(steps), desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})"):
+            idx = rng.sample(range(len(records)), batch_size)
+            from PIL import Image
+
+            px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
+            img = nn.functional.normalize(img_proj(enc.pooled(px)), dim=-1)
+            txt = nn.functional.normalize(text([records[i]["caption"] for i in idx]), dim=-1)
+            loss = loss_fn(img, txt, scale.exp(), bias) if sigmoid else loss_fn(img, txt, scale.exp())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        enc.save_checkpoint(tmp)
+
+    return materialize(out, build)
+
+
+def lm_conversations(world: World, backend) -> list[list[int]]:
+    texts = []
+    for r in world.records("train"):
+        texts.append([{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": r["caption"]}])
+        texts.extend([{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
+                     for qa in r["qa"])  # fmt: skip
+    return [backend.encode_conversation(c).input_ids for c in texts]
+
+
+def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: int = 64, seed: int = 0) -> Path:
+    """The world's ``name`` LLM directory (model + tokenizer), trained as a text-only language model on first use."""
+    cls = LLMS.get(name)
+    out = world.dir / "backbones" / f"llm-{name}-s{steps}-b{batch_size}-seed{seed}"
+
+    def build(tmp: Path) -> None:
+        corpus = [*world.text_corpus(), CAPTION_PROMPT]
+        cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=640, **LLM_SIZE)
+        backend = cls(str(tmp), frozen=False)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        seqs = lm_conversations(world, backend)
+        model = backend.model
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+        pad = backend.pad_token_id
+        for _ in tqdm(range(steps), desc=f"pretrain {name} (language model on the world's text)"):
+            batch = [seqs[i] for i in rng.sample(range(len(seqs)), batch_size)]
+            longest = max(map(len, batch))
+            ids = torch.full((batch_size, longest), pad)
+            mask = torch.zeros(batch_size, longest, dtype=torch.long)
+            for b, s in enumerate(batch):
+                ids[b, : len(s)] = torch.tensor(s)
+                mask[b, : len(s)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.save_pretrained(tmp)
+        backend.tokenizer.save_pretrained(tmp)
+
+    return materialize(out, build)

@@ -1,0 +1,262 @@
+"""``bench run``: compose, train (stage 1, optionally stage 2), evaluate and record one configuration.
+
+The run directory holds ``config.json`` (everything needed to reproduce it), the trained model
+(``vlm_config.json`` + ``trainable.safetensors``), ``stageN/checkpoint-{last,best}``, ``results.json`` and
+``summary.txt``. On the mini world, unset checkpoints mean the world's own pretrained miniature backbones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.data import Collator, Dataset, hf_messages, llava_json, world_dataset
+from bench.evaluate import evaluate_split
+from bench.features import FeatureCache
+from bench.train import StageConfig, Trainer
+from bench.vlm import VLM
+from connector_zoo.io import atomic_path, read_json, write_json
+from connectors import CONNECTORS
+
+# Named recipes: the source notes' training settings, and the small default for the mini world. A recipe lists
+# stages; per-device batch x accumulation x processes gives the global batch of the notes.
+RECIPES: dict[str, list[dict[str, Any]]] = {
+    # the mini world on 2 CPU cores: a short stage 1 (connector only) then a short stage 2 (connector + LLM); see
+    # README: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
+    "mini": [dict(stage=1, steps=400, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
+             dict(stage=2, steps=600, batch_size=32, lr=1e-3, warmup_ratio=0.05, save_every=100)],
+    "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
+    # LLaVA-1.5 (MISSION.md): stage 1 lr 2e-3, global batch 128, 1 epoch; stage 2 lr 2e-5, global batch 32 (LLaVA v1
+    # notes), 3 epochs; cosine, 3 % warm-up, bf16 on GPUs
+    "llava-1.5-pretrain": [dict(stage=1, epochs=1, batch_size=16, grad_accum=8, lr=2e-3, warmup_ratio=0.03,
+                                save_every=1000)],
+    "llava-1.5-finetune": [dict(stage=2, epochs=3, batch_size=4, grad_accum=8, lr=2e-5, warmup_ratio=0.03,
+                                save_every=1000)],
+    # "LLaVA on a budget": batch 2, accumulation 4, lr 2e-4, 350 steps, cosine to 2e-5, 5 % warm-up, fp16
+    "budget": [dict(stage=2, steps=350, batch_size=2, grad_accum=4, lr=2e-4, min_lr_ratio=0.1, warmup_ratio=0.05,
+                    save_every=50)],
+    # MiniGPT-4: ~20k steps at batch 256 training only the linear layer after a frozen Q-Former, then 400 steps at
+    # batch 12 on curated pairs
+    "minigpt4-stage1": [dict(stage=1, steps=20000, batch_size=32, grad_accum=8, lr=1e-4, warmup_ratio=0.025,
+                             save_every=1000)],
+    "minigpt4-stage2": [dict(stage=1, steps=400, batch_size=12, lr=3e-5, warmup_ratio=0.05, save_every=100)],
+}  # fmt: skip
+
+
+@dataclass
+class RunConfig:
+    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "clip"})
+    connector: dict[str, Any] = field(default_factory=lambda: {"name": "qformer"})
+    llm: dict[str, Any] = field(default_factory=lambda: {"name": "tinyllama"})
+    data: dict[str, Any] = field(default_factory=lambda: {"kind": "world"})
+    recipe: str = "mini"
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    seed: int = 0
+    precision: str = "auto"
+    max_length: int | None = None
+    eval_limit: int | None = None
+    strict: bool = False
+
+    def resolved_stages(self) -> list[StageConfig]:
+        if self.recipe not in RECIPES and not self.stages:
+            raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")
+        stages = self.stages or RECIPES[self.recipe]
+        return [StageConfig(**s) for s in stages]
+
+
+# ------------------------------------------------------------------ pieces
+def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, Dataset], Any]:
+    """(train, val, eval splits by name, world or None)."""
+    data = cfg.data
+    kind = data.get("kind", "world")
+    if kind == "world":
+        from bench.world import World, WorldConfig
+
+        world = World(WorldConfig(**data.get("world", {})))
+        return (
+            world_dataset(world, "train"),
+            world_dataset(world, "val"),
+            {"test": world_dataset(world, "test"), "compositional": world_dataset(world, "compositional")},
+            world,
+        )
+    if kind == "llava":
+        full = llava_json(data["path"], data["image_folder"], strict=cfg.strict)
+    elif kind == "hf":
+        full = hf_messages(data["path"], data.get("split", "train"), strict=cfg.strict)
+    else:
+        raise ValueError(f"unknown data kind {kind!r}; use world, llava or hf")
+    train, held = full.split(data.get("held_out", 0.05), seed=cfg.seed)
+    log(f"data: {len(train.samples)} training samples, {len(held.samples)} held out, {len(full.skipped)} skipped")
+    return train, held, {"heldout": held}, None
+
+
+def build_model(cfg: RunConfig, world, log) -> VLM:
+    enc_spec, llm_spec, conn_spec = dict(cfg.encoder), dict(cfg.llm), dict(cfg.connector)
+    if world is not None:
+        from bench.pretrain import pretrain_encoder, pretrain_llm
+
+        if not enc_spec.get("checkpoint"):
+            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world))
+        if not llm_spec.get("checkpoint"):
+            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world))
+        small = getattr(CONNECTORS.get(conn_spec["name"]), "small_settings", {})
+        conn_spec = {**small, **conn_spec}
+    torch.manual_seed(cfg.seed)
+    vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length)
+    log(f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "
+        f"(connector {vlm.connector.num_parameters():,} parameters)")  # fmt: skip
+    return vlm
+
+
+def precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"  # fp32 on CPU: deterministic, and bf16 autocast is not faster on small CPUs
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import timm
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "timm": timm.__version__}  # fmt: skip
+
+
+def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: int = 512) -> dict[str, float]:
+    images = sorted({s.image for s in data.samples if s.image is not None})[:limit]
+    if not images:
+        return {}
+    vlm.eval()
+    counts = []
+    with torch.no_grad():
+        for start in range(0, len(images), 128):
+            counts += vlm.connector(features.get(images[start : start + 128])).num_tokens.tolist()
+    return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
+
+
+# --------------------------------------------------------------------- run
+def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    started = time.time()
+    out_dir = Path(out_dir)
+    if resume:
+        cfg = RunConfig(**read_json(out_dir / "config.json"))
+    elif (out_dir / "config.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    stages = cfg.resolved_stages()
+    accelerator = Accelerator(
+        mixed_precision=precision(cfg.precision), gradient_accumulation_steps=stages[0].grad_accum
+    )
+    if accelerator.is_main_process:
+        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    train, val, eval_sets, world = load_data(cfg, log)
+    vlm = build_model(cfg, world, log)
+    needs_attention = vlm.connector.needs_cls_attention
+    features = {}
+    for ds in (train, val, *eval_sets.values()):
+        if ds is None:
+            continue
+        key = ds.images.key
+        if key not in features:
+            features[key] = FeatureCache(vlm.encoder, ds.images, needs_attention)
+            features[key].ensure([s.image for s in ds.samples if s.image is not None])
+        ds.drop_bad_images(features[key].bad, cfg.strict)
+    visual_budget = vlm.connector.max_tokens(vlm.encoder.info)
+    collators = {k: Collator(vlm.llm, f, visual_budget, vlm.max_length) for k, f in features.items()}
+    for ds in (train, val, *eval_sets.values()):
+        if ds is not None:
+            collators[ds.images.key].check(ds, cfg.strict)
+    train_stats: list[dict[str, Any]] = []
+    for index, stage in enumerate(stages, start=1):
+        accelerator.gradient_accumulation_steps = stage.grad_accum
+        stage_dir = out_dir / f"stage{index}"
+        trainer = Trainer(vlm, train, collators[train.images.key], stage, stage_dir, cfg.seed + index, val=val,
+                          accelerator=accelerator, strict=cfg.strict, log=log)  # fmt: skip
+        last = stage_dir / "checkpoint-last"
+        if resume and (last / "trainer_state.json").exists():
+            trainer.resume(last)
+        log(
+            f"stage {index} ({'connector' if stage.stage == 1 else 'connector + LLM'}): {trainer.total_steps} steps "
+            f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
+        )
+        train_stats.append(trainer.fit() | {"history": trainer.history})
+        vlm = accelerator.unwrap_model(trainer.model)
+    results = {}
+    if accelerator.is_main_process:
+        results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, log)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, log) -> dict[str, Any]:
+    vlm.save(out_dir)
+    metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit)
+               for name, ds in eval_sets.items()}  # fmt: skip
+    first_eval = next(iter(eval_sets.values()))
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "metrics": metrics,
+        "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
+        "parameters": {"trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
+                       "connector": vlm.connector.num_parameters(),
+                       "total": sum(p.numel() for p in vlm.parameters())},
+        "training": [{k: v for k, v in s.items() if k != "history"} for s in train_stats],
+        "loss_history": [s["history"] for s in train_stats],
+        "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
+        "wall_time_seconds": time.time() - started,
+        "encoder_forwards": sum(f.forwards for f in features.values()),
+        "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }  # fmt: skip
+    write_json(out_dir / "results.json", results)
+    text = summary(results)
+    with atomic_path(out_dir / "summary.txt") as tmp:
+        tmp.write_text(text + "\n")
+    log(text)
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [f"run: {cfg['encoder']['name']} + {cfg['connector']['name']} + {cfg['llm']['name']} "
+             f"(recipe {cfg['recipe']}, seed {cfg['seed']})"]  # fmt: skip
+    for split, m in results["metrics"].items():
+        if "accuracy" in m:
+            acc, blind = m["accuracy"], m["blind"]
+            per = "  ".join(f"{k} {v:.2f}" for k, v in acc["per_type"].items())
+            lines.append(f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
+                         f"n={acc['count']}  | {per}")  # fmt: skip
+        loss_key = "caption_loss" if "caption_loss" in m else "loss"
+        lines.append(f"  {split:<14} {loss_key} {m[loss_key]:.3f}")
+    tok = results["visual_tokens_per_image"]
+    if tok:
+        lines.append(f"  visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
+    p = results["parameters"]
+    lines.append(f"  parameters: trainable {p['trainable']:,} / total {p['total']:,}; "
+                 f"train {results['train_samples_per_second']:.0f} samples/s; encoder forwards "
+                 f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
+                 f"wall {results['wall_time_seconds']:.0f} s")  # fmt: skip
+    examples = next((m["examples"] for m in results["metrics"].values() if m.get("examples")), [])
+    for ex in examples[:3]:
+        lines.append(f"  e.g. {ex['question']!r}: {ex['answer']!r} (truth {ex['truth']!r}, blind {ex['blind']!r})")
+    return "\n".join(lines)

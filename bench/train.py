@@ -1,0 +1,191 @@
+"""The training loop: accelerate for precision, accumulation and processes; exact resume; atomic checkpoints.
+
+Stage 1 trains the connector only (encoder and LLM frozen); stage 2 trains connector + LLM. Cosine schedule with
+linear warm-up (``min_lr_ratio`` floors it). The data order is a seeded permutation per epoch, and each optimizer step
+takes the next ``batch_size * grad_accum * num_processes`` samples: process r, micro-step j takes slice
+``j * num_processes + r``. So a 2-process run sees exactly the micro-batches of a 1-process run with twice the
+accumulation, and the data position is a function of the step: resuming restores model, optimizer, scheduler, the
+torch RNG and the step, and continues with the same samples.
+
+Checkpoints (``checkpoint-last``, ``checkpoint-best`` by validation loss) are written to a temporary directory and
+renamed into place, so a run killed at any moment leaves the previous complete checkpoint, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from bench.data import BadSample, Collator, Dataset
+from bench.vlm import VLM
+from connector_zoo.io import atomic_path
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``steps`` optimizer steps, or ``epochs`` over the data when steps is 0."""
+
+    stage: int = 1
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # steps between validation-loss checks (0: at the end only)
+    save_every: int = 100
+
+
+def set_trainable(vlm: VLM, stage: int) -> list[torch.nn.Parameter]:
+    """Stage 1: connector only. Stage 2: connector and LLM. The encoder stays frozen in both."""
+    vlm.encoder.freeze(True)
+    vlm.llm.model.requires_grad_(stage >= 2)
+    vlm.llm.frozen = stage < 2
+    # parameters a connector froze on purpose (e.g. a MiniGPT-4 Q-Former) keep requires_grad=False
+    return [p for p in vlm.parameters() if p.requires_grad]
+
+
+class Trainer:
+    def __init__(self, vlm: VLM, train: Dataset, collator: Collator, cfg: StageConfig, out_dir: Path, seed: int,
+                 val: Dataset | None = None, accelerator: Accelerator | None = None, strict: bool = False,
+                 log=print):  # fmt: skip
+        self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
+        self.cfg, self.out_dir, self.seed, self.strict, self.log = cfg, Path(out_dir), seed, strict, log
+        self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+        params = set_trainable(vlm, cfg.stage)
+        self.num_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
+        per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
+        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train.samples) / per_step))
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps), num_training_steps=self.total_steps,
+            min_lr_rate=cfg.min_lr_ratio)  # fmt: skip
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.best_val = float("inf")
+        self.samples_seen = 0
+        self.train_seconds = 0.0
+
+    # -------------------------------------------------------------- data order
+    def micro_batch(self, step: int, micro: int):
+        """The samples of process ``rank`` for micro-step ``micro`` of optimizer step ``step``."""
+        cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
+        n = len(self.train_data.samples)
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        start = step * per_step + (micro * world + rank) * cfg.batch_size
+        out = []
+        for k in range(start, start + cfg.batch_size):
+            epoch, pos = divmod(k, n)
+            out.append(self.train_data.samples[self.permutation(epoch)[pos]])
+        return out
+
+    def permutation(self, epoch: int) -> list[int]:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.train_data.samples), generator=g).tolist(), epoch
+        return self._perm
+
+    # ------------------------------------------------------------------- train
+    def fit(self) -> dict[str, Any]:
+        self.model.train()
+        kill_at = int(os.environ.get("CONNECTOR_ZOO_KILL_AT_STEP", "-1"))  # tests: die like a killed job
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            losses = []
+            for micro in range(self.cfg.grad_accum):
+                batch = self.collator(self.micro_batch(self.step, micro))
+                with self.acc.accumulate(self.model):
+                    out = self.model(batch)
+                    self.acc.backward(out.loss)
+                    if self.acc.sync_gradients and self.cfg.max_grad_norm:
+                        self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                losses.append(out.loss.detach())
+            self.scheduler.step()
+            loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            self.step += 1
+            self.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+            self.train_seconds += time.perf_counter() - t0
+            self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            if self.step % max(1, self.total_steps // 10) == 0 or self.step == self.total_steps:
+                self.log(f"  step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {self.history[-1]['lr']:.2e}")
+            evaluate_now = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+            if self.val_data is not None and (evaluate_now or self.step == self.total_steps):
+                self.validate()
+            if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint("checkpoint-last")
+            if self.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return {"steps": self.step, "final_loss": self.history[-1]["loss"], "best_val_loss": self.best_val,
+                "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
+                "trainable_parameters": self.num_trainable}  # fmt: skip
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        loss = validation_loss(self.acc.unwrap_model(self.model), self.val_data, self.collator, self.cfg.batch_size)
+        self.history[-1]["val_loss"] = loss
+        if loss < self.best_val:
+            self.best_val = loss
+            self.save_checkpoint("checkpoint-best")
+        self.model.train()
+        return loss
+
+    # ------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, name: str) -> None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        vlm = self.acc.unwrap_model(self.model)
+        state = {"step": self.step, "best_val": self.best_val, "history": self.history,
+                 "samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
+                 "stage": dataclasses.asdict(self.cfg)}  # fmt: skip
+        with atomic_path(self.out_dir / name) as tmp:
+            vlm.save(tmp)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    def resume(self, directory: Path) -> None:
+        """Restore model, optimizer, scheduler, RNG and step from a checkpoint written by ``save_checkpoint``."""
+        state = json.loads((directory / "trainer_state.json").read_text())
+        self.acc.unwrap_model(self.model).load_trainable(directory / "trainable.safetensors")
+        extra = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"])
+        self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
+        self.samples_seen, self.train_seconds = state["samples_seen"], state["train_seconds"]
+        self.log(f"  resumed at step {self.step}/{self.total_steps} from {directory}")
+
+
+@torch.no_grad()
+def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000) -> float:
+    vlm.eval()
+    total, count = 0.0, 0
+    samples = data.samples[:limit]
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        try:
+            out = vlm(collator(chunk))
+        except BadSample:
+            continue
+        total += out.lm_loss.item() * len(chunk)
+        count += len(chunk)
+    return total / max(count, 1)

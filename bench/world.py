@@ -1,0 +1,254 @@
+"""The embedded mini world: a small, fully deterministic CLEVR-like vision-language world that runs offline.
+
+Images (default 64x64 RGB) hold 1-4 objects: a shape (circle, square, triangle), a colour (7), a size (small, large)
+and a cell of a 3x3 grid (jittered). Small objects are the detail a lossy connector drops. For each image: a caption
+and question-answer pairs of seven types (colour, shape, size, count, position, exist, relation) with one- or two-word
+answers. Splits come from fixed seeds: train / val / test, plus a *compositional* split whose images each contain at
+least one colour-shape combination that never occurs in train, val or test.
+
+Only looking at the image answers the questions: the blind baseline (the same LLM without the image) gives the floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from connector_zoo.io import cache_dir, materialize
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+    "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "exist", "relation")
+NUMBERS = ("zero", "one", "two", "three", "four")
+# colour-shape pairs that never appear in train/val/test, only in the compositional split
+HELD_OUT = (("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("cyan", "circle"))
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    image_size: int = 64
+    train: int = 20000
+    val: int = 1000
+    test: int = 1000
+    compositional: int = 500
+    max_objects: int = 4
+    questions_per_image: int = 3
+    seed: int = 0
+    background: tuple[int, int, int] = (235, 235, 235)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def scaled(self, factor: float) -> WorldConfig:
+        """A smaller world (tests): every split scaled by ``factor``."""
+        n = lambda v: max(8, int(v * factor))  # noqa: E731
+        return dataclasses.replace(self, train=n(self.train), val=n(self.val), test=n(self.test),
+                                   compositional=n(self.compositional))  # fmt: skip
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    cell: int
+    x: float = 0.0
+    y: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.size} {self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    id: str
+    objects: list[Obj]
+    qa: list[dict[str, str]] = field(default_factory=list)
+    caption: str = ""
+
+
+# ------------------------------------------------------------------ scenes
+def sample_scene(rng: random.Random, cfg: WorldConfig, idx: str, compositional: bool) -> Scene:
+    while True:
+        n = rng.randint(1, cfg.max_objects)
+        cells = rng.sample(range(9), n)
+        objects = [Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), c) for c in cells]
+        held = [(o.colour, o.shape) in HELD_OUT for o in objects]
+        if (compositional and any(held)) or (not compositional and not any(held)):
+            break
+    cell_px = cfg.image_size / 3
+    for o in objects:
+        row, col = divmod(o.cell, 3)
+        jitter = cell_px * 0.12
+        o.x = (col + 0.5) * cell_px + rng.uniform(-jitter, jitter)
+        o.y = (row + 0.5) * cell_px + rng.uniform(-jitter, jitter)
+    scene = Scene(idx, objects)
+    scene.caption = caption(scene)
+    scene.qa = questions(scene, rng, cfg.questions_per_image)
+    return scene
+
+
+def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
+    img = Image.new("RGB", (cfg.image_size, cfg.image_size), cfg.background)
+    draw = ImageDraw.Draw(img)
+    cell_px = cfg.image_size / 3
+    for o in scene.objects:
+        r = cell_px * (0.38 if o.size == "large" else 0.16)
+        box = (o.x - r, o.y - r, o.x + r, o.y + r)
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
+    return img
+
+
+def caption(scene: Scene) -> str:
+    parts = [f"a {o.name} at the {CELLS[o.cell]}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def unique_by(objects: list[Obj], attr: str) -> list[Obj]:
+    values = [getattr(o, attr) for o in objects]
+    return [o for o in objects if values.count(getattr(o, attr)) == 1]
+
+
+def questions(scene: Scene, rng: random.Random, k: int) -> list[dict[str, str]]:
+    """k question-answer pairs of distinct types where possible; answers are one or two words."""
+    objs = scene.objects
+    makers = {
+        "colour": lambda: [(f"What colour is the {o.shape}?", o.colour) for o in unique_by(objs, "shape")],
+        "shape": lambda: [(f"What shape is the {o.colour} object?", o.shape) for o in unique_by(objs, "colour")],
+        "size": lambda: [(f"What size is the {o.colour} {o.shape}?", o.size)
+                         for o in objs if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1],
+        "count": lambda: [("How many objects are there?", NUMBERS[len(objs)])]
+        + [(f"How many {c} objects are there?", NUMBERS[sum(o.colour == c for o in objs)])
+           for c in sorted({o.colour for o in objs})],
+        "position": lambda: [(f"Where is the {o.colour} {o.shape}?", CELLS[o.cell])
+                             for o in objs if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1],
+        "exist": lambda: exist_questions(objs, rng),
+        "relation": lambda: relation_questions(objs),
+    }  # fmt: skip
+    types = list(QUESTION_TYPES)
+    rng.shuffle(types)
+    out = []
+    for qtype in types:
+        options = makers[qtype]()
+        if options:
+            q, a = rng.choice(options)
+            out.append({"type": qtype, "question": q, "answer": a})
+        if len(out) == k:
+            break
+    return out
+
+
+def exist_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str]]:
+    present = {(o.colour, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        c, s = rng.choice(sorted(present))
+        return [(f"Is there a {c} {s}?", "yes")]
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (c, s) not in HELD_OUT]
+    c, s = rng.choice(absent)
+    return [(f"Is there a {c} {s}?", "no")]
+
+
+def relation_questions(objs: list[Obj]) -> list[tuple[str, str]]:
+    named = [o for o in objs if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1]
+    out = []
+    for a in named:
+        for b in named:
+            ra, ca = divmod(a.cell, 3)
+            rb, cb = divmod(b.cell, 3)
+            if a is b:
+                continue
+            if ca != cb:
+                out.append(
+                    (f"Is the {a.colour} {a.shape} left of the {b.colour} {b.shape}?", "yes" if ca < cb else "no")
+                )
+            if ra != rb:
+                out.append((f"Is the {a.colour} {a.shape} above the {b.colour} {b.shape}?", "yes" if ra < rb else "no"))
+    return out
+
+
+# ----------------------------------------------------------------- the world
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "compositional": 4}
+
+
+def generate(cfg: WorldConfig, split: str) -> list[Scene]:
+    rng = random.Random(cfg.seed * 1000 + SPLIT_SEEDS[split])
+    n = getattr(cfg, split)
+    return [sample_scene(rng, cfg, f"{split}-{i:06d}", split == "compositional") for i in range(n)]
+
+
+def world_dir(cfg: WorldConfig) -> Path:
+    return cache_dir() / "world" / f"world-{cfg.key()}"
+
+
+def build_world(cfg: WorldConfig, progress: bool = True) -> Path:
+    """Write images (uint8 .npy per split) and records (JSON) once; reused afterwards."""
+
+    def build(tmp: Path) -> None:
+        from tqdm import tqdm
+
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        for split in SPLIT_SEEDS:
+            scenes = generate(cfg, split)
+            images = np.stack(
+                [
+                    np.asarray(render(s, cfg))
+                    for s in tqdm(scenes, desc=f"world {split}", disable=not progress, leave=False)
+                ]
+            )
+            np.save(tmp / f"{split}_images.npy", images)
+            records = [{"id": s.id, "caption": s.caption, "qa": s.qa,
+                        "objects": [dataclasses.asdict(o) for o in s.objects]} for s in scenes]  # fmt: skip
+            (tmp / f"{split}.json").write_text(json.dumps(records))
+
+    return materialize(world_dir(cfg), build)
+
+
+class World:
+    """A built world on disk: images memory-mapped, records in memory."""
+
+    def __init__(self, cfg: WorldConfig | None = None, progress: bool = True):
+        self.cfg = cfg or WorldConfig()
+        self.dir = build_world(self.cfg, progress)
+        self._images: dict[str, np.ndarray] = {}
+        self._records: dict[str, list[dict[str, Any]]] = {}
+
+    def images(self, split: str) -> np.ndarray:
+        if split not in self._images:
+            self._images[split] = np.load(self.dir / f"{split}_images.npy", mmap_mode="r")
+        return self._images[split]
+
+    def records(self, split: str) -> list[dict[str, Any]]:
+        if split not in self._records:
+            self._records[split] = json.loads((self.dir / f"{split}.json").read_text())
+        return self._records[split]
+
+    def image(self, split: str, index: int) -> Image.Image:
+        return Image.fromarray(np.asarray(self.images(split)[index]))
+
+    def text_corpus(self) -> list[str]:
+        """Captions, questions and answers of the training split (LLM pretraining and tokenizers)."""
+        out = []
+        for r in self.records("train"):
+            out.append(r["caption"])
+            out.extend(f"{qa['question']} {qa['answer']}" for qa in r["qa"])
+        return out
