@@ -147,8 +147,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = RunConfig(encoder=specs["encoder"], connector=specs["connector"], llm=specs["llm"], data=data,
                     recipe=args.recipe, seed=args.seed, eval_limit=args.eval_limit, strict=args.strict,
                     precision=args.precision, max_length=args.max_length)  # fmt: skip
-    if args.steps:
-        cfg.stages = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                    ("grad_accum", args.grad_accum), ("lr", args.lr),
+                                    ("save_every", args.save_every)) if v is not None}  # fmt: skip
+    if overrides:
+        recipes = RECIPES_FOR_CLI()
+        if args.recipe not in recipes:
+            raise ValueError(f"unknown recipe {args.recipe!r}; available: {', '.join(recipes)}")
+        cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
+    if args.pretrain_steps is not None:
+        data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
     out = Path(args.out) if args.out else Path("runs") / name
     run(cfg, out)
@@ -252,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(llm="tinyllama")
     p.add_argument("--recipe", default="mini", help="named training recipe (mini, llava-1.5-pretrain, budget, ...)")
     p.add_argument("--steps", type=int, help="override the optimizer steps of every stage")
+    p.add_argument("--batch-size", type=int, help="override the per-process batch size of every stage")
+    p.add_argument("--grad-accum", type=int, help="override the gradient accumulation of every stage")
+    p.add_argument("--lr", type=float, help="override the learning rate of every stage")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints")
+    p.add_argument("--pretrain-steps", type=int, help="mini world: steps of the backbones' pretraining (tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
     p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")

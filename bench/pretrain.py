@@ -91,8 +91,9 @@ def pretrain_encoder(
         params = [*enc.parameters(), *text.parameters(), *img_proj.parameters(), scale, bias]
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+        batch = min(batch_size, len(records))
         for _ in tqdm(range(steps), desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})"):
-            idx = rng.sample(range(len(records)), batch_size)
+            idx = rng.sample(range(len(records)), batch)
             from PIL import Image
 
             px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
@@ -135,10 +136,10 @@ def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: in
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
         pad = backend.pad_token_id
         for _ in tqdm(range(steps), desc=f"pretrain {name} (language model on the world's text)"):
-            batch = [seqs[i] for i in rng.sample(range(len(seqs)), batch_size)]
+            batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
             longest = max(map(len, batch))
-            ids = torch.full((batch_size, longest), pad)
-            mask = torch.zeros(batch_size, longest, dtype=torch.long)
+            ids = torch.full((len(batch), longest), pad)
+            mask = torch.zeros(len(batch), longest, dtype=torch.long)
             for b, s in enumerate(batch):
                 ids[b, : len(s)] = torch.tensor(s)
                 mask[b, : len(s)] = 1

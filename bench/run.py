@@ -102,10 +102,11 @@ def build_model(cfg: RunConfig, world, log) -> VLM:
     if world is not None:
         from bench.pretrain import pretrain_encoder, pretrain_llm
 
+        pre = cfg.data.get("pretrain", {})  # e.g. {"encoder_steps": 5, "llm_steps": 5} for micro worlds in tests
         if not enc_spec.get("checkpoint"):
-            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world))
+            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **_steps(pre, "encoder_steps")))
         if not llm_spec.get("checkpoint"):
-            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world))
+            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **_steps(pre, "llm_steps")))
         small = getattr(CONNECTORS.get(conn_spec["name"]), "small_settings", {})
         conn_spec = {**small, **conn_spec}
     torch.manual_seed(cfg.seed)
@@ -113,6 +114,19 @@ def build_model(cfg: RunConfig, world, log) -> VLM:
     log(f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "
         f"(connector {vlm.connector.num_parameters():,} parameters)")  # fmt: skip
     return vlm
+
+
+def stage_samples(data: Dataset, which: str) -> Dataset:
+    if which == "all":
+        return data
+    if which not in ("captions", "questions"):
+        raise ValueError(f"stage data must be all, captions or questions, not {which!r}")
+    keep = [s for s in data.samples if (s.meta.get("type") == "caption") == (which == "captions")]
+    return Dataset(data.name, keep, data.images, data.skipped)
+
+
+def _steps(pretrain: dict[str, Any], key: str) -> dict[str, int]:
+    return {"steps": pretrain[key]} if key in pretrain else {}
 
 
 def precision(name: str) -> str:
@@ -168,18 +182,18 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     )
     if accelerator.is_main_process:
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
-    train, val, eval_sets, world = load_data(cfg, log)
-    vlm = build_model(cfg, world, log)
-    needs_attention = vlm.connector.needs_cls_attention
-    features = {}
-    for ds in (train, val, *eval_sets.values()):
-        if ds is None:
-            continue
-        key = ds.images.key
-        if key not in features:
-            features[key] = FeatureCache(vlm.encoder, ds.images, needs_attention)
-            features[key].ensure([s.image for s in ds.samples if s.image is not None])
-        ds.drop_bad_images(features[key].bad, cfg.strict)
+    with accelerator.main_process_first():  # the main process builds caches; the others then read them
+        train, val, eval_sets, world = load_data(cfg, log)
+        vlm = build_model(cfg, world, log)
+        features = {}
+        for ds in (train, val, *eval_sets.values()):
+            if ds is None:
+                continue
+            key = ds.images.key
+            if key not in features:
+                features[key] = FeatureCache(vlm.encoder, ds.images, vlm.connector.needs_cls_attention)
+                features[key].ensure([s.image for s in ds.samples if s.image is not None])
+            ds.drop_bad_images(features[key].bad, cfg.strict)
     visual_budget = vlm.connector.max_tokens(vlm.encoder.info)
     collators = {k: Collator(vlm.llm, f, visual_budget, vlm.max_length) for k, f in features.items()}
     for ds in (train, val, *eval_sets.values()):
@@ -189,8 +203,9 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     for index, stage in enumerate(stages, start=1):
         accelerator.gradient_accumulation_steps = stage.grad_accum
         stage_dir = out_dir / f"stage{index}"
-        trainer = Trainer(vlm, train, collators[train.images.key], stage, stage_dir, cfg.seed + index, val=val,
-                          accelerator=accelerator, strict=cfg.strict, log=log)  # fmt: skip
+        trainer = Trainer(vlm, stage_samples(train, stage.data), collators[train.images.key], stage, stage_dir,
+                          cfg.seed + index, val=stage_samples(val, stage.data) if val else None,
+                          accelerator=accelerator, strict=cfg.strict, log=log)
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
             trainer.resume(last)

@@ -48,6 +48,8 @@ class StageConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # steps between validation-loss checks (0: at the end only)
     save_every: int = 100
+    #: which samples this stage trains on: "all", or only "captions" / "questions" (mini world sample types)
+    data: str = "all"
 
 
 def set_trainable(vlm: VLM, stage: int) -> list[torch.nn.Parameter]:

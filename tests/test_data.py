@@ -1,0 +1,134 @@
+"""The published data formats load from fixtures in exactly their layouts; bad samples are skipped and reported."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.data import BadSample, Collator, hf_messages, llava_json
+from bench.features import FeatureCache
+
+
+def write_llava_fixture(root):
+    """LLaVA-style JSON + image folder, with every kind of bad record next to good ones."""
+    (root / "images" / "00000").mkdir(parents=True)
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (40, 30), colour).save(root / "images" / "00000" / f"00000000{i}.jpg")
+    (root / "images" / "00000" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    records = [
+        {"id": "GCC_0", "image": "00000/000000000.jpg", "conversations": [
+            {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+            {"from": "gpt", "value": "a red wall"}]},
+        {"id": "GCC_1", "image": "00000/000000001.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Blue"},
+            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "text_only", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
+        {"id": "missing_image", "image": "00000/nope.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]},
+        {"id": "corrupt_image", "image": "00000/corrupt.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]},
+        {"id": "no_placeholder", "image": "00000/000000002.jpg", "conversations": [
+            {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "green"}]},
+        {"id": "malformed", "image": "00000/000000002.jpg", "conversation": []},
+        {"id": "bad_turn", "conversations": [{"from": "robot", "value": "beep"}]},
+    ]  # fmt: skip
+    (root / "chat.json").write_text(json.dumps(records))
+    return root / "chat.json", root / "images"
+
+
+def test_llava_json_loads_and_reports_bad_records(tmp_path, encoders):
+    path, folder = write_llava_fixture(tmp_path)
+    ds = llava_json(path, folder)
+    assert [s.id for s in ds.samples] == ["GCC_0", "GCC_1", "text_only", "missing_image", "corrupt_image"]
+    assert ds.samples[1].messages[2] == {"role": "user", "content": "Are you sure?"}
+    assert ds.samples[2].image is None
+    reasons = {s["id"]: s["reason"] for s in ds.skipped}
+    assert "no <image>" in reasons["no_placeholder"] and "malformed" in reasons["malformed"]
+    assert "robot" in reasons["bad_turn"]
+    # unreadable images are found when encoding, then skipped with their reason
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, progress=False)
+    cache.ensure([s.image for s in ds.samples if s.image is not None])
+    ds.drop_bad_images(cache.bad, strict=False)
+    assert [s.id for s in ds.samples] == ["GCC_0", "GCC_1", "text_only"]
+    reasons = {s["id"]: s["reason"] for s in ds.skipped}
+    assert "cannot be read" in reasons["missing_image"] and "corrupt.jpg" in reasons["corrupt_image"]
+
+
+def test_strict_stops_at_the_first_bad_record(tmp_path):
+    path, folder = write_llava_fixture(tmp_path)
+    with pytest.raises(BadSample, match="missing|no <image>|malformed|robot"):
+        llava_json(path, folder, strict=True)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="not a readable LLaVA JSON"):
+        llava_json(tmp_path / "broken.json", folder)
+
+
+def write_hf_fixture(root):
+    """The HuggingFaceH4/llava-instruct-mix-vsft form: messages with content lists, and a list of images."""
+    image_feature = datasets.Sequence(datasets.Image())
+    rows = {
+        "messages": [
+            [{"role": "user", "content": [{"type": "image", "text": None, "index": 0},
+                                          {"type": "text", "text": "What colour is this?", "index": None}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Purple.", "index": None}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "No image here.", "index": None}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Fine.", "index": None}]}],
+            [{"role": "user", "content": [{"type": "image", "text": None, "index": 0},
+                                          {"type": "text", "text": "Two images?", "index": None}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "No.", "index": None}]}],
+        ],
+        "images": [[Image.new("RGB", (20, 20), "purple")], [], [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]],
+    }  # fmt: skip
+    data = datasets.Dataset.from_dict(rows).cast_column("images", image_feature)
+    data.save_to_disk(str(root / "vsft"))
+    return root / "vsft"
+
+
+def test_hf_messages_images_form(tmp_path, llms, encoders):
+    ds = hf_messages(write_hf_fixture(tmp_path))
+    assert len(ds.samples) == 2 and ds.skipped[0]["reason"].startswith("1 image placeholders for 2 images")
+    first = ds.samples[0]
+    assert first.messages == [{"role": "user", "content": "<image>\nWhat colour is this?"},
+                              {"role": "assistant", "content": "Purple."}]  # fmt: skip
+    assert np.asarray(ds.images.load(first.image))[0, 0].tolist() == [128, 0, 128]
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, progress=False)
+    collator = Collator(llms["qwen3"], cache, visual_budget=64, max_length=None)
+    batch = collator(ds.samples)
+    assert batch.has_image == [True, False] and batch.features.patches.shape[0] == 1
+
+
+def test_feature_cache_is_bit_identical_and_encodes_each_image_once(tmp_path, encoders):
+    path, folder = write_llava_fixture(tmp_path)
+    ds = llava_json(path, folder)
+    enc = encoders["clip"]
+    cache = FeatureCache(enc, ds.images, with_attention=True, root=tmp_path / "feat", progress=False)
+    first = cache.get([0, 1, 0])
+    assert cache.forwards == 2  # two distinct images
+    again = FeatureCache(enc, ds.images, with_attention=True, root=tmp_path / "feat", progress=False)
+    second = again.get([1, 0])
+    assert again.forwards == 0  # a new run, another process: nothing re-encoded
+    assert torch.equal(second.patches[1], first.patches[0]) and torch.equal(second.cls[0], first.cls[1])
+    assert torch.equal(second.cls_attention[0], first.cls_attention[1])
+    direct = enc.encode_images([ds.images.load(0)], with_cls_attention=True)
+    torch.testing.assert_close(first.patches[:1], direct.patches, rtol=0, atol=1e-6)
+    # keyed by what determines the features: another layer does not reuse these
+    other = FeatureCache(type(enc)(enc.source, layer=-1), ds.images, with_attention=True, root=tmp_path / "feat")
+    assert other.dir != cache.dir
+
+
+def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
+    path, folder = write_llava_fixture(tmp_path)
+    ds = llava_json(path, folder)
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, progress=False)
+    text_only = len(llms["vicuna"].encode_conversation(ds.samples[2].messages))
+    # room for the text-only sample, not for an image's 64 visual tokens on top of a similar text
+    collator = Collator(llms["vicuna"], cache, visual_budget=64, max_length=text_only + 20)
+    collator.check(ds, strict=False)
+    assert {s["id"] for s in ds.skipped if "context budget" in s["reason"]} == {"GCC_0", "GCC_1", "missing_image",
+                                                                              "corrupt_image"}  # fmt: skip
+    assert [s.id for s in ds.samples] == ["text_only"]

@@ -1,0 +1,109 @@
+"""The harness on a micro world (seconds): a full run, its record, resume after a kill, and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["run", "--world-scale", "0.01", "--pretrain-steps", "3", "--connector", "mlp2x_gelu", "--steps", "6",
+         "--batch-size", "4", "--eval-limit", "8", "--llm", "tinyllama"]  # fmt: skip
+
+
+def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + ["-m", "bench.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    proc = bench([*MICRO, "--out", str(out), "--save-every", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_a_run_writes_its_record(micro_run):
+    out, proc = micro_run
+    results = json.loads((out / "results.json").read_text())
+    assert {"test", "compositional"} <= set(results["metrics"])
+    test = results["metrics"]["test"]
+    assert 0 <= test["accuracy"]["exact_match"] <= 1 and 0 <= test["blind"]["exact_match"] <= 1
+    assert set(test["accuracy"]["per_type"]) <= {"colour", "shape", "size", "count", "position", "exist", "relation"}
+    assert test["caption_loss"] > 0 and len(test["examples"]) > 0
+    assert results["visual_tokens_per_image"] == {"mean": 64.0, "min": 64, "max": 64}
+    assert results["parameters"]["trainable"] > results["parameters"]["connector"]  # stage 2 trains the LLM too
+    assert results["encoder_forwards"] > 0 and results["skipped_samples"] == []
+    assert results["git_commit"] and results["versions"]["torch"]
+    assert [len(h) for h in results["loss_history"]] == [6, 6]
+    for name in (
+        "config.json",
+        "vlm_config.json",
+        "trainable.safetensors",
+        "summary.txt",
+        "stage1/checkpoint-last/trainable.safetensors",
+        "stage2/checkpoint-best/optimizer.pt",
+    ):
+        assert (out / name).exists(), name
+    assert "accuracy" in proc.stdout and "blind" in proc.stdout
+
+
+def test_eval_and_generate_work_on_the_run_directory(micro_run, tmp_path):
+    out, _ = micro_run
+    proc = bench(["eval", str(out), "--eval-limit", "8"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test: accuracy" in proc.stdout and "compositional: caption_loss" in proc.stdout
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    proc = bench(["generate", str(out), "--image", str(tmp_path / "red.png"), "--prompt", "What colour is the circle?",
+                  "--max-new-tokens", "3"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = bench(["generate", str(out), "--image", str(tmp_path / "none.png"), "--prompt", "x"])
+    assert proc.returncode == 2 and "cannot read image" in proc.stderr
+
+
+def test_a_killed_run_resumes_to_the_same_numbers(micro_run, tmp_path):
+    out, _ = micro_run
+    killed = tmp_path / "killed"
+    proc = bench([*MICRO, "--out", str(killed), "--save-every", "2"], env={"CONNECTOR_ZOO_KILL_AT_STEP": "5"})
+    assert proc.returncode != 0  # SIGKILL at step 5 of stage 1
+    assert not (killed / "results.json").exists()
+    state = json.loads((killed / "stage1" / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 4  # the last complete checkpoint; nothing half-written under a real name
+    assert not [p for p in (killed / "stage1").iterdir() if not p.name.startswith("checkpoint-")]
+    proc = bench(["run", "--resume", str(killed)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed at step 4/6" in proc.stdout
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert b["loss_history"] == a["loss_history"]
+    assert b["metrics"]["test"]["accuracy"] == a["metrics"]["test"]["accuracy"]
+    wa, wb = load_file(str(out / "trainable.safetensors")), load_file(str(killed / "trainable.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_two_processes_match_one_with_twice_the_accumulation(micro_run, tmp_path):
+    common = [*MICRO, "--steps", "4", "--eval-limit", "2"]
+    one = bench([*common, "--out", str(tmp_path / "one"), "--batch-size", "2", "--grad-accum", "2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    two = bench([*common, "--out", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"],
+                launcher=launcher)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["loss_history"]
+    b = json.loads((tmp_path / "two" / "results.json").read_text())["loss_history"]
+    for stage_a, stage_b in zip(a, b):
+        for x, y in zip(stage_a, stage_b):
+            assert abs(x["loss"] - y["loss"]) <= 1e-4 * max(1.0, abs(x["loss"])), (x, y)
+    wa = load_file(str(tmp_path / "one" / "trainable.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "trainable.safetensors"))
+    assert all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
