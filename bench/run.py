@@ -172,14 +172,15 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
 
     started = time.time()
     out_dir = Path(out_dir)
+    existing = (out_dir / "config.json").exists()
     if resume:
         cfg = RunConfig(**read_json(out_dir / "config.json"))
-    elif (out_dir / "config.json").exists():
+    elif existing:
         raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
     stages = cfg.resolved_stages()
-    accelerator = Accelerator(
-        mixed_precision=precision(cfg.precision), gradient_accumulation_steps=stages[0].grad_accum
-    )
+    # on a machine without GPUs, processes started by torchrun / accelerate talk over gloo (DistributedType.MULTI_CPU)
+    accelerator = Accelerator(mixed_precision=precision(cfg.precision), cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=stages[0].grad_accum)  # fmt: skip
     if accelerator.is_main_process:
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     with accelerator.main_process_first():  # the main process builds caches; the others then read them
@@ -203,9 +204,18 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     for index, stage in enumerate(stages, start=1):
         accelerator.gradient_accumulation_steps = stage.grad_accum
         stage_dir = out_dir / f"stage{index}"
-        trainer = Trainer(vlm, stage_samples(train, stage.data), collators[train.images.key], stage, stage_dir,
-                          cfg.seed + index, val=stage_samples(val, stage.data) if val else None,
-                          accelerator=accelerator, strict=cfg.strict, log=log)
+        trainer = Trainer(
+            vlm,
+            stage_samples(train, stage.data),
+            collators[train.images.key],
+            stage,
+            stage_dir,
+            cfg.seed + index,
+            val=stage_samples(val, stage.data) if val else None,
+            accelerator=accelerator,
+            strict=cfg.strict,
+            log=log,
+        )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
             trainer.resume(last)

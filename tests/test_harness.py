@@ -94,8 +94,8 @@ def test_two_processes_match_one_with_twice_the_accumulation(micro_run, tmp_path
     common = [*MICRO, "--steps", "4", "--eval-limit", "2"]
     one = bench([*common, "--out", str(tmp_path / "one"), "--batch-size", "2", "--grad-accum", "2"])
     assert one.returncode == 0, one.stderr[-3000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    # two CPU processes over gloo: torchrun sets the ranks, accelerate's Accelerator(cpu=True) joins them
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     two = bench([*common, "--out", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"],
                 launcher=launcher)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
