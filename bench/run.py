@@ -30,8 +30,8 @@ from connectors import CONNECTORS
 RECIPES: dict[str, list[dict[str, Any]]] = {
     # the mini world on 2 CPU cores: a short stage 1 (connector only) then a short stage 2 (connector + LLM); see
     # README: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
-    "mini": [dict(stage=1, steps=400, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
-             dict(stage=2, steps=600, batch_size=32, lr=1e-3, warmup_ratio=0.05, save_every=100)],
+    "mini": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
+             dict(stage=2, steps=1200, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # LLaVA-1.5 (MISSION.md): stage 1 lr 2e-3, global batch 128, 1 epoch; stage 2 lr 2e-5, global batch 32 (LLaVA v1
     # notes), 3 epochs; cosine, 3 % warm-up, bf16 on GPUs
@@ -61,7 +61,7 @@ class RunConfig:
     seed: int = 0
     precision: str = "auto"
     max_length: int | None = None
-    eval_limit: int | None = None
+    eval_limit: int | None = 1000  # questions per evaluation split (None: all)
     strict: bool = False
 
     def resolved_stages(self) -> list[StageConfig]:
