@@ -144,9 +144,19 @@ def cmd_run(args: argparse.Namespace) -> None:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
         data.update(path=args.data_path, image_folder=args.image_folder)
-    cfg = RunConfig(encoder=specs["encoder"], connector=specs["connector"], llm=specs["llm"], data=data,
-                    recipe=args.recipe, seed=args.seed, eval_limit=args.eval_limit, strict=args.strict,
-                    precision=args.precision, max_length=args.max_length)  # fmt: skip
+    cfg = RunConfig(
+        encoder=specs["encoder"],
+        connector=specs["connector"],
+        llm=specs["llm"],
+        data=data,
+        recipe=args.recipe,
+        seed=args.seed,
+        strict=args.strict,
+        precision=args.precision,
+        max_length=args.max_length,
+    )
+    if args.eval_limit is not None:
+        cfg.eval_limit = args.eval_limit  # fmt: skip
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                     ("grad_accum", args.grad_accum), ("lr", args.lr),
                                     ("save_every", args.save_every)) if v is not None}  # fmt: skip
@@ -167,6 +177,98 @@ def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
     from bench.run import RECIPES
 
     return RECIPES
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from bench.report import write_reports
+    from bench.sweep import split_list, sweep
+
+    base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": args.eval_limit}
+    if args.world_scale != 1.0 or args.pretrain_steps is not None:
+        from bench.world import WorldConfig
+
+        data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(WorldConfig().scaled(args.world_scale))}
+        if args.pretrain_steps is not None:
+            data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
+        base["data"] = data
+    if args.steps:
+        base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
+    out = Path(args.out)
+    cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm),
+                  [int(s) for s in args.seeds.split(",")], base)  # fmt: skip
+    written = write_reports(cells, out)
+    print(written["markdown"].read_text())
+    for path in [*written.values(), *plot_if_possible(cells, out)]:
+        print(f"wrote {path}")
+
+
+def plot_if_possible(cells, out: Path) -> list[Path]:
+    from bench.plots import pareto_plots
+
+    return pareto_plots(cells, out)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from bench.report import write_reports
+
+    written = write_reports(args.runs, Path(args.out))
+    print(written["markdown"].read_text())
+    for path in [*written.values(), *plot_if_possible(args.runs, Path(args.out))]:
+        print(f"wrote {path}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    from bench.profile import profile
+    from bench.vlm import VLM
+
+    if args.run:
+        vlm = VLM.load(args.run)
+    else:
+        s = specs_from_args(args)
+        torch.manual_seed(0)
+        vlm = VLM.build(s["encoder"], s["connector"], s["llm"])
+    result = profile(vlm, demo_images(vlm.encoder.info.image_size, args.images), repeats=args.repeats)
+    tok, fl = result["visual_tokens_per_image"], result["flops"]
+    print(f"{vlm.connector.spec['name']}: visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
+    print(f"  parameters: connector {result['parameters']['connector']:,}, total {result['parameters']['total']:,}")
+    print(f"  FLOPs: connector {fl['connector']:,}, LLM prefill {fl['llm_prefill']:,} ({result['prefill_tokens']} "
+          f"tokens)")  # fmt: skip
+    print(
+        f"  prefill latency (time to first token) {result['prefill_latency_ms']:.2f} ms; decode "
+        f"{result['decode_tokens_per_second']:.1f} tokens/s; peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
+    if args.json:
+        print(json.dumps(result, indent=1))
+
+
+def cmd_prune_curve(args: argparse.Namespace) -> None:
+    from bench.prune_curve import pruning_curve
+
+    rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], args.eval_limit)
+    print(f"{'keep':>6} {'tokens':>7} {'accuracy':>9} {'retained':>9} {'prefill ms':>11} {'speed-up':>9}")
+    for r in rows:
+        retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"
+        print(f"{r['keep_ratio']:>6.0%} {r['tokens']:>7.1f} {r['accuracy']:>9.3f} {retained:>9} "
+              f"{r['prefill_ms']:>11.2f} {r['speedup']:>8.2f}x")  # fmt: skip
+
+
+def cmd_peer(args: argparse.Namespace) -> None:
+    from bench.peer import peer_benchmark
+
+    pre = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps} if args.pretrain_steps else None
+    r = peer_benchmark(steps=args.steps, batch_size=args.batch_size, world_scale=args.world_scale, pretrain=pre)
+    print(f"stage 1, tiny CLIP + mlp2x_gelu + tiny Llama, {r['steps']} steps x batch {r['batch_size']}:")
+    print(
+        f"  connector-zoo (feature cache)      {r['ours_samples_per_second']:8.1f} samples/s  final loss "
+        f"{r['ours_final_loss']:.4f}  (cache built once in {r['ours_feature_cache_seconds']:.1f} s)"
+    )
+    print(
+        f"  transformers Trainer + Llava       {r['peer_samples_per_second']:8.1f} samples/s  final loss "
+        f"{r['peer_final_loss']:.4f}"
+    )
+    print(f"  ratio: {r['speedup']:.2f}x")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -277,6 +379,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a grid of configurations and tabulate them")
+    p.add_argument("--encoder", default="clip", help="comma-separated encoders")
+    p.add_argument(
+        "--connector",
+        default="linear,mlp2x_gelu,qformer,cls_prune,focus_moe",
+        help="comma-separated connectors, settings in brackets: cls_prune[keep_ratio=0.25]",
+    )
+    p.add_argument("--llm", default="tinyllama", help="comma-separated LLM backends")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--recipe", default="mini")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--world-scale", type=float, default=1.0)
+    p.add_argument("--pretrain-steps", type=int)
+    p.add_argument("--eval-limit", type=int, default=1000)
+    p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding them")
+    p.add_argument("--out", default="report", help="where to write table.md/.csv/.tex and the plots")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("profile", help="efficiency figures of a combination (no training)")
+    add_component_args(p)
+    p.add_argument("--run", help="profile a trained run directory instead")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="also print the full result as JSON")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("prune-curve", help="training-free cls_prune of a trained linear/MLP run at several ratios")
+    p.add_argument("run_dir")
+    p.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1,0.05")
+    p.add_argument("--eval-limit", type=int, default=1000)
+    p.set_defaults(func=cmd_prune_curve)
+
+    p = sub.add_parser("peer", help="this harness vs transformers Trainer + LlavaForConditionalGeneration (stage 1)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--world-scale", type=float, default=1.0)
+    p.add_argument("--pretrain-steps", type=int)
+    p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")

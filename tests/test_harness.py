@@ -40,7 +40,7 @@ def test_a_run_writes_its_record(micro_run):
     assert test["caption_loss"] > 0 and len(test["examples"]) > 0
     assert results["visual_tokens_per_image"] == {"mean": 64.0, "min": 64, "max": 64}
     assert results["parameters"]["trainable"] > results["parameters"]["connector"]  # stage 2 trains the LLM too
-    assert results["encoder_forwards"] > 0 and results["skipped_samples"] == []
+    assert 0 <= results["encoder_forwards"] <= 200 + 10 + 10 + 8 and results["skipped_samples"] == []
     assert results["git_commit"] and results["versions"]["torch"]
     assert [len(h) for h in results["loss_history"]] == [6, 6]
     for name in (
@@ -85,6 +85,7 @@ def test_a_killed_run_resumes_to_the_same_numbers(micro_run, tmp_path):
     a = json.loads((out / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert b["loss_history"] == a["loss_history"]
+    assert b["encoder_forwards"] == 0  # every image's features came from the cache
     assert b["metrics"]["test"]["accuracy"] == a["metrics"]["test"]["accuracy"]
     wa, wb = load_file(str(out / "trainable.safetensors")), load_file(str(killed / "trainable.safetensors"))
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
@@ -107,3 +108,13 @@ def test_two_processes_match_one_with_twice_the_accumulation(micro_run, tmp_path
     wa = load_file(str(tmp_path / "one" / "trainable.safetensors"))
     wb = load_file(str(tmp_path / "two" / "trainable.safetensors"))
     assert all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
+
+
+def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
+    from bench.prune_curve import pruning_curve
+
+    out, _ = micro_run
+    rows = pruning_curve(out, [1.0, 0.5, 0.25], eval_limit=8)
+    # keeping every token gives exactly the unpruned model's answers, not merely the same score
+    assert rows[0]["answers"] == rows[0]["unpruned_answers"] and rows[0]["accuracy"] == rows[0]["unpruned_accuracy"]
+    assert [r["tokens"] for r in rows] == [64.0, 32.0, 16.0]

@@ -1,0 +1,83 @@
+"""``bench profile``: efficiency figures of any combination, measured without training.
+
+- visual tokens per image (mean, min, max) over a few images of different content;
+- trainable (connector) and total parameters;
+- FLOPs of the connector and of the LLM prefill, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix
+  multiplies and attention; elementwise work is not counted);
+- prefill latency (= time to first token) and decode tokens per second at batch 1, median of repeats;
+- peak memory: CUDA's allocator peak on GPUs, the process's peak resident set size elsewhere.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.vlm import VLM, VLMInputs
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode_tokens: int = 16,
+            repeats: int = 5) -> dict[str, Any]:  # fmt: skip
+    vlm.eval()
+    device = vlm.device
+    pixel_values = vlm.encoder.preprocess(images).to(device)
+    features = vlm.encode(pixel_values)
+    counts = vlm.connector(features).num_tokens.tolist()
+    one = features.select(slice(0, 1))
+    ids = vlm.prompt_ids([True], [prompt])
+    inputs = VLMInputs(ids, features=one, has_image=[True])
+    embeds, mask, _, pos = vlm.splice(inputs, vlm.connector(one))
+
+    def prefill():
+        return vlm.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+
+    def decode():
+        vlm.llm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=decode_tokens,
+            min_new_tokens=decode_tokens,
+            do_sample=False,
+            pad_token_id=vlm.llm.pad_token_id,
+        )
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    prefill()  # warm-up
+    prefill_s = timed(prefill, repeats)
+    total_s = timed(decode, max(1, repeats // 2))
+    decode_s = max(total_s - prefill_s, 1e-9)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    return {
+        "visual_tokens_per_image": {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts),
+                                    "per_image": counts},
+        "parameters": {"connector": vlm.connector.num_parameters(),
+                       "total": sum(p.numel() for p in vlm.parameters())},
+        "flops": {"connector": count_flops(lambda: vlm.connector(one)), "llm_prefill": count_flops(prefill)},
+        "prefill_tokens": int(mask.sum()),
+        "prefill_latency_ms": 1000 * prefill_s,
+        "decode_tokens_per_second": (decode_tokens - 1) / decode_s,
+        "peak_memory_bytes": int(peak),
+    }  # fmt: skip

@@ -1,0 +1,159 @@
+"""``bench report RUN_DIRS...``: ablation tables (Markdown, CSV, LaTeX) from stored ``results.json`` files.
+
+One row per configuration (encoder x connector with its settings x LLM x recipe), mean ± std over seeds, the blind
+baseline as its own row, per-question-type accuracy, visual tokens, parameters and training throughput; the best value
+of each column is marked. Rows are sorted by name and numbers formatted deterministically, so rebuilding from the same
+runs gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "exist", "relation")
+# column -> (header, higher is better)
+COLUMNS: dict[str, tuple[str, bool]] = {
+    "test": ("test acc", True),
+    "compositional": ("comp. acc", True),
+    **{t: (t, True) for t in QUESTION_TYPES},
+    "tokens": ("tokens/img", False),
+    "trainable": ("trainable params", False),
+    "samples_per_s": ("train samples/s", True),
+}
+
+
+def config_name(cfg: dict[str, Any]) -> str:
+    conn = dict(cfg["connector"])
+    name = conn.pop("name")
+    settings = ",".join(f"{k}={v}" for k, v in sorted(conn.items()))
+    conn_label = f"{name}[{settings}]" if settings else name
+    return f"{cfg['encoder']['name']} + {conn_label} + {cfg['llm']['name']} ({cfg['recipe']})"
+
+
+def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
+    runs = []
+    for p in paths:
+        path = Path(p)
+        files = [path] if path.name == "results.json" else sorted(path.rglob("results.json"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no results.json (is it a finished run directory?)")
+        for f in files:
+            runs.append(json.loads(f.read_text()))
+    return runs
+
+
+def run_values(r: dict[str, Any], blind: bool = False) -> dict[str, float]:
+    key = "blind" if blind else "accuracy"
+    m = r["metrics"]
+    out: dict[str, float] = {}
+    for split in ("test", "compositional"):
+        if split in m and key in m[split]:
+            out[split] = m[split][key]["exact_match"]
+    if "test" in m and key in m["test"]:
+        for t, v in m["test"][key]["per_type"].items():
+            out[t] = v
+    if not blind:
+        if r.get("visual_tokens_per_image"):
+            out["tokens"] = r["visual_tokens_per_image"]["mean"]
+        out["trainable"] = r["parameters"]["trainable"]
+        out["samples_per_s"] = r["train_samples_per_second"]
+    return out
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows: {"name", "seeds", col: (mean, std)}; blind baselines as rows of their own (one per LLM)."""
+    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+    seeds: dict[str, list[int]] = defaultdict(list)
+    for r in runs:
+        cfg = r["config"]
+        name = config_name(cfg)
+        groups[name].append(run_values(r))
+        seeds[name].append(cfg["seed"])
+        blind = f"blind baseline: {cfg['llm']['name']} without the image"
+        groups[blind].append(run_values(r, blind=True))
+        seeds[blind].append(cfg["seed"])
+    rows = []
+    for name in sorted(groups):
+        row: dict[str, Any] = {"name": name, "seeds": sorted(set(seeds[name]))}
+        for col in COLUMNS:
+            values = [v[col] for v in groups[name] if col in v]
+            if values:
+                row[col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def best(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for col, (_, higher) in COLUMNS.items():
+        values = [r[col][0] for r in rows if col in r and not r["name"].startswith("blind")]
+        if values:
+            out[col] = max(values) if higher else min(values)
+    return out
+
+
+def fmt(col: str, mean: float, std: float, with_std: bool) -> str:
+    if col == "trainable":
+        text = f"{mean:,.0f}"
+    elif col in ("tokens", "samples_per_s"):
+        text = f"{mean:.1f}"
+    else:
+        text = f"{100 * mean:.1f}"
+        std *= 100
+    return f"{text} ± {std:.1f}" if with_std and col not in ("trainable",) else text
+
+
+def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    with_std = any(len(r["seeds"]) > 1 for r in rows)
+    top = best(rows)
+    header = ["configuration", "seeds", *[COLUMNS[c][0] for c in cols]]
+    body = []
+    for r in rows:
+        cells = [r["name"], str(len(r["seeds"]))]
+        for c in cols:
+            if c not in r:
+                cells.append("")
+                continue
+            text = fmt(c, *r[c], with_std)
+            marked = not r["name"].startswith("blind") and abs(r[c][0] - top.get(c, float("nan"))) < 1e-12
+            cells.append((f"**{text}**" if style == "markdown" else f"\\textbf{{{text}}}") if marked else text)
+        body.append(cells)
+    if style == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        for r in rows:
+            writer.writerow([r["name"], len(r["seeds"])] + [
+                "" if c not in r else f"{r[c][0]:.6g}" for c in cols])  # fmt: skip
+        return buf.getvalue()
+    if style == "latex":
+        esc = lambda t: t.replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")  # noqa: E731
+        lines = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
+                 " & ".join(esc(h) for h in header) + " \\\\", "\\midrule"]  # fmt: skip
+        lines += [" & ".join(esc(c) for c in cells) + " \\\\" for cells in body]
+        return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    note = "accuracy in % (exact match), mean ± std over seeds; best per column in bold; blind = the LLM without image"
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def write_reports(run_paths: list[str | Path], out_dir: Path) -> dict[str, Path]:
+    from connector_zoo.io import atomic_path
+
+    rows = aggregate(load_runs(run_paths))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for style, ext in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+        path = out_dir / f"table.{ext}"
+        with atomic_path(path) as tmp:
+            tmp.write_text(table(rows, style))
+        written[style] = path
+    return written

@@ -1,0 +1,53 @@
+"""``bench sweep``: a grid of encoders x connectors (with settings) x LLMs x seeds, each cell a normal run directory.
+
+Cells already finished (``results.json`` present) are skipped and unfinished ones resumed, so a killed sweep continues
+where it stopped. All cells share the frozen-encoder feature cache. At the end the tables and plots are written.
+Connector settings go in brackets: ``cls_prune[keep_ratio=0.25]``, ``qformer[num_queries=16]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.run import RunConfig, run
+
+
+def split_list(text: str) -> list[str]:
+    """Split on commas outside brackets: ``a,b[x=1,y=2]`` -> ``["a", "b[x=1,y=2]"]``."""
+    return [p.strip() for p in re.split(r",(?![^\[]*\])", text) if p.strip()]
+
+
+def parse_connector(text: str) -> dict[str, Any]:
+    from bench.cli import parse_settings
+
+    match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", text)
+    if not match:
+        raise ValueError(f"connector {text!r} must look like name or name[key=value,key=value]")
+    name, settings = match.group(1), match.group(2)
+    return {"name": name, **parse_settings(split_list(settings) if settings else [])}
+
+
+def cell_name(encoder: str, connector: dict[str, Any], llm: str, seed: int) -> str:
+    settings = "-".join(f"{k}{v}" for k, v in sorted(connector.items()) if k != "name")
+    label = connector["name"] + (f"-{settings}" if settings else "")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{encoder}--{label}--{llm}--s{seed}")
+
+
+def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str], seeds: list[int],
+          base: dict[str, Any], log=print) -> list[Path]:  # fmt: skip
+    cells = list(itertools.product(encoders, [parse_connector(c) for c in connectors], llms, seeds))
+    done = []
+    for i, (enc, conn, llm, seed) in enumerate(cells, start=1):
+        cell = out / cell_name(enc, conn, llm, seed)
+        if (cell / "results.json").exists():
+            log(f"[{i}/{len(cells)}] {cell.name}: finished, skipped")
+        else:
+            resume = (cell / "config.json").exists()
+            log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
+            cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
+            run(cfg, cell, resume=resume, log=lambda m: log("    " + m))
+        done.append(cell)
+    return done

@@ -1,0 +1,41 @@
+"""`bench sweep` resumes a killed sweep without redoing finished cells; `bench report` is deterministic."""
+
+from __future__ import annotations
+
+import json
+
+from test_harness import bench
+
+MICRO_SWEEP = ["sweep", "--connector", "linear,cls_prune[keep_ratio=0.5]", "--world-scale", "0.01",
+               "--pretrain-steps", "3", "--steps", "4", "--eval-limit", "6"]  # fmt: skip
+
+
+def test_killed_sweep_resumes_and_report_is_deterministic(tmp_path):
+    out = tmp_path / "sweep"
+    # killed at step 3 of the first cell's first stage, then the sweep is run again
+    killed = bench([*MICRO_SWEEP, "--out", str(out)], env={"CONNECTOR_ZOO_KILL_AT_STEP": "3"})
+    assert killed.returncode != 0
+    cells = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(cells) == 1 and not (cells[0] / "results.json").exists()
+    again = bench([*MICRO_SWEEP, "--out", str(out)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout and again.stdout.count("running") == 1
+    cells = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(cells) == 2 and all((c / "results.json").exists() for c in cells)
+    finished = {c: (c / "results.json").stat().st_mtime_ns for c in cells}
+    third = bench([*MICRO_SWEEP, "--out", str(out)])
+    assert third.returncode == 0 and third.stdout.count("finished, skipped") == 2
+    assert finished == {c: (c / "results.json").stat().st_mtime_ns for c in cells}
+    # the table: one row per configuration, the blind baseline as a row, rebuilt byte for byte
+    table = (out / "table.md").read_text()
+    assert "clip + linear + tinyllama (mini)" in table and "cls_prune[keep_ratio=0.5]" in table
+    assert "blind baseline: tinyllama without the image" in table and "**" in table
+    report = bench(["report", str(out), "--out", str(tmp_path / "r1")])
+    assert report.returncode == 0, report.stderr[-2000:]
+    bench(["report", str(out), "--out", str(tmp_path / "r2")])
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes()
+    assert (tmp_path / "r1" / "table.md").read_text() == table
+    assert (tmp_path / "r1" / "accuracy_vs_tokens.png").stat().st_size > 1000
+    tokens = {json.loads((c / "results.json").read_text())["visual_tokens_per_image"]["mean"] for c in cells}
+    assert tokens == {64.0, 32.0}
