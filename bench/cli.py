@@ -109,16 +109,23 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         print(f"{name:<16} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
 
 
-def cmd_export_hf(args: argparse.Namespace) -> None:
-    from bench.export import export_hf
+def vlm_from_args(args: argparse.Namespace):
+    """A trained run (``--run``) or a fresh combination from the component options (seeded)."""
+    import torch
+
     from bench.vlm import VLM
 
     if args.run:
-        vlm = VLM.load(args.run)
-    else:
-        s = specs_from_args(args)
-        vlm = VLM.build(s["encoder"], s["connector"], s["llm"])
-    out = export_hf(vlm.eval(), args.out)
+        return VLM.load(args.run)
+    s = specs_from_args(args)
+    torch.manual_seed(0)
+    return VLM.build(s["encoder"], s["connector"], s["llm"])
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from bench.export import export_hf
+
+    out = export_hf(vlm_from_args(args).eval(), args.out)
     print(
         f"wrote LlavaForConditionalGeneration to {out} (load with LlavaForConditionalGeneration.from_pretrained "
         f"and AutoProcessor.from_pretrained)"
@@ -180,7 +187,6 @@ def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from bench.report import write_reports
     from bench.sweep import split_list, sweep
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": args.eval_limit}
@@ -196,39 +202,28 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm),
                   [int(s) for s in args.seeds.split(",")], base)  # fmt: skip
-    written = write_reports(cells, out)
-    print(written["markdown"].read_text())
-    for path in [*written.values(), *plot_if_possible(cells, out)]:
-        print(f"wrote {path}")
+    report(cells, out)
 
 
-def plot_if_possible(cells, out: Path) -> list[Path]:
+def report(runs, out: Path) -> None:
+    """Tables and plots of finished runs, printed and written to ``out``."""
     from bench.plots import pareto_plots
+    from bench.report import write_reports
 
-    return pareto_plots(cells, out)
+    written = write_reports(runs, out)
+    print(written["markdown"].read_text())
+    for path in [*written.values(), *pareto_plots(runs, out)]:
+        print(f"wrote {path}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from bench.report import write_reports
-
-    written = write_reports(args.runs, Path(args.out))
-    print(written["markdown"].read_text())
-    for path in [*written.values(), *plot_if_possible(args.runs, Path(args.out))]:
-        print(f"wrote {path}")
+    report(args.runs, Path(args.out))
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    import torch
-
     from bench.profile import profile
-    from bench.vlm import VLM
 
-    if args.run:
-        vlm = VLM.load(args.run)
-    else:
-        s = specs_from_args(args)
-        torch.manual_seed(0)
-        vlm = VLM.build(s["encoder"], s["connector"], s["llm"])
+    vlm = vlm_from_args(args)
     result = profile(vlm, demo_images(vlm.encoder.info.image_size, args.images), repeats=args.repeats)
     tok, fl = result["visual_tokens_per_image"], result["flops"]
     print(f"{vlm.connector.spec['name']}: visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")

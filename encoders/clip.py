@@ -12,7 +12,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from encoders import register
-from encoders._hf import HFVisionEncoder
+from encoders._hf import TINY_PRESETS, HFVisionEncoder
 from encoders.base import VisionFeatures
 
 
@@ -24,26 +24,7 @@ class CLIPEncoder(HFVisionEncoder):
     config_cls = CLIPVisionConfig
     processor_cls = CLIPImageProcessor
     default_checkpoint = "tiny"
-    presets = {
-        # 8x8 grid of 8-px patches on 64-px images: the mini world's default
-        "tiny": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=64,
-            patch_size=8,
-        ),
-        # a 24x24 grid like CLIP-L/14-336 (576 patches), at toy width
-        "tiny-24": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=96,
-            patch_size=4,
-        ),
-    }
+    presets = TINY_PRESETS
     real_checkpoints = ("openai/clip-vit-large-patch14-336", "openai/clip-vit-base-patch32")
 
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:

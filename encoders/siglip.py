@@ -13,7 +13,7 @@ import torch
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from encoders import register
-from encoders._hf import HFVisionEncoder
+from encoders._hf import TINY_PRESETS, HFVisionEncoder
 from encoders.base import VisionFeatures
 
 
@@ -26,24 +26,7 @@ class SigLIPEncoder(HFVisionEncoder):
     processor_cls = SiglipImageProcessor
     has_cls = False
     default_checkpoint = "tiny"
-    presets = {
-        "tiny": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=64,
-            patch_size=8,
-        ),
-        "tiny-24": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=96,
-            patch_size=4,
-        ),
-    }
+    presets = TINY_PRESETS
     real_checkpoints = ("google/siglip-so400m-patch14-384", "google/siglip-base-patch16-224")
 
     def _processor_size(self, size: int) -> dict[str, int]:
