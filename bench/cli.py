@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from connector_zoo.io import write_json
 from connector_zoo.registry import RegistryError
 
 FAMILIES = {"encoders": ("encoders", "ENCODERS"), "connectors": ("connectors", "CONNECTORS"), "llms": ("llms", "LLMS")}
@@ -239,14 +240,22 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_prune_curve(args: argparse.Namespace) -> None:
+    from bench.plots import pruning_plot
     from bench.prune_curve import pruning_curve
 
     rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], args.eval_limit)
     print(f"{'keep':>6} {'tokens':>7} {'accuracy':>9} {'retained':>9} {'prefill ms':>11} {'speed-up':>9}")
     for r in rows:
         retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"
-        print(f"{r['keep_ratio']:>6.0%} {r['tokens']:>7.1f} {r['accuracy']:>9.3f} {retained:>9} "
-              f"{r['prefill_ms']:>11.2f} {r['speedup']:>8.2f}x")  # fmt: skip
+        print(
+            f"{r['keep_ratio']:>6.0%} {r['tokens']:>7.1f} {r['accuracy']:>9.3f} {retained:>9} "
+            f"{r['prefill_ms']:>11.2f} {r['speedup']:>8.2f}x"
+        )
+    out = Path(args.out or args.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "pruning_curve.json", [{k: v for k, v in r.items() if "answers" not in k} for r in rows])
+    for path in [out / "pruning_curve.json", *pruning_plot(rows, out / "pruning_curve")]:
+        print(f"wrote {path}")  # fmt: skip
 
 
 def cmd_peer(args: argparse.Namespace) -> None:
@@ -408,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune-curve", help="training-free cls_prune of a trained linear/MLP run at several ratios")
     p.add_argument("run_dir")
     p.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1,0.05")
+    p.add_argument("--out", help="where to write pruning_curve.json/.png/.svg (default: the run directory)")
     p.add_argument("--eval-limit", type=int, default=1000)
     p.set_defaults(func=cmd_prune_curve)
 

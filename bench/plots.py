@@ -8,32 +8,70 @@ from bench.report import aggregate, load_runs
 
 
 def pareto_plots(run_paths, out: Path) -> list[Path]:
+    """Test accuracy against visual tokens per image and against prefill latency, seed spread as error bars."""
+    rows = aggregate(load_runs(run_paths))
+    blind = [r for r in rows if r["name"].startswith("blind") and "test" in r]
+    paths = []
+    for x_key, label, name in (
+        ("tokens", "visual tokens per image (log scale)", "accuracy_vs_tokens"),
+        ("prefill_ms", "prefill latency at batch 1, ms (log scale)", "accuracy_vs_latency"),
+    ):
+        points = [r for r in rows if x_key in r and "test" in r and not r["name"].startswith("blind")]
+        if points:
+            paths += scatter(points, blind, x_key, label, out / name)
+    return paths
+
+
+def scatter(points, blind, x_key: str, xlabel: str, stem: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in aggregate(load_runs(run_paths)) if "tokens" in r and "test" in r]
-    blind = [r for r in aggregate(load_runs(run_paths)) if r["name"].startswith("blind") and "test" in r]
-    if not rows:
-        return []
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in rows:
-        (x, _), (y, dy) = r["tokens"], r["test"]
-        ax.errorbar(x, 100 * y, yerr=100 * dy, fmt="o", capsize=3, label=r["name"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for r in points:
+        (x, dx), (y, dy) = r[x_key], r["test"]
+        ax.errorbar(x, 100 * y, xerr=dx or None, yerr=100 * dy, fmt="o", capsize=3, label=r["name"])
     for r in blind:
         ax.axhline(100 * r["test"][0], color="grey", linestyle="--", linewidth=1, label=r["name"])
     ax.set_xscale("log")
-    ax.set_xlabel("visual tokens per image (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (exact match, %)")
-    ax.set_title("Accuracy against visual tokens")
+    ax.set_title("Accuracy against " + xlabel.split(" (")[0].split(",")[0])
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        path = out / f"accuracy_vs_tokens.{ext}"
+    paths = [stem.with_suffix(f".{ext}") for ext in ("png", "svg")]
+    for path in paths:
         fig.savefig(path)
-        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def pruning_plot(rows, stem: Path) -> list[Path]:
+    """Accuracy retained (and prefill speed-up) against the share of visual tokens kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    keep = [100 * r["keep_ratio"] for r in rows]
+    ax.plot(keep, [100 * r["accuracy"] for r in rows], "o-", label="cls_prune (no retraining)")
+    ax.axhline(100 * rows[0]["unpruned_accuracy"], color="grey", linestyle="--", label="unpruned")
+    ax.set_xlabel("visual tokens kept (%)")
+    ax.set_ylabel("test accuracy (exact match, %)")
+    ax.invert_xaxis()
+    ax2 = ax.twinx()
+    ax2.plot(keep, [r["speedup"] for r in rows], "s:", color="tab:orange", label="prefill speed-up")
+    ax2.set_ylabel("prefill speed-up (x)")
+    ax.set_title("Training-free [CLS]-attention pruning")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [*ax.get_legend_handles_labels()[1], *ax2.get_legend_handles_labels()[1]], fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    paths = [stem.with_suffix(f".{ext}") for ext in ("png", "svg")]
+    for path in paths:
+        fig.savefig(path)
     plt.close(fig)
     return paths

@@ -24,6 +24,10 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     **{t: (t, True) for t in QUESTION_TYPES},
     "tokens": ("tokens/img", False),
     "trainable": ("trainable params", False),
+    "connector_mflops": ("connector MFLOPs", False),
+    "prefill_mflops": ("LLM prefill MFLOPs", False),
+    "prefill_ms": ("prefill ms", False),
+    "decode_tps": ("decode tok/s", True),
     "samples_per_s": ("train samples/s", True),
 }
 
@@ -63,6 +67,12 @@ def run_values(r: dict[str, Any], blind: bool = False) -> dict[str, float]:
             out["tokens"] = r["visual_tokens_per_image"]["mean"]
         out["trainable"] = r["parameters"]["trainable"]
         out["samples_per_s"] = r["train_samples_per_second"]
+        eff = r.get("efficiency") or {}
+        if eff:
+            out["connector_mflops"] = eff["flops"]["connector"] / 1e6
+            out["prefill_mflops"] = eff["flops"]["llm_prefill"] / 1e6
+            out["prefill_ms"] = eff["prefill_latency_ms"]
+            out["decode_tps"] = eff["decode_tokens_per_second"]
     return out
 
 
@@ -101,8 +111,11 @@ def best(rows: list[dict[str, Any]]) -> dict[str, float]:
 def fmt(col: str, mean: float, std: float, with_std: bool) -> str:
     if col == "trainable":
         text = f"{mean:,.0f}"
-    elif col in ("tokens", "samples_per_s"):
+    elif col in ("tokens", "samples_per_s", "decode_tps", "connector_mflops", "prefill_mflops"):
         text = f"{mean:.1f}"
+    elif col == "prefill_ms":
+        text = f"{mean:.2f}"
+        return f"{text} ± {std:.2f}" if with_std else text
     else:
         text = f"{100 * mean:.1f}"
         std *= 100

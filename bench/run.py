@@ -154,6 +154,18 @@ def versions() -> dict[str, str]:
             "accelerate": accelerate.__version__, "timm": timm.__version__}  # fmt: skip
 
 
+def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
+    """Measured figures of the trained model (``bench.profile``): FLOPs, prefill latency, decode speed, memory."""
+    from bench.profile import profile
+
+    indices = sorted({s.image for s in data.samples if s.image is not None})[:4]
+    if not indices:
+        return {}
+    result = profile(vlm, [data.images.load(i) for i in indices], repeats=5)
+    result.pop("visual_tokens_per_image")
+    return result
+
+
 def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: int = 512) -> dict[str, float]:
     images = sorted({s.image for s in data.samples if s.image is not None})[:limit]
     if not images:
@@ -238,6 +250,7 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
                for name, ds in eval_sets.items()}  # fmt: skip
     first_eval = next(iter(eval_sets.values()))
     results = {
+        "efficiency": efficiency(vlm, first_eval),
         "config": dataclasses.asdict(cfg),
         "metrics": metrics,
         "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),

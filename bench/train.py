@@ -50,6 +50,8 @@ class StageConfig:
     save_every: int = 100
     #: which samples this stage trains on: "all", or only "captions" / "questions" (mini world sample types)
     data: str = "all"
+    #: sort the samples of each optimizer step by length, so micro-batches pad less (LLaVA's length grouping)
+    group_by_length: bool = False
 
 
 def set_trainable(vlm: VLM, stage: int) -> list[torch.nn.Parameter]:
@@ -100,8 +102,16 @@ class Trainer:
     def permutation(self, epoch: int) -> list[int]:
         if getattr(self, "_perm_epoch", None) != epoch:
             g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.train_data.samples), generator=g).tolist(), epoch
+            perm = torch.randperm(len(self.train_data.samples), generator=g).tolist()
+            if self.cfg.group_by_length:
+                step = self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+                perm = [i for k in range(0, len(perm), step) for i in sorted(perm[k : k + step], key=self.length)]
+            self._perm, self._perm_epoch = perm, epoch
         return self._perm
+
+    def length(self, index: int) -> int:
+        sample = self.train_data.samples[index]
+        return len(self.collator.encode(sample)) + (self.collator.visual_budget if sample.image is not None else 0)
 
     # ------------------------------------------------------------------- train
     def fit(self) -> dict[str, Any]:

@@ -132,3 +132,25 @@ def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
     assert {s["id"] for s in ds.skipped if "context budget" in s["reason"]} == {"GCC_0", "GCC_1", "missing_image",
                                                                               "corrupt_image"}  # fmt: skip
     assert [s.id for s in ds.samples] == ["text_only"]
+
+
+def test_group_by_length_sorts_each_step(tmp_path, llms, encoders):
+    from bench.data import Dataset, Sample
+    from bench.train import StageConfig, Trainer
+    from bench.vlm import VLM
+    from connectors import build_connector
+
+    enc, llm = encoders["clip"], llms["tinyllama"]
+    words = ["a", "a b c d e f g h", "a b", "a b c d e f g h i j k l m n", "a b c d", "a b c d e f"] * 2
+    ds = Dataset("t", [Sample(f"s{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": w}])
+                       for i, w in enumerate(words)], images=None)  # fmt: skip
+    collator = Collator(llm, None, visual_budget=0, max_length=None)
+    vlm = VLM(enc, build_connector("linear", enc.info.hidden_size, llm.hidden_size), llm)
+    lengths = []
+    for grouped in (False, True):
+        cfg = StageConfig(steps=2, batch_size=2, grad_accum=3, group_by_length=grouped)
+        trainer = Trainer(vlm, ds, collator, cfg, tmp_path / str(grouped), seed=0, log=lambda m: None)
+        step = [len(collator.encode(s)) for micro in range(3) for s in trainer.micro_batch(0, micro)]
+        lengths.append(step)
+    assert lengths[1] == sorted(lengths[1]) and lengths[0] != sorted(lengths[0])
+    assert sorted(lengths[0]) == lengths[1]  # the same samples, only reordered within the step

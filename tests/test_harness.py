@@ -43,6 +43,10 @@ def test_a_run_writes_its_record(micro_run):
     assert 0 <= results["encoder_forwards"] <= 200 + 10 + 10 + 8 and results["skipped_samples"] == []
     assert results["git_commit"] and results["versions"]["torch"]
     assert [len(h) for h in results["loss_history"]] == [6, 6]
+    # measured efficiency: mlp2x_gelu from the 64-wide world encoder to the 128-wide world LLM, 64 tokens
+    eff = results["efficiency"]
+    assert eff["flops"]["connector"] == 2 * 64 * 64 * 128 + 2 * 64 * 128 * 128
+    assert eff["flops"]["llm_prefill"] > 0 and eff["prefill_latency_ms"] > 0 and eff["decode_tokens_per_second"] > 0
     for name in (
         "config.json",
         "vlm_config.json",
