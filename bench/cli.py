@@ -276,26 +276,31 @@ def cmd_peer(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bench.evaluate import evaluate_split
+    from bench.data import Collator
+    from bench.evaluate import blind_answers, evaluate_split
     from bench.features import FeatureCache
     from bench.run import RunConfig, load_data
-    from bench.vlm import VLM
+    from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
     from connector_zoo.io import read_json
 
     run_dir = Path(args.run_dir)
     cfg = RunConfig(**read_json(run_dir / "config.json"))
     if args.eval_limit:
         cfg.eval_limit = args.eval_limit
-    vlm = VLM.load(run_dir).eval()
+    specs = read_json(run_dir / CONFIG_NAME)
+    vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length")).eval()
     _, _, eval_sets, _ = load_data(cfg, print)
-    from bench.data import Collator
-
+    collators = {}
     for name, ds in eval_sets.items():
         features = FeatureCache(vlm.encoder, ds.images, vlm.connector.needs_cls_attention)
         features.ensure([s.image for s in ds.samples if s.image is not None])
         ds.drop_bad_images(features.bad, cfg.strict)
-        collator = Collator(vlm.llm, features, vlm.connector.max_tokens(vlm.encoder.info), vlm.max_length)
-        m = evaluate_split(vlm, ds, collator, cfg.eval_limit)
+        collators[name] = Collator(vlm.llm, features, vlm.connector.max_tokens(vlm.encoder.info), vlm.max_length)
+    # the blind baseline uses the LLM as loaded, before the run's trained weights go in (as `bench run` does)
+    blind = {name: blind_answers(vlm, ds, collators[name], cfg.eval_limit) for name, ds in eval_sets.items()}
+    vlm.load_trainable(run_dir / WEIGHTS_NAME)
+    for name, ds in eval_sets.items():
+        m = evaluate_split(vlm, ds, collators[name], cfg.eval_limit, blind[name])
         if "accuracy" in m:
             print(f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
                   f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}")  # fmt: skip

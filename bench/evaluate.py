@@ -61,6 +61,7 @@ def accuracy(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
 
 
 def qa_samples(data: Dataset, limit: int | None = None) -> list[Sample]:
+    """The mini world's questions (captions excluded)."""
     out = [s for s in data.samples if s.meta.get("type") != "caption"]
     return out[:limit] if limit else out
 
@@ -69,15 +70,28 @@ def short_answer_samples(data: Dataset, max_words: int = 3) -> list[Sample]:
     return [s for s in data.samples if len(s.messages[-1]["content"].split()) <= max_words]
 
 
-def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | None = None,
+def eval_samples(data: Dataset, collator: Collator, limit: int | None) -> list[Sample]:
+    """The questions evaluated: the world's QA (not captions), or short-answer samples of published data."""
+    samples = qa_samples(data) if any("type" in s.meta for s in data.samples) else short_answer_samples(data)
+    return [s for s in samples if _usable(collator, s)][: limit or None]
+
+
+def blind_answers(vlm: VLM, data: Dataset, collator: Collator, limit: int | None) -> list[str]:
+    """The blind baseline: the LLM *as loaded, before this run trained anything*, answering from the text alone.
+
+    Called before training (or before a run's weights are loaded), so a stage-2 run is compared with its base LLM,
+    which for the mini world has read every training question and answer as text: the floor knows the answer priors.
+    """
+    return answer(vlm, eval_samples(data, collator, limit), collator, blind=True)
+
+
+def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | None, blind: list[str],
                    examples: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Accuracy with the image and blind, plus loss on captions (or on everything, for published data)."""
-    samples = qa_samples(data, limit) if any("type" in s.meta for s in data.samples) else short_answer_samples(data)
-    samples = [s for s in samples if _usable(collator, s)][: limit or None]
+    """Accuracy with the image next to the blind baseline's, plus loss on captions (or on all held-out samples)."""
+    samples = eval_samples(data, collator, limit)
     result: dict[str, Any] = {}
     if samples:
         preds = answer(vlm, samples, collator)
-        blind = answer(vlm, samples, collator, blind=True)
         result["accuracy"] = accuracy(samples, preds)
         result["blind"] = accuracy(samples, blind)
         result["examples"] = [{"id": s.id, "question": s.messages[-2]["content"].replace(IMAGE_TOKEN, "").strip(),

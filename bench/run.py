@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.data import Collator, Dataset, hf_messages, llava_json, world_dataset
-from bench.evaluate import evaluate_split
+from bench.evaluate import blind_answers, evaluate_split
 from bench.features import FeatureCache
 from bench.train import StageConfig, Trainer
 from bench.vlm import VLM
@@ -212,6 +212,11 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     for ds in (train, val, *eval_sets.values()):
         if ds is not None:
             collators[ds.images.key].check(ds, cfg.strict)
+    blind = {}
+    if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
+        blind = {
+            name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
+        }
     train_stats: list[dict[str, Any]] = []
     for index, stage in enumerate(stages, start=1):
         accelerator.gradient_accumulation_steps = stage.grad_accum
@@ -239,14 +244,14 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
         vlm = accelerator.unwrap_model(trainer.model)
     results = {}
     if accelerator.is_main_process:
-        results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, log)
+        results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log)
     accelerator.wait_for_everyone()
     return results
 
 
-def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, log) -> dict[str, Any]:
+def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log) -> dict:
     vlm.save(out_dir)
-    metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit)
+    metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
                for name, ds in eval_sets.items()}  # fmt: skip
     first_eval = next(iter(eval_sets.values()))
     results = {

@@ -39,3 +39,15 @@ def test_killed_sweep_resumes_and_report_is_deterministic(tmp_path):
     assert (tmp_path / "r1" / "accuracy_vs_tokens.png").stat().st_size > 1000
     tokens = {json.loads((c / "results.json").read_text())["visual_tokens_per_image"]["mean"] for c in cells}
     assert tokens == {64.0, 32.0}
+
+
+def test_peer_benchmark_runs_both_trainers_on_the_same_setting():
+    proc = bench(["peer", "--steps", "3", "--batch-size", "2", "--world-scale", "0.01", "--pretrain-steps", "3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    ours = next(line for line in lines if "connector-zoo" in line)
+    peer = next(line for line in lines if "transformers Trainer" in line)
+    for line in (ours, peer):
+        assert float(line.split("samples/s")[0].split()[-1]) > 0
+        assert float(line.split("final loss")[1].split()[0]) > 0
+    assert "ratio:" in proc.stdout
