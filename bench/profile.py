@@ -22,7 +22,9 @@ from bench.vlm import VLM, VLMInputs
 
 
 def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn()``'s forward. Grad mode is on because FlopCounterMode's module tracker hooks autograd, which
+    fails on views of parameters made under no_grad (e.g. the Q-Former's expanded queries); nothing is backpropagated."""
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -24,6 +24,15 @@ def test_connector_flops_equal_the_hand_formula(encoders, name, formula):
     assert count_flops(lambda: conn(feats)) == formula(n, dv, 96)
 
 
+@pytest.mark.parametrize("name", ["qformer", "focus_moe", "mlp2x_gelu"])
+def test_profile_runs_for_other_connectors(encoders, llms, name):
+    enc, llm = encoders["siglip"], llms["vicuna"]
+    settings = {"qformer": dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)}.get(name, {})
+    vlm = VLM(enc, build_connector(name, enc.info.hidden_size, llm.hidden_size, **settings), llm)
+    out = profile(vlm, images(2), repeats=1, decode_tokens=2)
+    assert out["flops"]["connector"] > 0 and out["flops"]["llm_prefill"] > 0
+
+
 def test_profile_reports_every_figure(encoders, llms):
     enc, llm = encoders["clip"], llms["qwen3"]
     torch.manual_seed(0)
