@@ -35,6 +35,11 @@ def scatter(points, blind, x_key: str, xlabel: str, stem: Path) -> list[Path]:
     for r in blind:
         ax.axhline(100 * r["test"][0], color="grey", linestyle="--", linewidth=1, label=r["name"])
     ax.set_xscale("log")
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (exact match, %)")
     ax.set_title("Accuracy against " + xlabel.split(" (")[0].split(",")[0])

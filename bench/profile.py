@@ -23,13 +23,16 @@ from bench.vlm import VLM, VLMInputs
 
 def count_flops(fn) -> int:
     """FLOPs of ``fn()``'s forward. Grad mode is on because FlopCounterMode's module tracker hooks autograd, which
-    fails on views of parameters made under no_grad (e.g. the Q-Former's expanded queries); nothing is backpropagated."""
+    fails on views of parameters made under no_grad (the Q-Former's expanded queries); nothing is backpropagated."""
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -38,9 +41,23 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def prefill_fn(vlm: VLM, image, prompt: str = "What colour is the circle?"):
+    """A no-grad callable running the LLM prefill of one (image, prompt) at batch 1, and its visual token count."""
+    features = vlm.encode(vlm.encoder.preprocess([image]).to(vlm.device))
+    with torch.no_grad():
+        visual = vlm.connector(features)
+        embeds, mask, _, pos = vlm.splice(VLMInputs(vlm.prompt_ids([True], [prompt]), has_image=[True]), visual)
+
+    @torch.no_grad()
+    def run():
+        return vlm.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+
+    return run, int(visual.num_tokens[0])
+
+
 @torch.no_grad()
 def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode_tokens: int = 16,
-            repeats: int = 5) -> dict[str, Any]:  # fmt: skip
+            repeats: int = 20) -> dict[str, Any]:  # fmt: skip
     vlm.eval()
     device = vlm.device
     pixel_values = vlm.encoder.preprocess(images).to(device)
@@ -66,9 +83,8 @@ def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    prefill()  # warm-up
     prefill_s = timed(prefill, repeats)
-    total_s = timed(decode, max(1, repeats // 2))
+    total_s = timed(decode, max(1, repeats // 4), warmup=1)
     decode_s = max(total_s - prefill_s, 1e-9)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 from bench.data import Collator
 from bench.evaluate import accuracy, answer, qa_samples
 from bench.features import FeatureCache
-from bench.profile import profile
+from bench.profile import prefill_fn
 from bench.run import RunConfig, load_data
 from bench.vlm import VLM
 from connector_zoo.io import read_json
@@ -39,18 +39,14 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         vlm.connector = connector
         collator = Collator(vlm.llm, features, connector.max_tokens(vlm.encoder.info), vlm.max_length)
         answers = answer(vlm, samples, collator)
-        prof = profile(vlm, images, repeats=5)
-        return {
-            "accuracy": accuracy(samples, answers)["exact_match"],
-            "answers": answers,
-            "tokens": prof["visual_tokens_per_image"]["mean"],
-            "prefill_ms": prof["prefill_latency_ms"],
-        }
+        return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers}
 
-    reference = point(projector)
-    rows = []
-    for ratio in ratios:
-        p = point(CLSPrune.wrap(projector, keep_ratio=ratio))
+    connectors = [projector, *(CLSPrune.wrap(projector, keep_ratio=r) for r in ratios)]
+    points = [point(c) for c in connectors]
+    for p, (tokens, ms) in zip(points, interleaved_prefill(vlm, connectors, images)):
+        p.update(tokens=tokens, prefill_ms=ms)
+    reference, rows = points[0], []
+    for ratio, p in zip(ratios, points[1:]):
         rows.append(
             {
                 "keep_ratio": ratio,
@@ -63,3 +59,25 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         )
     vlm.connector = projector
     return rows
+
+
+def interleaved_prefill(vlm: VLM, connectors, images, rounds: int = 40) -> list[tuple[float, float]]:
+    """(tokens, median prefill ms at batch 1) per connector, timed in interleaved rounds so that drifts of the
+    machine (frequency, other load) hit every configuration alike."""
+    import statistics
+    import time
+
+    fns, tokens = [], []
+    for connector in connectors:
+        vlm.connector = connector
+        fn, n = prefill_fn(vlm, images[0])
+        fns.append(fn)
+        tokens.append(float(n))
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds + 3):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if r >= 3:  # the first rounds warm up
+                times[i].append(1000 * (time.perf_counter() - t0))
+    return [(n, statistics.median(t)) for n, t in zip(tokens, times)]

@@ -154,7 +154,10 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
         return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    note = "accuracy in % (exact match), mean ± std over seeds; best per column in bold; blind = the LLM without image"
+    note = (
+        "accuracy in % (exact match), mean ± std over seeds; best per column in bold; "
+        "blind = the LLM as loaded, answering without the image"
+    )
     return "\n".join(lines) + f"\n\n{note}\n"
 
 

@@ -161,7 +161,7 @@ def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
     indices = sorted({s.image for s in data.samples if s.image is not None})[:4]
     if not indices:
         return {}
-    result = profile(vlm, [data.images.load(i) for i in indices], repeats=5)
+    result = profile(vlm, [data.images.load(i) for i in indices], repeats=30)
     result.pop("visual_tokens_per_image")
     return result
 
