@@ -45,6 +45,13 @@ def scatter(points, blind, x_key: str, xlabel: str, stem: Path) -> list[Path]:
     ax.set_title("Accuracy against " + xlabel.split(" (")[0].split(",")[0])
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return save(fig, stem)
+
+
+def save(fig, stem: Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg`` and close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     paths = [stem.with_suffix(f".{ext}") for ext in ("png", "svg")]
     for path in paths:
@@ -74,9 +81,4 @@ def pruning_plot(rows, stem: Path) -> list[Path]:
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [*ax.get_legend_handles_labels()[1], *ax2.get_legend_handles_labels()[1]], fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    paths = [stem.with_suffix(f".{ext}") for ext in ("png", "svg")]
-    for path in paths:
-        fig.savefig(path)
-    plt.close(fig)
-    return paths
+    return save(fig, stem)
