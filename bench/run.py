@@ -230,7 +230,6 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
             cfg.seed + index,
             val=stage_samples(val, stage.data) if val else None,
             accelerator=accelerator,
-            strict=cfg.strict,
             log=log,
         )
         last = stage_dir / "checkpoint-last"

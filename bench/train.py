@@ -65,10 +65,10 @@ def set_trainable(vlm: VLM, stage: int) -> list[torch.nn.Parameter]:
 
 class Trainer:
     def __init__(self, vlm: VLM, train: Dataset, collator: Collator, cfg: StageConfig, out_dir: Path, seed: int,
-                 val: Dataset | None = None, accelerator: Accelerator | None = None, strict: bool = False,
+                 val: Dataset | None = None, accelerator: Accelerator | None = None,
                  log=print):  # fmt: skip
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
-        self.cfg, self.out_dir, self.seed, self.strict, self.log = cfg, Path(out_dir), seed, strict, log
+        self.cfg, self.out_dir, self.seed, self.log = cfg, Path(out_dir), seed, log
         self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
         params = set_trainable(vlm, cfg.stage)
         self.num_trainable = sum(p.numel() for p in params)
