@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -94,8 +95,6 @@ def pretrain_encoder(
         batch = min(batch_size, len(records))
         for _ in tqdm(range(steps), desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})"):
             idx = rng.sample(range(len(records)), batch)
-            from PIL import Image
-
             px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
             img = nn.functional.normalize(img_proj(enc.pooled(px)), dim=-1)
             txt = nn.functional.normalize(text([records[i]["caption"] for i in idx]), dim=-1)
