@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from connector_zoo.io import atomic_path, read_json
 from connectors import build_connector
@@ -33,6 +34,25 @@ WEIGHTS_NAME = "trainable.safetensors"
 
 class SampleTooLong(ValueError):
     """A sample's text + visual tokens exceed the LLM context budget."""
+
+
+@dataclass
+class VLMOutput(ModelOutput):
+    """The composed model's output. Every field is declared, so wrappers that rebuild outputs (accelerate's fp32
+    conversion under mixed precision, DDP, FSDP) keep them all.
+
+    loss:          LM loss + the connector's auxiliary loss (what is trained), when labels are given
+    lm_loss:       the LM loss alone (what validation reports)
+    aux_loss:      the connector's auxiliary loss, or None
+    logits:        (B, L, V)
+    visual_tokens: (B_img,) visual tokens per image, or None for a text-only batch
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    visual_tokens: torch.LongTensor | None = None
 
 
 @dataclass
@@ -157,11 +177,10 @@ class VLM(nn.Module):
         visual = self.visual_tokens(inputs)
         embeds, mask, labels, position_ids = self.splice(inputs, visual)
         out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels)
-        out.lm_loss = out.loss
-        if out.loss is not None and visual is not None and visual.aux_loss is not None:
-            out.loss = out.loss + visual.aux_loss
-        out.visual_tokens = None if visual is None else visual.num_tokens
-        return out
+        aux = None if visual is None else visual.aux_loss
+        loss = out.loss if out.loss is None or aux is None else out.loss + aux
+        return VLMOutput(loss=loss, lm_loss=out.loss, aux_loss=aux, logits=out.logits,
+                         visual_tokens=None if visual is None else visual.num_tokens)  # fmt: skip
 
     @torch.no_grad()
     def generate(

@@ -15,8 +15,9 @@ the choices they leave open are made here, and each is a setting:
   hard argmax, deterministic.
 - **Token budget** (``budget``: the target fraction of the N patch tokens, on average over images). Two parts:
   a global *offset* ``delta`` added to the logits as ``delta * log(tokens_e)`` (larger delta favours richer experts),
-  calibrated during training as a running value (like a BatchNorm statistic, saved with the weights) so that the
-  **hard top-1** choices meet the budget on average over the training images (a target ratio); and, optionally, the
+  calibrated during training (like a BatchNorm statistic, saved with the weights) so that the **hard top-1** choices
+  on the last 4 training batches taken together meet the budget (a target ratio; it lags a router that is still
+  moving, and is exact for a settled one); and, optionally, the
   auxiliary loss ``budget_weight * (E[tokens] / N - budget)^2`` (E under the router's softmax of the shifted logits)
   added to the LM loss. The offset alone holds the budget; the auxiliary loss is off by default because it pushes the
   logits to extremes faster than the running offset follows (measured: budget 0.4 gave 0.27 with it, 0.40 without).
@@ -73,7 +74,7 @@ class FocusMoE(Connector):
             raise ValueError(f"focus_moe needs a per-token projector, {type(self.inner).__name__} is not one")
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        self.momentum = 0.5
+        self.calibration_batches = 4
 
     # ---------------------------------------------------------------- pieces
     def windows(self, features: VisionFeatures) -> torch.Tensor:
@@ -125,9 +126,10 @@ class FocusMoE(Connector):
 
     @torch.no_grad()
     def update_offset(self, logits: torch.Tensor, num_patches: int) -> None:
-        delta = self.batch_offset(logits, num_patches)
-        new = delta if not bool(self.calibrated) else self.momentum * float(self.offset) + (1 - self.momentum) * delta
-        self.offset.fill_(new)
+        """Fit the offset on the logits of the last ``calibration_batches`` training batches together. (Averaging
+        per-batch offsets is biased, because counts are not linear in the offset; one batch alone is noisy.)"""
+        self._recent = [*getattr(self, "_recent", [])[-(self.calibration_batches - 1) :], logits]
+        self.offset.fill_(self.batch_offset(torch.cat(self._recent), num_patches))
         self.calibrated.fill_(True)
 
     @torch.no_grad()

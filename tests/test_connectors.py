@@ -298,21 +298,27 @@ def regions(B: int, seed: int, h=8, w=8, dv=48, window=4) -> VisionFeatures:
 
 @pytest.mark.parametrize("budget", [0.1, 0.4, 0.7])  # between the experts' levels (1/16, 1/4, 1)
 def test_focus_moe_budget_sets_the_achieved_tokens(budget):
-    torch.manual_seed(0)
-    conn = build_connector("focus_moe", 48, 40, window=4, budget=budget, router_hidden=32)
-    opt = torch.optim.Adam(conn.router.parameters(), lr=1e-2)
-    for step in range(100):
+    """The offset is fit on the last 4 training batches (64 images): once the router settles, hard top-1 on held-out
+    images meets the budget up to the sampling error of 64 images (mean over 3 seeds; measured spread +-0.035)."""
+    achieved = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        conn = build_connector("focus_moe", 48, 40, window=4, budget=budget, router_hidden=32)
+        opt = torch.optim.Adam(conn.router.parameters(), lr=1e-2)
         conn.train()
-        out = conn(regions(16, seed=step))
-        loss = out.tokens.pow(2).mean() + out.aux_loss  # a stand-in LM loss moves the router
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    conn.eval()
-    counts = conn(regions(64, seed=999)).num_tokens.float()
-    achieved = counts.mean().item() / 64
-    assert abs(achieved - budget) < 0.05, achieved  # hard top-1 on held-out images meets the budget on average
-    assert counts.std() > 0  # ... with counts that differ from image to image
+        for step in range(100):
+            out = conn(regions(16, seed=1000 * seed + step))
+            loss = out.tokens.pow(2).mean() + out.aux_loss  # a stand-in LM loss moves the router
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():  # the router settled: four more training batches refit the offset
+            for step in range(4):
+                conn(regions(16, seed=1000 * seed + 500 + step))
+        counts = conn.eval()(regions(512, seed=999)).num_tokens.float()
+        assert counts.std() > 0  # counts differ from image to image
+        achieved.append(counts.mean().item() / 64)
+    assert abs(sum(achieved) / 3 - budget) < 0.04, achieved
 
 
 def test_focus_moe_budget_loss_is_the_expected_count_gap():
