@@ -43,6 +43,16 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_lora(text: str | None) -> dict[str, Any] | None:
+    """``--lora r=128,alpha=256,dropout=0.05,targets=q_proj+v_proj`` -> settings (an empty value: the defaults)."""
+    if text is None:
+        return None
+    from llms.base import normalize_lora
+
+    pairs = [p for p in text.split(",") if p.strip()]
+    return normalize_lora(parse_settings(pairs))
+
+
 def add_component_args(p: argparse.ArgumentParser, connector_default: str | None = "mlp2x_gelu") -> None:
     g = p.add_argument_group("components")
     g.add_argument("--encoder", default="clip", help="encoder name or dotted path (default: clip)")
@@ -161,8 +171,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         seed=args.seed,
         strict=args.strict,
         precision=args.precision,
+        backbone_dtype=args.backbone_dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora=parse_lora(args.lora),
+        qlora=args.qlora,
+        profile=args.profile,
         max_length=args.max_length,
     )
+    if args.qlora and cfg.lora is None:
+        cfg.lora = parse_lora("")
     if args.eval_limit is not None:
         cfg.eval_limit = args.eval_limit  # fmt: skip
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
@@ -172,6 +189,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         recipes = RECIPES_FOR_CLI()
         if args.recipe not in recipes:
             raise ValueError(f"unknown recipe {args.recipe!r}; available: {', '.join(recipes)}")
+        if "grad_accum" in overrides:  # an explicit accumulation replaces the recipe's global batch
+            overrides["global_batch"] = None
         cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
     if args.pretrain_steps is not None:
         data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
@@ -233,7 +252,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
           f"tokens)")  # fmt: skip
     print(
         f"  prefill latency (time to first token) {result['prefill_latency_ms']:.2f} ms; decode "
-        f"{result['decode_tokens_per_second']:.1f} tokens/s; peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB"
+        f"{result['decode_tokens_per_second'] or float('nan'):.1f} tokens/s; peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
     if args.json:
         print(json.dumps(result, indent=1))
@@ -279,6 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from bench.data import Collator
     from bench.evaluate import blind_answers, evaluate_split
     from bench.features import FeatureCache
+    from bench.precision import autocast, run_precision
     from bench.run import RunConfig, load_data
     from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
     from connector_zoo.io import read_json
@@ -297,10 +317,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ds.drop_bad_images(features.bad, cfg.strict)
         collators[name] = Collator(vlm.llm, features, vlm.connector.max_tokens(vlm.encoder.info), vlm.max_length)
     # the blind baseline uses the LLM as loaded, before the run's trained weights go in (as `bench run` does)
-    blind = {name: blind_answers(vlm, ds, collators[name], cfg.eval_limit) for name, ds in eval_sets.items()}
+    with autocast(run_precision(run_dir), vlm.device):
+        blind = {name: blind_answers(vlm, ds, collators[name], cfg.eval_limit) for name, ds in eval_sets.items()}
     vlm.load_trainable(run_dir / WEIGHTS_NAME)
     for name, ds in eval_sets.items():
-        m = evaluate_split(vlm, ds, collators[name], cfg.eval_limit, blind[name])
+        with autocast(run_precision(run_dir), vlm.device):
+            m = evaluate_split(vlm, ds, collators[name], cfg.eval_limit, blind[name])
         if "accuracy" in m:
             print(f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
                   f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}")  # fmt: skip
@@ -311,6 +333,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
+    from bench.precision import autocast, run_precision
     from bench.vlm import VLM
 
     vlm = VLM.load(args.run_dir).eval()
@@ -320,7 +343,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             images = [Image.open(args.image).convert("RGB")]
         except OSError as err:
             raise OSError(f"cannot read image {args.image!r}: {err}") from err
-    print(vlm.generate(images, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+    with autocast(run_precision(args.run_dir), vlm.device):
+        print(vlm.generate(images, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
 
 
 def cmd_world_build(args: argparse.Namespace) -> None:
@@ -382,7 +406,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", help="image folder for LLaVA JSON")
     p.add_argument("--world-scale", type=float, default=1.0, help="scale the mini world's splits (tests: 0.01)")
     p.add_argument("--eval-limit", type=int, help="evaluate at most this many questions per split")
-    p.add_argument("--precision", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), no, bf16, fp16")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), no (fp32), bf16, fp16 (bf16 on CPU)",
+    )
+    p.add_argument(
+        "--backbone-dtype",
+        default="auto",
+        help="storage dtype of the frozen encoder and LLM: auto (the precision's on GPU, fp32 on CPU), "
+        "fp32, bf16, fp16; trainable weights stay fp32",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute the LLM's activations in backward (default: the recipe's; on in llava-1.5-finetune*)",
+    )
+    p.add_argument(
+        "--lora",
+        nargs="?",
+        const="",
+        metavar="r=128,alpha=256,dropout=0.05[,targets=q_proj+v_proj]",
+        help="LoRA (peft) on the LLM in the stages that train it; bare --lora takes LLaVA-1.5's settings",
+    )
+    p.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base LLM through bitsandbytes (CUDA only)")
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure FLOPs, latency and decode speed after training (default: on for the mini world)",
+    )
     p.add_argument("--max-length", type=int, help="context budget in tokens (default: the LLM's)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")

@@ -61,8 +61,10 @@ def feature_strategy(vlm: VLM) -> str:
 
 
 def to_llava(vlm: VLM) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build the Llava model and processor holding exactly this model's weights."""
+    """Build the Llava model and processor holding exactly this model's weights (LoRA adapters are merged into the
+    LLM first: ``vlm``'s LLM is a plain causal LM afterwards)."""
     check_exportable(vlm)
+    vlm.llm.merge_lora()
     enc, llm = vlm.encoder, vlm.llm
     strategy = feature_strategy(vlm)
     n_tokens = enc.info.num_patches + (1 if strategy == "full" and enc.info.has_cls else 0)

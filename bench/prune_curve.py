@@ -13,6 +13,7 @@ from typing import Any
 from bench.data import Collator
 from bench.evaluate import accuracy, answer, qa_samples
 from bench.features import FeatureCache
+from bench.precision import autocast, run_precision
 from bench.profile import prefill_fn
 from bench.run import RunConfig, load_data
 from bench.vlm import VLM
@@ -42,9 +43,10 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers}
 
     connectors = [projector, *(CLSPrune.wrap(projector, keep_ratio=r) for r in ratios)]
-    points = [point(c) for c in connectors]
-    for p, (tokens, ms) in zip(points, interleaved_prefill(vlm, connectors, images)):
-        p.update(tokens=tokens, prefill_ms=ms)
+    with autocast(run_precision(run_dir), vlm.device):  # the arithmetic the run trained with
+        points = [point(c) for c in connectors]
+        for p, (tokens, ms) in zip(points, interleaved_prefill(vlm, connectors, images)):
+            p.update(tokens=tokens, prefill_ms=ms)
     reference, rows = points[0], []
     for ratio, p in zip(ratios, points[1:]):
         rows.append(

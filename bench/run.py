@@ -8,7 +8,9 @@ The run directory holds ``config.json`` (everything needed to reproduce it), the
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ import torch
 from bench.data import Collator, Dataset, hf_messages, llava_json, world_dataset
 from bench.evaluate import blind_answers, evaluate_split
 from bench.features import FeatureCache
+from bench.precision import TORCH_NAMES, autocast, resolve_backbone_dtype, resolve_precision
 from bench.train import StageConfig, Trainer
-from bench.vlm import VLM
+from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
 from connector_zoo.io import atomic_path, read_json, write_json
 from connectors import CONNECTORS
 
@@ -35,10 +38,16 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # LLaVA-1.5 (MISSION.md): stage 1 lr 2e-3, global batch 128, 1 epoch; stage 2 lr 2e-5, global batch 32 (LLaVA v1
     # notes), 3 epochs; cosine, 3 % warm-up, bf16 on GPUs
-    "llava-1.5-pretrain": [dict(stage=1, epochs=1, batch_size=16, grad_accum=8, lr=2e-3, warmup_ratio=0.03,
+    # (global_batch: the accumulation is derived from the per-device batch and the number of processes)
+    "llava-1.5-pretrain": [dict(stage=1, epochs=1, batch_size=16, global_batch=128, lr=2e-3, warmup_ratio=0.03,
                                 save_every=1000)],
-    "llava-1.5-finetune": [dict(stage=2, epochs=3, batch_size=4, grad_accum=8, lr=2e-5, warmup_ratio=0.03,
-                                save_every=1000)],
+    "llava-1.5-finetune": [dict(stage=2, epochs=3, batch_size=4, global_batch=32, lr=2e-5, warmup_ratio=0.03,
+                                save_every=1000, gradient_checkpointing=True)],
+    # LLaVA-1.5's finetune_lora.sh: LoRA r 128, alpha 256 on every linear layer of the LLM, lr 2e-4 with the
+    # projector at 2e-5, global batch 128, 1 epoch, gradient checkpointing
+    "llava-1.5-finetune-lora": [dict(stage=2, epochs=1, batch_size=16, global_batch=128, lr=2e-4, connector_lr=2e-5,
+                                     warmup_ratio=0.03, save_every=1000, gradient_checkpointing=True,
+                                     lora=dict(r=128, alpha=256, dropout=0.05))],
     # "LLaVA on a budget": batch 2, accumulation 4, lr 2e-4, 350 steps, cosine to 2e-5, 5 % warm-up, fp16
     "budget": [dict(stage=2, steps=350, batch_size=2, grad_accum=4, lr=2e-4, min_lr_ratio=0.1, warmup_ratio=0.05,
                     save_every=50)],
@@ -60,6 +69,16 @@ class RunConfig:
     stages: list[dict[str, Any]] = field(default_factory=list)
     seed: int = 0
     precision: str = "auto"
+    #: storage dtype of the frozen encoder / LLM weights (auto: the precision's dtype on GPU, fp32 on CPU)
+    backbone_dtype: str = "auto"
+    #: None keeps each stage's recipe setting
+    gradient_checkpointing: bool | None = None
+    #: LoRA on the LLM in every stage that trains it ({"r", "alpha", "dropout", "targets"}); None keeps the recipe's
+    lora: dict[str, Any] | None = None
+    #: QLoRA: the LLM's base weights in 4-bit NF4 (bitsandbytes, CUDA only)
+    qlora: bool = False
+    #: measure efficiency (FLOPs, latency, decode speed) after training; None: on for the mini world only
+    profile: bool | None = None
     max_length: int | None = None
     eval_limit: int | None = 1000  # questions per evaluation split (None: all)
     strict: bool = False
@@ -67,8 +86,13 @@ class RunConfig:
     def resolved_stages(self) -> list[StageConfig]:
         if self.recipe not in RECIPES and not self.stages:
             raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")
-        stages = self.stages or RECIPES[self.recipe]
-        return [StageConfig(**s) for s in stages]
+        stages = [StageConfig(**s) for s in (self.stages or RECIPES[self.recipe])]
+        for s in stages:
+            if self.gradient_checkpointing is not None:
+                s.gradient_checkpointing = self.gradient_checkpointing
+            if self.lora is not None and s.stage >= 2:
+                s.lora = self.lora
+        return stages
 
 
 # ------------------------------------------------------------------ pieces
@@ -97,8 +121,13 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
     return train, held, {"heldout": held}, None
 
 
-def build_model(cfg: RunConfig, world, log) -> VLM:
+def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM:
     enc_spec, llm_spec, conn_spec = dict(cfg.encoder), dict(cfg.llm), dict(cfg.connector)
+    if backbone_dtype != "fp32":
+        enc_spec.setdefault("dtype", TORCH_NAMES[backbone_dtype])
+        llm_spec.setdefault("dtype", TORCH_NAMES[backbone_dtype])
+    if cfg.qlora:
+        llm_spec["quantization"] = "nf4"
     if world is not None:
         from bench.pretrain import pretrain_encoder, pretrain_llm
 
@@ -127,14 +156,6 @@ def stage_samples(data: Dataset, which: str) -> Dataset:
 
 def _steps(pretrain: dict[str, Any], key: str) -> dict[str, int]:
     return {"steps": pretrain[key]} if key in pretrain else {}
-
-
-def precision(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"  # fp32 on CPU: deterministic, and bf16 autocast is not faster on small CPUs
 
 
 def git_commit() -> str | None:
@@ -190,14 +211,20 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     elif existing:
         raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
     stages = cfg.resolved_stages()
+    prec = resolve_precision(cfg.precision)
+    backbone = resolve_backbone_dtype(cfg.backbone_dtype, prec)
+    if cfg.precision == "fp16" and prec == "bf16":
+        log("precision: fp16 autocast is not available on CPU through accelerate; running bf16 autocast")
     # on a machine without GPUs, processes started by torchrun / accelerate talk over gloo (DistributedType.MULTI_CPU)
-    accelerator = Accelerator(mixed_precision=precision(cfg.precision), cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=prec, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=stages[0].grad_accum)  # fmt: skip
+    for stage in stages:
+        stage.resolve_accumulation(accelerator.num_processes)
     if accelerator.is_main_process:
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     with accelerator.main_process_first():  # the main process builds caches; the others then read them
         train, val, eval_sets, world = load_data(cfg, log)
-        vlm = build_model(cfg, world, log)
+        vlm = build_model(cfg, world, log, backbone)
         features = {}
         for ds in (train, val, *eval_sets.values()):
             if ds is None:
@@ -214,9 +241,9 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
             collators[ds.images.key].check(ds, cfg.strict)
     blind = {}
     if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
-        blind = {
-            name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
-        }
+        with autocast(prec, vlm.device):
+            blind = {name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit)
+                     for name, ds in eval_sets.items()}  # fmt: skip
     train_stats: list[dict[str, Any]] = []
     for index, stage in enumerate(stages, start=1):
         accelerator.gradient_accumulation_steps = stage.grad_accum
@@ -243,18 +270,23 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
         vlm = accelerator.unwrap_model(trainer.model)
     results = {}
     if accelerator.is_main_process:
-        results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log)
+        with autocast(prec, vlm.device):
+            results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind,
+                             log, {"compute": prec, "backbone": backbone})  # fmt: skip
     accelerator.wait_for_everyone()
     return results
 
 
-def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log) -> dict:
-    vlm.save(out_dir)
+def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
+           precision) -> dict:  # fmt: skip
+    save_final(vlm, out_dir, len(train_stats))
     metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
                for name, ds in eval_sets.items()}  # fmt: skip
     first_eval = next(iter(eval_sets.values()))
+    profile = cfg.profile if cfg.profile is not None else cfg.data.get("kind", "world") == "world"
     results = {
-        "efficiency": efficiency(vlm, first_eval),
+        "efficiency": efficiency(vlm, first_eval) if profile else {},
+        "precision": precision,
         "config": dataclasses.asdict(cfg),
         "metrics": metrics,
         "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
@@ -262,6 +294,7 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
                        "connector": vlm.connector.num_parameters(),
                        "total": sum(p.numel() for p in vlm.parameters())},
         "training": [{k: v for k, v in s.items() if k != "history"} for s in train_stats],
+        "memory": [s["memory"] for s in train_stats],
         "loss_history": [s["history"] for s in train_stats],
         "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
         "wall_time_seconds": time.time() - started,
@@ -276,6 +309,26 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         tmp.write_text(text + "\n")
     log(text)
     return results
+
+
+def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
+    """The run's model: hard links to the last stage's final checkpoint when it holds these exact weights (a 7B
+    stage-2 run then writes its weights once, not three times), else a fresh save."""
+    last = out_dir / f"stage{num_stages}" / "checkpoint-last"
+    try:
+        state = read_json(last / "trainer_state.json")
+        final = state["step"] == state["total_steps"]
+    except (FileNotFoundError, ValueError, KeyError):
+        final = False
+    if not final:
+        vlm.save(out_dir)
+        return
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        with atomic_path(out_dir / name) as tmp:
+            try:
+                os.link(last / name, tmp)
+            except OSError:
+                shutil.copy2(last / name, tmp)
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -295,7 +348,7 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"  visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
     p = results["parameters"]
     lines.append(f"  parameters: trainable {p['trainable']:,} / total {p['total']:,}; "
-                 f"train {results['train_samples_per_second']:.0f} samples/s; encoder forwards "
+                 f"train {results['train_samples_per_second']:.3g} samples/s; encoder forwards "
                  f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
                  f"wall {results['wall_time_seconds']:.0f} s")  # fmt: skip
     examples = next((m["examples"] for m in results["metrics"].values() if m.get("examples")), [])

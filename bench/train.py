@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from bench.data import BadSample, Collator, Dataset
+from bench.precision import memory_report, upcast_trainable
 from bench.vlm import VLM
 from connector_zoo.io import atomic_path
 
@@ -41,6 +42,9 @@ class StageConfig:
     epochs: float = 1.0
     batch_size: int = 16
     grad_accum: int = 1
+    #: when set, the accumulation is derived: global_batch = batch_size x grad_accum x processes (recipes of the
+    #: papers name the global batch; the same recipe then holds on 1 GPU or 8)
+    global_batch: int | None = None
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -52,15 +56,58 @@ class StageConfig:
     data: str = "all"
     #: sort the samples of each optimizer step by length, so micro-batches pad less (LLaVA's length grouping)
     group_by_length: bool = False
+    #: recompute the LLM's activations in the backward pass (less memory, ~1/3 more compute); the LLM's own
+    #: transformers gradient checkpointing, non-reentrant, so a frozen LLM still passes gradients to the connector
+    gradient_checkpointing: bool = False
+    #: the connector's learning rate when it differs from ``lr`` (LLaVA-1.5 LoRA: lr 2e-4, projector 2e-5)
+    connector_lr: float | None = None
+    #: LoRA adapters on the LLM in a stage that trains it (``r``, ``alpha``, ``dropout``, ``targets``), or None
+    lora: dict[str, Any] | None = None
+
+    def resolve_accumulation(self, num_processes: int) -> None:
+        """Set ``grad_accum`` from ``global_batch`` for this number of processes (no-op when it is not set)."""
+        if self.global_batch is None:
+            return
+        per_step = self.batch_size * num_processes
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global batch {self.global_batch} is not a multiple of batch {self.batch_size} x {num_processes} "
+                f"processes; choose a --batch-size that divides {self.global_batch // num_processes}"
+            )
+        self.grad_accum = self.global_batch // per_step
 
 
-def set_trainable(vlm: VLM, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 1: connector only. Stage 2: connector and LLM. The encoder stays frozen in both."""
+def set_trainable(vlm: VLM, cfg: StageConfig) -> list[torch.nn.Parameter]:
+    """Stage 1: connector only. Stage 2: connector and LLM (or the LLM's LoRA adapters). The encoder stays frozen.
+
+    Trainable parameters are made fp32 (master weights) whatever dtype the backbone was loaded in."""
     vlm.encoder.freeze(True)
-    vlm.llm.model.requires_grad_(stage >= 2)
-    vlm.llm.frozen = stage < 2
+    trains_llm = cfg.stage >= 2
+    if trains_llm and cfg.lora:
+        vlm.llm.add_lora(cfg.lora)
+        vlm.llm.model.requires_grad_(False)
+        for p in vlm.llm.lora_parameters():
+            p.requires_grad_(True)
+    else:
+        vlm.llm.model.requires_grad_(trains_llm)
+    vlm.llm.frozen = not trains_llm
+    model = vlm.llm.model
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     # parameters a connector froze on purpose (e.g. a MiniGPT-4 Q-Former) keep requires_grad=False
-    return [p for p in vlm.parameters() if p.requires_grad]
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    upcast_trainable(params)
+    return params
+
+
+def parameter_groups(vlm: VLM, params: list[torch.nn.Parameter], cfg: StageConfig) -> list[dict[str, Any]]:
+    """One AdamW group for the connector (at ``connector_lr`` when set) and one for the rest (LLM or adapters)."""
+    own = {id(p) for p in vlm.connector.parameters()}
+    groups = [{"params": [p for p in params if id(p) in own], "lr": cfg.connector_lr or cfg.lr, "name": "connector"},
+              {"params": [p for p in params if id(p) not in own], "lr": cfg.lr, "name": "llm"}]  # fmt: skip
+    return [g for g in groups if g["params"]]
 
 
 class Trainer:
@@ -70,9 +117,9 @@ class Trainer:
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         self.cfg, self.out_dir, self.seed, self.log = cfg, Path(out_dir), seed, log
         self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
-        params = set_trainable(vlm, cfg.stage)
+        params = set_trainable(vlm, cfg)
         self.num_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train.samples) / per_step))
@@ -85,6 +132,7 @@ class Trainer:
         self.best_val = float("inf")
         self.samples_seen = 0
         self.train_seconds = 0.0
+        self.memory: dict[str, Any] = {}
 
     # -------------------------------------------------------------- data order
     def micro_batch(self, step: int, micro: int):
@@ -116,7 +164,9 @@ class Trainer:
     # ------------------------------------------------------------------- train
     def fit(self) -> dict[str, Any]:
         self.model.train()
-        kill_at = int(os.environ.get("CONNECTOR_ZOO_KILL_AT_STEP", "-1"))  # tests: die like a killed job
+        # tests: die like a killed job at step N of any stage ("N") or of one stage ("STAGE:N")
+        kill = os.environ.get("CONNECTOR_ZOO_KILL_AT_STEP", "-1").split(":")
+        kill_at = int(kill[-1]) if len(kill) == 1 or int(kill[0]) == self.cfg.stage else -1
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             losses = []
@@ -131,6 +181,9 @@ class Trainer:
                     self.optimizer.zero_grad()
                 losses.append(out.loss.detach())
             self.scheduler.step()
+            if not self.memory:  # after the first step: gradients and optimizer state exist
+                self.memory = memory_report(self.model, self.optimizer.optimizer if hasattr(self.optimizer,
+                                            "optimizer") else self.optimizer)  # fmt: skip
             loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             self.step += 1
             self.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
@@ -139,40 +192,53 @@ class Trainer:
             if self.step % max(1, self.total_steps // 10) == 0 or self.step == self.total_steps:
                 self.log(f"  step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {self.history[-1]['lr']:.2e}")
             evaluate_now = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
-            if self.val_data is not None and (evaluate_now or self.step == self.total_steps):
-                self.validate()
+            names = []
+            if self.val_data is not None and (evaluate_now or self.step == self.total_steps) and self.validate():
+                names.append("checkpoint-best")
             if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
-                self.save_checkpoint("checkpoint-last")
+                names.insert(0, "checkpoint-last")
+            self.save_checkpoints(names)
             if self.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         return {"steps": self.step, "final_loss": self.history[-1]["loss"], "best_val_loss": self.best_val,
                 "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
-                "trainable_parameters": self.num_trainable}  # fmt: skip
+                "trainable_parameters": self.num_trainable, "memory": self.memory,
+                "gradient_checkpointing": self.cfg.gradient_checkpointing, "lora": self.cfg.lora}  # fmt: skip
 
     @torch.no_grad()
-    def validate(self) -> float:
-        loss = validation_loss(self.acc.unwrap_model(self.model), self.val_data, self.collator, self.cfg.batch_size)
+    def validate(self) -> bool:
+        """Validation loss at this step (recorded in the history); True when it is the best so far."""
+        with self.acc.autocast():
+            loss = validation_loss(self.acc.unwrap_model(self.model), self.val_data, self.collator,
+                                   self.cfg.batch_size)  # fmt: skip
         self.history[-1]["val_loss"] = loss
+        self.model.train()
         if loss < self.best_val:
             self.best_val = loss
-            self.save_checkpoint("checkpoint-best")
-        self.model.train()
-        return loss
+            return True
+        return False
 
     # ------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, name: str) -> None:
+    def save_checkpoints(self, names: list[str]) -> None:
+        """Write the first checkpoint of ``names`` and hard-link its files under the others: best and last of the
+        same step share their bytes instead of writing a 7B model's weights and optimizer state twice."""
+        if not names:
+            return
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
         vlm = self.acc.unwrap_model(self.model)
-        state = {"step": self.step, "best_val": self.best_val, "history": self.history,
+        state = {"step": self.step, "total_steps": self.total_steps, "best_val": self.best_val, "history": self.history,
                  "samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
                  "stage": dataclasses.asdict(self.cfg)}  # fmt: skip
-        with atomic_path(self.out_dir / name) as tmp:
+        first = self.out_dir / names[0]
+        with atomic_path(first) as tmp:
             vlm.save(tmp)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        for name in names[1:]:
+            link_copy(first, self.out_dir / name)
 
     def resume(self, directory: Path) -> None:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint written by ``save_checkpoint``."""
@@ -185,6 +251,19 @@ class Trainer:
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
         self.samples_seen, self.train_seconds = state["samples_seen"], state["train_seconds"]
         self.log(f"  resumed at step {self.step}/{self.total_steps} from {directory}")
+
+
+def link_copy(source: Path, target: Path) -> None:
+    """Atomically make ``target`` a directory of hard links to ``source``'s files (a copy where links fail)."""
+    import shutil
+
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        for f in source.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
 
 
 @torch.no_grad()

@@ -111,7 +111,9 @@ class VLM(nn.Module):
             features = self.encode(inputs.pixel_values.to(self.device))
         if features is None:
             return None
-        return self.connector(features.to(self.device))
+        # features reach the connector in its own dtype (fp32 master weights), whatever the encoder is stored in
+        dtype = next((p.dtype for p in self.connector.parameters()), torch.float32)
+        return self.connector(features.to(self.device, dtype=dtype))
 
     @property
     def device(self) -> torch.device:
@@ -279,4 +281,7 @@ class VLM(nn.Module):
             )
         with torch.no_grad():
             for k, v in state.items():
-                own[k].copy_(v)
+                if own[k].dtype != v.dtype and v.dtype == torch.float32 and isinstance(own[k], nn.Parameter):
+                    own[k].data = v.to(own[k].device)  # trained fp32 master weights stay fp32 in a half backbone
+                else:
+                    own[k].copy_(v)

@@ -28,13 +28,14 @@ class HFVisionEncoder(VisionEncoder):
     config_cls: type
     processor_cls: type
 
-    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True):
-        super().__init__(checkpoint, layer, frozen)
+    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
+        super().__init__(checkpoint, layer, frozen, dtype)
         path = checkpoint
         if checkpoint in self.presets:
             path = preset_dir(self.registered_name, checkpoint, self.presets[checkpoint], self._build_preset)
         self.source = str(path)  # where the weights were read from
-        self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} vision model")
+        self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} vision model",
+                                     dtype=getattr(torch, self.dtype_name))  # fmt: skip
         self.processor = load_pretrained(AutoImageProcessor.from_pretrained, path, f"{self.registered_name} processor")
         cfg = self.model.config
         side = cfg.image_size // cfg.patch_size

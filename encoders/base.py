@@ -85,11 +85,13 @@ class VisionEncoder(nn.Module):
     presets: dict[str, dict[str, Any]] = {}
     default_checkpoint: str = "tiny"
 
-    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True):
+    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
+        """``dtype``: the weights' storage dtype (``float32`` unless given, e.g. ``bfloat16`` for a frozen tower)."""
         super().__init__()
         self.checkpoint = checkpoint
         self.layer = layer
         self.frozen = frozen
+        self.dtype_name = dtype or "float32"
         self.info: EncoderInfo
 
     # ---------------------------------------------------------------- contract
@@ -143,6 +145,7 @@ class VisionEncoder(nn.Module):
             "family": self.registered_name,
             "checkpoint": str(self.checkpoint),
             "layer": self.layer,
+            "dtype": self.dtype_name,
             "preprocess": self.preprocess_signature(),
             "weights": weights.hexdigest(),
         }

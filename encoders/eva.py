@@ -43,9 +43,9 @@ class EVAViTG(VisionEncoder):
     }
     real_checkpoints = ("eva_giant_patch14_224.clip_ft_in1k", "open_clip:EVA01-g-14/laion400m_s11b_b41k")
 
-    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True):
-        super().__init__(checkpoint, layer, frozen)
-        self.model = self._load(checkpoint)
+    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
+        super().__init__(checkpoint, layer, frozen, dtype)
+        self.model = self._load(checkpoint).to(getattr(torch, self.dtype_name))
         cfg = resolve_data_config({}, model=self.model)
         self.data_config = cfg
         self.transform = create_transform(**cfg, is_training=False)

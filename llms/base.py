@@ -53,7 +53,17 @@ class LLMBackend(nn.Module):
     #: special tokens of the tiny preset's tokenizer (roles: bos/eos/pad/unk/additional)
     tiny_special_tokens: dict[str, Any] = {}
 
-    def __init__(self, checkpoint: str, frozen: bool = True, dtype: str | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        frozen: bool = True,
+        dtype: str | None = None,
+        lora: dict[str, Any] | None = None,
+        quantization: str | None = None,
+    ):
+        """``dtype``: the weights' storage dtype (``float32`` unless given: a half-precision checkpoint is not
+        silently trained in half). ``lora``: LoRA adapters on the LLM (:meth:`add_lora`). ``quantization``:
+        ``"nf4"`` loads the base weights in 4 bits through bitsandbytes (QLoRA; CUDA only)."""
         super().__init__()
         self.checkpoint = checkpoint
         path = checkpoint
@@ -62,15 +72,57 @@ class LLMBackend(nn.Module):
                 self.registered_name, checkpoint, self.presets[checkpoint], lambda d: self.build_tiny(d, checkpoint)
             )
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer")
-        torch_dtype = getattr(torch, dtype) if dtype else None
+        extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
         self.model = load_pretrained(
-            self.model_cls.from_pretrained, path, f"{self.registered_name} model", dtype=torch_dtype
+            self.model_cls.from_pretrained,
+            path,
+            f"{self.registered_name} model",
+            dtype=getattr(torch, dtype or "float32"),
+            **extra,
         )
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = self.chat_template
         self._add_special_tokens()
         self.frozen = frozen
         self.model.requires_grad_(not frozen)
+        self.lora: dict[str, Any] | None = None
+        if lora:
+            self.add_lora(lora)
+
+    # -------------------------------------------------------------------- LoRA
+    def add_lora(self, settings: dict[str, Any]) -> None:
+        """Wrap the causal LM with peft LoRA adapters (base weights frozen, adapters trainable and fp32).
+
+        ``settings``: ``r``, ``alpha``, ``dropout``, ``targets`` (module names, or ``all-linear``: every linear
+        layer but the output head, which is LLaVA's ``find_all_linear_names``). Idempotent for the same settings.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        settings = normalize_lora(settings)
+        if self.lora is not None:
+            if self.lora != settings:
+                raise ValueError(f"the LLM already has LoRA {self.lora}; cannot add {settings}")
+            return
+        targets = settings["targets"]
+        config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                            target_modules=targets if targets == "all-linear" else targets.split("+"),
+                            task_type="CAUSAL_LM")  # fmt: skip
+        self.model = get_peft_model(self.model, config, autocast_adapter_dtype=True)
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        self.lora = settings
+        self.spec = {**getattr(self, "spec", {}), "lora": settings}
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights (for export); the backend is a plain causal LM again."""
+        if self.lora is not None:
+            self.model = self.model.merge_and_unload()
+            self.lora = None
+            self.spec = {k: v for k, v in getattr(self, "spec", {}).items() if k != "lora"}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> LLMBackend:
@@ -192,6 +244,42 @@ class LLMBackend(nn.Module):
         )
         cls.model_cls(config).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+
+
+LORA_DEFAULTS = {"r": 128, "alpha": 256, "dropout": 0.05, "targets": "all-linear"}  # LLaVA-1.5's LoRA recipe
+
+
+def normalize_lora(settings: dict[str, Any]) -> dict[str, Any]:
+    """LoRA settings with defaults filled in and checked: one line naming a bad setting, its value and the range."""
+    unknown = sorted(set(settings) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown LoRA setting(s) {unknown}; known: {', '.join(LORA_DEFAULTS)}")
+    out = {**LORA_DEFAULTS, **settings}
+    if not isinstance(out["r"], int) or out["r"] < 1:
+        raise ValueError(f"LoRA r must be an integer >= 1, got {out['r']!r}")
+    if not isinstance(out["alpha"], (int, float)) or out["alpha"] <= 0:
+        raise ValueError(f"LoRA alpha must be a number > 0, got {out['alpha']!r}")
+    if not isinstance(out["dropout"], (int, float)) or not 0 <= out["dropout"] < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {out['dropout']!r}")
+    if not isinstance(out["targets"], str) or not out["targets"]:
+        raise ValueError(f"LoRA targets must be all-linear or module names joined by + (q_proj+v_proj), "
+                         f"got {out['targets']!r}")  # fmt: skip
+    return out
+
+
+def quantization_config(kind: str):
+    """QLoRA's 4-bit NF4 base weights (bitsandbytes), or a clear error where they cannot run."""
+    if kind != "nf4":
+        raise ValueError(f"quantization must be 'nf4' (QLoRA's 4-bit NormalFloat), got {kind!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "QLoRA (4-bit base weights through bitsandbytes) needs a CUDA GPU, and this machine has none; "
+            "use --lora without --qlora on CPU (bf16 base weights: --backbone-dtype bf16 --precision bf16)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
 
 
 def check_messages(messages: list[dict[str, str]], need_assistant: bool = True) -> None:

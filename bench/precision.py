@@ -1,0 +1,99 @@
+"""Precision and memory policy: mixed precision by autocast, backbone weights in half, trainable weights in fp32.
+
+- ``--precision`` (no | bf16 | fp16 | auto) is the *compute* precision: accelerate's autocast in training, the same
+  autocast in validation, evaluation, generation, profiling and the pruning curve, so a number measured after training
+  comes from the arithmetic the model trained with. ``auto`` is bf16 on GPUs that have it, fp16 on older GPUs, fp32
+  on CPU. accelerate silently ignores fp16 on CPU, so fp16 on CPU runs bf16 autocast (said in the log).
+- ``--backbone-dtype`` (fp32 | bf16 | fp16 | auto) is the *storage* dtype of the frozen encoder and LLM weights, given
+  to ``from_pretrained`` so a 7B LLM is never materialised in fp32 first. ``auto`` is the precision's dtype on GPU and
+  fp32 on CPU. Half-precision backbones need autocast (a half precision).
+- Trainable parameters are always fp32 (master weights, fp32 AdamW states), whatever the checkpoint file holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_precision(name: str, cuda: bool | None = None) -> str:
+    """The compute precision accelerate gets: ``no``, ``bf16`` or ``fp16``."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name not in ("auto", "no", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be auto, no (fp32), bf16 or fp16, not {name!r}")
+    if name == "auto":
+        if not cuda:
+            return "no"  # fp32 on CPU: deterministic, and bf16 autocast is not faster on small CPUs
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "fp16" and not cuda:
+        return "bf16"  # accelerate ignores fp16 on CPU; bf16 autocast is the 16-bit path the CPU has
+    return "no" if name == "fp32" else name
+
+
+def resolve_backbone_dtype(name: str | None, precision: str, cuda: bool | None = None) -> str:
+    """The storage dtype of frozen backbone weights: ``fp32``, ``bf16`` or ``fp16``."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    name = name or "auto"
+    if name == "auto":
+        return precision if cuda and precision in ("bf16", "fp16") else "fp32"
+    if name not in DTYPES:
+        raise ValueError(f"--backbone-dtype must be auto, fp32, bf16 or fp16, not {name!r}")
+    if name != "fp32" and precision == "no":
+        raise ValueError(
+            f"--backbone-dtype {name} needs mixed precision: half-precision weights meet fp32 trainable weights only "
+            f"under autocast; add --precision {name} (or bf16)"
+        )
+    return name
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """The autocast context of a compute precision (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    if precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=DTYPES[precision])
+
+
+def upcast_trainable(params: list[torch.nn.Parameter]) -> None:
+    """Trainable parameters in fp32 (master weights), whatever dtype they were loaded in."""
+    for p in params:
+        if p.dtype != torch.float32 and p.is_floating_point():
+            p.data = p.data.float()
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Bytes held by parameters (all, trainable), gradients, optimizer state, and the process's peak so far."""
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    on_cuda = any(p.is_cuda for p in params)
+    peak = (torch.cuda.max_memory_allocated() if on_cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    return {
+        "parameters_bytes": tensor_bytes(params),
+        "trainable_parameters_bytes": tensor_bytes(p for p in params if p.requires_grad),
+        # one gradient per trainable parameter, same dtype and shape (measured after the step zeroed them)
+        "gradients_bytes": tensor_bytes(p for p in params if p.requires_grad),
+        "optimizer_state_bytes": tensor_bytes(state),
+        "peak_bytes": int(peak),
+        "peak_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS (ru_maxrss)",
+    }
+
+
+def run_precision(run_dir) -> str:
+    """The compute precision a run directory trained with (``no`` for a model directory without a run config)."""
+    from pathlib import Path
+
+    from connector_zoo.io import read_json
+
+    path = Path(run_dir) / "config.json"
+    return resolve_precision(read_json(path).get("precision", "auto")) if path.exists() else "no"
