@@ -92,10 +92,17 @@ def set_trainable(vlm: VLM, cfg: StageConfig) -> list[torch.nn.Parameter]:
         vlm.llm.model.requires_grad_(trains_llm)
     vlm.llm.frozen = not trains_llm
     model = vlm.llm.model
+    # transformers >= 5.x names it activation checkpointing; older 5.x releases only have the gradient_* names
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    disable = model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if new_api:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        disable()
     # parameters a connector froze on purpose (e.g. a MiniGPT-4 Q-Former) keep requires_grad=False
     params = [p for p in vlm.parameters() if p.requires_grad]
     upcast_trainable(params)

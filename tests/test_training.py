@@ -1,0 +1,208 @@
+"""The training path a GPU user takes: mixed precision, half backbones with fp32 master weights, gradient
+checkpointing, LoRA, the global batch, and checkpoints that do not duplicate bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from accelerate.utils import convert_outputs_to_fp32
+from conftest import images
+from test_harness import MICRO, bench
+from test_vlm import CONV_A, CONV_B, batch
+
+from bench.precision import resolve_backbone_dtype, resolve_precision
+from bench.train import StageConfig, parameter_groups, set_trainable
+from bench.vlm import VLM, VLMOutput
+
+
+def tiny_vlm(llm: str = "tinyllama", **llm_settings) -> VLM:
+    torch.manual_seed(0)
+    return VLM.build({"name": "clip"}, {"name": "mlp2x_gelu"}, {"name": llm, **llm_settings})
+
+
+def test_the_output_keeps_every_field_through_accelerate_fp32_conversion():
+    """accelerate rebuilds the output under mixed precision; undeclared attributes were lost (issue 9)."""
+    out = VLMOutput(loss=torch.tensor(2.0, dtype=torch.bfloat16), lm_loss=torch.tensor(1.5, dtype=torch.bfloat16),
+                    logits=torch.ones(1, 2, 3, dtype=torch.bfloat16), visual_tokens=torch.tensor([4]))  # fmt: skip
+    back = convert_outputs_to_fp32(lambda: out)()
+    assert back.lm_loss.dtype == torch.float32 and back.lm_loss.item() == 1.5 and back.loss.item() == 2.0
+    assert back.visual_tokens.tolist() == [4] and back.logits.dtype == torch.float32
+
+
+def test_precision_and_backbone_dtype_resolution():
+    assert resolve_precision("auto", cuda=False) == "no" and resolve_precision("fp16", cuda=False) == "bf16"
+    assert resolve_precision("bf16", cuda=False) == "bf16" and resolve_precision("fp32", cuda=False) == "no"
+    assert resolve_backbone_dtype("auto", "bf16", cuda=False) == "fp32"
+    assert resolve_backbone_dtype("auto", "bf16", cuda=True) == "bf16"
+    with pytest.raises(ValueError, match="needs mixed precision"):
+        resolve_backbone_dtype("bf16", "no")
+    with pytest.raises(ValueError, match="--precision must be"):
+        resolve_precision("half")
+
+
+def test_half_backbones_train_fp32_master_weights():
+    vlm = tiny_vlm(dtype="bfloat16")
+    assert vlm.llm.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    params = set_trainable(vlm, StageConfig(stage=2))
+    assert params and all(p.dtype == torch.float32 for p in params)  # the full LLM, upcast for training
+    lora = tiny_vlm(dtype="bfloat16")
+    params = set_trainable(lora, StageConfig(stage=2, lora={"r": 4, "alpha": 8}))
+    names = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n or n.startswith("connector.") for n in names)
+    assert all(p.dtype == torch.float32 for p in params)
+    base = lora.llm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert base.dtype == torch.bfloat16 and not base.requires_grad  # the frozen base stays in half
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    results = []
+    for checkpointing in (False, True):
+        vlm = tiny_vlm()
+        set_trainable(vlm, StageConfig(stage=2, gradient_checkpointing=checkpointing))
+        vlm.train()
+        inputs = batch(vlm.llm, [CONV_A, CONV_B], [True, True], vlm.encoder.preprocess(images(2)))
+        out = vlm(inputs)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+        model = vlm.llm.model
+        on = getattr(model, "is_activation_checkpointing", None)
+        results.append((out.loss.detach(), grads, model.is_gradient_checkpointing if on is None else on))
+    (loss_a, grads_a, on_a), (loss_b, grads_b, on_b) = results
+    assert not on_a and on_b  # it really was on in the second pass
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any(k.startswith("llm.") for k in grads_a)
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_connector_learning_rate_is_its_own_group():
+    vlm = tiny_vlm()
+    cfg = StageConfig(stage=2, lr=2e-4, connector_lr=2e-5, lora={"r": 4})
+    groups = parameter_groups(vlm, set_trainable(vlm, cfg), cfg)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["connector"]["lr"] == 2e-5 and by_name["llm"]["lr"] == 2e-4
+    assert {id(p) for p in by_name["connector"]["params"]} == {id(p) for p in vlm.connector.parameters()}
+
+
+def test_global_batch_sets_the_accumulation():
+    stage = StageConfig(batch_size=16, global_batch=128)
+    stage.resolve_accumulation(8)
+    assert stage.grad_accum == 1
+    stage.resolve_accumulation(1)
+    assert stage.grad_accum == 8
+    with pytest.raises(ValueError, match="not a multiple"):
+        StageConfig(batch_size=16, global_batch=100).resolve_accumulation(1)
+
+
+def test_qlora_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="QLoRA .* needs a CUDA GPU"):
+        tiny_vlm(quantization="nf4")
+
+
+def test_lora_export_merges_the_adapters(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from bench.export import export_hf
+
+    vlm = tiny_vlm(lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    with torch.no_grad():
+        for p in vlm.llm.lora_parameters():
+            p.normal_(0, 0.2)  # adapters that change the output (lora_B starts at zero)
+    vlm.eval()
+    inputs = batch(vlm.llm, [CONV_A], [True], vlm.encoder.preprocess(images(1)))
+    with torch.no_grad():
+        ours = vlm(inputs).logits
+    export_hf(vlm, tmp_path / "llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    ids = inputs.input_ids[0]
+    p = int((ids == vlm.llm.image_token_id).nonzero())
+    n = vlm.encoder.info.num_patches
+    expanded = torch.cat([ids[:p], torch.full((n,), vlm.llm.image_token_id), ids[p + 1 :]])[None]
+    with torch.no_grad():
+        theirs = hf(input_ids=expanded, pixel_values=inputs.pixel_values).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- whole runs
+LORA_BF16 = ["--precision", "bf16", "--backbone-dtype", "bf16", "--lora", "r=8,alpha=16", "--gradient-checkpointing"]
+
+
+@pytest.fixture(scope="module")
+def bf16_lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "bf16-lora"
+    proc = bench([*MICRO, *LORA_BF16, "--out", str(out), "--save-every", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_a_bf16_lora_run_records_precision_memory_and_adapters(bf16_lora_run):
+    results = json.loads((bf16_lora_run / "results.json").read_text())
+    assert results["precision"] == {"compute": "bf16", "backbone": "bf16"}
+    stage1, stage2 = results["memory"]
+    assert stage2["trainable_parameters_bytes"] == 4 * results["parameters"]["trainable"]  # fp32 master weights
+    assert stage2["optimizer_state_bytes"] >= 2 * stage2["trainable_parameters_bytes"]  # AdamW: two fp32 moments
+    assert stage2["parameters_bytes"] < 4 * results["parameters"]["total"]  # the frozen base is held in bf16
+    assert results["training"][1]["lora"]["r"] == 8 and results["training"][1]["gradient_checkpointing"]
+    spec = json.loads((bf16_lora_run / "vlm_config.json").read_text())
+    assert spec["llm"]["lora"]["r"] == 8 and spec["llm"]["dtype"] == "bfloat16"
+    # best and last of the final step, and the run's own weights, are one file on disk
+    last, best = (
+        bf16_lora_run / "stage2" / n / "trainable.safetensors" for n in ("checkpoint-last", "checkpoint-best")
+    )
+    assert os.stat(last).st_ino == os.stat(best).st_ino == os.stat(bf16_lora_run / "trainable.safetensors").st_ino
+    assert os.stat(last).st_size < 1_000_000  # adapters + connector only, not the LLM
+
+
+def test_a_killed_bf16_lora_run_resumes_to_the_same_numbers(bf16_lora_run, tmp_path):
+    killed = tmp_path / "killed"
+    proc = bench([*MICRO, *LORA_BF16, "--out", str(killed), "--save-every", "2"],
+                 env={"CONNECTOR_ZOO_KILL_AT_STEP": "2:5"})  # fmt: skip
+    assert proc.returncode != 0 and not (killed / "results.json").exists()
+    proc = bench(["run", "--resume", str(killed)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed at step 4/6 from" in proc.stdout and "stage2" in proc.stdout
+    a = json.loads((bf16_lora_run / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert b["loss_history"] == a["loss_history"]
+    assert b["metrics"]["test"]["caption_loss"] == a["metrics"]["test"]["caption_loss"]
+    assert b["metrics"]["test"]["accuracy"] == a["metrics"]["test"]["accuracy"]
+
+
+def test_eval_generate_prune_curve_and_export_work_on_a_bf16_lora_run(bf16_lora_run, tmp_path):
+    results = json.loads((bf16_lora_run / "results.json").read_text())
+    proc = bench(["eval", str(bf16_lora_run), "--eval-limit", "8"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the same loss as the run recorded: the run's precision and the adapters are restored
+    assert f"test: caption_loss {results['metrics']['test']['caption_loss']:.4f}" in proc.stdout
+    images(1)[0].save(tmp_path / "a.png")
+    proc = bench(["generate", str(bf16_lora_run), "--image", str(tmp_path / "a.png"), "--prompt", "Colour?",
+                  "--max-new-tokens", "2"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = bench(["prune-curve", str(bf16_lora_run), "--ratios", "1,0.5", "--eval-limit", "4",
+                  "--out", str(tmp_path / "curve")])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = bench(["export-hf", "--run", str(bf16_lora_run), "--out", str(tmp_path / "hf")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "lora" not in json.dumps(weights)  # merged: a plain Llava model
+
+
+def test_bf16_and_fp32_runs_agree(bf16_lora_run, tmp_path):
+    """The same micro run in fp32 and under bf16 autocast with bf16 backbones: losses agree to bf16's precision."""
+    common = [*MICRO, "--lora", "r=8,alpha=16"]
+    runs = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        extra = ["--backbone-dtype", "bf16"] if precision == "bf16" else []
+        proc = bench([*common, "--precision", precision, *extra, "--out", str(out), "--profile"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[precision] = json.loads((out / "results.json").read_text())
+    fp32, bf16 = runs["no"], runs["bf16"]
+    for a, b in zip(fp32["loss_history"], bf16["loss_history"]):
+        for x, y in zip(a, b):
+            assert abs(x["loss"] - y["loss"]) <= 0.02 * abs(x["loss"]), (x, y)  # bf16: 8 bits of mantissa
+    x, y = fp32["metrics"]["test"]["caption_loss"], bf16["metrics"]["test"]["caption_loss"]
+    assert abs(x - y) <= 0.02 * x and bf16["efficiency"]["flops"]["llm_prefill"] > 0
