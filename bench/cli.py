@@ -250,9 +250,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print(f"  parameters: connector {result['parameters']['connector']:,}, total {result['parameters']['total']:,}")
     print(f"  FLOPs: connector {fl['connector']:,}, LLM prefill {fl['llm_prefill']:,} ({result['prefill_tokens']} "
           f"tokens)")  # fmt: skip
+    decode = result["decode_tokens_per_second"]
     print(
         f"  prefill latency (time to first token) {result['prefill_latency_ms']:.2f} ms; decode "
-        f"{result['decode_tokens_per_second'] or float('nan'):.1f} tokens/s; peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB"
+        f"{'n/a' if decode is None else f'{decode:.1f}'} tokens/s; peak memory "
+        f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
     if args.json:
         print(json.dumps(result, indent=1))
@@ -292,6 +294,24 @@ def cmd_peer(args: argparse.Namespace) -> None:
         f"{r['peer_final_loss']:.4f}"
     )
     print(f"  ratio: {r['speedup']:.2f}x")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from bench.plan import plan
+    from bench.run import RunConfig
+
+    specs = specs_from_args(args)
+    for family, default in (("encoder", "openai/clip-vit-large-patch14-336"), ("llm", "lmsys/vicuna-7b-v1.5")):
+        specs[family]["checkpoint"] = specs[family]["checkpoint"] or default
+    stages = RunConfig(recipe=args.recipe, lora=parse_lora(args.lora)).resolved_stages()
+    if args.batch_size:
+        for s in stages:
+            s.batch_size = args.batch_size
+    lora = parse_lora(args.lora)
+    print(f"plan: {args.encoder} ({specs['encoder']['checkpoint']}) + {specs['connector']['name']} + {args.llm} "
+          f"({specs['llm']['checkpoint']}), recipe {args.recipe}, {args.devices} devices")  # fmt: skip
+    for line in plan(specs, stages, args.devices, args.text_tokens, args.backbone_dtype, lora and lora["r"]):
+        print(line)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -486,6 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-scale", type=float, default=1.0)
     p.add_argument("--pretrain-steps", type=int)
     p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("plan", help="parameters, memory per device and FLOPs of a configuration and recipe")
+    add_component_args(p)
+    p.add_argument("--recipe", default="llava-1.5-finetune")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="per-device batch (default: the recipe's)")
+    p.add_argument("--text-tokens", type=int, default=512, help="text tokens per sample besides the visual ones")
+    p.add_argument("--backbone-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--lora", nargs="?", const="", help="LoRA on the LLM in stage 2 (as for bench run)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")

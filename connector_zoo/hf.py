@@ -34,3 +34,26 @@ def load_pretrained(loader: Callable[..., Any], checkpoint: str | os.PathLike, w
             f"download it on a connected machine (`hf download {checkpoint}`) and copy the cache, or pass a local path"
         )
         raise OSError(f"could not load {what} from {checkpoint!r}: {hint}. ({type(err).__name__}: {err})") from err
+
+
+RANDOM_PREFIX = "random:"
+
+
+def random_geometry(
+    checkpoint: str, geometries: dict[str, dict[str, Any]], layers_key: str, default_layers: int
+) -> tuple[str, dict[str, Any]] | None:
+    """``random:<hub id>[:layers=N]`` -> (preset name, config kwargs): the real checkpoint's geometry (widths, patch
+    grid, vocabulary, context) with N layers and random weights, built locally. It runs the real-size path (shapes,
+    memory, dtypes) without downloading anything; ``None`` for any other checkpoint string."""
+    if not checkpoint.startswith(RANDOM_PREFIX):
+        return None
+    hub_id, _, option = checkpoint[len(RANDOM_PREFIX) :].partition(":")
+    if hub_id not in geometries:
+        raise ValueError(f"no known geometry for {hub_id!r} in {checkpoint!r}; known: {', '.join(geometries)}")
+    layers = default_layers
+    if option:
+        key, _, value = option.partition("=")
+        if key != "layers" or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{checkpoint!r}: the option after the id must be layers=N with N >= 1, got {option!r}")
+        layers = int(value)
+    return f"random-{hub_id.replace('/', '--')}-L{layers}", {**geometries[hub_id], layers_key: layers}

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from connector_zoo.hf import load_pretrained, preset_dir
+from connector_zoo.hf import load_pretrained, preset_dir, random_geometry
 from encoders.base import EncoderInfo, VisionEncoder
 
 # Tiny ViT presets shared by the transformers towers: an 8x8 grid of 8-px patches on 64-px images (the mini world's
@@ -27,12 +27,18 @@ class HFVisionEncoder(VisionEncoder):
     model_cls: type
     config_cls: type
     processor_cls: type
+    #: hub id -> the vision config of the real checkpoint, for ``random:<hub id>[:layers=N]`` (see connector_zoo.hf)
+    geometries: dict[str, dict[str, Any]] = {}
 
     def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
         super().__init__(checkpoint, layer, frozen, dtype)
-        path = checkpoint
-        if checkpoint in self.presets:
-            path = preset_dir(self.registered_name, checkpoint, self.presets[checkpoint], self._build_preset)
+        path, params = checkpoint, self.presets.get(checkpoint)
+        name = checkpoint
+        random = random_geometry(checkpoint, self.geometries, "num_hidden_layers", default_layers=2)
+        if random:
+            name, params = random
+        if params is not None:
+            path = preset_dir(self.registered_name, name, params, lambda d: self._build_preset(d, params))
         self.source = str(path)  # where the weights were read from
         self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} vision model",
                                      dtype=getattr(torch, self.dtype_name))  # fmt: skip
@@ -56,9 +62,8 @@ class HFVisionEncoder(VisionEncoder):
     def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> HFVisionEncoder:
         return cls(checkpoint or cls.default_checkpoint, **kwargs)
 
-    def _build_preset(self, out_dir) -> None:
+    def _build_preset(self, out_dir, params: dict[str, Any]) -> None:
         torch.manual_seed(0)
-        params = dict(self.presets[self.checkpoint])
         self.model_cls(self.config_cls(**params)).save_pretrained(out_dir)
         size = params["image_size"]
         self.processor_cls(

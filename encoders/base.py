@@ -9,6 +9,7 @@ function of (encoder, weights, layer, image, preprocessing): ``cache_key()`` nam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -103,10 +104,15 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, pixel_values: torch.Tensor, with_cls_attention: bool = False) -> VisionFeatures:
-        if self.frozen:
-            with torch.no_grad():
-                return self._encode(pixel_values, with_cls_attention)
-        return self._encode(pixel_values, with_cls_attention)
+        # a half-precision tower computes under autocast of its own dtype wherever it is called (feature cache,
+        # generation, profiling): its norms and softmaxes then run in fp32, as under the training autocast
+        half = getattr(torch, self.dtype_name) if self.dtype_name in ("bfloat16", "float16") else None
+        device = pixel_values.device.type
+        with torch.autocast(device, dtype=half) if half else contextlib.nullcontext():
+            if self.frozen:
+                with torch.no_grad():
+                    return self._encode(pixel_values, with_cls_attention)
+            return self._encode(pixel_values, with_cls_attention)
 
     def encode_images(self, images: list[Image.Image], with_cls_attention: bool = False) -> VisionFeatures:
         device = next(self.parameters()).device

@@ -18,7 +18,7 @@ from tokenizers import AddedToken
 from torch import nn
 from transformers import AutoTokenizer
 
-from connector_zoo.hf import load_pretrained, preset_dir
+from connector_zoo.hf import load_pretrained, preset_dir, random_geometry
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
@@ -52,6 +52,9 @@ class LLMBackend(nn.Module):
     prepend_bos = False
     #: special tokens of the tiny preset's tokenizer (roles: bos/eos/pad/unk/additional)
     tiny_special_tokens: dict[str, Any] = {}
+    #: hub id -> the real checkpoint's config (widths, vocabulary, context; ``save_dtype``: its weights' dtype), for
+    #: ``random:<hub id>[:layers=N]`` (see connector_zoo.hf); the tokenizer of such a checkpoint is the tiny one
+    geometries: dict[str, dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -66,11 +69,12 @@ class LLMBackend(nn.Module):
         ``"nf4"`` loads the base weights in 4 bits through bitsandbytes (QLoRA; CUDA only)."""
         super().__init__()
         self.checkpoint = checkpoint
-        path = checkpoint
-        if checkpoint in self.presets:
-            path = preset_dir(
-                self.registered_name, checkpoint, self.presets[checkpoint], lambda d: self.build_tiny(d, checkpoint)
-            )
+        path, params, name = checkpoint, self.presets.get(checkpoint), checkpoint
+        random = random_geometry(checkpoint, self.geometries, "num_hidden_layers", default_layers=1)
+        if random:
+            name, params = random
+        if params is not None:
+            path = preset_dir(self.registered_name, name, params, lambda d: self.build_tiny(d, params=params))
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer")
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
         self.model = load_pretrained(
@@ -227,22 +231,30 @@ class LLMBackend(nn.Module):
         corpus: list[str] | None = None,
         seed: int = 0,
         vocab_size: int = 384,
+        params: dict[str, Any] | None = None,
         **overrides,
     ):
-        """Write a random tiny checkpoint (model + offline tokenizer) with ``save_pretrained``; load it by path."""
+        """Write a random checkpoint (model + offline tokenizer) with ``save_pretrained``; load it by path.
+
+        ``params``: the model config (default: the preset's); a ``vocab_size`` in it sizes the embeddings (a real
+        vocabulary) while the tokenizer stays tiny; ``save_dtype`` stores the weights as the real checkpoint does."""
         from llms._tiny import build_tiny_tokenizer
 
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer(corpus, cls.tiny_special_tokens, cls.chat_template, vocab_size)
-        params = {**cls.presets[preset], **overrides}
+        params = {**(params if params is not None else cls.presets[preset]), **overrides}
+        save_dtype = params.pop("save_dtype", None)
         config = cls.config_cls(
-            vocab_size=len(tokenizer),
+            vocab_size=params.pop("vocab_size", len(tokenizer)),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
             pad_token_id=tokenizer.pad_token_id,
             **params,
         )
-        cls.model_cls(config).save_pretrained(out_dir)
+        model = cls.model_cls(config)
+        if save_dtype:
+            model.to(getattr(torch, save_dtype))
+        model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
 
 

@@ -1,0 +1,141 @@
+"""The real-size path on CPU: random-weight checkpoints with the real widths, patch grids, vocabularies and context
+(CLIP ViT-L/14-336, SigLIP so400m/14-384, Vicuna-7B, Qwen3-4B) and 1-2 layers, trained a few steps on LLaVA-JSON data
+with 336-px images through ``bench run``, and checked against ``bench plan``'s arithmetic. Slow: ``-m "not slow"``
+skips them; CI runs them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_harness import bench
+
+from bench.plan import count, memory
+from encoders import build_encoder
+from llms import build_llm
+
+pytestmark = pytest.mark.slow
+
+CLIP_L = "random:openai/clip-vit-large-patch14-336"
+SIGLIP = "random:google/siglip-so400m-patch14-384"
+VICUNA = "random:lmsys/vicuna-7b-v1.5"
+QWEN3 = "random:Qwen/Qwen3-4B"
+
+
+@pytest.fixture(scope="module")
+def llava_data(tmp_path_factory):
+    """8 LLaVA-JSON records over 400x300 images (the processors resize and crop them to 336 / 384 px)."""
+    root = tmp_path_factory.mktemp("llava")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": ["Noise.", "Random pixels.", "Static."][i % 3]}]})  # fmt: skip
+    (root / "chat.json").write_text(json.dumps(records))
+    return root
+
+
+def test_random_checkpoints_have_the_real_geometry():
+    clip = build_encoder("clip", CLIP_L)
+    assert (clip.info.grid, clip.info.hidden_size, clip.info.image_size) == ((24, 24), 1024, 336)
+    siglip = build_encoder("siglip", SIGLIP)
+    assert (siglip.info.grid, siglip.info.hidden_size, siglip.info.has_cls) == ((27, 27), 1152, False)
+    feats = siglip.encode_images([Image.new("RGB", (500, 400), "red")])
+    assert feats.patches.shape == (1, 729, 1152) and feats.cls is None  # SigLIP loses no token
+    qwen = build_llm("qwen3", QWEN3)
+    assert qwen.hidden_size == 2560 and qwen.model.get_output_embeddings().weight.shape[0] == 151936
+    assert qwen.model.config.tie_word_embeddings and qwen.model.config.num_hidden_layers == 1
+    vicuna = build_llm("vicuna", VICUNA)
+    assert vicuna.hidden_size == 4096 and vicuna.model.get_input_embeddings().weight.shape == (32000, 4096)
+    # the checkpoint is stored in fp16 like the real one, and loads as fp32 unless a backbone dtype is asked for
+    assert vicuna.model.dtype == torch.float32
+
+
+def run_record(out) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_stage1_at_clip_l_336_and_vicuna_7b_width_matches_the_plan(llava_data, tmp_path):
+    out = tmp_path / "stage1"
+    proc = bench(["run", "--data", "llava", "--data-path", str(llava_data / "chat.json"), "--image-folder",
+                  str(llava_data / "images"), "--encoder", "clip", "--encoder-checkpoint", CLIP_L, "--llm", "vicuna",
+                  "--llm-checkpoint", VICUNA, "--connector", "mlp2x_gelu", "--recipe", "llava-1.5-pretrain",
+                  "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--gradient-checkpointing",
+                  "--eval-limit", "1", "--out", str(out)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = run_record(out)
+    assert r["visual_tokens_per_image"]["mean"] == 576 and r["parameters"]["trainable"] == 20_979_712
+    assert [len(h) for h in r["loss_history"]] == [2] and all(np.isfinite(h["loss"]) for h in r["loss_history"][0])
+    # bench plan's exact counts and byte arithmetic equal what the run measured
+    c = count("clip", CLIP_L + ":layers=2", {"name": "mlp2x_gelu"}, "vicuna", VICUNA)
+    assert r["parameters"]["total"] == c.encoder + c.connector + c.llm
+    planned = memory(c, stage=1, batch=1, text_tokens=32, backbone="fp32", checkpointing=True)
+    measured = r["memory"][0]
+    assert measured["parameters_bytes"] == planned["weights"]
+    assert measured["gradients_bytes"] == planned["gradients"] and measured["optimizer_state_bytes"] == planned[
+        "optimizer"]  # fmt: skip
+    # the process peak holds the weights, and stays within the plan's total plus the runtime's own overhead
+    assert planned["weights"] < measured["peak_bytes"] < planned["total"] + 2.5e9
+    # stage 1 saves the connector only: 21 M parameters in fp32, not the 7B-width LLM
+    weights = out / "stage1" / "checkpoint-last" / "trainable.safetensors"
+    assert weights.stat().st_size < 4 * 21_000_000 + 100_000
+
+
+def test_stage2_lora_at_siglip_so400m_and_qwen3_4b_width(llava_data, tmp_path):
+    out = tmp_path / "stage2"
+    proc = bench(["run", "--data", "llava", "--data-path", str(llava_data / "chat.json"), "--image-folder",
+                  str(llava_data / "images"), "--encoder", "siglip", "--encoder-checkpoint", SIGLIP, "--llm", "qwen3",
+                  "--llm-checkpoint", QWEN3, "--connector", "mlp2x_gelu", "--recipe", "llava-1.5-finetune-lora",
+                  "--lora", "r=16,alpha=32", "--steps", "2", "--batch-size", "1", "--grad-accum", "1",
+                  "--eval-limit", "1", "--out", str(out)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = run_record(out)
+    assert r["visual_tokens_per_image"]["mean"] == 729  # 27 x 27, no CLS dropped
+    stage = r["training"][0]
+    assert stage["lora"]["r"] == 16 and stage["gradient_checkpointing"]  # the recipe turns it on
+    c = count("siglip", SIGLIP + ":layers=2", {"name": "mlp2x_gelu"}, "qwen3", QWEN3)
+    assert r["parameters"]["trainable"] == c.connector + 16 * c.lora_per_rank
+    planned = memory(c, stage=2, batch=1, text_tokens=32, backbone="fp32", checkpointing=True, lora_r=16)
+    assert r["memory"][0]["optimizer_state_bytes"] == planned["optimizer"]
+    # the adapters and the connector are what is saved, and the run resumes / evaluates from them
+    saved = (out / "trainable.safetensors").stat().st_size
+    assert saved < 4 * r["parameters"]["trainable"] + 1_000_000
+    proc = bench(["eval", str(out), "--eval-limit", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"heldout: loss {r['metrics']['heldout']['loss']:.4f}" in proc.stdout
+
+
+def test_bf16_autocast_with_half_backbones_at_real_width():
+    """One training step at CLIP-L/336 + TinyLlama-1.1B width under bf16 autocast with bf16 backbone weights: the
+    dtype meeting points a GPU user hits (features into an fp32 connector, fp32 visual tokens spliced into bf16
+    embeddings, fp32 LoRA adapters on bf16 layers, the loss in fp32) at the real shapes."""
+    from accelerate import Accelerator
+    from test_vlm import CONV_A, batch
+
+    from bench.train import StageConfig, parameter_groups, set_trainable
+    from bench.vlm import VLM
+
+    torch.manual_seed(0)
+    vlm = VLM.build({"name": "clip", "checkpoint": CLIP_L, "dtype": "bfloat16"}, {"name": "mlp2x_gelu"},
+                    {"name": "tinyllama", "checkpoint": "random:TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                     "dtype": "bfloat16"})  # fmt: skip
+    cfg = StageConfig(stage=2, lora={"r": 8, "alpha": 16}, gradient_checkpointing=True, connector_lr=2e-5)
+    params = set_trainable(vlm, cfg)
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    model, opt = acc.prepare(vlm, torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=1e-3))
+    model.train()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    inputs = batch(vlm.llm, [CONV_A], [True], vlm.encoder.preprocess([image]))
+    out = model(inputs)
+    assert out.lm_loss.dtype == torch.float32 and torch.isfinite(out.loss) and out.visual_tokens.tolist() == [576]
+    acc.backward(out.loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    before = [p.detach().clone() for p in vlm.connector.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, vlm.connector.parameters()))
