@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # whole CLI runs in subprocesses, one of them with 2 processes
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ["run", "--world-scale", "0.01", "--pretrain-steps", "3", "--connector", "mlp2x_gelu", "--steps", "6",
          "--batch-size", "4", "--eval-limit", "8", "--llm", "tinyllama"]  # fmt: skip

