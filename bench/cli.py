@@ -175,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         lora=parse_lora(args.lora),
         qlora=args.qlora,
+        init_connector=args.init_connector,
         profile=args.profile,
         max_length=args.max_length,
     )
@@ -451,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA (peft) on the LLM in the stages that train it; bare --lora takes LLaVA-1.5's settings",
     )
     p.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base LLM through bitsandbytes (CUDA only)")
+    p.add_argument(
+        "--init-connector",
+        metavar="RUN_DIR",
+        help="start from another run's connector weights (stage 2 after a stage-1 run)",
+    )
     p.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,

@@ -77,6 +77,8 @@ class RunConfig:
     lora: dict[str, Any] | None = None
     #: QLoRA: the LLM's base weights in 4-bit NF4 (bitsandbytes, CUDA only)
     qlora: bool = False
+    #: a finished run whose connector weights start this run (LLaVA's stage 2 from stage 1's projector)
+    init_connector: str | None = None
     #: measure efficiency (FLOPs, latency, decode speed) after training; None: on for the mini world only
     profile: bool | None = None
     max_length: int | None = None
@@ -225,6 +227,9 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     with accelerator.main_process_first():  # the main process builds caches; the others then read them
         train, val, eval_sets, world = load_data(cfg, log)
         vlm = build_model(cfg, world, log, backbone)
+        if cfg.init_connector:
+            vlm.load_connector(cfg.init_connector)
+            log(f"connector initialised from {cfg.init_connector}")
         features = {}
         for ds in (train, val, *eval_sets.values()):
             if ds is None:

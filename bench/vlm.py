@@ -258,6 +258,18 @@ class VLM(nn.Module):
         model.load_trainable(directory / WEIGHTS_NAME)
         return model
 
+    def load_connector(self, run_dir: str | Path) -> None:
+        """Initialise the connector from another run's weights (LLaVA's stage 2 starts from stage 1's projector)."""
+        path = Path(run_dir) / WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: --init-connector needs a finished run directory")
+        state = {k[len("connector.") :]: v for k, v in load_file(str(path)).items() if k.startswith("connector.")}
+        try:
+            self.connector.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"the connector in {path} does not fit this model's connector "
+                             f"{self.connector.spec}: {str(err).splitlines()[0]} ...") from err  # fmt: skip
+
     def load_trainable(self, path: str | Path) -> None:
         path = Path(path)
         if not path.exists():

@@ -210,3 +210,31 @@ def test_bf16_and_fp32_runs_agree(bf16_lora_run, tmp_path):
             assert abs(x["loss"] - y["loss"]) <= 0.02 * abs(x["loss"]), (x, y)  # bf16: 8 bits of mantissa
     x, y = fp32["metrics"]["test"]["caption_loss"], bf16["metrics"]["test"]["caption_loss"]
     assert abs(x - y) <= 0.02 * x and bf16["efficiency"]["flops"]["llm_prefill"] > 0
+
+
+def test_init_connector_takes_another_runs_projector(tmp_path):
+    trained = tiny_vlm()
+    with torch.no_grad():
+        for p in trained.connector.parameters():
+            p.normal_()
+    trained.save(tmp_path / "stage1")
+    fresh = tiny_vlm()
+    fresh.load_connector(tmp_path / "stage1")
+    for a, b in zip(trained.connector.state_dict().values(), fresh.connector.state_dict().values()):
+        assert torch.equal(a, b)
+    other = VLM.build({"name": "clip"}, {"name": "linear"}, {"name": "tinyllama"})
+    with pytest.raises(ValueError, match="does not fit this model's connector"):
+        other.load_connector(tmp_path / "stage1")
+
+
+@pytest.mark.parametrize("name", ["accelerate_ddp", "accelerate_fsdp", "accelerate_deepspeed_zero2"])
+def test_accelerate_configs_load_with_accelerates_own_loader(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    assert config.distributed_type.value == {"accelerate_ddp": "MULTI_GPU", "accelerate_fsdp": "FSDP",
+                                             "accelerate_deepspeed_zero2": "DEEPSPEED"}[name]  # fmt: skip
