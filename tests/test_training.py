@@ -238,3 +238,20 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
     assert config.num_processes == 8 and config.mixed_precision == "bf16"
     assert config.distributed_type.value == {"accelerate_ddp": "MULTI_GPU", "accelerate_fsdp": "FSDP",
                                              "accelerate_deepspeed_zero2": "DEEPSPEED"}[name]  # fmt: skip
+
+
+def test_plan_counts_vicuna_7b_exactly_and_its_arithmetic_by_hand():
+    from bench.plan import count, memory
+
+    c = count("clip", "openai/clip-vit-large-patch14-336", {"name": "mlp2x_gelu"}, "vicuna", "lmsys/vicuna-7b-v1.5")
+    assert c.llm == 6_738_415_616  # Llama-2-7B / Vicuna-7B's published parameter count
+    assert c.connector == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # LLaVA-1.5's 21 M projector
+    assert c.visual_tokens == 576 and c.encoder_tokens == 577
+    # LoRA on every linear layer: q, k, v, o (4096 -> 4096) and gate, up, down (4096 <-> 11008), 32 layers
+    assert c.lora_per_rank == 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    m = memory(c, stage=2, batch=1, text_tokens=0, backbone="bf16", devices=8, checkpointing=True, shard="zero2")
+    trainable = c.connector + c.llm
+    assert m["weights"] == 2 * c.encoder + 4 * trainable  # frozen encoder in bf16, fp32 master weights
+    assert m["gradients"] == 4 * trainable / 8 and m["optimizer"] == 8 * trainable / 8  # sharded over 8
+    s = 576
+    assert m["activations"] == 32 * 4 * s * 4096 + 2 * s * (6 * 4096 + 2 * 4096 + 4 * 11008) + 6 * s * 32000
