@@ -222,6 +222,14 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
                               gradient_accumulation_steps=stages[0].grad_accum)  # fmt: skip
     for stage in stages:
         stage.resolve_accumulation(accelerator.num_processes)
+    kind = accelerator.distributed_type.value
+    log(f"accelerate: {kind}, {accelerator.num_processes} process(es), precision {prec}, backbone {backbone}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
+        # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
+        log(
+            f"warning: an FSDP config was given but accelerate runs {kind} here (no CUDA): weights are replicated, "
+            "not sharded"
+        )
     if accelerator.is_main_process:
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     with accelerator.main_process_first():  # the main process builds caches; the others then read them
