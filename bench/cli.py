@@ -143,15 +143,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from bench.run import RunConfig, run
-
-    if args.resume:
-        run(RunConfig(), Path(args.resume), resume=True)
-        return
-    specs = specs_from_args(args)
-    specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
-    specs["llm"] = {k: v for k, v in specs["llm"].items() if v is not None}
+def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``data`` part of a run config from ``--data``, ``--data-path``, ``--image-folder``, ``--world-scale``."""
     data: dict[str, Any] = {"kind": args.data}
     if args.data == "world":
         if args.world_scale != 1.0:
@@ -162,6 +155,21 @@ def cmd_run(args: argparse.Namespace) -> None:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
         data.update(path=args.data_path, image_folder=args.image_folder)
+    if getattr(args, "pretrain_steps", None) is not None:
+        data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
+    return data
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from bench.run import RunConfig, run
+
+    if args.resume:
+        run(RunConfig(), Path(args.resume), resume=True)
+        return
+    specs = specs_from_args(args)
+    specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
+    specs["llm"] = {k: v for k, v in specs["llm"].items() if v is not None}
+    data = data_from_args(args)
     cfg = RunConfig(
         encoder=specs["encoder"],
         connector=specs["connector"],
@@ -193,8 +201,6 @@ def cmd_run(args: argparse.Namespace) -> None:
         if "grad_accum" in overrides:  # an explicit accumulation replaces the recipe's global batch
             overrides["global_batch"] = None
         cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
-    if args.pretrain_steps is not None:
-        data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
     out = Path(args.out) if args.out else Path("runs") / name
     run(cfg, out)
@@ -282,18 +288,24 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
 
 def cmd_peer(args: argparse.Namespace) -> None:
     from bench.peer import peer_benchmark
+    from bench.run import RunConfig
 
-    pre = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps} if args.pretrain_steps else None
-    r = peer_benchmark(steps=args.steps, batch_size=args.batch_size, world_scale=args.world_scale, pretrain=pre)
-    print(f"stage 1, tiny CLIP + mlp2x_gelu + tiny Llama, {r['steps']} steps x batch {r['batch_size']}:")
+    specs = specs_from_args(args)
+    cfg = RunConfig(encoder={k: v for k, v in specs["encoder"].items() if v is not None}, connector=specs["connector"],
+                    llm={k: v for k, v in specs["llm"].items() if v is not None}, data=data_from_args(args),
+                    seed=args.seed)  # fmt: skip
+    r = peer_benchmark(cfg, steps=args.steps, batch_size=args.batch_size)
     print(
-        f"  connector-zoo (feature cache)      {r['ours_samples_per_second']:8.1f} samples/s  final loss "
-        f"{r['ours_final_loss']:.4f}  (cache built once in {r['ours_feature_cache_seconds']:.1f} s)"
+        f"stage 1, {args.encoder} + {specs['connector']['name']} + {args.llm}, {r['steps']} steps x batch "
+        f"{r['batch_size']}; this machine multiplies fp32 matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
     )
-    print(
-        f"  transformers Trainer + Llava       {r['peer_samples_per_second']:8.1f} samples/s  final loss "
-        f"{r['peer_final_loss']:.4f}"
-    )
+    for who, label in (("ours", "connector-zoo (feature cache)"), ("peer", "transformers Trainer + Llava")):
+        print(
+            f"  {label:<33} {r[who + '_samples_per_second']:8.3g} samples/s  final loss {r[who + '_final_loss']:.4f}"
+            f"  peak RSS {r[who + '_peak_rss_bytes'] / 2**30:.2f} GiB  {r[who + '_gflops_per_second']:.1f} GFLOP/s "
+            f"({r[who + '_gflops_per_second'] / r['matmul_gflops_per_second']:.0%} of matmul)"
+        )
+    print(f"  (feature cache built once in {r['ours_feature_cache_seconds']:.1f} s)")
     print(f"  ratio: {r['speedup']:.2f}x")
 
 
@@ -507,8 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune_curve)
 
     p = sub.add_parser("peer", help="this harness vs transformers Trainer + LlavaForConditionalGeneration (stage 1)")
+    add_component_args(p)
+    p.set_defaults(llm="tinyllama")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
+    p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
+    p.add_argument("--image-folder", help="image folder for LLaVA JSON")
     p.add_argument("--world-scale", type=float, default=1.0)
     p.add_argument("--pretrain-steps", type=int)
     p.set_defaults(func=cmd_peer)

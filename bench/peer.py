@@ -1,14 +1,17 @@
 """``bench peer``: this harness against the recipe a user would otherwise copy, on the same stage-1 setting.
 
-Both train the same model (tiny CLIP + ``mlp2x_gelu`` + tiny Llama, the mini world's backbones, identical initial
-weights) on the same mini-world samples in the same order, with the same batch, steps, learning rate and schedule,
+Both train the same model (any clip/siglip + ``mlp2x_gelu`` + Llama-family/Qwen3 combination, by default tiny CLIP +
+tiny Llama on the mini world; real widths with ``random:`` checkpoints or real ones; identical initial weights) on the
+same samples (the mini world or LLaVA JSON) in the same order, with the same batch, steps, learning rate and schedule,
 connector only:
 
 - this harness: ``bench.train.Trainer`` on features from the frozen-encoder cache (built once, timed separately);
 - the peer: transformers' ``LlavaForConditionalGeneration`` (exported from the same weights) trained by transformers'
   ``Trainer``, which runs the frozen vision tower on every step, with the Llava processor's expanded image tokens.
 
-It prints the samples per second of each, their ratio, and both final losses (mean over the last 10 % of steps).
+It prints the samples per second of each, their ratio, both final losses (mean over the last 10 % of steps), the
+peak memory during each one's training, and the achieved GFLOP/s of each against this machine's measured fp32
+matrix-multiply rate (FLOPs of one training step counted by FlopCounterMode; the peer also runs the vision tower).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench.data import Collator, Dataset, world_dataset
+from bench.data import Collator, Dataset
 from bench.export import to_llava
 from bench.features import FeatureCache
 from bench.train import StageConfig, Trainer
@@ -27,24 +30,22 @@ from bench.vlm import VLM
 from llms.base import IGNORE_INDEX
 
 
-def peer_benchmark(steps: int = 60, batch_size: int = 16, lr: float = 2e-3, world_scale: float = 1.0,
-                   pretrain: dict[str, int] | None = None, seed: int = 0, log=print) -> dict[str, Any]:  # fmt: skip
-    from bench.pretrain import pretrain_encoder, pretrain_llm
-    from bench.world import World, WorldConfig
+def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 2e-3, log=print) -> dict[str, Any]:
+    """Both trainers on ``cfg``'s combination and data (a ``bench.run.RunConfig``; default: the mini world with
+    tiny CLIP + ``mlp2x_gelu`` + tiny Llama). The combination must be expressible as Llava (clip/siglip +
+    mlp2x_gelu + a Llama-family or Qwen3 LLM), since the peer is transformers' own Llava model."""
+    from bench.run import RunConfig, build_model, load_data
 
-    world = World(WorldConfig().scaled(world_scale) if world_scale != 1.0 else WorldConfig())
-    pre = pretrain or {}
-    enc_path = pretrain_encoder("clip", world, **({"steps": pre["encoder_steps"]} if "encoder_steps" in pre else {}))
-    llm_path = pretrain_llm("tinyllama", world, **({"steps": pre["llm_steps"]} if "llm_steps" in pre else {}))
-    data = world_dataset(world, "train")
-    n = steps * batch_size
-    data = Dataset(data.name, data.samples[:n], data.images)
+    cfg = cfg or RunConfig(connector={"name": "mlp2x_gelu"})
+    train, _, _, world = load_data(cfg, lambda m: None)
+    vlm = build_model(cfg, world, lambda m: None)  # seeded by cfg.seed
+    with_image = [s for s in train.samples if s.image is not None]
+    if len(with_image) < steps * batch_size:
+        raise ValueError(f"bench peer needs {steps * batch_size} samples with images; the data has {len(with_image)}")
+    data = Dataset(train.name, with_image[: steps * batch_size], train.images)
     stage = StageConfig(stage=1, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=0.05, save_every=10**9,
                         max_grad_norm=1.0)  # fmt: skip
-
-    torch.manual_seed(seed)
-    vlm = VLM.build({"name": "clip", "checkpoint": str(enc_path)}, {"name": "mlp2x_gelu"},
-                    {"name": "tinyllama", "checkpoint": str(llm_path)})  # fmt: skip
+    seed = cfg.seed
     hf_model, processor = to_llava(vlm.eval())  # the peer starts from identical weights
 
     # ---- this harness
@@ -55,23 +56,89 @@ def peer_benchmark(steps: int = 60, batch_size: int = 16, lr: float = 2e-3, worl
     collator = Collator(vlm.llm, cache, vlm.connector.max_tokens(vlm.encoder.info), None)
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    flops = train_flops_per_sample(vlm, collator, data)
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as ours_peak:
         trainer = Trainer(vlm, data, collator, stage, Path(tmp), seed=seed, log=lambda m: None)
         ours = trainer.fit()
         tail = max(1, steps // 10)
         ours["final_loss"] = sum(h["loss"] for h in trainer.history[-tail:]) / tail
+        ours["losses"] = [h["loss"] for h in trainer.history]
         order = [trainer.micro_batch(step, 0) for step in range(steps)]
 
-    # ---- the peer: transformers Trainer on LlavaForConditionalGeneration
-    peer = train_peer(hf_model, processor, vlm, data, order, stage, seed)
+    # ---- the peer: transformers Trainer on LlavaForConditionalGeneration (the vision tower runs every step)
+    encoder_flops = 2 * vlm.encoder.info.num_patches * sum(p.numel() for p in vlm.encoder.parameters())
+    with PeakRSS() as peer_peak:
+        peer = train_peer(hf_model, processor, vlm, data, order, stage, seed)
+    rate = matmul_rate()
     result = {
         "steps": steps, "batch_size": batch_size,
         "ours_samples_per_second": ours["train_samples_per_second"], "ours_final_loss": ours["final_loss"],
-        "ours_feature_cache_seconds": cache_seconds,
+        "ours_losses": ours["losses"], "ours_feature_cache_seconds": cache_seconds,
+        "ours_peak_rss_bytes": ours_peak.peak, "ours_gflops_per_second": flops * ours["train_samples_per_second"] / 1e9,
         "peer_samples_per_second": peer["samples_per_second"], "peer_final_loss": peer["final_loss"],
+        "peer_losses": peer["losses"], "peer_peak_rss_bytes": peer_peak.peak,
+        "peer_gflops_per_second": (flops + encoder_flops) * peer["samples_per_second"] / 1e9,
+        "matmul_gflops_per_second": rate / 1e9, "train_flops_per_sample": flops,
     }  # fmt: skip
     result["speedup"] = result["ours_samples_per_second"] / result["peer_samples_per_second"]
     return result
+
+
+def train_flops_per_sample(vlm: VLM, collator: Collator, data: Dataset) -> float:
+    """FLOPs of one training step (forward + backward) of one sample, counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vlm.train()
+    for p in vlm.connector.parameters():
+        p.requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        vlm(collator(data.samples[:1])).loss.backward()
+    vlm.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
+    """This machine's fp32 matrix-multiply rate (FLOP/s, median of ``repeats``) at the current thread count."""
+    import statistics
+
+    a, b = torch.randn(n, 4 * n), torch.randn(4 * n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 * n * n / statistics.median(times)
+
+
+class PeakRSS:
+    """The process's peak resident set size while the block runs (sampled every 50 ms; CUDA: the allocator peak)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.peak, self._stop = 0, threading.Event()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        proc = psutil.Process()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss)
+                self._stop.wait(0.05)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+        return False
 
 
 def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageConfig, seed: int) -> dict[str, Any]:
@@ -131,4 +198,5 @@ def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageCon
         seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tail = max(1, stage.steps // 10)
-    return {"samples_per_second": stage.steps * stage.batch_size / seconds, "final_loss": sum(losses[-tail:]) / tail}
+    return {"samples_per_second": stage.steps * stage.batch_size / seconds, "final_loss": sum(losses[-tail:]) / tail,
+            "losses": losses}  # fmt: skip
