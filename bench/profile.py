@@ -100,7 +100,7 @@ def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     prefill_s = timed(prefill, repeats)
-    first, all_new = interleaved([generate(1), generate(decode_tokens)], max(3, repeats // 4))
+    first, all_new = interleaved([generate(1), generate(decode_tokens)], max(5, repeats // 4))
     decode_s = all_new - first  # the decode steps alone: prefill and generate's set-up cancel
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip

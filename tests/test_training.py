@@ -255,3 +255,14 @@ def test_plan_counts_vicuna_7b_exactly_and_its_arithmetic_by_hand():
     assert m["gradients"] == 4 * trainable / 8 and m["optimizer"] == 8 * trainable / 8  # sharded over 8
     s = 576
     assert m["activations"] == 32 * 4 * s * 4096 + 2 * s * (6 * 4096 + 2 * 4096 + 4 * 11008) + 6 * s * 32000
+
+
+def test_summary_prints_slow_throughput_with_significant_digits():
+    from bench.run import summary
+
+    results = {"config": {"encoder": {"name": "clip"}, "connector": {"name": "mlp2x_gelu"}, "llm": {"name": "vicuna"},
+                          "recipe": "llava-1.5-pretrain", "seed": 0},
+               "metrics": {}, "visual_tokens_per_image": {}, "parameters": {"trainable": 1, "total": 2},
+               "train_samples_per_second": 0.0561, "encoder_forwards": 0, "skipped_samples": [],
+               "wall_time_seconds": 1.0}  # fmt: skip
+    assert "train 0.0561 samples/s" in summary(results)  # it printed "train 0 samples/s" at real width
