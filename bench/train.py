@@ -124,6 +124,8 @@ class Trainer:
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         self.cfg, self.out_dir, self.seed, self.log = cfg, Path(out_dir), seed, log
         self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+        cfg.resolve_accumulation(self.acc.num_processes)  # a recipe's global batch, for however many processes
+        self.acc.gradient_accumulation_steps = cfg.grad_accum
         params = set_trainable(vlm, cfg)
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
