@@ -155,6 +155,8 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
         data.update(path=args.data_path, image_folder=args.image_folder)
+        if getattr(args, "held_out", None) is not None:
+            data["held_out"] = args.held_out
     if getattr(args, "pretrain_steps", None) is not None:
         data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
     return data
@@ -186,6 +188,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         init_connector=args.init_connector,
         profile=args.profile,
         max_length=args.max_length,
+        feature_cache=args.feature_cache,
+        feature_cache_max_gb=args.feature_cache_max_gb,
+        num_workers=args.num_workers,
     )
     if args.qlora and cfg.lora is None:
         cfg.lora = parse_lora("")
@@ -328,11 +333,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bench.data import Collator
     from bench.evaluate import blind_answers, evaluate_split
-    from bench.features import FeatureCache
     from bench.precision import autocast, run_precision
-    from bench.run import RunConfig, load_data
+    from bench.run import RunConfig, feature_sources, load_data
     from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
     from connector_zoo.io import read_json
 
@@ -343,12 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     specs = read_json(run_dir / CONFIG_NAME)
     vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length")).eval()
     _, _, eval_sets, _ = load_data(cfg, print)
-    collators = {}
-    for name, ds in eval_sets.items():
-        features = FeatureCache(vlm.encoder, ds.images, vlm.connector.needs_cls_attention)
-        features.ensure([s.image for s in ds.samples if s.image is not None])
-        ds.drop_bad_images(features.bad, cfg.strict)
-        collators[name] = Collator(vlm.llm, features, vlm.connector.max_tokens(vlm.encoder.info), vlm.max_length)
+    by_table = feature_sources(cfg, vlm, list(eval_sets.values()), print)[1]
+    collators = {name: by_table[ds.images.key] for name, ds in eval_sets.items()}
     # the blind baseline uses the LLM as loaded, before the run's trained weights go in (as `bench run` does)
     with autocast(run_precision(run_dir), vlm.device):
         blind = {name: blind_answers(vlm, ds, collators[name], cfg.eval_limit) for name, ds in eval_sets.items()}
@@ -437,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
     p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
     p.add_argument("--image-folder", help="image folder for LLaVA JSON")
+    p.add_argument("--held-out", type=float, help="fraction of LLaVA / HF data held out for evaluation (0.05)")
     p.add_argument("--world-scale", type=float, default=1.0, help="scale the mini world's splits (tests: 0.01)")
     p.add_argument("--eval-limit", type=int, help="evaluate at most this many questions per split")
     p.add_argument(
@@ -476,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure FLOPs, latency and decode speed after training (default: on for the mini world)",
     )
     p.add_argument("--max-length", type=int, help="context budget in tokens (default: the LLM's)")
+    p.add_argument(
+        "--feature-cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="frozen-encoder features: on (stored in the encoder's dtype as batches first need them, reused across "
+        "epochs, runs and connectors), off (encoded every batch), auto (on when the projected size fits "
+        "--feature-cache-max-gb; the log says which and why)",
+    )
+    p.add_argument("--feature-cache-max-gb", type=float, help="auto's limit (default: half the free disk)")
+    p.add_argument("--num-workers", type=int, help="data-loader worker processes (default: CPU cores - 1, max 8)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")

@@ -18,23 +18,18 @@ cannot fit) is skipped and recorded with its id and reason in ``dataset.skipped`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bench.vlm import VLMInputs
-from llms.base import IMAGE_TOKEN, LLMBackend, TemplateError
+from bench.images import ArrayImages, BadSample, FileImages, HFImages, ImageTable
+from llms.base import IMAGE_TOKEN
+
+__all__ = ["BadSample", "Dataset", "ImageTable", "Sample", "hf_messages", "llava_json", "world_dataset"]
 
 CAPTION_PROMPT = "Describe the image briefly."
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used, with its id and the reason."""
 
 
 @dataclass
@@ -45,52 +40,28 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class ImageTable:
-    """Images of a dataset by index; ``key`` names the source for the feature cache."""
-
-    def __init__(self, key: str, loaders: list[Callable[[], Image.Image]], names: list[str]):
-        self.key, self._loaders, self.names = key, loaders, names
-
-    def __len__(self) -> int:
-        return len(self._loaders)
-
-    def load(self, index: int) -> Image.Image:
-        try:
-            image = self._loaders[index]()
-            image.load()
-            return image.convert("RGB")
-        except Exception as err:  # missing, truncated or not an image at all
-            raise BadSample(f"image {self.names[index]!r} cannot be read ({type(err).__name__}: {err})") from err
-
-
 @dataclass
 class Dataset:
     name: str
     samples: list[Sample]
     images: ImageTable
     skipped: list[dict[str, str]] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False)
 
     def skip(self, sample_id: str, reason: str, strict: bool) -> None:
+        """Record a bad sample once (epochs meet it again), or raise under ``strict``."""
         if strict:
             raise BadSample(f"{self.name}: sample {sample_id!r}: {reason} (drop --strict to skip such samples)")
-        self.skipped.append({"id": str(sample_id), "reason": reason})
-
-    def drop_bad_images(self, bad: dict[int, str], strict: bool) -> None:
-        """Remove samples whose image could not be read (found while encoding)."""
-        kept = []
-        for s in self.samples:
-            if s.image is not None and s.image in bad:
-                self.skip(s.id, bad[s.image], strict)
-            else:
-                kept.append(s)
-        self.samples = kept
+        if str(sample_id) not in self._seen:
+            self._seen.add(str(sample_id))
+            self.skipped.append({"id": str(sample_id), "reason": reason})
 
     def split(self, held_out: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """(train, held-out) by a seeded permutation; both share the image table."""
         order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(seed)).tolist()
         n = max(1, int(round(held_out * len(order))))
         pick = lambda idx: [self.samples[i] for i in sorted(idx)]  # noqa: E731
-        return (Dataset(self.name, pick(order[n:]), self.images, self.skipped),
+        return (Dataset(self.name, pick(order[n:]), self.images, self.skipped, self._seen),
                 Dataset(self.name + ":heldout", pick(order[:n]), self.images, []))  # fmt: skip
 
 
@@ -108,7 +79,7 @@ def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = F
         raise ValueError(f"{json_path}: a LLaVA JSON file holds a list of records, not {type(records).__name__}")
     paths: dict[str, int] = {}
     samples: list[Sample] = []
-    ds = Dataset(json_path.name, samples, ImageTable("", [], []))
+    ds = Dataset(json_path.name, samples, FileImages(image_folder, []))
     for n, rec in enumerate(records):
         rid = rec.get("id", f"#{n}") if isinstance(rec, dict) else f"#{n}"
         try:
@@ -128,9 +99,7 @@ def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = F
             ds.skip(rid, "has <image> in its text but no image", strict)
             continue
         samples.append(Sample(str(rid), messages, None if image is None else paths[str(image)]))
-    names = list(paths)
-    ds.images = ImageTable(f"llava:{image_folder.resolve()}", [lambda p=p: Image.open(image_folder / p) for p in names],
-                           names)  # fmt: skip
+    ds.images = FileImages(image_folder, list(paths))  # no file is opened or even listed here
     return ds
 
 
@@ -149,7 +118,10 @@ def llava_messages(rec: Any) -> list[dict[str, str]]:
 
 # ----------------------------------------------------- HF messages + images
 def hf_messages(path: str | Path, split: str = "train", strict: bool = False) -> Dataset:
-    """A local Hugging Face dataset with ``messages`` (role + content list) and ``images`` columns."""
+    """A local Hugging Face dataset with ``messages`` (role + content list) and ``images`` columns.
+
+    The images are read undecoded and only when a batch needs them (:class:`HFImages`); listing the records reads
+    the text columns alone."""
     import datasets
 
     path = Path(path)
@@ -162,28 +134,41 @@ def hf_messages(path: str | Path, split: str = "train", strict: bool = False) ->
             data = data[split]
     except Exception as err:
         raise ValueError(f"{path} is not a readable Hugging Face dataset ({type(err).__name__}: {err})") from err
+    if data._indices is not None:  # a selection or shuffle saved as an index mapping: rows in their own order
+        data = data.flatten_indices()
+    text = data.select_columns([c for c in ("id", "messages") if c in data.column_names])
+    counts = image_counts(data)
     samples: list[Sample] = []
-    loaders: list[Callable[[], Image.Image]] = []
-    ds = Dataset(path.name, samples, ImageTable(f"hf:{path.resolve()}:{split}", loaders, []))
-    for n, rec in enumerate(data):
+    rows, names = [], []
+    ds = Dataset(path.name, samples, HFImages(f"hf:{path.resolve()}:{split}", data.data, "images", rows, names))
+    for n, rec in enumerate(text):
         rid = str(rec.get("id", f"#{n}"))
         try:
             messages, n_images = hf_record_messages(rec)
         except BadSample as err:
             ds.skip(rid, str(err), strict)
             continue
-        images = rec.get("images") or []
-        if n_images != len(images) or n_images > 1:
-            ds.skip(rid, f"{n_images} image placeholders for {len(images)} images (one image per sample is "
-                         "supported)", strict)  # fmt: skip
+        have = counts[n] if counts is not None else 0
+        if n_images != have or n_images > 1:
+            ds.skip(rid, f"{n_images} image placeholders for {have} images (one image per sample is supported)",
+                    strict)  # fmt: skip
             continue
         index = None
-        if images:
-            index = len(loaders)
-            loaders.append(lambda im=images[0]: im if isinstance(im, Image.Image) else Image.open(im["path"]))
-            ds.images.names.append(rid)
+        if have:
+            index = len(rows)
+            rows.append(n)
+            names.append(rid)
         samples.append(Sample(rid, messages, index))
     return ds
+
+
+def image_counts(data) -> list[int] | None:
+    """Images per row from the Arrow list lengths (no image byte is read), or None without an ``images`` column."""
+    import pyarrow.compute as pc
+
+    if "images" not in data.column_names:
+        return None
+    return pc.fill_null(pc.list_value_length(data.data.column("images")), 0).to_pylist()
 
 
 def hf_record_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
@@ -242,56 +227,5 @@ def world_dataset(world, split: str, captions: bool = True, questions: bool = Tr
                         {"type": qa["type"], "answer": qa["answer"]},
                     )
                 )
-    images = world.images(split)
-    table = ImageTable(f"world:{world.cfg.key()}:{split}",
-                       [lambda i=i: Image.fromarray(np.asarray(images[i])) for i in range(len(records))],
-                       [r["id"] for r in records])  # fmt: skip
+    table = ArrayImages(f"world:{world.cfg.key()}:{split}", world.images(split), [r["id"] for r in records])
     return Dataset(f"world:{split}", samples, table)
-
-
-# ------------------------------------------------------------------ collator
-class Collator:
-    """Samples -> :class:`VLMInputs` with cached features; tokenization through the backend's chat template.
-
-    ``visual_budget`` is the connector's maximum number of visual tokens: a sample whose text plus that budget does
-    not fit ``max_length`` is reported instead of truncated.
-    """
-
-    def __init__(self, llm: LLMBackend, features, visual_budget: int, max_length: int | None):
-        self.llm, self.features, self.visual_budget, self.max_length = llm, features, visual_budget, max_length
-        self._encoded: dict[str, Any] = {}
-
-    def encode(self, sample: Sample):
-        key = json.dumps(sample.messages) + f"|{sample.image is not None}"  # identical texts tokenize once
-        if key not in self._encoded:
-            try:
-                enc = self.llm.encode_conversation(sample.messages)
-            except TemplateError as err:
-                raise BadSample(str(err)) from err
-            n_visual = self.visual_budget if sample.image is not None else 0
-            if self.max_length and len(enc) - 1 + n_visual > self.max_length:
-                raise BadSample(f"needs {len(enc) - 1 + n_visual} tokens ({n_visual} visual), more than the context "
-                                f"budget {self.max_length}; not truncated")  # fmt: skip
-            self._encoded[key] = enc
-        return self._encoded[key]
-
-    def __call__(self, samples: list[Sample]) -> VLMInputs:
-        encoded = [self.encode(s) for s in samples]
-        with_image = [s.image for s in samples if s.image is not None]
-        return VLMInputs(
-            input_ids=[torch.tensor(e.input_ids) for e in encoded],
-            labels=[torch.tensor(e.labels) for e in encoded],
-            features=self.features.get(with_image) if with_image else None,
-            has_image=[s.image is not None for s in samples],
-        )
-
-    def check(self, dataset: Dataset, strict: bool) -> None:
-        """Tokenize everything once up front; bad samples are reported before training starts."""
-        kept = []
-        for s in dataset.samples:
-            try:
-                self.encode(s)
-                kept.append(s)
-            except BadSample as err:
-                dataset.skip(s.id, str(err), strict)
-        dataset.samples = kept

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from bench.data import BadSample, Collator, Dataset, Sample
+from bench.data import BadSample, Dataset, Sample
+from bench.loader import Collator
 from bench.train import validation_loss
 from bench.vlm import VLM, VLMInputs
 from llms.base import IMAGE_TOKEN
@@ -27,20 +28,36 @@ def strip_image(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 @torch.no_grad()
 def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = False, batch_size: int = 64,
-           max_new_tokens: int = 12) -> list[str]:  # fmt: skip
-    """Greedy answers to the last user turn of each sample (the reference answer is dropped)."""
+           unreadable: dict[str, str] | None = None,
+           max_new_tokens: int = 12) -> list[str | None]:  # fmt: skip
+    """Greedy answers to the last user turn of each sample (the reference answer is dropped); None for a sample
+    whose image cannot be read (the reason goes to ``unreadable``)."""
     vlm.eval()
-    out: list[str] = []
+    unreadable = {} if unreadable is None else unreadable
+    out: list[str | None] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        prompts = [s.messages[:-1] for s in chunk]
-        if blind:
-            prompts = [strip_image(p) for p in prompts]
-        ids = [torch.tensor(vlm.llm.encode_prompt(p)) for p in prompts]
-        with_image = [] if blind else [s.image for s in chunk if s.image is not None]
-        features = collator.features.get(with_image) if with_image else None
-        inputs = VLMInputs(ids, features=features, has_image=[not blind and s.image is not None for s in chunk])
-        out.extend(vlm.decode(vlm.generate_ids(inputs, max_new_tokens=max_new_tokens)))
+        features = None
+        if not blind and any(s.image is not None for s in chunk):
+            got = collator.features.fetch([s.image for s in chunk if s.image is not None])
+            with_image = [j for j, s in enumerate(chunk) if s.image is not None]
+            bad = {with_image[pos] for pos in got.bad}
+            for pos, reason in got.bad.items():
+                unreadable[chunk[with_image[pos]].id] = reason
+            features = got.features
+        else:
+            bad = set()
+        keep = [j for j in range(len(chunk)) if j not in bad]
+        answers = iter([])
+        if keep:
+            prompts = [chunk[j].messages[:-1] for j in keep]
+            if blind:
+                prompts = [strip_image(p) for p in prompts]
+            ids = [torch.tensor(vlm.llm.encode_prompt(p)) for p in prompts]
+            has_image = [not blind and chunk[j].image is not None for j in keep]
+            inputs = VLMInputs(ids, features=features, has_image=has_image)
+            answers = iter(vlm.decode(vlm.generate_ids(inputs, max_new_tokens=max_new_tokens)))
+        out.extend(None if j in bad else next(answers) for j in range(len(chunk)))
     return out
 
 
@@ -71,9 +88,11 @@ def short_answer_samples(data: Dataset, max_words: int = 3) -> list[Sample]:
 
 
 def eval_samples(data: Dataset, collator: Collator, limit: int | None) -> list[Sample]:
-    """The questions evaluated: the world's QA (not captions), or short-answer samples of published data."""
+    """The questions evaluated: the world's QA (not captions), or short-answer samples of published data; the first
+    ``limit`` that tokenize and fit (the rest of the split is not read)."""
     samples = qa_samples(data) if any("type" in s.meta for s in data.samples) else short_answer_samples(data)
-    return [s for s in samples if _usable(collator, s)][: limit or None]
+    usable = (s for s in samples if _usable(collator, s))
+    return list(usable) if not limit else [s for _, s in zip(range(limit), usable)]
 
 
 def blind_answers(vlm: VLM, data: Dataset, collator: Collator, limit: int | None) -> list[str]:
@@ -90,15 +109,22 @@ def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | Non
     """Accuracy with the image next to the blind baseline's, plus loss on captions (or on all held-out samples)."""
     samples = eval_samples(data, collator, limit)
     result: dict[str, Any] = {}
+    unreadable: dict[str, str] = {}
+    preds = answer(vlm, samples, collator, unreadable=unreadable)
+    for sample_id, reason in unreadable.items():
+        data.skip(sample_id, reason, strict=False)
+    # a sample whose image cannot be read is left out of both sides of the comparison
+    kept = [t for t in zip(samples, preds, blind) if t[1] is not None]
+    samples, preds, blind = [t[0] for t in kept], [t[1] for t in kept], [t[2] for t in kept]
     if samples:
-        preds = answer(vlm, samples, collator)
         result["accuracy"] = accuracy(samples, preds)
         result["blind"] = accuracy(samples, blind)
         result["examples"] = [{"id": s.id, "question": s.messages[-2]["content"].replace(IMAGE_TOKEN, "").strip(),
                                "truth": s.messages[-1]["content"], "answer": p, "blind": b}
                               for s, p, b in list(zip(samples, preds, blind))[:examples]]  # fmt: skip
     captions = [s for s in data.samples if s.meta.get("type") == "caption"] or data.samples
-    loss = validation_loss(vlm, Dataset(data.name, captions, data.images), collator, batch_size=32, limit=500)
+    loss = validation_loss(vlm, Dataset(data.name, captions, data.images, data.skipped, data._seen), collator,
+                           batch_size=32, limit=500)  # fmt: skip
     result["caption_loss" if captions is not data.samples else "loss"] = loss
     result["perplexity"] = math.exp(min(loss, 50))
     return result

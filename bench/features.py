@@ -1,103 +1,330 @@
-"""The frozen-encoder feature cache.
+"""Frozen-encoder features: computed online each batch, or kept in a lazily filled cache.
 
-A frozen encoder's features are a pure function of (encoder family, weights, selected layer, preprocessing, image), so
-they are computed once per image and reused across epochs, runs and connectors. The cache lives in
-``<cache>/features/<encoder.cache_key()>/<source>[+attn]/`` as float32 ``.npy`` memory maps (bit-identical on reread)
-plus a ``done`` flag per image, set only after the row is flushed, so a run killed mid-write never leaves a row that
-looks valid. ``forwards`` counts the images this process encoded (0 on a warm cache).
+A frozen encoder's features are a pure function of (encoder family, weights, selected layer, preprocessing, dtype,
+image), so they can be computed once per image and reused across epochs, runs and connectors. The cache of one
+encoder lives in ``<cache>/features/<encoder.cache_key()>[+attn]/``:
+
+- ``meta.json``: the row layout (arrays, shapes, dtype: the encoder's own dtype, so bf16 halves the bytes of fp32);
+- ``<writer>-<k>.<array>.npy``: shards of ``rows_per_shard`` rows, sparse on disk until written, each written by one
+  process only (``<writer>`` = host, pid and a random tag), filled as batches first need their images;
+- ``<writer>.idx``: that writer's index, one line ``<image key> <shard> <row>`` appended only after the row's bytes
+  are flushed. A row is valid iff its line is complete, so a writer killed at any moment never leaves a row that
+  looks valid. The image key is a hash of the image's identity (:mod:`bench.images`), never its position in a list.
+
+Readers (data-loader workers, other processes) read every ``*.idx`` and re-read new lines when a key is missing.
+Two processes that encode the same image both write a valid row; either may be served. ``forwards`` counts the
+images this process encoded (0 on a warm cache).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from bench.data import BadSample, ImageTable
-from connector_zoo.io import cache_dir, materialize
+from bench.images import BadSample, ImageTable
+from connector_zoo.io import atomic_path, cache_dir
 from encoders.base import VisionEncoder, VisionFeatures
+
+MODES = ("auto", "on", "off")
+# numpy has no bfloat16: its rows are stored as the same 16 bits in uint16 and viewed back as torch.bfloat16
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def image_key(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def row_layout(encoder: VisionEncoder, with_attention: bool) -> dict[str, tuple[int, ...]]:
+    info = encoder.info
+    layout = {"patches": (info.num_patches, info.hidden_size)}
+    if info.has_cls:
+        layout["cls"] = (info.hidden_size,)
+    if with_attention:
+        layout["attn"] = (info.num_heads, info.num_patches)
+    return layout
+
+
+def bytes_per_image(encoder: VisionEncoder, with_attention: bool) -> int:
+    itemsize = np.dtype(STORAGE[encoder.dtype_name]).itemsize
+    return sum(int(np.prod(shape)) for shape in row_layout(encoder, with_attention).values()) * itemsize
+
+
+class FeatureStore:
+    """The on-disk rows of one encoder (see the module docstring)."""
+
+    def __init__(self, directory: Path, layout: dict[str, tuple[int, ...]], dtype: str, rows_per_shard: int = 0):
+        self.dir, self.layout, self.dtype = Path(directory), layout, dtype
+        self.np_dtype = STORAGE[dtype]
+        row_bytes = sum(int(np.prod(s)) for s in layout.values()) * np.dtype(self.np_dtype).itemsize
+        # about 1 GiB per shard file set, at most 4,096 rows
+        meta = {"layout": {k: list(v) for k, v in layout.items()}, "dtype": dtype,
+                "rows_per_shard": rows_per_shard or max(1, min(4096, 2**30 // row_bytes))}  # fmt: skip
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta_path = self.dir / "meta.json"
+        if meta_path.exists():
+            found = json.loads(meta_path.read_text())
+            if {k: found[k] for k in ("layout", "dtype")} != {k: meta[k] for k in ("layout", "dtype")}:
+                raise ValueError(f"{self.dir} holds features of another layout ({found}); remove the directory")
+            meta = found
+        else:
+            with atomic_path(meta_path) as tmp:  # concurrent writers write identical bytes
+                tmp.write_text(json.dumps(meta, sort_keys=True))
+        self.rows_per_shard = meta["rows_per_shard"]
+        self.index: dict[str, tuple[str, int, int]] = {}
+        self._offsets: dict[str, int] = {}
+        self._maps: dict[tuple[str, int, str], np.ndarray] = {}
+        self.writer: str | None = None
+        self._next = (0, 0)  # (shard, row) of this writer's next row
+        self.refresh()
+
+    # ------------------------------------------------------------------ read
+    def refresh(self) -> None:
+        """Read index lines written since the last call (complete lines only)."""
+        for path in self.dir.glob("*.idx"):
+            start = self._offsets.get(path.name, 0)
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            writer = path.name[: -len(".idx")]
+            for line in data[:end].decode().splitlines():
+                parts = line.split(" ")
+                if len(parts) == 3 and len(parts[0]) == 32:
+                    self.index.setdefault(parts[0], (writer, int(parts[1]), int(parts[2])))
+            self._offsets[path.name] = start + end
+
+    def _map(self, writer: str, shard: int, name: str, mode: str = "r") -> np.ndarray:
+        key = (writer, shard, name)
+        if key not in self._maps:
+            path = self.dir / f"{writer}-{shard}.{name}.npy"
+            if mode == "w+":
+                shape = (self.rows_per_shard, *self.layout[name])
+                self._maps[key] = np.lib.format.open_memmap(path, mode="w+", dtype=self.np_dtype, shape=shape)
+            else:
+                self._maps[key] = np.load(path, mmap_mode="r")
+        return self._maps[key]
+
+    def read(self, keys: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """The stored rows among ``keys``: key -> {array name -> row}."""
+        if any(k not in self.index for k in keys):
+            self.refresh()
+        out = {}
+        for k in keys:
+            if k in self.index:
+                writer, shard, row = self.index[k]
+                out[k] = {name: self._map(writer, shard, name)[row] for name in self.layout}
+        return out
+
+    def tensor(self, rows: list[np.ndarray]) -> torch.Tensor:
+        """Stored rows as one torch tensor in the store's dtype."""
+        stacked = torch.from_numpy(np.stack(rows))
+        return stacked.view(torch.bfloat16) if self.dtype == "bfloat16" else stacked
+
+    # ----------------------------------------------------------------- write
+    def write(self, keys: list[str], arrays: dict[str, torch.Tensor]) -> None:
+        """Append rows (torch tensors in the store's dtype), then their index lines."""
+        if self.writer is None:
+            self.writer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        arrays = {name: t.detach().cpu() for name, t in arrays.items()}  # one device-to-host copy per array
+        lines = []
+        for i, key in enumerate(keys):
+            shard, row = self._next
+            for name in self.layout:
+                value = arrays[name][i].contiguous()
+                if self.dtype == "bfloat16":
+                    value = value.view(torch.uint16)
+                self._map(self.writer, shard, name, mode="w+")[row] = value.numpy()
+            lines.append(f"{key} {shard} {row}\n")
+            self.index[key] = (self.writer, shard, row)
+            self._next = (shard + 1, 0) if row + 1 == self.rows_per_shard else (shard, row + 1)
+        for (writer, _, _), array in self._maps.items():
+            if writer == self.writer:
+                array.flush()
+        # one append of whole lines, after the data: a kill leaves at most a torn last line, which is ignored
+        fd = os.open(self.dir / f"{self.writer}.idx", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, "".join(lines).encode())
+        finally:
+            os.close(fd)
+
+    def disk_bytes(self) -> int:
+        """Bytes the shards occupy on disk (allocated blocks: unwritten rows of a shard take none)."""
+        return sum(p.stat().st_blocks * 512 for p in self.dir.glob("*.npy"))
+
+
+@dataclass
+class Partial:
+    """What a data-loader worker hands over for a list of images: per position the image key (None when unreadable,
+    with the reason in ``bad``), the stored rows (``stored[name]``, one per key of ``stored_keys``) and the decoded,
+    preprocessed pixels of the images not stored (one per key of ``loaded``)."""
+
+    keys: list[str | None]
+    bad: dict[int, str]
+    stored_keys: list[str]
+    stored: dict[str, torch.Tensor]
+    loaded: list[str]
+    pixels: torch.Tensor | None
+
+    def pin_memory(self) -> Partial:
+        pin = lambda t: t if t is None else t.pin_memory()  # noqa: E731
+        return dataclasses.replace(self, stored={k: pin(v) for k, v in self.stored.items()}, pixels=pin(self.pixels))
+
+
+@dataclass
+class Fetched:
+    """Features of a list of images: a row per readable image, in order, and the unreadable ones by position."""
+
+    features: VisionFeatures | None
+    bad: dict[int, str]
 
 
 class FeatureCache:
+    """Features of an :class:`ImageTable` for one encoder: from the store when ``cached``, else encoded online.
+
+    ``gather`` is the worker-safe half (identities, stored rows, decoded and preprocessed images; no encoder
+    forward); ``complete`` the main-process half (the forward on the images not stored, their rows written).
+    """
+
     def __init__(self, encoder: VisionEncoder, images: ImageTable, with_attention: bool, root: Path | None = None,
-                 batch_size: int = 128, progress: bool = True):  # fmt: skip
-        self.encoder, self.images, self.with_attention = encoder, images, with_attention
-        self.batch_size, self.progress = batch_size, progress
-        source = hashlib.sha256(images.key.encode()).hexdigest()[:16]
-        self.dir = (
-            (root or cache_dir() / "features") / encoder.cache_key() / (source + ("+attn" if with_attention else ""))
-        )
+                 cached: bool = True, batch_size: int = 64, progress: bool = True):  # fmt: skip
+        self.encoder, self.images, self.with_attention, self.cached = encoder, images, with_attention, cached
+        self.batch_size = batch_size
+        self.dir = (root or cache_dir() / "features") / (encoder.cache_key() + ("+attn" if with_attention else ""))
+        self.layout = row_layout(encoder, with_attention)
+        self.store = FeatureStore(self.dir, self.layout, encoder.dtype_name) if cached else None
         self.forwards = 0
         self.bad: dict[int, str] = {}
-        self._arrays: dict[str, np.ndarray] | None = None
 
-    # ---------------------------------------------------------------- storage
-    def _open(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            info = self.encoder.info
-            n, p, d = len(self.images), info.num_patches, info.hidden_size
-            shapes = {"patches": (n, p, d), "done": (n,)}
-            if info.has_cls:
-                shapes["cls"] = (n, d)
-            if self.with_attention:
-                shapes["attn"] = (n, info.num_heads, p)
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.encoder.dtype_name)
 
-            def build(tmp: Path) -> None:
-                (tmp / "source.json").write_text(json.dumps({"images": self.images.key, "n": n}))
-                for name, shape in shapes.items():
-                    dtype = np.bool_ if name == "done" else np.float32
-                    np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    # ---------------------------------------------------------- worker side
+    def gather(self, indices: list[int]) -> Partial:
+        keys: list[str | None] = []
+        bad: dict[int, str] = {}
+        for pos, i in enumerate(indices):
+            try:
+                keys.append(image_key(self.images.identity(i)))
+            except BadSample as err:
+                keys.append(None)
+                bad[pos] = str(err)
+        rows = self.store.read(list(dict.fromkeys(k for k in keys if k))) if self.store is not None else {}
+        first: dict[str, int] = {}  # each image not stored, decoded once however often it occurs
+        for pos, k in enumerate(keys):
+            if k is not None and k not in rows:
+                first.setdefault(k, pos)
+        pil, loaded = [], []
+        for k, pos in first.items():
+            try:
+                pil.append(self.images.load(indices[pos]))
+                loaded.append(k)
+            except BadSample as err:
+                for p, other in enumerate(keys):
+                    if other == k:
+                        keys[p], bad[p] = None, str(err)
+        stored_keys = list(rows)
+        stored = {name: self.store.tensor([rows[k][name] for k in stored_keys]) for name in self.layout} if rows else {}
+        return Partial(keys, bad, stored_keys, stored, loaded, self.encoder.preprocess(pil) if pil else None)
 
-            materialize(self.dir, build)
-            self._arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r+") for name in shapes}
-        return self._arrays
-
-    # ---------------------------------------------------------------- access
-    def ensure(self, indices: list[int]) -> None:
-        """Encode the images among ``indices`` that are not cached yet (unreadable ones go to ``self.bad``)."""
-        arrays = self._open()
-        todo = sorted({i for i in indices if not arrays["done"][i] and i not in self.bad})
-        bar = tqdm(total=len(todo), desc=f"encoding images ({self.encoder.registered_name})",
-                   disable=not self.progress or len(todo) < self.batch_size, leave=False)  # fmt: skip
-        for start in range(0, len(todo), self.batch_size):
-            chunk, pil = [], []
-            for i in todo[start : start + self.batch_size]:
-                try:
-                    pil.append(self.images.load(i))
-                    chunk.append(i)
-                except BadSample as err:
-                    self.bad[i] = str(err)
-            if chunk:
-                self._write(chunk, pil)
-            bar.update(len(todo[start : start + self.batch_size]))
-        bar.close()
-
+    # ------------------------------------------------------------ main side
     @torch.no_grad()
-    def _write(self, chunk: list[int], pil) -> None:
-        arrays = self._open()
+    def encode(self, pixel_values: torch.Tensor) -> VisionFeatures:
+        """The encoder forward, in chunks of ``batch_size``, in the storage dtype (a half-precision tower already
+        returns it; the cast guards any output that autocast leaves in fp32), so online and cached agree."""
         device = next(self.encoder.parameters()).device
-        feats = self.encoder(self.encoder.preprocess(pil).to(device), with_cls_attention=self.with_attention)
-        self.forwards += len(chunk)
-        arrays["patches"][chunk] = feats.patches.float().cpu().numpy()
-        if "cls" in arrays:
-            arrays["cls"][chunk] = feats.cls.float().cpu().numpy()
-        if "attn" in arrays:
-            arrays["attn"][chunk] = feats.cls_attention.float().cpu().numpy()
-        for name in ("patches", "cls", "attn"):
-            if name in arrays:
-                arrays[name].flush()
-        arrays["done"][chunk] = True  # only after the data is on disk
-        arrays["done"].flush()
+        parts = []
+        for start in range(0, len(pixel_values), self.batch_size):
+            chunk = pixel_values[start : start + self.batch_size].to(device, non_blocking=True)
+            parts.append(self.encoder(chunk, with_cls_attention=self.with_attention).to(dtype=self.dtype))
+        self.forwards += len(pixel_values)
+        return VisionFeatures.stack(parts)
+
+    def complete(self, part: Partial) -> Fetched:
+        """Features for the readable positions, in order: stored rows, and the loaded images encoded now (and
+        stored, unless this process stored them since the worker looked: a shared image, a prefetched batch)."""
+        rows: dict[str, dict[str, torch.Tensor]] = {
+            k: {name: v[j] for name, v in part.stored.items()} for j, k in enumerate(part.stored_keys)
+        }
+        todo = list(range(len(part.loaded)))
+        if self.store is not None and part.loaded:
+            have = self.store.read(part.loaded)
+            for k, row in have.items():
+                rows[k] = {name: self.store.tensor([row[name]])[0] for name in self.layout}
+            todo = [j for j, k in enumerate(part.loaded) if k not in rows]
+        if todo:
+            pixels = part.pixels if len(todo) == len(part.loaded) else part.pixels[todo]
+            feats = self.encode(pixels)
+            arrays = {"patches": feats.patches, "cls": feats.cls, "attn": feats.cls_attention}
+            arrays = {k: v for k, v in arrays.items() if k in self.layout}
+            new = [part.loaded[j] for j in todo]
+            if self.store is not None:
+                self.store.write(new, arrays)
+            for i, k in enumerate(new):
+                rows[k] = {name: v[i] for name, v in arrays.items()}
+        order = [k for k in part.keys if k is not None]
+        features = None
+        if order:
+            device = next(self.encoder.parameters()).device  # stored rows join the fresh ones where they are
+            take = lambda name: (torch.stack([rows[k][name].to(device, non_blocking=True) for k in order])  # noqa: E731
+                                 if name in self.layout else None)  # fmt: skip
+            features = VisionFeatures(take("patches"), take("cls"), self.encoder.info.grid, take("attn"))
+        return Fetched(features, part.bad)
+
+    def fetch(self, indices: list[int]) -> Fetched:
+        """All in this process: features of the readable images among ``indices`` and the reasons for the rest."""
+        got = self.complete(self.gather(indices))
+        for pos, reason in got.bad.items():
+            self.bad[indices[pos]] = reason
+        return got
 
     def get(self, indices: list[int]) -> VisionFeatures:
-        self.ensure(indices)
-        bad = [i for i in indices if i in self.bad]
-        if bad:
-            raise BadSample(self.bad[bad[0]])
-        arrays = self._open()
-        take = lambda name: torch.from_numpy(np.ascontiguousarray(arrays[name][indices])) if name in arrays else None  # noqa: E731
-        return VisionFeatures(take("patches"), take("cls"), self.encoder.info.grid, take("attn"))
+        """Features of ``indices``, all readable (else :class:`BadSample` naming the first unreadable one)."""
+        got = self.fetch(indices)
+        if got.bad:
+            raise BadSample(next(iter(got.bad.values())))
+        return got.features
+
+    def ensure(self, indices: list[int]) -> None:
+        """Store the features of ``indices`` now (a warm-up; a no-op when the cache is off)."""
+        if self.store is None:
+            return
+        todo = sorted(set(indices))
+        for start in range(0, len(todo), self.batch_size):
+            self.fetch(todo[start : start + self.batch_size])
+
+
+def free_disk_bytes(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free
+
+
+def decide(mode: str, encoder: VisionEncoder, tables: list[ImageTable], with_attention: bool,
+           max_gb: float | None, root: Path | None = None) -> tuple[bool, str]:  # fmt: skip
+    """(cache on?, why) for ``--feature-cache auto|on|off``: auto caches a frozen encoder when the projected size of
+    every image's row fits ``max_gb`` (default: half the free disk where the cache lives)."""
+    if mode not in MODES:
+        raise ValueError(f"--feature-cache must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode == "on", f"--feature-cache {mode}"
+    if not encoder.frozen:
+        return False, "the encoder trains, so its features change every step"
+    root = root or cache_dir() / "features"
+    n = sum(len(t) for t in tables)
+    projected = n * bytes_per_image(encoder, with_attention)
+    limit = max_gb * 1e9 if max_gb is not None else free_disk_bytes(root) / 2
+    where = f"--feature-cache-max-gb {max_gb:g}" if max_gb is not None else f"half the free disk at {root}"
+    fits = projected <= limit
+    verdict = "fits" if fits else "exceeds"
+    return fits, (f"{n:,} images x {bytes_per_image(encoder, with_attention) / 1e6:.3g} MB = {projected / 1e9:.3g} GB "
+                  f"{verdict} {limit / 1e9:.3g} GB ({where})")  # fmt: skip

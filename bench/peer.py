@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from bench.data import Collator, Dataset
+from bench.data import Dataset
 from bench.export import to_llava
 from bench.features import FeatureCache
+from bench.loader import Collator
 from bench.train import StageConfig, Trainer
 from bench.vlm import VLM
 from llms.base import IGNORE_INDEX

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.data import Collator
 from bench.evaluate import accuracy, answer, qa_samples
 from bench.features import FeatureCache
+from bench.loader import Collator
 from bench.precision import autocast, run_precision
 from bench.profile import prefill_fn
 from bench.run import RunConfig, load_data

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from bench.data import Collator, Dataset, hf_messages, llava_json, world_dataset
+from bench.data import Dataset, hf_messages, llava_json, world_dataset
 from bench.evaluate import blind_answers, evaluate_split
-from bench.features import FeatureCache
+from bench.features import FeatureCache, decide
+from bench.loader import Collator
 from bench.precision import TORCH_NAMES, autocast, resolve_backbone_dtype, resolve_precision
 from bench.train import StageConfig, Trainer
 from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
@@ -81,6 +82,13 @@ class RunConfig:
     init_connector: str | None = None
     #: measure efficiency (FLOPs, latency, decode speed) after training; None: on for the mini world only
     profile: bool | None = None
+    #: the frozen encoder's features: "on" (stored in the encoder's dtype, filled as batches need them, reused across
+    #: epochs, runs and connectors), "off" (encoded online every batch), "auto" (on when they fit the limit)
+    feature_cache: str = "auto"
+    #: auto's size limit in GB (None: half the free disk where the cache lives)
+    feature_cache_max_gb: float | None = None
+    #: data-loader worker processes (None: one per CPU core but one, at most 8)
+    num_workers: int | None = None
     max_length: int | None = None
     eval_limit: int | None = 1000  # questions per evaluation split (None: all)
     strict: bool = False
@@ -191,13 +199,16 @@ def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
 
 def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: int = 512) -> dict[str, float]:
     images = sorted({s.image for s in data.samples if s.image is not None})[:limit]
-    if not images:
-        return {}
     vlm.eval()
     counts = []
     with torch.no_grad():
         for start in range(0, len(images), 128):
-            counts += vlm.connector(features.get(images[start : start + 128])).num_tokens.tolist()
+            got = features.fetch(images[start : start + 128])
+            if got.features is not None:
+                feats = got.features.to(vlm.device, dtype=next(vlm.connector.parameters()).dtype)
+                counts += vlm.connector(feats).num_tokens.tolist()
+    if not counts:
+        return {}
     return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
 
 
@@ -232,26 +243,13 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
         )
     if accelerator.is_main_process:
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
-    with accelerator.main_process_first():  # the main process builds caches; the others then read them
+    with accelerator.main_process_first():  # the main process builds the world and presets; the others read them
         train, val, eval_sets, world = load_data(cfg, log)
         vlm = build_model(cfg, world, log, backbone)
-        if cfg.init_connector:
-            vlm.load_connector(cfg.init_connector)
-            log(f"connector initialised from {cfg.init_connector}")
-        features = {}
-        for ds in (train, val, *eval_sets.values()):
-            if ds is None:
-                continue
-            key = ds.images.key
-            if key not in features:
-                features[key] = FeatureCache(vlm.encoder, ds.images, vlm.connector.needs_cls_attention)
-                features[key].ensure([s.image for s in ds.samples if s.image is not None])
-            ds.drop_bad_images(features[key].bad, cfg.strict)
-    visual_budget = vlm.connector.max_tokens(vlm.encoder.info)
-    collators = {k: Collator(vlm.llm, f, visual_budget, vlm.max_length) for k, f in features.items()}
-    for ds in (train, val, *eval_sets.values()):
-        if ds is not None:
-            collators[ds.images.key].check(ds, cfg.strict)
+    if cfg.init_connector:
+        vlm.load_connector(cfg.init_connector)
+        log(f"connector initialised from {cfg.init_connector}")
+    features, collators, cache_info = feature_sources(cfg, vlm, [train, val, *eval_sets.values()], log)
     blind = {}
     if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
         with autocast(prec, vlm.device):
@@ -271,6 +269,8 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
             val=stage_samples(val, stage.data) if val else None,
             accelerator=accelerator,
             log=log,
+            num_workers=cfg.num_workers,
+            strict=cfg.strict,
         )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
@@ -285,13 +285,26 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
     if accelerator.is_main_process:
         with autocast(prec, vlm.device):
             results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind,
-                             log, {"compute": prec, "backbone": backbone})  # fmt: skip
+                             log, {"compute": prec, "backbone": backbone}, cache_info)  # fmt: skip
     accelerator.wait_for_everyone()
     return results
 
 
+def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], log):
+    """A :class:`FeatureCache` and a :class:`Collator` per image table; the cache on or off as ``--feature-cache``
+    says (auto: by the projected size), logged with the reason. Nothing is encoded here."""
+    tables = {ds.images.key: ds.images for ds in datasets if ds is not None}
+    attention = vlm.connector.needs_cls_attention
+    on, why = decide(cfg.feature_cache, vlm.encoder, list(tables.values()), attention, cfg.feature_cache_max_gb)
+    features = {key: FeatureCache(vlm.encoder, table, attention, cached=on) for key, table in tables.items()}
+    log(f"feature cache: {'on' if on else 'off'} ({why})" + (f", in {next(iter(features.values())).dir}" if on else ""))
+    budget = vlm.connector.max_tokens(vlm.encoder.info)
+    collators = {k: Collator(vlm.llm, f, budget, vlm.max_length) for k, f in features.items()}
+    return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why}
+
+
 def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
-           precision) -> dict:  # fmt: skip
+           precision, cache_info) -> dict:  # fmt: skip
     save_final(vlm, out_dir, len(train_stats))
     metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
                for name, ds in eval_sets.items()}  # fmt: skip
@@ -311,6 +324,11 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         "loss_history": [s["history"] for s in train_stats],
         "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
         "wall_time_seconds": time.time() - started,
+        # this process, this session (a resumed run counts from its restart)
+        "seconds_to_first_step": (train_stats[0]["first_step_at"] - started) if train_stats[0]["first_step_at"]
+        else None,
+        "feature_cache": {**cache_info, "disk_bytes": sum(f.store.disk_bytes() for f in features.values()
+                                                            if f.store is not None)},
         "encoder_forwards": sum(f.forwards for f in features.values()),
         "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
         "versions": versions(),

@@ -27,7 +27,8 @@ import torch
 from accelerate import Accelerator
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from bench.data import BadSample, Collator, Dataset
+from bench.data import BadSample, Dataset
+from bench.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.precision import memory_report, upcast_trainable
 from bench.vlm import VLM
 from connector_zoo.io import atomic_path
@@ -119,10 +120,11 @@ def parameter_groups(vlm: VLM, params: list[torch.nn.Parameter], cfg: StageConfi
 
 class Trainer:
     def __init__(self, vlm: VLM, train: Dataset, collator: Collator, cfg: StageConfig, out_dir: Path, seed: int,
-                 val: Dataset | None = None, accelerator: Accelerator | None = None,
-                 log=print):  # fmt: skip
+                 val: Dataset | None = None, accelerator: Accelerator | None = None, log=print,
+                 num_workers: int | None = None, strict: bool = False):  # fmt: skip
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         self.cfg, self.out_dir, self.seed, self.log = cfg, Path(out_dir), seed, log
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
         cfg.resolve_accumulation(self.acc.num_processes)  # a recipe's global batch, for however many processes
         self.acc.gradient_accumulation_steps = cfg.grad_accum
@@ -142,10 +144,12 @@ class Trainer:
         self.samples_seen = 0
         self.train_seconds = 0.0
         self.memory: dict[str, Any] = {}
+        self.first_step_at: float | None = None  # wall clock at the end of this process's first optimizer step
+        self.strict = strict
 
     # -------------------------------------------------------------- data order
-    def micro_batch(self, step: int, micro: int):
-        """The samples of process ``rank`` for micro-step ``micro`` of optimizer step ``step``."""
+    def micro_indices(self, step: int, micro: int) -> list[int]:
+        """Indices of the samples of process ``rank`` for micro-step ``micro`` of optimizer step ``step``."""
         cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
         n = len(self.train_data.samples)
         per_step = cfg.batch_size * cfg.grad_accum * world
@@ -153,8 +157,12 @@ class Trainer:
         out = []
         for k in range(start, start + cfg.batch_size):
             epoch, pos = divmod(k, n)
-            out.append(self.train_data.samples[self.permutation(epoch)[pos]])
+            out.append(self.permutation(epoch)[pos])
         return out
+
+    def micro_batch(self, step: int, micro: int):
+        """The samples of process ``rank`` for micro-step ``micro`` of optimizer step ``step``."""
+        return [self.train_data.samples[i] for i in self.micro_indices(step, micro)]
 
     def permutation(self, epoch: int) -> list[int]:
         if getattr(self, "_perm_epoch", None) != epoch:
@@ -168,7 +176,11 @@ class Trainer:
 
     def length(self, index: int) -> int:
         sample = self.train_data.samples[index]
-        return len(self.collator.encode(sample)) + (self.collator.visual_budget if sample.image is not None else 0)
+        try:
+            text = len(self.collator.encode(sample))
+        except BadSample:
+            text = 0  # dropped from its batch when loaded
+        return text + (self.collator.visual_budget if sample.image is not None else 0)
 
     # ------------------------------------------------------------------- train
     def fit(self) -> dict[str, Any]:
@@ -176,20 +188,32 @@ class Trainer:
         # tests: die like a killed job at step N of any stage ("N") or of one stage ("STAGE:N")
         kill = os.environ.get("CONNECTOR_ZOO_KILL_AT_STEP", "-1").split(":")
         kill_at = int(kill[-1]) if len(kill) == 1 or int(kill[0]) == self.cfg.stage else -1
+        sampler = StepSampler(self.micro_indices, self.step, self.total_steps, self.cfg.grad_accum)
+        batches = iter(make_loader(self.train_data.samples, self.collator, sampler, self.num_workers))
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             losses = []
-            for micro in range(self.cfg.grad_accum):
-                batch = self.collator(self.micro_batch(self.step, micro))
+            for _ in range(self.cfg.grad_accum):
+                batch = self.collator.finish(next(batches))
+                for sample_id, reason in batch.skipped:
+                    self.train_data.skip(sample_id, reason, self.strict)
                 with self.acc.accumulate(self.model):
-                    out = self.model(batch)
-                    self.acc.backward(out.loss)
+                    if batch.inputs is None:  # every sample of this micro-batch was bad: a step of zero gradient
+                        loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                    else:
+                        loss = self.model(batch.inputs).loss
+                    self.acc.backward(loss)
                     if self.acc.sync_gradients and self.cfg.max_grad_norm:
                         self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
-                losses.append(out.loss.detach())
+                if batch.inputs is not None:
+                    losses.append(loss.detach())
             self.scheduler.step()
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+            if not losses:
+                losses.append(torch.tensor(float("nan"), device=self.acc.device))
             if not self.memory:  # after the first step: gradients and optimizer state exist
                 self.memory = memory_report(self.model, self.optimizer.optimizer if hasattr(self.optimizer,
                                             "optimizer") else self.optimizer)  # fmt: skip
@@ -212,7 +236,8 @@ class Trainer:
         return {"steps": self.step, "final_loss": self.history[-1]["loss"], "best_val_loss": self.best_val,
                 "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
                 "trainable_parameters": self.num_trainable, "memory": self.memory,
-                "gradient_checkpointing": self.cfg.gradient_checkpointing, "lora": self.cfg.lora}  # fmt: skip
+                "gradient_checkpointing": self.cfg.gradient_checkpointing, "lora": self.cfg.lora,
+                "first_step_at": self.first_step_at, "num_workers": self.num_workers}  # fmt: skip
 
     @torch.no_grad()
     def validate(self) -> bool:
@@ -281,11 +306,11 @@ def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int
     total, count = 0.0, 0
     samples = data.samples[:limit]
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        try:
-            out = vlm(collator(chunk))
-        except BadSample:
+        batch = collator.batch(samples[start : start + batch_size])
+        for sample_id, reason in batch.skipped:
+            data.skip(sample_id, reason, strict=False)
+        if batch.inputs is None:
             continue
-        total += out.lm_loss.item() * len(chunk)
-        count += len(chunk)
+        total += vlm(batch.inputs).lm_loss.item() * len(batch)
+        count += len(batch)
     return total / max(count, 1)

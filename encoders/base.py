@@ -140,20 +140,31 @@ class VisionEncoder(nn.Module):
             )
         return index - 1
 
+    def weights_hash(self) -> str:
+        """SHA-256 of every weight's name, dtype, shape and every byte, streamed from the tensors' own memory (no
+        float copy). Remembered until a tensor is replaced or changed in place (its storage or version counter moves:
+        an optimizer step, ``load_state_dict``), so repeated calls cost nothing and never answer for old weights."""
+        state = sorted(self.state_dict().items())
+        stamp = tuple((name, t.data_ptr(), t._version) for name, t in state)
+        memo = getattr(self, "_weights_memo", None)
+        if memo is None or memo[0] != stamp:
+            weights = hashlib.sha256()
+            for name, tensor in state:
+                weights.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                flat = tensor.detach().cpu().contiguous().reshape(-1)
+                weights.update(memoryview(flat.view(torch.uint8).numpy()))
+            self._weights_memo = memo = (stamp, weights.hexdigest())
+        return memo[1]
+
     def cache_key(self) -> str:
-        """Everything that determines the features: family, weights, layer, preprocessing."""
-        weights = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            weights.update(name.encode())
-            weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-            weights.update(str(tuple(tensor.shape)).encode())
+        """Everything that determines the features: family, weights (all of their bytes), layer, preprocessing."""
         desc = {
             "family": self.registered_name,
             "checkpoint": str(self.checkpoint),
             "layer": self.layer,
             "dtype": self.dtype_name,
             "preprocess": self.preprocess_signature(),
-            "weights": weights.hexdigest(),
+            "weights": self.weights_hash(),
         }
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data import BadSample, Collator, hf_messages, llava_json
+from bench.data import BadSample, hf_messages, llava_json
 from bench.features import FeatureCache
+from bench.loader import Collator
 
 
 def write_llava_fixture(root):
@@ -41,7 +42,7 @@ def write_llava_fixture(root):
     return root / "chat.json", root / "images"
 
 
-def test_llava_json_loads_and_reports_bad_records(tmp_path, encoders):
+def test_llava_json_loads_and_reports_bad_records(tmp_path, encoders, llms):
     path, folder = write_llava_fixture(tmp_path)
     ds = llava_json(path, folder)
     assert [s.id for s in ds.samples] == ["GCC_0", "GCC_1", "text_only", "missing_image", "corrupt_image"]
@@ -50,13 +51,18 @@ def test_llava_json_loads_and_reports_bad_records(tmp_path, encoders):
     reasons = {s["id"]: s["reason"] for s in ds.skipped}
     assert "no <image>" in reasons["no_placeholder"] and "malformed" in reasons["malformed"]
     assert "robot" in reasons["bad_turn"]
-    # unreadable images are found when encoding, then skipped with their reason
-    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, progress=False)
-    cache.ensure([s.image for s in ds.samples if s.image is not None])
-    ds.drop_bad_images(cache.bad, strict=False)
-    assert [s.id for s in ds.samples] == ["GCC_0", "GCC_1", "text_only"]
+    # unreadable images are found when their batch is loaded: the batch goes on without them, each reported once
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, root=tmp_path / "feat")
+    collator = Collator(llms["qwen3"], cache, visual_budget=64, max_length=None)
+    for _ in range(2):  # a second epoch meets them again
+        batch = collator.batch(ds.samples)
+        for sample_id, reason in batch.skipped:
+            ds.skip(sample_id, reason, strict=False)
+    assert [ds.samples[k].id for k in batch.kept] == ["GCC_0", "GCC_1", "text_only"]
+    assert batch.inputs.has_image == [True, True, False] and batch.inputs.features.batch_size == 2
     reasons = {s["id"]: s["reason"] for s in ds.skipped}
     assert "cannot be read" in reasons["missing_image"] and "corrupt.jpg" in reasons["corrupt_image"]
+    assert [s["id"] for s in ds.skipped].count("missing_image") == 1
 
 
 def test_strict_stops_at_the_first_bad_record(tmp_path):
@@ -128,10 +134,11 @@ def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
     text_only = len(llms["vicuna"].encode_conversation(ds.samples[2].messages))
     # room for the text-only sample, not for an image's 64 visual tokens on top of a similar text
     collator = Collator(llms["vicuna"], cache, visual_budget=64, max_length=text_only + 20)
-    collator.check(ds, strict=False)
-    assert {s["id"] for s in ds.skipped if "context budget" in s["reason"]} == {"GCC_0", "GCC_1", "missing_image",
-                                                                              "corrupt_image"}  # fmt: skip
-    assert [s.id for s in ds.samples] == ["text_only"]
+    batch = collator.batch(ds.samples)
+    assert {i for i, reason in batch.skipped if "context budget" in reason} == {"GCC_0", "GCC_1", "missing_image",
+                                                                             "corrupt_image"}  # fmt: skip
+    assert [ds.samples[k].id for k in batch.kept] == ["text_only"] and batch.inputs.features is None
+    assert cache.forwards == 0  # samples dropped for their length never reach the encoder
 
 
 def test_group_by_length_sorts_each_step(tmp_path, llms, encoders):

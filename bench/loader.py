@@ -1,0 +1,197 @@
+"""The input pipeline: samples -> :class:`~bench.vlm.VLMInputs`, in data-loader workers.
+
+A worker (``Collator.prepare``) tokenizes each sample with the LLM's chat template (a bounded cache keeps repeated
+texts), computes image identities, reads the feature rows already stored and decodes + preprocesses the other
+images. The main process (``Collator.finish``) runs the frozen encoder on those images, on the accelerator, stores
+their rows when the cache is on, and assembles the batch. A sample that turns out bad at that point (missing or
+corrupt image, a text too long for the context) is dropped from its batch and reported, never raised in a worker.
+
+The order is the trainer's: :class:`StepSampler` yields the micro-batches of optimizer steps ``start..total`` (each
+process its own slice), so the position is a function of the step and a resumed run reads exactly what an
+uninterrupted one would. Nothing is prepared up front: the time to the first step does not grow with the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from bench.data import Sample
+from bench.features import FeatureCache, Partial
+from bench.images import BadSample
+from bench.vlm import VLMInputs
+from llms.base import LLMBackend, TemplateError
+
+
+def default_num_workers() -> int:
+    """One worker per CPU core this process may use, minus one for the main process; at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+@dataclass
+class Prepared:
+    """A worker's half of a batch: tokens of the samples kept, their image features' raw material, and the
+    samples dropped with their reasons."""
+
+    kept: list[int]  # positions of the samples kept, among those asked for
+    ids: list[str]
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    has_image: list[bool]
+    images: Partial | None
+    skipped: list[tuple[str, str]]
+
+    def pin_memory(self) -> Prepared:
+        pin = lambda ts: [t.pin_memory() for t in ts]  # noqa: E731
+        return dataclasses.replace(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
+                                   images=self.images and self.images.pin_memory())  # fmt: skip
+
+
+@dataclass
+class Batch:
+    """A finished batch: the model's inputs (None when every sample was dropped), which samples they are, and the
+    samples dropped with their reasons."""
+
+    inputs: VLMInputs | None
+    kept: list[int]
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+class Collator:
+    """Samples -> batches, with image features from ``features`` (a :class:`FeatureCache`, cached or online).
+
+    ``visual_budget`` is the connector's maximum number of visual tokens: a sample whose text plus that budget does
+    not fit ``max_length`` is reported instead of truncated.
+    """
+
+    def __init__(self, llm: LLMBackend, features: FeatureCache, visual_budget: int, max_length: int | None,
+                 cache_size: int = 65536):  # fmt: skip
+        self.llm, self.features, self.visual_budget, self.max_length = llm, features, visual_budget, max_length
+        self.cache_size = cache_size
+        self._encoded: OrderedDict[str, object] = OrderedDict()
+
+    def encode(self, sample: Sample):
+        """Token ids and labels of a sample (identical texts tokenize once, in a bounded cache); BadSample when the
+        template fails or the sample cannot fit the context."""
+        key = json.dumps(sample.messages) + f"|{sample.image is not None}"
+        hit = self._encoded.get(key)
+        if hit is not None:
+            self._encoded.move_to_end(key)
+        else:
+            try:
+                hit = self.llm.encode_conversation(sample.messages)
+            except TemplateError as err:
+                hit = BadSample(str(err))
+            n_visual = self.visual_budget if sample.image is not None else 0
+            if not isinstance(hit, BadSample) and self.max_length and len(hit) - 1 + n_visual > self.max_length:
+                hit = BadSample(f"needs {len(hit) - 1 + n_visual} tokens ({n_visual} visual), more than the context "
+                                f"budget {self.max_length}; not truncated")  # fmt: skip
+            self._encoded[key] = hit
+            if len(self._encoded) > self.cache_size:
+                self._encoded.popitem(last=False)
+        if isinstance(hit, BadSample):
+            raise BadSample(str(hit))
+        return hit
+
+    # ------------------------------------------------------------ two halves
+    def prepare(self, samples: list[Sample]) -> Prepared:
+        """The worker's half (no encoder forward)."""
+        kept, encoded, skipped = [], [], []
+        for pos, s in enumerate(samples):
+            try:
+                encoded.append(self.encode(s))
+                kept.append(pos)
+            except BadSample as err:
+                skipped.append((s.id, str(err)))
+        images = [samples[p].image for p in kept if samples[p].image is not None]
+        return Prepared(kept, [samples[p].id for p in kept], [torch.tensor(e.input_ids) for e in encoded],
+                        [torch.tensor(e.labels) for e in encoded], [samples[p].image is not None for p in kept],
+                        self.features.gather(images) if images else None, skipped)  # fmt: skip
+
+    def finish(self, prep: Prepared) -> Batch:
+        """The main process's half: encoder forward for images not stored, samples with unreadable images dropped."""
+        features, drop = None, set()
+        if prep.images is not None:
+            got = self.features.complete(prep.images)
+            features = got.features
+            with_image = [j for j, h in enumerate(prep.has_image) if h]
+            drop = {with_image[pos] for pos in got.bad}
+            skipped = prep.skipped + [(prep.ids[with_image[pos]], reason) for pos, reason in got.bad.items()]
+        else:
+            skipped = prep.skipped
+        keep = [j for j in range(len(prep.kept)) if j not in drop]
+        if not keep:
+            return Batch(None, [], skipped)
+        inputs = VLMInputs(input_ids=[prep.input_ids[j] for j in keep], labels=[prep.labels[j] for j in keep],
+                           features=features, has_image=[prep.has_image[j] for j in keep])  # fmt: skip
+        return Batch(inputs, [prep.kept[j] for j in keep], skipped)
+
+    def batch(self, samples: list[Sample]) -> Batch:
+        return self.finish(self.prepare(samples))
+
+    def __call__(self, samples: list[Sample]) -> VLMInputs:
+        """All samples or :class:`BadSample` (for callers that need every sample, e.g. a profile)."""
+        out = self.batch(samples)
+        if out.skipped:
+            raise BadSample(f"sample {out.skipped[0][0]!r}: {out.skipped[0][1]}")
+        return out.inputs
+
+
+# ---------------------------------------------------------------- loading
+class MicroBatches(torch.utils.data.Dataset):
+    """Map-style view for the DataLoader: a key is a tuple of sample indices, an item the worker's half."""
+
+    def __init__(self, samples: list[Sample], collator: Collator):
+        self.samples, self.collator = samples, collator
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, indices: tuple[int, ...]) -> Prepared:
+        return self.collator.prepare([self.samples[i] for i in indices])
+
+
+class StepSampler(Sampler):
+    """Micro-batches of optimizer steps ``start..total``: ``order(step, micro)`` gives each one's sample indices."""
+
+    def __init__(self, order: Callable[[int, int], list[int]], start: int, total: int, grad_accum: int):
+        self.order, self.start, self.total, self.grad_accum = order, start, total, grad_accum
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.grad_accum
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for micro in range(self.grad_accum):
+                yield tuple(self.order(step, micro))
+
+
+def _identity(item):
+    return item
+
+
+def make_loader(samples: list[Sample], collator: Collator, sampler: Sampler, num_workers: int) -> DataLoader:
+    """Workers forked where the platform allows it (they share the tokenizer and preprocessing without pickling
+    them); pinned memory when a GPU is present; a private generator, so creating the loader leaves the global
+    torch RNG (dropout, resumed from checkpoints) untouched."""
+    import multiprocessing
+
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    return DataLoader(MicroBatches(samples, collator), batch_size=None, sampler=sampler, num_workers=num_workers,
+                      collate_fn=_identity, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0),
+                      multiprocessing_context="fork" if num_workers and fork else None)  # fmt: skip
