@@ -46,16 +46,14 @@ class Prepared:
 
     kept: list[int]  # positions of the samples kept, among those asked for
     ids: list[str]
-    input_ids: list[torch.Tensor]
-    labels: list[torch.Tensor]
+    input_ids: list[list[int]]  # lists, not tensors: pickled in one piece instead of a shared-memory file each
+    labels: list[list[int]]
     has_image: list[bool]
     images: Partial | None
     skipped: list[tuple[str, str]]
 
     def pin_memory(self) -> Prepared:
-        pin = lambda ts: [t.pin_memory() for t in ts]  # noqa: E731
-        return dataclasses.replace(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
-                                   images=self.images and self.images.pin_memory())  # fmt: skip
+        return dataclasses.replace(self, images=self.images and self.images.pin_memory())
 
 
 @dataclass
@@ -118,8 +116,8 @@ class Collator:
             except BadSample as err:
                 skipped.append((s.id, str(err)))
         images = [samples[p].image for p in kept if samples[p].image is not None]
-        return Prepared(kept, [samples[p].id for p in kept], [torch.tensor(e.input_ids) for e in encoded],
-                        [torch.tensor(e.labels) for e in encoded], [samples[p].image is not None for p in kept],
+        return Prepared(kept, [samples[p].id for p in kept], [e.input_ids for e in encoded],
+                        [e.labels for e in encoded], [samples[p].image is not None for p in kept],
                         self.features.gather(images) if images else None, skipped)  # fmt: skip
 
     def finish(self, prep: Prepared) -> Batch:
@@ -136,8 +134,9 @@ class Collator:
         keep = [j for j in range(len(prep.kept)) if j not in drop]
         if not keep:
             return Batch(None, [], skipped)
-        inputs = VLMInputs(input_ids=[prep.input_ids[j] for j in keep], labels=[prep.labels[j] for j in keep],
-                           features=features, has_image=[prep.has_image[j] for j in keep])  # fmt: skip
+        inputs = VLMInputs(input_ids=[torch.tensor(prep.input_ids[j]) for j in keep],
+                           labels=[torch.tensor(prep.labels[j]) for j in keep], features=features,
+                           has_image=[prep.has_image[j] for j in keep])  # fmt: skip
         return Batch(inputs, [prep.kept[j] for j in keep], skipped)
 
     def batch(self, samples: list[Sample]) -> Batch:

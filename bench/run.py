@@ -300,7 +300,8 @@ def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], lo
     log(f"feature cache: {'on' if on else 'off'} ({why})" + (f", in {next(iter(features.values())).dir}" if on else ""))
     budget = vlm.connector.max_tokens(vlm.encoder.info)
     collators = {k: Collator(vlm.llm, f, budget, vlm.max_length) for k, f in features.items()}
-    return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why}
+    where = str(next(iter(features.values())).dir) if features else None
+    return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why, "dir": where}
 
 
 def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,

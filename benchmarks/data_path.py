@@ -58,7 +58,8 @@ def make_data(folder: Path, n: int, size: int = 336) -> Path:
 
 def bench_run(work: Path, data: Path, out: Path, cache: str, steps: int, batch_size: int) -> dict:
     cmd = [sys.executable, "-m", "bench.cli", "run", "--data", "llava", "--data-path", str(data), "--image-folder",
-           str(data.parent / "images"), "--held-out", "0.005", "--encoder", "clip", "--encoder-checkpoint", ENCODER, "--layer", "-1",
+           str(data.parent / "images"), "--held-out", "0.005", "--encoder", "clip", "--encoder-checkpoint", ENCODER,
+           "--layer", "-1",
            "--connector", "mlp2x_gelu", "--llm", "tinyllama", "--recipe", "llava-1.5-pretrain", "--steps", str(steps),
            "--batch-size", str(batch_size), "--grad-accum", "1", "--eval-limit", "1", "--no-profile",
            "--feature-cache", cache, "--out", str(out)]  # fmt: skip

@@ -161,3 +161,26 @@ def test_group_by_length_sorts_each_step(tmp_path, llms, encoders):
         lengths.append(step)
     assert lengths[1] == sorted(lengths[1]) and lengths[0] != sorted(lengths[0])
     assert sorted(lengths[0]) == lengths[1]  # the same samples, only reordered within the step
+
+
+def test_a_665k_style_mix_loads_without_touching_an_image(tmp_path, llms, encoders):
+    """Sub-folders per source, text-only and multi-turn records: listing 20,000 records opens no file (none exists
+    here); a missing image surfaces when its batch is loaded, as a skipped sample with its id and reason."""
+    sources = ["coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K"]
+    records = []
+    for i in range(20000):
+        turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "a thing"},
+                 {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "another"}]  # fmt: skip
+        if i % 7 == 0:
+            records.append({"id": f"t{i}", "conversations": [{"from": "human", "value": "Hi?"},
+                                                             {"from": "gpt", "value": "Hello."}]})  # fmt: skip
+        else:
+            records.append({"id": f"r{i}", "image": f"{sources[i % 5]}/{i:012d}.jpg", "conversations": turns})
+    (tmp_path / "mix.json").write_text(json.dumps(records))
+    ds = llava_json(tmp_path / "mix.json", tmp_path / "data")  # the folder does not even exist
+    assert len(ds.samples) == 20000 and not ds.skipped and len(ds.images) == 20000 - len(range(0, 20000, 7))
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, root=tmp_path / "feat")
+    batch = Collator(llms["tinyllama"], cache, visual_budget=64, max_length=None).batch(ds.samples[:3])
+    assert [ds.samples[k].id for k in batch.kept] == ["t0"]  # the text-only record trains
+    assert [i for i, _ in batch.skipped] == ["r1", "r2"]
+    assert "gqa/images/000000000001.jpg" in batch.skipped[0][1] and "No such file" in batch.skipped[0][1]

@@ -124,3 +124,27 @@ def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
     # keeping every token gives exactly the unpruned model's answers, not merely the same score
     assert rows[0]["answers"] == rows[0]["unpruned_answers"] and rows[0]["accuracy"] == rows[0]["unpruned_accuracy"]
     assert [r["tokens"] for r in rows] == [64.0, 32.0, 16.0]
+
+
+def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
+    """The same seed with the encoder online each batch, with the cache filled on the way, and read back: identical
+    losses and mini-world accuracy (fp32), and the warm run encodes nothing."""
+    import shutil
+
+    runs = {}
+    for name in ("off", "cold", "warm"):
+        out = tmp_path / name
+        if name == "cold":
+            shutil.rmtree(runs["off"]["feature_cache"]["dir"])
+        proc = bench([*MICRO, "--feature-cache", "off" if name == "off" else "on", "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"feature cache: {'off' if name == 'off' else 'on'} (--feature-cache" in proc.stdout
+        runs[name] = json.loads((out / "results.json").read_text())
+    off, cold, warm = runs["off"], runs["cold"], runs["warm"]
+    assert cold["encoder_forwards"] > 0 and warm["encoder_forwards"] == 0 and cold["feature_cache"]["disk_bytes"] > 0
+    assert off["encoder_forwards"] > cold["encoder_forwards"]  # online: every batch, every epoch
+    for other in (cold, warm):
+        assert other["loss_history"] == off["loss_history"]
+        for split in ("test", "compositional"):
+            assert other["metrics"][split]["accuracy"] == off["metrics"][split]["accuracy"]
+            assert other["metrics"][split]["caption_loss"] == off["metrics"][split]["caption_loss"]
