@@ -1,9 +1,10 @@
 """Image tables: the images of a dataset by index, each with an identity that names its content.
 
 The identity is what the feature cache keys a row by, so it must change whenever the pixels can: a file is named by
-its absolute path, size and modification time in nanoseconds (a ``stat``, measured at about 2 µs; a content hash of
-a 100 KB JPEG costs about 60x that), in-memory images and images embedded in a Hugging Face dataset by a hash of their
-bytes. Never by a position in a list: two JSON files over one folder, in any order, name a shared image identically.
+its absolute path, size and modification time in nanoseconds (one ``stat``, whose cost does not grow with the file,
+where a content hash reads every byte: ``benchmarks/data_path.py`` prints both), in-memory images and images
+embedded in a Hugging Face dataset by a hash of their bytes. Never by a position in a list: two JSON files over one
+folder, in any order, name a shared image identically.
 
 Nothing here touches an image before it is needed: building a table of 665K paths reads no file, and a missing or
 unreadable image surfaces as :class:`BadSample` when its batch is loaded (in a data-loader worker), with its name.
@@ -56,14 +57,14 @@ class FileImages(ImageTable):
     """Image files under one folder, by relative path (LLaVA JSON's ``image`` field)."""
 
     def __init__(self, folder: str | os.PathLike, paths: list[str]):
-        self.folder = os.path.realpath(folder)
+        self.folder = os.path.abspath(folder)
         self.names = list(paths)
         self.key = f"files:{self.folder}"
 
     def path(self, index: int) -> str:
-        """The file's real path; a name that leads outside the folder (``..``, an absolute path, a symbolic link
-        pointing out) is refused."""
-        path = os.path.realpath(os.path.join(self.folder, self.names[index]))
+        """The file's absolute path; a name that leads outside the folder (``..``, an absolute path) is refused.
+        Symbolic links inside the folder are followed (LLaVA's ``coco/`` is often a link to shared storage)."""
+        path = os.path.normpath(os.path.join(self.folder, self.names[index]))
         if not path.startswith(self.folder + os.sep):
             raise BadSample(f"image {self.names[index]!r} lies outside the image folder {self.folder}; refused")
         return path

@@ -98,10 +98,9 @@ def identity_cost(folder: Path, n: int = 2000) -> tuple[float, float]:
     return (t1 - t0) / len(names) * 1e6, (t2 - t1) / len(names) * 1e6
 
 
-def summarize(rows: list[dict], key: str) -> str:
+def summarize(rows: list[dict], key: str, fmt: str = ".3g") -> str:
     values = [r[key] for r in rows]
-    med = statistics.median(values)
-    return f"{med:.3g} ({min(values):.3g}-{max(values):.3g})"
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def main() -> None:
@@ -140,9 +139,9 @@ def main() -> None:
     for name, got in rows.items():
         if not got:
             continue
-        per_image = got[0]["disk_bytes"] / max(got[0]["forwards"], 1) / 1e6 if name != "off" else 0.0
+        per_image = f"{got[0]['disk_bytes'] / got[0]['forwards'] / 1e6:.3g}" if name.startswith("cold") else "-"
         print(f"{name:<11} {summarize(got, 'first_step_s'):<20} {summarize(got, 'samples_per_s'):<20} "
-              f"{got[0]['forwards']:<9} {per_image:<12.3g} {summarize(got, 'peak_rss_mb')}")  # fmt: skip
+              f"{got[0]['forwards']:<9} {per_image:<12} {summarize(got, 'peak_rss_mb', '.0f')}")  # fmt: skip
     if rows["cold-large"]:
         ratio = statistics.median(r["first_step_s"] for r in rows["cold-large"]) / statistics.median(
             r["first_step_s"] for r in rows["cold"]

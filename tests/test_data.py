@@ -184,3 +184,20 @@ def test_a_665k_style_mix_loads_without_touching_an_image(tmp_path, llms, encode
     assert [ds.samples[k].id for k in batch.kept] == ["t0"]  # the text-only record trains
     assert [i for i, _ in batch.skipped] == ["r1", "r2"]
     assert "gqa/images/000000000001.jpg" in batch.skipped[0][1] and "No such file" in batch.skipped[0][1]
+
+
+def test_image_names_cannot_leave_their_folder_but_links_inside_it_work(tmp_path):
+    from bench.images import FileImages
+
+    (tmp_path / "shared" / "coco").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "shared" / "coco" / "a.jpg")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "secret.png")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "coco").symlink_to(tmp_path / "shared" / "coco")  # LLaVA's usual layout
+    table = FileImages(tmp_path / "data", ["coco/a.jpg", "../secret.png", str(tmp_path / "secret.png")])
+    assert table.load(0).getpixel((0, 0)) == (254, 0, 0) and table.identity(0).startswith("file:")
+    for i in (1, 2):
+        with pytest.raises(BadSample, match="outside the image folder"):
+            table.load(i)
+        with pytest.raises(BadSample, match="outside the image folder"):
+            table.identity(i)
