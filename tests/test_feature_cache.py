@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from bench.data import Dataset, Sample, hf_messages, llava_json
-from bench.features import FeatureCache, FeatureStore, bytes_per_image, decide, image_key
+from bench.features import FeatureCache, bytes_per_image, decide, image_key
 from bench.loader import Collator
+from bench.store import FeatureStore
 from bench.train import StageConfig, Trainer
 from bench.vlm import VLM
 from connectors import build_connector
