@@ -328,8 +328,9 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         # this process, this session (a resumed run counts from its restart)
         "seconds_to_first_step": (train_stats[0]["first_step_at"] - started) if train_stats[0]["first_step_at"]
         else None,
-        "feature_cache": {**cache_info, "disk_bytes": sum(f.store.disk_bytes() for f in features.values()
-                                                            if f.store is not None)},
+        # the tables of one encoder share a directory: counted once
+        "feature_cache": {**cache_info, "disk_bytes": sum({f.dir: f.store.disk_bytes() for f in features.values()
+                                                             if f.store is not None}.values())},
         "encoder_forwards": sum(f.forwards for f in features.values()),
         "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
         "versions": versions(),

@@ -143,6 +143,8 @@ def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
     off, cold, warm = runs["off"], runs["cold"], runs["warm"]
     assert cold["encoder_forwards"] > 0 and warm["encoder_forwards"] == 0 and cold["feature_cache"]["disk_bytes"] > 0
     assert off["encoder_forwards"] > cold["encoder_forwards"]  # online: every batch, every epoch
+    # rows of 64 patches + CLS at width 64 in fp32, each counted once (4 tables share the directory), plus file blocks
+    assert cold["feature_cache"]["disk_bytes"] <= cold["encoder_forwards"] * 65 * 64 * 4 + 4 * 2 * 3 * 4096
     for other in (cold, warm):
         assert other["loss_history"] == off["loss_history"]
         for split in ("test", "compositional"):
