@@ -5,7 +5,8 @@ linear warm-up (``min_lr_ratio`` floors it). The data order is a seeded permutat
 takes the next ``batch_size * grad_accum * num_processes`` samples: process r, micro-step j takes slice
 ``j * num_processes + r``. So a 2-process run sees exactly the micro-batches of a 1-process run with twice the
 accumulation, and the data position is a function of the step: resuming restores model, optimizer, scheduler, the
-torch RNG and the step, and continues with the same samples.
+torch RNG and the step, and continues with the same samples. Batches come from data-loader workers
+(``bench.loader``) in exactly that order.
 
 Checkpoints (``checkpoint-last``, ``checkpoint-best`` by validation loss) are written to a temporary directory and
 renamed into place, so a run killed at any moment leaves the previous complete checkpoint, never a half-written one.
