@@ -56,10 +56,24 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def materialize(directory: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``directory``, calling ``build(tmp_dir)`` first if it does not exist yet (atomic: all or nothing)."""
-    if not (directory / ".complete").exists():
-        with atomic_path(directory) as tmp:
-            tmp.mkdir()
-            build(tmp)
-            (tmp / ".complete").write_text("ok\n")
+    """Return ``directory``, calling ``build(tmp_dir)`` first if it does not exist yet (atomic: all or nothing).
+
+    Several processes may build at once (two runs on an empty cache): the first complete one is renamed into place
+    and the later ones discard their copy, so a reader never sees a finished directory replaced under it."""
+    directory = Path(directory)
+    if (directory / ".complete").exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.rename(tmp, directory)  # refused when another writer's complete directory is already there
+        except OSError:
+            if not (directory / ".complete").exists():  # an incomplete leftover of an older writer
+                shutil.rmtree(directory, ignore_errors=True)
+                os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory

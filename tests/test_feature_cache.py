@@ -214,3 +214,25 @@ def test_workers_cache_on_off_and_resume_give_identical_losses(tmp_path, encoder
     partial, _, _ = loss_history(tmp_path, vlm, ds, 2, True, "killed", stop_at=4)
     resumed, _, _ = loss_history(tmp_path, vlm, ds, 2, True, "resumed", tmp_path / "killed" / "checkpoint-last")
     assert partial == base[:4] and resumed == base
+
+
+def test_the_first_complete_builder_wins_and_later_ones_discard_their_copy(tmp_path):
+    """Two runs building one cached directory at once: the one that finishes second must not replace the directory
+    the first one (and its readers) already use."""
+    from connector_zoo.io import materialize
+
+    target = tmp_path / "presets" / "clip-tiny"
+
+    def slow_builder(tmp):
+        (tmp / "weights").write_text("second")
+        materialize(target, lambda t: (t / "weights").write_text("first"))  # another process finishes meanwhile
+        reader = open(target / "weights")  # noqa: SIM115 (held open across the second rename)
+        slow_builder.reader = reader
+
+    materialize(target, slow_builder)
+    assert (target / "weights").read_text() == "first" and slow_builder.reader.read() == "first"
+    slow_builder.reader.close()
+    assert [p.name for p in target.parent.iterdir()] == ["clip-tiny"]  # no temporary left behind
+    (target / ".complete").unlink()  # an incomplete leftover is replaced
+    materialize(target, lambda t: (t / "weights").write_text("rebuilt"))
+    assert (target / "weights").read_text() == "rebuilt"
