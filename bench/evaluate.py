@@ -40,10 +40,9 @@ def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = Fa
         features = None
         if not blind and any(s.image is not None for s in chunk):
             got = collator.features.fetch([s.image for s in chunk if s.image is not None])
-            with_image = [j for j, s in enumerate(chunk) if s.image is not None]
-            bad = {with_image[pos] for pos in got.bad}
-            for pos, reason in got.bad.items():
-                unreadable[chunk[with_image[pos]].id] = reason
+            reasons = got.by_sample([s.image is not None for s in chunk])
+            bad = set(reasons)
+            unreadable.update({chunk[j].id: reason for j, reason in reasons.items()})
             features = got.features
         else:
             bad = set()

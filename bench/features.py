@@ -70,6 +70,11 @@ class Fetched:
     features: VisionFeatures | None
     bad: dict[int, str]
 
+    def by_sample(self, has_image: list[bool]) -> dict[int, str]:
+        """The reasons by position among samples, of which those with ``has_image`` were the images asked for."""
+        with_image = [j for j, h in enumerate(has_image) if h]
+        return {with_image[pos]: reason for pos, reason in self.bad.items()}
+
 
 class FeatureCache:
     """Features of an :class:`ImageTable` for one encoder: from the store when ``cached``, else encoded online.
@@ -79,12 +84,18 @@ class FeatureCache:
     """
 
     def __init__(self, encoder: VisionEncoder, images: ImageTable, with_attention: bool, root: Path | None = None,
-                 cached: bool = True, batch_size: int = 64, progress: bool = True):  # fmt: skip
-        self.encoder, self.images, self.with_attention, self.cached = encoder, images, with_attention, cached
+                 cached: bool = True, batch_size: int = 64, store: FeatureStore | None = None):  # fmt: skip
+        """``store``: the open store of this directory to share (the image tables of one run use one store, so its
+        index is read once and one writer fills it); opened here when not given."""
+        self.encoder, self.images, self.with_attention = encoder, images, with_attention
         self.batch_size = batch_size
         self.dir = (root or cache_dir() / "features") / (encoder.cache_key() + ("+attn" if with_attention else ""))
         self.layout = row_layout(encoder, with_attention)
-        self.store = FeatureStore(self.dir, self.layout, encoder.dtype_name) if cached else None
+        if cached and store is None:
+            store = FeatureStore(self.dir, self.layout, encoder.dtype_name)
+        if store is not None and store.dir != self.dir:
+            raise ValueError(f"the store of {store.dir} cannot serve the features of {self.dir}")
+        self.store = store if cached else None
         self.forwards = 0
         self.bad: dict[int, str] = {}
 
@@ -204,10 +215,11 @@ def decide(mode: str, encoder: VisionEncoder, tables: list[ImageTable], with_att
         return False, "the encoder trains, so its features change every step"
     root = root or cache_dir() / "features"
     n = sum(len(t) for t in tables)
-    projected = n * bytes_per_image(encoder, with_attention)
+    per_image = bytes_per_image(encoder, with_attention)
+    projected = n * per_image
     limit = max_gb * 1e9 if max_gb is not None else free_disk_bytes(root) / 2
     where = f"--feature-cache-max-gb {max_gb:g}" if max_gb is not None else f"half the free disk at {root}"
     fits = projected <= limit
     verdict = "fits" if fits else "exceeds"
-    return fits, (f"{n:,} images x {bytes_per_image(encoder, with_attention) / 1e6:.3g} MB = {projected / 1e9:.3g} GB "
+    return fits, (f"{n:,} images x {per_image / 1e6:.3g} MB = {projected / 1e9:.3g} GB "
                   f"{verdict} {limit / 1e9:.3g} GB ({where})")  # fmt: skip

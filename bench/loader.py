@@ -125,10 +125,9 @@ class Collator:
         features, drop = None, set()
         if prep.images is not None:
             got = self.features.complete(prep.images)
-            features = got.features
-            with_image = [j for j, h in enumerate(prep.has_image) if h]
-            drop = {with_image[pos] for pos in got.bad}
-            skipped = prep.skipped + [(prep.ids[with_image[pos]], reason) for pos, reason in got.bad.items()]
+            features, bad = got.features, got.by_sample(prep.has_image)
+            drop = set(bad)
+            skipped = prep.skipped + [(prep.ids[j], reason) for j, reason in bad.items()]
         else:
             skipped = prep.skipped
         keep = [j for j in range(len(prep.kept)) if j not in drop]

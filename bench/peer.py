@@ -51,7 +51,7 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
 
     # ---- this harness
     t0 = time.perf_counter()
-    cache = FeatureCache(vlm.encoder, data.images, with_attention=False, progress=False)
+    cache = FeatureCache(vlm.encoder, data.images, with_attention=False)
     cache.ensure(sorted({s.image for s in data.samples}))
     cache_seconds = time.perf_counter() - t0
     collator = Collator(vlm.llm, cache, vlm.connector.max_tokens(vlm.encoder.info), None)

@@ -296,12 +296,15 @@ def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], lo
     tables = {ds.images.key: ds.images for ds in datasets if ds is not None}
     attention = vlm.connector.needs_cls_attention
     on, why = decide(cfg.feature_cache, vlm.encoder, list(tables.values()), attention, cfg.feature_cache_max_gb)
-    features = {key: FeatureCache(vlm.encoder, table, attention, cached=on) for key, table in tables.items()}
-    log(f"feature cache: {'on' if on else 'off'} ({why})" + (f", in {next(iter(features.values())).dir}" if on else ""))
+    features: dict[str, FeatureCache] = {}
+    for key, table in tables.items():  # the tables of one encoder share its directory and one open store
+        shared = next(iter(features.values())).store if features else None
+        features[key] = FeatureCache(vlm.encoder, table, attention, cached=on, store=shared)
+    where = next(iter(features.values())).dir if features else None
+    log(f"feature cache: {'on' if on else 'off'} ({why})" + (f", in {where}" if on else ""))
     budget = vlm.connector.max_tokens(vlm.encoder.info)
     collators = {k: Collator(vlm.llm, f, budget, vlm.max_length) for k, f in features.items()}
-    where = str(next(iter(features.values())).dir) if features else None
-    return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why, "dir": where}
+    return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why, "dir": where and str(where)}
 
 
 def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
@@ -328,8 +331,8 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         # this process, this session (a resumed run counts from its restart)
         "seconds_to_first_step": (train_stats[0]["first_step_at"] - started) if train_stats[0]["first_step_at"]
         else None,
-        # the tables of one encoder share a directory: counted once
-        "feature_cache": {**cache_info, "disk_bytes": sum({f.dir: f.store.disk_bytes() for f in features.values()
+        # the tables of one encoder share a directory and its store: counted once
+        "feature_cache": {**cache_info, "disk_bytes": sum({id(f.store): f.store.disk_bytes() for f in features.values()
                                                              if f.store is not None}.values())},
         "encoder_forwards": sum(f.forwards for f in features.values()),
         "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],

@@ -102,7 +102,7 @@ def test_hf_messages_images_form(tmp_path, llms, encoders):
     assert first.messages == [{"role": "user", "content": "<image>\nWhat colour is this?"},
                               {"role": "assistant", "content": "Purple."}]  # fmt: skip
     assert np.asarray(ds.images.load(first.image))[0, 0].tolist() == [128, 0, 128]
-    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, progress=False)
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False)
     collator = Collator(llms["qwen3"], cache, visual_budget=64, max_length=None)
     batch = collator(ds.samples)
     assert batch.has_image == [True, False] and batch.features.patches.shape[0] == 1
@@ -112,10 +112,10 @@ def test_feature_cache_is_bit_identical_and_encodes_each_image_once(tmp_path, en
     path, folder = write_llava_fixture(tmp_path)
     ds = llava_json(path, folder)
     enc = encoders["clip"]
-    cache = FeatureCache(enc, ds.images, with_attention=True, root=tmp_path / "feat", progress=False)
+    cache = FeatureCache(enc, ds.images, with_attention=True, root=tmp_path / "feat")
     first = cache.get([0, 1, 0])
     assert cache.forwards == 2  # two distinct images
-    again = FeatureCache(enc, ds.images, with_attention=True, root=tmp_path / "feat", progress=False)
+    again = FeatureCache(enc, ds.images, with_attention=True, root=tmp_path / "feat")
     second = again.get([1, 0])
     assert again.forwards == 0  # a new run, another process: nothing re-encoded
     assert torch.equal(second.patches[1], first.patches[0]) and torch.equal(second.cls[0], first.cls[1])
@@ -130,7 +130,7 @@ def test_feature_cache_is_bit_identical_and_encodes_each_image_once(tmp_path, en
 def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
     path, folder = write_llava_fixture(tmp_path)
     ds = llava_json(path, folder)
-    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, progress=False)
+    cache = FeatureCache(encoders["clip"], ds.images, with_attention=False)
     text_only = len(llms["vicuna"].encode_conversation(ds.samples[2].messages))
     # room for the text-only sample, not for an image's 64 visual tokens on top of a similar text
     collator = Collator(llms["vicuna"], cache, visual_budget=64, max_length=text_only + 20)
