@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.parser import build_parser
 from connector_zoo.io import write_json
 from connector_zoo.registry import RegistryError
 
@@ -51,17 +52,6 @@ def parse_lora(text: str | None) -> dict[str, Any] | None:
 
     pairs = [p for p in text.split(",") if p.strip()]
     return normalize_lora(parse_settings(pairs))
-
-
-def add_component_args(p: argparse.ArgumentParser, connector_default: str | None = "mlp2x_gelu") -> None:
-    g = p.add_argument_group("components")
-    g.add_argument("--encoder", default="clip", help="encoder name or dotted path (default: clip)")
-    g.add_argument("--encoder-checkpoint", help="preset (tiny, tiny-24), hub id or local directory")
-    g.add_argument("--layer", type=int, help="encoder layer, transformers hidden_states index (default -2)")
-    g.add_argument("--connector", default=connector_default, help="connector name(s) or dotted path")
-    g.add_argument("--connector-arg", action="append", metavar="KEY=VALUE", help="connector setting (repeatable)")
-    g.add_argument("--llm", default="vicuna", help="LLM backend name or dotted path (default: vicuna)")
-    g.add_argument("--llm-checkpoint", help="preset (tiny), hub id or local directory")
 
 
 def specs_from_args(args: argparse.Namespace, connector: str | None = None) -> dict[str, dict[str, Any]]:
@@ -127,7 +117,7 @@ def vlm_from_args(args: argparse.Namespace):
     from bench.vlm import VLM
 
     if args.run:
-        return VLM.load(args.run)
+        return VLM.load(args.run, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)
     s = specs_from_args(args)
     torch.manual_seed(0)
     return VLM.build(s["encoder"], s["connector"], s["llm"])
@@ -166,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from bench.run import RunConfig, run
 
     if args.resume:
-        run(RunConfig(), Path(args.resume), resume=True)
+        run(RunConfig(), Path(args.resume), resume=True, allow_dotted_paths=args.allow_dotted_paths,
+            verify=not args.no_verify)  # fmt: skip
         return
     specs = specs_from_args(args)
     specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
@@ -191,11 +182,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         feature_cache=args.feature_cache,
         feature_cache_max_gb=args.feature_cache_max_gb,
         num_workers=args.num_workers,
+        allow_paths_outside_image_folder=args.allow_paths_outside_image_folder,
+        max_image_pixels=args.max_image_pixels,
     )
     if args.qlora and cfg.lora is None:
         cfg.lora = parse_lora("")
-    if args.eval_limit is not None:
-        cfg.eval_limit = args.eval_limit  # fmt: skip
+    if args.eval_limit != "default":
+        cfg.eval_limit = args.eval_limit
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                     ("grad_accum", args.grad_accum), ("lr", args.lr),
                                     ("save_every", args.save_every)) if v is not None}  # fmt: skip
@@ -208,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
     out = Path(args.out) if args.out else Path("runs") / name
-    run(cfg, out)
+    run(cfg, out, verify=not args.no_verify)
     print(f"run directory: {out}")
 
 
@@ -229,11 +222,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if args.pretrain_steps is not None:
             data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
         base["data"] = data
-    if args.steps:
+    if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
     out = Path(args.out)
     cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm),
-                  [int(s) for s in args.seeds.split(",")], base)  # fmt: skip
+                  args.seeds, base)  # fmt: skip
     report(cells, out)
 
 
@@ -276,7 +269,8 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
     from bench.plots import pruning_plot
     from bench.prune_curve import pruning_curve
 
-    rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], args.eval_limit)
+    rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], args.eval_limit,
+                         allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)  # fmt: skip
     print(f"{'keep':>6} {'tokens':>7} {'accuracy':>9} {'retained':>9} {'prefill ms':>11} {'speed-up':>9}")
     for r in rows:
         retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"
@@ -337,21 +331,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from bench.precision import autocast, run_precision
     from bench.run import RunConfig, feature_sources, load_data
     from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
-    from connector_zoo.io import read_json
 
     run_dir = Path(args.run_dir)
-    cfg = RunConfig(**read_json(run_dir / "config.json"))
-    if args.eval_limit:
+    cfg = RunConfig.from_file(run_dir / "config.json")
+    if args.eval_limit != "default":
         cfg.eval_limit = args.eval_limit
-    specs = read_json(run_dir / CONFIG_NAME)
-    vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length")).eval()
+    vlm = VLM.from_config_file(run_dir / CONFIG_NAME, args.allow_dotted_paths).eval()
     _, _, eval_sets, _ = load_data(cfg, print)
     by_table = feature_sources(cfg, vlm, list(eval_sets.values()), print)[1]
     collators = {name: by_table[ds.images.key] for name, ds in eval_sets.items()}
     # the blind baseline uses the LLM as loaded, before the run's trained weights go in (as `bench run` does)
     with autocast(run_precision(run_dir), vlm.device):
         blind = {name: blind_answers(vlm, ds, collators[name], cfg.eval_limit) for name, ds in eval_sets.items()}
-    vlm.load_trainable(run_dir / WEIGHTS_NAME)
+    vlm.load_trainable(run_dir / WEIGHTS_NAME, verify=not args.no_verify)
     for name, ds in eval_sets.items():
         with autocast(run_precision(run_dir), vlm.device):
             m = evaluate_split(vlm, ds, collators[name], cfg.eval_limit, blind[name])
@@ -368,7 +360,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from bench.precision import autocast, run_precision
     from bench.vlm import VLM
 
-    vlm = VLM.load(args.run_dir).eval()
+    vlm = VLM.load(args.run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
     images = None
     if args.image:
         try:
@@ -408,182 +400,12 @@ def demo_images(size: int, n: int):
     return [Image.fromarray(kinds[i % len(kinds)]) for i in range(n)]
 
 
-# --------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench", description="connector-zoo: train and benchmark VLM connectors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("list", help="list registered encoders, connectors and LLM backends")
-    p.add_argument("family", nargs="?", choices=sorted(FAMILIES))
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("tokens", help="visual tokens per image and parameter count of connectors")
-    add_component_args(p, connector_default="linear,mlp2x_gelu")
-    p.add_argument("--images", type=int, default=4, help="number of demo images (flat, stripes, checker, noise)")
-    p.set_defaults(func=cmd_tokens)
-
-    p = sub.add_parser("run", help="train and evaluate one combination (default: the offline mini world)")
-    add_component_args(p, connector_default="qformer")
-    p.set_defaults(llm="tinyllama")
-    p.add_argument("--recipe", default="mini", help="named training recipe (mini, llava-1.5-pretrain, budget, ...)")
-    p.add_argument("--steps", type=int, help="override the optimizer steps of every stage")
-    p.add_argument("--batch-size", type=int, help="override the per-process batch size of every stage")
-    p.add_argument("--grad-accum", type=int, help="override the gradient accumulation of every stage")
-    p.add_argument("--lr", type=float, help="override the learning rate of every stage")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints")
-    p.add_argument("--pretrain-steps", type=int, help="mini world: steps of the backbones' pretraining (tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
-    p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
-    p.add_argument("--image-folder", help="image folder for LLaVA JSON")
-    p.add_argument("--held-out", type=float, help="fraction of LLaVA / HF data held out for evaluation (0.05)")
-    p.add_argument("--world-scale", type=float, default=1.0, help="scale the mini world's splits (tests: 0.01)")
-    p.add_argument("--eval-limit", type=int, help="evaluate at most this many questions per split")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), no (fp32), bf16, fp16 (bf16 on CPU)",
-    )
-    p.add_argument(
-        "--backbone-dtype",
-        default="auto",
-        help="storage dtype of the frozen encoder and LLM: auto (the precision's on GPU, fp32 on CPU), "
-        "fp32, bf16, fp16; trainable weights stay fp32",
-    )
-    p.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute the LLM's activations in backward (default: the recipe's; on in llava-1.5-finetune*)",
-    )
-    p.add_argument(
-        "--lora",
-        nargs="?",
-        const="",
-        metavar="r=128,alpha=256,dropout=0.05[,targets=q_proj+v_proj]",
-        help="LoRA (peft) on the LLM in the stages that train it; bare --lora takes LLaVA-1.5's settings",
-    )
-    p.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base LLM through bitsandbytes (CUDA only)")
-    p.add_argument(
-        "--init-connector",
-        metavar="RUN_DIR",
-        help="start from another run's connector weights (stage 2 after a stage-1 run)",
-    )
-    p.add_argument(
-        "--profile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="measure FLOPs, latency and decode speed after training (default: on for the mini world)",
-    )
-    p.add_argument("--max-length", type=int, help="context budget in tokens (default: the LLM's)")
-    p.add_argument(
-        "--feature-cache",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="frozen-encoder features: on (stored in the encoder's dtype as batches first need them, reused across "
-        "epochs, runs and connectors), off (encoded every batch), auto (on when the projected size fits "
-        "--feature-cache-max-gb; the log says which and why)",
-    )
-    p.add_argument("--feature-cache-max-gb", type=float, help="auto's limit (default: half the free disk)")
-    p.add_argument("--num-workers", type=int, help="data-loader worker processes (default: CPU cores - 1, max 8)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
-    p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("sweep", help="run a grid of configurations and tabulate them")
-    p.add_argument("--encoder", default="clip", help="comma-separated encoders")
-    p.add_argument(
-        "--connector",
-        default="linear,mlp2x_gelu,qformer,cls_prune,focus_moe",
-        help="comma-separated connectors, settings in brackets: cls_prune[keep_ratio=0.25]",
-    )
-    p.add_argument("--llm", default="tinyllama", help="comma-separated LLM backends")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--recipe", default="mini")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--world-scale", type=float, default=1.0)
-    p.add_argument("--pretrain-steps", type=int)
-    p.add_argument("--eval-limit", type=int, default=1000)
-    p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")
-    p.add_argument("runs", nargs="+", help="run directories or folders holding them")
-    p.add_argument("--out", default="report", help="where to write table.md/.csv/.tex and the plots")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("profile", help="efficiency figures of a combination (no training)")
-    add_component_args(p)
-    p.add_argument("--run", help="profile a trained run directory instead")
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="also print the full result as JSON")
-    p.set_defaults(func=cmd_profile)
-
-    p = sub.add_parser("prune-curve", help="training-free cls_prune of a trained linear/MLP run at several ratios")
-    p.add_argument("run_dir")
-    p.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1,0.05")
-    p.add_argument("--out", help="where to write pruning_curve.json/.png/.svg (default: the run directory)")
-    p.add_argument("--eval-limit", type=int, default=1000)
-    p.set_defaults(func=cmd_prune_curve)
-
-    p = sub.add_parser("peer", help="this harness vs transformers Trainer + LlavaForConditionalGeneration (stage 1)")
-    add_component_args(p)
-    p.set_defaults(llm="tinyllama")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
-    p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
-    p.add_argument("--image-folder", help="image folder for LLaVA JSON")
-    p.add_argument("--world-scale", type=float, default=1.0)
-    p.add_argument("--pretrain-steps", type=int)
-    p.set_defaults(func=cmd_peer)
-
-    p = sub.add_parser("plan", help="parameters, memory per device and FLOPs of a configuration and recipe")
-    add_component_args(p)
-    p.add_argument("--recipe", default="llava-1.5-finetune")
-    p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--batch-size", type=int, help="per-device batch (default: the recipe's)")
-    p.add_argument("--text-tokens", type=int, default=512, help="text tokens per sample besides the visual ones")
-    p.add_argument("--backbone-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--lora", nargs="?", const="", help="LoRA on the LLM in stage 2 (as for bench run)")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("eval", help="evaluate a run directory")
-    p.add_argument("run_dir")
-    p.add_argument("--eval-limit", type=int)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("generate", help="answer a prompt about an image with a trained run")
-    p.add_argument("run_dir")
-    p.add_argument("--image")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("world", help="the embedded mini world")
-    wsub = p.add_subparsers(dest="world_command", required=True)
-    w = wsub.add_parser("build", help="build the world and pretrain its miniature backbones")
-    w.add_argument("--encoders", default="clip")
-    w.add_argument("--llms", default="tinyllama")
-    w.add_argument("--world-scale", type=float, default=1.0)
-    w.set_defaults(func=cmd_world_build)
-
-    p = sub.add_parser("export-hf", help="write a transformers LlavaForConditionalGeneration directory")
-    add_component_args(p)
-    p.add_argument("--run", help="a run directory (vlm_config.json + trainable.safetensors) to export")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_export_hf)
-    return parser
-
-
 USER_ERRORS: tuple[type[BaseException], ...] = (RegistryError, ValueError, OSError, KeyError, TypeError)
 
 
 def main(argv: list[str] | None = None, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
-    args = build_parser().parse_args(argv)
+    commands = {name[len("cmd_") :]: f for name, f in globals().items() if name.startswith("cmd_")}
+    args = build_parser(commands).parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -69,7 +69,9 @@ class Dataset:
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 
 
-def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = False) -> Dataset:
+def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = False,
+               allow_outside: bool = False) -> Dataset:  # fmt: skip
+    """``allow_outside``: image paths may resolve outside ``image_folder`` (see :class:`FileImages`)."""
     json_path, image_folder = Path(json_path), Path(image_folder)
     try:
         records = json.loads(json_path.read_text(encoding="utf-8"))
@@ -79,27 +81,22 @@ def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = F
         raise ValueError(f"{json_path}: a LLaVA JSON file holds a list of records, not {type(records).__name__}")
     paths: dict[str, int] = {}
     samples: list[Sample] = []
-    ds = Dataset(json_path.name, samples, FileImages(image_folder, []))
+    ds = Dataset(json_path.name, samples, FileImages(image_folder, [], allow_outside))
     for n, rec in enumerate(records):
-        rid = rec.get("id", f"#{n}") if isinstance(rec, dict) else f"#{n}"
+        rid = str(rec.get("id", f"#{n}")) if isinstance(rec, dict) else f"#{n}"
         try:
             messages = llava_messages(rec)
+            image = rec.get("image")
+            if image is not None and (not isinstance(image, str) or not image.strip()):
+                raise BadSample(f"'image' must be one relative path, not {str(image)[:60]!r}")
+            check_conversation(messages, image is not None)
         except BadSample as err:
             ds.skip(rid, str(err), strict)
             continue
-        image = rec.get("image")
         if image is not None:
-            if IMAGE_TOKEN not in messages[0]["content"] and not (
-                len(messages) > 1 and IMAGE_TOKEN in messages[1]["content"]
-            ):
-                ds.skip(rid, "has an image but no <image> in its first human turn", strict)
-                continue
-            paths.setdefault(str(image), len(paths))
-        elif any(IMAGE_TOKEN in m["content"] for m in messages):
-            ds.skip(rid, "has <image> in its text but no image", strict)
-            continue
-        samples.append(Sample(str(rid), messages, None if image is None else paths[str(image)]))
-    ds.images = FileImages(image_folder, list(paths))  # no file is opened or even listed here
+            paths.setdefault(image, len(paths))
+        samples.append(Sample(rid, messages, None if image is None else paths[image]))
+    ds.images = FileImages(image_folder, list(paths), allow_outside)  # no file is opened or even listed here
     return ds
 
 
@@ -111,9 +108,32 @@ def llava_messages(rec: Any) -> list[dict[str, str]]:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise BadSample(f"malformed turn {str(turn)[:60]!r}: needs 'from' (human/gpt) and a string 'value'")
         out.append({"role": ROLES[turn["from"]], "content": turn["value"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise BadSample("no assistant (gpt) turn")
     return out
+
+
+def check_conversation(messages: list[dict[str, str]], has_image: bool) -> None:
+    """A trainable conversation: an optional system turn, then user / assistant turns alternating from a user turn
+    and ending on an answer, no empty answer, and exactly one ``<image>``, in the first user turn, when the record has
+    an image (none otherwise). Raises :class:`BadSample` naming what is wrong."""
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if not body or body != expected[: len(body)] or body[-1] != "assistant":
+        raise BadSample(
+            f"turn order {'/'.join(roles) or 'empty'}: needs user/assistant turns alternating from a user turn and "
+            "ending on an assistant answer (an optional system turn first)"
+        )
+    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
+        raise BadSample("an assistant turn is empty")
+    counts = [m["content"].count(IMAGE_TOKEN) for m in messages]
+    first_user = roles.index("user")
+    if has_image and (sum(counts) != 1 or counts[first_user] != 1):
+        raise BadSample(
+            f"has an image but {sum(counts)} <image> tokens ({counts[first_user]} in the first user turn); exactly "
+            "one, in the first user turn, is supported"
+        )
+    if not has_image and sum(counts):
+        raise BadSample(f"has {sum(counts)} <image> token(s) in its text but no image")
 
 
 # ----------------------------------------------------- HF messages + images
@@ -149,9 +169,12 @@ def hf_messages(path: str | Path, split: str = "train", strict: bool = False) ->
             ds.skip(rid, str(err), strict)
             continue
         have = counts[n] if counts is not None else 0
-        if n_images != have or n_images > 1:
-            ds.skip(rid, f"{n_images} image placeholders for {have} images (one image per sample is supported)",
-                    strict)  # fmt: skip
+        try:
+            if n_images != have or n_images > 1:
+                raise BadSample(f"{n_images} image placeholders for {have} images (one image per sample is supported)")
+            check_conversation(messages, bool(have))
+        except BadSample as err:
+            ds.skip(rid, str(err), strict)
             continue
         index = None
         if have:

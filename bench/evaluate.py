@@ -79,7 +79,7 @@ def accuracy(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
 def qa_samples(data: Dataset, limit: int | None = None) -> list[Sample]:
     """The mini world's questions (captions excluded)."""
     out = [s for s in data.samples if s.meta.get("type") != "caption"]
-    return out[:limit] if limit else out
+    return out if limit is None else out[:limit]
 
 
 def short_answer_samples(data: Dataset, max_words: int = 3) -> list[Sample]:
@@ -88,10 +88,10 @@ def short_answer_samples(data: Dataset, max_words: int = 3) -> list[Sample]:
 
 def eval_samples(data: Dataset, collator: Collator, limit: int | None) -> list[Sample]:
     """The questions evaluated: the world's QA (not captions), or short-answer samples of published data; the first
-    ``limit`` that tokenize and fit (the rest of the split is not read)."""
+    ``limit`` that tokenize and fit (the rest of the split is not read); every one when ``limit`` is None."""
     samples = qa_samples(data) if any("type" in s.meta for s in data.samples) else short_answer_samples(data)
     usable = (s for s in samples if _usable(collator, s))
-    return list(usable) if not limit else [s for _, s in zip(range(limit), usable)]
+    return list(usable) if limit is None else [s for _, s in zip(range(limit), usable)]
 
 
 def blind_answers(vlm: VLM, data: Dataset, collator: Collator, limit: int | None) -> list[str]:
@@ -105,7 +105,10 @@ def blind_answers(vlm: VLM, data: Dataset, collator: Collator, limit: int | None
 
 def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | None, blind: list[str],
                    examples: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Accuracy with the image next to the blind baseline's, plus loss on captions (or on all held-out samples)."""
+    """Accuracy with the image next to the blind baseline's, plus loss on captions (or on all held-out samples);
+    nothing (an empty dict) when ``limit`` is 0."""
+    if limit == 0:
+        return {}
     samples = eval_samples(data, collator, limit)
     result: dict[str, Any] = {}
     unreadable: dict[str, str] = {}

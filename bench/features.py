@@ -121,7 +121,7 @@ class FeatureCache:
         pil, loaded = [], []
         for k, pos in first.items():
             try:
-                pil.append(self.images.load(indices[pos]))
+                pil.append(self.images.load(indices[pos], self.encoder.info.image_size))
                 loaded.append(k)
             except BadSample as err:
                 for p, other in enumerate(keys):

@@ -21,17 +21,28 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS
+
 
 class BadSample(ValueError):
     """A sample that cannot be used, with its id and the reason."""
 
 
+DEFAULT_MAX_PIXELS = PILLOW_MAX_IMAGE_PIXELS  # unless a run sets another limit (``--max-image-pixels``)
+
+
 class ImageTable:
     """Base class: ``len``, ``identity(i)``, ``load(i)`` (RGB) and ``names[i]`` for messages; ``key`` describes the
-    source in logs (it keys nothing)."""
+    source in logs (it keys nothing).
+
+    ``max_pixels``: an image with more pixels is refused from its header, before any pixel is decoded (one huge image
+    must not take gigabytes in every worker); None or 0: no limit. ``load(i, size)`` lets a JPEG decoder skip detail
+    the encoder cannot use: when the image is at least twice the encoder's input side, it is decoded at a reduced
+    scale (``draft``, DCT scaling by 1/2, 1/4 or 1/8) that still keeps every side at least ``size``."""
 
     key: str = ""
     names: list[str]
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.names)
@@ -42,9 +53,21 @@ class ImageTable:
     def _open(self, index: int) -> Image.Image:
         raise NotImplementedError
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int, size: int | None = None) -> Image.Image:
         try:
-            image = self._open(index)
+            pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours below replaces Pillow's
+            try:
+                image = self._open(index)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillow_limit
+            width, height = image.size
+            if self.max_pixels and width * height > self.max_pixels:
+                raise BadSample(
+                    f"image {self.names[index]!r} is {width}x{height} = {width * height / 1e6:.1f} MP, over the limit "
+                    f"of {self.max_pixels / 1e6:.1f} MP; skipped before decoding (raise --max-image-pixels to use it)"
+                )
+            if size and image.format == "JPEG" and min(width, height) >= 2 * size:
+                image.draft("RGB", (size, size))  # keeps both sides >= size: the resize to the encoder loses nothing
             image.load()
             return image.convert("RGB")
         except BadSample:
@@ -54,19 +77,27 @@ class ImageTable:
 
 
 class FileImages(ImageTable):
-    """Image files under one folder, by relative path (LLaVA JSON's ``image`` field)."""
+    """Image files under one folder, by relative path (LLaVA JSON's ``image`` field).
 
-    def __init__(self, folder: str | os.PathLike, paths: list[str]):
-        self.folder = os.path.abspath(folder)
+    A record names a file *inside* the folder: the path is resolved (``..`` and symbolic links followed) and must
+    still lie in the resolved folder, so neither ``../../etc/passwd``, an absolute path, nor a link pointing out of
+    the folder reads a file elsewhere. ``allow_outside`` (``--allow-paths-outside-image-folder``) lifts this, for a
+    folder whose sub-folders are links to shared storage (LLaVA's ``coco/`` often is)."""
+
+    def __init__(self, folder: str | os.PathLike, paths: list[str], allow_outside: bool = False):
+        self.folder = os.path.realpath(folder)
         self.names = list(paths)
+        self.allow_outside = allow_outside
         self.key = f"files:{self.folder}"
 
     def path(self, index: int) -> str:
-        """The file's absolute path; a name that leads outside the folder (``..``, an absolute path) is refused.
-        Symbolic links inside the folder are followed (LLaVA's ``coco/`` is often a link to shared storage)."""
-        path = os.path.normpath(os.path.join(self.folder, self.names[index]))
-        if not path.startswith(self.folder + os.sep):
-            raise BadSample(f"image {self.names[index]!r} lies outside the image folder {self.folder}; refused")
+        """The file's resolved absolute path; refused (:class:`BadSample`) when it leaves the folder."""
+        path = os.path.realpath(os.path.join(self.folder, self.names[index]))
+        if not self.allow_outside and not path.startswith(self.folder + os.sep):
+            raise BadSample(
+                f"image {self.names[index]!r} resolves to {path}, outside the image folder {self.folder}; refused "
+                "(pass --allow-paths-outside-image-folder if the folder links to image storage on purpose)"
+            )
         return path
 
     def identity(self, index: int) -> str:

@@ -17,14 +17,14 @@ from bench.precision import autocast, run_precision
 from bench.profile import prefill_fn
 from bench.run import RunConfig, load_data
 from bench.vlm import VLM
-from connector_zoo.io import read_json
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune
 
 
-def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1000) -> list[dict[str, Any]]:
-    cfg = RunConfig(**read_json(run_dir / "config.json"))
-    vlm = VLM.load(run_dir).eval()
+def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1000, allow_dotted_paths: bool = False,
+                  verify: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    cfg = RunConfig.from_file(run_dir / "config.json")
+    vlm = VLM.load(run_dir, allow_dotted_paths=allow_dotted_paths, verify=verify).eval()
     projector = vlm.connector
     if not isinstance(projector, PerTokenConnector):
         raise ValueError(f"the pruning curve needs a run trained with a per-token projector (linear, mlpNx_gelu), "

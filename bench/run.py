@@ -7,6 +7,7 @@ The run directory holds ``config.json`` (everything needed to reproduce it), the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -22,11 +23,14 @@ import torch
 from bench.data import Dataset, hf_messages, llava_json, world_dataset
 from bench.evaluate import blind_answers, evaluate_split
 from bench.features import FeatureCache, decide
+from bench.images import DEFAULT_MAX_PIXELS
 from bench.loader import Collator
 from bench.precision import TORCH_NAMES, autocast, resolve_backbone_dtype, resolve_precision
 from bench.train import StageConfig, Trainer
 from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
-from connector_zoo.io import atomic_path, read_json, write_json
+from connector_zoo.io import MANIFEST_NAME, atomic_path, read_json, write_json
+from connector_zoo.registry import names_from_file
+from connector_zoo.settings import SettingError, check, check_choice
 from connectors import CONNECTORS
 
 # Named recipes: the source notes' training settings, and the small default for the mini world. A recipe lists
@@ -90,12 +94,60 @@ class RunConfig:
     #: data-loader worker processes (None: one per CPU core but one, at most 8)
     num_workers: int | None = None
     max_length: int | None = None
-    eval_limit: int | None = 1000  # questions per evaluation split (None: all)
+    eval_limit: int | None = 1000  # questions per evaluation split (None: all; 0: no evaluation)
     strict: bool = False
+    #: LLaVA JSON: image paths may resolve (symbolic links followed) outside the image folder
+    allow_paths_outside_image_folder: bool = False
+    #: images with more pixels are skipped before decoding (0: no limit); Pillow's decompression-bomb limit
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        """Types and ranges, whether the values came from the command line or a run's config.json."""
+        for name in ("encoder", "connector", "llm", "data"):
+            check("run config", name, getattr(self, name), dict)
+        for name in ("encoder", "connector", "llm"):
+            check("run config", f"{name}.name", getattr(self, name).get("name"), str)
+        check("run config", "recipe", self.recipe, str)
+        check("run config", "stages", self.stages, list)
+        for s in self.stages:
+            check("run config", "stages[]", s, dict)
+        check("run config", "seed", self.seed, int, lo=0)
+        check_choice("run config", "precision", self.precision, ("auto", "no", "fp32", "bf16", "fp16"))
+        check_choice("run config", "backbone_dtype", self.backbone_dtype, ("auto", "fp32", "bf16", "fp16"))
+        for name in ("gradient_checkpointing", "profile"):
+            check("run config", name, getattr(self, name), bool, optional=True)
+        for name in ("qlora", "strict", "allow_paths_outside_image_folder"):
+            check("run config", name, getattr(self, name), bool)
+        check("run config", "lora", self.lora, dict, optional=True)
+        check("run config", "init_connector", self.init_connector, str, optional=True)
+        check_choice("run config", "feature_cache", self.feature_cache, ("auto", "on", "off"))
+        check("run config", "feature_cache_max_gb", self.feature_cache_max_gb, float, lo=0, optional=True)
+        check("run config", "num_workers", self.num_workers, int, lo=0, optional=True)
+        check("run config", "max_length", self.max_length, int, lo=1, optional=True)
+        check("run config", "eval_limit", self.eval_limit, int, lo=0, optional=True)
+        check("run config", "max_image_pixels", self.max_image_pixels, int, lo=0)
+
+    @classmethod
+    def from_file(cls, path: Path) -> RunConfig:
+        """A run's ``config.json``, every field checked; an unknown field is named, not a traceback."""
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a run config (a JSON object)")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown run settings {unknown}; written by another version of connector-zoo?")
+        try:
+            return cls(**data)
+        except SettingError as err:
+            raise SettingError(f"{path}: {err}") from None
 
     def resolved_stages(self) -> list[StageConfig]:
         if self.recipe not in RECIPES and not self.stages:
             raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")
+        known = {f.name for f in dataclasses.fields(StageConfig)}
+        for s in self.stages or RECIPES[self.recipe]:
+            if set(s) - known:
+                raise SettingError(f"stage settings {sorted(set(s) - known)} are unknown; known: {', '.join(known)}")
         stages = [StageConfig(**s) for s in (self.stages or RECIPES[self.recipe])]
         for s in stages:
             if self.gradient_checkpointing is not None:
@@ -121,14 +173,53 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
             world,
         )
     if kind == "llava":
-        full = llava_json(data["path"], data["image_folder"], strict=cfg.strict)
+        if not data.get("image_folder"):
+            raise ValueError("LLaVA JSON data needs an image folder (--image-folder)")
+        full = llava_json(data["path"], data["image_folder"], cfg.strict, cfg.allow_paths_outside_image_folder)
     elif kind == "hf":
         full = hf_messages(data["path"], data.get("split", "train"), strict=cfg.strict)
     else:
         raise ValueError(f"unknown data kind {kind!r}; use world, llava or hf")
+    full.images.max_pixels = cfg.max_image_pixels or None
+    if len(full.samples) < 2:
+        why = "; ".join(f"{s['id']}: {s['reason']}" for s in full.skipped[:3])
+        raise ValueError(
+            f"{data['path']}: {len(full.samples)} usable sample(s), {len(full.skipped)} skipped"
+            + (f" (first: {why})" if why else "")
+            + "; a run needs at least 2 (training + held out)"
+        )
     train, held = full.split(data.get("held_out", 0.05), seed=cfg.seed)
-    log(f"data: {len(train.samples)} training samples, {len(held.samples)} held out, {len(full.skipped)} skipped")
+    drop_unreadable(held, cfg.eval_limit, cfg.strict, log)
+    log(f"data: {len(train.samples)} training samples, {len(held.samples)} held out, "
+        f"{len(full.skipped) + len(held.skipped)} skipped")  # fmt: skip
     return train, held, {"heldout": held}, None
+
+
+def drop_unreadable(data: Dataset, limit: int | None, strict: bool, log) -> None:
+    """Decode the images of the first ``limit`` samples of an evaluation split now (threads), so that an unreadable
+    one is skipped with its id and reason before any training, not found after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.data import BadSample
+
+    head = data.samples if limit is None else data.samples[:limit]
+    images = sorted({s.image for s in head if s.image is not None})
+
+    def check(i: int) -> str | None:
+        try:
+            data.images.load(i)
+        except BadSample as err:
+            return str(err)
+        return None
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        bad = {i: why for i, why in zip(images, pool.map(check, images)) if why}
+    for s in head:
+        if s.image in bad:
+            data.skip(s.id, bad[s.image], strict)
+    data.samples[:] = [s for s in data.samples if s.image not in bad]
+    if bad:
+        log(f"data: {len(bad)} unreadable image(s) in {data.name} skipped before training")
 
 
 def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM:
@@ -213,14 +304,19 @@ def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: i
 
 
 # --------------------------------------------------------------------- run
-def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[str, Any]:
+def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_dotted_paths: bool = False,
+        verify: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train, evaluate and record ``cfg`` in ``out_dir``; ``resume`` continues the run found there (its
+    config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
+    their manifests unless not ``verify``)."""
     from accelerate import Accelerator
 
     started = time.time()
     out_dir = Path(out_dir)
     existing = (out_dir / "config.json").exists()
+    names = names_from_file(out_dir / "config.json", allow_dotted_paths) if resume else contextlib.nullcontext()
     if resume:
-        cfg = RunConfig(**read_json(out_dir / "config.json"))
+        cfg = RunConfig.from_file(out_dir / "config.json")
     elif existing:
         raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
     stages = cfg.resolved_stages()
@@ -245,9 +341,10 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     with accelerator.main_process_first():  # the main process builds the world and presets; the others read them
         train, val, eval_sets, world = load_data(cfg, log)
-        vlm = build_model(cfg, world, log, backbone)
+        with names:
+            vlm = build_model(cfg, world, log, backbone)
     if cfg.init_connector:
-        vlm.load_connector(cfg.init_connector)
+        vlm.load_connector(cfg.init_connector, verify=verify)
         log(f"connector initialised from {cfg.init_connector}")
     features, collators, cache_info = feature_sources(cfg, vlm, [train, val, *eval_sets.values()], log)
     blind = {}
@@ -274,7 +371,7 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print) -> dict[
         )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
-            trainer.resume(last)
+            trainer.resume(last, verify=verify)
         log(
             f"stage {index} ({'connector' if stage.stage == 1 else 'connector + LLM'}): {trainer.total_steps} steps "
             f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
@@ -359,7 +456,7 @@ def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
     if not final:
         vlm.save(out_dir)
         return
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
+    for name in (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME):
         with atomic_path(out_dir / name) as tmp:
             try:
                 os.link(last / name, tmp)
@@ -372,6 +469,9 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"run: {cfg['encoder']['name']} + {cfg['connector']['name']} + {cfg['llm']['name']} "
              f"(recipe {cfg['recipe']}, seed {cfg['seed']})"]  # fmt: skip
     for split, m in results["metrics"].items():
+        if not m:
+            lines.append(f"  {split:<14} not evaluated (eval_limit 0)")
+            continue
         if "accuracy" in m:
             acc, blind = m["accuracy"], m["blind"]
             per = "  ".join(f"{k} {v:.2f}" for k, v in acc["per_type"].items())

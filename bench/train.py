@@ -33,14 +33,16 @@ from bench.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.precision import memory_report, upcast_trainable
 from bench.vlm import VLM
 from connector_zoo.io import atomic_path
+from connector_zoo.settings import check, check_choice
 
 
 @dataclass
 class StageConfig:
-    """One training stage. ``steps`` optimizer steps, or ``epochs`` over the data when steps is 0."""
+    """One training stage: ``steps`` optimizer steps (0: none, the stage is skipped), or ``epochs`` over the data when
+    ``steps`` is None. Every setting is range-checked on construction (recipes, ``--steps``, a run's config.json)."""
 
     stage: int = 1
-    steps: int = 0
+    steps: int | None = None
     epochs: float = 1.0
     batch_size: int = 16
     grad_accum: int = 1
@@ -65,6 +67,26 @@ class StageConfig:
     connector_lr: float | None = None
     #: LoRA adapters on the LLM in a stage that trains it (``r``, ``alpha``, ``dropout``, ``targets``), or None
     lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        who = f"stage {self.stage}"
+        check(who, "stage", self.stage, int, lo=1, hi=2)
+        check(who, "steps", self.steps, int, lo=0, optional=True)
+        check(who, "epochs", self.epochs, float, lo=0, lo_open=True)
+        for name in ("batch_size", "grad_accum", "save_every"):
+            check(who, name, getattr(self, name), int, lo=1)
+        check(who, "global_batch", self.global_batch, int, lo=1, optional=True)
+        check(who, "lr", self.lr, float, lo=0, lo_open=True)
+        check(who, "connector_lr", self.connector_lr, float, lo=0, lo_open=True, optional=True)
+        check(who, "weight_decay", self.weight_decay, float, lo=0)
+        check(who, "warmup_ratio", self.warmup_ratio, float, lo=0, hi=1)
+        check(who, "min_lr_ratio", self.min_lr_ratio, float, lo=0, hi=1)
+        check(who, "max_grad_norm", self.max_grad_norm, float, lo=0)
+        check(who, "eval_every", self.eval_every, int, lo=0)
+        check_choice(who, "data", self.data, ("all", "captions", "questions"))
+        check(who, "group_by_length", self.group_by_length, bool)
+        check(who, "gradient_checkpointing", self.gradient_checkpointing, bool)
+        check(who, "lora", self.lora, dict, optional=True)
 
     def resolve_accumulation(self, num_processes: int) -> None:
         """Set ``grad_accum`` from ``global_batch`` for this number of processes (no-op when it is not set)."""
@@ -134,7 +156,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
-        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train.samples) / per_step))
+        self.total_steps = (cfg.steps if cfg.steps is not None
+                            else max(1, math.ceil(cfg.epochs * len(train.samples) / per_step)))  # fmt: skip
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
             num_warmup_steps=int(cfg.warmup_ratio * self.total_steps), num_training_steps=self.total_steps,
@@ -190,7 +213,8 @@ class Trainer:
         kill = os.environ.get("CONNECTOR_ZOO_KILL_AT_STEP", "-1").split(":")
         kill_at = int(kill[-1]) if len(kill) == 1 or int(kill[0]) == self.cfg.stage else -1
         sampler = StepSampler(self.micro_indices, self.step, self.total_steps, self.cfg.grad_accum)
-        batches = iter(make_loader(self.train_data.samples, self.collator, sampler, self.num_workers))
+        batches = iter(make_loader(self.train_data.samples, self.collator, sampler, self.num_workers)
+                       if self.step < self.total_steps else ())  # fmt: skip
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             losses = []
@@ -234,7 +258,8 @@ class Trainer:
             self.save_checkpoints(names)
             if self.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return {"steps": self.step, "final_loss": self.history[-1]["loss"], "best_val_loss": self.best_val,
+        return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
+                "best_val_loss": self.best_val if self.history else None,
                 "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
                 "trainable_parameters": self.num_trainable, "memory": self.memory,
                 "gradient_checkpointing": self.cfg.gradient_checkpointing, "lora": self.cfg.lora,
@@ -275,10 +300,10 @@ class Trainer:
         for name in names[1:]:
             link_copy(first, self.out_dir / name)
 
-    def resume(self, directory: Path) -> None:
+    def resume(self, directory: Path, verify: bool = True) -> None:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint written by ``save_checkpoint``."""
         state = json.loads((directory / "trainer_state.json").read_text())
-        self.acc.unwrap_model(self.model).load_trainable(directory / "trainable.safetensors")
+        self.acc.unwrap_model(self.model).load_trainable(directory / "trainable.safetensors", verify=verify)
         extra = torch.load(directory / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from connector_zoo.io import atomic_path, read_json
+from connector_zoo.io import atomic_path, read_json, verify_file, write_manifest
+from connector_zoo.registry import names_from_file
 from connectors import build_connector
 from connectors.base import Connector, ConnectorOutput
 from encoders import build_encoder
@@ -246,23 +247,39 @@ class VLM(nn.Module):
             save_file(self.trainable_state_dict(), str(tmp), metadata={"format": "pt"})
         with atomic_path(directory / CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(self.specs(), indent=2, sort_keys=True) + "\n")
+        write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, **overrides: Any) -> VLM:
+    def load(cls, directory: str | Path, allow_dotted_paths: bool = False, verify: bool = True,
+             **overrides: Any) -> VLM:  # fmt: skip
+        """Rebuild a saved model. Its config names only registered components unless ``allow_dotted_paths`` (a
+        dotted path would import code chosen by whoever wrote the directory); the weights are checked against the
+        manifest's SHA-256 unless ``verify`` is False."""
         directory = Path(directory)
-        specs = read_json(directory / CONFIG_NAME)
-        for key, value in overrides.items():
-            specs[key] = {**specs[key], **value} if isinstance(value, dict) else value
-        model = cls.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
-        model.load_trainable(directory / WEIGHTS_NAME)
+        model = cls.from_config_file(directory / CONFIG_NAME, allow_dotted_paths, **overrides)
+        model.load_trainable(directory / WEIGHTS_NAME, verify=verify)
         return model
 
-    def load_connector(self, run_dir: str | Path) -> None:
+    @classmethod
+    def from_config_file(cls, path: Path, allow_dotted_paths: bool = False, **overrides: Any) -> VLM:
+        """The untrained model a ``vlm_config.json`` describes (names resolved as :func:`names_from_file` says)."""
+        specs = read_json(path)
+        parts = ("encoder", "connector", "llm")
+        if not isinstance(specs, dict) or not all(isinstance((specs.get(k) or {}).get("name"), str) for k in parts):
+            raise ValueError(f"{path} is not a model config: it needs encoder, connector and llm objects with a name")
+        for key, value in overrides.items():
+            specs[key] = {**specs[key], **value} if isinstance(value, dict) else value
+        with names_from_file(path, allow_dotted_paths):
+            return cls.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
+
+    def load_connector(self, run_dir: str | Path, verify: bool = True) -> None:
         """Initialise the connector from another run's weights (LLaVA's stage 2 starts from stage 1's projector)."""
         path = Path(run_dir) / WEIGHTS_NAME
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: --init-connector needs a finished run directory")
+        if verify:
+            verify_file(path)
         state = {k[len("connector.") :]: v for k, v in load_file(str(path)).items() if k.startswith("connector.")}
         try:
             self.connector.load_state_dict(state, strict=True)
@@ -270,10 +287,13 @@ class VLM(nn.Module):
             raise ValueError(f"the connector in {path} does not fit this model's connector "
                              f"{self.connector.spec}: {str(err).splitlines()[0]} ...") from err  # fmt: skip
 
-    def load_trainable(self, path: str | Path) -> None:
+    def load_trainable(self, path: str | Path, verify: bool = True) -> None:
+        """Load trained weights; ``verify``: their SHA-256 must match the directory's manifest first."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: the run directory has no trained weights")
+        if verify:
+            verify_file(path)
         try:
             state = load_file(str(path))
         except Exception as err:

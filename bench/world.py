@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from connector_zoo.io import cache_dir, materialize
+from connector_zoo.settings import SettingError, check
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
@@ -48,6 +49,22 @@ class WorldConfig:
     questions_per_image: int = 3
     seed: int = 0
     background: tuple[int, int, int] = (235, 235, 235)
+
+    def __post_init__(self) -> None:
+        # read back from a run's config.json the background is a JSON list: the same world, so the same tuple
+        if isinstance(self.background, list):
+            object.__setattr__(self, "background", tuple(self.background))
+        check("world", "image_size", self.image_size, int, lo=16, hi=1024)
+        for name in ("train", "val", "test", "compositional"):
+            check("world", name, getattr(self, name), int, lo=1)
+        check("world", "max_objects", self.max_objects, int, lo=1, hi=9)
+        check("world", "questions_per_image", self.questions_per_image, int, lo=1)
+        check("world", "seed", self.seed, int, lo=0)
+        check("world", "background", self.background, list)
+        if len(self.background) != 3:
+            raise SettingError(f"world: background={list(self.background)} must be 3 integers in [0, 255]")
+        for v in self.background:
+            check("world", "background[]", v, int, lo=0, hi=255)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,41 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(
             f"{path} is not valid JSON ({err}); the file is corrupt or was not written by this tool"
         ) from err
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, names: list[str]) -> None:
+    """``manifest.json``: the SHA-256 and size of each named file of ``directory`` (written after them)."""
+    directory = Path(directory)
+    files = {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
+    write_json(directory / MANIFEST_NAME, {"files": files})
+
+
+def verify_file(path: str | os.PathLike) -> None:
+    """Check a file against its directory's manifest: a garbled or swapped file is refused, not loaded."""
+    path = Path(path)
+    fix = "pass --no-verify to load it anyway"
+    try:
+        entry = read_json(path.parent / MANIFEST_NAME)["files"][path.name]
+        want, size = entry["sha256"], entry["bytes"]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no {MANIFEST_NAME} beside it, so its integrity cannot be checked (written by an "
+                         f"older version, or copied without it); {fix}") from None  # fmt: skip
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path.parent / MANIFEST_NAME} has no valid entry for {path.name} ({err}); {fix}") from err
+    if path.stat().st_size != size or sha256_file(path) != want:
+        raise ValueError(f"{path} does not match its SHA-256 in {MANIFEST_NAME}: the file is corrupt or was changed "
+                         f"after it was written; {fix}")  # fmt: skip
 
 
 def materialize(directory: Path, build: Callable[[Path], None]) -> Path:

@@ -8,7 +8,9 @@ A name resolves, in this order, to:
    asked for, so ``bench list`` stays fast and the name is written in one place, the decorator;
 3. an entry point in the family's group (e.g. ``connector_zoo.connectors``), loaded lazily; a plugin that fails to
    import breaks only itself, with its name and error;
-4. a dotted path ``package.module:Class`` with no registration at all.
+4. a dotted path ``package.module:Class`` with no registration at all. Importing a module runs its code, so a name
+   read from a file (a saved run's ``vlm_config.json`` or ``config.json``, perhaps someone else's) may not be a dotted
+   path unless the user opts in: inside :func:`names_from_file` only 1-3 resolve.
 
 A duplicate name raises; an unknown name raises with the close matches and the available names.
 """
@@ -20,6 +22,9 @@ import difflib
 import importlib
 import importlib.util
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +35,19 @@ __all__ = ["Registry", "RegistryError", "Entry"]
 
 class RegistryError(LookupError):
     """A name could not be resolved, or was registered twice, or its plugin is broken."""
+
+
+_FILE_SOURCE: ContextVar[str | None] = ContextVar("names_from_file", default=None)
+
+
+@contextmanager
+def names_from_file(source: str | object, allow_dotted_paths: bool = False) -> Iterator[None]:
+    """Resolve names read from ``source`` (a file): dotted paths are refused unless ``allow_dotted_paths``."""
+    token = _FILE_SOURCE.set(None if allow_dotted_paths else str(source))
+    try:
+        yield
+    finally:
+        _FILE_SOURCE.reset(token)
 
 
 @dataclass
@@ -200,6 +218,13 @@ class Registry:
         module_name, _, attr = path.partition(":")
         if not module_name or not attr:
             raise RegistryError(f"{self.family} path {path!r} must look like 'package.module:ClassName'")
+        source = _FILE_SOURCE.get()
+        if source is not None:
+            raise RegistryError(
+                f"{source} names the {self.family} {path!r} by dotted path, which would import and run module "
+                f"{module_name!r}; names read from a file resolve only to built-in, registered or entry-point "
+                f"components. If you trust this file, pass --allow-dotted-paths"
+            )
         cls = self._import_entry(Entry(path, path, "", "dotted path"))
         base = self._import_entry(Entry(self.base_path, self.base_path, "", "base class"))
         if not (isinstance(cls, type) and issubclass(cls, base)):

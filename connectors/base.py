@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from connector_zoo.settings import check_choice
 from encoders.base import EncoderInfo, VisionFeatures
 
 
@@ -72,8 +73,8 @@ class PerTokenConnector(Connector):
 
     def __init__(self, in_dim: int, out_dim: int, feature_select: str = "patch"):
         super().__init__(in_dim, out_dim)
-        if feature_select not in ("patch", "cls_patch"):
-            raise ValueError(f"feature_select must be 'patch' or 'cls_patch', got {feature_select!r}")
+        owner = self.registered_name or type(self).__name__
+        check_choice(owner, "feature_select", feature_select, ("patch", "cls_patch"))
         self.feature_select = feature_select
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:

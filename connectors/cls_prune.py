@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from connector_zoo.settings import check
 from connectors import build_connector, register
 from connectors.base import Connector, ConnectorOutput, PerTokenConnector
 from encoders.base import EncoderInfo, VisionFeatures
@@ -41,10 +42,10 @@ class CLSPrune(Connector):
         inner_settings: dict[str, Any] | None = None,
     ):
         super().__init__(in_dim, out_dim)
-        if keep_tokens is None and not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"cls_prune keep_ratio must be in (0, 1], got {keep_ratio}")
-        if keep_tokens is not None and keep_tokens < 1:
-            raise ValueError(f"cls_prune keep_tokens must be >= 1, got {keep_tokens}")
+        check("cls_prune", "keep_ratio", keep_ratio, float, lo=0, hi=1, lo_open=True)
+        check("cls_prune", "keep_tokens", keep_tokens, int, lo=1, optional=True)
+        check("cls_prune", "inner", inner, str)
+        check("cls_prune", "inner_settings", inner_settings, dict, optional=True)
         self.keep_ratio, self.keep_tokens = keep_ratio, keep_tokens
         projector = build_connector(inner, in_dim, out_dim, **(inner_settings or {}))
         self.inner = self._check_inner(projector)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from connector_zoo.settings import SettingError, check
 from connectors import build_connector, register
 from connectors.base import Connector, ConnectorOutput, PerTokenConnector
 from encoders.base import EncoderInfo, VisionFeatures
@@ -59,11 +60,19 @@ class FocusMoE(Connector):
         inner_settings: dict[str, Any] | None = None,
     ):
         super().__init__(in_dim, out_dim)
-        scales = tuple(int(s) for s in scales)
-        if any(window % s for s in scales):
-            raise ValueError(f"focus_moe: every scale must divide the window ({window}); got scales {scales}")
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"focus_moe budget is a fraction of the patch tokens in (0, 1], got {budget}")
+        check("focus_moe", "window", window, int, lo=1)
+        check("focus_moe", "scales", scales, list)
+        for s in scales:
+            check("focus_moe", "scales[]", s, int, lo=1)
+        scales = tuple(scales)
+        if not scales or any(window % s for s in scales):
+            raise SettingError(f"focus_moe: scales={list(scales)}: every scale must divide the window ({window})")
+        check("focus_moe", "budget", budget, float, lo=0, hi=1, lo_open=True)
+        check("focus_moe", "budget_weight", budget_weight, float, lo=0)
+        check("focus_moe", "router_hidden", router_hidden, int, lo=1)
+        check("focus_moe", "tau", tau, float, lo=0, lo_open=True)
+        check("focus_moe", "inner", inner, str)
+        check("focus_moe", "inner_settings", inner_settings, dict, optional=True)
         self.window, self.scales, self.budget, self.budget_weight, self.tau = window, scales, budget, budget_weight, tau
         self.tokens_per_expert = torch.tensor([(window // s) ** 2 for s in scales], dtype=torch.float32)
         self.router = nn.Sequential(

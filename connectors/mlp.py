@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from connector_zoo.settings import check
 from connectors import register
 from connectors.base import PerTokenConnector
 
@@ -20,8 +21,7 @@ class MLPConnector(PerTokenConnector):
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, feature_select: str = "patch"):
         super().__init__(in_dim, out_dim, feature_select)
-        if depth < 1:
-            raise ValueError(f"mlp depth must be >= 1, got {depth}")
+        check("mlp", "depth", depth, int, lo=1)
         self.depth = depth
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         for _ in range(depth - 1):

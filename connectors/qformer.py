@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
+from connector_zoo.settings import SettingError, check
 from connectors import register
 from connectors.base import Connector, ConnectorOutput
 from encoders.base import EncoderInfo, VisionFeatures
@@ -57,6 +58,16 @@ class QFormerConnector(Connector):
         freeze_qformer: bool = False,
     ):
         super().__init__(in_dim, out_dim)
+        for setting, value in (("num_queries", num_queries), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                               ("num_heads", num_heads), ("intermediate_size", intermediate_size),
+                               ("cross_attention_freq", cross_attention_freq)):  # fmt: skip
+            check("qformer", setting, value, int, lo=1)
+        if hidden_size % num_heads:
+            raise SettingError(f"qformer: hidden_size={hidden_size} is not a multiple of num_heads={num_heads}")
+        check("qformer", "dropout", dropout, float, lo=0, hi=1, hi_open=True)
+        check("qformer", "initializer_range", initializer_range, float, lo=0, lo_open=True)
+        check("qformer", "init_from", init_from, str, optional=True)
+        check("qformer", "freeze_qformer", freeze_qformer, bool)
         blip2_config = read_blip2_qformer_config(init_from) if init_from and init_from.startswith("blip2:") else None
         if blip2_config is not None:  # the checkpoint's sizes win
             hidden_size, num_layers = blip2_config["hidden_size"], blip2_config["num_hidden_layers"]

@@ -49,7 +49,7 @@ def test_llava_json_loads_and_reports_bad_records(tmp_path, encoders, llms):
     assert ds.samples[1].messages[2] == {"role": "user", "content": "Are you sure?"}
     assert ds.samples[2].image is None
     reasons = {s["id"]: s["reason"] for s in ds.skipped}
-    assert "no <image>" in reasons["no_placeholder"] and "malformed" in reasons["malformed"]
+    assert "0 <image> tokens" in reasons["no_placeholder"] and "malformed" in reasons["malformed"]
     assert "robot" in reasons["bad_turn"]
     # unreadable images are found when their batch is loaded: the batch goes on without them, each reported once
     cache = FeatureCache(encoders["clip"], ds.images, with_attention=False, root=tmp_path / "feat")
@@ -67,7 +67,7 @@ def test_llava_json_loads_and_reports_bad_records(tmp_path, encoders, llms):
 
 def test_strict_stops_at_the_first_bad_record(tmp_path):
     path, folder = write_llava_fixture(tmp_path)
-    with pytest.raises(BadSample, match="missing|no <image>|malformed|robot"):
+    with pytest.raises(BadSample, match="'no_placeholder': has an image but 0 <image> tokens"):
         llava_json(path, folder, strict=True)
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="not a readable LLaVA JSON"):
@@ -186,18 +186,28 @@ def test_a_665k_style_mix_loads_without_touching_an_image(tmp_path, llms, encode
     assert "gqa/images/000000000001.jpg" in batch.skipped[0][1] and "No such file" in batch.skipped[0][1]
 
 
-def test_image_names_cannot_leave_their_folder_but_links_inside_it_work(tmp_path):
+def test_image_names_cannot_leave_their_folder_even_through_links(tmp_path):
     from bench.images import FileImages
 
     (tmp_path / "shared" / "coco").mkdir(parents=True)
     Image.new("RGB", (8, 8), "red").save(tmp_path / "shared" / "coco" / "a.jpg")
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "secret.png")
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "local").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "green").save(tmp_path / "data" / "local" / "b.png")
     (tmp_path / "data" / "coco").symlink_to(tmp_path / "shared" / "coco")  # LLaVA's usual layout
-    table = FileImages(tmp_path / "data", ["coco/a.jpg", "../secret.png", str(tmp_path / "secret.png")])
-    assert table.load(0).getpixel((0, 0)) == (254, 0, 0) and table.identity(0).startswith("file:")
-    for i in (1, 2):
+    (tmp_path / "data" / "peek.png").symlink_to(tmp_path / "secret.png")  # a link out, one file
+    (tmp_path / "data" / "alias").symlink_to(tmp_path / "data" / "local")  # a link that stays inside
+    names = ["coco/a.jpg", "../secret.png", str(tmp_path / "secret.png"), "peek.png", "local/../../secret.png",
+             "alias/b.png"]  # fmt: skip
+    table = FileImages(tmp_path / "data", names)
+    for i in range(5):  # every way out is refused, and so is a link whose target lies outside
         with pytest.raises(BadSample, match="outside the image folder"):
             table.load(i)
         with pytest.raises(BadSample, match="outside the image folder"):
             table.identity(i)
+    # a link inside the folder to a place inside it is fine, and keyed by its target
+    assert table.load(5).getpixel((0, 0)) == (0, 128, 0)
+    assert table.identity(5).startswith(f"file:{tmp_path / 'data' / 'local' / 'b.png'}:")
+    # with the opt-in, links to shared storage work (the file outside is then read on purpose)
+    opened = FileImages(tmp_path / "data", names, allow_outside=True)
+    assert opened.load(0).getpixel((0, 0)) == (254, 0, 0) and opened.load(3).getpixel((0, 0)) == (0, 0, 255)

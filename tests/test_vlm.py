@@ -125,7 +125,8 @@ def test_save_and_load_rebuild_exactly(tmp_path, encoders, llms):
     inputs = batch(vlm.llm, [CONV_A], [True], vlm.encoder.preprocess(images(1)))
     with torch.no_grad():
         torch.testing.assert_close(again(inputs).logits, vlm(inputs).logits, rtol=0, atol=0)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["trainable.safetensors", "vlm_config.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "manifest.json", "trainable.safetensors", "vlm_config.json"]  # fmt: skip
 
 
 def test_load_rejects_wrong_shapes_and_corrupt_files(tmp_path):
@@ -134,8 +135,10 @@ def test_load_rejects_wrong_shapes_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         VLM.load(tmp_path / "run", connector={"name": "mlp3x_gelu"})
     (tmp_path / "run" / "trainable.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="corrupt or incomplete"):
+    with pytest.raises(ValueError, match="does not match its SHA-256 in manifest.json"):
         VLM.load(tmp_path / "run")
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        VLM.load(tmp_path / "run", verify=False)
     (tmp_path / "run" / "vlm_config.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         VLM.load(tmp_path / "run")

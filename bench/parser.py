@@ -1,0 +1,251 @@
+"""The ``bench`` command line: every command's options, each integer and fraction range-checked as it is parsed
+(``--steps -3`` is one line naming the option, the value and the range). ``bench.cli`` holds what the commands do."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS
+from connector_zoo.settings import arg_type
+
+FAMILIES = ("connectors", "encoders", "llms")
+POSITIVE = arg_type(int, lo=1)
+NON_NEGATIVE = arg_type(int, lo=0)
+FRACTION = arg_type(float, lo=0, hi=1, lo_open=True, hi_open=True)
+SCALE = arg_type(float, lo=0, lo_open=True)
+EVAL_LIMIT = arg_type(int, lo=0, words={"all": None})
+
+
+def SEEDS(text: str) -> list[int]:  # noqa: N802 (an argparse type, named like the others)
+    return [NON_NEGATIVE(s) for s in text.split(",")]
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
+    p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
+    p.add_argument("--image-folder", help="image folder for LLaVA JSON")
+    p.add_argument("--world-scale", type=SCALE, default=1.0, help="scale the mini world's splits (tests: 0.01)")
+
+
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    """Options for commands that read a run directory written by someone else."""
+    g = p.add_argument_group("reading a run directory")
+    g.add_argument(
+        "--allow-dotted-paths",
+        action="store_true",
+        help="let the run's config name components by dotted path (imports and runs that module)",
+    )
+    g.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load weights whose SHA-256 does not match the run's manifest.json (or that has none)",
+    )
+
+
+def add_component_args(p: argparse.ArgumentParser, connector_default: str | None = "mlp2x_gelu") -> None:
+    g = p.add_argument_group("components")
+    g.add_argument("--encoder", default="clip", help="encoder name or dotted path (default: clip)")
+    g.add_argument("--encoder-checkpoint", help="preset (tiny, tiny-24), hub id or local directory")
+    g.add_argument("--layer", type=arg_type(int), help="encoder layer, transformers hidden_states index (default -2)")
+    g.add_argument("--connector", default=connector_default, help="connector name(s) or dotted path")
+    g.add_argument("--connector-arg", action="append", metavar="KEY=VALUE", help="connector setting (repeatable)")
+    g.add_argument("--llm", default="vicuna", help="LLM backend name or dotted path (default: vicuna)")
+    g.add_argument("--llm-checkpoint", help="preset (tiny), hub id or local directory")
+
+
+def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> argparse.ArgumentParser:
+    """The parser; ``commands`` maps each command (``world build`` as ``world_build``) to its function."""
+    parser = argparse.ArgumentParser(prog="bench", description="connector-zoo: train and benchmark VLM connectors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered encoders, connectors and LLM backends")
+    p.add_argument("family", nargs="?", choices=FAMILIES)
+    p.set_defaults(func=commands["list"])
+
+    p = sub.add_parser("tokens", help="visual tokens per image and parameter count of connectors")
+    add_component_args(p, connector_default="linear,mlp2x_gelu")
+    p.add_argument("--images", type=POSITIVE, default=4, help="number of demo images (flat, stripes, checker, noise)")
+    p.set_defaults(func=commands["tokens"])
+
+    p = sub.add_parser("run", help="train and evaluate one combination (default: the offline mini world)")
+    add_component_args(p, connector_default="qformer")
+    p.set_defaults(llm="tinyllama")
+    p.add_argument("--recipe", default="mini", help="named training recipe (mini, llava-1.5-pretrain, budget, ...)")
+    p.add_argument("--steps", type=NON_NEGATIVE, help="optimizer steps of every stage (0: no training)")
+    p.add_argument("--batch-size", type=POSITIVE, help="override the per-process batch size of every stage")
+    p.add_argument("--grad-accum", type=POSITIVE, help="override the gradient accumulation of every stage")
+    p.add_argument("--lr", type=arg_type(float, lo=0, lo_open=True), help="override every stage's learning rate")
+    p.add_argument("--save-every", type=POSITIVE, help="steps between checkpoints")
+    p.add_argument("--pretrain-steps", type=POSITIVE, help="mini world: steps of the backbones' pretraining (tests)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    add_data_args(p)
+    p.add_argument("--held-out", type=FRACTION, help="fraction of LLaVA / HF data held out for evaluation (0.05)")
+    p.add_argument(
+        "--eval-limit",
+        type=EVAL_LIMIT,
+        default="default",
+        help="questions evaluated per split: N, 0 (no evaluation) or all (default 1000)",
+    )
+    p.add_argument(
+        "--allow-paths-outside-image-folder",
+        action="store_true",
+        help="LLaVA JSON: let image paths resolve (links followed) outside --image-folder",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=NON_NEGATIVE,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip images with more pixels, before decoding (default {DEFAULT_MAX_PIXELS}, Pillow's limit; 0: none)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), no (fp32), bf16, fp16 (bf16 on CPU)",
+    )
+    p.add_argument(
+        "--backbone-dtype",
+        default="auto",
+        help="storage dtype of the frozen encoder and LLM: auto (the precision's on GPU, fp32 on CPU), "
+        "fp32, bf16, fp16; trainable weights stay fp32",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute the LLM's activations in backward (default: the recipe's; on in llava-1.5-finetune*)",
+    )
+    p.add_argument(
+        "--lora",
+        nargs="?",
+        const="",
+        metavar="r=128,alpha=256,dropout=0.05[,targets=q_proj+v_proj]",
+        help="LoRA (peft) on the LLM in the stages that train it; bare --lora takes LLaVA-1.5's settings",
+    )
+    p.add_argument("--qlora", action="store_true", help="QLoRA: 4-bit NF4 base LLM through bitsandbytes (CUDA only)")
+    p.add_argument(
+        "--init-connector",
+        metavar="RUN_DIR",
+        help="start from another run's connector weights (stage 2 after a stage-1 run)",
+    )
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure FLOPs, latency and decode speed after training (default: on for the mini world)",
+    )
+    p.add_argument("--max-length", type=POSITIVE, help="context budget in tokens (default: the LLM's)")
+    p.add_argument(
+        "--feature-cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="frozen-encoder features: on (stored in the encoder's dtype as batches first need them, reused across "
+        "epochs, runs and connectors), off (encoded every batch), auto (on when the projected size fits "
+        "--feature-cache-max-gb; the log says which and why)",
+    )
+    p.add_argument(
+        "--feature-cache-max-gb", type=arg_type(float, lo=0), help="auto's limit (default: half the free disk)"
+    )
+    p.add_argument(
+        "--num-workers",
+        type=NON_NEGATIVE,
+        help="data-loader worker processes (default: CPU cores - 1, max 8; 0: load in the main process)",
+    )
+    p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    add_trust_args(p)
+    p.set_defaults(func=commands["run"])
+
+    p = sub.add_parser("sweep", help="run a grid of configurations and tabulate them")
+    p.add_argument("--encoder", default="clip", help="comma-separated encoders")
+    p.add_argument(
+        "--connector",
+        default="linear,mlp2x_gelu,qformer,cls_prune,focus_moe",
+        help="comma-separated connectors, settings in brackets: cls_prune[keep_ratio=0.25]",
+    )
+    p.add_argument("--llm", default="tinyllama", help="comma-separated LLM backends")
+    p.add_argument("--seeds", type=SEEDS, default="0", help="comma-separated seeds")
+    p.add_argument("--recipe", default="mini")
+    p.add_argument("--steps", type=NON_NEGATIVE)
+    p.add_argument("--world-scale", type=SCALE, default=1.0)
+    p.add_argument("--pretrain-steps", type=POSITIVE)
+    p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
+    p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
+    p.set_defaults(func=commands["sweep"])
+
+    p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding them")
+    p.add_argument("--out", default="report", help="where to write table.md/.csv/.tex and the plots")
+    p.set_defaults(func=commands["report"])
+
+    p = sub.add_parser("profile", help="efficiency figures of a combination (no training)")
+    add_component_args(p)
+    p.add_argument("--run", help="profile a trained run directory instead")
+    p.add_argument("--images", type=POSITIVE, default=4)
+    p.add_argument("--repeats", type=POSITIVE, default=5)
+    add_trust_args(p)
+    p.add_argument("--json", action="store_true", help="also print the full result as JSON")
+    p.set_defaults(func=commands["profile"])
+
+    p = sub.add_parser("prune-curve", help="training-free cls_prune of a trained linear/MLP run at several ratios")
+    p.add_argument("run_dir")
+    p.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1,0.05")
+    p.add_argument("--out", help="where to write pruning_curve.json/.png/.svg (default: the run directory)")
+    p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
+    add_trust_args(p)
+    p.set_defaults(func=commands["prune_curve"])
+
+    p = sub.add_parser("peer", help="this harness vs transformers Trainer + LlavaForConditionalGeneration (stage 1)")
+    add_component_args(p)
+    p.set_defaults(llm="tinyllama")
+    p.add_argument("--steps", type=POSITIVE, default=60)
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    add_data_args(p)
+    p.add_argument("--pretrain-steps", type=POSITIVE)
+    p.set_defaults(func=commands["peer"])
+
+    p = sub.add_parser("plan", help="parameters, memory per device and FLOPs of a configuration and recipe")
+    add_component_args(p)
+    p.add_argument("--recipe", default="llava-1.5-finetune")
+    p.add_argument("--devices", type=POSITIVE, default=8)
+    p.add_argument("--batch-size", type=POSITIVE, help="per-device batch (default: the recipe's)")
+    p.add_argument(
+        "--text-tokens", type=NON_NEGATIVE, default=512, help="text tokens per sample besides the visual ones"
+    )
+    p.add_argument("--backbone-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--lora", nargs="?", const="", help="LoRA on the LLM in stage 2 (as for bench run)")
+    p.set_defaults(func=commands["plan"])
+
+    p = sub.add_parser("eval", help="evaluate a run directory")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--eval-limit", type=EVAL_LIMIT, default="default", help="questions per split: N, 0 or all (default: the run's)"
+    )
+    add_trust_args(p)
+    p.set_defaults(func=commands["eval"])
+
+    p = sub.add_parser("generate", help="answer a prompt about an image with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--image")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    add_trust_args(p)
+    p.set_defaults(func=commands["generate"])
+
+    p = sub.add_parser("world", help="the embedded mini world")
+    wsub = p.add_subparsers(dest="world_command", required=True)
+    w = wsub.add_parser("build", help="build the world and pretrain its miniature backbones")
+    w.add_argument("--encoders", default="clip")
+    w.add_argument("--llms", default="tinyllama")
+    w.add_argument("--world-scale", type=SCALE, default=1.0)
+    w.set_defaults(func=commands["world_build"])
+
+    p = sub.add_parser("export-hf", help="write a transformers LlavaForConditionalGeneration directory")
+    add_component_args(p)
+    p.add_argument("--run", help="a run directory (vlm_config.json + trainable.safetensors) to export")
+    p.add_argument("--out", required=True, help="output directory")
+    add_trust_args(p)
+    p.set_defaults(func=commands["export_hf"])
+    return parser
