@@ -34,6 +34,11 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def limit(value: int | str) -> int | None:
+    """``--eval-limit``: a count, or ``all`` (no limit: None)."""
+    return None if value == "all" else value
+
+
 def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     out = {}
     for pair in pairs or []:
@@ -187,8 +192,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     )
     if args.qlora and cfg.lora is None:
         cfg.lora = parse_lora("")
-    if args.eval_limit != "default":
-        cfg.eval_limit = args.eval_limit
+    if args.eval_limit is not None:
+        cfg.eval_limit = limit(args.eval_limit)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                     ("grad_accum", args.grad_accum), ("lr", args.lr),
                                     ("save_every", args.save_every)) if v is not None}  # fmt: skip
@@ -214,7 +219,7 @@ def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
 def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.sweep import split_list, sweep
 
-    base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": args.eval_limit}
+    base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
     if args.world_scale != 1.0 or args.pretrain_steps is not None:
         from bench.world import WorldConfig
 
@@ -269,7 +274,7 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
     from bench.plots import pruning_plot
     from bench.prune_curve import pruning_curve
 
-    rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], args.eval_limit,
+    rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], limit(args.eval_limit),
                          allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)  # fmt: skip
     print(f"{'keep':>6} {'tokens':>7} {'accuracy':>9} {'retained':>9} {'prefill ms':>11} {'speed-up':>9}")
     for r in rows:
@@ -334,8 +339,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run_dir)
     cfg = RunConfig.from_file(run_dir / "config.json")
-    if args.eval_limit != "default":
-        cfg.eval_limit = args.eval_limit
+    if args.eval_limit is not None:
+        cfg.eval_limit = limit(args.eval_limit)
     vlm = VLM.from_config_file(run_dir / CONFIG_NAME, args.allow_dotted_paths).eval()
     _, _, eval_sets, _ = load_data(cfg, print)
     by_table = feature_sources(cfg, vlm, list(eval_sets.values()), print)[1]

@@ -55,11 +55,13 @@ class ImageTable:
 
     def load(self, index: int, size: int | None = None) -> Image.Image:
         try:
-            pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours below replaces Pillow's
+            if Image.MAX_IMAGE_PIXELS and (not self.max_pixels or self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
+                Image.MAX_IMAGE_PIXELS = None  # a limit above Pillow's hard one (or none): ours replaces Pillow's
             try:
                 image = self._open(index)
-            finally:
-                Image.MAX_IMAGE_PIXELS = pillow_limit
+            except Image.DecompressionBombError as err:  # over twice Pillow's limit, so over ours too
+                raise BadSample(f"image {self.names[index]!r} is over the limit of {self.max_pixels / 1e6:.1f} MP "
+                                f"({err}); skipped before decoding (raise --max-image-pixels to use it)") from err
             width, height = image.size
             if self.max_pixels and width * height > self.max_pixels:
                 raise BadSample(

@@ -14,7 +14,14 @@ POSITIVE = arg_type(int, lo=1)
 NON_NEGATIVE = arg_type(int, lo=0)
 FRACTION = arg_type(float, lo=0, hi=1, lo_open=True, hi_open=True)
 SCALE = arg_type(float, lo=0, lo_open=True)
-EVAL_LIMIT = arg_type(int, lo=0, words={"all": None})
+EVAL_LIMIT = arg_type(int, lo=0, words={"all": "all"})
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad options print one line (what was wrong and where help is), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def SEEDS(text: str) -> list[int]:  # noqa: N802 (an argparse type, named like the others)
@@ -56,7 +63,7 @@ def add_component_args(p: argparse.ArgumentParser, connector_default: str | None
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> argparse.ArgumentParser:
     """The parser; ``commands`` maps each command (``world build`` as ``world_build``) to its function."""
-    parser = argparse.ArgumentParser(prog="bench", description="connector-zoo: train and benchmark VLM connectors")
+    parser = Parser(prog="bench", description="connector-zoo: train and benchmark VLM connectors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered encoders, connectors and LLM backends")
@@ -84,7 +91,6 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument(
         "--eval-limit",
         type=EVAL_LIMIT,
-        default="default",
         help="questions evaluated per split: N, 0 (no evaluation) or all (default 1000)",
     )
     p.add_argument(
@@ -221,7 +227,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")
     p.add_argument(
-        "--eval-limit", type=EVAL_LIMIT, default="default", help="questions per split: N, 0 or all (default: the run's)"
+        "--eval-limit", type=EVAL_LIMIT, help="questions per split: N, 0 or all (default: the run's)"
     )
     add_trust_args(p)
     p.set_defaults(func=commands["eval"])

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bench.world import World
-from connector_zoo.io import materialize
+from connector_zoo.io import kill_point, materialize
 from encoders import ENCODERS
 from llms import LLMS
 
@@ -77,9 +77,9 @@ def pretrain_encoder(
     def build(tmp: Path) -> None:
         from open_clip.loss import ClipLoss, SigLipLoss
 
-        torch.manual_seed(seed)
+        enc = cls.from_checkpoint("tiny", frozen=False)  # may build the preset first, which draws random numbers
+        torch.manual_seed(seed)  # so seed after it: a build after a kill starts from the same state as any other
         rng = random.Random(seed)
-        enc = cls.from_checkpoint("tiny", frozen=False)
         enc.train()
         dim = enc.info.hidden_size
         records, images = world.records("train"), world.images("train")
@@ -93,7 +93,8 @@ def pretrain_encoder(
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
         batch = min(batch_size, len(records))
-        for _ in tqdm(range(steps), desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})"):
+        for step in tqdm(range(steps), desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})"):
+            kill_point(f"pretrain-encoder-{family}:{step}")
             idx = rng.sample(range(len(records)), batch)
             px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
             img = nn.functional.normalize(img_proj(enc.pooled(px)), dim=-1)
@@ -134,7 +135,8 @@ def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: in
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
         pad = backend.pad_token_id
-        for _ in tqdm(range(steps), desc=f"pretrain {name} (language model on the world's text)"):
+        for step in tqdm(range(steps), desc=f"pretrain {name} (language model on the world's text)"):
+            kill_point(f"pretrain-llm-{name}:{step}")
             batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
             longest = max(map(len, batch))
             ids = torch.full((len(batch), longest), pad)

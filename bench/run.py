@@ -222,6 +222,26 @@ def drop_unreadable(data: Dataset, limit: int | None, strict: bool, log) -> None
         log(f"data: {len(bad)} unreadable image(s) in {data.name} skipped before training")
 
 
+def check_connector_settings(cfg: RunConfig) -> None:
+    """Build the connector on the meta device (no memory, no time) so a bad setting is reported before the data,
+    the world or a 7B LLM is loaded. Only setting errors are raised here; anything else surfaces in the real build."""
+    from connector_zoo.registry import RegistryError
+    from connectors import build_connector
+
+    spec = dict(cfg.connector)
+    if spec.get("init_from"):
+        return  # reads a checkpoint: left to the real build
+    if cfg.data.get("kind", "world") == "world":
+        spec = {**getattr(CONNECTORS.get(spec["name"]), "small_settings", {}), **spec}
+    try:
+        with torch.device("meta"):
+            build_connector(spec.pop("name"), 64, 64, **spec)
+    except (SettingError, TypeError, RegistryError):
+        raise
+    except Exception:  # noqa: BLE001 (e.g. a plugin that cannot be built on the meta device)
+        pass
+
+
 def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM:
     enc_spec, llm_spec, conn_spec = dict(cfg.encoder), dict(cfg.llm), dict(cfg.connector)
     if backbone_dtype != "fp32":
@@ -320,6 +340,8 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
     elif existing:
         raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
     stages = cfg.resolved_stages()
+    with names:
+        check_connector_settings(cfg)  # seconds, before any data is read or backbone built
     prec = resolve_precision(cfg.precision)
     backbone = resolve_backbone_dtype(cfg.backbone_dtype, prec)
     if cfg.precision == "fp16" and prec == "bf16":
@@ -337,12 +359,12 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
             f"warning: an FSDP config was given but accelerate runs {kind} here (no CUDA): weights are replicated, "
             "not sharded"
         )
-    if accelerator.is_main_process:
-        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     with accelerator.main_process_first():  # the main process builds the world and presets; the others read them
         train, val, eval_sets, world = load_data(cfg, log)
         with names:
             vlm = build_model(cfg, world, log, backbone)
+    if accelerator.is_main_process and not resume:  # after the data and model are known good: a run that cannot
+        write_json(out_dir / "config.json", dataclasses.asdict(cfg))  # start leaves no directory claiming to be one
     if cfg.init_connector:
         vlm.load_connector(cfg.init_connector, verify=verify)
         log(f"connector initialised from {cfg.init_connector}")

@@ -32,7 +32,7 @@ from bench.data import BadSample, Dataset
 from bench.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.precision import memory_report, upcast_trainable
 from bench.vlm import VLM
-from connector_zoo.io import atomic_path
+from connector_zoo.io import atomic_path, kill_point
 from connector_zoo.settings import check, check_choice
 
 
@@ -294,6 +294,7 @@ class Trainer:
         first = self.out_dir / names[0]
         with atomic_path(first) as tmp:
             vlm.save(tmp)
+            kill_point(f"checkpoint-write:{self.cfg.stage}:{self.step}")  # tests: weights written, not yet renamed
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,15 +25,67 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def kill_point(name: str) -> None:
+    """Tests: die here like a killed job (SIGKILL, nothing cleaned up) when ``CONNECTOR_ZOO_KILL_AT`` names this
+    point, e.g. ``pretrain-encoder-clip:3`` or ``checkpoint-write:1:4`` (stage 1, step 4)."""
+    if os.environ.get("CONNECTOR_ZOO_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _temp_prefix(name: str) -> str:
+    """Temporaries carry their writer (host and process id), so a later writer can tell a dead one's leftovers."""
+    return f".tmp-{name}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(parent: Path, name: str, max_age_other_host: float = 86400.0) -> list[Path]:
+    """Remove ``.tmp-{name}-*`` siblings whose writer is dead: on this host, a process id that no longer runs; from
+    another host (a shared file system), older than ``max_age_other_host`` seconds. Returns what was removed."""
+    pattern = re.compile(rf"\.tmp-{re.escape(name)}-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+    host, removed = socket.gethostname(), []
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None:
+            continue
+        if m["host"] == host:
+            pid = int(m["pid"])
+            if pid == os.getpid() or _alive(pid):
+                continue
+        else:
+            try:
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime < max_age_other_host:
+                    continue
+            except FileNotFoundError:
+                continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success rename it over ``path`` (files or directories).
 
-    A crash leaves only a ``.tmp-*`` sibling, never a half-written file under the real name.
+    A crash leaves only a ``.tmp-*`` sibling, never a half-written file under the real name; the next write of the
+    same path removes such leftovers of dead writers.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent)) / path.name
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent)) / path.name
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -100,7 +156,8 @@ def materialize(directory: Path, build: Callable[[Path], None]) -> Path:
     if (directory / ".complete").exists():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    remove_stale_temporaries(directory.parent, directory.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory.name), dir=directory.parent))
     try:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")
