@@ -60,8 +60,10 @@ class ImageTable:
             try:
                 image = self._open(index)
             except Image.DecompressionBombError as err:  # over twice Pillow's limit, so over ours too
-                raise BadSample(f"image {self.names[index]!r} is over the limit of {self.max_pixels / 1e6:.1f} MP "
-                                f"({err}); skipped before decoding (raise --max-image-pixels to use it)") from err
+                raise BadSample(
+                    f"image {self.names[index]!r} is over the limit of {self.max_pixels / 1e6:.1f} MP "
+                    f"({err}); skipped before decoding (raise --max-image-pixels to use it)"
+                ) from err
             width, height = image.size
             if self.max_pixels and width * height > self.max_pixels:
                 raise BadSample(

@@ -226,9 +226,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
 
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")
-    p.add_argument(
-        "--eval-limit", type=EVAL_LIMIT, help="questions per split: N, 0 or all (default: the run's)"
-    )
+    p.add_argument("--eval-limit", type=EVAL_LIMIT, help="questions per split: N, 0 or all (default: the run's)")
     add_trust_args(p)
     p.set_defaults(func=commands["eval"])
 

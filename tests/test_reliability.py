@@ -340,8 +340,8 @@ def test_steps_zero_means_zero_and_eval_limit_zero_means_none():
         StageConfig(steps=-1)
     stages = RunConfig(stages=[{"stage": 1, "steps": 0}]).resolved_stages()
     assert stages[0].steps == 0
-    from bench.evaluate import qa_samples
     from bench.data import Dataset, Sample
+    from bench.evaluate import qa_samples
 
     ds = Dataset("d", [Sample(str(i), [], 0, {"type": "colour"}) for i in range(5)], None)
     assert len(qa_samples(ds, 0)) == 0 and len(qa_samples(ds, None)) == 5 and len(qa_samples(ds, 2)) == 2
