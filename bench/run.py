@@ -334,13 +334,16 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
     started = time.time()
     out_dir = Path(out_dir)
     existing = (out_dir / "config.json").exists()
-    names = names_from_file(out_dir / "config.json", allow_dotted_paths) if resume else contextlib.nullcontext()
+
+    def names():  # a run directory's config names only registered components unless the user opts in
+        return names_from_file(out_dir / "config.json", allow_dotted_paths) if resume else contextlib.nullcontext()
+
     if resume:
         cfg = RunConfig.from_file(out_dir / "config.json")
     elif existing:
         raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
     stages = cfg.resolved_stages()
-    with names:
+    with names():
         check_connector_settings(cfg)  # seconds, before any data is read or backbone built
     prec = resolve_precision(cfg.precision)
     backbone = resolve_backbone_dtype(cfg.backbone_dtype, prec)
@@ -359,12 +362,20 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
             f"warning: an FSDP config was given but accelerate runs {kind} here (no CUDA): weights are replicated, "
             "not sharded"
         )
-    with accelerator.main_process_first():  # the main process builds the world and presets; the others read them
-        train, val, eval_sets, world = load_data(cfg, log)
-        with names:
-            vlm = build_model(cfg, world, log, backbone)
-    if accelerator.is_main_process and not resume:  # after the data and model are known good: a run that cannot
-        write_json(out_dir / "config.json", dataclasses.asdict(cfg))  # start leaves no directory claiming to be one
+    created = accelerator.is_main_process and not resume
+    if created:  # first: a run killed while the world or backbones are built can be resumed
+        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    try:
+        with accelerator.main_process_first():  # the main process builds the world and presets; others read them
+            train, val, eval_sets, world = load_data(cfg, log)
+            with names():
+                vlm = build_model(cfg, world, log, backbone)
+    except Exception:  # bad data or model: a run that cannot start leaves no directory claiming to be one
+        if created:
+            (out_dir / "config.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     if cfg.init_connector:
         vlm.load_connector(cfg.init_connector, verify=verify)
         log(f"connector initialised from {cfg.init_connector}")
