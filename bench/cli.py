@@ -19,34 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.parser import build_parser
+from bench.parser import build_parser, limit, parse_settings
 from connector_zoo.io import write_json
 from connector_zoo.registry import RegistryError
 
 FAMILIES = {"encoders": ("encoders", "ENCODERS"), "connectors": ("connectors", "CONNECTORS"), "llms": ("llms", "LLMS")}
-
-
-def parse_value(text: str) -> Any:
-    """``--connector-arg keep=0.25`` -> 0.25; JSON where it parses, else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def limit(value: int | str) -> int | None:
-    """``--eval-limit``: a count, or ``all`` (no limit: None)."""
-    return None if value == "all" else value
-
-
-def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"setting {pair!r} must look like key=value (e.g. --connector-arg num_queries=32)")
-        out[key.replace("-", "_")] = parse_value(value)
-    return out
 
 
 def parse_lora(text: str | None) -> dict[str, Any] | None:

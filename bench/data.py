@@ -206,6 +206,8 @@ def hf_record_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
         elif isinstance(content, list):
             parts = []
             for item in content:
+                if not isinstance(item, dict):
+                    raise BadSample(f"malformed content item {str(item)[:60]!r}: needs a 'type'")
                 if item.get("type") == "image":
                     parts.append(IMAGE_TOKEN)
                     n_images += 1

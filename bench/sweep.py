@@ -21,7 +21,7 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_connector(text: str) -> dict[str, Any]:
-    from bench.cli import parse_settings
+    from bench.parser import parse_settings
 
     match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", text)
     if not match:
@@ -48,6 +48,9 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
             resume = (cell / "config.json").exists()
             log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
             cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
-            run(cfg, cell, resume=resume, log=lambda m: log("    " + m))
+            # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
+            # may be resolved again on resume
+            dotted = any(":" in name for name in (enc, conn["name"], llm))
+            run(cfg, cell, resume=resume, log=lambda m: log("    " + m), allow_dotted_paths=dotted)
         done.append(cell)
     return done

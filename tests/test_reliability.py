@@ -117,6 +117,19 @@ def test_hf_records_are_validated_the_same_way(tmp_path):
     assert "2 image placeholders for 2 images" in reasons["two_images"]
 
 
+def test_malformed_hf_message_content_is_a_bad_sample_not_a_traceback():
+    from bench.data import hf_record_messages
+
+    for messages, says in [
+        ([{"role": "user", "content": ["hi"]}], "malformed content item 'hi'"),
+        ([{"role": "user", "content": 3}], "malformed message"),
+        ([{"role": "robot", "content": "hi"}], "unknown role 'robot'"),
+        ([], "no 'messages' list"),
+    ]:
+        with pytest.raises(BadSample, match=re.escape(says)):
+            hf_record_messages({"messages": messages})
+
+
 @pytest.mark.parametrize("records", [[], [{"id": "x", "conversations": []}], [{"id": "only", "conversations": GOOD}]])
 def test_an_empty_or_all_bad_dataset_is_one_error_before_any_model(tmp_path, records, capsys):
     (tmp_path / "images").mkdir()
