@@ -19,11 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.parser import build_parser, limit, parse_settings
+from bench.parser import FAMILIES, build_parser, limit, parse_settings
 from connector_zoo.io import write_json
 from connector_zoo.registry import RegistryError
-
-FAMILIES = {"encoders": ("encoders", "ENCODERS"), "connectors": ("connectors", "CONNECTORS"), "llms": ("llms", "LLMS")}
 
 
 def parse_lora(text: str | None) -> dict[str, Any] | None:

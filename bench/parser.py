@@ -11,7 +11,8 @@ from typing import Any
 from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS
 from connector_zoo.settings import arg_type
 
-FAMILIES = ("connectors", "encoders", "llms")
+#: ``bench list`` families: module and registry attribute (imported only when listed)
+FAMILIES = {"encoders": ("encoders", "ENCODERS"), "connectors": ("connectors", "CONNECTORS"), "llms": ("llms", "LLMS")}
 POSITIVE = arg_type(int, lo=1)
 NON_NEGATIVE = arg_type(int, lo=0)
 FRACTION = arg_type(float, lo=0, hi=1, lo_open=True, hi_open=True)
@@ -92,7 +93,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered encoders, connectors and LLM backends")
-    p.add_argument("family", nargs="?", choices=FAMILIES)
+    p.add_argument("family", nargs="?", choices=sorted(FAMILIES))
     p.set_defaults(func=commands["list"])
 
     p = sub.add_parser("tokens", help="visual tokens per image and parameter count of connectors")

@@ -222,17 +222,24 @@ def drop_unreadable(data: Dataset, limit: int | None, strict: bool, log) -> None
         log(f"data: {len(bad)} unreadable image(s) in {data.name} skipped before training")
 
 
+def connector_spec(cfg: RunConfig) -> dict[str, Any]:
+    """The connector's spec; on the mini world its ``small_settings`` (sized for the world's backbones) fill in
+    what the run does not set."""
+    spec = dict(cfg.connector)
+    if cfg.data.get("kind", "world") == "world":
+        spec = {**getattr(CONNECTORS.get(spec["name"]), "small_settings", {}), **spec}
+    return spec
+
+
 def check_connector_settings(cfg: RunConfig) -> None:
     """Build the connector on the meta device (no memory, no time) so a bad setting is reported before the data,
     the world or a 7B LLM is loaded. Only setting errors are raised here; anything else surfaces in the real build."""
     from connector_zoo.registry import RegistryError
     from connectors import build_connector
 
-    spec = dict(cfg.connector)
+    spec = connector_spec(cfg)
     if spec.get("init_from"):
         return  # reads a checkpoint: left to the real build
-    if cfg.data.get("kind", "world") == "world":
-        spec = {**getattr(CONNECTORS.get(spec["name"]), "small_settings", {}), **spec}
     try:
         with torch.device("meta"):
             build_connector(spec.pop("name"), 64, 64, **spec)
@@ -243,7 +250,7 @@ def check_connector_settings(cfg: RunConfig) -> None:
 
 
 def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM:
-    enc_spec, llm_spec, conn_spec = dict(cfg.encoder), dict(cfg.llm), dict(cfg.connector)
+    enc_spec, llm_spec, conn_spec = dict(cfg.encoder), dict(cfg.llm), connector_spec(cfg)
     if backbone_dtype != "fp32":
         enc_spec.setdefault("dtype", TORCH_NAMES[backbone_dtype])
         llm_spec.setdefault("dtype", TORCH_NAMES[backbone_dtype])
@@ -257,8 +264,6 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
             enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **_steps(pre, "encoder_steps")))
         if not llm_spec.get("checkpoint"):
             llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **_steps(pre, "llm_steps")))
-        small = getattr(CONNECTORS.get(conn_spec["name"]), "small_settings", {})
-        conn_spec = {**small, **conn_spec}
     torch.manual_seed(cfg.seed)
     vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length)
     log(f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,9 +208,6 @@ class Trainer:
     # ------------------------------------------------------------------- train
     def fit(self) -> dict[str, Any]:
         self.model.train()
-        # tests: die like a killed job at step N of any stage ("N") or of one stage ("STAGE:N")
-        kill = os.environ.get("CONNECTOR_ZOO_KILL_AT_STEP", "-1").split(":")
-        kill_at = int(kill[-1]) if len(kill) == 1 or int(kill[0]) == self.cfg.stage else -1
         sampler = StepSampler(self.micro_indices, self.step, self.total_steps, self.cfg.grad_accum)
         batches = iter(make_loader(self.train_data.samples, self.collator, sampler, self.num_workers)
                        if self.step < self.total_steps else ())  # fmt: skip
@@ -256,8 +252,7 @@ class Trainer:
             if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                 names.insert(0, "checkpoint-last")
             self.save_checkpoints(names)
-            if self.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_point(f"step:{self.cfg.stage}:{self.step}")  # tests: die like a killed job after this step
         return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                 "best_val_loss": self.best_val if self.history else None,
                 "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),

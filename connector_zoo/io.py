@@ -27,7 +27,8 @@ def cache_dir() -> Path:
 
 def kill_point(name: str) -> None:
     """Tests: die here like a killed job (SIGKILL, nothing cleaned up) when ``CONNECTOR_ZOO_KILL_AT`` names this
-    point, e.g. ``pretrain-encoder-clip:3`` or ``checkpoint-write:1:4`` (stage 1, step 4)."""
+    point, e.g. ``pretrain-encoder-clip:3``, ``step:2:5`` (after step 5 of stage 2, its checkpoints written) or
+    ``checkpoint-write:1:4`` (stage 1, step 4: weights written, not yet renamed into place)."""
     if os.environ.get("CONNECTOR_ZOO_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -79,7 +79,7 @@ def test_eval_and_generate_work_on_the_run_directory(micro_run, tmp_path):
 def test_a_killed_run_resumes_to_the_same_numbers(micro_run, tmp_path):
     out, _ = micro_run
     killed = tmp_path / "killed"
-    proc = bench([*MICRO, "--out", str(killed), "--save-every", "2"], env={"CONNECTOR_ZOO_KILL_AT_STEP": "5"})
+    proc = bench([*MICRO, "--out", str(killed), "--save-every", "2"], env={"CONNECTOR_ZOO_KILL_AT": "step:1:5"})
     assert proc.returncode != 0  # SIGKILL at step 5 of stage 1
     assert not (killed / "results.json").exists()
     state = json.loads((killed / "stage1" / "checkpoint-last" / "trainer_state.json").read_text())

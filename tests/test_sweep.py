@@ -14,7 +14,7 @@ MICRO_SWEEP = ["sweep", "--connector", "linear,cls_prune[keep_ratio=0.5]", "--wo
 def test_killed_sweep_resumes_and_report_is_deterministic(tmp_path):
     out = tmp_path / "sweep"
     # killed at step 3 of the first cell's first stage, then the sweep is run again
-    killed = bench([*MICRO_SWEEP, "--out", str(out)], env={"CONNECTOR_ZOO_KILL_AT_STEP": "3"})
+    killed = bench([*MICRO_SWEEP, "--out", str(out)], env={"CONNECTOR_ZOO_KILL_AT": "step:1:3"})
     assert killed.returncode != 0
     cells = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(cells) == 1 and not (cells[0] / "results.json").exists()

@@ -161,7 +161,7 @@ def test_a_bf16_lora_run_records_precision_memory_and_adapters(bf16_lora_run):
 def test_a_killed_bf16_lora_run_resumes_to_the_same_numbers(bf16_lora_run, tmp_path):
     killed = tmp_path / "killed"
     proc = bench([*MICRO, *LORA_BF16, "--out", str(killed), "--save-every", "2"],
-                 env={"CONNECTOR_ZOO_KILL_AT_STEP": "2:5"})  # fmt: skip
+                 env={"CONNECTOR_ZOO_KILL_AT": "step:2:5"})  # fmt: skip
     assert proc.returncode != 0 and not (killed / "results.json").exists()
     proc = bench(["run", "--resume", str(killed)])
     assert proc.returncode == 0, proc.stderr[-3000:]
