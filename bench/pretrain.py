@@ -14,6 +14,8 @@ back through the same code path as real checkpoints: by local directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from pathlib import Path
@@ -121,11 +123,13 @@ def lm_conversations(world: World, backend) -> list[list[int]]:
 def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: int = 64, seed: int = 0) -> Path:
     """The world's ``name`` LLM directory (model + tokenizer), trained as a text-only language model on first use."""
     cls = LLMS.get(name)
-    out = world.dir / "backbones" / f"llm-{name}-s{steps}-b{batch_size}-seed{seed}"
+    recipe = {"tokenizer": cls.tiny_tokenizer_key(), "size": LLM_SIZE, "vocab": 640, "prompt": CAPTION_PROMPT}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    out = world.dir / "backbones" / f"llm-{name}-s{steps}-b{batch_size}-seed{seed}-{digest}"
 
     def build(tmp: Path) -> None:
         corpus = [*world.text_corpus(), CAPTION_PROMPT]
-        cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=640, **LLM_SIZE)
+        cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=recipe["vocab"], **LLM_SIZE)
         backend = cls(str(tmp), frozen=False)
         torch.manual_seed(seed)
         rng = random.Random(seed)

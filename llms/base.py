@@ -74,7 +74,8 @@ class LLMBackend(nn.Module):
         if random:
             name, params = random
         if params is not None:
-            path = preset_dir(self.registered_name, name, params, lambda d: self.build_tiny(d, params=params))
+            key = {**params, "tokenizer": self.tiny_tokenizer_key()}  # a changed template is a new preset
+            path = preset_dir(self.registered_name, name, key, lambda d: self.build_tiny(d, params=params))
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer")
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
         self.model = load_pretrained(
@@ -223,6 +224,12 @@ class LLMBackend(nn.Module):
         return self._tokenize(text)[0]
 
     # ------------------------------------------------------------------ preset
+    @classmethod
+    def tiny_tokenizer_key(cls) -> dict[str, Any]:
+        """What a tiny preset's tokenizer is made of (its template and special tokens): part of the cache key of every
+        directory that holds one, so editing a template never serves a preset built with the old one."""
+        return {"chat_template": cls.chat_template, "special": cls.tiny_special_tokens, "builder": 1}
+
     @classmethod
     def build_tiny(
         cls,

@@ -1,13 +1,16 @@
 """Llama-family backends: ``tinyllama`` (TinyLlama-1.1B-Chat, Zephyr template) and ``vicuna`` (Vicuna v1.5, v1 format).
 
 Both are transformers ``LlamaForCausalLM``; sequences start with BOS as LLaVA's ``tokenizer_image_token`` does.
-- tinyllama: the tokenizer's own Zephyr-style template, ``<|user|>\\n...</s>\\n<|assistant|>\\n...</s>``; the tiny
-  preset writes the same format.
+- tinyllama: the tokenizer's own Zephyr template, ``<|user|>\\n...</s>\\n<|assistant|>\\n...</s>\\n``; the tiny
+  preset carries the same template file (llms/templates/tinyllama.jinja), so its generation prompt ends in
+  ``<|assistant|>\\n`` as the real one does.
 - vicuna: Vicuna checkpoints ship no chat template, so LLaVA's ``conv_vicuna_v1`` is written here:
   ``SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:`` with the standard system line.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,10 +32,8 @@ VICUNA_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
-ZEPHYR_TEMPLATE = (
-    "{%- for m in messages -%}{{- '<|' + m.role + '|>\\n' + m.content + eos_token + '\\n' -}}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-)
+# The chat template TinyLlama-1.1B-Chat-v1.0 ships (Zephyr's, verbatim): the generation prompt is "<|assistant|>\n".
+ZEPHYR_TEMPLATE = (Path(__file__).parent / "templates" / "tinyllama.jinja").read_text(encoding="utf-8")
 LLAMA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TINY = dict(
     hidden_size=64,

@@ -2,32 +2,23 @@
 
 ChatML from the tokenizer's own template (``<|im_start|>role\\n...<|im_end|>``); the end of an assistant turn is
 ``<|im_end|>``. Generation prompts are rendered with ``enable_thinking=False`` (Qwen3's non-thinking mode, the prompt
-ends in an empty ``<think></think>`` block), the mode the visual instruction data trains. The tiny preset's template
-reproduces the parts of Qwen3's that matter here: ChatML turns, and the empty think block that Qwen3 writes before the
-final answer when it follows the last user turn.
+ends in an empty ``<think></think>`` block), the mode the visual instruction data trains. Tiny presets carry the
+template Qwen3 ships (llms/templates/qwen3.jinja), so the labels a tiny run trains are the ones a real Qwen3 run
+trains (tests/test_real_tokenizers.py checks both with Qwen's real BPE).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from llms import register
 from llms.base import LLMBackend
 
-QWEN3_TINY_TEMPLATE = (
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'assistant' and loop.index0 > ns.last_user -%}"
-    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' -}}"
-    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+# The chat template Qwen3 ships (tokenizer_config.json of Qwen/Qwen3-0.6B .. -4B, verbatim): system message, tools,
+# reasoning kept only after the last user turn, ``enable_thinking``. Tiny presets use it, so they write the real format.
+QWEN3_TEMPLATE = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
 
 
 @register("qwen3")
@@ -36,7 +27,7 @@ class Qwen3Backend(LLMBackend):
 
     model_cls = Qwen3ForCausalLM
     config_cls = Qwen3Config
-    chat_template = QWEN3_TINY_TEMPLATE
+    chat_template = QWEN3_TEMPLATE
     generation_template_kwargs = {"enable_thinking": False}
     tiny_special_tokens = {
         "eos_token": "<|im_end|>",

@@ -36,7 +36,7 @@ EXPECTED_TEXT = {
 # The labelled text of each assistant turn: what the model generates after the generation prompt, through end of turn
 EXPECTED_LABELLED = {
     "qwen3": ["Red.<|im_end|>", "Two small squares.<|im_end|>", "<think>\n\n</think>\n\nYes.<|im_end|>"],
-    "tinyllama": ["\nRed.</s>", "\nTwo small squares.</s>", "\nYes.</s>"],
+    "tinyllama": ["Red.</s>", "Two small squares.</s>", "Yes.</s>"],  # the prompt ends in "<|assistant|>\n"
     "vicuna": [" Red.</s>", " Two small squares.</s>", " Yes.</s>"],
 }
 
