@@ -46,3 +46,22 @@ def images(n: int, size: int = 64) -> list[Image.Image]:
         arr[:, : size // (i + 2)] = 255 - 30 * i
         out.append(Image.fromarray(arr))
     return out
+
+
+def install_in_hf_cache(src, repo_id: str, cache, monkeypatch) -> None:
+    """Put a checkpoint directory into a Hugging Face hub cache under ``repo_id``, laid out as ``hf download`` leaves
+    it (models--org--name/refs/main -> snapshots/<commit>/files), and make that the hub cache (HF_HUB_CACHE, read by
+    huggingface_hub at import, hence its constant too) with HF_HUB_OFFLINE=1: the checkpoint loads by hub id."""
+    import shutil
+    from pathlib import Path
+
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(src, repo / "snapshots" / commit, ignore=shutil.ignore_patterns(".complete", ".*"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))

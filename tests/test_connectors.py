@@ -259,6 +259,64 @@ def test_focus_moe_compresses_low_information_images_more(encoders, llms):
     assert len(vlm.generate(flat_and_busy(), ["Describe.", "Describe."], max_new_tokens=2)) == 2
 
 
+# A hand computation of FocusLLaVA's vision-guided sampler on a 4x4 grid of 1-channel features (the spec's reading of
+# arXiv 2411.14228; its method section was not available, see connectors/focus_moe.py). With windows X_m of 2x2
+# patches, experts E_1(X_m) = X_m (4 tokens) and E_2(X_m) = AvgPool_2(X_m) (1 token), the router
+#     r(X_m) = W2 GELU(W1 [mean(X_m); mean(X); std(X_m)] + b1) + b2,   GELU(x) = x Phi(x)
+# picks e_m = argmax_e (r_e(X_m) + delta log |E_e(X_m)|) per window, and the image's tokens are the chosen experts'
+# outputs, window by window, each through the shared projector (here 2x + 0.5).
+HAND_IMAGE = [[1, 1, 0, 4],
+              [1, 1, 4, 0],
+              [2, 2, 1, 3],
+              [2, 2, 5, 7]]  # fmt: skip
+# windows (raster): A = [1,1,1,1] mean 1 std 0; B = [0,4,4,0] mean 2 std 2; C = [2,2,2,2] mean 2 std 0;
+# D = [1,3,5,7] mean 4 std sqrt(5) = 2.236068; the global mean is 36/16 = 2.25.
+# W1 = [0.5, 1, 1], b1 = -3.75 -> pre-activations A -1, B 1.5, C -0.5, D 2.736068;
+# W2 = [[4], [0]], b2 = 0 -> logits (keep all, pool) = (4 GELU(pre), 0):
+HAND_LOGITS = [-0.634621, 5.599157, -0.617075, 10.910247]
+# A flat image of ones: every window has pre-activation 0.5 + 1 + 0 - 3.75 = -2.25 -> 4 GELU(-2.25) = -0.110020.
+
+
+def hand_focus_moe() -> tuple[FocusMoE, VisionFeatures]:
+    conn = build_connector("focus_moe", 1, 1, window=2, scales=(1, 2), router_hidden=1, inner="linear").eval()
+    with torch.no_grad():
+        conn.router[0].weight.copy_(torch.tensor([[0.5, 1.0, 1.0]]))
+        conn.router[0].bias.fill_(-3.75)
+        conn.router[2].weight.copy_(torch.tensor([[4.0], [0.0]]))
+        conn.router[2].bias.zero_()
+        conn.inner.proj.weight.fill_(2.0)
+        conn.inner.proj.bias.fill_(0.5)
+    patches = torch.tensor([HAND_IMAGE, [[1.0] * 4] * 4]).reshape(2, 16, 1)
+    return conn, VisionFeatures(patches, None, (4, 4))
+
+
+def test_focus_moe_equals_a_hand_computation():
+    conn, f = hand_focus_moe()
+    logits = conn.router_logits(conn.windows(f), f.patches)
+    torch.testing.assert_close(logits[0, :, 0], torch.tensor(HAND_LOGITS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[1, :, 0], torch.full((4,), -0.110020), rtol=0, atol=1e-5)
+    # offset 0: A pooled (1), B kept (0 4 4 0), C pooled (2), D kept (1 3 5 7); the flat image pooled everywhere
+    out = conn(f)
+    assert out.num_tokens.tolist() == [10, 4] and out.mask.tolist()[1] == [True] * 4 + [False] * 6
+    torch.testing.assert_close(out.tokens[0, :, 0], 2 * torch.tensor([1.0, 0, 4, 4, 0, 2, 1, 3, 5, 7]) + 0.5)
+    torch.testing.assert_close(out.tokens[1, :4, 0], torch.full((4,), 2.5))
+    assert (out.tokens[1, 4:] == 0).all()
+    # delta = -6: B's keep-all logit 5.599 - 6 ln 4 < 0 (pooled: mean 2), D's 10.910 - 6 ln 4 > 0 (still kept)
+    conn.offset.fill_(-6.0)
+    out = conn(f)
+    assert out.num_tokens.tolist() == [7, 4]
+    torch.testing.assert_close(out.tokens[0, :, 0], 2 * torch.tensor([1.0, 2, 2, 1, 3, 5, 7]) + 0.5)
+
+
+def test_focus_moe_calibration_lands_in_the_hand_interval():
+    """Budget (7 + 4) / 2 / 16: only offsets in (-10.910247 / ln 4, -5.599157 / ln 4) = (-7.8701, -4.0389) give it."""
+    conn, f = hand_focus_moe()
+    conn.budget = 11 / 32
+    delta = conn.calibrate(f)
+    assert -7.8701 < delta < -4.0389, delta
+    assert conn(f).num_tokens.tolist() == [7, 4]
+
+
 def test_focus_moe_is_hard_top1_at_inference():
     conn = build_connector("focus_moe", 48, 40, window=4, router_hidden=16)
     torch.nn.init.normal_(conn.router[-1].weight)  # a router that is not uniform

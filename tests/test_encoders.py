@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import ENCODER_NAMES, images
+from conftest import ENCODER_NAMES, images, install_in_hf_cache
 from transformers import CLIPVisionModel, SiglipVisionModel
 
 from encoders import build_encoder
@@ -49,8 +51,26 @@ def test_siglip_never_drops_a_token(encoders):
     feats = enc(px, with_cls_attention=True)
     assert feats.patches.shape[1] == enc.info.num_patches == out.hidden_states[-2].shape[1]
     torch.testing.assert_close(feats.patches, out.hidden_states[-2], rtol=0, atol=1e-6)
-    # probe attention is a distribution over all patches, per head
-    torch.testing.assert_close(feats.cls_attention.sum(-1), torch.ones(2, enc.info.num_heads))
+
+
+def test_siglip_probe_attention_equals_hand_computation(encoders):
+    """The pruning score of SigLIP: the attention-pooling head's learned probe (one query) over the post-layernormed
+    last-layer patches, per head, softmax(q k^T / sqrt(d_head)) with q, k from the head's in-projection."""
+    enc = encoders["siglip"]
+    px = enc.preprocess(images(2))
+    ref = SiglipVisionModel.from_pretrained(enc.model.name_or_path).eval()
+    head = getattr(ref, "vision_model", ref).head  # transformers 5 flattened SiglipVisionModel
+    with torch.no_grad():
+        x = ref(pixel_values=px).last_hidden_state  # after post_layernorm, the head's input
+        D, H = x.shape[-1], head.attention.num_heads
+        wq, wk, _ = head.attention.in_proj_weight.split(D)
+        bq, bk, _ = head.attention.in_proj_bias.split(D)
+        q = (head.probe @ wq.T + bq).reshape(1, 1, H, D // H).transpose(1, 2)  # (1, H, 1, d)
+        k = (x @ wk.T + bk).reshape(2, -1, H, D // H).transpose(1, 2)  # (B, H, N, d)
+        probs = (q @ k.transpose(-1, -2) / (D // H) ** 0.5).softmax(-1)[:, :, 0]  # (B, H, N)
+    feats = enc(px, with_cls_attention=True)
+    torch.testing.assert_close(feats.cls_attention, probs, rtol=0, atol=1e-6)
+    assert not torch.allclose(probs[:, 0], probs[:, 0].mean(-1, keepdim=True))  # not uniform: a real score
 
 
 def test_eva_block_features_match_a_manual_forward(encoders):
@@ -93,28 +113,50 @@ def test_eva_cls_attention_equals_hand_computation(encoders):
     torch.testing.assert_close(feats.cls_attention, probs[:, :, 0, 1:], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ENCODER_NAMES)
-def test_layer_selection(name, encoders):
-    enc = encoders[name]
-    last = build_encoder(name, layer=-1)
-    first = build_encoder(name, layer=1)
-    px = enc.preprocess(images(1))
-    a, b, c = enc(px).patches, last(px).patches, first(px).patches
-    assert not torch.allclose(a, b) and not torch.allclose(a, c)
-    with pytest.raises(ValueError, match="out of range"):
-        build_encoder(name, layer=99)
+def reference_hidden_states(name: str, enc, px: torch.Tensor) -> list[torch.Tensor]:
+    """hidden_states[0..L] (embeddings, then each block's output) from an independent forward: transformers' own
+    model class for CLIP/SigLIP (patch tokens only), timm's blocks one by one for EVA."""
+    with torch.no_grad():
+        if name == "eva-vit-g":
+            m = enc.model
+            x, rope = m._pos_embed(m.patch_embed(px))
+            states = [x]
+            for blk in m.blocks:
+                x = blk(x, rope=rope)
+                states.append(x)
+            return [h[:, 1:] for h in states]
+        cls = CLIPVisionModel if name == "clip" else SiglipVisionModel
+        out = cls.from_pretrained(enc.model.name_or_path).eval()(pixel_values=px, output_hidden_states=True)
+        return [h[:, 1:] if name == "clip" else h for h in out.hidden_states]
 
 
 @pytest.mark.parametrize("name", ENCODER_NAMES)
-def test_loads_from_local_directory_offline(name, encoders, monkeypatch):
+def test_layer_selection_is_hidden_states_k_for_every_k(name, encoders):
     enc = encoders[name]
-    path = enc.source
-    assert "presets" in path  # the tiny preset was saved and is read back from a directory
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    again = build_encoder(name, checkpoint=str(path))
     px = enc.preprocess(images(2))
-    # same attention kernel on both sides (asking for CLS attention selects eager), so bit-identical
-    torch.testing.assert_close(again(px, True).patches, enc(px, True).patches, rtol=0, atol=0)
+    states = reference_hidden_states(name, enc, px)
+    L = len(states) - 1
+    assert L >= 2
+    for k in [*range(1, L + 1), *range(-1, -L - 1, -1)]:
+        got = build_encoder(name, layer=k)(px).patches
+        torch.testing.assert_close(got, states[k], rtol=0, atol=1e-5, msg=f"{name} layer {k}")
+    for bad in (0, L + 1, -L - 1):
+        with pytest.raises(ValueError, match="out of range"):
+            build_encoder(name, layer=bad)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_loads_by_hub_id_from_an_existing_hf_cache(name, encoders, tmp_path, monkeypatch):
+    """A checkpoint already in the Hugging Face cache loads by its hub id with HF_HUB_OFFLINE=1, and gives the
+    features transformers' own class gives from the files (a different loader on the other side)."""
+    enc = encoders[name]
+    hub_id = f"connector-zoo-tests/{name}-tiny"
+    install_in_hf_cache(Path(enc.source), hub_id, tmp_path / "hub", monkeypatch)
+    loaded = build_encoder(name, checkpoint=hub_id)
+    px = loaded.preprocess(images(2))
+    torch.testing.assert_close(loaded(px).patches, reference_hidden_states(name, enc, px)[-2], rtol=0, atol=1e-6)
+    with pytest.raises(OSError, match="neither a local directory nor in the Hugging Face cache"):
+        build_encoder(name, checkpoint="connector-zoo-tests/not-in-the-cache")
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])

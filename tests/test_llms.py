@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import LLM_NAMES
+from conftest import LLM_NAMES, install_in_hf_cache
 
 from llms import build_llm
 from llms.base import IGNORE_INDEX, TemplateError
@@ -97,13 +99,21 @@ def test_generation_prompt_ends_where_labels_begin(llms, name):
 
 
 @pytest.mark.parametrize("name", LLM_NAMES)
-def test_loads_back_from_local_directory(llms, name, monkeypatch):
+def test_loads_by_hub_id_from_an_existing_hf_cache(llms, name, tmp_path, monkeypatch):
+    """The tiny preset, put in a Hugging Face cache under a hub id, loads by that id with HF_HUB_OFFLINE=1; its logits
+    equal those of transformers' AutoModelForCausalLM reading the files itself (after the <image> row is added)."""
+    from transformers import AutoModelForCausalLM
+
     llm = llms[name]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    again = build_llm(name, checkpoint=llm.model.name_or_path)
-    ids = torch.tensor([llm.encode_conversation(CONVERSATION).input_ids])
-    torch.testing.assert_close(again.model(ids).logits, llm.model(ids).logits, rtol=0, atol=0)
+    hub_id = f"connector-zoo-tests/{name}-tiny"
+    install_in_hf_cache(Path(llm.model.name_or_path), hub_id, tmp_path / "hub", monkeypatch)
+    again = build_llm(name, checkpoint=hub_id)
     assert len(again.tokenizer) == len(llm.tokenizer) and again.image_token_id == llm.image_token_id
+    ids = torch.tensor([[i for i in llm.encode_conversation(CONVERSATION).input_ids if i != llm.image_token_id]])
+    reference = AutoModelForCausalLM.from_pretrained(Path(llm.model.name_or_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits[..., : reference.config.vocab_size],
+                                   reference(ids).logits, rtol=0, atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize(
