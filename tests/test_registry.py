@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import BUILTIN_CONNECTORS, ENCODER_NAMES, LLM_NAMES
 from torch import nn
 
 from connector_zoo.registry import Registry, RegistryError
@@ -17,9 +18,12 @@ from llms import LLMS
 
 
 def test_builtin_names_are_the_ones_asked_for():
-    assert sorted(ENCODERS.builtins()) == ["clip", "eva-vit-g", "siglip"]
-    assert sorted(LLMS.builtins()) == ["qwen3", "tinyllama", "vicuna"]
-    assert {"linear", "mlp2x_gelu"} <= set(CONNECTORS.builtins())
+    assert sorted(ENCODERS.builtins()) == sorted(ENCODER_NAMES) == ["clip", "eva-vit-g", "siglip"]
+    assert sorted(LLMS.builtins()) == LLM_NAMES == ["qwen3", "tinyllama", "vicuna"]
+    assert sorted(CONNECTORS.builtins()) == BUILTIN_CONNECTORS
+    for registry in (ENCODERS, LLMS, CONNECTORS):  # each name resolves to a class registered under that name
+        for name in registry.builtins():
+            assert registry.get(name).registered_name == name
 
 
 def test_listing_imports_no_implementation():

@@ -47,14 +47,25 @@ def test_every_combination_trains_and_generates(encoders, llms, encoder_name, co
     assert torch.isfinite(out.loss)
     assert out.visual_tokens.shape == (2,) and (out.visual_tokens > 0).all()
     out.loss.backward()
-    with_grad = {n for n, p in vlm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # gradients reach exactly the trainable parameters (the connector's; encoder and LLM frozen), each of them
+    reached = {n for n, p in vlm.named_parameters() if p.grad is not None}
     trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
     assert trainable == {f"connector.{n}" for n, p in vlm.connector.named_parameters() if p.requires_grad}
-    assert with_grad and with_grad <= trainable
+    assert reached == trainable and any(vlm.get_parameter(n).grad.abs().sum() > 0 for n in reached)
     vlm.zero_grad(set_to_none=True)
     vlm.eval()
-    answers = vlm.generate(images(2) + [None], ["What colour?", "Describe it.", "Hello"], max_new_tokens=3)
+    # generation continues the forward pass: its first-step logits are the forward's logits at the last position
+    pics = images(2)
+    answers = vlm.generate(pics + [None], ["What colour?", "Describe it.", "Hello"], max_new_tokens=3)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    for pic, prompt in ((pics[0], "What colour?"), (None, "Hello")):
+        ids = vlm.prompt_ids([pic is not None], [prompt])
+        px = enc.preprocess([pic]) if pic is not None else None
+        inputs = VLMInputs(ids, pixel_values=px, has_image=[pic is not None])
+        with torch.no_grad():
+            last = vlm(inputs).logits[0, -1]
+        gen = vlm.generate_ids(inputs, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+        torch.testing.assert_close(gen.logits[0][0], last, rtol=1e-4, atol=1e-5)
 
 
 class KeepFirst(Connector):
