@@ -293,12 +293,18 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import timm
-    import transformers
+    """The resolved versions of the libraries whose behaviour the numbers depend on (recorded in results.json and
+    printed at the top of the CI log and of the test report, so a drift between two machines is visible)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "timm": timm.__version__}  # fmt: skip
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "accelerate", "timm", "open_clip_torch", "peft", "numpy",
+                 "pillow", "safetensors", "datasets"):  # fmt: skip
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import os
+import struct
+import subprocess
+import sys
 import tempfile
+import zlib
+from pathlib import Path
 
-# before anything imports transformers or builds a preset
+# before anything imports transformers or builds a preset. The suite always uses a cache of its own (never the
+# developer's ~/.cache/connector_zoo or an exported CONNECTOR_ZOO_CACHE): nothing built by other code leaks in.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("CONNECTOR_ZOO_CACHE", tempfile.mkdtemp(prefix="czoo-test-cache-"))
+os.environ["CONNECTOR_ZOO_CACHE"] = tempfile.mkdtemp(prefix="czoo-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.vlm import VLMInputs  # noqa: E402
 from encoders import build_encoder  # noqa: E402
 from llms import build_llm  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_report_header(config):
+    from bench.run import versions
+
+    return "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())
+
 
 ENCODER_NAMES = ["clip", "siglip", "eva-vit-g"]
 LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
@@ -53,7 +67,6 @@ def install_in_hf_cache(src, repo_id: str, cache, monkeypatch) -> None:
     it (models--org--name/refs/main -> snapshots/<commit>/files), and make that the hub cache (HF_HUB_CACHE, read by
     huggingface_hub at import, hence its constant too) with HF_HUB_OFFLINE=1: the checkpoint loads by hub id."""
     import shutil
-    from pathlib import Path
 
     import huggingface_hub.constants
 
@@ -65,3 +78,74 @@ def install_in_hf_cache(src, repo_id: str, cache, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+# ------------------------------------------------------------------ whole CLI runs in a subprocess
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["run", "--world-scale", "0.01", "--pretrain-steps", "3", "--connector", "mlp2x_gelu", "--steps", "6",
+         "--batch-size", "4", "--eval-limit", "8", "--llm", "tinyllama"]  # fmt: skip
+
+
+def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + ["-m", "bench.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+# ------------------------------------------------------------------ conversations and batches
+CONV_A = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "Red."}]
+CONV_B = [
+    {"role": "user", "content": "Describe the picture in detail, please.\n<image>"},
+    {"role": "assistant", "content": "A small blue square above a large green triangle."},
+]
+CONV_TEXT = [{"role": "user", "content": "How many sides has a triangle?"}, {"role": "assistant", "content": "Three."}]
+
+
+def batch(llm, convs, has_image, pixel_values) -> VLMInputs:
+    encoded = [llm.encode_conversation(c) for c in convs]
+    return VLMInputs(
+        [torch.tensor(e.input_ids) for e in encoded],
+        [torch.tensor(e.labels) for e in encoded],
+        pixel_values=pixel_values,
+        has_image=has_image,
+    )
+
+
+# ------------------------------------------------------------------ bad input (LLaVA records, images)
+def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"from": who, "value": text} for who, text in pairs]
+
+
+GOOD = turns(("human", "<image>\nWhat colour?"), ("gpt", "red"))
+# id -> (record without its id, what the reason must say); every one of these stops nothing
+BAD_RECORDS = {
+    "two_images": ({"image": "a.png", "conversations": turns(("human", "<image>\n<image>\nSame?"), ("gpt", "yes"))},
+                   "2 <image> tokens"),
+    "assistant_first": ({"image": "a.png", "conversations": turns(("gpt", "red"), ("human", "<image>\nColour?"))},
+                        "turn order assistant/user"),
+    "two_users": ({"conversations": turns(("human", "Hi"), ("human", "Hi?"), ("gpt", "Hello"))},
+                  "turn order user/user/assistant"),
+    "unanswered": ({"conversations": turns(("human", "Hi"), ("gpt", "Hello"), ("human", "And?"))},
+                   "ending on an assistant answer"),
+    "empty_answer": ({"conversations": turns(("human", "Hi"), ("gpt", "  "))}, "assistant turn is empty"),
+    "image_in_second_turn": ({"image": "a.png", "conversations": turns(
+        ("human", "Look."), ("gpt", "ok"), ("human", "<image>\nNow?"), ("gpt", "red"))}, "0 in the first user turn"),
+    "text_with_image_token": ({"conversations": turns(("human", "<image>\nColour?"), ("gpt", "red"))},
+                              "1 <image> token(s) in its text but no image"),
+    "image_list": ({"image": ["a.png", "b.png"], "conversations": GOOD}, "must be one relative path"),
+    "image_number": ({"image": 7, "conversations": GOOD}, "must be one relative path"),
+    "no_conversations": ({"image": "a.png"}, "no 'conversations' list"),
+    "empty_conversations": ({"conversations": []}, "no 'conversations' list"),
+    "unknown_role": ({"conversations": turns(("robot", "beep"), ("gpt", "boop"))}, "malformed turn"),
+    "value_not_text": ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+                       "malformed turn"),
+}  # fmt: skip
+
+
+def huge_png(path: Path, width: int, height: int) -> None:
+    """A real PNG file whose header says width x height (its pixel data is a stub: a decoder would fail late)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))  # fmt: skip
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import MICRO, bench
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # whole CLI runs in subprocesses, one of them with 2 processes
-
-ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["run", "--world-scale", "0.01", "--pretrain-steps", "3", "--connector", "mlp2x_gelu", "--steps", "6",
-         "--batch-size", "4", "--eval-limit", "8", "--llm", "tinyllama"]  # fmt: skip
-
-
-def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
-    cmd = (launcher or [sys.executable]) + ["-m", "bench.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +90,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(micro_run, tmp_path
     one = bench([*common, "--out", str(tmp_path / "one"), "--batch-size", "2", "--grad-accum", "2"])
     assert one.returncode == 0, one.stderr[-3000:]
     # two CPU processes over gloo: torchrun sets the ranks, accelerate's Accelerator(cpu=True) joins them
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     two = bench([*common, "--out", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"],
                 launcher=launcher)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]

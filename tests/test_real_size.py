@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import bench
 from PIL import Image
-from test_harness import bench
 
 from bench.plan import count, memory
 from encoders import build_encoder
@@ -123,7 +123,7 @@ def test_bf16_autocast_with_half_backbones_at_real_width():
     tests/test_training.py."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from test_vlm import CONV_A, batch
+    from conftest import CONV_A, batch
 
     from bench.train import StageConfig, parameter_groups, set_trainable
     from bench.vlm import VLM

@@ -10,11 +10,11 @@ import os
 import re
 import struct
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import BAD_RECORDS, GOOD, huge_png, turns
 from PIL import Image
 
 from bench.cli import main
@@ -28,35 +28,6 @@ from connector_zoo.registry import RegistryError
 from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS, SettingError
 from connectors import build_connector
 
-
-def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"from": who, "value": text} for who, text in pairs]
-
-
-GOOD = turns(("human", "<image>\nWhat colour?"), ("gpt", "red"))
-# id -> (record without its id, what the reason must say); every one of these stops nothing
-BAD_RECORDS = {
-    "two_images": ({"image": "a.png", "conversations": turns(("human", "<image>\n<image>\nSame?"), ("gpt", "yes"))},
-                   "2 <image> tokens"),
-    "assistant_first": ({"image": "a.png", "conversations": turns(("gpt", "red"), ("human", "<image>\nColour?"))},
-                        "turn order assistant/user"),
-    "two_users": ({"conversations": turns(("human", "Hi"), ("human", "Hi?"), ("gpt", "Hello"))},
-                  "turn order user/user/assistant"),
-    "unanswered": ({"conversations": turns(("human", "Hi"), ("gpt", "Hello"), ("human", "And?"))},
-                   "ending on an assistant answer"),
-    "empty_answer": ({"conversations": turns(("human", "Hi"), ("gpt", "  "))}, "assistant turn is empty"),
-    "image_in_second_turn": ({"image": "a.png", "conversations": turns(
-        ("human", "Look."), ("gpt", "ok"), ("human", "<image>\nNow?"), ("gpt", "red"))}, "0 in the first user turn"),
-    "text_with_image_token": ({"conversations": turns(("human", "<image>\nColour?"), ("gpt", "red"))},
-                              "1 <image> token(s) in its text but no image"),
-    "image_list": ({"image": ["a.png", "b.png"], "conversations": GOOD}, "must be one relative path"),
-    "image_number": ({"image": 7, "conversations": GOOD}, "must be one relative path"),
-    "no_conversations": ({"image": "a.png"}, "no 'conversations' list"),
-    "empty_conversations": ({"conversations": []}, "no 'conversations' list"),
-    "unknown_role": ({"conversations": turns(("robot", "beep"), ("gpt", "boop"))}, "malformed turn"),
-    "value_not_text": ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
-                       "malformed turn"),
-}  # fmt: skip
 GOOD_RECORDS = {
     "plain": {"image": "a.png", "conversations": GOOD},
     "system_first": {"image": "a.png", "conversations": [{"from": "system", "value": "Be brief."}, *GOOD]},
@@ -188,15 +159,6 @@ def test_no_file_outside_the_image_folder_is_read(tmp_path, opened_files):
     assert sorted(part.bad) == [1, 2, 3] and all("outside the image folder" in r for r in part.bad.values())
     assert not [p for p in opened_files if "secret" in p]
     assert any(p.endswith("ok.png") for p in opened_files)
-
-
-def huge_png(path: Path, width: int, height: int) -> None:
-    """A real PNG file whose header says width x height (its pixel data is a stub: a decoder would fail late)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))  # fmt: skip
-    idat = zlib.compress(b"\x00" * 64)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BAD_RECORDS, GOOD, MICRO, ROOT, bench, huge_png
 from PIL import Image
 from safetensors.torch import load_file
-from test_harness import MICRO, ROOT, bench
-from test_reliability import BAD_RECORDS, GOOD, huge_png
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_harness import bench
+from conftest import bench
 
 MICRO_SWEEP = ["sweep", "--connector", "linear,cls_prune[keep_ratio=0.5]", "--world-scale", "0.01",
                "--pretrain-steps", "3", "--steps", "4", "--eval-limit", "6"]  # fmt: skip

@@ -9,9 +9,7 @@ import os
 import pytest
 import torch
 from accelerate.utils import convert_outputs_to_fp32
-from conftest import images
-from test_harness import MICRO, bench
-from test_vlm import CONV_A, CONV_B, batch
+from conftest import CONV_A, CONV_B, MICRO, batch, bench, images
 
 from bench.precision import resolve_backbone_dtype, resolve_precision
 from bench.train import StageConfig, parameter_groups, set_trainable

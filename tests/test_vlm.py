@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BUILTIN_CONNECTORS, ENCODER_NAMES, LLM_NAMES, images
+from conftest import BUILTIN_CONNECTORS, CONV_A, CONV_B, CONV_TEXT, ENCODER_NAMES, LLM_NAMES, batch, images
 
 from bench.vlm import VLM, SampleTooLong, VLMInputs
 from connectors import CONNECTORS, build_connector
 from connectors.base import Connector, ConnectorOutput
 from llms.base import IGNORE_INDEX
 
-CONV_A = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "Red."}]
-CONV_B = [
-    {"role": "user", "content": "Describe the picture in detail, please.\n<image>"},
-    {"role": "assistant", "content": "A small blue square above a large green triangle."},
-]
-CONV_TEXT = [{"role": "user", "content": "How many sides has a triangle?"}, {"role": "assistant", "content": "Three."}]
-
 
 def small_connector(name: str, enc, llm) -> Connector:
     torch.manual_seed(0)
     settings = getattr(CONNECTORS.get(name), "small_settings", {})
     return build_connector(name, enc.info.hidden_size, llm.hidden_size, **settings)
-
-
-def batch(llm, convs, has_image, pixel_values) -> VLMInputs:
-    encoded = [llm.encode_conversation(c) for c in convs]
-    return VLMInputs(
-        [torch.tensor(e.input_ids) for e in encoded],
-        [torch.tensor(e.labels) for e in encoded],
-        pixel_values=pixel_values,
-        has_image=has_image,
-    )
 
 
 @pytest.mark.parametrize("llm_name", LLM_NAMES)
