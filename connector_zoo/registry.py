@@ -175,6 +175,8 @@ class Registry:
         plugins = self.plugins()
         if name in plugins:
             cls = self._import_entry(plugins[name])
+            if isinstance(cls, type) and "registered_name" not in vars(cls):
+                cls.registered_name = name  # a subclass of a built-in goes by its own name, not its parent's
             self._classes.setdefault(name, cls)
             return cls, {}
         if ":" in name:

@@ -157,8 +157,10 @@ class VisionEncoder(nn.Module):
         return memo[1]
 
     def cache_key(self) -> str:
-        """Everything that determines the features: family, weights (all of their bytes), layer, preprocessing."""
+        """Everything that determines the features: the class (a plugin subclass may compute them differently from
+        the family it extends), family, weights (all of their bytes), layer, preprocessing."""
         desc = {
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
             "family": self.registered_name,
             "checkpoint": str(self.checkpoint),
             "layer": self.layer,

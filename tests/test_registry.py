@@ -126,3 +126,65 @@ def test_entry_point_plugin_and_broken_plugin(tmp_path, monkeypatch):
         assert CONNECTORS.get("linear").registered_name == "linear"
     finally:
         CONNECTORS.refresh()
+
+
+def test_encoder_and_llm_plugins_through_entry_points_and_register(tmp_path, monkeypatch, encoders, llms):
+    """The same three ways work for encoders and LLM backends: an entry point of an installed distribution, the public
+    ``@register`` decorator in-process, and the parts compose into a VLM that trains."""
+    import torch
+    from conftest import CONV_A, batch, images
+
+    from bench.vlm import VLM
+    from encoders import build_encoder
+    from encoders import register as register_encoder
+    from encoders.clip import CLIPEncoder
+    from llms import build_llm
+
+    make_distribution(
+        tmp_path,
+        "zoo_parts",
+        "zoo_parts",
+        """
+        from encoders.clip import CLIPEncoder
+        from llms.llama import TinyLlamaBackend
+
+        class LastLayerCLIP(CLIPEncoder):
+            '''CLIP features from the last layer (test plugin).'''
+            def __init__(self, checkpoint, layer=-1, **kwargs):
+                super().__init__(checkpoint, layer=layer, **kwargs)
+
+        class ShoutingLlama(TinyLlamaBackend):
+            '''TinyLlama under a name of its own (test plugin).'''
+        """,
+        "[connector_zoo.encoders]\nlastclip = zoo_parts:LastLayerCLIP\n"
+        "[connector_zoo.llms]\nshout = zoo_parts:ShoutingLlama\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ENCODERS.refresh()
+    LLMS.refresh()
+    try:
+        enc, llm = build_encoder("lastclip"), build_llm("shout")
+        assert type(enc).__name__ == "LastLayerCLIP" and enc.layer == -1 and enc.registered_name == "lastclip"
+        assert type(llm).__name__ == "ShoutingLlama" and llm.spec["name"] == "shout"
+        assert {e.name: e.origin for e in ENCODERS.entries()}["lastclip"] == "plugin (zoo_parts 0.1)"
+        assert {e.name: e.description for e in LLMS.entries()}["shout"].startswith("TinyLlama under a name of its own")
+        # same weights, same layer: the feature cache still tells the plugin class from the built-in one
+        same = build_encoder("lastclip", layer=-2)
+        assert (
+            same.weights_hash() == encoders["clip"].weights_hash() and same.cache_key() != encoders["clip"].cache_key()
+        )
+        vlm = VLM(enc, build_connector("linear", enc.info.hidden_size, llm.hidden_size), llm)
+        out = vlm(batch(llm, [CONV_A], [True], enc.preprocess(images(1))))
+        assert torch.isfinite(out.loss)
+
+        @register_encoder("runtime_clip")
+        class RuntimeCLIP(CLIPEncoder):
+            """CLIP registered in a notebook (test)."""
+
+        assert type(build_encoder("runtime_clip")).__name__ == "RuntimeCLIP"
+        assert {e.name: e.origin for e in ENCODERS.entries()}["runtime_clip"].startswith("runtime")
+    finally:
+        ENCODERS.refresh()
+        LLMS.refresh()
+        ENCODERS._classes.pop("runtime_clip", None)
+        ENCODERS._runtime.pop("runtime_clip", None)
