@@ -79,7 +79,7 @@ def add_trust_args(p: argparse.ArgumentParser) -> None:
 def add_component_args(p: argparse.ArgumentParser, connector_default: str | None = "mlp2x_gelu") -> None:
     g = p.add_argument_group("components")
     g.add_argument("--encoder", default="clip", help="encoder name or dotted path (default: clip)")
-    g.add_argument("--encoder-checkpoint", help="preset (tiny, tiny-24), hub id or local directory")
+    g.add_argument("--encoder-checkpoint", help="preset (tiny, tiny-24, tiny-27), hub id or local directory")
     g.add_argument("--layer", type=arg_type(int), help="encoder layer, transformers hidden_states index (default -2)")
     g.add_argument("--connector", default=connector_default, help="connector name(s) or dotted path")
     g.add_argument("--connector-arg", action="append", metavar="KEY=VALUE", help="connector setting (repeatable)")

@@ -12,10 +12,12 @@ from connector_zoo.hf import load_pretrained, preset_dir, random_geometry
 from encoders.base import EncoderInfo, VisionEncoder
 
 # Tiny ViT presets shared by the transformers towers: an 8x8 grid of 8-px patches on 64-px images (the mini world's
-# default), and a 24x24 grid like CLIP-L/14-336's 576 patches, at toy width.
+# default), a 24x24 grid like CLIP-L/14-336's 576 patches and a 27x27 grid like SigLIP-so400m/14-384's 729, at toy
+# width.
 TINY_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=64,
                 patch_size=8)  # fmt: skip
-TINY_PRESETS = {"tiny": TINY_VIT, "tiny-24": {**TINY_VIT, "image_size": 96, "patch_size": 4}}
+TINY_PRESETS = {"tiny": TINY_VIT, "tiny-24": {**TINY_VIT, "image_size": 96, "patch_size": 4},
+                "tiny-27": {**TINY_VIT, "image_size": 108, "patch_size": 4}}  # fmt: skip
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]

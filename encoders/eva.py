@@ -40,6 +40,7 @@ class EVAViTG(VisionEncoder):
     presets = {
         "tiny": dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0),
         "tiny-24": dict(img_size=96, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0),
+        "tiny-27": dict(img_size=108, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0),
     }
     real_checkpoints = ("eva_giant_patch14_224.clip_ft_in1k", "open_clip:EVA01-g-14/laion400m_s11b_b41k")
 

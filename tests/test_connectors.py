@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import images
+from conftest import BUILTIN_CONNECTORS, images
 from PIL import Image
 from transformers import (
     BertConfig,
@@ -22,7 +22,7 @@ from connectors import build_connector
 from connectors.cls_prune import CLSPrune
 from connectors.focus_moe import FocusMoE
 from connectors.qformer import QFormerConnector
-from encoders.base import VisionFeatures
+from encoders.base import EncoderInfo, VisionFeatures
 
 SMALL_Q = dict(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64, dropout=0.0)
 
@@ -401,3 +401,50 @@ def test_focus_moe_rejects_bad_geometry():
         build_connector("focus_moe", 48, 40, window=4, scales=(1, 3))
     with pytest.raises(ValueError, match="does not divide the patch grid"):
         build_connector("focus_moe", 48, 40, window=3, scales=(1, 3))(feats())
+
+
+# ------------------------------------------------------------------ token counts at the real grids
+def tokens_table(capsys, *args: str) -> dict[str, list[int]]:
+    """`bench tokens` as a user runs it: connector -> per-image visual token counts, parsed from its table."""
+    from bench.cli import main
+
+    assert main(["tokens", *args]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        if "[" in line and "]" in line:
+            name, counts = line.split()[0], line[line.index("[") + 1 : line.index("]")]
+            rows[name] = [int(c) for c in counts.split(",")]
+    return rows
+
+
+def test_readme_token_counts_at_24x24(capsys):
+    """The README's line: 576, 576, 32, 144 (keep 25 %), about 144 (budget 25 %, varying with image content)."""
+    rows = tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector",
+                        "linear,mlp2x_gelu,qformer,cls_prune,focus_moe")  # fmt: skip
+    assert rows["linear"] == rows["mlp2x_gelu"] == [576] * 4 and rows["qformer"] == [32] * 4
+    assert rows["cls_prune"] == [144] * 4  # round(0.25 * 576)
+    moe = rows["focus_moe"]
+    assert abs(sum(moe) / 4 - 144) <= 8 and len(set(moe)) > 1  # the budget on average, per image it varies
+    assert all(c % 1 == 0 and 36 <= c <= 576 for c in moe)  # between all windows pooled and all kept
+
+
+@pytest.mark.parametrize(("h", "settings"), [(24, {}), (27, {"window": 3, "scales": [1, 3]}), (16, {})])
+def test_every_connector_token_count_at_real_grids(h, settings):
+    """24x24 (CLIP-L/14-336), 27x27 (SigLIP-so400m/14-384), 16x16 (CLIP-B/16-224): each connector's count from its
+    definition. focus_moe's default 4x4 window does not divide 27, so that grid gets 3x3 windows here."""
+    N, f = h * h, feats(B=3, h=h, w=h, dv=32)
+    info = EncoderInfo(hidden_size=32, grid=(h, h), image_size=14 * h, has_cls=True, num_heads=4, num_layers=2)
+    expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3}
+    f.cls_attention = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    for name in BUILTIN_CONNECTORS:
+        extra = SMALL_Q if name == "qformer" else settings if name == "focus_moe" else {}
+        conn = build_connector(name, 32, 24, **extra).eval()
+        if name == "focus_moe":  # one token per window when all are pooled, N when all are kept
+            conn.calibrate(f)
+            counts = conn(f).num_tokens.tolist()
+            assert all(N // conn.window**2 <= c <= N for c in counts) and conn.max_tokens(info) == N
+            assert abs(sum(counts) / 3 - 0.25 * N) <= 0.1 * N  # the budget, calibrated on these images
+        else:
+            out = conn(f)
+            assert out.tokens.shape == (3, expected[name][0], 24) and conn.max_tokens(info) == expected[name][0]
+            assert out.num_tokens.tolist() == expected[name], name

@@ -1,0 +1,57 @@
+"""The mini world as the README describes it: split sizes, the compositional hold-out, the questions' answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.world import COLOURS, HELD_OUT, SHAPES, World, WorldConfig, generate
+
+
+@pytest.fixture(scope="module")
+def default_scenes():
+    """The default world's scenes (sampling only, no rendering: about a second)."""
+    cfg = WorldConfig()
+    return {split: generate(cfg, split) for split in ("train", "val", "test", "compositional")}
+
+
+def test_split_sizes_are_the_readme_ones(default_scenes):
+    assert {k: len(v) for k, v in default_scenes.items()} == {"train": 20000, "val": 1000, "test": 1000,
+                                                              "compositional": 500}  # fmt: skip
+    ids = [s.id for scenes in default_scenes.values() for s in scenes]
+    assert len(ids) == len(set(ids))
+
+
+def test_compositional_pairs_never_occur_outside_their_split(default_scenes):
+    for split in ("train", "val", "test"):
+        seen = {(o.colour, o.shape) for s in default_scenes[split] for o in s.objects}
+        assert not seen & set(HELD_OUT), split
+    # every other colour-shape pair is seen in training (so each held-out colour and shape is seen on its own)
+    train_pairs = {(o.colour, o.shape) for s in default_scenes["train"] for o in s.objects}
+    assert train_pairs == {(c, s) for c in COLOURS for s in SHAPES} - set(HELD_OUT)
+    assert all(any((o.colour, o.shape) in HELD_OUT for o in s.objects) for s in default_scenes["compositional"])
+
+
+def test_answers_follow_from_the_scene(default_scenes):
+    """Each question's answer, recomputed from the scene's objects (colour, shape, count and existence types)."""
+    for scene in default_scenes["test"][:300]:
+        objs = scene.objects
+        for qa in scene.qa:
+            q, a = qa["question"], qa["answer"]
+            if qa["type"] == "colour":
+                shape = q.removeprefix("What colour is the ").removesuffix("?")
+                assert [o.colour for o in objs if o.shape == shape] == [a]
+            elif qa["type"] == "shape":
+                colour = q.removeprefix("What shape is the ").removesuffix(" object?")
+                assert [o.shape for o in objs if o.colour == colour] == [a]
+            elif qa["type"] == "count" and q.startswith("How many objects"):
+                assert a == ("zero", "one", "two", "three", "four")[len(objs)]
+
+
+def test_a_built_world_holds_what_was_generated():
+    cfg = WorldConfig().scaled(0.01)
+    world = World(cfg, progress=False)
+    for split in ("train", "compositional"):
+        scenes, records = generate(cfg, split), world.records(split)
+        assert [r["id"] for r in records] == [s.id for s in scenes]
+        assert [r["qa"] for r in records] == [s.qa for s in scenes]
+        assert world.images(split).shape == (getattr(cfg, split), cfg.image_size, cfg.image_size, 3)
