@@ -67,3 +67,48 @@ def test_peer_command_prints_both_lines():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "connector-zoo (feature cache)" in proc.stdout and "transformers Trainer + Llava" in proc.stdout
     assert "ratio:" in proc.stdout and "GFLOP/s" in proc.stdout
+
+
+def fake_run(root, connector: str, seed: int, test: float, colour: float, blind: float, tokens: float):
+    """A finished run's results.json with the fields the report reads (numbers chosen for a hand computation)."""
+    d = root / f"{connector}-s{seed}"
+    d.mkdir(parents=True)
+    acc = lambda em, colour: {"exact_match": em, "per_type": {"colour": colour}}  # noqa: E731
+    results = {
+        "config": {"encoder": {"name": "clip"}, "connector": {"name": connector}, "llm": {"name": "tinyllama"},
+                   "recipe": "mini", "seed": seed},
+        "metrics": {"test": {"accuracy": acc(test, colour), "blind": acc(blind, 0.1)},
+                    "compositional": {"accuracy": acc(test / 2, colour), "blind": acc(blind, 0.1)}},
+        "visual_tokens_per_image": {"mean": tokens},
+        "parameters": {"trainable": 1000},
+        "train_samples_per_second": 10.0 + seed,
+    }  # fmt: skip
+    (d / "results.json").write_text(json.dumps(results))
+
+
+def test_report_mean_and_std_over_two_seeds_by_hand(tmp_path):
+    """Two seeds of mlp2x_gelu (test 0.50, 0.70) and of linear (0.40, 0.40): mean 60.0 and sample std
+    sqrt(((50-60)^2 + (70-60)^2) / (2-1)) = 14.1; 40.0 ± 0.0; the blind row (0.30 in all four runs) 30.0 ± 0.0;
+    the best test accuracy (60.0) in bold, the fewest tokens (16.0, linear's) in bold."""
+    fake_run(tmp_path / "runs", "mlp2x_gelu", 0, 0.50, 0.9, 0.3, 64)
+    fake_run(tmp_path / "runs", "mlp2x_gelu", 1, 0.70, 0.7, 0.3, 64)
+    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16)
+    fake_run(tmp_path / "runs", "linear", 1, 0.40, 0.4, 0.3, 16)
+    proc = bench(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (tmp_path / "report" / "table.md").read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    rows = {cells[0]: dict(zip(header, cells)) for cells in (split(line) for line in lines[2:] if line[:1] == "|")}
+    mlp, lin = rows["clip + mlp2x_gelu + tinyllama (mini)"], rows["clip + linear + tinyllama (mini)"]
+    blind = rows["blind baseline: tinyllama without the image"]
+    assert mlp["seeds"] == lin["seeds"] == "2" and blind["seeds"] == "2"  # two distinct seeds
+    assert mlp["test acc"] == "**60.0 ± 14.1**" and lin["test acc"] == "40.0 ± 0.0"
+    assert (
+        mlp["comp. acc"] == "**30.0 ± 7.1**" and mlp["colour"] == "**80.0 ± 14.1**" and lin["colour"] == "30.0 ± 14.1"
+    )
+    assert blind["test acc"] == "30.0 ± 0.0" and blind["colour"] == "10.0 ± 0.0"
+    assert lin["tokens/img"] == "**16.0 ± 0.0**" and mlp["tokens/img"] == "64.0 ± 0.0"
+    assert mlp["train samples/s"] == lin["train samples/s"] == "**10.5 ± 0.7**"
+    csv_rows = (tmp_path / "report" / "table.csv").read_text().splitlines()
+    assert any(r.startswith("clip + mlp2x_gelu + tinyllama (mini),2,0.6,0.3,0.8") for r in csv_rows), csv_rows
