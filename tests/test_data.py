@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import bench
 from PIL import Image
 
 from bench.data import BadSample, hf_messages, llava_json
@@ -211,3 +212,60 @@ def test_image_names_cannot_leave_their_folder_even_through_links(tmp_path):
     # with the opt-in, links to shared storage work (the file outside is then read on purpose)
     opened = FileImages(tmp_path / "data", names, allow_outside=True)
     assert opened.load(0).getpixel((0, 0)) == (254, 0, 0) and opened.load(3).getpixel((0, 0)) == (0, 0, 255)
+
+
+COLOURS_E2E = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def e2e_rows(n: int = 40) -> list[tuple[str, Image.Image, str, str]]:
+    names = list(COLOURS_E2E)
+    return [(f"r{i:03d}", Image.new("RGB", (40 + i % 5, 36), COLOURS_E2E[names[i % 4]]),
+             "What colour is this picture?", names[i % 4]) for i in range(n)]  # fmt: skip
+
+
+def run_e2e(tmp_path, data_args: list[str]) -> tuple[dict, str]:
+    out = tmp_path / "run"
+    proc = bench(["run", *data_args, "--encoder-checkpoint", "tiny", "--llm-checkpoint", "tiny",
+                  "--connector", "mlp2x_gelu", "--recipe", "budget", "--steps", "3", "--batch-size", "4",
+                  "--grad-accum", "1", "--out", str(out)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["llava", "hf"])
+def test_published_formats_train_and_evaluate_end_to_end_with_a_5_percent_hold_out(tmp_path, fmt):
+    """`bench run --data llava` (a JSON file + an image folder) and `--data hf` (a saved datasets Dataset in the
+    messages + images form) with the default hold-out: 40 samples -> 38 trained, round(0.05 * 40) = 2 held out and
+    evaluated (loss and exact match), nothing skipped."""
+    rows = e2e_rows()
+    if fmt == "llava":
+        (tmp_path / "images").mkdir()
+        for rid, image, _, _ in rows:
+            image.save(tmp_path / "images" / f"{rid}.png")
+        turns = lambda q, a: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]  # noqa: E731
+        records = [{"id": rid, "image": f"{rid}.png", "conversations": turns(q, a)} for rid, _, q, a in rows]
+        (tmp_path / "data.json").write_text(json.dumps(records))
+        args = [
+            "--data",
+            "llava",
+            "--data-path",
+            str(tmp_path / "data.json"),
+            "--image-folder",
+            str(tmp_path / "images"),
+        ]
+    else:
+        messages = [[{"role": "user", "content": [{"type": "image", "text": None, "index": 0},
+                                                  {"type": "text", "text": q, "index": None}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": a, "index": None}]}]
+                    for _, _, q, a in rows]  # fmt: skip
+        data = datasets.Dataset.from_dict({"messages": messages, "images": [[im] for _, im, _, _ in rows]})
+        data.cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(str(tmp_path / "hf"))
+        args = ["--data", "hf", "--data-path", str(tmp_path / "hf")]
+    results, stdout = run_e2e(tmp_path, args)
+    assert "data: 38 training samples, 2 held out, 0 skipped" in stdout
+    held = results["metrics"]["heldout"]
+    assert held["accuracy"]["count"] == 2 and held["blind"]["count"] == 2 and held["loss"] > 0
+    assert {e["truth"] for e in held["examples"]} <= set(COLOURS_E2E)
+    assert results["skipped_samples"] == [] and results["training"][0]["steps"] == 3
+    assert results["config"]["data"]["kind"] == fmt
