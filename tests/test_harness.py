@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import MICRO, bench
 from safetensors.torch import load_file
 
@@ -26,7 +29,14 @@ def test_a_run_writes_its_record(micro_run):
     assert {"test", "compositional"} <= set(results["metrics"])
     test = results["metrics"]["test"]
     assert 0 <= test["accuracy"]["exact_match"] <= 1 and 0 <= test["blind"]["exact_match"] <= 1
-    assert set(test["accuracy"]["per_type"]) <= {"colour", "shape", "size", "count", "position", "exist", "relation"}
+    # the 8 questions evaluated are the first 8 of the world's test split: their types are the per-type keys
+    from bench.world import World, WorldConfig
+
+    world = World(WorldConfig(**results["config"]["data"]["world"]), progress=False)
+    first = [qa for r in world.records("test") for qa in r["qa"]][:8]
+    assert set(test["accuracy"]["per_type"]) == {qa["type"] for qa in first} and test["accuracy"]["count"] == 8
+    assert [e["question"] for e in test["examples"]] == [qa["question"] for qa in first[:5]]
+    assert [e["truth"] for e in test["examples"]] == [qa["answer"] for qa in first[:5]]
     assert test["caption_loss"] > 0 and len(test["examples"]) > 0
     assert results["visual_tokens_per_image"] == {"mean": 64.0, "min": 64, "max": 64}
     assert results["parameters"]["trainable"] > results["parameters"]["connector"]  # stage 2 trains the LLM too
@@ -47,6 +57,28 @@ def test_a_run_writes_its_record(micro_run):
     ):
         assert (out / name).exists(), name
     assert "accuracy" in proc.stdout and "blind" in proc.stdout
+
+
+def test_blind_answers_are_the_base_llm_reading_the_question_alone(micro_run):
+    """The blind baseline, recomputed independently: the world's pretrained LLM as saved (before this run trained
+    anything), loaded with transformers' own classes, greedy on the question text without the image."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = micro_run
+    results = json.loads((out / "results.json").read_text())
+    (base,) = Path(os.environ["CONNECTOR_ZOO_CACHE"]).glob("world/*/backbones/llm-tinyllama-s3-*")
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
+    examples = results["metrics"]["test"]["examples"]
+    for e in examples:
+        text = tok.apply_chat_template([{"role": "user", "content": e["question"]}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+        ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.eos_token_id)[0, ids.shape[1] :]  # fmt: skip
+        assert tok.decode(new, skip_special_tokens=True).strip() == e["blind"], e
+    # and not the trained model: its answers to the same questions are the run's own, recorded next to them
+    assert [e["answer"] for e in examples] != [e["blind"] for e in examples] or results["training"][-1]["steps"] == 0
 
 
 def test_eval_and_generate_work_on_the_run_directory(micro_run, tmp_path):
