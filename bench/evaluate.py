@@ -68,11 +68,14 @@ def accuracy(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
         hits[s.meta.get("type", "all")].append(int(truth == guess))
         contains.append(int(bool(truth) and re.search(rf"\b{re.escape(truth)}\b", guess) is not None))
     every = [h for v in hits.values() for h in v]
+    correct = [int(normalize(s.messages[-1]["content"]) == normalize(p)) for s, p in zip(samples, predictions)]
     return {
         "exact_match": sum(every) / max(len(every), 1),
         "contains_match": sum(contains) / max(len(contains), 1),
         "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
         "count": len(every),
+        # per question, for paired comparisons between runs (bench/stats.py): the sample ids and 0/1 exact match
+        "per_question": {"ids": [s.id for s in samples], "correct": correct},
     }
 
 

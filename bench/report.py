@@ -96,7 +96,37 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if values:
                 row[col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         rows.append(row)
+    compare_with_best(rows, runs)
     return rows
+
+
+def per_question(runs: list[dict[str, Any]], name: str) -> dict[tuple[int, str], int]:
+    """{(seed, question id): 0/1} on the test split for one configuration (runs that recorded it)."""
+    out = {}
+    for r in runs:
+        acc = r["metrics"].get("test", {}).get("accuracy", {})
+        if config_name(r["config"]) == name and "per_question" in acc:
+            pq = acc["per_question"]
+            out.update({(r["config"]["seed"], qid): c for qid, c in zip(pq["ids"], pq["correct"])})
+    return out
+
+
+def compare_with_best(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+    """Each configuration against the one with the best mean test accuracy, paired per question and seed
+    (bench/stats.py): the difference with a bootstrap 95 % interval and McNemar's exact p-value."""
+    from bench.stats import paired
+
+    ranked = [r for r in rows if "test" in r and not r["name"].startswith("blind")]
+    if len(ranked) < 2:
+        return
+    top = max(ranked, key=lambda r: (r["test"][0], r["name"]))
+    best_answers = per_question(runs, top["name"])
+    if not best_answers:
+        return
+    top["vs_best"] = "best"
+    for r in ranked:
+        if r is not top:
+            r["vs_best"] = paired(per_question(runs, r["name"]), best_answers)
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -122,11 +152,21 @@ def fmt(col: str, mean: float, std: float, with_std: bool) -> str:
     return f"{text} ± {std:.1f}" if with_std and col not in ("trainable",) else text
 
 
+VS_BEST = "test vs best: diff [95 % CI], McNemar p"
+
+
+def vs_best_text(value: Any) -> str:
+    if value is None or value == "best":
+        return value or ""
+    return f"{100 * value['diff']:+.1f} [{100 * value['low']:+.1f}, {100 * value['high']:+.1f}], p={value['p']:.2g}"
+
+
 def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     with_std = any(len(r["seeds"]) > 1 for r in rows)
+    with_pairs = any("vs_best" in r for r in rows)
     top = best(rows)
-    header = ["configuration", "seeds", *[COLUMNS[c][0] for c in cols]]
+    header = ["configuration", "seeds", *[COLUMNS[c][0] for c in cols], *([VS_BEST] if with_pairs else [])]
     body = []
     for r in rows:
         cells = [r["name"], str(len(r["seeds"]))]
@@ -137,14 +177,19 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
             text = fmt(c, *r[c], with_std)
             marked = not r["name"].startswith("blind") and abs(r[c][0] - top.get(c, float("nan"))) < 1e-12
             cells.append((f"**{text}**" if style == "markdown" else f"\\textbf{{{text}}}") if marked else text)
+        if with_pairs:
+            cells.append(vs_best_text(r.get("vs_best")))
         body.append(cells)
     if style == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
         for r in rows:
+            pair = r.get("vs_best")
+            extra = [] if not with_pairs else [pair] if pair in (None, "best") else [
+                f"{pair['diff']:.6g} [{pair['low']:.6g}, {pair['high']:.6g}] p={pair['p']:.3g}"]  # fmt: skip
             writer.writerow([r["name"], len(r["seeds"])] + [
-                "" if c not in r else f"{r[c][0]:.6g}" for c in cols])  # fmt: skip
+                "" if c not in r else f"{r[c][0]:.6g}" for c in cols] + extra)  # fmt: skip
         return buf.getvalue()
     if style == "latex":
         esc = lambda t: t.replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")  # noqa: E731
@@ -158,6 +203,11 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
         "accuracy in % (exact match), mean ± std over seeds; best per column in bold; "
         "blind = the LLM as loaded, answering without the image"
     )
+    if with_pairs:
+        note += (
+            "; test vs best: each configuration against the best on the same questions and seeds, the accuracy "
+            "difference in points with a paired bootstrap 95 % interval and McNemar's exact p-value"
+        )
     return "\n".join(lines) + f"\n\n{note}\n"
 
 

@@ -6,9 +6,10 @@
     tokens = inner(patches[keep])     kept tokens stay in their original raster order (a boolean mask, not score order)
 
 The inner projector is any per-token connector (default ``mlp2x_gelu``). Pruning adds no parameters and needs no
-training: ``CLSPrune.wrap(trained_projector, keep_ratio=...)`` prunes an already-trained linear/MLP projector at
-evaluation time, the paper's setting. For SigLIP, which has no CLS token, the encoder's score is the attention of its
-attention-pooling probe over the final-layer patches; an encoder that gives no score is refused by name.
+training: ``CLSPrune.wrap(trained_projector, keep_ratio=...)`` (connectors/reduce.py) prunes an already-trained
+linear/MLP projector at evaluation time, the paper's setting. For SigLIP, which has no CLS token, the encoder's
+score is the attention of its attention-pooling probe over the final-layer patches; an encoder that gives no score is
+refused by name.
 
 Reported (LLaVA-1.5-7B, 10 benchmarks): keeping 432/288/144/58/29 of 576 tokens retains 100.18 / 100.12 / 98.75 /
 94.24 / 89.41 % of the unpruned model.
@@ -20,14 +21,14 @@ from typing import Any
 
 import torch
 
-from connector_zoo.settings import check
-from connectors import build_connector, register
-from connectors.base import Connector, ConnectorOutput, PerTokenConnector
+from connectors import register
+from connectors.base import ConnectorOutput
+from connectors.reduce import Reducer, check_keep, keep_count
 from encoders.base import EncoderInfo, VisionFeatures
 
 
 @register("cls_prune")
-class CLSPrune(Connector):
+class CLSPrune(Reducer):
     """FasterVLM [CLS]-attention pruning: keep the top-k patches (raster order), then a per-token projector."""
 
     needs_cls_attention = True
@@ -41,42 +42,14 @@ class CLSPrune(Connector):
         inner: str = "mlp2x_gelu",
         inner_settings: dict[str, Any] | None = None,
     ):
-        super().__init__(in_dim, out_dim)
-        check("cls_prune", "keep_ratio", keep_ratio, float, lo=0, hi=1, lo_open=True)
-        check("cls_prune", "keep_tokens", keep_tokens, int, lo=1, optional=True)
-        check("cls_prune", "inner", inner, str)
-        check("cls_prune", "inner_settings", inner_settings, dict, optional=True)
+        super().__init__(in_dim, out_dim, inner, inner_settings, keep_ratio=keep_ratio, keep_tokens=keep_tokens)
+
+    def configure(self, keep_ratio: float = 0.25, keep_tokens: int | None = None) -> None:
+        check_keep("cls_prune", keep_ratio, keep_tokens)
         self.keep_ratio, self.keep_tokens = keep_ratio, keep_tokens
-        projector = build_connector(inner, in_dim, out_dim, **(inner_settings or {}))
-        self.inner = self._check_inner(projector)
-
-    @classmethod
-    def wrap(cls, projector: PerTokenConnector, keep_ratio: float = 0.25, keep_tokens: int | None = None) -> CLSPrune:
-        """Prune in front of an existing (trained) per-token projector, sharing its weights."""
-        pruned = cls.__new__(cls)
-        Connector.__init__(pruned, projector.in_dim, projector.out_dim)
-        pruned.keep_ratio, pruned.keep_tokens = keep_ratio, keep_tokens
-        pruned.inner = cls._check_inner(projector)
-        pruned.spec = {
-            "name": "cls_prune",
-            "keep_ratio": keep_ratio,
-            "keep_tokens": keep_tokens,
-            "inner": projector.spec.get("name", projector.registered_name),
-        }
-        return pruned
-
-    @staticmethod
-    def _check_inner(projector: Connector) -> PerTokenConnector:
-        if not isinstance(projector, PerTokenConnector):
-            raise ValueError(
-                f"cls_prune needs a per-token inner projector (linear, mlpNx_gelu); "
-                f"{type(projector).__name__} is not one"
-            )
-        return projector
 
     def num_keep(self, num_patches: int) -> int:
-        k = self.keep_tokens if self.keep_tokens is not None else round(self.keep_ratio * num_patches)
-        return max(1, min(num_patches, k))
+        return keep_count(self.keep_ratio, self.keep_tokens, num_patches)
 
     def keep_mask(self, features: VisionFeatures) -> torch.Tensor:
         """(B, N) bool: the top-k patches by head-averaged CLS attention."""

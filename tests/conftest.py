@@ -36,7 +36,7 @@ def pytest_report_header(config):
 ENCODER_NAMES = ["clip", "siglip", "eva-vit-g"]
 LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
 # written out, not read from the registry: a connector that vanished from it must fail here, not shrink the grid
-BUILTIN_CONNECTORS = ["cls_prune", "focus_moe", "linear", "mlp2x_gelu", "qformer"]
+BUILTIN_CONNECTORS = ["avgpool", "cls_prune", "focus_moe", "linear", "mlp2x_gelu", "qformer", "random_keep"]
 
 
 @pytest.fixture(scope="session")

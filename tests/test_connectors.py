@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -434,7 +436,8 @@ def test_every_connector_token_count_at_real_grids(h, settings):
     definition. focus_moe's default 4x4 window does not divide 27, so that grid gets 3x3 windows here."""
     N, f = h * h, feats(B=3, h=h, w=h, dv=32)
     info = EncoderInfo(hidden_size=32, grid=(h, h), image_size=14 * h, has_cls=True, num_heads=4, num_layers=2)
-    expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3}
+    expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3,
+                "random_keep": [round(0.25 * N)] * 3, "avgpool": [math.ceil(h / 2) ** 2] * 3}  # fmt: skip
     f.cls_attention = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(0)).softmax(-1)
     for name in BUILTIN_CONNECTORS:
         extra = SMALL_Q if name == "qformer" else settings if name == "focus_moe" else {}
@@ -448,3 +451,54 @@ def test_every_connector_token_count_at_real_grids(h, settings):
             out = conn(f)
             assert out.tokens.shape == (3, expected[name][0], 24) and conn.max_tokens(info) == expected[name][0]
             assert out.num_tokens.tolist() == expected[name], name
+
+
+# ------------------------------------------------------------------ the reducers' baselines
+def test_random_keep_keeps_k_random_patches_in_raster_order():
+    conn = build_connector("random_keep", 48, 40, keep_ratio=0.25, inner="linear").eval()
+    f = feats(B=4)
+    out = conn(f)
+    assert out.num_tokens.tolist() == [16] * 4
+    everything = conn.inner.project(f.patches)  # (B, 64, D): each kept token must be one of these, in index order
+    chosen = []
+    for b in range(4):
+        dist = (out.tokens[b, :, None] - everything[b, None]).abs().amax(-1)  # (16, 64)
+        idx = dist.argmin(-1)
+        assert (dist.min(-1).values < 1e-6).all() and (idx.diff() > 0).all()  # real patches, raster order
+        chosen.append(tuple(idx.tolist()))
+    assert len(set(chosen)) == 4  # a different draw per image
+    torch.testing.assert_close(conn(f).tokens, out.tokens, rtol=0, atol=0)  # seeded at inference
+    other = build_connector("random_keep", 48, 40, keep_ratio=0.25, inner="linear", seed=1).eval()
+    other.load_state_dict(conn.state_dict())
+    assert not torch.equal(other(f).tokens, out.tokens)
+    conn.train()
+    assert not torch.equal(conn(f).tokens, conn(f).tokens)  # training draws anew
+
+
+def test_avgpool_equals_a_hand_computation():
+    conn = build_connector("avgpool", 1, 1, inner="linear").eval()
+    with torch.no_grad():
+        conn.inner.proj.weight.fill_(1.0)
+        conn.inner.proj.bias.zero_()
+    grid = torch.tensor(HAND_IMAGE, dtype=torch.float32)  # 2x2 windows: means 1, 2, 2, 4 (see the focus_moe test)
+    out = conn(VisionFeatures(grid.reshape(1, 16, 1), None, (4, 4)))
+    torch.testing.assert_close(out.tokens[0, :, 0], torch.tensor([1.0, 2.0, 2.0, 4.0]))
+    # a ratio: 24x24 with keep_ratio 1/4 -> 12x12, the 2x2 means (torch's own avg_pool2d as the reference)
+    f = feats(B=2, h=24, w=24, dv=8)
+    pooled = build_connector("avgpool", 8, 8, keep_ratio=0.25, inner="linear")
+    reference = torch.nn.functional.avg_pool2d(f.patches.transpose(1, 2).reshape(2, 8, 24, 24), 2)
+    torch.testing.assert_close(pooled(f).tokens, pooled.inner.project(reference.flatten(2).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("name", ["cls_prune", "random_keep", "avgpool"])
+def test_reducers_wrap_a_trained_projector_without_new_parameters(name):
+    from connectors import CONNECTORS
+
+    trained = build_connector("mlp2x_gelu", 48, 40)
+    reducer = CONNECTORS.get(name).wrap(trained, keep_ratio=0.5)
+    assert reducer.inner is trained and reducer.num_parameters() == trained.num_parameters()
+    assert reducer.spec == {"name": name, "keep_ratio": 0.5, "inner": "mlp2x_gelu"}
+    f = feats()
+    f.cls_attention = torch.rand(2, 4, 64).softmax(-1)
+    expected = [36, 36] if name == "avgpool" else [32, 32]  # avgpool: round(8 sqrt(0.5)) = 6 per side
+    assert reducer.eval()(f).num_tokens.tolist() == expected

@@ -112,3 +112,36 @@ def test_report_mean_and_std_over_two_seeds_by_hand(tmp_path):
     assert mlp["train samples/s"] == lin["train samples/s"] == "**10.5 ± 0.7**"
     csv_rows = (tmp_path / "report" / "table.csv").read_text().splitlines()
     assert any(r.startswith("clip + mlp2x_gelu + tinyllama (mini),2,0.6,0.3,0.8") for r in csv_rows), csv_rows
+
+
+def test_mcnemar_exact_by_hand():
+    from bench.stats import mcnemar_exact, paired_bootstrap
+
+    # b = 1, c = 9: P[Binomial(10, 1/2) <= 1] = (1 + 10) / 1024, two-sided 22 / 1024
+    assert mcnemar_exact(1, 9) == mcnemar_exact(9, 1) == 22 / 1024
+    assert mcnemar_exact(0, 6) == 2 / 64 and mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+    low, high = paired_bootstrap([0] * 50)
+    assert low == high == 0.0
+    low, high = paired_bootstrap([-1] * 30 + [0] * 70)  # mean -0.3, binomial sd sqrt(.3 * .7 / 100) = 0.046
+    assert -0.3 - 2.5 * 0.046 < low < -0.3 < high < -0.3 + 2.5 * 0.046
+
+
+def test_report_compares_each_configuration_with_the_best_paired_per_question(tmp_path):
+    """mlp2x_gelu right on all 10 questions of both seeds, linear wrong on 3 of them per seed (never the other way):
+    discordant b = 0, c = 6 -> McNemar p = 2 / 2^6 = 0.031, difference -30 points."""
+    for seed in (0, 1):
+        for name, correct in (("mlp2x_gelu", [1] * 10), ("linear", [1] * 7 + [0] * 3)):
+            fake_run(tmp_path / "runs", name, seed, sum(correct) / 10, 0.5, 0.3, 64)
+            path = tmp_path / "runs" / f"{name}-s{seed}" / "results.json"
+            r = json.loads(path.read_text())
+            r["metrics"]["test"]["accuracy"]["per_question"] = {"ids": [f"q{i}" for i in range(10)], "correct": correct}
+            path.write_text(json.dumps(r))
+    proc = bench(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "report" / "table.md").read_text()
+    lin = next(line for line in table.splitlines() if line.startswith("| clip + linear"))
+    mlp = next(line for line in table.splitlines() if line.startswith("| clip + mlp2x_gelu"))
+    assert lin.rstrip(" |").endswith("p=0.031") and "-30.0 [" in lin and mlp.rstrip(" |").endswith("best")
+    low, high = (float(x) for x in lin[lin.index("-30.0 [") + 7 : lin.index("]")].split(", "))
+    assert low < -30.0 < high < 0
+    assert "McNemar" in table
