@@ -113,14 +113,24 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     )
 
 
+def world_config(args: argparse.Namespace):
+    """The mini world asked for by ``--world-scale`` and ``--world-resolution``; None for the default world."""
+    from bench.world import WorldConfig
+
+    resolution = getattr(args, "world_resolution", None)
+    if args.world_scale == 1.0 and resolution in (None, 64):
+        return None
+    world = WorldConfig(image_size=resolution or 64)
+    return world.scaled(args.world_scale) if args.world_scale != 1.0 else world
+
+
 def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``data`` part of a run config from ``--data``, ``--data-path``, ``--image-folder``, ``--world-scale``."""
     data: dict[str, Any] = {"kind": args.data}
     if args.data == "world":
-        if args.world_scale != 1.0:
-            from bench.world import WorldConfig
-
-            data["world"] = dataclasses.asdict(WorldConfig().scaled(args.world_scale))
+        world = world_config(args)
+        if world is not None:
+            data["world"] = dataclasses.asdict(world)
     else:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
@@ -195,10 +205,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.sweep import split_list, sweep
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
-    if args.world_scale != 1.0 or args.pretrain_steps is not None:
+    world = world_config(args)
+    if world is not None or args.pretrain_steps is not None:
         from bench.world import WorldConfig
 
-        data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(WorldConfig().scaled(args.world_scale))}
+        data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(world or WorldConfig())}
         if args.pretrain_steps is not None:
             data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
         base["data"] = data
@@ -251,13 +262,12 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
 
     rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], limit(args.eval_limit),
                          allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)  # fmt: skip
-    print(f"{'keep':>6} {'tokens':>7} {'accuracy':>9} {'retained':>9} {'prefill ms':>11} {'speed-up':>9}")
+    print(f"{'method':<12} {'keep':>6} {'tokens':>7} {'accuracy':>15} {'retained':>9} {'speed-up':>9}")
     for r in rows:
         retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"
-        print(
-            f"{r['keep_ratio']:>6.0%} {r['tokens']:>7.1f} {r['accuracy']:>9.3f} {retained:>9} "
-            f"{r['prefill_ms']:>11.2f} {r['speedup']:>8.2f}x"
-        )
+        acc = f"{r['accuracy']:.3f}" + (f" ± {r['accuracy_std']:.3f}" if r["draws"] > 1 else "")
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        print(f"{r['method']:<12} {r['keep_ratio']:>6.0%} {r['tokens']:>7.1f} {acc:>15} {retained:>9} {speed:>9}")
     out = Path(args.out or args.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pruning_curve.json", [{k: v for k, v in r.items() if "answers" not in k} for r in rows])
@@ -355,7 +365,7 @@ def cmd_world_build(args: argparse.Namespace) -> None:
     from bench.pretrain import pretrain_encoder, pretrain_llm
     from bench.world import World, WorldConfig
 
-    world = World(WorldConfig().scaled(args.world_scale) if args.world_scale != 1.0 else WorldConfig())
+    world = World(world_config(args) or WorldConfig())
     print(f"world: {world.dir}")
     for name in args.encoders.split(","):
         print(f"encoder {name}: {pretrain_encoder(name, world)}")

@@ -58,7 +58,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="world", choices=["world", "llava", "hf"])
     p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
     p.add_argument("--image-folder", help="image folder for LLaVA JSON")
+    add_world_args(p)
+
+
+def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-scale", type=SCALE, default=1.0, help="scale the mini world's splits (tests: 0.01)")
+    p.add_argument(
+        "--world-resolution",
+        type=POSITIVE,
+        metavar="PX",
+        help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; 192: 24x24)",
+    )
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:
@@ -200,7 +210,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--seeds", type=SEEDS, default="0", help="comma-separated seeds")
     p.add_argument("--recipe", default="mini")
     p.add_argument("--steps", type=NON_NEGATIVE)
-    p.add_argument("--world-scale", type=SCALE, default=1.0)
+    add_world_args(p)
     p.add_argument("--pretrain-steps", type=POSITIVE)
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
@@ -269,7 +279,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     w = wsub.add_parser("build", help="build the world and pretrain its miniature backbones")
     w.add_argument("--encoders", default="clip")
     w.add_argument("--llms", default="tinyllama")
-    w.add_argument("--world-scale", type=SCALE, default=1.0)
+    add_world_args(w)
     w.set_defaults(func=commands["world_build"])
 
     p = sub.add_parser("export-hf", help="write a transformers LlavaForConditionalGeneration directory")

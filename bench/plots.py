@@ -61,24 +61,39 @@ def save(fig, stem: Path) -> list[Path]:
 
 
 def pruning_plot(rows, stem: Path) -> list[Path]:
-    """Accuracy retained (and prefill speed-up) against the share of visual tokens kept."""
+    """Accuracy against the share of visual tokens kept, per reducer (random_keep with its spread over draws), and
+    cls_prune's measured prefill speed-up."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    keep = [100 * r["keep_ratio"] for r in rows]
-    ax.plot(keep, [100 * r["accuracy"] for r in rows], "o-", label="cls_prune (no retraining)")
+    styles = {"cls_prune": ("o-", "CLS-attention pruning (FasterVLM)"), "random_keep": ("^--", "random keep"),
+              "avgpool": ("s-.", "average pooling")}  # fmt: skip
+    for method, (style, label) in styles.items():
+        points = [r for r in rows if r.get("method", "cls_prune") == method]
+        if not points:
+            continue
+        keep = [100 * r["keep_ratio"] for r in points]
+        acc = [100 * r["accuracy"] for r in points]
+        draws = points[0].get("draws", 1)
+        ax.errorbar(keep, acc, yerr=[100 * r.get("accuracy_std", 0.0) for r in points], fmt=style, capsize=3,
+                    label=label + (f" ({draws} draws)" if draws > 1 else ""))  # fmt: skip
     ax.axhline(100 * rows[0]["unpruned_accuracy"], color="grey", linestyle="--", label="unpruned")
     ax.set_xlabel("visual tokens kept (%)")
     ax.set_ylabel("test accuracy (exact match, %)")
     ax.invert_xaxis()
-    ax2 = ax.twinx()
-    ax2.plot(keep, [r["speedup"] for r in rows], "s:", color="tab:orange", label="prefill speed-up")
-    ax2.set_ylabel("prefill speed-up (x)")
-    ax.set_title("Training-free [CLS]-attention pruning")
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [*ax.get_legend_handles_labels()[1], *ax2.get_legend_handles_labels()[1]], fontsize=8)
+    timed = [r for r in rows if "speedup" in r]
+    handles, labels = ax.get_legend_handles_labels()
+    if timed:
+        ax2 = ax.twinx()
+        ax2.plot([100 * r["keep_ratio"] for r in timed], [r["speedup"] for r in timed], ":", color="tab:grey",
+                 label="cls_prune prefill speed-up")  # fmt: skip
+        ax2.set_ylabel("prefill speed-up (x)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.set_title("Training-free token reduction in front of a trained projector")
+    ax.legend(handles, labels, fontsize=7)
     ax.grid(True, alpha=0.3)
     return save(fig, stem)

@@ -79,7 +79,9 @@ def pretrain_encoder(
     def build(tmp: Path) -> None:
         from open_clip.loss import ClipLoss, SigLipLoss
 
-        enc = cls.from_checkpoint("tiny", frozen=False)  # may build the preset first, which draws random numbers
+        size = world.cfg.image_size  # the tiny preset at the world's resolution: 8-px patches, (size / 8)^2 of them
+        enc = cls.from_checkpoint("tiny" if size == 64 else f"tiny@{size}", frozen=False)  # may build the preset
+        # first, which draws random numbers
         torch.manual_seed(seed)  # so seed after it: a build after a kill starts from the same state as any other
         rng = random.Random(seed)
         enc.train()

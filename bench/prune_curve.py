@@ -1,12 +1,19 @@
-"""The training-free pruning curve (FasterVLM's setting): a trained ``linear``/``mlpNx_gelu`` run evaluated with
-``cls_prune`` in front of its projector at several keep ratios, with no retraining.
+"""The training-free pruning curve (FasterVLM's setting): a trained ``linear``/``mlpNx_gelu`` run evaluated with a
+token reducer in front of its projector at several keep ratios, with no retraining, next to its baselines:
+
+- ``cls_prune``: the top-k patches by CLS attention (the method);
+- ``random_keep``: k patches at random (mean and std over ``seeds`` draws): does the score beat chance?
+- ``avgpool``: the grid average-pooled to about k tokens (round(side * sqrt(ratio)) per side): does keeping a subset
+  beat merging everything spatially?
 
 Every point, the unpruned reference included, is evaluated on the same cached features (computed with the encoder's
-eager attention, which pruning needs), so the 100 % point equals the unpruned accuracy exactly.
+eager attention, which pruning needs), so the 100 % points of cls_prune and random_keep equal the unpruned accuracy
+exactly. Prefill time is measured for the cls_prune points (interleaved rounds); it depends on the token count only.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +24,65 @@ from bench.precision import autocast, run_precision
 from bench.profile import prefill_fn
 from bench.run import RunConfig, load_data
 from bench.vlm import VLM
+from connectors.avgpool import AvgPool
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune
+from connectors.random_keep import RandomKeep
+
+METHODS = ("cls_prune", "random_keep", "avgpool")
 
 
 def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1000, allow_dotted_paths: bool = False,
-                  verify: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+                  verify: bool = True, seeds: tuple[int, ...] = (0, 1, 2),
+                  methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per (method, keep ratio): tokens, accuracy (random_keep: mean over seeds, with its std), accuracy
+    retained against the unpruned model, and for cls_prune the measured prefill speed-up."""
     cfg = RunConfig.from_file(run_dir / "config.json")
     vlm = VLM.load(run_dir, allow_dotted_paths=allow_dotted_paths, verify=verify).eval()
     projector = vlm.connector
     if not isinstance(projector, PerTokenConnector):
         raise ValueError(f"the pruning curve needs a run trained with a per-token projector (linear, mlpNx_gelu), "
                          f"not {projector.spec.get('name')!r}")  # fmt: skip
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown pruning-curve method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
     _, _, eval_sets, _ = load_data(cfg, lambda m: None)
     test = next(iter(eval_sets.values()))
     features = FeatureCache(vlm.encoder, test.images, with_attention=True)
     samples = qa_samples(test, eval_limit)
     features.ensure([s.image for s in samples if s.image is not None])
     images = [test.images.load(s.image) for s in samples[:4] if s.image is not None]
+    info = vlm.encoder.info
 
     def point(connector) -> dict[str, Any]:
         vlm.connector = connector
-        collator = Collator(vlm.llm, features, connector.max_tokens(vlm.encoder.info), vlm.max_length)
+        collator = Collator(vlm.llm, features, connector.max_tokens(info), vlm.max_length)
         answers = answer(vlm, samples, collator)
-        return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers}
+        return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers,
+                "tokens": float(connector.max_tokens(info))}  # fmt: skip
 
-    connectors = [projector, *(CLSPrune.wrap(projector, keep_ratio=r) for r in ratios)]
+    reducers = {
+        "cls_prune": lambda r: [CLSPrune.wrap(projector, keep_ratio=r)],
+        "random_keep": lambda r: [RandomKeep.wrap(projector, keep_ratio=r, seed=s) for s in seeds],
+        "avgpool": lambda r: [AvgPool.wrap(projector, keep_ratio=r)],
+    }
+    rows = []
     with autocast(run_precision(run_dir), vlm.device):  # the arithmetic the run trained with
-        points = [point(c) for c in connectors]
-        for p, (tokens, ms) in zip(points, interleaved_prefill(vlm, connectors, images)):
-            p.update(tokens=tokens, prefill_ms=ms)
-    reference, rows = points[0], []
-    for ratio, p in zip(ratios, points[1:]):
-        rows.append(
-            {
-                "keep_ratio": ratio,
-                **p,
-                "retained": p["accuracy"] / reference["accuracy"] if reference["accuracy"] > 0 else None,
-                "speedup": reference["prefill_ms"] / p["prefill_ms"],
-                "unpruned_accuracy": reference["accuracy"],
-                "unpruned_answers": reference["answers"],
-            }
-        )
+        reference = point(projector)
+        timed = [projector, *(CLSPrune.wrap(projector, keep_ratio=r) for r in ratios)] if "cls_prune" in methods else []
+        timings = interleaved_prefill(vlm, timed, images) if timed else []
+        for method in methods:
+            for i, ratio in enumerate(ratios):
+                points = [point(c) for c in reducers[method](ratio)]
+                acc = [p["accuracy"] for p in points]
+                mean, ref = statistics.fmean(acc), reference["accuracy"]
+                row = {"method": method, "keep_ratio": ratio, "tokens": points[0]["tokens"],
+                       "accuracy": mean, "accuracy_std": statistics.pstdev(acc), "draws": len(points),
+                       "answers": points[0]["answers"], "retained": mean / ref if ref else None,
+                       "unpruned_accuracy": ref, "unpruned_answers": reference["answers"]}  # fmt: skip
+                if method == "cls_prune":
+                    row.update(prefill_ms=timings[i + 1][1], speedup=timings[0][1] / timings[i + 1][1])
+                rows.append(row)
     vlm.connector = projector
     return rows
 
@@ -66,7 +90,6 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
 def interleaved_prefill(vlm: VLM, connectors, images, rounds: int = 40) -> list[tuple[float, float]]:
     """(tokens, median prefill ms at batch 1) per connector, timed in interleaved rounds so that drifts of the
     machine (frequency, other load) hit every configuration alike."""
-    import statistics
     import time
 
     fns, tokens = [], []

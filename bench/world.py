@@ -55,6 +55,9 @@ class WorldConfig:
         if isinstance(self.background, list):
             object.__setattr__(self, "background", tuple(self.background))
         check("world", "image_size", self.image_size, int, lo=16, hi=1024)
+        if self.image_size % 8:
+            raise SettingError(f"world: image_size={self.image_size} must be a multiple of 8 (its encoders' patches "
+                               f"are 8 px: 64 gives 8x8 patches, 128 gives 16x16)")  # fmt: skip
         for name in ("train", "val", "test", "compositional"):
             check("world", name, getattr(self, name), int, lo=1)
         check("world", "max_objects", self.max_objects, int, lo=1, hi=9)

@@ -34,8 +34,8 @@ class HFVisionEncoder(VisionEncoder):
 
     def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
         super().__init__(checkpoint, layer, frozen, dtype)
-        path, params = checkpoint, self.presets.get(checkpoint)
-        name = checkpoint
+        name, params = self.preset_params(checkpoint)
+        path = checkpoint
         random = random_geometry(checkpoint, self.geometries, "num_hidden_layers", default_layers=2)
         if random:
             name, params = random

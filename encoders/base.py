@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -85,6 +86,24 @@ class VisionEncoder(nn.Module):
     #: preset name -> kwargs of the tiny random-initialised configurations (built, saved, loaded back by path)
     presets: dict[str, dict[str, Any]] = {}
     default_checkpoint: str = "tiny"
+    #: the preset keys of the input side and the patch side (``tiny@R``: the tiny preset at R pixels)
+    size_keys: tuple[str, str] = ("image_size", "patch_size")
+
+    @classmethod
+    def preset_params(cls, checkpoint: str) -> tuple[str, dict[str, Any] | None]:
+        """(preset name, preset kwargs) for a preset name or ``tiny@R`` (the tiny preset at R x R pixels, its patch
+        size kept, so the grid grows: ``tiny@128`` has 16x16 patches); ``(checkpoint, None)`` for anything else."""
+        if checkpoint in cls.presets:
+            return checkpoint, cls.presets[checkpoint]
+        match = re.fullmatch(r"tiny@(\d+)", checkpoint)
+        if not match or "tiny" not in cls.presets:
+            return checkpoint, None
+        size_key, patch_key = cls.size_keys
+        size, patch = int(match[1]), cls.presets["tiny"][patch_key]
+        if size % patch or size < 2 * patch:
+            raise ValueError(f"{checkpoint!r}: the size must be a multiple of the tiny preset's patch size {patch} "
+                             f"and at least {2 * patch} pixels")  # fmt: skip
+        return f"tiny{size}", {**cls.presets["tiny"], size_key: size}
 
     def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
         """``dtype``: the weights' storage dtype (``float32`` unless given, e.g. ``bfloat16`` for a frozen tower)."""

@@ -36,6 +36,7 @@ class EVAViTG(VisionEncoder):
     """EVA-CLIP ViT-g/14 (timm Eva, as in BLIP-2 / MiniGPT-4): penultimate block, CLS kept apart."""
 
     architecture = "eva_giant_patch14_224"
+    size_keys = ("img_size", "patch_size")
     default_checkpoint = "tiny"
     presets = {
         "tiny": dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0),
@@ -73,8 +74,9 @@ class EVAViTG(VisionEncoder):
 
     def _load(self, checkpoint: str) -> torch.nn.Module:
         self.model_args: dict[str, Any] = {}  # architecture arguments of a local timm directory, to save it again
-        if checkpoint in self.presets:
-            checkpoint = str(preset_dir("eva-vit-g", checkpoint, self.presets[checkpoint], self._build_preset))
+        name, params = self.preset_params(checkpoint)
+        if params is not None:
+            checkpoint = str(preset_dir("eva-vit-g", name, params, self._build_preset))
         self.source = checkpoint  # where the weights were read from
         if checkpoint.startswith("open_clip:"):
             import open_clip
@@ -93,7 +95,7 @@ class EVAViTG(VisionEncoder):
         from timm.models import save_for_hf
 
         torch.manual_seed(0)
-        args = dict(self.presets[self.checkpoint])
+        args = dict(self.preset_params(self.checkpoint)[1])
         model = timm.create_model(self.architecture, pretrained=False, num_classes=0, **args)
         size = args["img_size"]
         model.pretrained_cfg = dict(

@@ -173,3 +173,12 @@ def test_cache_key_tracks_what_determines_features(encoders):
     assert enc.cache_key() == build_encoder("clip").cache_key()
     assert enc.cache_key() != build_encoder("clip", layer=-1).cache_key()
     assert enc.cache_key() != encoders["siglip"].cache_key()
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_tiny_preset_at_another_resolution_grows_the_grid(name):
+    enc = build_encoder(name, checkpoint="tiny@128")
+    assert enc.info.grid == (16, 16) and enc.info.image_size == 128
+    assert enc.encode_images(images(1, size=128)).patches.shape[1] == 256
+    with pytest.raises(ValueError, match="multiple of the tiny preset's patch size 8"):
+        build_encoder(name, checkpoint="tiny@100")

@@ -140,10 +140,16 @@ def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
     from bench.prune_curve import pruning_curve
 
     out, _ = micro_run
-    rows = pruning_curve(out, [1.0, 0.5, 0.25], eval_limit=8)
+    rows = pruning_curve(out, [1.0, 0.5, 0.25], eval_limit=8, seeds=(0, 1))
+    by = {(r["method"], r["keep_ratio"]): r for r in rows}
     # keeping every token gives exactly the unpruned model's answers, not merely the same score
-    assert rows[0]["answers"] == rows[0]["unpruned_answers"] and rows[0]["accuracy"] == rows[0]["unpruned_accuracy"]
-    assert [r["tokens"] for r in rows] == [64.0, 32.0, 16.0]
+    for method in ("cls_prune", "random_keep", "avgpool"):
+        full = by[(method, 1.0)]
+        assert full["answers"] == full["unpruned_answers"] and full["accuracy"] == full["unpruned_accuracy"], method
+    assert [by[("cls_prune", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 32.0, 16.0]
+    assert [by[("random_keep", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 32.0, 16.0]
+    assert [by[("avgpool", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 36.0, 16.0]  # 8x8, 6x6, 4x4
+    assert by[("random_keep", 0.5)]["draws"] == 2 and "speedup" in by[("cls_prune", 0.5)]
 
 
 def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
@@ -170,3 +176,15 @@ def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
         for split in ("test", "compositional"):
             assert other["metrics"][split]["accuracy"] == off["metrics"][split]["accuracy"]
             assert other["metrics"][split]["caption_loss"] == off["metrics"][split]["caption_loss"]
+
+
+def test_a_world_at_128_pixels_gives_16x16_patches(tmp_path):
+    out = tmp_path / "r128"
+    args = [*MICRO, "--world-resolution", "128", "--steps", "2", "--eval-limit", "2", "--out", str(out)]
+    proc = bench(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["data"]["world"]["image_size"] == 128
+    assert results["visual_tokens_per_image"] == {"mean": 256.0, "min": 256, "max": 256}
+    bad = bench([*MICRO, "--world-resolution", "100", "--out", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "multiple of 8" in bad.stderr
