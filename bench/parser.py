@@ -207,7 +207,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
         help="comma-separated connectors, settings in brackets: cls_prune[keep_ratio=0.25]",
     )
     p.add_argument("--llm", default="tinyllama", help="comma-separated LLM backends")
-    p.add_argument("--seeds", type=SEEDS, default="0", help="comma-separated seeds")
+    p.add_argument("--seeds", type=SEEDS, default="0,1,2", help="comma-separated seeds (default 3: mean ± std)")
     p.add_argument("--recipe", default="mini")
     p.add_argument("--steps", type=NON_NEGATIVE)
     add_world_args(p)

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import bench
 
-MICRO_SWEEP = ["sweep", "--connector", "linear,cls_prune[keep_ratio=0.5]", "--world-scale", "0.01",
+MICRO_SWEEP = ["sweep", "--connector", "linear,cls_prune[keep_ratio=0.5]", "--seeds", "0", "--world-scale", "0.01",
                "--pretrain-steps", "3", "--steps", "4", "--eval-limit", "6"]  # fmt: skip
 
 
