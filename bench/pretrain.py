@@ -26,13 +26,14 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from bench.world import World
+from bench.world import COLOURS, SHAPES, SIZES, World, patch_labels
 from connector_zoo.io import kill_point, materialize
 from encoders import ENCODERS
 from llms import LLMS
 
 CAPTION_PROMPT = "Describe the image briefly."
 ENCODER_STEPS = 240
+ENCODER_DENSE = 0.0
 LLM_STEPS = 800
 LLM_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 
@@ -70,11 +71,19 @@ def word_vocab(texts: list[str]) -> dict[str, int]:
 
 
 def pretrain_encoder(
-    family: str, world: World, steps: int = ENCODER_STEPS, batch_size: int = 256, seed: int = 0
+    family: str,
+    world: World,
+    steps: int = ENCODER_STEPS,
+    batch_size: int = 256,
+    seed: int = 0,
+    dense: float = ENCODER_DENSE,
 ) -> Path:
-    """The world's ``family`` encoder directory, trained on first use."""
+    """The world's ``family`` encoder directory, trained on first use. ``dense`` > 0 adds, with that weight, a dense
+    objective on the selected layer's patch tokens: a linear head per patch predicts the colour, shape and size of
+    the object covering it (or background), so that each patch token says what is under it."""
     cls = ENCODERS.get(family)
-    out = world.dir / "backbones" / f"encoder-{family}-s{steps}-b{batch_size}-seed{seed}"
+    tag = f"-dense{dense:g}" if dense else ""
+    out = world.dir / "backbones" / f"encoder-{family}-s{steps}-b{batch_size}-seed{seed}{tag}"
 
     def build(tmp: Path) -> None:
         from open_clip.loss import ClipLoss, SigLipLoss
@@ -89,11 +98,15 @@ def pretrain_encoder(
         records, images = world.records("train"), world.images("train")
         text = TextTower(word_vocab([r["caption"] for r in records]), 64, dim)
         img_proj = nn.Linear(dim, dim)
+        heads = nn.ModuleList([nn.Linear(dim, len(COLOURS) + 1), nn.Linear(dim, len(SHAPES) + 1),
+                               nn.Linear(dim, len(SIZES) + 1)])  # fmt: skip
+        labels = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, enc.info.image_size
+                                                         // enc.info.grid[0]) for r in records]))  # fmt: skip
         sigmoid = family == "siglip"
         loss_fn = SigLipLoss() if sigmoid else ClipLoss()
         scale = nn.Parameter(torch.tensor(math.log(10.0 if sigmoid else 1 / 0.07)))
         bias = nn.Parameter(torch.tensor(-10.0))
-        params = [*enc.parameters(), *text.parameters(), *img_proj.parameters(), scale, bias]
+        params = [*enc.parameters(), *text.parameters(), *img_proj.parameters(), *heads.parameters(), scale, bias]
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
         batch = min(batch_size, len(records))
@@ -104,6 +117,12 @@ def pretrain_encoder(
             img = nn.functional.normalize(img_proj(enc.pooled(px)), dim=-1)
             txt = nn.functional.normalize(text([records[i]["caption"] for i in idx]), dim=-1)
             loss = loss_fn(img, txt, scale.exp(), bias) if sigmoid else loss_fn(img, txt, scale.exp())
+            if dense:
+                patches = enc(px).patches  # the selected layer, the one connectors read
+                target = labels[idx].flatten(1, 2)  # (B, N, 3)
+                loss = loss + dense * sum(nn.functional.cross_entropy(head(patches).flatten(0, 1),
+                                                                      target[..., k].flatten())
+                                          for k, head in enumerate(heads)) / 3  # fmt: skip
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -30,6 +30,8 @@ COLOURS = {
     "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210),
 }  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
+#: an object's half-width as a fraction of a grid cell (a third of the image side)
+RADIUS = {"small": 0.16, "large": 0.38}
 SIZES = ("small", "large")
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "exist", "relation")
@@ -127,7 +129,7 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
     draw = ImageDraw.Draw(img)
     cell_px = cfg.image_size / 3
     for o in scene.objects:
-        r = cell_px * (0.38 if o.size == "large" else 0.16)
+        r = cell_px * RADIUS[o.size]
         box = (o.x - r, o.y - r, o.x + r, o.y + r)
         fill = COLOURS[o.colour]
         if o.shape == "circle":
@@ -137,6 +139,22 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
         else:
             draw.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
     return img
+
+
+def patch_labels(record: dict[str, Any], image_size: int, patch: int) -> np.ndarray:
+    """(grid, grid, 3) int: per patch, 1 + the index of the colour, shape and size of the object whose box covers the
+    patch's centre, or whose centre lies in the patch (a small object may cover no patch centre); 0: background. For
+    dense pretraining of the world's encoders."""
+    side = image_size // patch
+    out = np.zeros((side, side, 3), np.int64)
+    centres = (np.arange(side) + 0.5) * patch
+    for o in record["objects"]:
+        r = image_size / 3 * RADIUS[o["size"]]
+        rows, cols = np.abs(centres - o["y"]) <= r, np.abs(centres - o["x"]) <= r
+        rows[min(side - 1, int(o["y"] // patch))] = cols[min(side - 1, int(o["x"] // patch))] = True
+        out[np.ix_(rows, cols)] = (list(COLOURS).index(o["colour"]) + 1, SHAPES.index(o["shape"]) + 1,
+                                   SIZES.index(o["size"]) + 1)  # fmt: skip
+    return out
 
 
 def caption(scene: Scene) -> str:

@@ -55,3 +55,29 @@ def test_a_built_world_holds_what_was_generated():
         assert [r["id"] for r in records] == [s.id for s in scenes]
         assert [r["qa"] for r in records] == [s.qa for s in scenes]
         assert world.images(split).shape == (getattr(cfg, split), cfg.image_size, cfg.image_size, 3)
+
+
+def test_patch_labels_by_hand():
+    """64-px image, 8-px patches: a large square centred at (30, 34) has half-width 64/3 * 0.38 = 8.1 px, so the
+    patch centres 28 and 36 of both axes are covered (2x2 patches); a small circle centred at (60, 4) (half-width 3.4)
+    covers no patch centre and labels the patch it lies in."""
+    from bench.world import patch_labels
+
+    record = {"objects": [{"colour": "orange", "shape": "square", "size": "large", "x": 30.0, "y": 34.0},
+                          {"colour": "red", "shape": "circle", "size": "small", "x": 60.0, "y": 4.0}]}  # fmt: skip
+    labels = patch_labels(record, 64, 8)
+    square = (list(COLOURS).index("orange") + 1, SHAPES.index("square") + 1, 2)
+    circle = (list(COLOURS).index("red") + 1, SHAPES.index("circle") + 1, 1)
+    expected = {(r, c): square for r in (3, 4) for c in (3, 4)} | {(0, 7): circle}
+    for r in range(8):
+        for c in range(8):
+            assert tuple(labels[r, c]) == expected.get((r, c), (0, 0, 0)), (r, c)
+
+
+def test_dense_pretraining_is_its_own_cached_encoder():
+    from bench.pretrain import pretrain_encoder
+
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    plain, dense = pretrain_encoder("clip", world, steps=2), pretrain_encoder("clip", world, steps=2, dense=1.0)
+    assert plain != dense and dense.name.endswith("-dense1")
+    assert (plain / "model.safetensors").read_bytes() != (dense / "model.safetensors").read_bytes()
