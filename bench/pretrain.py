@@ -98,10 +98,12 @@ def pretrain_encoder(
         records, images = world.records("train"), world.images("train")
         text = TextTower(word_vocab([r["caption"] for r in records]), 64, dim)
         img_proj = nn.Linear(dim, dim)
-        heads = nn.ModuleList([nn.Linear(dim, len(COLOURS) + 1), nn.Linear(dim, len(SHAPES) + 1),
-                               nn.Linear(dim, len(SIZES) + 1)])  # fmt: skip
-        labels = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, enc.info.image_size
-                                                         // enc.info.grid[0]) for r in records]))  # fmt: skip
+        heads, labels = nn.ModuleList(), None  # the dense objective's (built only when used: the default draws no
+        if dense:  # extra random numbers, so its encoder is byte for byte the one built before the option existed)
+            heads.extend([nn.Linear(dim, len(COLOURS) + 1), nn.Linear(dim, len(SHAPES) + 1),
+                          nn.Linear(dim, len(SIZES) + 1)])  # fmt: skip
+            patch = enc.info.image_size // enc.info.grid[0]
+            labels = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch) for r in records]))
         sigmoid = family == "siglip"
         loss_fn = SigLipLoss() if sigmoid else ClipLoss()
         scale = nn.Parameter(torch.tensor(math.log(10.0 if sigmoid else 1 / 0.07)))
