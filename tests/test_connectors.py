@@ -437,7 +437,8 @@ def test_every_connector_token_count_at_real_grids(h, settings):
     N, f = h * h, feats(B=3, h=h, w=h, dv=32)
     info = EncoderInfo(hidden_size=32, grid=(h, h), image_size=14 * h, has_cls=True, num_heads=4, num_layers=2)
     expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3,
-                "random_keep": [round(0.25 * N)] * 3, "avgpool": [math.ceil(h / 2) ** 2] * 3}  # fmt: skip
+                "random_keep": [round(0.25 * N)] * 3, "avgpool": [math.ceil(h / 2) ** 2] * 3,
+                "pixel_shuffle": [math.ceil(h / 2) ** 2] * 3}  # fmt: skip
     f.cls_attention = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(0)).softmax(-1)
     for name in BUILTIN_CONNECTORS:
         extra = SMALL_Q if name == "qformer" else settings if name == "focus_moe" else {}
@@ -502,3 +503,22 @@ def test_reducers_wrap_a_trained_projector_without_new_parameters(name):
     f.cls_attention = torch.rand(2, 4, 64).softmax(-1)
     expected = [36, 36] if name == "avgpool" else [32, 32]  # avgpool: round(8 sqrt(0.5)) = 6 per side
     assert reducer.eval()(f).num_tokens.tolist() == expected
+
+
+def test_pixel_shuffle_equals_a_hand_computation():
+    """r = 2 on the 4x4 grid of the focus_moe test: each 2x2 block becomes one token holding its 4 patches in raster
+    order inside the block (nanoVLM's order); with an identity projector the tokens are the blocks themselves."""
+    conn = build_connector("pixel_shuffle", 1, 4, factor=2, depth=1, layernorm=False)
+    with torch.no_grad():
+        conn.mlp[0].weight.copy_(torch.eye(4))
+        conn.mlp[0].bias.zero_()
+    out = conn(VisionFeatures(torch.tensor(HAND_IMAGE, dtype=torch.float32).reshape(1, 16, 1), None, (4, 4)))
+    torch.testing.assert_close(out.tokens[0], torch.tensor([[1.0, 1, 1, 1], [0, 4, 4, 0], [2, 2, 2, 2], [1, 3, 5, 7]]))
+    # 27x27: r = 3 divides (Idefics3 with SigLIP-so400m/384: 81 tokens); r = 2 pads to 28x28 (196)
+    f = feats(B=1, h=27, w=27, dv=8)
+    assert build_connector("pixel_shuffle", 8, 16, factor=3)(f).num_tokens.tolist() == [81]
+    padded = build_connector("pixel_shuffle", 8, 16, factor=2, depth=1, layernorm=False)
+    assert padded(f).num_tokens.tolist() == [196]
+    last = padded.shuffle(f)[0, -1].reshape(4, 8)  # the bottom-right block: one real patch, three zero pads
+    torch.testing.assert_close(last[0], f.patches[0, -1])
+    torch.testing.assert_close(last[1:], torch.zeros(3, 8))
