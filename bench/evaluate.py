@@ -63,17 +63,17 @@ def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = Fa
 def accuracy(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
     hits: dict[str, list[int]] = defaultdict(list)
     contains: list[int] = []
+    correct: list[int] = []  # per question, in sample order
     for s, pred in zip(samples, predictions):
         truth, guess = normalize(s.messages[-1]["content"]), normalize(pred)
-        hits[s.meta.get("type", "all")].append(int(truth == guess))
+        correct.append(int(truth == guess))
+        hits[s.meta.get("type", "all")].append(correct[-1])
         contains.append(int(bool(truth) and re.search(rf"\b{re.escape(truth)}\b", guess) is not None))
-    every = [h for v in hits.values() for h in v]
-    correct = [int(normalize(s.messages[-1]["content"]) == normalize(p)) for s, p in zip(samples, predictions)]
     return {
-        "exact_match": sum(every) / max(len(every), 1),
+        "exact_match": sum(correct) / max(len(correct), 1),
         "contains_match": sum(contains) / max(len(contains), 1),
         "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
-        "count": len(every),
+        "count": len(correct),
         # per question, for paired comparisons between runs (bench/stats.py): the sample ids and 0/1 exact match
         "per_question": {"ids": [s.id for s in samples], "correct": correct},
     }
