@@ -16,7 +16,6 @@ of an already-trained projector with no retraining.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch.nn.functional as F
 
@@ -30,17 +29,6 @@ from encoders.base import EncoderInfo, VisionFeatures
 @register("avgpool")
 class AvgPool(Reducer):
     """Average-pool the patch grid (stride, or a target fraction of the tokens), then a per-token projector."""
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        stride: int = 2,
-        keep_ratio: float | None = None,
-        inner: str = "mlp2x_gelu",
-        inner_settings: dict[str, Any] | None = None,
-    ):
-        super().__init__(in_dim, out_dim, inner, inner_settings, stride=stride, keep_ratio=keep_ratio)
 
     def configure(self, stride: int = 2, keep_ratio: float | None = None) -> None:
         check("avgpool", "stride", stride, int, lo=1)

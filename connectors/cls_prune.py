@@ -17,8 +17,6 @@ Reported (LLaVA-1.5-7B, 10 benchmarks): keeping 432/288/144/58/29 of 576 tokens 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from connectors import register
@@ -32,17 +30,6 @@ class CLSPrune(Reducer):
     """FasterVLM [CLS]-attention pruning: keep the top-k patches (raster order), then a per-token projector."""
 
     needs_cls_attention = True
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        keep_ratio: float = 0.25,
-        keep_tokens: int | None = None,
-        inner: str = "mlp2x_gelu",
-        inner_settings: dict[str, Any] | None = None,
-    ):
-        super().__init__(in_dim, out_dim, inner, inner_settings, keep_ratio=keep_ratio, keep_tokens=keep_tokens)
 
     def configure(self, keep_ratio: float = 0.25, keep_tokens: int | None = None) -> None:
         check_keep("cls_prune", keep_ratio, keep_tokens)

@@ -13,8 +13,6 @@ global generator, which the run seeds.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from connector_zoo.settings import check
@@ -27,19 +25,6 @@ from encoders.base import EncoderInfo, VisionFeatures
 @register("random_keep")
 class RandomKeep(Reducer):
     """Keep k random patches (raster order), then a per-token projector: the baseline of score-based pruning."""
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        keep_ratio: float = 0.25,
-        keep_tokens: int | None = None,
-        seed: int = 0,
-        inner: str = "mlp2x_gelu",
-        inner_settings: dict[str, Any] | None = None,
-    ):
-        super().__init__(in_dim, out_dim, inner, inner_settings, keep_ratio=keep_ratio, keep_tokens=keep_tokens,
-                         seed=seed)  # fmt: skip
 
     def configure(self, keep_ratio: float = 0.25, keep_tokens: int | None = None, seed: int = 0) -> None:
         check_keep("random_keep", keep_ratio, keep_tokens)

@@ -16,8 +16,9 @@ from connectors.base import Connector, PerTokenConnector
 
 
 class Reducer(Connector):
-    """Base class of the token reducers. Subclasses implement ``configure(**settings)`` (check and store their own
-    settings) and ``forward``."""
+    """Base class of the token reducers. Subclasses implement ``configure(**settings)`` (their own settings, with
+    their defaults, checked and stored: the one place they are declared) and ``forward``; every reducer also takes
+    ``inner`` and ``inner_settings``, the per-token projector it builds."""
 
     def __init__(
         self, in_dim: int, out_dim: int, inner: str = "mlp2x_gelu", inner_settings: dict | None = None, **settings: Any
