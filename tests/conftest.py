@@ -99,6 +99,15 @@ CONV_B = [
     {"role": "user", "content": "Describe the picture in detail, please.\n<image>"},
     {"role": "assistant", "content": "A small blue square above a large green triangle."},
 ]
+# a 3-turn conversation with the image in the first user turn (label tests of every backend)
+THREE_TURNS = [
+    {"role": "user", "content": "<image>\nWhat colour is the circle?"},
+    {"role": "assistant", "content": "Red."},
+    {"role": "user", "content": "How many squares are there?"},
+    {"role": "assistant", "content": "Two small squares."},
+    {"role": "user", "content": "Is the triangle above the circle?"},
+    {"role": "assistant", "content": "Yes."},
+]
 CONV_TEXT = [{"role": "user", "content": "How many sides has a triangle?"}, {"role": "assistant", "content": "Three."}]
 
 

@@ -6,19 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLM_NAMES, install_in_hf_cache
+from conftest import LLM_NAMES, THREE_TURNS, install_in_hf_cache
 
 from llms import build_llm
 from llms.base import IGNORE_INDEX, TemplateError
 
-CONVERSATION = [
-    {"role": "user", "content": "<image>\nWhat colour is the circle?"},
-    {"role": "assistant", "content": "Red."},
-    {"role": "user", "content": "How many squares are there?"},
-    {"role": "assistant", "content": "Two small squares."},
-    {"role": "user", "content": "Is the triangle above the circle?"},
-    {"role": "assistant", "content": "Yes."},
-]
+CONVERSATION = THREE_TURNS
 
 # What each backend's template must produce (written out by hand from the formats in SPECS.md)
 EXPECTED_TEXT = {

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import THREE_TURNS
 
 from llms import build_llm
 from llms.base import IGNORE_INDEX
@@ -149,14 +150,8 @@ def test_llama_sentencepiece_model_is_the_real_one(llama_dirs):
 
 
 # ------------------------------------------------------------------------------------------------------- templates
-CONVERSATION = [
-    {"role": "user", "content": "<image>\nWhat colour is the circle?"},
-    {"role": "assistant", "content": "Red."},
-    {"role": "user", "content": "How many squares are there?"},
-    {"role": "assistant", "content": "Two small squares."},
-    {"role": "user", "content": "Is the triangle above the circle?"},
-    {"role": "assistant", "content": "Yes, it is."},
-]
+# the last answer has several tokens and a comma, so a label run is more than one word and its end of turn
+CONVERSATION = [*THREE_TURNS[:5], {"role": "assistant", "content": "Yes, it is."}]
 WITH_SYSTEM = [{"role": "system", "content": "You describe images tersely."}, *CONVERSATION]
 # Qwen3 writes an earlier turn's reasoning nowhere: the template keeps only what follows </think>
 WITH_THINKING = [CONVERSATION[0], {"role": "assistant", "content": "<think>\nA red disc.\n</think>\n\nRed."},
