@@ -408,6 +408,7 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
             stage_dir,
             cfg.seed + index,
             val=stage_samples(val, stage.data) if val else None,
+            val_collator=collators[val.images.key] if val else None,
             accelerator=accelerator,
             log=log,
             num_workers=cfg.num_workers,

@@ -143,8 +143,11 @@ def parameter_groups(vlm: VLM, params: list[torch.nn.Parameter], cfg: StageConfi
 class Trainer:
     def __init__(self, vlm: VLM, train: Dataset, collator: Collator, cfg: StageConfig, out_dir: Path, seed: int,
                  val: Dataset | None = None, accelerator: Accelerator | None = None, log=print,
-                 num_workers: int | None = None, strict: bool = False):  # fmt: skip
+                 num_workers: int | None = None, strict: bool = False,
+                 val_collator: Collator | None = None):  # fmt: skip
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
+        # held-out samples index their own image table (the world's val split): its collator, not the training one
+        self.val_collator = val_collator or collator
         self.cfg, self.out_dir, self.seed, self.log = cfg, Path(out_dir), seed, log
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum)
@@ -264,7 +267,7 @@ class Trainer:
     def validate(self) -> bool:
         """Validation loss at this step (recorded in the history); True when it is the best so far."""
         with self.acc.autocast():
-            loss = validation_loss(self.acc.unwrap_model(self.model), self.val_data, self.collator,
+            loss = validation_loss(self.acc.unwrap_model(self.model), self.val_data, self.val_collator,
                                    self.cfg.batch_size)  # fmt: skip
         self.history[-1]["val_loss"] = loss
         self.model.train()
@@ -324,6 +327,12 @@ def link_copy(source: Path, target: Path) -> None:
 
 @torch.no_grad()
 def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000) -> float:
+    if collator.features.images is not data.images:
+        # a sample's image is an index into its own table: another table's collator would serve other images
+        raise ValueError(
+            f"validation of {data.name!r} needs the collator of its image table, not of "
+            f"{collator.features.images.key!r}"
+        )
     vlm.eval()
     total, count = 0.0, 0
     samples = data.samples[:limit]

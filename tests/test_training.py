@@ -3,6 +3,7 @@ checkpointing, LoRA, the global batch, and checkpoints that do not duplicate byt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -264,3 +265,27 @@ def test_summary_prints_slow_throughput_with_significant_digits():
                "train_samples_per_second": 0.0561, "encoder_forwards": 0, "skipped_samples": [],
                "wall_time_seconds": 1.0}  # fmt: skip
     assert "train 0.0561 samples/s" in summary(results)  # it printed "train 0 samples/s" at real width
+
+
+def test_validation_loss_reads_the_held_out_images(tmp_path):
+    """The world's val split has its own image table; sample i of it is not image i of the training table. The
+    recorded validation loss must be the loss on the val images (it was computed on training images of the same
+    index before: 1.5 against a training loss of 0.2 on the default run)."""
+    from bench.run import RunConfig, feature_sources, load_data
+    from bench.train import validation_loss
+
+    out = bench([*MICRO, "--out", str(tmp_path / "run")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    recorded = json.loads((tmp_path / "run" / "results.json").read_text())["training"][-1]["best_val_loss"]
+    cfg = RunConfig.from_file(tmp_path / "run" / "config.json")
+    train, val, _, _ = load_data(cfg, lambda m: None)
+    assert train.images.key != val.images.key and len(val.samples) > 1
+    vlm = VLM.load(tmp_path / "run").eval()
+    _, collators, _ = feature_sources(cfg, vlm, [train, val], lambda m: None)
+    right = validation_loss(vlm, val, collators[val.images.key], batch_size=4)
+    assert recorded == pytest.approx(right, rel=1e-6, abs=1e-6)
+    # the test can tell the two apart: the same weights on the training images of the same indices
+    as_before = dataclasses.replace(val, images=train.images)
+    assert abs(validation_loss(vlm, as_before, collators[train.images.key], batch_size=4) - right) > 1e-5
+    with pytest.raises(ValueError, match="needs the collator of its image table"):
+        validation_loss(vlm, val, collators[train.images.key], batch_size=4)
