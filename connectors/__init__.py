@@ -1,4 +1,6 @@
-"""Connectors: ``linear``, ``mlpNx_gelu``, ``qformer``, ``cls_prune``, ``focus_moe`` and plugins.
+"""Connectors: one file each (``linear``, ``mlpNx_gelu``, ``qformer``, ``c_abstractor``, ``ldpv2``, ``pixel_shuffle``,
+``tokenpacker``, ``perceiver_resampler``, ``focus_moe``; training-free reducers ``cls_prune``, ``visionzip``,
+``prumerge``, ``random_keep``, ``avgpool``) and plugins.
 
 Third parties add one with ``@connectors.register("name")``, an entry point in group ``connector_zoo.connectors``, or
 a dotted path ``my_pkg.my_mod:MyConnector``; it must subclass :class:`connectors.base.Connector`.

@@ -3,7 +3,8 @@
 No public code was found and the method section was not readable, so this follows the source notes and the abstract;
 the choices they leave open are made here, and each is a setting:
 
-- **Windows.** The (h, w) patch grid is cut into M local windows of ``window`` x ``window`` patches (raster order).
+- **Windows.** The (h, w) patch grid is cut into M local windows of ``window`` x ``window`` patches (raster order);
+  a side the window does not divide is padded with copies of its edge patches (27x27 -> 28x28 at window 4).
 - **Experts** are down-samplers of different scales: scale s average-pools a window by s x s, giving
   (window / s)^2 tokens (``scales=(1, 2, 4)``: 16, 4 or 1 tokens for a 4x4 window). All experts share one per-token
   projector to the LLM width (``inner``, default ``mlp2x_gelu``).
@@ -86,15 +87,18 @@ class FocusMoE(Connector):
         self.calibration_batches = 4
 
     # ---------------------------------------------------------------- pieces
+    def padded(self, h: int, w: int) -> tuple[int, int]:
+        """The grid rounded up to whole windows."""
+        return -(-h // self.window) * self.window, -(-w // self.window) * self.window
+
     def windows(self, features: VisionFeatures) -> torch.Tensor:
-        """(B, N, Dv) -> (B, M, window, window, Dv)."""
+        """(B, N, Dv) -> (B, M, window, window, Dv). A side the window does not divide (SigLIP-so400m/384's 27x27
+        with window 4) is padded by repeating the edge patches to whole windows (28x28: 49 windows)."""
         h, w = features.grid
-        if h % self.window or w % self.window:
-            raise ValueError(
-                f"focus_moe window {self.window} does not divide the patch grid {h}x{w}; "
-                "choose a window that divides both sides"
-            )
+        H, W = self.padded(h, w)
         grid = features.patches.reshape(features.batch_size, h, w, -1)
+        if (h, w) != (H, W):
+            grid = F.pad(grid.permute(0, 3, 1, 2), (0, W - w, 0, H - h), mode="replicate").permute(0, 2, 3, 1)
         return rearrange(grid, "b (mh wh) (mw ww) d -> b (mh mw) wh ww d", wh=self.window, ww=self.window)
 
     def router_logits(self, windows: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -186,4 +190,5 @@ class FocusMoE(Connector):
         return self.budget_weight * ((expected / features.patches.shape[1] - self.budget) ** 2).mean()
 
     def max_tokens(self, info: EncoderInfo) -> int:
-        return info.num_patches // self.window**2 * int(self.tokens_per_expert.max())
+        H, W = self.padded(*info.grid)
+        return H * W // self.window**2 * int(self.tokens_per_expert.max())

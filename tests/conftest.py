@@ -36,8 +36,9 @@ def pytest_report_header(config):
 ENCODER_NAMES = ["clip", "siglip", "eva-vit-g"]
 LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
 # written out, not read from the registry: a connector that vanished from it must fail here, not shrink the grid
-BUILTIN_CONNECTORS = ["avgpool", "cls_prune", "focus_moe", "linear", "mlp2x_gelu", "pixel_shuffle", "qformer",
-                      "random_keep"]  # fmt: skip
+BUILTIN_CONNECTORS = ["avgpool", "c_abstractor", "cls_prune", "focus_moe", "ldpv2", "linear", "mlp2x_gelu",
+                      "perceiver_resampler", "pixel_shuffle", "prumerge", "qformer", "random_keep", "tokenpacker",
+                      "visionzip"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

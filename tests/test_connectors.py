@@ -401,8 +401,21 @@ def test_focus_moe_calibrate_without_training():
 def test_focus_moe_rejects_bad_geometry():
     with pytest.raises(ValueError, match="must divide the window"):
         build_connector("focus_moe", 48, 40, window=4, scales=(1, 3))
-    with pytest.raises(ValueError, match="does not divide the patch grid"):
-        build_connector("focus_moe", 48, 40, window=3, scales=(1, 3))(feats())
+
+
+def test_focus_moe_pads_a_grid_its_window_does_not_divide_with_edge_patches():
+    """SigLIP-so400m/384's 27x27 with the default 4x4 window: 28x28 by repeating the last row and column."""
+    conn = build_connector("focus_moe", 8, 16).eval()
+    f = feats(B=1, h=27, w=27, dv=8)
+    win = conn.windows(f)  # (1, 49, 4, 4, 8)
+    grid = f.patches.reshape(27, 27, 8)
+    assert win.shape == (1, 49, 4, 4, 8)
+    torch.testing.assert_close(win[0, 0], grid[:4, :4])
+    last = win[0, 48]  # rows 24..27, cols 24..27: the 28th row and column repeat the 27th
+    torch.testing.assert_close(last[:3, :3], grid[24:, 24:])
+    torch.testing.assert_close(last[3, :3], grid[26, 24:])
+    torch.testing.assert_close(last[:3, 3], grid[24:, 26])
+    torch.testing.assert_close(last[3, 3], grid[26, 26])
 
 
 # ------------------------------------------------------------------ token counts at the real grids
@@ -430,28 +443,45 @@ def test_readme_token_counts_at_24x24(capsys):
     assert all(c % 1 == 0 and 36 <= c <= 576 for c in moe)  # between all windows pooled and all kept
 
 
-@pytest.mark.parametrize(("h", "settings"), [(24, {}), (27, {"window": 3, "scales": [1, 3]}), (16, {})])
-def test_every_connector_token_count_at_real_grids(h, settings):
-    """24x24 (CLIP-L/14-336), 27x27 (SigLIP-so400m/14-384), 16x16 (CLIP-B/16-224): each connector's count from its
-    definition. focus_moe's default 4x4 window does not divide 27, so that grid gets 3x3 windows here."""
+def prumerge_count(attention: torch.Tensor) -> list[int]:
+    """PruMerge's token count by its definition: int(N * share of IQR outliers) + 1, quartiles by numpy."""
+    out = []
+    for a in attention.mean(1).numpy():
+        q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+        ratio = len(np.where(a > q3 + 1.5 * (q3 - q1))[0]) / len(a)  # the reference's outlier_dectection
+        out.append(int(len(a) * ratio) + 1)
+    return out
+
+
+@pytest.mark.parametrize("h", [24, 27, 16])
+def test_every_connector_token_count_at_real_grids(h):
+    """24x24 (CLIP-L/14-336), 27x27 (SigLIP-so400m/14-384), 16x16 (CLIP-B/16-224): every connector with its
+    defaults, each count from its definition (the issue-15 list: 144, 144, 144, 144, 64, 64, adaptive at 24x24)."""
     N, f = h * h, feats(B=3, h=h, w=h, dv=32)
     info = EncoderInfo(hidden_size=32, grid=(h, h), image_size=14 * h, has_cls=True, num_heads=4, num_layers=2)
+    half = math.ceil(h / 2) ** 2
+    f.cls_attention = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(0)).pow(8).softmax(-1)
     expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3,
-                "random_keep": [round(0.25 * N)] * 3, "avgpool": [math.ceil(h / 2) ** 2] * 3,
-                "pixel_shuffle": [math.ceil(h / 2) ** 2] * 3}  # fmt: skip
-    f.cls_attention = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(0)).softmax(-1)
+                "random_keep": [round(0.25 * N)] * 3, "avgpool": [half] * 3, "pixel_shuffle": [half] * 3,
+                "c_abstractor": [144] * 3, "ldpv2": [144] * 3, "tokenpacker": [half] * 3,
+                "perceiver_resampler": [64] * 3, "visionzip": [64] * 3,
+                "prumerge": prumerge_count(f.cls_attention)}  # fmt: skip
+    assert set(expected) | {"focus_moe"} == set(BUILTIN_CONNECTORS)
     for name in BUILTIN_CONNECTORS:
-        extra = SMALL_Q if name == "qformer" else settings if name == "focus_moe" else {}
+        extra = SMALL_Q if name == "qformer" else dict(hidden_size=64) if name == "c_abstractor" else {}
         conn = build_connector(name, 32, 24, **extra).eval()
-        if name == "focus_moe":  # one token per window when all are pooled, N when all are kept
+        if name == "focus_moe":  # one token per window when all are pooled, every (padded) patch when all are kept
             conn.calibrate(f)
             counts = conn(f).num_tokens.tolist()
-            assert all(N // conn.window**2 <= c <= N for c in counts) and conn.max_tokens(info) == N
+            padded = math.ceil(h / 4) * 4
+            assert all(padded**2 // 16 <= c <= padded**2 for c in counts) and conn.max_tokens(info) == padded**2
             assert abs(sum(counts) / 3 - 0.25 * N) <= 0.1 * N  # the budget, calibrated on these images
         else:
             out = conn(f)
-            assert out.tokens.shape == (3, expected[name][0], 24) and conn.max_tokens(info) == expected[name][0]
             assert out.num_tokens.tolist() == expected[name], name
+            assert out.tokens.shape == (3, max(expected[name]), 24) and conn.max_tokens(info) >= max(expected[name])
+            if name != "prumerge":
+                assert conn.max_tokens(info) == expected[name][0], name
 
 
 # ------------------------------------------------------------------ the reducers' baselines

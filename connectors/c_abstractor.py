@@ -1,0 +1,90 @@
+"""``c_abstractor``: Honeybee's C-Abstractor (Cha et al., CVPR 2024, arXiv 2312.06742; kakaobrain/honeybee
+``honeybee/projectors/projectors.py``, config ``configs/model_config/c-abs.yaml``).
+
+    x      = patches + pos_emb                                   learned, one per patch (``pos_emb=True``)
+    x      = RegStage(depth, Dv -> hidden)(x as a (h, w) map)    timm's RegNet stage: SiLU, LayerNorm2d, stride 1
+    x      = AdaptiveAvgPool2d(sqrt(M), sqrt(M))(x)              M = ``num_queries`` tokens, a square number
+    x      = RegStage(depth, hidden -> hidden)(x)
+    tokens = MLP(mlp_depth, hidden -> D)(x), SiLU between layers, raster order
+
+Defaults are the paper's (c-abs.yaml): M = 144, depth 3, mlp_depth 2, hidden 1024, positional embedding on, no
+prenorm, no extra eos tokens. The blocks are ``timm.models.regnet.RegStage`` exactly as Honeybee builds them.
+
+The positional embedding is learned for a ``pos_grid`` x ``pos_grid`` patch grid (24: CLIP-L/336) and resampled
+bicubically for other grids (timm's ``resample_abs_pos_embed``, as ViTs do at a new resolution); Honeybee's own
+table is tied to one encoder. Grids smaller than sqrt(M) are pooled up to M tokens by the adaptive pooling, as in the
+reference; choose ``num_queries`` for such grids (the mini world's 8x8 grid: 16).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from einops import rearrange
+from timm.layers import LayerNorm2d, resample_abs_pos_embed
+from timm.models.regnet import RegStage
+from torch import nn
+
+from connector_zoo.settings import SettingError, check
+from connectors import register
+from connectors.base import Connector, ConnectorOutput
+from encoders.base import EncoderInfo, VisionFeatures
+
+
+def silu_mlp(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
+    """Honeybee's ``build_mlp``: Linear, then (SiLU, Linear) x (depth - 1)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(depth - 1):
+        layers += [nn.SiLU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+@register("c_abstractor")
+class CAbstractor(Connector):
+    """Honeybee C-Abstractor: ResNet (RegNet) blocks -> adaptive average pooling to M tokens -> blocks -> MLP."""
+
+    #: tests and the CPU mini world (8x8 patches -> 4x4 tokens, the paper's 576 -> 144 ratio); defaults are the paper's
+    small_settings = dict(num_queries=16, hidden_size=128, pos_grid=8)
+
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 144, depth: int = 3, mlp_depth: int = 2,
+                 hidden_size: int = 1024, pos_emb: bool = True, pos_grid: int = 24):  # fmt: skip
+        super().__init__(in_dim, out_dim)
+        check("c_abstractor", "num_queries", num_queries, int, lo=1)
+        if math.isqrt(num_queries) ** 2 != num_queries:
+            raise SettingError(f"c_abstractor: num_queries={num_queries} must be a square number (144 = 12x12)")
+        check("c_abstractor", "depth", depth, int, lo=0)
+        check("c_abstractor", "mlp_depth", mlp_depth, int, lo=1)
+        check("c_abstractor", "hidden_size", hidden_size, int, lo=1)
+        check("c_abstractor", "pos_emb", pos_emb, bool)
+        check("c_abstractor", "pos_grid", pos_grid, int, lo=1)
+        self.num_queries, self.pos_grid = num_queries, pos_grid
+        side = math.isqrt(num_queries)
+        self.pos_emb = nn.Parameter(torch.zeros(1, pos_grid * pos_grid, in_dim)) if pos_emb else None
+        if self.pos_emb is not None:
+            nn.init.trunc_normal_(self.pos_emb, mean=0.0, std=0.02)
+        block = partial(RegStage, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)
+        sampler = nn.AdaptiveAvgPool2d((side, side))
+        if depth:
+            self.net = nn.Sequential(block(depth, in_dim, hidden_size), sampler, block(depth, hidden_size, hidden_size))
+            self.readout = silu_mlp(mlp_depth, hidden_size, out_dim)
+        else:
+            self.net = nn.Sequential(sampler)
+            self.readout = silu_mlp(mlp_depth, in_dim, out_dim)
+
+    def position(self, grid: tuple[int, int]) -> torch.Tensor:
+        if tuple(grid) == (self.pos_grid, self.pos_grid):
+            return self.pos_emb
+        return resample_abs_pos_embed(self.pos_emb, list(grid), [self.pos_grid, self.pos_grid], num_prefix_tokens=0)
+
+    def forward(self, features: VisionFeatures) -> ConnectorOutput:
+        h, w = features.grid
+        x = features.patches
+        if self.pos_emb is not None:
+            x = x + self.position((h, w)).to(x.dtype)
+        x = self.net(rearrange(x, "b (h w) d -> b d h w", h=h, w=w))
+        return ConnectorOutput.dense(self.readout(rearrange(x, "b d h w -> b (h w) d")))
+
+    def max_tokens(self, info: EncoderInfo) -> int:
+        return self.num_queries

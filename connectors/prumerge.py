@@ -1,0 +1,72 @@
+"""``prumerge``: LLaVA-PruMerge's adaptive pruning and merging (Shang et al. 2024, arXiv 2403.15388;
+42Shawn/LLaVA-PruMerge ``clip_encoder.py``, ``token_prune_merge_advanced``), training-free, before a projector.
+
+    a       = the CLS attention over the N patches (head mean here; see below)
+    ratio   = |{i : a_i > Q3 + 1.5 IQR}| / N       the IQR outlier rule (``adaptive``; else ``keep_ratio``, 1/8)
+    keep    = the top int(N * ratio) patches by a, in score order (descending), as the reference
+    kept_i  = x_i + sum over its ``neighbours`` (32) most similar other patches j (cosine) of a_j x_j
+    extra   = sum over the pruned patches j of a_j x_j                 one more token
+    tokens  = inner([kept; extra])                  int(N * ratio) + 1 tokens, different per image (masked)
+
+Quartiles are numpy's linear interpolation (``torch.quantile``), per image. Differences, named: the reference scores
+with a single full-width attention of CLIP's last layer and measures similarity on that layer's keys; the encoder
+contract here gives the selected layer's per-head CLS attention (averaged) and its output features, used instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from connector_zoo.settings import check
+from connectors import register
+from connectors.base import ConnectorOutput
+from connectors.reduce import Reducer
+from encoders.base import EncoderInfo, VisionFeatures
+
+
+def iqr_outlier_ratio(score: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B,) fraction of scores above Q3 + 1.5 IQR, per image."""
+    q1, q3 = torch.quantile(score.float(), torch.tensor([0.25, 0.75], device=score.device), dim=1)
+    return (score > (q3 + 1.5 * (q3 - q1))[:, None]).double().mean(dim=1)  # float64, as the reference's Python
+
+
+@register("prumerge")
+class PruMerge(Reducer):
+    """LLaVA-PruMerge: keep the IQR outliers of CLS attention, merge neighbours into them, plus one pooled token."""
+
+    needs_cls_attention = True
+
+    def configure(self, adaptive: bool = True, keep_ratio: float = 0.125, neighbours: int = 32) -> None:
+        check("prumerge", "adaptive", adaptive, bool)
+        check("prumerge", "keep_ratio", keep_ratio, float, lo=0, hi=1)
+        check("prumerge", "neighbours", neighbours, int, lo=1)
+        self.adaptive, self.keep_ratio, self.neighbours = adaptive, keep_ratio, neighbours
+
+    def forward(self, features: VisionFeatures) -> ConnectorOutput:
+        if features.cls_attention is None:
+            raise ValueError("prumerge needs the encoder's CLS-attention scores; this encoder gave none")
+        x, (B, N) = features.patches, features.patches.shape[:2]
+        work = torch.promote_types(x.dtype, torch.float32)  # scores and sums at least in fp32 (bf16 features)
+        score, x = features.cls_attention.to(work).mean(dim=1), x.to(work)
+        ratio = iqr_outlier_ratio(score) if self.adaptive else torch.full((B,), self.keep_ratio, dtype=torch.float64)
+        unit = F.normalize(x, dim=-1)
+        out = []
+        for b in range(B):
+            k = int(N * float(ratio[b]))
+            idx = score[b].topk(k).indices
+            sim = unit[b, idx] @ unit[b].T  # (k, N); a patch is not its own neighbour
+            sim[torch.arange(k), idx] = float("-inf")
+            near = sim.topk(min(self.neighbours, N - 1), dim=1).indices
+            kept = x[b, idx] + (score[b, near, None] * x[b, near]).sum(dim=1)
+            pruned = torch.ones(N, dtype=torch.bool, device=x.device)
+            pruned[idx] = False
+            extra = (score[b, pruned, None] * x[b, pruned]).sum(dim=0, keepdim=True)
+            out.append(self.inner.project(torch.cat([kept, extra]).to(features.patches.dtype)))
+        tokens = torch.nn.utils.rnn.pad_sequence(out, batch_first=True)
+        lengths = torch.tensor([len(t) for t in out], device=x.device)
+        mask = torch.arange(tokens.shape[1], device=x.device)[None] < lengths[:, None]
+        return ConnectorOutput(tokens, mask)
+
+    def max_tokens(self, info: EncoderInfo) -> int:
+        return info.num_patches + 1
