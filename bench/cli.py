@@ -73,8 +73,10 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         f"encoder {args.encoder} ({enc.checkpoint}): grid {enc.info.grid[0]}x{enc.info.grid[1]} = "
         f"{enc.info.num_patches} patches, width {enc.info.hidden_size}; LLM {args.llm} width {llm.hidden_size}"
     )
-    print(f"{'connector':<16} {'tokens/image (per image)':<32} {'params':>10}")
-    for name in args.connector.split(","):
+    names = args.connector.split(",")
+    width = max(16, *(len(n) + 1 for n in names))
+    print(f"{'connector':<{width}} {'tokens/image (per image)':<32} {'params':>10}")
+    for name in names:
         spec = specs_from_args(args, name)["connector"]
         torch.manual_seed(0)
         conn = build_connector(spec.pop("name"), enc.info.hidden_size, llm.hidden_size, **spec)
@@ -87,7 +89,12 @@ def cmd_tokens(args: argparse.Namespace) -> None:
                 note = "  (untrained router; budget offset calibrated on these images)"
             counts = conn(features).num_tokens.tolist()
         mean = sum(counts) / len(counts)
-        print(f"{name:<16} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
+        if getattr(conn, "adaptive", False):
+            note = "  (adaptive: a count per image)"
+        hook = getattr(conn, "llm_hook", None)
+        if hook is not None and hasattr(hook, "keep_count"):
+            note = f"  (enter the LLM; {hook.keep_count(counts[0])} after LLM layer {hook.layer})"
+        print(f"{name:<{width}} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
 
 
 def vlm_from_args(args: argparse.Namespace):

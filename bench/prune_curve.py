@@ -5,6 +5,10 @@ token reducer in front of its projector at several keep ratios, with no retraini
 - ``random_keep``: k patches at random (mean and std over ``seeds`` draws): does the score beat chance?
 - ``avgpool``: the grid average-pooled to about k tokens (round(side * sqrt(ratio)) per side): does keeping a subset
   beat merging everything spatially?
+- ``visionzip``: k tokens split as VisionZip's 54 : 10 (dominant with CLS : contextual);
+- ``prumerge``: PruMerge with a fixed ratio (``adaptive=False``): int(k) kept and merged + 1 pooled token;
+- ``fastv``: every token enters the LLM, k are left after LLM layer 1 (R = 1 - ratio; the world's LLM has 2 layers,
+  so K = 1; with a larger LLM, the paper's K = 2).
 
 Every point, the unpruned reference included, is evaluated on the same cached features (computed with the encoder's
 eager attention, which pruning needs), so the 100 % points of cls_prune and random_keep equal the unpruned accuracy
@@ -27,9 +31,28 @@ from bench.vlm import VLM
 from connectors.avgpool import AvgPool
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune
+from connectors.fastv import FastV
+from connectors.prumerge import PruMerge
 from connectors.random_keep import RandomKeep
+from connectors.visionzip import VisionZip
 
-METHODS = ("cls_prune", "random_keep", "avgpool")
+METHODS = ("cls_prune", "random_keep", "avgpool", "visionzip", "prumerge", "fastv")
+
+
+def visionzip_at(projector, k: int) -> VisionZip:
+    """VisionZip at k tokens, split as its 54 + 10 = 64 default."""
+    dominant = max(1, round(k * 54 / 64))
+    return VisionZip.wrap(projector, dominant=dominant, contextual=max(0, k - dominant))
+
+
+def tokens_of(connector, info) -> float:
+    """The visual tokens a point is plotted at: FastV's after its LLM layer, PruMerge's fixed count, else the count
+    the reducer emits."""
+    if isinstance(connector, FastV):
+        return float(connector.llm_hook.keep_count(info.num_patches))
+    if isinstance(connector, PruMerge):
+        return float(int(info.num_patches * connector.keep_ratio) + 1)
+    return float(connector.max_tokens(info))
 
 
 def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1000, allow_dotted_paths: bool = False,
@@ -59,12 +82,15 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         collator = Collator(vlm.llm, features, connector.max_tokens(info), vlm.max_length)
         answers = answer(vlm, samples, collator)
         return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers,
-                "tokens": float(connector.max_tokens(info))}  # fmt: skip
+                "tokens": tokens_of(connector, info)}  # fmt: skip
 
     reducers = {
         "cls_prune": lambda r: [CLSPrune.wrap(projector, keep_ratio=r)],
         "random_keep": lambda r: [RandomKeep.wrap(projector, keep_ratio=r, seed=s) for s in seeds],
         "avgpool": lambda r: [AvgPool.wrap(projector, keep_ratio=r)],
+        "visionzip": lambda r: [visionzip_at(projector, max(1, round(r * info.num_patches)))],
+        "prumerge": lambda r: [PruMerge.wrap(projector, adaptive=False, keep_ratio=r)],
+        "fastv": lambda r: [FastV.wrap(projector, k=1, r=1 - r)],
     }
     rows = []
     with autocast(run_precision(run_dir), vlm.device):  # the arithmetic the run trained with

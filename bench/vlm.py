@@ -9,6 +9,7 @@ visual tokens. Training batches are right-padded, generation batches left-padded
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from encoders import build_encoder
 from encoders.base import VisionEncoder, VisionFeatures
 from llms import build_llm
 from llms.base import IGNORE_INDEX, LLMBackend
+from llms.hooks import VisualSpans, visual_token_hook
 
 CONFIG_NAME = "vlm_config.json"
 WEIGHTS_NAME = "trainable.safetensors"
@@ -179,7 +181,8 @@ class VLM(nn.Module):
         """Causal-LM output; ``loss`` includes the connector's auxiliary loss (if any) when labels are given."""
         visual = self.visual_tokens(inputs)
         embeds, mask, labels, position_ids = self.splice(inputs, visual)
-        out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels)
+        with self.llm_hook(inputs, visual, mask, labels, left_padded=False):
+            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels)
         aux = None if visual is None else visual.aux_loss
         loss = out.loss if out.loss is None or aux is None else out.loss + aux
         return VLMOutput(loss=loss, lm_loss=out.loss, aux_loss=aux, logits=out.logits,
@@ -216,16 +219,31 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
         """New token ids (B, T) for left-padded prompts; greedy unless sampling arguments are given."""
-        embeds, mask, _, _ = self.splice(inputs, self.visual_tokens(inputs), padding_side="left")
+        visual = self.visual_tokens(inputs)
+        embeds, mask, _, _ = self.splice(inputs, visual, padding_side="left")
         kwargs.setdefault("do_sample", False)
-        return self.llm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.llm.eos_token_id,
-            pad_token_id=self.llm.pad_token_id,
-            **kwargs,
-        )
+        with self.llm_hook(inputs, visual, mask, None, left_padded=True):
+            return self.llm.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.llm.eos_token_id,
+                pad_token_id=self.llm.pad_token_id,
+                **kwargs,
+            )
+
+    def llm_hook(self, inputs: VLMInputs, visual: ConnectorOutput | None, mask, labels, left_padded: bool):
+        """The connector's LLM-side hook (FastV; llms/hooks.py) with this batch's image spans, or a no-op."""
+        hook = getattr(self.connector, "llm_hook", None)
+        if hook is None or visual is None:
+            return contextlib.nullcontext()
+        has_image = inputs.has_image or [True] * len(inputs.input_ids)
+        rows = iter(range(visual.tokens.shape[0]))
+        image_at = [int((ids == self.llm.image_token_id).nonzero()[0]) if has else None
+                    for ids, has in zip(inputs.input_ids, has_image)]  # fmt: skip
+        counts = [int(visual.mask[next(rows)].sum()) if has else 0 for has in has_image]
+        spans = VisualSpans.of(image_at, counts, mask, labels, left_padded, IGNORE_INDEX)
+        return visual_token_hook(self.llm.model, hook, spans)
 
     def decode(self, generated: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.llm.tokenizer.batch_decode(generated, skip_special_tokens=True)]

@@ -36,7 +36,7 @@ def pytest_report_header(config):
 ENCODER_NAMES = ["clip", "siglip", "eva-vit-g"]
 LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
 # written out, not read from the registry: a connector that vanished from it must fail here, not shrink the grid
-BUILTIN_CONNECTORS = ["avgpool", "c_abstractor", "cls_prune", "focus_moe", "ldpv2", "linear", "mlp2x_gelu",
+BUILTIN_CONNECTORS = ["avgpool", "c_abstractor", "cls_prune", "fastv", "focus_moe", "ldpv2", "linear", "mlp2x_gelu",
                       "perceiver_resampler", "pixel_shuffle", "prumerge", "qformer", "random_keep", "tokenpacker",
                       "visionzip"]  # fmt: skip
 

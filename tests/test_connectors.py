@@ -443,6 +443,21 @@ def test_readme_token_counts_at_24x24(capsys):
     assert all(c % 1 == 0 and 36 <= c <= 576 for c in moe)  # between all windows pooled and all kept
 
 
+def test_issue15_token_counts_at_24x24(capsys):
+    """`bench tokens --encoder-checkpoint tiny-24 --connector c_abstractor,...,prumerge`: the papers' counts 144,
+    144, 144, 144, 64, 64 and PruMerge's adaptive count, recomputed from the encoder's CLS attention with numpy."""
+    from bench.cli import demo_images
+    from encoders import build_encoder
+
+    names = "c_abstractor,ldpv2,pixel_shuffle,tokenpacker,perceiver_resampler,visionzip,prumerge"
+    rows = tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector", names)
+    assert [rows[n] for n in names.split(",")[:-1]] == [[144] * 4] * 4 + [[64] * 4] * 2
+    enc = build_encoder("clip", checkpoint="tiny-24")
+    with torch.no_grad():
+        f = enc(enc.preprocess(demo_images(enc.info.image_size, 4)), with_cls_attention=True)
+    assert rows["prumerge"] == prumerge_count(f.cls_attention)
+
+
 def prumerge_count(attention: torch.Tensor) -> list[int]:
     """PruMerge's token count by its definition: int(N * share of IQR outliers) + 1, quartiles by numpy."""
     out = []

@@ -143,13 +143,17 @@ def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
     rows = pruning_curve(out, [1.0, 0.5, 0.25], eval_limit=8, seeds=(0, 1))
     by = {(r["method"], r["keep_ratio"]): r for r in rows}
     # keeping every token gives exactly the unpruned model's answers, not merely the same score
-    for method in ("cls_prune", "random_keep", "avgpool"):
+    for method in ("cls_prune", "random_keep", "avgpool", "fastv"):  # fastv at R = 0: nothing dropped in the LLM
         full = by[(method, 1.0)]
         assert full["answers"] == full["unpruned_answers"] and full["accuracy"] == full["unpruned_accuracy"], method
     assert [by[("cls_prune", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 32.0, 16.0]
     assert [by[("random_keep", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 32.0, 16.0]
     assert [by[("avgpool", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 36.0, 16.0]  # 8x8, 6x6, 4x4
     assert by[("random_keep", 0.5)]["draws"] == 2 and "speedup" in by[("cls_prune", 0.5)]
+    # the other training-free reducers at the same counts: VisionZip k, PruMerge int(k) + 1, FastV k after its layer
+    assert [by[("visionzip", r)]["tokens"] for r in (0.5, 0.25)] == [32.0, 16.0]
+    assert [by[("prumerge", r)]["tokens"] for r in (0.5, 0.25)] == [33.0, 17.0]
+    assert [by[("fastv", r)]["tokens"] for r in (0.5, 0.25)] == [32.0, 16.0]
 
 
 def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
