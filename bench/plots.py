@@ -71,7 +71,8 @@ def pruning_plot(rows, stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     styles = {"cls_prune": ("o-", "CLS-attention pruning (FasterVLM)"), "random_keep": ("^--", "random keep"),
               "avgpool": ("s-.", "average pooling"), "visionzip": ("D-", "VisionZip (dominant + contextual)"),
-              "prumerge": ("v:", "PruMerge (fixed ratio)"), "fastv": ("P-", "FastV (in the LLM, after layer 1)")}  # fmt: skip
+              "prumerge": ("v:", "PruMerge (fixed ratio)"),
+              "fastv": ("P-", "FastV (in the LLM, after layer 1)")}  # fmt: skip
     for method, (style, label) in styles.items():
         points = [r for r in rows if r.get("method", "cls_prune") == method]
         if not points:
