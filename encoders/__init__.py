@@ -1,4 +1,5 @@
-"""Vision encoders: ``clip``, ``siglip``, ``eva-vit-g`` and plugins (entry-point group ``connector_zoo.encoders``)."""
+"""Vision encoders: ``clip``, ``siglip``, ``eva-vit-g``, ``dinov2``, ``fused`` (encoders side by side) and plugins
+(entry-point group ``connector_zoo.encoders``)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def pytest_report_header(config):
     return "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())
 
 
-ENCODER_NAMES = ["clip", "siglip", "eva-vit-g"]
+ENCODER_NAMES = ["clip", "siglip", "eva-vit-g", "dinov2", "fused"]
 LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
 # written out, not read from the registry: a connector that vanished from it must fail here, not shrink the grid
 BUILTIN_CONNECTORS = ["avgpool", "c_abstractor", "cls_prune", "fastv", "focus_moe", "ldpv2", "linear", "mlp2x_gelu",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ENCODER_NAMES, images, install_in_hf_cache
-from transformers import CLIPVisionModel, SiglipVisionModel
+from transformers import CLIPVisionModel, Dinov2WithRegistersModel, SiglipVisionModel
 
 from encoders import build_encoder
 
@@ -19,7 +19,7 @@ def test_contract_shapes_and_frozen(encoders, name):
     h, w = enc.info.grid
     assert feats.patches.shape == (3, h * w, enc.info.hidden_size)
     assert feats.grid == (h, w)
-    assert (feats.cls is None) == (name == "siglip")
+    assert (feats.cls is None) == (name in ("siglip", "fused"))  # fused: one of its parts (SigLIP) has no CLS
     assert feats.cls_attention.shape == (3, enc.info.num_heads, h * w)
     assert not feats.patches.requires_grad
     assert all(not p.requires_grad for p in enc.parameters())
@@ -125,6 +125,15 @@ def reference_hidden_states(name: str, enc, px: torch.Tensor) -> list[torch.Tens
                 x = blk(x, rope=rope)
                 states.append(x)
             return [h[:, 1:] for h in states]
+        if name == "fused":  # each part on its own three channels, concatenated
+            parts = [reference_hidden_states(p.registered_name, p, x) for p, x in zip(enc.parts, px.split(3, dim=1))]
+            return [torch.cat(hs, dim=-1) for hs in zip(*parts)]
+        if name == "dinov2":  # [CLS, 4 registers, patches]: the patches
+            out = Dinov2WithRegistersModel.from_pretrained(enc.model.name_or_path).eval()(
+                pixel_values=px, output_hidden_states=True
+            )
+            assert enc.model.config.num_register_tokens == 4
+            return [h[:, 5:] for h in out.hidden_states]
         cls = CLIPVisionModel if name == "clip" else SiglipVisionModel
         out = cls.from_pretrained(enc.model.name_or_path).eval()(pixel_values=px, output_hidden_states=True)
         return [h[:, 1:] if name == "clip" else h for h in out.hidden_states]
@@ -138,7 +147,7 @@ def test_layer_selection_is_hidden_states_k_for_every_k(name, encoders):
     L = len(states) - 1
     assert L >= 2
     for k in [*range(1, L + 1), *range(-1, -L - 1, -1)]:
-        got = build_encoder(name, layer=k)(px).patches
+        got = build_encoder(name, checkpoint=enc.checkpoint, layer=k)(px).patches
         torch.testing.assert_close(got, states[k], rtol=0, atol=1e-5, msg=f"{name} layer {k}")
     for bad in (0, L + 1, -L - 1):
         with pytest.raises(ValueError, match="out of range"):
@@ -177,8 +186,67 @@ def test_cache_key_tracks_what_determines_features(encoders):
 
 @pytest.mark.parametrize("name", ENCODER_NAMES)
 def test_tiny_preset_at_another_resolution_grows_the_grid(name):
+    if name == "fused":
+        enc = build_encoder(name, checkpoint="dinov2:tiny@128+siglip:tiny@128")
+        assert enc.info.grid == (16, 16) and enc.encode_images(images(1, size=128)).patches.shape == (1, 256, 128)
+        return
     enc = build_encoder(name, checkpoint="tiny@128")
     assert enc.info.grid == (16, 16) and enc.info.image_size == 128
     assert enc.encode_images(images(1, size=128)).patches.shape[1] == 256
     with pytest.raises(ValueError, match="multiple of the tiny preset's patch size 8"):
         build_encoder(name, checkpoint="tiny@100")
+
+
+def test_dinov2_drops_registers_and_reads_the_cls_row(encoders, tmp_path):
+    """With registers: CLS attention is the eager attention's CLS row over the patches (registers skipped). A plain
+    DINOv2 checkpoint (model type dinov2, no registers) loads through AutoModel; ``dir@R`` runs at R pixels with the
+    position embeddings interpolated, as transformers' Dinov2Model does on that input."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    enc = encoders["dinov2"]
+    px = enc.preprocess(images(2))
+    ref = Dinov2WithRegistersModel.from_pretrained(enc.model.name_or_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_attentions=True, output_hidden_states=True)
+    feats = enc(px, with_cls_attention=True)
+    torch.testing.assert_close(feats.cls_attention, out.attentions[-2][:, :, 0, 5:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(feats.cls, out.hidden_states[-2][:, 0], rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64,
+                             patch_size=8)).save_pretrained(tmp_path / "plain")  # fmt: skip
+    BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+        tmp_path / "plain"
+    )
+    plain = build_encoder("dinov2", checkpoint=str(tmp_path / "plain"))
+    assert plain.registers == 0 and plain.info.grid == (8, 8)
+    big = build_encoder("dinov2", checkpoint=f"{tmp_path / 'plain'}@96")
+    assert big.info.grid == (12, 12) and big.info.image_size == 96
+    px96 = big.preprocess(images(1, size=120))
+    assert px96.shape[-1] == 96
+    with torch.no_grad():
+        want = Dinov2Model.from_pretrained(tmp_path / "plain").eval()(pixel_values=px96, output_hidden_states=True)
+    torch.testing.assert_close(big(px96).patches, want.hidden_states[-2][:, 1:], rtol=0, atol=1e-6)
+
+
+def test_fused_concatenates_its_parts_on_a_common_grid():
+    """Prismatic's dinosiglip layout: each part reads its own channels; a part on another grid is resampled."""
+    import torch.nn.functional as F
+
+    fused = build_encoder("fused", checkpoint="dinov2:tiny@96+siglip:tiny-24")  # 12x12 and 24x24, both 96 px
+    dino, sig = fused.parts
+    assert fused.info.grid == (12, 12) and fused.info.hidden_size == 128
+    pics = images(2, size=96)
+    px = fused.preprocess(pics)
+    assert px.shape == (2, 6, 96, 96)
+    torch.testing.assert_close(px[:, :3], dino.preprocess(pics))
+    torch.testing.assert_close(px[:, 3:], sig.preprocess(pics))
+    feats = fused(px, with_cls_attention=True)
+    s = sig(px[:, 3:]).patches.transpose(1, 2).reshape(2, 64, 24, 24)
+    resampled = F.interpolate(s, size=(12, 12), mode="bilinear").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(feats.patches[..., :64], dino(px[:, :3]).patches)
+    torch.testing.assert_close(feats.patches[..., 64:], resampled)
+    assert feats.cls is None and feats.cls_attention.shape == (2, 4, 144)  # DINOv2's CLS row
+    with pytest.raises(ValueError, match="must agree"):
+        build_encoder("fused", checkpoint="dinov2:tiny+siglip:tiny-24")
+    with pytest.raises(ValueError, match="name:checkpoint"):
+        build_encoder("fused", checkpoint="dinov2+siglip:tiny")

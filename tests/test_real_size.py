@@ -148,3 +148,34 @@ def test_bf16_autocast_with_half_backbones_at_real_width():
     assert out.visual_tokens.tolist() == [576] and out.logits.shape[-1] == 32000
     assert out.lm_loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert out.loss.requires_grad  # the graph reaches the fp32 connector and adapters
+
+
+def test_prismatic_dinosiglip_384_with_every_new_connector_at_real_width():
+    """Prismatic's fused DINOv2-L (registers) + SigLIP-so400m at 384 px (27x27 patches, 1024 + 1152 = 2176 channels)
+    into a 3-layer Qwen3-4B-width LLM (2560, vocabulary 151,936), bf16 weights and autocast, each issue-15 connector
+    with its paper defaults: a training-mode forward with finite loss and the expected visual tokens; FastV's K = 2
+    hook runs inside the LLM."""
+    from conftest import CONV_A, batch
+
+    from bench.vlm import VLM
+    from connectors import build_connector
+
+    fused = build_encoder("fused", "dinov2:random:facebook/dinov2-with-registers-large:layers=2@384+siglip:" + SIGLIP
+                          + ":layers=2", dtype="bfloat16")  # fmt: skip
+    assert (fused.info.grid, fused.info.hidden_size, fused.info.image_size) == ((27, 27), 2176, 384)
+    assert fused.parts[0].registers == 4
+    llm = build_llm("qwen3", QWEN3 + ":layers=3", dtype="bfloat16")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (384, 384, 3), dtype=np.uint8))
+    px = fused.preprocess([image])
+    assert px.shape == (1, 6, 384, 384)
+    expected = {"c_abstractor": 144, "ldpv2": 144, "pixel_shuffle": 196, "tokenpacker": 196,
+                "perceiver_resampler": 64, "visionzip": 64, "fastv": 729}  # fmt: skip
+    for name in [*expected, "prumerge", "focus_moe"]:
+        torch.manual_seed(0)
+        vlm = VLM(fused, build_connector(name, 2176, 2560), llm).train()
+        inputs = batch(llm, [CONV_A], [True], px)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = vlm(inputs)
+        assert torch.isfinite(out.loss), name
+        n = int(out.visual_tokens[0])
+        assert n == expected[name] if name in expected else 1 <= n <= 784, (name, n)

@@ -18,7 +18,7 @@ from llms import LLMS
 
 
 def test_builtin_names_are_the_ones_asked_for():
-    assert sorted(ENCODERS.builtins()) == sorted(ENCODER_NAMES) == ["clip", "eva-vit-g", "siglip"]
+    assert sorted(ENCODERS.builtins()) == sorted(ENCODER_NAMES) == ["clip", "dinov2", "eva-vit-g", "fused", "siglip"]
     assert sorted(LLMS.builtins()) == LLM_NAMES == ["qwen3", "tinyllama", "vicuna"]
     assert sorted(CONNECTORS.builtins()) == BUILTIN_CONNECTORS
     for registry in (ENCODERS, LLMS, CONNECTORS):  # each name resolves to a class registered under that name

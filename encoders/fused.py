@@ -1,0 +1,92 @@
+"""``fused``: two (or more) encoders side by side, their patch features concatenated channel-wise on a common grid
+(Prismatic's ``dinosiglip``: DINOv2 + SigLIP, Karamcheti et al. 2024, arXiv 2402.07865).
+
+The checkpoint names the parts: ``"dinov2:tiny+siglip:tiny"`` (the default), or for Prismatic's 384-px model
+``"dinov2:facebook/dinov2-with-registers-large@384+siglip:google/siglip-so400m-patch14-384"`` (27x27 both). Each part
+keeps its own preprocessing: ``preprocess`` stacks the parts' pixel tensors along the channel axis (B, 3 x parts, S,
+S) and each part reads its own three channels, as Prismatic's processor hands each backbone its own tensor. The parts
+must agree on the image side S.
+
+    patches = concat over parts of the part's patches (the selected ``layer`` of each), on the first part's grid;
+              a part with another grid is resampled to it bilinearly
+    cls     = the parts' CLS tokens concatenated when every part has one, else None (SigLIP has none)
+    cls_attention = the first part's that gives one (DINOv2's CLS row; SigLIP's pooling probe otherwise)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import nn
+
+from encoders import build_encoder, register
+from encoders.base import EncoderInfo, VisionEncoder, VisionFeatures
+
+
+def parse_parts(checkpoint: str) -> list[tuple[str, str]]:
+    parts = []
+    for piece in checkpoint.split("+"):
+        name, sep, ckpt = piece.partition(":")
+        if not sep or not name or not ckpt:
+            raise ValueError(f"fused encoder checkpoint {checkpoint!r}: each part must be name:checkpoint, joined by "
+                             f"'+' (e.g. dinov2:tiny+siglip:tiny); got {piece!r}")  # fmt: skip
+        parts.append((name, ckpt))
+    if len(parts) < 2:
+        raise ValueError(f"fused encoder checkpoint {checkpoint!r} names {len(parts)} part; it needs at least 2")
+    return parts
+
+
+@register("fused")
+class FusedEncoder(VisionEncoder):
+    """Encoders side by side (Prismatic DINOv2 + SigLIP): patch features concatenated channel-wise."""
+
+    default_checkpoint = "dinov2:tiny+siglip:tiny"
+
+    def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
+        super().__init__(checkpoint, layer, frozen, dtype)
+        self.parts = nn.ModuleList(build_encoder(name, ckpt, layer=layer, frozen=frozen, dtype=dtype)
+                                   for name, ckpt in parse_parts(checkpoint))  # fmt: skip
+        sizes = [p.info.image_size for p in self.parts]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"fused encoder {checkpoint!r}: the parts take images of {sizes} pixels; they must agree "
+                             f"(run DINOv2 at the other's size with '@R', e.g. dinov2:<checkpoint>@384)")  # fmt: skip
+        first = self.parts[0].info
+        self.info = EncoderInfo(hidden_size=sum(p.info.hidden_size for p in self.parts), grid=first.grid,
+                                image_size=first.image_size, has_cls=all(p.info.has_cls for p in self.parts),
+                                num_heads=first.num_heads, num_layers=first.num_layers)  # fmt: skip
+        self.freeze(frozen)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> FusedEncoder:
+        return cls(checkpoint or cls.default_checkpoint, **kwargs)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.cat([p.preprocess(images) for p in self.parts], dim=1)
+
+    def preprocess_signature(self) -> dict[str, Any]:
+        return {f"{i}:{p.registered_name}": p.preprocess_signature() for i, p in enumerate(self.parts)}
+
+    def on_grid(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if tuple(grid) == tuple(self.info.grid):
+            return patches
+        x = rearrange(patches, "b (h w) d -> b d h w", h=grid[0], w=grid[1])
+        return rearrange(F.interpolate(x.float(), size=self.info.grid, mode="bilinear").to(x.dtype),
+                         "b d h w -> b (h w) d")  # fmt: skip
+
+    def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
+        outs = [p(px, with_cls_attention) for p, px in zip(self.parts, pixel_values.split(3, dim=1))]
+        patches = torch.cat([self.on_grid(o.patches, o.grid) for o in outs], dim=-1)
+        cls = torch.cat([o.cls for o in outs], dim=-1) if all(o.cls is not None for o in outs) else None
+        attention = next((o.cls_attention for o in outs if o.cls_attention is not None and o.grid == self.info.grid),
+                         None)  # fmt: skip
+        return VisionFeatures(patches=patches, cls=cls, grid=self.info.grid, cls_attention=attention)
+
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.pooled(px) for p, px in zip(self.parts, pixel_values.split(3, dim=1))], dim=-1)
+
+    def save_checkpoint(self, directory) -> None:
+        raise NotImplementedError("a fused encoder is saved as its parts; save each part's checkpoint")
