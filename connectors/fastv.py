@@ -19,7 +19,7 @@ from connector_zoo.settings import check
 from connectors import register
 from connectors.base import ConnectorOutput
 from connectors.reduce import Reducer
-from encoders.base import VisionFeatures
+from encoders.base import EncoderInfo, VisionFeatures
 from llms.hooks import VisualSpans, VisualTokenHook
 
 
@@ -57,3 +57,6 @@ class FastV(Reducer):
 
     def forward(self, features: VisionFeatures) -> ConnectorOutput:
         return ConnectorOutput.dense(self.inner.project(features.patches))
+
+    def max_tokens(self, info: EncoderInfo) -> int:
+        return info.num_patches

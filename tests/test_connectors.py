@@ -479,7 +479,7 @@ def test_every_connector_token_count_at_real_grids(h):
     expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3,
                 "random_keep": [round(0.25 * N)] * 3, "avgpool": [half] * 3, "pixel_shuffle": [half] * 3,
                 "c_abstractor": [144] * 3, "ldpv2": [144] * 3, "tokenpacker": [half] * 3,
-                "perceiver_resampler": [64] * 3, "visionzip": [64] * 3,
+                "perceiver_resampler": [64] * 3, "visionzip": [64] * 3, "fastv": [N] * 3,  # fastv prunes in the LLM
                 "prumerge": prumerge_count(f.cls_attention)}  # fmt: skip
     assert set(expected) | {"focus_moe"} == set(BUILTIN_CONNECTORS)
     for name in BUILTIN_CONNECTORS:
