@@ -433,7 +433,8 @@ def tokens_table(capsys, *args: str) -> dict[str, list[int]]:
 
 
 def test_readme_token_counts_at_24x24(capsys):
-    """The README's line: 576, 576, 32, 144 (keep 25 %), about 144 (budget 25 %, varying with image content)."""
+    """The README's zoo table at 24x24: 576, 576, 32, 144 (keep 25 %), about 144 (budget 25 %, varying with image
+    content)."""
     rows = tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector",
                         "linear,mlp2x_gelu,qformer,cls_prune,focus_moe")  # fmt: skip
     assert rows["linear"] == rows["mlp2x_gelu"] == [576] * 4 and rows["qformer"] == [32] * 4
