@@ -330,6 +330,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
 
     run_dir = Path(args.run_dir)
+    if args.tasks:
+        return eval_tasks(args, run_dir)
     cfg = RunConfig.from_file(run_dir / "config.json")
     if args.eval_limit is not None:
         cfg.eval_limit = limit(args.eval_limit)
@@ -349,6 +351,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}")  # fmt: skip
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
         print(f"{name}: {loss_key} {m[loss_key]:.4f}")
+
+
+def eval_tasks(args: argparse.Namespace, run_dir: Path) -> None:
+    """``bench eval RUN --tasks ...``: lmms-eval's tasks and metrics on the run, recorded in its results.json."""
+    try:
+        from bench.lmms import evaluate_tasks
+    except ImportError as err:
+        raise SystemExit(f"bench eval --tasks needs lmms-eval: pip install 'connector-zoo[eval]' ({err})") from err
+    limit_n = None if args.eval_limit is None else limit(args.eval_limit)
+    recorded = evaluate_tasks(run_dir, args.tasks.split(","), limit_n, args.include_path or [], args.batch_size,
+                              verify=not args.no_verify, allow_dotted_paths=args.allow_dotted_paths,
+                              online=args.online)  # fmt: skip
+    for task, entry in recorded.items():
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["metrics"].items())
+        print(f"{task}: {metrics} (n={entry['samples']}, lmms-eval {entry['lmms_eval_version']})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -374,6 +391,12 @@ def cmd_world_build(args: argparse.Namespace) -> None:
 
     world = World(world_config(args) or WorldConfig())
     print(f"world: {world.dir}")
+    try:
+        from bench.lmms import TASKS_DIR, world_task_data
+
+        print(f"lmms-eval task data: {world_task_data(world)} (task folder {TASKS_DIR / 'connector_zoo_world'})")
+    except ImportError as err:  # datasets is a core dependency; say what is missing and go on
+        print(f"lmms-eval task data not written: {err}")
     for name in args.encoders.split(","):
         print(f"encoder {name}: {pretrain_encoder(name, world)}")
     for name in args.llms.split(","):

@@ -263,6 +263,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")
     p.add_argument("--eval-limit", type=EVAL_LIMIT, help="questions per split: N, 0 or all (default: the run's)")
+    p.add_argument("--tasks", help="lmms-eval tasks instead (comma-separated: connector_zoo_world, pope, gqa, mme...)")
+    p.add_argument("--include-path", action="append", help="a folder of lmms-eval task YAML files (repeatable)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="lmms-eval generation batch")
+    p.add_argument("--online", action="store_true", help="let lmms-eval download task data (offline by default)")
     add_trust_args(p)
     p.set_defaults(func=commands["eval"])
 
