@@ -46,7 +46,13 @@ def world_task_data(world) -> Path:
             features = datasets.Features({k: datasets.Value("string") for k in rows if k != "image"}
                                          | {"image": datasets.Image()})  # fmt: skip
             splits[split] = datasets.Dataset.from_dict(rows, features=features)
-        datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        was_off = datasets.utils.logging.are_progress_bars_disabled()
+        datasets.utils.logging.disable_progress_bar()  # one line from `bench world build`, not a bar per split
+        try:
+            datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        finally:
+            if not was_off:
+                datasets.utils.logging.enable_progress_bar()
 
     return materialize(world.dir / "lmms_eval", build) / "data"
 
@@ -144,7 +150,8 @@ def evaluate_tasks(run_dir: Path, tasks: list[str], limit: int | None = None, in
             for k, v in metrics.items()
             if "," in k and "_stderr" not in k and isinstance(v, (int, float)) and v == v
         }  # fmt: skip (NaN: a question type with no question)
-        recorded[task] = {"metrics": values, "lmms_eval_version": version("lmms_eval"),
+        recorded[task] = {"metrics": values, "headline": next(iter(values), None),
+                          "lmms_eval_version": version("lmms_eval"),
                           "config_hash": config_hash(out.get("configs", {}).get(task, {})), "limit": limit,
                           "samples": out.get("n-samples", {}).get(task, {}).get("effective"),
                           "per_question": per_question(out.get("samples", {}).get(task, []), values)}  # fmt: skip

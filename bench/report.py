@@ -32,6 +32,17 @@ COLUMNS: dict[str, tuple[str, bool]] = {
 }
 
 
+LMMS = "lmms:"  # lmms-eval columns: "lmms:<task>:<metric>", one per task (its headline metric)
+
+
+def column_info(col: str) -> tuple[str, bool]:
+    """(header, higher is better) of a column; an lmms-eval task's header is the task and its own metric name."""
+    if col.startswith(LMMS):
+        task, metric = col[len(LMMS) :].split(":", 1)
+        return f"{task} {metric}", True
+    return COLUMNS[col]
+
+
 def config_name(cfg: dict[str, Any]) -> str:
     conn = dict(cfg["connector"])
     name = conn.pop("name")
@@ -73,6 +84,10 @@ def run_values(r: dict[str, Any], blind: bool = False) -> dict[str, float]:
             out["prefill_mflops"] = eff["flops"]["llm_prefill"] / 1e6
             out["prefill_ms"] = eff["prefill_latency_ms"]
             out["decode_tps"] = eff["decode_tokens_per_second"]
+        for task, entry in sorted((r.get("lmms_eval") or {}).items()):  # `bench eval RUN --tasks ...`
+            metric = entry.get("headline") or next(iter(sorted(entry.get("metrics") or {})), None)
+            if metric in (entry.get("metrics") or {}):
+                out[f"{LMMS}{task}:{metric}"] = entry["metrics"][metric]
     return out
 
 
@@ -88,10 +103,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         blind = f"blind baseline: {cfg['llm']['name']} without the image"
         groups[blind].append(run_values(r, blind=True))
         seeds[blind].append(cfg["seed"])
+    lmms = sorted({c for values in groups.values() for v in values for c in v if c.startswith(LMMS)})
     rows = []
     for name in sorted(groups):
         row: dict[str, Any] = {"name": name, "seeds": sorted(set(seeds[name]))}
-        for col in COLUMNS:
+        for col in [*COLUMNS, *lmms]:
             values = [v[col] for v in groups[name] if col in v]
             if values:
                 row[col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -129,9 +145,15 @@ def compare_with_best(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) ->
             r["vs_best"] = paired(per_question(runs, r["name"]), best_answers)
 
 
+def all_columns(rows: list[dict[str, Any]]) -> list[str]:
+    lmms = sorted({c for r in rows for c in r if c.startswith(LMMS)})
+    return [c for c in [*COLUMNS, *lmms] if any(c in r for r in rows)]
+
+
 def best(rows: list[dict[str, Any]]) -> dict[str, float]:
     out = {}
-    for col, (_, higher) in COLUMNS.items():
+    for col in all_columns(rows):
+        higher = column_info(col)[1]
         values = [r[col][0] for r in rows if col in r and not r["name"].startswith("blind")]
         if values:
             out[col] = max(values) if higher else min(values)
@@ -139,6 +161,8 @@ def best(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def fmt(col: str, mean: float, std: float, with_std: bool) -> str:
+    if col.startswith(LMMS):  # as lmms-eval reports it (a fraction, or a score such as MME's)
+        return f"{mean:.3f} ± {std:.3f}" if with_std else f"{mean:.3f}"
     if col == "trainable":
         text = f"{mean:,.0f}"
     elif col in ("tokens", "samples_per_s", "decode_tps", "connector_mflops", "prefill_mflops"):
@@ -162,11 +186,11 @@ def vs_best_text(value: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols = all_columns(rows)
     with_std = any(len(r["seeds"]) > 1 for r in rows)
     with_pairs = any("vs_best" in r for r in rows)
     top = best(rows)
-    header = ["configuration", "seeds", *[COLUMNS[c][0] for c in cols], *([VS_BEST] if with_pairs else [])]
+    header = ["configuration", "seeds", *[column_info(c)[0] for c in cols], *([VS_BEST] if with_pairs else [])]
     body = []
     for r in rows:
         cells = [r["name"], str(len(r["seeds"]))]
@@ -203,6 +227,8 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
         "accuracy in % (exact match), mean ± std over seeds; best per column in bold; "
         "blind = the LLM as loaded, answering without the image"
     )
+    if any(c.startswith(LMMS) for c in cols):
+        note += "; <task> <metric>: lmms-eval's score of the task (`bench eval RUN --tasks`), as lmms-eval reports it"
     if with_pairs:
         note += (
             "; test vs best: each configuration against the best on the same questions and seeds, the accuracy "

@@ -117,3 +117,50 @@ def test_a_task_whose_data_is_not_local_fails_in_one_line(run, tmp_path):
     assert "lmms-lab-encoder/POPE" in last and "HF_HUB_OFFLINE" in last and "Traceback" not in out.stderr
     out = bench(["eval", str(run), "--tasks", "no_such_task_xyz"], env=env)
     assert out.returncode != 0 and "unknown lmms-eval task 'no_such_task_xyz'" in out.stderr
+
+
+def test_report_has_a_column_per_task_with_mean_and_std(run, tmp_path):
+    """`bench report` over two seeds of a run with lmms-eval results: one column per task, headed by the task and
+    its own metric, mean ± sample std by hand."""
+    from bench.lmms import evaluate_tasks
+    from bench.report import aggregate, table
+
+    evaluate_tasks(run, ["connector_zoo_world"], limit=4)
+    first = json.loads((run / "results.json").read_text())
+    second = json.loads(json.dumps(first))
+    second["config"]["seed"] = first["config"]["seed"] + 1
+    second["lmms_eval"]["connector_zoo_world"]["metrics"]["exact_match"] = 0.5
+    rows = aggregate([first, second])
+    col = "lmms:connector_zoo_world:exact_match"
+    mine = next(r for r in rows if not r["name"].startswith("blind"))
+    a = first["lmms_eval"]["connector_zoo_world"]["metrics"]["exact_match"]
+    assert mine[col] == pytest.approx(((a + 0.5) / 2, abs(a - 0.5) / 2**0.5))
+    text = table(rows)
+    assert "connector_zoo_world exact_match" in text.splitlines()[0]
+    assert f"{(a + 0.5) / 2:.3f} ± {abs(a - 0.5) / 2**0.5:.3f}" in text
+
+
+def test_loglikelihood_is_the_continuations_log_probability(run):
+    """Multiple-choice scoring: the sum of log p(continuation token | prefix) read from transformers' own forward on
+    the token ids, and greedy = every continuation token is the argmax."""
+    import torch
+    from lmms_eval.api.instance import Instance
+
+    from connector_zoo.lmms_model import ConnectorZooLMM
+
+    model = ConnectorZooLMM(run=str(run))
+    model.task_dict = {"t": {"test": [{"q": 0}]}}
+    requests = [Instance("loglikelihood", ("How many sides has a triangle?", cont, lambda doc: [], 0, "t", "test"),
+                         idx=i, metadata={"task": "t", "doc_id": 0, "repeats": 1})
+                for i, cont in enumerate([" Three.", " blue square"])]  # fmt: skip
+    got = model.loglikelihood(requests)
+    llm = model.vlm.llm
+    for (logprob, greedy), r in zip(got, requests):
+        prompt = llm.encode_prompt([{"role": "user", "content": r.args[0]}])
+        cont = llm.tokenizer(r.args[1], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = llm.model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+        rows = logits[len(prompt) - 1 : -1].log_softmax(-1)
+        assert logprob == pytest.approx(rows[range(len(cont)), cont].sum().item(), rel=1e-4, abs=1e-4)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+    assert got[0][0] != got[1][0]
