@@ -368,6 +368,19 @@ def eval_tasks(args: argparse.Namespace, run_dir: Path) -> None:
         print(f"{task}: {metrics} (n={entry['samples']}, lmms-eval {entry['lmms_eval_version']})")
 
 
+def cmd_save_pretrained(args: argparse.Namespace) -> None:
+    from bench.vlm import VLM
+    from connector_zoo.hf_model import ConnectorZooForConditionalGeneration
+    from connector_zoo.io import read_json
+
+    run_dir = Path(args.run_dir)
+    vlm = VLM.load(run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
+    results = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else None
+    model = ConnectorZooForConditionalGeneration.from_vlm(vlm)
+    model.save_pretrained(args.out, embed_backbones=args.embed_backbones, results=results)
+    print(f"wrote {args.out}: AutoModelForImageTextToText.from_pretrained({str(args.out)!r}) after `import connectors`")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 

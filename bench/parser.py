@@ -292,4 +292,15 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--out", required=True, help="output directory")
     add_trust_args(p)
     p.set_defaults(func=commands["export_hf"])
+
+    p = sub.add_parser("save-pretrained", help="a run as a transformers model (AutoModelForImageTextToText)")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="output directory")
+    p.add_argument(
+        "--embed-backbones",
+        action="store_true",
+        help="write the encoder and LLM into the directory (default: referenced by checkpoint)",
+    )
+    add_trust_args(p)
+    p.set_defaults(func=commands["save_pretrained"])
     return parser

@@ -482,6 +482,9 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         "git_commit": git_commit(),
     }  # fmt: skip
     write_json(out_dir / "results.json", results)
+    from connector_zoo.hf_model import write_run_model
+
+    write_run_model(vlm, out_dir, results)  # <run>/hf: AutoModelForImageTextToText.from_pretrained reads it
     text = summary(results)
     with atomic_path(out_dir / "summary.txt") as tmp:
         tmp.write_text(text + "\n")

@@ -31,3 +31,6 @@ def build_connector(name: str, in_dim: int, out_dim: int, **kwargs: Any):
         raise TypeError(f"connector {name!r} does not accept these settings {kwargs}: {err}") from err
     connector.spec = {"name": name, **{k: v for k, v in kwargs.items() if k not in implied}}
     return connector
+
+
+import connector_zoo.hf_model  # noqa: E402,F401  (AutoConfig / AutoModelForImageTextToText registration)

@@ -53,6 +53,13 @@ class VisualSpans:
             query = torch.where(labelled.any(1), first, query)
         return VisualSpans(start, length, query)
 
+    def expand(self, batch: int) -> VisualSpans:
+        """The spans of a batch that generation expanded (beams, several samples per prompt: rows repeated)."""
+        if batch == len(self.start):
+            return self
+        factor = batch // len(self.start)
+        return VisualSpans(*(t.repeat_interleave(factor) for t in (self.start, self.length, self.query)))
+
 
 class VisualTokenHook:
     """Base class: after decoder layer ``layer`` (1-based), ``select`` names the key positions to drop."""
@@ -92,8 +99,9 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
         if weights is None or weights.shape[2] == 1 or state["drop"] is not None:
             return  # a generated token: the prompt's choice stands
         rows = torch.arange(weights.shape[0], device=weights.device)
-        attention = weights[rows, :, spans.query.to(weights.device)].float().mean(dim=1)  # (B, S)
-        state["drop"] = hook.select(attention, spans)
+        batch_spans = spans.expand(weights.shape[0])
+        attention = weights[rows, :, batch_spans.query.to(weights.device)].float().mean(dim=1)  # (B, S)
+        state["drop"] = hook.select(attention, batch_spans)
 
     def restrict(module, args, kwargs):
         drop, mask = state["drop"], kwargs.get("attention_mask")

@@ -1,0 +1,257 @@
+"""Any encoder x connector x LLM as a transformers model: ``AutoModelForImageTextToText.from_pretrained(dir)``.
+
+:class:`ConnectorZooConfig` (``model_type = "connector_zoo"``) holds the three component specs (name, checkpoint,
+settings) and :class:`ConnectorZooForConditionalGeneration` (``PreTrainedModel`` + ``GenerationMixin``) wraps the
+composed model. Both are registered with ``AutoConfig`` / ``AutoModelForImageTextToText`` when ``connectors`` (or
+this module) is imported.
+
+``save_pretrained(dir)`` writes ``config.json``, the trained weights (the connector and whatever else trained: a
+fine-tuned LLM, LoRA adapters) as standard safetensors shards through transformers' own writer, and a model card.
+The frozen backbones are **referenced** by their checkpoint (hub id, local path or preset) unless
+``embed_backbones=True``, which writes them as ``encoder/`` and ``llm/`` sub-checkpoints (``save_pretrained`` of the
+component's transformers model) and points the config there, so the directory stands alone. ``push_to_hub`` is the
+standard one. ``from_pretrained`` rebuilds the components from the config and loads the saved weights over them;
+a plugin connector recorded as a dotted path is imported only with ``allow_dotted_paths=True`` (it names code chosen
+by whoever wrote the directory), otherwise the error says so.
+
+``generate(input_ids=..., pixel_values=..., attention_mask=..., **generation_kwargs)`` takes prompts tokenized with
+one ``<image>`` token each (``model.prompt_ids``) and the encoder's pixels (``model.preprocess``), splices the visual
+tokens in and hands every standard generation argument to the LLM's ``generate``; it returns the new tokens.
+``model.answer(images, prompts)`` does all of it for PIL images and strings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+PARTS = ("encoder", "connector", "llm")
+
+
+class ConnectorZooConfig(PretrainedConfig):
+    model_type = "connector_zoo"
+
+    def __init__(self, encoder: dict | None = None, connector: dict | None = None, llm: dict | None = None,
+                 context_budget: int | None = None, **kwargs: Any):  # fmt: skip
+        # ``context_budget``: the composed model's max_length (transformers reserves that name for generation)
+        self.encoder, self.connector, self.llm, self.context_budget = encoder, connector, llm, context_budget
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_specs(cls, specs: dict[str, Any]) -> ConnectorZooConfig:
+        return cls(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
+
+    def specs(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "connector": self.connector, "llm": self.llm,
+                "max_length": self.context_budget}  # fmt: skip
+
+
+class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    config_class = ConnectorZooConfig
+    base_model_prefix = "vlm"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: ConnectorZooConfig, vlm=None):
+        super().__init__(config)
+        if vlm is None:
+            from bench.vlm import VLM
+
+            specs = config.specs()
+            vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
+        self.vlm = vlm
+
+    @classmethod
+    def from_vlm(cls, vlm) -> ConnectorZooForConditionalGeneration:
+        return cls(ConnectorZooConfig.from_specs(vlm.specs()), vlm=vlm)
+
+    # ---------------------------------------------------------------- save & load
+    def save_pretrained(self, save_directory, embed_backbones: bool = False, results: dict | None = None,
+                        **kwargs: Any) -> None:  # fmt: skip
+        """Config + trained weights (shards) + model card (with a run's ``results`` table when given);
+        ``embed_backbones`` writes the backbones alongside."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        specs = json.loads(json.dumps(self.vlm.specs()))
+        if embed_backbones:
+            specs = self._embed(out, specs)
+        state = self.vlm.trainable_state_dict()
+        config = ConnectorZooConfig.from_specs(specs)
+        config.architectures = [type(self).__name__]
+        original, self.config = self.config, config
+        try:
+            super().save_pretrained(out, state_dict=state, **kwargs)
+        finally:
+            self.config = original
+        (out / "README.md").write_text(model_card(self.vlm, specs, results))
+
+    def _embed(self, out: Path, specs: dict[str, Any]) -> dict[str, Any]:
+        enc, llm = self.vlm.encoder, self.vlm.llm
+        if hasattr(llm.model, "peft_config"):
+            raise ValueError("embed_backbones with LoRA adapters: merge them first (bench export-hf merges), or save "
+                             "with the backbones referenced")  # fmt: skip
+        enc.save_checkpoint(out / "encoder")
+        llm.model.save_pretrained(out / "llm")
+        llm.tokenizer.save_pretrained(out / "llm")
+        specs["encoder"] = {**specs["encoder"], "checkpoint": "encoder"}
+        specs["llm"] = {**specs["llm"], "checkpoint": "llm"}
+        return specs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, allow_dotted_paths: bool = False,
+                        **kwargs: Any) -> ConnectorZooForConditionalGeneration:  # fmt: skip
+        """Rebuild from ``config.json`` (sub-checkpoints ``encoder``/``llm`` resolved inside the directory), then
+        load the saved weights; every saved tensor must find its parameter."""
+        from safetensors.torch import load_file
+
+        from bench.vlm import VLM
+        from connector_zoo.registry import names_from_file
+
+        directory = Path(pretrained_model_name_or_path)
+        if not (directory / "config.json").exists():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        config = ConnectorZooConfig.from_pretrained(directory)
+        specs = config.specs()
+        for part in ("encoder", "llm"):
+            if specs[part].get("checkpoint") in ("encoder", "llm") and (directory / specs[part]["checkpoint"]).is_dir():
+                specs[part] = {**specs[part], "checkpoint": str(directory / specs[part]["checkpoint"])}
+        from connector_zoo.registry import RegistryError
+
+        try:
+            with names_from_file(directory / "config.json", allow_dotted_paths):
+                vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
+        except RegistryError as err:
+            if "--allow-dotted-paths" not in str(err):
+                raise
+            raise RegistryError(
+                str(err).replace(
+                    "pass --allow-dotted-paths",
+                    "pass allow_dotted_paths=True to from_pretrained (the code must be importable)",
+                )
+            ) from None
+        state: dict[str, torch.Tensor] = {}
+        index = directory / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+            "model.safetensors"]  # fmt: skip
+        for name in files:
+            state.update(load_file(str(directory / name)))
+        state = {k.removeprefix("vlm."): v for k, v in state.items()}
+        own = vlm.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"{directory}: saved weights {unknown[:3]} have no parameter in the model its config "
+                             f"builds; was it written by another version or another connector?")  # fmt: skip
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(
+                    f"{directory}: {k} is saved as {tuple(v.shape)} but the model has {tuple(own[k].shape)}"
+                )
+        vlm.load_state_dict(state, strict=False)
+        model = cls(config, vlm=vlm)
+        return model.eval()
+
+    # ---------------------------------------------------------------- compute
+    def preprocess(self, images):
+        return self.vlm.encoder.preprocess(images)
+
+    def prompt_ids(self, prompts: list[str], with_image: list[bool] | None = None) -> list[torch.Tensor]:
+        return self.vlm.prompt_ids(with_image or [True] * len(prompts), prompts)
+
+    def _inputs(self, input_ids, attention_mask, pixel_values, labels=None):
+        from bench.vlm import VLMInputs
+
+        rows = list(input_ids) if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 2 else [input_ids]
+        if attention_mask is not None:  # unpad (either side): the composed model re-pads after splicing
+            rows = [r[m.bool()] for r, m in zip(rows, attention_mask)]
+        image_id = self.vlm.llm.image_token_id
+        has_image = [bool((r == image_id).any()) for r in rows]
+        label_rows = None
+        if labels is not None:
+            label_rows = (
+                [lab[m.bool()] for lab, m in zip(labels, attention_mask)]
+                if attention_mask is not None
+                else list(labels)
+            )
+        return VLMInputs(rows, label_rows, pixel_values=pixel_values, has_image=has_image)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs: Any):
+        out = self.vlm(self._inputs(input_ids, attention_mask, pixel_values, labels))
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **generation_kwargs: Any):
+        max_new = generation_kwargs.pop("max_new_tokens", 32)
+        return self.vlm.generate_ids(self._inputs(input_ids, attention_mask, pixel_values), max_new,
+                                     **generation_kwargs)  # fmt: skip
+
+    def answer(self, images, prompts: list[str], **generation_kwargs: Any) -> list[str]:
+        return self.vlm.generate(images, prompts, **generation_kwargs)
+
+
+def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
+    """A run's model in this format, ``<run>/hf``: config, generation config, model card, and the run's trained
+    weights hard-linked (not copied: a fine-tuned 7B LLM is not written twice) as ``model.safetensors``. Written
+    beside and renamed into place, so a reader never sees half of it."""
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import GenerationConfig
+
+    from bench.vlm import WEIGHTS_NAME
+
+    run_dir = Path(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=run_dir))
+    try:
+        config = ConnectorZooConfig.from_specs(vlm.specs())
+        config.architectures = [ConnectorZooForConditionalGeneration.__name__]
+        config.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=vlm.llm.eos_token_id, pad_token_id=vlm.llm.pad_token_id).save_pretrained(tmp)
+        try:
+            os.link(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
+        except OSError:
+            shutil.copy2(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
+        (tmp / "README.md").write_text(model_card(vlm, vlm.specs(), results))
+        shutil.rmtree(run_dir / "hf", ignore_errors=True)
+        os.rename(tmp, run_dir / "hf")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return run_dir / "hf"
+
+
+def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> str:
+    """README.md: components, recipe, visual tokens, parameters and, for a run, its evaluation table."""
+    enc, conn, llm = (specs[p] for p in PARTS)
+    trainable = sum(t.numel() for t in vlm.trainable_state_dict().values())
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [connector-zoo]", "---",
+             "", f"# {conn['name']} connector: {enc['name']} -> {llm['name']}", "",
+             "Trained with [connector-zoo](https://github.com/connector-zoo/connector-zoo). Load with "
+             "`import connectors` and `AutoModelForImageTextToText.from_pretrained(<this directory>)`.", "",
+             "| part | spec |", "| --- | --- |"]  # fmt: skip
+    lines += [f"| {p} | `{json.dumps(specs[p], sort_keys=True)}` |" for p in PARTS]
+    where = "embedded" if enc.get("checkpoint") == "encoder" else "referenced"
+    total = sum(p.numel() for p in vlm.parameters())
+    lines += ["", f"Parameters: {total:,} in all, {trainable:,} trained and saved here; the backbones are {where}.", ""]
+    if results:
+        cfg = results.get("config", {})
+        tokens = (results.get("visual_tokens_per_image") or {}).get("mean")
+        kind = cfg.get("data", {}).get("kind")
+        lines += [f"Recipe: `{cfg.get('recipe')}`, seed {cfg.get('seed')}; data: `{kind}`; visual tokens per image: "
+                  f"{tokens}.", "", "| split | exact match | blind |", "| --- | ---: | ---: |"]  # fmt: skip
+        for split, m in (results.get("metrics") or {}).items():
+            if "accuracy" in m:
+                lines.append(f"| {split} | {m['accuracy']['exact_match']:.3f} | {m['blind']['exact_match']:.3f} |")
+        for task, entry in (results.get("lmms_eval") or {}).items():
+            lines.append(f"| lmms-eval {task} ({entry.get('headline')}) | "
+                         f"{entry['metrics'].get(entry.get('headline'), float('nan')):.3f} | |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+AutoConfig.register("connector_zoo", ConnectorZooConfig, exist_ok=True)
+AutoModelForImageTextToText.register(ConnectorZooConfig, ConnectorZooForConditionalGeneration, exist_ok=True)

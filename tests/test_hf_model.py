@@ -1,0 +1,130 @@
+"""Every combination as a transformers model (issue 16): save_pretrained / AutoModelForImageTextToText.from_pretrained
+give the same logits and answers, generate() takes the standard generation arguments, a run directory holds the
+model in this format and a fresh process loads it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BUILTIN_CONNECTORS, MICRO, ROOT, bench, images
+from transformers import AutoModelForImageTextToText
+
+import connectors  # noqa: F401  (registers the Auto classes)
+from bench.vlm import VLM, VLMInputs
+from connector_zoo.hf_model import ConnectorZooForConditionalGeneration
+from connectors import CONNECTORS
+
+PROMPTS = ["What colour is the circle?", "Describe the image."]
+
+
+def small_vlm(name: str) -> VLM:
+    torch.manual_seed(0)
+    settings = getattr(CONNECTORS.get(name), "small_settings", {})
+    return VLM.build({"name": "clip"}, {"name": name, **settings}, {"name": "tinyllama"}).eval()
+
+
+@pytest.mark.parametrize("name", BUILTIN_CONNECTORS)
+def test_from_pretrained_gives_the_same_model(name, tmp_path):
+    vlm = small_vlm(name)
+    with torch.no_grad():  # a trained-looking connector: its weights moved off their initialisation
+        for p in vlm.connector.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ConnectorZooForConditionalGeneration.from_vlm(vlm).save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "config.json").exists() and (tmp_path / "m" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "connector_zoo"
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, ConnectorZooForConditionalGeneration) and not loaded.training
+    px = vlm.encoder.preprocess(images(2))
+    ids = vlm.prompt_ids([True, True], PROMPTS)
+    with torch.no_grad():
+        want = vlm(VLMInputs(ids, pixel_values=px, has_image=[True, True])).logits
+        got = loaded.vlm(VLMInputs(ids, pixel_values=px, has_image=[True, True])).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert loaded.answer(images(2), PROMPTS, max_new_tokens=6) == vlm.generate(images(2), PROMPTS, max_new_tokens=6)
+    # the standard entry points: padded input_ids + attention_mask + pixel_values, standard generation arguments
+    padded = torch.nn.utils.rnn.pad_sequence([i.flip(0) for i in ids], batch_first=True).flip(1)  # left padding
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True).flip(1)
+    for kwargs in (dict(max_new_tokens=5), dict(max_new_tokens=5, do_sample=True, top_k=5, temperature=0.7),
+                   dict(max_new_tokens=4, num_beams=2)):  # fmt: skip
+        torch.manual_seed(1)
+        a = loaded.generate(input_ids=padded, attention_mask=mask, pixel_values=px, **kwargs)
+        torch.manual_seed(1)
+        b = vlm.generate_ids(VLMInputs(ids, pixel_values=px, has_image=[True, True]), **kwargs)
+        assert torch.equal(a, b), kwargs
+    out = loaded(input_ids=padded, attention_mask=mask, pixel_values=px)
+    torch.testing.assert_close(out.logits, want, rtol=0, atol=1e-5)  # forward() unpads, as the model pads itself
+
+
+def test_embedded_backbones_stand_alone_and_the_card_says_so(tmp_path):
+    vlm = small_vlm("qformer")
+    ConnectorZooForConditionalGeneration.from_vlm(vlm).save_pretrained(tmp_path / "m", embed_backbones=True)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["encoder"]["checkpoint"] == "encoder" and config["llm"]["checkpoint"] == "llm"
+    assert (tmp_path / "m" / "encoder" / "config.json").exists() and (tmp_path / "m" / "llm" / "config.json").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    assert loaded.answer(images(1), PROMPTS[:1], max_new_tokens=6) == vlm.generate(images(1), PROMPTS[:1],
+                                                                                  max_new_tokens=6)  # fmt: skip
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "qformer connector: clip -> tinyllama" in card and "backbones are embedded" in card
+
+
+def test_a_wrong_shape_or_unknown_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    vlm = small_vlm("mlp2x_gelu")
+    ConnectorZooForConditionalGeneration.from_vlm(vlm).save_pretrained(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    key = next(iter(state))
+    save_file({**state, key: torch.zeros(3, 3)}, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{key} is saved as \\(3, 3\\)"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    save_file({**state, "connector.nothing": torch.zeros(1)}, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match="have no parameter"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+
+
+FRESH = """
+import sys
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+import connectors
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], allow_dotted_paths=len(sys.argv) > 4)
+print(model.answer([Image.open(sys.argv[2])], [sys.argv[3]], max_new_tokens=8)[0])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("connector", ["qformer", "my_connector:AvgPool2x"])
+def test_a_runs_model_loads_in_a_fresh_process_and_answers_as_bench_generate(connector, tmp_path):
+    from test_docs_and_style import readme_example
+
+    (tmp_path / "my_connector.py").write_text(readme_example())
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    args = [*MICRO, "--out", str(tmp_path / "run")]
+    args[args.index("--connector") + 1] = connector
+    run = bench(args, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hf = tmp_path / "run" / "hf"
+    assert (hf / "config.json").exists() and (hf / "model.safetensors").stat().st_nlink >= 1
+    images(1)[0].save(tmp_path / "pic.png")
+    trust = ["--allow-dotted-paths"] if ":" in connector else []
+    gen = bench(["generate", str(tmp_path / "run"), "--image", str(tmp_path / "pic.png"), "--prompt",
+                 "What colour is the circle?", "--max-new-tokens", "8", *trust], env=env)  # fmt: skip
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    fresh = subprocess.run([sys.executable, "-c", FRESH, str(hf), str(tmp_path / "pic.png"),
+                            "What colour is the circle?", *(["trust"] if trust else [])],  # fmt: skip
+                           cwd=tmp_path, env={**__import__("os").environ, **env}, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stdout.strip().splitlines()[-1] == gen.stdout.strip().splitlines()[-1]
+    card = (hf / "README.md").read_text()
+    assert "| test |" in card and "Recipe:" in card
+    if trust:  # without the flag, a dotted path in the directory is not imported
+        refused = subprocess.run([sys.executable, "-c", FRESH, str(hf), str(tmp_path / "pic.png"), "x"],
+                                 cwd=tmp_path, env={**__import__("os").environ, **env}, capture_output=True,
+                                 text=True, timeout=600)  # fmt: skip
+        assert refused.returncode != 0 and "allow_dotted_paths" in refused.stderr
