@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+import connector_zoo.hf_model  # noqa: F401,E402  (the Auto classes know every composed model)
 from connector_zoo.io import atomic_path, read_json, verify_file, write_manifest
 from connector_zoo.registry import names_from_file
 from connectors import build_connector

@@ -8,6 +8,7 @@ a dotted path ``my_pkg.my_mod:MyConnector``; it must subclass :class:`connectors
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from connector_zoo.registry import Registry
@@ -33,4 +34,5 @@ def build_connector(name: str, in_dim: int, out_dim: int, **kwargs: Any):
     return connector
 
 
-import connector_zoo.hf_model  # noqa: E402,F401  (AutoConfig / AutoModelForImageTextToText registration)
+if "transformers" in sys.modules:  # a user of transformers: register the Auto classes (connector_zoo/hf_model.py)
+    import connector_zoo.hf_model  # noqa: E402,F401  (listing components alone imports neither torch nor transformers)
