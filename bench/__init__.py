@@ -1,1 +1,12 @@
-"""The harness: composes encoders, connectors and LLM backends, trains, evaluates and benchmarks them."""
+"""The harness, arranged by stage; each package depends only on the ones above it in this list:
+
+- ``bench.model``: the composed encoder -> connector -> LLM model (``VLM``) and its Llava export;
+- ``bench.data``: data formats (LLaVA JSON, HF messages), image tables and their store, the embedded mini world,
+  the worker-side loader;
+- ``bench.train``: run configuration and recipes, the trainer, the feature cache, the world's backbone pretraining,
+  precision and memory policy, the memory/FLOP plan, the run itself and its record;
+- ``bench.evaluate``: accuracy and the blind baseline, profiling, the pruning curve, the peer benchmark, paired
+  statistics, lmms-eval;
+- ``bench.report``: sweeps, tables and plots;
+- ``bench.cli``: the ``bench`` command, one thin adapter per command.
+"""

@@ -84,7 +84,7 @@ def bench_run(work: Path, data: Path, out: Path, cache: str, steps: int, batch_s
 
 def identity_cost(folder: Path, n: int = 2000) -> tuple[float, float]:
     """Microseconds per image: the identity this project uses (realpath + stat) and a SHA-256 of the bytes."""
-    from bench.images import FileImages
+    from bench.data.images import FileImages
 
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))[:n]
     table = FileImages(folder, names)

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from bench.pretrain import pretrain_encoder
-from bench.world import COLOURS, SHAPES, SIZES, World, WorldConfig
+from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig
+from bench.train.pretrain import pretrain_encoder
 from encoders import build_encoder
 
 

@@ -59,7 +59,7 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def __init__(self, config: ConnectorZooConfig, vlm=None):
         super().__init__(config)
         if vlm is None:
-            from bench.vlm import VLM
+            from bench.model.vlm import VLM
 
             specs = config.specs()
             vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
@@ -108,7 +108,7 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         load the saved weights; every saved tensor must find its parameter."""
         from safetensors.torch import load_file
 
-        from bench.vlm import VLM
+        from bench.model.vlm import VLM
         from connector_zoo.registry import names_from_file
 
         directory = Path(pretrained_model_name_or_path)
@@ -164,7 +164,7 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.vlm.prompt_ids(with_image or [True] * len(prompts), prompts)
 
     def _inputs(self, input_ids, attention_mask, pixel_values, labels=None):
-        from bench.vlm import VLMInputs
+        from bench.model.vlm import VLMInputs
 
         rows = list(input_ids) if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 2 else [input_ids]
         if attention_mask is not None:  # unpad (either side): the composed model re-pads after splicing
@@ -204,7 +204,7 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
 
     from transformers import GenerationConfig
 
-    from bench.vlm import WEIGHTS_NAME
+    from bench.model.vlm import WEIGHTS_NAME
 
     run_dir = Path(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=run_dir))

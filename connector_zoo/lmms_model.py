@@ -43,9 +43,9 @@ class ConnectorZooLMM(lmms):
     def __init__(self, run: str, batch_size: int | str = 16, allow_dotted_paths: bool | str = False,
                  verify: bool | str = True, **kwargs) -> None:  # fmt: skip
         super().__init__()
-        from bench.lmms import prepare_world_task
-        from bench.precision import run_precision
-        from bench.vlm import VLM
+        from bench.evaluate.lmms import prepare_world_task
+        from bench.model.vlm import VLM
+        from bench.train.precision import run_precision
 
         self.run_dir = Path(run)
         self.vlm = VLM.load(self.run_dir, allow_dotted_paths=_flag(allow_dotted_paths), verify=_flag(verify)).eval()
@@ -69,14 +69,14 @@ class ConnectorZooLMM(lmms):
         return [{"role": "user", "content": ("<image>\n" if image is not None else "") + context}]
 
     def _autocast(self):
-        from bench.precision import autocast
+        from bench.train.precision import autocast
 
         return autocast(self.precision, self.vlm.device)
 
     # ------------------------------------------------------------------ requests
     @torch.no_grad()
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        from bench.vlm import VLMInputs
+        from bench.model.vlm import VLMInputs
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -110,7 +110,7 @@ class ConnectorZooLMM(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from bench.vlm import VLMInputs
+        from bench.model.vlm import VLMInputs
 
         results = []
         for r in requests:

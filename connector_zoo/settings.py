@@ -13,6 +13,7 @@ options use :func:`arg_type` so argparse reports the same.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,3 +96,21 @@ def arg_type(kind: type, lo: float | None = None, hi: float | None = None, lo_op
 
     parse.__name__ = _KIND[kind].split()[-1]
     return parse
+
+
+def parse_value(text: str) -> Any:
+    """``--connector-arg keep=0.25`` -> 0.25; JSON where it parses, else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {pair!r} must look like key=value (e.g. --connector-arg num_queries=32)")
+        out[key.replace("-", "_")] = parse_value(value)
+    return out

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.vlm import VLMInputs  # noqa: E402
+from bench.model.vlm import VLMInputs  # noqa: E402
 from encoders import build_encoder  # noqa: E402
 from llms import build_llm  # noqa: E402
 
@@ -28,7 +28,7 @@ torch.set_num_threads(2)
 
 
 def pytest_report_header(config):
-    from bench.run import versions
+    from bench.run.record import versions
 
     return "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())
 

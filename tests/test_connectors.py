@@ -19,7 +19,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from bench.vlm import VLM, VLMInputs
+from bench.model.vlm import VLM, VLMInputs
 from connectors import build_connector
 from connectors.cls_prune import CLSPrune
 from connectors.focus_moe import FocusMoE

@@ -11,9 +11,9 @@ import torch
 from conftest import bench
 from PIL import Image
 
-from bench.data import BadSample, hf_messages, llava_json
-from bench.features import FeatureCache
-from bench.loader import Collator
+from bench.data.features import FeatureCache
+from bench.data.formats import BadSample, hf_messages, llava_json
+from bench.data.loader import Collator
 
 
 def write_llava_fixture(root):
@@ -143,9 +143,10 @@ def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
 
 
 def test_group_by_length_sorts_each_step(tmp_path, llms, encoders):
-    from bench.data import Dataset, Sample
-    from bench.train import StageConfig, Trainer
-    from bench.vlm import VLM
+    from bench.data.formats import Dataset, Sample
+    from bench.model.vlm import VLM
+    from bench.train.stage import StageConfig
+    from bench.train.trainer import Trainer
     from connectors import build_connector
 
     enc, llm = encoders["clip"], llms["tinyllama"]
@@ -188,7 +189,7 @@ def test_a_665k_style_mix_loads_without_touching_an_image(tmp_path, llms, encode
 
 
 def test_image_names_cannot_leave_their_folder_even_through_links(tmp_path):
-    from bench.images import FileImages
+    from bench.data.images import FileImages
 
     (tmp_path / "shared" / "coco").mkdir(parents=True)
     Image.new("RGB", (8, 8), "red").save(tmp_path / "shared" / "coco" / "a.jpg")

@@ -63,3 +63,23 @@ def test_ruff_clean():
     for args in (["check"], ["format", "--check"]):  # ruff's own report is the failure message
         proc = subprocess.run([ruff, *args, str(ROOT)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+BENCH_ORDER = ["model", "data", "train", "evaluate", "run", "report", "cli"]  # each imports only those before it
+
+
+def test_bench_is_arranged_by_stage_one_way_with_small_modules():
+    """bench/ by stage (README's Layout): a package imports only packages earlier in the order (no circles), each
+    package's __init__ says what lives there, and no module of the project is over 300 lines."""
+    bench_dir = ROOT / "bench"
+    assert sorted(p.name for p in bench_dir.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(BENCH_ORDER)
+    for pkg in BENCH_ORDER:
+        init = (bench_dir / pkg / "__init__.py").read_text()
+        assert init.lstrip().startswith('"""') and len(init) > 60, f"bench/{pkg}/__init__.py needs a docstring"
+        for f in (bench_dir / pkg).glob("*.py"):
+            for dep in re.findall(r"^\s*(?:from|import) bench\.(\w+)", f.read_text(), re.M):
+                assert dep == pkg or BENCH_ORDER.index(dep) < BENCH_ORDER.index(pkg), f"{f} imports bench.{dep}"
+    for folder in ("bench", "connectors", "encoders", "llms", "connector_zoo"):
+        for f in (ROOT / folder).rglob("*.py"):
+            n = len(f.read_text().splitlines())
+            assert n <= 300, f"{f.relative_to(ROOT)} has {n} lines"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import LLM_NAMES, images
 
-from bench.vlm import VLM, VLMInputs
+from bench.model.vlm import VLM, VLMInputs
 from connectors import build_connector
 from llms.base import IGNORE_INDEX
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data import Dataset, Sample, hf_messages, llava_json
-from bench.features import FeatureCache, bytes_per_image, decide, image_key
-from bench.loader import Collator
-from bench.store import FeatureStore
-from bench.train import StageConfig, Trainer
-from bench.vlm import VLM
+from bench.data.features import FeatureCache, bytes_per_image, decide, image_key
+from bench.data.formats import Dataset, Sample, hf_messages, llava_json
+from bench.data.loader import Collator
+from bench.data.store import FeatureStore
+from bench.model.vlm import VLM
+from bench.train.stage import StageConfig
+from bench.train.trainer import Trainer
 from connectors import build_connector
 from encoders import build_encoder
 
@@ -148,7 +149,7 @@ def test_bf16_rows_take_half_the_bytes_and_equal_the_online_features(tmp_path, l
 
 
 def _table(images):
-    from bench.images import ArrayImages
+    from bench.data.images import ArrayImages
 
     return ArrayImages("test", np.stack([np.asarray(im) for im in images]), [str(i) for i in range(len(images))])
 
@@ -197,7 +198,7 @@ def test_workers_cache_on_off_and_resume_give_identical_losses(tmp_path, encoder
     for i, im in enumerate(images):
         im.save(folder / f"{i}.png")
     (folder / "7.png").write_bytes(b"broken")  # samples s7, s15 have an unreadable image
-    from bench.images import FileImages
+    from bench.data.images import FileImages
 
     ds = Dataset("t", samples, FileImages(folder, [f"{i}.png" for i in range(8)]))
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ def test_a_run_writes_its_record(micro_run):
     test = results["metrics"]["test"]
     assert 0 <= test["accuracy"]["exact_match"] <= 1 and 0 <= test["blind"]["exact_match"] <= 1
     # the 8 questions evaluated are the first 8 of the world's test split: their types are the per-type keys
-    from bench.world import World, WorldConfig
+    from bench.data.world import World, WorldConfig
 
     world = World(WorldConfig(**results["config"]["data"]["world"]), progress=False)
     first = [qa for r in world.records("test") for qa in r["qa"]][:8]
@@ -137,7 +137,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(micro_run, tmp_path
 
 
 def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
-    from bench.prune_curve import pruning_curve
+    from bench.evaluate.prune_curve import pruning_curve
 
     out, _ = micro_run
     rows = pruning_curve(out, [1.0, 0.5, 0.25], eval_limit=8, seeds=(0, 1))

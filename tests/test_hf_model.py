@@ -14,7 +14,7 @@ from conftest import BUILTIN_CONNECTORS, MICRO, ROOT, bench, images
 from transformers import AutoModelForImageTextToText
 
 import connectors  # noqa: F401  (registers the Auto classes)
-from bench.vlm import VLM, VLMInputs
+from bench.model.vlm import VLM, VLMInputs
 from connector_zoo.hf_model import ConnectorZooForConditionalGeneration
 from connectors import CONNECTORS
 

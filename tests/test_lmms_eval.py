@@ -28,7 +28,7 @@ def run(tmp_path_factory):
 def test_world_task_gives_bench_evals_numbers(run):
     """The same 8 test questions and 8 compositional ones: per question the same answer text, the same exact match,
     and the same overall and per-type accuracy as the run's own evaluation (bench eval's code path)."""
-    from bench.lmms import evaluate_tasks
+    from bench.evaluate.lmms import evaluate_tasks
 
     recorded = evaluate_tasks(run, ["connector_zoo_world", "connector_zoo_world_compositional"], limit=8)
     results = json.loads((run / "results.json").read_text())
@@ -49,7 +49,7 @@ def test_world_task_gives_bench_evals_numbers(run):
 
 def test_lmms_evals_own_command_line_finds_the_model(run):
     """`python -m lmms_eval --model connector_zoo --model_args run=RUN` (the entry point in pyproject.toml)."""
-    from bench.lmms import TASKS_DIR
+    from bench.evaluate.lmms import TASKS_DIR
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "connector_zoo", "--model_args",
@@ -65,7 +65,7 @@ def pope_copy(root, n: int = 20):
     over the world's test images: "Is there a <colour> <shape> in the image?" with the world's yes/no truth."""
     import datasets
 
-    from bench.world import World
+    from bench.data.world import World
 
     world = World(progress=False)
     rows = {"question_id": [], "question": [], "answer": [], "image": [], "category": [], "image_source": []}
@@ -85,7 +85,7 @@ def pope_copy(root, n: int = 20):
 
 
 def test_a_pope_format_local_copy_is_scored_by_lmms_evals_pope_code(run, tmp_path):
-    from bench.evaluate import normalize
+    from bench.evaluate.accuracy import normalize
 
     rows = pope_copy(tmp_path)
     assert len(rows["question"]) == 20 and {"yes", "no"} <= set(rows["answer"])
@@ -122,8 +122,8 @@ def test_a_task_whose_data_is_not_local_fails_in_one_line(run, tmp_path):
 def test_report_has_a_column_per_task_with_mean_and_std(run, tmp_path):
     """`bench report` over two seeds of a run with lmms-eval results: one column per task, headed by the task and
     its own metric, mean ± sample std by hand."""
-    from bench.lmms import evaluate_tasks
-    from bench.report import aggregate, table
+    from bench.evaluate.lmms import evaluate_tasks
+    from bench.report.tables import aggregate, table
 
     evaluate_tasks(run, ["connector_zoo_world"], limit=4)
     first = json.loads((run / "results.json").read_text())

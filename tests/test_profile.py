@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import images
 
-from bench.profile import count_flops, profile
-from bench.vlm import VLM
+from bench.evaluate.profile import count_flops, profile
+from bench.model.vlm import VLM
 from connectors import build_connector
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import bench
 from PIL import Image
 
-from bench.plan import count, memory
+from bench.train.plan import count, memory
 from encoders import build_encoder
 from llms import build_llm
 
@@ -125,8 +125,8 @@ def test_bf16_autocast_with_half_backbones_at_real_width():
     from accelerate.state import AcceleratorState
     from conftest import CONV_A, batch
 
-    from bench.train import StageConfig, parameter_groups, set_trainable
-    from bench.vlm import VLM
+    from bench.model.vlm import VLM
+    from bench.train.stage import StageConfig, parameter_groups, set_trainable
 
     torch.manual_seed(0)
     vlm = VLM.build({"name": "clip", "checkpoint": CLIP_L, "dtype": "bfloat16"}, {"name": "mlp2x_gelu"},
@@ -157,7 +157,7 @@ def test_prismatic_dinosiglip_384_with_every_new_connector_at_real_width():
     hook runs inside the LLM."""
     from conftest import CONV_A, batch
 
-    from bench.vlm import VLM
+    from bench.model.vlm import VLM
     from connectors import build_connector
 
     fused = build_encoder("fused", "dinov2:random:facebook/dinov2-with-registers-large:layers=2@384+siglip:" + SIGLIP

@@ -18,11 +18,11 @@ from conftest import BAD_RECORDS, GOOD, huge_png, turns
 from PIL import Image
 
 from bench.cli import main
-from bench.data import BadSample, hf_messages, llava_json
-from bench.images import FileImages
-from bench.run import RunConfig, load_data
-from bench.train import StageConfig
-from bench.vlm import VLM
+from bench.data.formats import BadSample, hf_messages, llava_json
+from bench.data.images import FileImages
+from bench.model.vlm import VLM
+from bench.train.config import RunConfig, load_data
+from bench.train.stage import StageConfig
 from connector_zoo.io import materialize, remove_stale_temporaries
 from connector_zoo.registry import RegistryError
 from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS, SettingError
@@ -89,7 +89,7 @@ def test_hf_records_are_validated_the_same_way(tmp_path):
 
 
 def test_malformed_hf_message_content_is_a_bad_sample_not_a_traceback():
-    from bench.data import hf_record_messages
+    from bench.data.formats import hf_record_messages
 
     for messages, says in [
         ([{"role": "user", "content": ["hi"]}], "malformed content item 'hi'"),
@@ -145,7 +145,7 @@ def opened_files():
 
 
 def test_no_file_outside_the_image_folder_is_read(tmp_path, opened_files):
-    from bench.features import FeatureCache
+    from bench.data.features import FeatureCache
     from encoders import build_encoder
 
     (tmp_path / "images").mkdir()
@@ -315,8 +315,8 @@ def test_steps_zero_means_zero_and_eval_limit_zero_means_none():
         StageConfig(steps=-1)
     stages = RunConfig(stages=[{"stage": 1, "steps": 0}]).resolved_stages()
     assert stages[0].steps == 0
-    from bench.data import Dataset, Sample
-    from bench.evaluate import qa_samples
+    from bench.data.formats import Dataset, Sample
+    from bench.evaluate.accuracy import qa_samples
 
     ds = Dataset("d", [Sample(str(i), [], 0, {"type": "colour"}) for i in range(5)], None)
     assert len(qa_samples(ds, 0)) == 0 and len(qa_samples(ds, None)) == 5 and len(qa_samples(ds, 2)) == 2
@@ -325,7 +325,7 @@ def test_steps_zero_means_zero_and_eval_limit_zero_means_none():
 def test_world_config_read_back_from_json_builds_the_same_world():
     import dataclasses
 
-    from bench.world import WorldConfig
+    from bench.data.world import WorldConfig
 
     cfg = WorldConfig().scaled(0.01)
     again = WorldConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))

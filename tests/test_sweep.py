@@ -46,9 +46,9 @@ def test_peer_benchmark_trains_both_to_the_same_losses_step_by_step():
     """Same weights, samples, order and schedule: transformers' Trainer on Llava and ours give equal losses."""
     import dataclasses
 
-    from bench.peer import peer_benchmark
-    from bench.run import RunConfig
-    from bench.world import WorldConfig
+    from bench.data.world import WorldConfig
+    from bench.evaluate.peer import peer_benchmark
+    from bench.train.config import RunConfig
 
     world = {"kind": "world", "world": dataclasses.asdict(WorldConfig().scaled(0.01)),
              "pretrain": {"encoder_steps": 3, "llm_steps": 3}}  # fmt: skip
@@ -115,7 +115,7 @@ def test_report_mean_and_std_over_two_seeds_by_hand(tmp_path):
 
 
 def test_mcnemar_exact_by_hand():
-    from bench.stats import mcnemar_exact, paired_bootstrap
+    from bench.evaluate.stats import mcnemar_exact, paired_bootstrap
 
     # b = 1, c = 9: P[Binomial(10, 1/2) <= 1] = (1 + 10) / 1024, two-sided 22 / 1024
     assert mcnemar_exact(1, 9) == mcnemar_exact(9, 1) == 22 / 1024

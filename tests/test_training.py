@@ -12,9 +12,9 @@ import torch
 from accelerate.utils import convert_outputs_to_fp32
 from conftest import CONV_A, CONV_B, MICRO, batch, bench, images
 
-from bench.precision import resolve_backbone_dtype, resolve_precision
-from bench.train import StageConfig, parameter_groups, set_trainable
-from bench.vlm import VLM, VLMOutput
+from bench.model.vlm import VLM, VLMOutput
+from bench.train.precision import resolve_backbone_dtype, resolve_precision
+from bench.train.stage import StageConfig, parameter_groups, set_trainable
 
 
 def tiny_vlm(llm: str = "tinyllama", **llm_settings) -> VLM:
@@ -104,7 +104,7 @@ def test_qlora_on_cpu_is_a_clear_error():
 def test_lora_export_merges_the_adapters(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from bench.export import export_hf
+    from bench.model.export import export_hf
 
     vlm = tiny_vlm(lora={"r": 4, "alpha": 8, "dropout": 0.0})
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
 
 
 def test_plan_counts_vicuna_7b_exactly_and_its_arithmetic_by_hand():
-    from bench.plan import count, memory
+    from bench.train.plan import count, memory
 
     c = count("clip", "openai/clip-vit-large-patch14-336", {"name": "mlp2x_gelu"}, "vicuna", "lmsys/vicuna-7b-v1.5")
     assert c.llm == 6_738_415_616  # Llama-2-7B / Vicuna-7B's published parameter count
@@ -257,7 +257,7 @@ def test_plan_counts_vicuna_7b_exactly_and_its_arithmetic_by_hand():
 
 
 def test_summary_prints_slow_throughput_with_significant_digits():
-    from bench.run import summary
+    from bench.run.record import summary
 
     results = {"config": {"encoder": {"name": "clip"}, "connector": {"name": "mlp2x_gelu"}, "llm": {"name": "vicuna"},
                           "recipe": "llava-1.5-pretrain", "seed": 0},
@@ -271,8 +271,8 @@ def test_validation_loss_reads_the_held_out_images(tmp_path):
     """The world's val split has its own image table; sample i of it is not image i of the training table. The
     recorded validation loss must be the loss on the val images (it was computed on training images of the same
     index before: 1.5 against a training loss of 0.2 on the default run)."""
-    from bench.run import RunConfig, feature_sources, load_data
-    from bench.train import validation_loss
+    from bench.train.config import RunConfig, feature_sources, load_data
+    from bench.train.trainer import validation_loss
 
     out = bench([*MICRO, "--out", str(tmp_path / "run")])
     assert out.returncode == 0, out.stderr[-2000:]

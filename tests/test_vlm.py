@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BUILTIN_CONNECTORS, CONV_A, CONV_B, CONV_TEXT, ENCODER_NAMES, LLM_NAMES, batch, images
 
-from bench.vlm import VLM, SampleTooLong, VLMInputs
+from bench.model.vlm import VLM, SampleTooLong, VLMInputs
 from connectors import CONNECTORS, build_connector
 from connectors.base import Connector, ConnectorOutput
 from llms.base import IGNORE_INDEX

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.world import COLOURS, HELD_OUT, SHAPES, World, WorldConfig, generate
+from bench.data.world import COLOURS, HELD_OUT, SHAPES, World, WorldConfig, generate
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_patch_labels_by_hand():
     """64-px image, 8-px patches: a large square centred at (30, 34) has half-width 64/3 * 0.38 = 8.1 px, so the
     patch centres 28 and 36 of both axes are covered (2x2 patches); a small circle centred at (60, 4) (half-width 3.4)
     covers no patch centre and labels the patch it lies in."""
-    from bench.world import patch_labels
+    from bench.data.world import patch_labels
 
     record = {"objects": [{"colour": "orange", "shape": "square", "size": "large", "x": 30.0, "y": 34.0},
                           {"colour": "red", "shape": "circle", "size": "small", "x": 60.0, "y": 4.0}]}  # fmt: skip
@@ -75,7 +75,7 @@ def test_patch_labels_by_hand():
 
 
 def test_dense_pretraining_is_its_own_cached_encoder():
-    from bench.pretrain import pretrain_encoder
+    from bench.train.pretrain import pretrain_encoder
 
     world = World(WorldConfig().scaled(0.01), progress=False)
     plain, dense = pretrain_encoder("clip", world, steps=2), pretrain_encoder("clip", world, steps=2, dense=1.0)

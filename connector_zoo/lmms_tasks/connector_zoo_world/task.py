@@ -14,7 +14,7 @@ class WorldTask(ConfigurableTask):
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         path = os.environ.get(ENV)
         if not path:
-            from bench.lmms import default_world_task_data
+            from bench.evaluate.lmms import default_world_task_data
 
             path = str(default_world_task_data())
         config["dataset_path"] = path

@@ -1,8 +1,8 @@
-"""Prompt, visual and scoring of the mini-world task (the normalisation is ``bench.evaluate.normalize``)."""
+"""Prompt, visual and scoring of the mini-world task (the normalisation is ``bench.evaluate.accuracy.normalize``)."""
 
 from __future__ import annotations
 
-from bench.evaluate import normalize
+from bench.evaluate.accuracy import normalize
 
 TYPES = ("colour", "count", "exist", "position", "relation", "shape", "size")
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.vlm import VLM, VLMInputs
+from bench.model.vlm import VLM, VLMInputs
 
 
 def count_flops(fn) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.report import aggregate, load_runs
+from bench.report.tables import aggregate, load_runs
 
 
 def pareto_plots(run_paths, out: Path) -> list[Path]:

@@ -130,7 +130,7 @@ def per_question(runs: list[dict[str, Any]], name: str) -> dict[tuple[int, str],
 def compare_with_best(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
     """Each configuration against the one with the best mean test accuracy, paired per question and seed
     (bench/stats.py): the difference with a bootstrap 95 % interval and McNemar's exact p-value."""
-    from bench.stats import paired
+    from bench.evaluate.stats import paired
 
     ranked = [r for r in rows if "test" in r and not r["name"].startswith("blind")]
     if len(ranked) < 2:

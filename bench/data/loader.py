@@ -1,4 +1,4 @@
-"""The input pipeline: samples -> :class:`~bench.vlm.VLMInputs`, in data-loader workers.
+"""The input pipeline: samples -> :class:`~bench.model.vlm.VLMInputs`, in data-loader workers.
 
 A worker (``Collator.prepare``) tokenizes each sample with the LLM's chat template (a bounded cache keeps repeated
 texts), computes image identities, reads the feature rows already stored and decodes + preprocesses the other
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from bench.data import Sample
-from bench.features import FeatureCache, Partial
-from bench.images import BadSample
-from bench.vlm import VLMInputs
+from bench.data.features import FeatureCache, Partial
+from bench.data.formats import Sample
+from bench.data.images import BadSample
+from bench.model.vlm import VLMInputs
 from llms.base import LLMBackend, TemplateError
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from bench.data import BadSample, Dataset, Sample
-from bench.loader import Collator
-from bench.train import validation_loss
-from bench.vlm import VLM, VLMInputs
+from bench.data.formats import BadSample, Dataset, Sample
+from bench.data.loader import Collator
+from bench.model.vlm import VLM, VLMInputs
+from bench.train.trainer import validation_loss
 from llms.base import IMAGE_TOKEN
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.images import ArrayImages, BadSample, FileImages, HFImages, ImageTable
+from bench.data.images import ArrayImages, BadSample, FileImages, HFImages, ImageTable
 from llms.base import IMAGE_TOKEN
 
 __all__ = ["BadSample", "Dataset", "ImageTable", "Sample", "hf_messages", "llava_json", "world_dataset"]

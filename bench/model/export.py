@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from bench.vlm import VLM
+from bench.model.vlm import VLM
 from connector_zoo.io import atomic_path
 from connectors.mlp import MLPConnector
 from encoders._hf import HFVisionEncoder

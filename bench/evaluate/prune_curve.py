@@ -21,13 +21,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.evaluate import accuracy, answer, qa_samples
-from bench.features import FeatureCache
-from bench.loader import Collator
-from bench.precision import autocast, run_precision
-from bench.profile import prefill_fn
-from bench.run import RunConfig, load_data
-from bench.vlm import VLM
+from bench.data.features import FeatureCache
+from bench.data.loader import Collator
+from bench.evaluate.accuracy import accuracy, answer, qa_samples
+from bench.evaluate.profile import prefill_fn
+from bench.model.vlm import VLM
+from bench.train.config import RunConfig, load_data
+from bench.train.precision import autocast, run_precision
 from connectors.avgpool import AvgPool
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune

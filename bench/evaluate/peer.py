@@ -5,7 +5,8 @@ tiny Llama on the mini world; real widths with ``random:`` checkpoints or real o
 same samples (the mini world or LLaVA JSON) in the same order, with the same batch, steps, learning rate and schedule,
 connector only:
 
-- this harness: ``bench.train.Trainer`` on features from the frozen-encoder cache (built once, timed separately);
+- this harness: ``bench.train.trainer.Trainer`` on features from the frozen-encoder cache (built once, timed
+  separately);
 - the peer: transformers' ``LlavaForConditionalGeneration`` (exported from the same weights) trained by transformers'
   ``Trainer``, which runs the frozen vision tower on every step, with the Llava processor's expanded image tokens.
 
@@ -22,20 +23,21 @@ from typing import Any
 
 import torch
 
-from bench.data import Dataset
-from bench.export import to_llava
-from bench.features import FeatureCache
-from bench.loader import Collator
-from bench.train import StageConfig, Trainer
-from bench.vlm import VLM
+from bench.data.features import FeatureCache
+from bench.data.formats import Dataset
+from bench.data.loader import Collator
+from bench.model.export import to_llava
+from bench.model.vlm import VLM
+from bench.train.stage import StageConfig
+from bench.train.trainer import Trainer
 from llms.base import IGNORE_INDEX
 
 
 def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 2e-3, log=print) -> dict[str, Any]:
-    """Both trainers on ``cfg``'s combination and data (a ``bench.run.RunConfig``; default: the mini world with
+    """Both trainers on ``cfg``'s combination and data (a ``bench.train.config.RunConfig``; default: the mini world with
     tiny CLIP + ``mlp2x_gelu`` + tiny Llama). The combination must be expressible as Llava (clip/siglip +
     mlp2x_gelu + a Llama-family or Qwen3 LLM), since the peer is transformers' own Llava model."""
-    from bench.run import RunConfig, build_model, load_data
+    from bench.train.config import RunConfig, build_model, load_data
 
     cfg = cfg or RunConfig(connector={"name": "mlp2x_gelu"})
     train, _, _, world = load_data(cfg, lambda m: None)

@@ -2,7 +2,7 @@
 
 A frozen encoder's features are a pure function of (encoder family, weights, selected layer, preprocessing, dtype,
 image), so they can be computed once per image and reused across epochs, runs and connectors. The cache of one
-encoder lives in ``<cache>/features/<encoder.cache_key()>[+attn]/`` as a :class:`~bench.store.FeatureStore` (shards
+encoder lives in ``<cache>/features/<encoder.cache_key()>[+attn]/`` as a :class:`~bench.data.store.FeatureStore` (shards
 filled as batches first need them, rows keyed by image identity, crash-safe). ``forwards`` counts the images this
 process encoded (0 on a warm cache).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.images import BadSample, ImageTable
-from bench.store import STORAGE, FeatureStore
+from bench.data.images import BadSample, ImageTable
+from bench.data.store import STORAGE, FeatureStore
 from connector_zoo.io import cache_dir
 from encoders.base import VisionEncoder, VisionFeatures
 

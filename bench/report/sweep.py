@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.run import RunConfig, run
+from bench.run.job import run
+from bench.train.config import RunConfig
 
 
 def split_list(text: str) -> list[str]:
@@ -21,7 +22,7 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_connector(text: str) -> dict[str, Any]:
-    from bench.parser import parse_settings
+    from connector_zoo.settings import parse_settings
 
     match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", text)
     if not match:

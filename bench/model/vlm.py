@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.utils import ModelOutput
 
 import connector_zoo.hf_model  # noqa: F401,E402  (the Auto classes know every composed model)
+from bench.model.inputs import SampleTooLong, VLMInputs, VLMOutput  # noqa: F401  (part of this module's API)
 from connector_zoo.io import atomic_path, read_json, verify_file, write_manifest
 from connector_zoo.registry import names_from_file
 from connectors import build_connector
@@ -34,44 +33,6 @@ from llms.hooks import VisualSpans, visual_token_hook
 
 CONFIG_NAME = "vlm_config.json"
 WEIGHTS_NAME = "trainable.safetensors"
-
-
-class SampleTooLong(ValueError):
-    """A sample's text + visual tokens exceed the LLM context budget."""
-
-
-@dataclass
-class VLMOutput(ModelOutput):
-    """The composed model's output. Every field is declared, so wrappers that rebuild outputs (accelerate's fp32
-    conversion under mixed precision, DDP, FSDP) keep them all.
-
-    loss:          LM loss + the connector's auxiliary loss (what is trained), when labels are given
-    lm_loss:       the LM loss alone (what validation reports)
-    aux_loss:      the connector's auxiliary loss, or None
-    logits:        (B, L, V)
-    visual_tokens: (B_img,) visual tokens per image, or None for a text-only batch
-    """
-
-    loss: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    visual_tokens: torch.LongTensor | None = None
-
-
-@dataclass
-class VLMInputs:
-    """One batch for the composed model. ``input_ids``/``labels`` are unpadded per sample.
-
-    Exactly one of ``pixel_values`` (B_img, 3, S, S) and ``features`` (precomputed, e.g. from the feature cache) is
-    given when any sample has an image; ``has_image[b]`` says which samples own the rows, in order.
-    """
-
-    input_ids: list[torch.Tensor]
-    labels: list[torch.Tensor] | None = None
-    pixel_values: torch.Tensor | None = None
-    features: VisionFeatures | None = None
-    has_image: list[bool] | None = None
 
 
 class VLM(nn.Module):

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.precision import DTYPES
+from bench.train.precision import DTYPES
 
 GB = 1e9
 

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from bench.world import COLOURS, SHAPES, SIZES, World, patch_labels
+from bench.data.world import COLOURS, SHAPES, SIZES, World, patch_labels
 from connector_zoo.io import kill_point, materialize
 from encoders import ENCODERS
 from llms import LLMS

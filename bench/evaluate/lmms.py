@@ -30,8 +30,8 @@ def world_task_data(world) -> Path:
     def build(tmp: Path) -> None:
         import datasets
 
-        from bench.data import world_dataset
-        from bench.evaluate import qa_samples
+        from bench.data.formats import world_dataset
+        from bench.evaluate.accuracy import qa_samples
 
         splits = {}
         for split in WORLD_SPLITS:
@@ -59,8 +59,8 @@ def world_task_data(world) -> Path:
 
 def prepare_world_task(run_dir: Path) -> Path | None:
     """The world task's data for the world a run was trained on; None for a run on other data."""
-    from bench.run import RunConfig
-    from bench.world import World, WorldConfig
+    from bench.data.world import World, WorldConfig
+    from bench.train.config import RunConfig
 
     cfg = RunConfig.from_file(Path(run_dir) / "config.json")
     if cfg.data.get("kind", "world") != "world":
@@ -70,7 +70,7 @@ def prepare_world_task(run_dir: Path) -> Path | None:
 
 def default_world_task_data() -> Path:
     """The default world's task data (the task used without ``--model connector_zoo``)."""
-    from bench.world import World
+    from bench.data.world import World
 
     return world_task_data(World(progress=False))
 

@@ -1,35 +1,24 @@
-"""``bench run``: compose, train (stage 1, optionally stage 2), evaluate and record one configuration.
-
-The run directory holds ``config.json`` (everything needed to reproduce it), the trained model
-(``vlm_config.json`` + ``trainable.safetensors``), ``stageN/checkpoint-{last,best}``, ``results.json`` and
-``summary.txt``. On the mini world, unset checkpoints mean the world's own pretrained miniature backbones.
-"""
+"""A run's configuration: the named recipes, ``RunConfig`` (every field checked), the data it reads, the model it
+builds, and the feature sources (cache and collator per image table) its stages and evaluation read."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import platform
-import shutil
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.data import Dataset, hf_messages, llava_json, world_dataset
-from bench.evaluate import blind_answers, evaluate_split
-from bench.features import FeatureCache, decide
-from bench.images import DEFAULT_MAX_PIXELS
-from bench.loader import Collator
-from bench.precision import TORCH_NAMES, autocast, resolve_backbone_dtype, resolve_precision
-from bench.train import StageConfig, Trainer
-from bench.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
-from connector_zoo.io import MANIFEST_NAME, atomic_path, read_json, write_json
-from connector_zoo.registry import names_from_file
+from bench.data.features import FeatureCache, decide
+from bench.data.formats import Dataset, hf_messages, llava_json, world_dataset
+from bench.data.images import DEFAULT_MAX_PIXELS
+from bench.data.loader import Collator
+from bench.model.vlm import VLM
+from bench.train.precision import TORCH_NAMES
+from bench.train.stage import StageConfig
+from connector_zoo.io import read_json
 from connector_zoo.settings import SettingError, check, check_choice
 from connectors import CONNECTORS
 
@@ -163,7 +152,7 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
     data = cfg.data
     kind = data.get("kind", "world")
     if kind == "world":
-        from bench.world import World, WorldConfig
+        from bench.data.world import World, WorldConfig
 
         world = World(WorldConfig(**data.get("world", {})))
         return (
@@ -200,7 +189,7 @@ def drop_unreadable(data: Dataset, limit: int | None, strict: bool, log) -> None
     one is skipped with its id and reason before any training, not found after it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bench.data import BadSample
+    from bench.data.formats import BadSample
 
     head = data.samples if limit is None else data.samples[:limit]
     images = sorted({s.image for s in head if s.image is not None})
@@ -257,7 +246,7 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
     if cfg.qlora:
         llm_spec["quantization"] = "nf4"
     if world is not None:
-        from bench.pretrain import pretrain_encoder, pretrain_llm
+        from bench.train.pretrain import pretrain_encoder, pretrain_llm
 
         pre = cfg.data.get("pretrain", {})  # e.g. {"encoder_steps": 5, "llm_steps": 5} for micro worlds in tests
         if not enc_spec.get("checkpoint"):
@@ -284,154 +273,6 @@ def _steps(pretrain: dict[str, Any], key: str) -> dict[str, int]:
     return {"steps": pretrain[key]} if key in pretrain else {}
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
-def versions() -> dict[str, str]:
-    """The resolved versions of the libraries whose behaviour the numbers depend on (recorded in results.json and
-    printed at the top of the CI log and of the test report, so a drift between two machines is visible)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "accelerate", "timm", "open_clip_torch", "peft", "numpy",
-                 "pillow", "safetensors", "datasets"):  # fmt: skip
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
-    """Measured figures of the trained model (``bench.profile``): FLOPs, prefill latency, decode speed, memory."""
-    from bench.profile import profile
-
-    indices = sorted({s.image for s in data.samples if s.image is not None})[:4]
-    if not indices:
-        return {}
-    result = profile(vlm, [data.images.load(i) for i in indices], repeats=30)
-    result.pop("visual_tokens_per_image")
-    return result
-
-
-def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: int = 512) -> dict[str, float]:
-    images = sorted({s.image for s in data.samples if s.image is not None})[:limit]
-    vlm.eval()
-    counts = []
-    with torch.no_grad():
-        for start in range(0, len(images), 128):
-            got = features.fetch(images[start : start + 128])
-            if got.features is not None:
-                feats = got.features.to(vlm.device, dtype=next(vlm.connector.parameters()).dtype)
-                counts += vlm.connector(feats).num_tokens.tolist()
-    if not counts:
-        return {}
-    return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
-
-
-# --------------------------------------------------------------------- run
-def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_dotted_paths: bool = False,
-        verify: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train, evaluate and record ``cfg`` in ``out_dir``; ``resume`` continues the run found there (its
-    config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
-    their manifests unless not ``verify``)."""
-    from accelerate import Accelerator
-
-    started = time.time()
-    out_dir = Path(out_dir)
-    existing = (out_dir / "config.json").exists()
-
-    def names():  # a run directory's config names only registered components unless the user opts in
-        return names_from_file(out_dir / "config.json", allow_dotted_paths) if resume else contextlib.nullcontext()
-
-    if resume:
-        cfg = RunConfig.from_file(out_dir / "config.json")
-    elif existing:
-        raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
-    stages = cfg.resolved_stages()
-    with names():
-        check_connector_settings(cfg)  # seconds, before any data is read or backbone built
-    prec = resolve_precision(cfg.precision)
-    backbone = resolve_backbone_dtype(cfg.backbone_dtype, prec)
-    if cfg.precision == "fp16" and prec == "bf16":
-        log("precision: fp16 autocast is not available on CPU through accelerate; running bf16 autocast")
-    # on a machine without GPUs, processes started by torchrun / accelerate talk over gloo (DistributedType.MULTI_CPU)
-    accelerator = Accelerator(mixed_precision=prec, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=stages[0].grad_accum)  # fmt: skip
-    for stage in stages:
-        stage.resolve_accumulation(accelerator.num_processes)
-    kind = accelerator.distributed_type.value
-    log(f"accelerate: {kind}, {accelerator.num_processes} process(es), precision {prec}, backbone {backbone}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
-        # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
-        log(
-            f"warning: an FSDP config was given but accelerate runs {kind} here (no CUDA): weights are replicated, "
-            "not sharded"
-        )
-    created = accelerator.is_main_process and not resume
-    if created:  # first: a run killed while the world or backbones are built can be resumed
-        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
-    try:
-        with accelerator.main_process_first():  # the main process builds the world and presets; others read them
-            train, val, eval_sets, world = load_data(cfg, log)
-            with names():
-                vlm = build_model(cfg, world, log, backbone)
-    except Exception:  # bad data or model: a run that cannot start leaves no directory claiming to be one
-        if created:
-            (out_dir / "config.json").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
-        raise
-    if cfg.init_connector:
-        vlm.load_connector(cfg.init_connector, verify=verify)
-        log(f"connector initialised from {cfg.init_connector}")
-    features, collators, cache_info = feature_sources(cfg, vlm, [train, val, *eval_sets.values()], log)
-    blind = {}
-    if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
-        with autocast(prec, vlm.device):
-            blind = {name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit)
-                     for name, ds in eval_sets.items()}  # fmt: skip
-    train_stats: list[dict[str, Any]] = []
-    for index, stage in enumerate(stages, start=1):
-        accelerator.gradient_accumulation_steps = stage.grad_accum
-        stage_dir = out_dir / f"stage{index}"
-        trainer = Trainer(
-            vlm,
-            stage_samples(train, stage.data),
-            collators[train.images.key],
-            stage,
-            stage_dir,
-            cfg.seed + index,
-            val=stage_samples(val, stage.data) if val else None,
-            val_collator=collators[val.images.key] if val else None,
-            accelerator=accelerator,
-            log=log,
-            num_workers=cfg.num_workers,
-            strict=cfg.strict,
-        )
-        last = stage_dir / "checkpoint-last"
-        if resume and (last / "trainer_state.json").exists():
-            trainer.resume(last, verify=verify)
-        log(
-            f"stage {index} ({'connector' if stage.stage == 1 else 'connector + LLM'}): {trainer.total_steps} steps "
-            f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
-        )
-        train_stats.append(trainer.fit() | {"history": trainer.history})
-        vlm = accelerator.unwrap_model(trainer.model)
-    results = {}
-    if accelerator.is_main_process:
-        with autocast(prec, vlm.device):
-            results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind,
-                             log, {"compute": prec, "backbone": backbone}, cache_info)  # fmt: skip
-    accelerator.wait_for_everyone()
-    return results
-
-
 def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], log):
     """A :class:`FeatureCache` and a :class:`Collator` per image table; the cache on or off as ``--feature-cache``
     says (auto: by the projected size), logged with the reason. Nothing is encoded here."""
@@ -447,95 +288,3 @@ def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], lo
     budget = vlm.connector.max_tokens(vlm.encoder.info)
     collators = {k: Collator(vlm.llm, f, budget, vlm.max_length) for k, f in features.items()}
     return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why, "dir": where and str(where)}
-
-
-def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
-           precision, cache_info) -> dict:  # fmt: skip
-    save_final(vlm, out_dir, len(train_stats))
-    metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
-               for name, ds in eval_sets.items()}  # fmt: skip
-    first_eval = next(iter(eval_sets.values()))
-    profile = cfg.profile if cfg.profile is not None else cfg.data.get("kind", "world") == "world"
-    results = {
-        "efficiency": efficiency(vlm, first_eval) if profile else {},
-        "precision": precision,
-        "config": dataclasses.asdict(cfg),
-        "metrics": metrics,
-        "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
-        "parameters": {"trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
-                       "connector": vlm.connector.num_parameters(),
-                       "total": sum(p.numel() for p in vlm.parameters())},
-        "training": [{k: v for k, v in s.items() if k != "history"} for s in train_stats],
-        "memory": [s["memory"] for s in train_stats],
-        "loss_history": [s["history"] for s in train_stats],
-        "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
-        "wall_time_seconds": time.time() - started,
-        # this process, this session (a resumed run counts from its restart)
-        "seconds_to_first_step": (train_stats[0]["first_step_at"] - started) if train_stats[0]["first_step_at"]
-        else None,
-        # the tables of one encoder share a directory and its store: counted once
-        "feature_cache": {**cache_info, "disk_bytes": sum({id(f.store): f.store.disk_bytes() for f in features.values()
-                                                             if f.store is not None}.values())},
-        "encoder_forwards": sum(f.forwards for f in features.values()),
-        "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
-        "versions": versions(),
-        "git_commit": git_commit(),
-    }  # fmt: skip
-    write_json(out_dir / "results.json", results)
-    from connector_zoo.hf_model import write_run_model
-
-    write_run_model(vlm, out_dir, results)  # <run>/hf: AutoModelForImageTextToText.from_pretrained reads it
-    text = summary(results)
-    with atomic_path(out_dir / "summary.txt") as tmp:
-        tmp.write_text(text + "\n")
-    log(text)
-    return results
-
-
-def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
-    """The run's model: hard links to the last stage's final checkpoint when it holds these exact weights (a 7B
-    stage-2 run then writes its weights once, not three times), else a fresh save."""
-    last = out_dir / f"stage{num_stages}" / "checkpoint-last"
-    try:
-        state = read_json(last / "trainer_state.json")
-        final = state["step"] == state["total_steps"]
-    except (FileNotFoundError, ValueError, KeyError):
-        final = False
-    if not final:
-        vlm.save(out_dir)
-        return
-    for name in (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME):
-        with atomic_path(out_dir / name) as tmp:
-            try:
-                os.link(last / name, tmp)
-            except OSError:
-                shutil.copy2(last / name, tmp)
-
-
-def summary(results: dict[str, Any]) -> str:
-    cfg = results["config"]
-    lines = [f"run: {cfg['encoder']['name']} + {cfg['connector']['name']} + {cfg['llm']['name']} "
-             f"(recipe {cfg['recipe']}, seed {cfg['seed']})"]  # fmt: skip
-    for split, m in results["metrics"].items():
-        if not m:
-            lines.append(f"  {split:<14} not evaluated (eval_limit 0)")
-            continue
-        if "accuracy" in m:
-            acc, blind = m["accuracy"], m["blind"]
-            per = "  ".join(f"{k} {v:.2f}" for k, v in acc["per_type"].items())
-            lines.append(f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
-                         f"n={acc['count']}  | {per}")  # fmt: skip
-        loss_key = "caption_loss" if "caption_loss" in m else "loss"
-        lines.append(f"  {split:<14} {loss_key} {m[loss_key]:.3f}")
-    tok = results["visual_tokens_per_image"]
-    if tok:
-        lines.append(f"  visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
-    p = results["parameters"]
-    lines.append(f"  parameters: trainable {p['trainable']:,} / total {p['total']:,}; "
-                 f"train {results['train_samples_per_second']:.3g} samples/s; encoder forwards "
-                 f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
-                 f"wall {results['wall_time_seconds']:.0f} s")  # fmt: skip
-    examples = next((m["examples"] for m in results["metrics"].values() if m.get("examples")), [])
-    for ex in examples[:3]:
-        lines.append(f"  e.g. {ex['question']!r}: {ex['answer']!r} (truth {ex['truth']!r}, blind {ex['blind']!r})")
-    return "\n".join(lines)

@@ -7,7 +7,7 @@ A directory holds:
   process only (``<writer>`` = host, pid and a random tag), filled as batches first need their images;
 - ``<writer>.idx``: that writer's index, one line ``<image key> <shard> <row>`` appended only after the row's bytes
   are flushed. A row is valid iff its line is complete, so a writer killed at any moment never leaves a row that
-  looks valid. The image key is a hash of the image's identity (:mod:`bench.images`), never its position in a list.
+  looks valid. The image key is a hash of the image's identity (:mod:`bench.data.images`), never its position in a list.
 
 Readers (data-loader workers, other processes) read every ``*.idx`` and re-read new lines when a key is missing.
 Two processes that encode the same image both write a valid row; either may be served.

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
-from typing import Any
 
 from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS
-from connector_zoo.settings import arg_type
+from connector_zoo.settings import arg_type, parse_settings, parse_value  # noqa: F401 (the CLI's names)
 
 #: ``bench list`` families: module and registry attribute (imported only when listed)
 FAMILIES = {"encoders": ("encoders", "ENCODERS"), "connectors": ("connectors", "CONNECTORS"), "llms": ("llms", "LLMS")}
@@ -20,27 +18,9 @@ SCALE = arg_type(float, lo=0, lo_open=True)
 EVAL_LIMIT = arg_type(int, lo=0, words={"all": "all"})
 
 
-def parse_value(text: str) -> Any:
-    """``--connector-arg keep=0.25`` -> 0.25; JSON where it parses, else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def limit(value: int | str) -> int | None:
     """``--eval-limit``: a count, or ``all`` (no limit: None)."""
     return None if value == "all" else value
-
-
-def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"setting {pair!r} must look like key=value (e.g. --connector-arg num_queries=32)")
-        out[key.replace("-", "_")] = parse_value(value)
-    return out
 
 
 class Parser(argparse.ArgumentParser):

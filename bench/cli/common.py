@@ -1,0 +1,98 @@
+"""Helpers every command module shares: component specs from the options, the lmms/LoRA settings, demo images."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from bench.cli.parser import parse_settings
+
+
+def parse_lora(text: str | None) -> dict[str, Any] | None:
+    """``--lora r=128,alpha=256,dropout=0.05,targets=q_proj+v_proj`` -> settings (an empty value: the defaults)."""
+    if text is None:
+        return None
+    from llms.base import normalize_lora
+
+    pairs = [p for p in text.split(",") if p.strip()]
+    return normalize_lora(parse_settings(pairs))
+
+
+def specs_from_args(args: argparse.Namespace, connector: str | None = None) -> dict[str, dict[str, Any]]:
+    return {
+        "encoder": {"name": args.encoder, "checkpoint": args.encoder_checkpoint, "layer": args.layer},
+        "connector": {"name": connector or args.connector, **parse_settings(args.connector_arg)},
+        "llm": {"name": args.llm, "checkpoint": args.llm_checkpoint},
+    }
+
+
+def vlm_from_args(args: argparse.Namespace):
+    """A trained run (``--run``) or a fresh combination from the component options (seeded)."""
+    import torch
+
+    from bench.model.vlm import VLM
+
+    if args.run:
+        return VLM.load(args.run, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)
+    s = specs_from_args(args)
+    torch.manual_seed(0)
+    return VLM.build(s["encoder"], s["connector"], s["llm"])
+
+
+def world_config(args: argparse.Namespace):
+    """The mini world asked for by ``--world-scale`` and ``--world-resolution``; None for the default world."""
+    from bench.data.world import WorldConfig
+
+    resolution = getattr(args, "world_resolution", None)
+    if args.world_scale == 1.0 and resolution in (None, 64):
+        return None
+    world = WorldConfig(image_size=resolution or 64)
+    return world.scaled(args.world_scale) if args.world_scale != 1.0 else world
+
+
+def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``data`` part of a run config from ``--data``, ``--data-path``, ``--image-folder``, ``--world-scale``."""
+    data: dict[str, Any] = {"kind": args.data}
+    if args.data == "world":
+        world = world_config(args)
+        if world is not None:
+            data["world"] = dataclasses.asdict(world)
+    else:
+        if not args.data_path:
+            raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
+        data.update(path=args.data_path, image_folder=args.image_folder)
+        if getattr(args, "held_out", None) is not None:
+            data["held_out"] = args.held_out
+    if getattr(args, "pretrain_steps", None) is not None:
+        data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
+    return data
+
+
+def demo_images(size: int, n: int):
+    """A few images of different content (flat, stripes, checkerboard, noise) for token-count reports."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    kinds = [
+        np.full((size, size, 3), 128, np.uint8),
+        np.repeat((np.arange(size) // max(1, size // 8) % 2 * 255).astype(np.uint8)[None, :, None], size, 0).repeat(
+            3, 2
+        ),
+        ((np.add.outer(np.arange(size) // 4, np.arange(size) // 4) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),
+        rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+    ]
+    return [Image.fromarray(kinds[i % len(kinds)]) for i in range(n)]
+
+
+def report(runs, out: Path) -> None:
+    """Tables and plots of finished runs, printed and written to ``out``."""
+    from bench.report.plots import pareto_plots
+    from bench.report.tables import write_reports
+
+    written = write_reports(runs, out)
+    print(written["markdown"].read_text())
+    for path in [*written.values(), *pareto_plots(runs, out)]:
+        print(f"wrote {path}")

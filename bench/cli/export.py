@@ -1,0 +1,32 @@
+"""``bench export-hf`` (Llava format) and ``bench save-pretrained`` (the transformers-native format)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from_args, vlm_from_args, world_config  # noqa: F401
+from bench.cli.parser import FAMILIES, limit, parse_settings  # noqa: F401
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from bench.model.export import export_hf
+
+    out = export_hf(vlm_from_args(args).eval(), args.out)
+    print(
+        f"wrote LlavaForConditionalGeneration to {out} (load with LlavaForConditionalGeneration.from_pretrained "
+        f"and AutoProcessor.from_pretrained)"
+    )
+
+
+def cmd_save_pretrained(args: argparse.Namespace) -> None:
+    from bench.model.vlm import VLM
+    from connector_zoo.hf_model import ConnectorZooForConditionalGeneration
+    from connector_zoo.io import read_json
+
+    run_dir = Path(args.run_dir)
+    vlm = VLM.load(run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
+    results = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else None
+    model = ConnectorZooForConditionalGeneration.from_vlm(vlm)
+    model.save_pretrained(args.out, embed_backbones=args.embed_backbones, results=results)
+    print(f"wrote {args.out}: AutoModelForImageTextToText.from_pretrained({str(args.out)!r}) after `import connectors`")

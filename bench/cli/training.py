@@ -1,0 +1,118 @@
+"""``bench run``, ``bench sweep``, ``bench world build``: training runs and the mini world."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cli.common import (  # noqa: F401
+    data_from_args,
+    demo_images,
+    parse_lora,
+    report,
+    specs_from_args,
+    vlm_from_args,
+    world_config,
+)
+from bench.cli.parser import FAMILIES, limit, parse_settings  # noqa: F401
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from bench.run.job import run
+    from bench.train.config import RunConfig
+
+    if args.resume:
+        run(RunConfig(), Path(args.resume), resume=True, allow_dotted_paths=args.allow_dotted_paths,
+            verify=not args.no_verify)  # fmt: skip
+        return
+    specs = specs_from_args(args)
+    specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
+    specs["llm"] = {k: v for k, v in specs["llm"].items() if v is not None}
+    data = data_from_args(args)
+    cfg = RunConfig(
+        encoder=specs["encoder"],
+        connector=specs["connector"],
+        llm=specs["llm"],
+        data=data,
+        recipe=args.recipe,
+        seed=args.seed,
+        strict=args.strict,
+        precision=args.precision,
+        backbone_dtype=args.backbone_dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora=parse_lora(args.lora),
+        qlora=args.qlora,
+        init_connector=args.init_connector,
+        profile=args.profile,
+        max_length=args.max_length,
+        feature_cache=args.feature_cache,
+        feature_cache_max_gb=args.feature_cache_max_gb,
+        num_workers=args.num_workers,
+        allow_paths_outside_image_folder=args.allow_paths_outside_image_folder,
+        max_image_pixels=args.max_image_pixels,
+    )
+    if args.qlora and cfg.lora is None:
+        cfg.lora = parse_lora("")
+    if args.eval_limit is not None:
+        cfg.eval_limit = limit(args.eval_limit)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                    ("grad_accum", args.grad_accum), ("lr", args.lr),
+                                    ("save_every", args.save_every)) if v is not None}  # fmt: skip
+    if overrides:
+        recipes = RECIPES_FOR_CLI()
+        if args.recipe not in recipes:
+            raise ValueError(f"unknown recipe {args.recipe!r}; available: {', '.join(recipes)}")
+        if "grad_accum" in overrides:  # an explicit accumulation replaces the recipe's global batch
+            overrides["global_batch"] = None
+        cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
+    out = Path(args.out) if args.out else Path("runs") / name
+    run(cfg, out, verify=not args.no_verify)
+    print(f"run directory: {out}")
+
+
+def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
+    from bench.train.config import RECIPES
+
+    return RECIPES
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from bench.report.sweep import split_list, sweep
+
+    base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
+    world = world_config(args)
+    if world is not None or args.pretrain_steps is not None:
+        from bench.data.world import WorldConfig
+
+        data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(world or WorldConfig())}
+        if args.pretrain_steps is not None:
+            data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
+        base["data"] = data
+    if args.steps is not None:
+        base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
+    out = Path(args.out)
+    cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm),
+                  args.seeds, base)  # fmt: skip
+    report(cells, out)
+
+
+def cmd_world_build(args: argparse.Namespace) -> None:
+    from bench.data.world import World, WorldConfig
+    from bench.train.pretrain import pretrain_encoder, pretrain_llm
+
+    world = World(world_config(args) or WorldConfig())
+    print(f"world: {world.dir}")
+    try:
+        from bench.evaluate.lmms import TASKS_DIR, world_task_data
+
+        print(f"lmms-eval task data: {world_task_data(world)} (task folder {TASKS_DIR / 'connector_zoo_world'})")
+    except ImportError as err:  # datasets is a core dependency; say what is missing and go on
+        print(f"lmms-eval task data not written: {err}")
+    for name in args.encoders.split(","):
+        print(f"encoder {name}: {pretrain_encoder(name, world)}")
+    for name in args.llms.split(","):
+        print(f"llm {name}: {pretrain_llm(name, world)}")

@@ -1,0 +1,131 @@
+"""``bench run``: compose, train (stage 1, optionally stage 2), evaluate and record one configuration.
+
+The run directory holds ``config.json`` (everything needed to reproduce it), the trained model
+(``vlm_config.json`` + ``trainable.safetensors``, and ``hf/`` for transformers), ``stageN/checkpoint-{last,best}``,
+``results.json`` and ``summary.txt``. On the mini world, unset checkpoints mean the world's own pretrained miniature
+backbones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.evaluate.accuracy import blind_answers
+from bench.run.record import record
+from bench.train.config import (
+    RunConfig,
+    build_model,
+    check_connector_settings,
+    feature_sources,
+    load_data,
+    stage_samples,
+)
+from bench.train.precision import autocast, resolve_backbone_dtype, resolve_precision
+from bench.train.trainer import Trainer
+from connector_zoo.io import write_json
+from connector_zoo.registry import names_from_file
+
+
+# --------------------------------------------------------------------- run
+def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_dotted_paths: bool = False,
+        verify: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train, evaluate and record ``cfg`` in ``out_dir``; ``resume`` continues the run found there (its
+    config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
+    their manifests unless not ``verify``)."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    out_dir = Path(out_dir)
+    existing = (out_dir / "config.json").exists()
+
+    def names():  # a run directory's config names only registered components unless the user opts in
+        return names_from_file(out_dir / "config.json", allow_dotted_paths) if resume else contextlib.nullcontext()
+
+    if resume:
+        cfg = RunConfig.from_file(out_dir / "config.json")
+    elif existing:
+        raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    stages = cfg.resolved_stages()
+    with names():
+        check_connector_settings(cfg)  # seconds, before any data is read or backbone built
+    prec = resolve_precision(cfg.precision)
+    backbone = resolve_backbone_dtype(cfg.backbone_dtype, prec)
+    if cfg.precision == "fp16" and prec == "bf16":
+        log("precision: fp16 autocast is not available on CPU through accelerate; running bf16 autocast")
+    # on a machine without GPUs, processes started by torchrun / accelerate talk over gloo (DistributedType.MULTI_CPU)
+    accelerator = Accelerator(mixed_precision=prec, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=stages[0].grad_accum)  # fmt: skip
+    for stage in stages:
+        stage.resolve_accumulation(accelerator.num_processes)
+    kind = accelerator.distributed_type.value
+    log(f"accelerate: {kind}, {accelerator.num_processes} process(es), precision {prec}, backbone {backbone}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
+        # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
+        log(
+            f"warning: an FSDP config was given but accelerate runs {kind} here (no CUDA): weights are replicated, "
+            "not sharded"
+        )
+    created = accelerator.is_main_process and not resume
+    if created:  # first: a run killed while the world or backbones are built can be resumed
+        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    try:
+        with accelerator.main_process_first():  # the main process builds the world and presets; others read them
+            train, val, eval_sets, world = load_data(cfg, log)
+            with names():
+                vlm = build_model(cfg, world, log, backbone)
+    except Exception:  # bad data or model: a run that cannot start leaves no directory claiming to be one
+        if created:
+            (out_dir / "config.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    if cfg.init_connector:
+        vlm.load_connector(cfg.init_connector, verify=verify)
+        log(f"connector initialised from {cfg.init_connector}")
+    features, collators, cache_info = feature_sources(cfg, vlm, [train, val, *eval_sets.values()], log)
+    blind = {}
+    if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
+        with autocast(prec, vlm.device):
+            blind = {name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit)
+                     for name, ds in eval_sets.items()}  # fmt: skip
+    train_stats: list[dict[str, Any]] = []
+    for index, stage in enumerate(stages, start=1):
+        accelerator.gradient_accumulation_steps = stage.grad_accum
+        stage_dir = out_dir / f"stage{index}"
+        trainer = Trainer(
+            vlm,
+            stage_samples(train, stage.data),
+            collators[train.images.key],
+            stage,
+            stage_dir,
+            cfg.seed + index,
+            val=stage_samples(val, stage.data) if val else None,
+            val_collator=collators[val.images.key] if val else None,
+            accelerator=accelerator,
+            log=log,
+            num_workers=cfg.num_workers,
+            strict=cfg.strict,
+        )
+        last = stage_dir / "checkpoint-last"
+        if resume and (last / "trainer_state.json").exists():
+            trainer.resume(last, verify=verify)
+        log(
+            f"stage {index} ({'connector' if stage.stage == 1 else 'connector + LLM'}): {trainer.total_steps} steps "
+            f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
+        )
+        train_stats.append(trainer.fit() | {"history": trainer.history})
+        vlm = accelerator.unwrap_model(trainer.model)
+    results = {}
+    if accelerator.is_main_process:
+        with autocast(prec, vlm.device):
+            results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind,
+                             log, {"compute": prec, "backbone": backbone}, cache_info)  # fmt: skip
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,164 @@
+"""A run's record: ``results.json`` (metrics, efficiency, memory, versions), ``summary.txt``, the final model
+(linked from the last checkpoint) and its transformers-format copy ``hf/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.data.features import FeatureCache
+from bench.data.formats import Dataset
+from bench.evaluate.accuracy import evaluate_split
+from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+from connector_zoo.io import MANIFEST_NAME, atomic_path, read_json, write_json
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def versions() -> dict[str, str]:
+    """The resolved versions of the libraries whose behaviour the numbers depend on (recorded in results.json and
+    printed at the top of the CI log and of the test report, so a drift between two machines is visible)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "accelerate", "timm", "open_clip_torch", "peft", "numpy",
+                 "pillow", "safetensors", "datasets"):  # fmt: skip
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
+    """Measured figures of the trained model (``bench.evaluate.profile``): FLOPs, prefill latency, decode speed,
+    memory."""
+    from bench.evaluate.profile import profile
+
+    indices = sorted({s.image for s in data.samples if s.image is not None})[:4]
+    if not indices:
+        return {}
+    result = profile(vlm, [data.images.load(i) for i in indices], repeats=30)
+    result.pop("visual_tokens_per_image")
+    return result
+
+
+def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: int = 512) -> dict[str, float]:
+    images = sorted({s.image for s in data.samples if s.image is not None})[:limit]
+    vlm.eval()
+    counts = []
+    with torch.no_grad():
+        for start in range(0, len(images), 128):
+            got = features.fetch(images[start : start + 128])
+            if got.features is not None:
+                feats = got.features.to(vlm.device, dtype=next(vlm.connector.parameters()).dtype)
+                counts += vlm.connector(feats).num_tokens.tolist()
+    if not counts:
+        return {}
+    return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
+
+
+def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
+           precision, cache_info) -> dict:  # fmt: skip
+    save_final(vlm, out_dir, len(train_stats))
+    metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
+               for name, ds in eval_sets.items()}  # fmt: skip
+    first_eval = next(iter(eval_sets.values()))
+    profile = cfg.profile if cfg.profile is not None else cfg.data.get("kind", "world") == "world"
+    results = {
+        "efficiency": efficiency(vlm, first_eval) if profile else {},
+        "precision": precision,
+        "config": dataclasses.asdict(cfg),
+        "metrics": metrics,
+        "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
+        "parameters": {"trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
+                       "connector": vlm.connector.num_parameters(),
+                       "total": sum(p.numel() for p in vlm.parameters())},
+        "training": [{k: v for k, v in s.items() if k != "history"} for s in train_stats],
+        "memory": [s["memory"] for s in train_stats],
+        "loss_history": [s["history"] for s in train_stats],
+        "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
+        "wall_time_seconds": time.time() - started,
+        # this process, this session (a resumed run counts from its restart)
+        "seconds_to_first_step": (train_stats[0]["first_step_at"] - started) if train_stats[0]["first_step_at"]
+        else None,
+        # the tables of one encoder share a directory and its store: counted once
+        "feature_cache": {**cache_info, "disk_bytes": sum({id(f.store): f.store.disk_bytes() for f in features.values()
+                                                             if f.store is not None}.values())},
+        "encoder_forwards": sum(f.forwards for f in features.values()),
+        "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }  # fmt: skip
+    write_json(out_dir / "results.json", results)
+    from connector_zoo.hf_model import write_run_model
+
+    write_run_model(vlm, out_dir, results)  # <run>/hf: AutoModelForImageTextToText.from_pretrained reads it
+    text = summary(results)
+    with atomic_path(out_dir / "summary.txt") as tmp:
+        tmp.write_text(text + "\n")
+    log(text)
+    return results
+
+
+def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
+    """The run's model: hard links to the last stage's final checkpoint when it holds these exact weights (a 7B
+    stage-2 run then writes its weights once, not three times), else a fresh save."""
+    last = out_dir / f"stage{num_stages}" / "checkpoint-last"
+    try:
+        state = read_json(last / "trainer_state.json")
+        final = state["step"] == state["total_steps"]
+    except (FileNotFoundError, ValueError, KeyError):
+        final = False
+    if not final:
+        vlm.save(out_dir)
+        return
+    for name in (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME):
+        with atomic_path(out_dir / name) as tmp:
+            try:
+                os.link(last / name, tmp)
+            except OSError:
+                shutil.copy2(last / name, tmp)
+
+
+def summary(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [f"run: {cfg['encoder']['name']} + {cfg['connector']['name']} + {cfg['llm']['name']} "
+             f"(recipe {cfg['recipe']}, seed {cfg['seed']})"]  # fmt: skip
+    for split, m in results["metrics"].items():
+        if not m:
+            lines.append(f"  {split:<14} not evaluated (eval_limit 0)")
+            continue
+        if "accuracy" in m:
+            acc, blind = m["accuracy"], m["blind"]
+            per = "  ".join(f"{k} {v:.2f}" for k, v in acc["per_type"].items())
+            lines.append(f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
+                         f"n={acc['count']}  | {per}")  # fmt: skip
+        loss_key = "caption_loss" if "caption_loss" in m else "loss"
+        lines.append(f"  {split:<14} {loss_key} {m[loss_key]:.3f}")
+    tok = results["visual_tokens_per_image"]
+    if tok:
+        lines.append(f"  visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
+    p = results["parameters"]
+    lines.append(f"  parameters: trainable {p['trainable']:,} / total {p['total']:,}; "
+                 f"train {results['train_samples_per_second']:.3g} samples/s; encoder forwards "
+                 f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
+                 f"wall {results['wall_time_seconds']:.0f} s")  # fmt: skip
+    examples = next((m["examples"] for m in results["metrics"].values() if m.get("examples")), [])
+    for ex in examples[:3]:
+        lines.append(f"  e.g. {ex['question']!r}: {ex['answer']!r} (truth {ex['truth']!r}, blind {ex['blind']!r})")
+    return "\n".join(lines)
