@@ -15,7 +15,14 @@ from connector_zoo.io import cache_dir, materialize
 def preset_dir(family: str, preset: str, params: dict[str, Any], build: Callable[[Path], None]) -> Path:
     """Directory of a tiny preset, built once with ``save_pretrained`` and then loaded like any local checkpoint."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return materialize(cache_dir() / "presets" / f"{family}-{preset}-{digest}", build)
+
+    def quiet_build(tmp: Path) -> None:  # transformers' "Writing model shards" bar is not this command's output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        build(tmp)
+
+    return materialize(cache_dir() / "presets" / f"{family}-{preset}-{digest}", quiet_build)
 
 
 def load_pretrained(loader: Callable[..., Any], checkpoint: str | os.PathLike, what: str, **kwargs: Any) -> Any:

@@ -83,3 +83,15 @@ def test_bench_is_arranged_by_stage_one_way_with_small_modules():
         for f in (ROOT / folder).rglob("*.py"):
             n = len(f.read_text().splitlines())
             assert n <= 300, f"{f.relative_to(ROOT)} has {n} lines"
+
+
+def test_bench_tokens_prints_only_its_table_on_a_cold_cache(tmp_path):
+    """Building the tiny presets writes model shards; transformers' progress bars must not reach the terminal."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env.update(CONNECTOR_ZOO_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    out = subprocess.run([*BENCH, "tokens", "--encoder-checkpoint", "tiny-24", "--connector", "mlp2x_gelu,qformer"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("encoder clip") and lines[1].startswith("connector")
