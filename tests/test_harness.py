@@ -192,3 +192,12 @@ def test_a_world_at_128_pixels_gives_16x16_patches(tmp_path):
     assert results["visual_tokens_per_image"] == {"mean": 256.0, "min": 256, "max": 256}
     bad = bench([*MICRO, "--world-resolution", "100", "--out", str(tmp_path / "bad")])
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr
+
+
+def test_quiet_run_prints_only_its_directory_and_logs_to_run_log(tmp_path):
+    out = bench([*MICRO, "--steps", "2", "--eval-limit", "2", "--quiet", "--out", str(tmp_path / "q")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines() == [f"run directory: {tmp_path / 'q'}"]
+    log = (tmp_path / "q" / "run.log").read_text().splitlines()
+    assert any("stage 1 (connector)" in line for line in log) and any("test" in line for line in log)
+    assert all(line[:4].isdigit() for line in log)  # time-stamped

@@ -176,6 +176,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="print only the run directory (the log goes to its run.log)")
     add_trust_args(p)
     p.set_defaults(func=commands["run"])
 

@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     if args.resume:
         run(RunConfig(), Path(args.resume), resume=True, allow_dotted_paths=args.allow_dotted_paths,
-            verify=not args.no_verify)  # fmt: skip
+            verify=not args.no_verify, log=quiet_or_print(args))  # fmt: skip
         return
     specs = specs_from_args(args)
     specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
@@ -70,8 +70,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
     out = Path(args.out) if args.out else Path("runs") / name
-    run(cfg, out, verify=not args.no_verify)
+    run(cfg, out, verify=not args.no_verify, log=quiet_or_print(args))
     print(f"run directory: {out}")
+
+
+def quiet_or_print(args: argparse.Namespace):
+    """``--quiet``: nothing on the console but the run directory (every line still goes to its run.log)."""
+    return (lambda message: None) if getattr(args, "quiet", False) else print
 
 
 def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.evaluate.accuracy import blind_answers
-from bench.run.record import record
+from bench.run.record import RunLog, record
 from bench.train.config import (
     RunConfig,
     build_model,
@@ -39,10 +39,20 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
     """Train, evaluate and record ``cfg`` in ``out_dir``; ``resume`` continues the run found there (its
     config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
     their manifests unless not ``verify``)."""
-    from accelerate import Accelerator
 
     started = time.time()
     out_dir = Path(out_dir)
+    log = RunLog(out_dir, log)  # the console, and <run>/run.log once the directory exists
+    try:
+        return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started)
+    finally:
+        log.close()
+
+
+def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: bool, verify: bool,
+         started: float) -> dict[str, Any]:  # fmt: skip
+    from accelerate import Accelerator
+
     existing = (out_dir / "config.json").exists()
 
     def names():  # a run directory's config names only registered components unless the user opts in
@@ -83,6 +93,8 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
     except Exception:  # bad data or model: a run that cannot start leaves no directory claiming to be one
         if created:
             (out_dir / "config.json").unlink(missing_ok=True)
+            log.close()
+            (out_dir / "run.log").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
         raise

@@ -162,3 +162,44 @@ def summary(results: dict[str, Any]) -> str:
     for ex in examples[:3]:
         lines.append(f"  e.g. {ex['question']!r}: {ex['answer']!r} (truth {ex['truth']!r}, blind {ex['blind']!r})")
     return "\n".join(lines)
+
+
+class RunLog:
+    """The run's log lines: to the console through ``echo`` (``print``; nothing under ``--quiet``) and, time-stamped,
+    through ``logging`` to ``<run>/run.log`` (lines from before the directory exists are kept and written first).
+    Only the main process of a multi-process run writes the file."""
+
+    def __init__(self, out_dir: Path, echo):
+        import logging
+
+        self.out_dir, self.echo, self.pending = Path(out_dir), echo, []
+        self.logger = logging.getLogger(f"connector_zoo.run.{id(self)}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self.handler = None
+        self.main = int(os.environ.get("RANK", "0")) == 0
+
+    def __call__(self, message: str) -> None:
+        import logging
+
+        self.echo(message)
+        if not self.main:
+            return
+        if self.handler is None and self.out_dir.is_dir():
+            self.handler = logging.FileHandler(self.out_dir / "run.log", encoding="utf-8")
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self.logger.addHandler(self.handler)
+            pending, self.pending = self.pending, []
+            for line in "\n".join(pending).splitlines():
+                self.logger.info(line)
+        if self.handler is None:
+            self.pending.append(message)
+        else:
+            for line in message.splitlines() or [""]:  # every line time-stamped
+                self.logger.info(line)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+            self.handler.close()
+        self.handler, self.main = None, False  # closed: later lines go to the console only
