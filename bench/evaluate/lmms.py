@@ -46,13 +46,13 @@ def world_task_data(world) -> Path:
             features = datasets.Features({k: datasets.Value("string") for k in rows if k != "image"}
                                          | {"image": datasets.Image()})  # fmt: skip
             splits[split] = datasets.Dataset.from_dict(rows, features=features)
-        was_off = datasets.utils.logging.are_progress_bars_disabled()
-        datasets.utils.logging.disable_progress_bar()  # one line from `bench world build`, not a bar per split
+        was_off = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # one line from `bench world build`, not a bar per split
         try:
             datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
         finally:
             if not was_off:
-                datasets.utils.logging.enable_progress_bar()
+                datasets.enable_progress_bars()
 
     return materialize(world.dir / "lmms_eval", build) / "data"
 
