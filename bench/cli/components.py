@@ -7,7 +7,7 @@ import argparse
 import json
 
 from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from_args, vlm_from_args, world_config  # noqa: F401
-from bench.cli.parser import FAMILIES, limit, parse_settings  # noqa: F401
+from bench.cli.parser import FAMILIES
 
 
 def cmd_list(args: argparse.Namespace) -> None:

@@ -7,16 +7,12 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.cli.common import (  # noqa: F401
+from bench.cli.common import (
     data_from_args,
-    demo_images,
-    parse_lora,
     report,
     specs_from_args,
-    vlm_from_args,
-    world_config,
 )
-from bench.cli.parser import FAMILIES, limit, parse_settings  # noqa: F401
+from bench.cli.parser import limit
 from connector_zoo.io import write_json
 
 

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from_args, vlm_from_args, world_config  # noqa: F401
-from bench.cli.parser import FAMILIES, limit, parse_settings  # noqa: F401
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:

@@ -8,16 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cli.common import (  # noqa: F401
+from bench.cli.common import (
     data_from_args,
-    demo_images,
     parse_lora,
     report,
     specs_from_args,
-    vlm_from_args,
     world_config,
 )
-from bench.cli.parser import FAMILIES, limit, parse_settings  # noqa: F401
+from bench.cli.parser import limit
 
 
 def cmd_run(args: argparse.Namespace) -> None:
