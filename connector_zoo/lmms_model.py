@@ -94,8 +94,10 @@ class ConnectorZooLMM(lmms):
                 has = [im is not None for im in images]
                 ids = [torch.tensor(self.vlm.llm.encode_prompt(p)) for p in prompts]
                 px = self.vlm.encoder.preprocess([im for im in images if im is not None]) if any(has) else None
-                inputs = VLMInputs(ids, pixel_values=px, has_image=has)
                 with self._autocast():
+                    # the encoder runs once: its features serve the token count and the generation
+                    features = self.vlm.encode(px.to(self.vlm.device)) if px is not None else None
+                    inputs = VLMInputs(ids, features=features, has_image=has)
                     visual = self.vlm.visual_tokens(inputs)
                     if visual is not None:
                         self.visual_tokens += visual.num_tokens.tolist()
