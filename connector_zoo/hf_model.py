@@ -109,7 +109,7 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         from safetensors.torch import load_file
 
         from bench.model.vlm import VLM
-        from connector_zoo.registry import names_from_file
+        from connector_zoo.registry import RegistryError, names_from_file
 
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").exists():
@@ -121,8 +121,6 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         for part in ("encoder", "llm"):
             if specs[part].get("checkpoint") in ("encoder", "llm") and (directory / specs[part]["checkpoint"]).is_dir():
                 specs[part] = {**specs[part], "checkpoint": str(directory / specs[part]["checkpoint"])}
-        from connector_zoo.registry import RegistryError
-
         try:
             with names_from_file(directory / "config.json", allow_dotted_paths):
                 vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
@@ -141,18 +139,7 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
             "model.safetensors"]  # fmt: skip
         for name in files:
             state.update(load_file(str(directory / name)))
-        state = {k.removeprefix("vlm."): v for k, v in state.items()}
-        own = vlm.state_dict()
-        unknown = sorted(set(state) - set(own))
-        if unknown:
-            raise ValueError(f"{directory}: saved weights {unknown[:3]} have no parameter in the model its config "
-                             f"builds; was it written by another version or another connector?")  # fmt: skip
-        for k, v in state.items():
-            if own[k].shape != v.shape:
-                raise ValueError(
-                    f"{directory}: {k} is saved as {tuple(v.shape)} but the model has {tuple(own[k].shape)}"
-                )
-        vlm.load_state_dict(state, strict=False)
+        vlm.load_trainable_state(state, directory)  # the checks and dtype rules of VLM.load
         model = cls(config, vlm=vlm)
         return model.eval()
 
@@ -205,6 +192,7 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
     from transformers import GenerationConfig
 
     from bench.model.vlm import WEIGHTS_NAME
+    from connector_zoo.io import link_or_copy
 
     run_dir = Path(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=run_dir))
@@ -213,10 +201,7 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
         config.architectures = [ConnectorZooForConditionalGeneration.__name__]
         config.save_pretrained(tmp)
         GenerationConfig(eos_token_id=vlm.llm.eos_token_id, pad_token_id=vlm.llm.pad_token_id).save_pretrained(tmp)
-        try:
-            os.link(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
-        except OSError:
-            shutil.copy2(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
+        link_or_copy(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
         (tmp / "README.md").write_text(model_card(vlm, vlm.specs(), results))
         shutil.rmtree(run_dir / "hf", ignore_errors=True)
         os.rename(tmp, run_dir / "hf")
@@ -228,7 +213,7 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
 def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> str:
     """README.md: components, recipe, visual tokens, parameters and, for a run, its evaluation table."""
     enc, conn, llm = (specs[p] for p in PARTS)
-    trainable = sum(t.numel() for t in vlm.trainable_state_dict().values())
+    trainable = sum(t.numel() for t in vlm.trainable_tensors().values())
     lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [connector-zoo]", "---",
              "", f"# {conn['name']} connector: {enc['name']} -> {llm['name']}", "",
              "Trained with [connector-zoo](https://github.com/connector-zoo/connector-zoo). Load with "

@@ -96,6 +96,15 @@ def atomic_path(path: str | os.PathLike):
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """``target`` as a hard link to ``source`` (the bytes are not written twice), a copy where links fail (another
+    file system)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

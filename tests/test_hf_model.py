@@ -80,10 +80,10 @@ def test_a_wrong_shape_or_unknown_weight_is_refused(tmp_path):
     state = load_file(str(tmp_path / "m" / "model.safetensors"))
     key = next(iter(state))
     save_file({**state, key: torch.zeros(3, 3)}, str(tmp_path / "m" / "model.safetensors"))
-    with pytest.raises(ValueError, match=f"{key} is saved as \\(3, 3\\)"):
+    with pytest.raises(ValueError, match=f"wrong shape \\['{key}: file \\(3, 3\\) vs model"):
         AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
     save_file({**state, "connector.nothing": torch.zeros(1)}, str(tmp_path / "m" / "model.safetensors"))
-    with pytest.raises(ValueError, match="have no parameter"):
+    with pytest.raises(ValueError, match="unknown \\['connector.nothing'\\]"):
         AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
 
 

@@ -31,7 +31,7 @@ def world_task_data(world) -> Path:
         import datasets
 
         from bench.data.formats import world_dataset
-        from bench.evaluate.accuracy import qa_samples
+        from bench.evaluate.accuracy import qa_samples, strip_image
 
         splits = {}
         for split in WORLD_SPLITS:
@@ -39,7 +39,7 @@ def world_task_data(world) -> Path:
             rows = {"id": [], "question": [], "answer": [], "type": [], "image": []}
             for s in qa_samples(ds):
                 rows["id"].append(s.id)
-                rows["question"].append(s.messages[0]["content"].split("\n", 1)[1])
+                rows["question"].append(strip_image(s.messages[:1])[0]["content"])
                 rows["answer"].append(s.messages[-1]["content"])
                 rows["type"].append(s.meta["type"])
                 rows["image"].append(world.image(split, s.image))

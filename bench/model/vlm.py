@@ -211,13 +211,14 @@ class VLM(nn.Module):
         return [t.strip() for t in self.llm.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     # ---------------------------------------------------------- save & load
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The connector's full state plus every other trainable parameter (e.g. an unfrozen LLM), not copied."""
+        others = {n: p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("connector.")}
+        return {f"connector.{k}": v for k, v in self.connector.state_dict().items()} | others
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The connector's full state plus every other trainable parameter (e.g. an unfrozen LLM)."""
-        state = {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
-        for name, p in self.named_parameters():
-            if p.requires_grad and not name.startswith("connector."):
-                state[name] = p
-        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        """:meth:`trainable_tensors`, detached, contiguous, on the CPU (what is saved)."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.trainable_tensors().items()}
 
     def save(self, directory: str | Path) -> Path:
         """Write ``vlm_config.json`` + ``trainable.safetensors`` atomically; ``VLM.load`` rebuilds it exactly."""
@@ -278,19 +279,19 @@ class VLM(nn.Module):
             state = load_file(str(path))
         except Exception as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err}); it is corrupt or incomplete") from err
+        self.load_trainable_state(state, path)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
+        """Load saved trained weights after checking that they fit (no unknown name, the whole connector, every
+        shape); fp32 weights of a half-precision backbone stay fp32 (the trained master weights)."""
         own = dict(self.named_parameters()) | {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
         unknown = sorted(set(state) - set(own))
         missing = sorted(k for k in own if k.startswith("connector.") and k not in state)
-        wrong = [
-            f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
+        wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]  # fmt: skip
         if unknown or missing or wrong:
-            raise ValueError(
-                f"{path} does not fit this model (built from its vlm_config.json): "
-                f"unknown {unknown[:5]}, missing {missing[:5]}, wrong shape {wrong[:5]}"
-            )
+            raise ValueError(f"{source} does not fit this model (built from its config): unknown {unknown[:5]}, "
+                             f"missing {missing[:5]}, wrong shape {wrong[:5]}")  # fmt: skip
         with torch.no_grad():
             for k, v in state.items():
                 if own[k].dtype != v.dtype and v.dtype == torch.float32 and isinstance(own[k], nn.Parameter):

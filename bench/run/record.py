@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.evaluate.accuracy import evaluate_split
 from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
-from connector_zoo.io import MANIFEST_NAME, atomic_path, read_json, write_json
+from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
 
 
 def git_commit() -> str | None:
@@ -129,10 +128,7 @@ def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
         return
     for name in (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME):
         with atomic_path(out_dir / name) as tmp:
-            try:
-                os.link(last / name, tmp)
-            except OSError:
-                shutil.copy2(last / name, tmp)
+            link_or_copy(last / name, tmp)
 
 
 def summary(results: dict[str, Any]) -> str:

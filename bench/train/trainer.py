@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from bench.data.loader import Collator, StepSampler, default_num_workers, make_l
 from bench.model.vlm import VLM
 from bench.train.precision import memory_report
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
-from connector_zoo.io import atomic_path, kill_point
+from connector_zoo.io import atomic_path, kill_point, link_or_copy
 
 
 class Trainer:
@@ -208,15 +207,10 @@ class Trainer:
 
 def link_copy(source: Path, target: Path) -> None:
     """Atomically make ``target`` a directory of hard links to ``source``'s files (a copy where links fail)."""
-    import shutil
-
     with atomic_path(target) as tmp:
         tmp.mkdir()
         for f in source.iterdir():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
+            link_or_copy(f, tmp / f.name)
 
 
 @torch.no_grad()
