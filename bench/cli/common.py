@@ -87,12 +87,17 @@ def demo_images(size: int, n: int):
     return [Image.fromarray(kinds[i % len(kinds)]) for i in range(n)]
 
 
-def report(runs, out: Path) -> None:
-    """Tables and plots of finished runs, printed and written to ``out``."""
+def report(runs, out: Path, html: Path | None = None, per_type: int = 4) -> None:
+    """Tables and plots of finished runs, printed and written to ``out``; with ``html``, the page too."""
     from bench.report.plots import pareto_plots
     from bench.report.tables import write_reports
 
     written = write_reports(runs, out)
     print(written["markdown"].read_text())
-    for path in [*written.values(), *pareto_plots(runs, out)]:
+    paths = [*written.values(), *pareto_plots(runs, out)]
+    if html is not None:
+        from bench.report.html import write_html
+
+        paths.append(write_html(runs, html, per_type=per_type))
+    for path in paths:
         print(f"wrote {path}")

@@ -121,4 +121,4 @@ def cmd_peer(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    report(args.runs, Path(args.out))
+    report(args.runs, Path(args.out), Path(args.html) if args.html else None, args.gallery_per_type)

@@ -200,6 +200,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--out", default="report", help="where to write table.md/.csv/.tex and the plots")
+    p.add_argument("--html", metavar="DIR", help="also write one self-contained page, DIR/index.html: table, "
+                   "plots, loss curves, pruning curve, error breakdown and answer gallery")  # fmt: skip
+    p.add_argument("--gallery-per-type", type=POSITIVE, default=4, metavar="N",
+                   help="questions per question type in the HTML gallery (default 4)")  # fmt: skip
     p.set_defaults(func=commands["report"])
 
     p = sub.add_parser("profile", help="efficiency figures of a combination (no training)")

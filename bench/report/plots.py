@@ -23,6 +23,12 @@ def pareto_plots(run_paths, out: Path) -> list[Path]:
 
 
 def scatter(points, blind, x_key: str, xlabel: str, stem: Path) -> list[Path]:
+    return save(scatter_figure(points, blind, x_key, xlabel), stem)
+
+
+def scatter_figure(points, blind, x_key: str, xlabel: str, front: bool = False):
+    """Test accuracy against ``x_key`` (log scale), seed spread as error bars; ``front`` draws the Pareto front
+    (configurations no other beats on both axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +40,11 @@ def scatter(points, blind, x_key: str, xlabel: str, stem: Path) -> list[Path]:
         ax.errorbar(x, 100 * y, xerr=dx or None, yerr=100 * dy, fmt="o", capsize=3, label=r["name"])
     for r in blind:
         ax.axhline(100 * r["test"][0], color="grey", linestyle="--", linewidth=1, label=r["name"])
+    if front:
+        on = pareto_front([(r[x_key][0], r["test"][0]) for r in points])
+        xy = sorted((points[i][x_key][0], 100 * points[i]["test"][0]) for i in on)
+        ax.step([x for x, _ in xy], [y for _, y in xy], where="post", color="black", alpha=0.4, linewidth=1,
+                label="Pareto front")  # fmt: skip
     ax.set_xscale("log")
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
@@ -45,7 +56,13 @@ def scatter(points, blind, x_key: str, xlabel: str, stem: Path) -> list[Path]:
     ax.set_title("Accuracy against " + xlabel.split(" (")[0].split(",")[0])
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return save(fig, stem)
+    return fig
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, accuracy) that no other point dominates (cost <= and accuracy >=, one strictly)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]  # fmt: skip
 
 
 def save(fig, stem: Path) -> list[Path]:
@@ -61,6 +78,10 @@ def save(fig, stem: Path) -> list[Path]:
 
 
 def pruning_plot(rows, stem: Path) -> list[Path]:
+    return save(pruning_figure(rows), stem)
+
+
+def pruning_figure(rows):
     """Accuracy against the share of visual tokens kept, per reducer (random_keep with its spread over draws), and
     cls_prune's measured prefill speed-up."""
     import matplotlib
@@ -98,4 +119,4 @@ def pruning_plot(rows, stem: Path) -> list[Path]:
     ax.set_title("Training-free token reduction in front of a trained projector")
     ax.legend(handles, labels, fontsize=7)
     ax.grid(True, alpha=0.3)
-    return save(fig, stem)
+    return fig
