@@ -89,8 +89,11 @@ def fake_runs(root: Path, world: World, answers_by_connector: dict[str, list[lis
             per_type: dict[str, list[int]] = {}
             for q, c in zip(ids, correct):
                 per_type.setdefault(facts[q]["type"], []).append(c)
-            acc = {"exact_match": sum(correct) / len(correct), "per_type": {t: sum(v) / len(v)
-                   for t, v in per_type.items()}, "per_question": {"ids": ids, "correct": correct, "answers": answers}}
+            acc = {
+                "exact_match": sum(correct) / len(correct),
+                "per_type": {t: sum(v) / len(v) for t, v in per_type.items()},
+                "per_question": {"ids": ids, "correct": correct, "answers": answers},
+            }
             results = {
                 "config": {"encoder": {"name": "clip"}, "connector": {"name": connector}, "llm": {"name": "tinyllama"},
                            "recipe": "mini", "seed": seed,

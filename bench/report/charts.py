@@ -39,6 +39,14 @@ def short(name: str) -> str:
     return parts[1] if len(parts) == 3 else name
 
 
+def colour(plt, k: int, n: int):
+    """The k-th of n configurations' colour: tab10 up to 10, else tab20 with its dark shades first (neighbours in a
+    legend never get a colour and its lighter twin)."""
+    if n <= 10:
+        return plt.get_cmap("tab10")(k % 10)
+    return plt.get_cmap("tab20")((2 * k) % 20 + (k // 10) % 2)
+
+
 def type_bars(rows: list[dict[str, Any]]):
     """Test accuracy per question type, one bar per configuration (seed std as error bars), the blind row hatched."""
     plt = pyplot()
@@ -46,13 +54,12 @@ def type_bars(rows: list[dict[str, Any]]):
     shown = [r for r in rows if any(t in r for t in types)]
     fig, ax = plt.subplots(figsize=(max(7.5, 0.16 * len(types) * len(shown) + 2), 4.2), dpi=110)
     width = 0.8 / max(len(shown), 1)
-    cmap = plt.get_cmap("tab20")
     for k, r in enumerate(shown):
         blind = r["name"].startswith("blind")
         xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(types))]
         ax.bar(xs, [100 * r[t][0] if t in r else 0 for t in types], width,
                yerr=[100 * r[t][1] if t in r else 0 for t in types], capsize=1.5, error_kw={"linewidth": 0.6},
-               color="lightgrey" if blind else cmap(k % 20), hatch="//" if blind else None,
+               color="lightgrey" if blind else colour(plt, k, len(shown)), hatch="//" if blind else None,
                edgecolor="grey" if blind else None, label="blind" if blind else short(r["name"]))  # fmt: skip
     ax.set_xticks(range(len(types)), types)
     ax.set_ylabel("test accuracy (%)")
@@ -86,15 +93,15 @@ def loss_curves(curves: dict[str, list[list[tuple[int, float, float]]]]):
     plt = pyplot()
     n_stages = max((len(s) for s in curves.values()), default=1)
     fig, axes = plt.subplots(1, n_stages, figsize=(6.5 * n_stages, 4.0), dpi=110, squeeze=False)
-    cmap = plt.get_cmap("tab20")
     for k, (name, stages) in enumerate(curves.items()):
+        c = colour(plt, k, len(curves))
         for s, points in enumerate(stages):
             ax = axes[0][s]
             steps = [p[0] for p in points]
             mean = [p[1] for p in points]
-            ax.plot(steps, mean, color=cmap(k % 20), linewidth=1, label=short(name))
+            ax.plot(steps, mean, color=c, linewidth=1, label=short(name))
             ax.fill_between(steps, [m - p[2] for m, p in zip(mean, points)], [m + p[2] for m, p in zip(mean, points)],
-                            color=cmap(k % 20), alpha=0.15, linewidth=0)  # fmt: skip
+                            color=c, alpha=0.15, linewidth=0)  # fmt: skip
     for s, ax in enumerate(axes[0]):
         ax.set_title(f"stage {s + 1}: training loss")
         ax.set_xlabel("optimizer step")
@@ -108,7 +115,6 @@ def breakdown_bars(bd: dict[str, dict[str, Any]]):
     """Two panels: accuracy by the size of the object asked about, and by the number of objects in the image."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.0), dpi=110)
-    cmap = plt.get_cmap("tab20")
     names = sorted(bd)
     for ax, axis, title in ((axes[0], "size", "by size of the object asked about"),
                             (axes[1], "objects", "by number of objects in the image")):  # fmt: skip
@@ -121,7 +127,7 @@ def breakdown_bars(bd: dict[str, dict[str, Any]]):
             xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(buckets))]
             ax.bar(xs, [100 * cells[b][0] if b in cells else 0 for b in buckets], width,
                    yerr=[100 * cells[b][1] if b in cells else 0 for b in buckets], capsize=1.5,
-                   error_kw={"linewidth": 0.6}, color=cmap(k % 20), label=short(name))  # fmt: skip
+                   error_kw={"linewidth": 0.6}, color=colour(plt, k, len(names)), label=short(name))  # fmt: skip
         ax.set_xticks(range(len(buckets)), [str(b) for b in buckets])
         ax.set_ylim(0, 100)
         ax.set_ylabel("test accuracy (%)")

@@ -46,8 +46,10 @@ def table_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
     body = []
     for r in rows:
         blind = r["name"].startswith("blind")
-        cells = [{"text": r["name"], "sort": r["name"], "best": False},
-                 {"text": str(len(r["seeds"])), "sort": len(r["seeds"]), "best": False}]
+        cells = [
+            {"text": r["name"], "sort": r["name"], "best": False},
+            {"text": str(len(r["seeds"])), "sort": len(r["seeds"]), "best": False},
+        ]
         for c in cols:
             if c not in r:
                 cells.append({"text": "", "sort": "", "best": False})

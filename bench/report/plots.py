@@ -35,9 +35,12 @@ def scatter_figure(points, blind, x_key: str, xlabel: str, front: bool = False):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for r in points:
+    from bench.report.charts import colour
+
+    for k, r in enumerate(points):
         (x, dx), (y, dy) = r[x_key], r["test"]
-        ax.errorbar(x, 100 * y, xerr=dx or None, yerr=100 * dy, fmt="o", capsize=3, label=r["name"])
+        ax.errorbar(x, 100 * y, xerr=dx or None, yerr=100 * dy, fmt="osD^vP*X<>"[k % 10], capsize=3, label=r["name"],
+                    color=colour(plt, k, len(points)))  # fmt: skip
     for r in blind:
         ax.axhline(100 * r["test"][0], color="grey", linestyle="--", linewidth=1, label=r["name"])
     if front:
