@@ -64,6 +64,9 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
             specs = config.specs()
             vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
         self.vlm = vlm
+        from connector_zoo.hf_processor import remember_encoder
+
+        remember_encoder(vlm.encoder)  # the AutoProcessor of this directory preprocesses with it (no second copy)
 
     @classmethod
     def from_vlm(cls, vlm) -> ConnectorZooForConditionalGeneration:
@@ -87,7 +90,18 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
             super().save_pretrained(out, state_dict=state, **kwargs)
         finally:
             self.config = original
+        self.processor(specs).save_pretrained(out)
         (out / "README.md").write_text(model_card(self.vlm, specs, results))
+
+    def processor(self, specs: dict[str, Any] | None = None):
+        """The :class:`~connector_zoo.hf_processor.ConnectorZooProcessor` of this model (``AutoProcessor`` reads the
+        one ``save_pretrained`` writes)."""
+        from connector_zoo.hf_processor import ConnectorZooProcessor
+
+        processor = ConnectorZooProcessor.from_vlm(self.vlm)
+        if specs is not None:  # as saved: an embedded encoder is named by its folder
+            processor.image_processor.encoder = specs["encoder"]
+        return processor
 
     def _embed(self, out: Path, specs: dict[str, Any]) -> dict[str, Any]:
         enc, llm = self.vlm.encoder, self.vlm.llm
@@ -202,6 +216,9 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
         config.save_pretrained(tmp)
         GenerationConfig(eos_token_id=vlm.llm.eos_token_id, pad_token_id=vlm.llm.pad_token_id).save_pretrained(tmp)
         link_or_copy(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
+        from connector_zoo.hf_processor import ConnectorZooProcessor
+
+        ConnectorZooProcessor.from_vlm(vlm).save_pretrained(tmp)  # AutoProcessor, pipeline("image-text-to-text")
         (tmp / "README.md").write_text(model_card(vlm, vlm.specs(), results))
         shutil.rmtree(run_dir / "hf", ignore_errors=True)
         os.rename(tmp, run_dir / "hf")
@@ -240,3 +257,4 @@ def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> st
 
 AutoConfig.register("connector_zoo", ConnectorZooConfig, exist_ok=True)
 AutoModelForImageTextToText.register(ConnectorZooConfig, ConnectorZooForConditionalGeneration, exist_ok=True)
+import connector_zoo.hf_processor  # noqa: E402,F401  (AutoProcessor and AutoImageProcessor, registered on import)

@@ -94,12 +94,19 @@ from transformers import AutoModelForImageTextToText
 import connectors
 model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], allow_dotted_paths=len(sys.argv) > 4)
 print(model.answer([Image.open(sys.argv[2])], [sys.argv[3]], max_new_tokens=8)[0])
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model=sys.argv[1], model_kwargs={"allow_dotted_paths": len(sys.argv) > 4})
+chat = [{"role": "user", "content": [{"type": "image", "image": Image.open(sys.argv[2])},
+                                     {"type": "text", "text": sys.argv[3]}]}]
+print(pipe(text=chat, max_new_tokens=8)[0]["generated_text"][-1]["content"].strip())
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("connector", ["qformer", "my_connector:AvgPool2x"])
 def test_a_runs_model_loads_in_a_fresh_process_and_answers_as_bench_generate(connector, tmp_path):
+    """A qformer run and a plugin-connector run: from_pretrained and pipeline("image-text-to-text") on <run>/hf in a
+    fresh process answer what `bench generate` answers."""
     from test_docs_and_style import readme_example
 
     (tmp_path / "my_connector.py").write_text(readme_example())
@@ -120,7 +127,8 @@ def test_a_runs_model_loads_in_a_fresh_process_and_answers_as_bench_generate(con
                            cwd=tmp_path, env={**__import__("os").environ, **env}, capture_output=True, text=True,
                            timeout=600)  # fmt: skip
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert fresh.stdout.strip().splitlines()[-1] == gen.stdout.strip().splitlines()[-1]
+    answer = gen.stdout.strip().splitlines()[-1]
+    assert fresh.stdout.strip().splitlines()[-2:] == [answer, answer]  # from_pretrained, then pipeline()
     card = (hf / "README.md").read_text()
     assert "| test |" in card and "Recipe:" in card
     if trust:  # without the flag, a dotted path in the directory is not imported
@@ -128,3 +136,60 @@ def test_a_runs_model_loads_in_a_fresh_process_and_answers_as_bench_generate(con
                                  cwd=tmp_path, env={**__import__("os").environ, **env}, capture_output=True,
                                  text=True, timeout=600)  # fmt: skip
         assert refused.returncode != 0 and "allow_dotted_paths" in refused.stderr
+
+
+@pytest.mark.parametrize("llm,embed", [("tinyllama", False), ("qwen3", True), ("vicuna", False)])
+def test_auto_processor_and_pipeline_answer_as_the_model(llm, embed, tmp_path):
+    """AutoProcessor renders a transformers chat (content lists with an image entry) to the very prompt the
+    backend builds, tokenizes it to the same ids and the image to the encoder's pixels; pipeline("image-text-to-text")
+    answers what the model answers, for chat and for plain text input."""
+    from transformers import AutoProcessor, pipeline
+
+    from connector_zoo.hf_processor import ConnectorZooProcessor
+
+    torch.manual_seed(0)
+    vlm = VLM.build({"name": "clip"}, {"name": "qformer", "num_queries": 8}, {"name": llm}).eval()
+    ConnectorZooForConditionalGeneration.from_vlm(vlm).save_pretrained(tmp_path / "m", embed_backbones=embed)
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    assert isinstance(processor, ConnectorZooProcessor)
+    image, question = images(1)[0], "What colour is the circle?"
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    want_text = vlm.llm.render([{"role": "user", "content": f"<image>\n{question}"}], add_generation_prompt=True,
+                               **vlm.llm.generation_template_kwargs)  # fmt: skip
+    assert text == want_text
+    inputs = processor(images=[image], text=[text])
+    assert inputs["input_ids"][0].tolist() == vlm.prompt_ids([True], [question])[0].tolist()
+    torch.testing.assert_close(inputs["pixel_values"], vlm.encoder.preprocess([image]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="1 <image> token"):
+        processor(images=[image, image], text=[text])
+    want = vlm.generate([image], [question], max_new_tokens=6)[0]
+    pipe = pipeline("image-text-to-text", model=str(tmp_path / "m"))
+    chat_with_image = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                    {"type": "text", "text": question}]}]  # fmt: skip
+    out = pipe(text=chat_with_image, max_new_tokens=6)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
+    assert out[0]["generated_text"][-1]["content"].strip() == want
+    plain = pipe(images=image, text=text, max_new_tokens=6, return_full_text=False)
+    assert plain[0]["generated_text"].strip() == want
+
+
+def test_each_processor_preprocesses_with_its_own_encoder(tmp_path):
+    """Two models with different encoders loaded in one process (the processor reuses a loaded encoder by its spec):
+    each directory's processor gives its own encoder's pixels (CLIP's and DINOv2's normalisations differ)."""
+    from transformers import AutoProcessor
+
+    pictures = images(2)
+    pixels, loaded = {}, {}
+    for enc in ("clip", "dinov2"):
+        torch.manual_seed(0)
+        vlm = VLM.build({"name": enc}, {"name": "mlp2x_gelu"}, {"name": "tinyllama"}).eval()
+        ConnectorZooForConditionalGeneration.from_vlm(vlm).save_pretrained(tmp_path / enc)
+        loaded[enc] = AutoModelForImageTextToText.from_pretrained(tmp_path / enc)  # alive: its encoder is reused
+        pixels[enc] = vlm.encoder.preprocess(pictures)
+    for enc in ("clip", "dinov2"):
+        processor = AutoProcessor.from_pretrained(tmp_path / enc)
+        assert processor.image_processor.vision_encoder() is loaded[enc].vlm.encoder  # no second copy
+        got = processor(images=pictures, text=["<image>hi", "<image>ho"])
+        torch.testing.assert_close(got["pixel_values"], pixels[enc], rtol=0, atol=0)
+    assert not torch.equal(pixels["clip"], pixels["dinov2"])
