@@ -145,3 +145,29 @@ def test_report_compares_each_configuration_with_the_best_paired_per_question(tm
     low, high = (float(x) for x in lin[lin.index("-30.0 [") + 7 : lin.index("]")].split(", "))
     assert low < -30.0 < high < 0
     assert "McNemar" in table
+
+
+def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path):
+    """A sweep kept in the repository as results.json.gz: the report reads it like results.json, a directory holding
+    both counts once, and `bench sweep` skips a cell whose record is there instead of training it again."""
+    import gzip
+    import shutil
+
+    from bench.report.sweep import cell_name, sweep
+    from bench.report.tables import aggregate, load_runs
+
+    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16)
+    fake_run(tmp_path / "runs", "linear", 1, 0.60, 0.2, 0.3, 16)
+    record = tmp_path / "record"
+    for d in (tmp_path / "runs").iterdir():
+        (record / d.name).mkdir(parents=True)
+        (record / d.name / "results.json.gz").write_bytes(gzip.compress((d / "results.json").read_bytes()))
+    shutil.copy(tmp_path / "runs" / "linear-s0" / "results.json", record / "linear-s0")  # both files in one cell
+    assert len(load_runs([record])) == 2
+    assert aggregate(load_runs([record])) == aggregate(load_runs([tmp_path / "runs"]))
+    cell = tmp_path / "sweep" / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
+    cell.mkdir(parents=True)
+    shutil.copy(record / "linear-s1" / "results.json.gz", cell)
+    said: list[str] = []
+    sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base={}, log=said.append)
+    assert said == [f"[1/1] {cell.name}: finished, skipped"]

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bench.report.tables import RESULTS
 from bench.run.job import run
 from bench.train.config import RunConfig
 
@@ -43,7 +44,7 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
     done = []
     for i, (enc, conn, llm, seed) in enumerate(cells, start=1):
         cell = out / cell_name(enc, conn, llm, seed)
-        if (cell / "results.json").exists():
+        if any((cell / name).exists() for name in RESULTS):  # a finished cell, or its gzipped record (sweeps/)
             log(f"[{i}/{len(cells)}] {cell.name}: finished, skipped")
         else:
             resume = (cell / "config.json").exists()

@@ -51,15 +51,29 @@ def config_name(cfg: dict[str, Any]) -> str:
     return f"{cfg['encoder']['name']} + {conn_label} + {cfg['llm']['name']} ({cfg['recipe']})"
 
 
+RESULTS = ("results.json", "results.json.gz")  # a run's own file; gzipped as a sweep's record keeps it (sweeps/)
+
+
+def results_files(path: Path) -> list[Path]:
+    """The results of the runs under ``path`` (or ``path`` itself): ``results.json``, else ``results.json.gz``."""
+    if path.name in RESULTS:
+        return [path]
+    found = {f.parent: f for f in sorted(path.rglob(RESULTS[1]))}
+    found.update({f.parent: f for f in sorted(path.rglob(RESULTS[0]))})
+    return [found[d] for d in sorted(found)]
+
+
 def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
+    import gzip
+
     runs = []
     for p in paths:
         path = Path(p)
-        files = [path] if path.name == "results.json" else sorted(path.rglob("results.json"))
+        files = results_files(path)
         if not files:
             raise FileNotFoundError(f"{path}: no results.json (is it a finished run directory?)")
         for f in files:
-            runs.append(json.loads(f.read_text()))
+            runs.append(json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text()))
     return runs
 
 
