@@ -25,6 +25,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def show_progress() -> bool:
+    """Progress bars on stderr: off under ``bench ... --quiet`` (``CONNECTOR_ZOO_QUIET=1``) and with tqdm's own
+    ``TQDM_DISABLE=1``, read when each bar starts."""
+    off = ("1", "true", "True")
+    return os.environ.get("CONNECTOR_ZOO_QUIET") not in off and os.environ.get("TQDM_DISABLE") not in off
+
+
 def kill_point(name: str) -> None:
     """Tests: die here like a killed job (SIGKILL, nothing cleaned up) when ``CONNECTOR_ZOO_KILL_AT`` names this
     point, e.g. ``pretrain-encoder-clip:3``, ``step:2:5`` (after step 5 of stage 2, its checkpoints written) or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -201,3 +202,14 @@ def test_quiet_run_prints_only_its_directory_and_logs_to_run_log(tmp_path):
     log = (tmp_path / "q" / "run.log").read_text().splitlines()
     assert any("stage 1 (connector)" in line for line in log) and any("test" in line for line in log)
     assert all(line[:4].isdigit() for line in log)  # time-stamped
+
+
+def test_progress_bars_per_stage_and_none_under_quiet(tmp_path):
+    """On the console (stderr) each training stage has a bar with its loss and samples/s; --quiet shows none."""
+    shown = bench([*MICRO, "--steps", "3", "--eval-limit", "2", "--out", str(tmp_path / "a")], env={"TQDM_DISABLE": ""})
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    for stage in (1, 2):
+        assert re.search(rf"stage {stage}: +100%.*3/3.*loss \d\.\d{{4}}, \d+ samples/s", shown.stderr), shown.stderr
+    quiet = bench([*MICRO, "--steps", "3", "--eval-limit", "2", "--quiet", "--out", str(tmp_path / "q")],
+                  env={"TQDM_DISABLE": ""})  # fmt: skip
+    assert quiet.returncode == 0 and "stage 1:" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr

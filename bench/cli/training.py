@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def quiet_or_print(args: argparse.Namespace):
     """``--quiet``: nothing on the console but the run directory (every line still goes to its run.log)."""
-    return (lambda message: None) if getattr(args, "quiet", False) else print
+    if getattr(args, "quiet", False):
+        os.environ["CONNECTOR_ZOO_QUIET"] = "1"  # no progress bars either (connector_zoo.io.show_progress)
+        return lambda message: None
+    return print
 
 
 def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from connector_zoo.io import cache_dir, materialize
+from connector_zoo.io import cache_dir, materialize, show_progress
 from connector_zoo.settings import SettingError, check
 
 COLOURS = {
@@ -250,7 +250,9 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> Path:
             images = np.stack(
                 [
                     np.asarray(render(s, cfg))
-                    for s in tqdm(scenes, desc=f"world {split}", disable=not progress, leave=False)
+                    for s in tqdm(
+                        scenes, desc=f"world {split}", disable=not (progress and show_progress()), leave=False
+                    )
                 ]
             )
             np.save(tmp / f"{split}_images.npy", images)

@@ -35,7 +35,13 @@ def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = Fa
     vlm.eval()
     unreadable = {} if unreadable is None else unreadable
     out: list[str | None] = []
-    for start in range(0, len(samples), batch_size):
+    from tqdm import tqdm
+
+    from connector_zoo.io import show_progress
+
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="answering" + (" blind" if blind else ""), unit="batch", leave=False,
+                      disable=not show_progress() or len(starts) < 2):  # fmt: skip
         chunk = samples[start : start + batch_size]
         features = None
         if not blind and any(s.image is not None for s in chunk):

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bench.data.world import COLOURS, SHAPES, SIZES, World, patch_labels
-from connector_zoo.io import kill_point, materialize
+from connector_zoo.io import kill_point, materialize, show_progress
 from encoders import ENCODERS
 from llms import LLMS
 
@@ -112,7 +112,11 @@ def pretrain_encoder(
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
         batch = min(batch_size, len(records))
-        for step in tqdm(range(steps), desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})"):
+        for step in tqdm(
+            range(steps),
+            desc=f"pretrain {family} (contrastive, {'sigmoid' if sigmoid else 'softmax'})",
+            disable=not show_progress(),
+        ):
             kill_point(f"pretrain-encoder-{family}:{step}")
             idx = rng.sample(range(len(records)), batch)
             px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
@@ -162,7 +166,9 @@ def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: in
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
         pad = backend.pad_token_id
-        for step in tqdm(range(steps), desc=f"pretrain {name} (language model on the world's text)"):
+        for step in tqdm(
+            range(steps), desc=f"pretrain {name} (language model on the world's text)", disable=not show_progress()
+        ):
             kill_point(f"pretrain-llm-{name}:{step}")
             batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
             longest = max(map(len, batch))

@@ -107,6 +107,7 @@ class Trainer:
         sampler = StepSampler(self.micro_indices, self.step, self.total_steps, self.cfg.grad_accum)
         batches = iter(make_loader(self.train_data.samples, self.collator, sampler, self.num_workers)
                        if self.step < self.total_steps else ())  # fmt: skip
+        bar = progress_bar(self.total_steps, self.step, f"stage {self.cfg.stage}", self.acc.is_main_process)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             losses = []
@@ -139,6 +140,9 @@ class Trainer:
             self.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
             self.train_seconds += time.perf_counter() - t0
             self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            bar.set_postfix_str(f"loss {loss:.4f}, {self.samples_seen / max(self.train_seconds, 1e-9):.0f} samples/s",
+                                refresh=False)  # fmt: skip
+            bar.update(1)
             if self.step % max(1, self.total_steps // 10) == 0 or self.step == self.total_steps:
                 self.log(f"  step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {self.history[-1]['lr']:.2e}")
             evaluate_now = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
@@ -149,6 +153,7 @@ class Trainer:
                 names.insert(0, "checkpoint-last")
             self.save_checkpoints(names)
             kill_point(f"step:{self.cfg.stage}:{self.step}")  # tests: die like a killed job after this step
+        bar.close()
         return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                 "best_val_loss": self.best_val if self.history else None,
                 "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
@@ -233,3 +238,13 @@ def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int
         total += vlm(batch.inputs).lm_loss.item() * len(batch)
         count += len(batch)
     return total / max(count, 1)
+
+
+def progress_bar(total: int, done: int, desc: str, main: bool):
+    """A stage's bar on stderr (steps, loss, samples/s); off in other processes and under ``--quiet``
+    (``TQDM_DISABLE=1``). The log lines every 10 % still go to the console and run.log."""
+    from tqdm import tqdm
+
+    from connector_zoo.io import show_progress
+
+    return tqdm(total=total, initial=done, desc=desc, unit="step", leave=False, disable=not (main and show_progress()))
