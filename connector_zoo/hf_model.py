@@ -155,6 +155,15 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
             state.update(load_file(str(directory / name)))
         vlm.load_trainable_state(state, directory)  # the checks and dtype rules of VLM.load
         model = cls(config, vlm=vlm)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype not in (None, "auto"):  # as transformers does: every floating weight in that dtype
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        device_map = kwargs.get("device_map")
+        if device_map is not None:
+            if isinstance(device_map, dict) or device_map in ("balanced", "balanced_low_0", "sequential"):
+                raise ValueError(f"device_map={device_map!r}: a connector-zoo model loads on one device; pass a "
+                                 f"device (e.g. 'cuda:0'), or 'auto' for the first GPU if there is one")  # fmt: skip
+            model.to(("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map)
         return model.eval()
 
     # ---------------------------------------------------------------- compute

@@ -193,3 +193,17 @@ def test_each_processor_preprocesses_with_its_own_encoder(tmp_path):
         got = processor(images=pictures, text=["<image>hi", "<image>ho"])
         torch.testing.assert_close(got["pixel_values"], pixels[enc], rtol=0, atol=0)
     assert not torch.equal(pixels["clip"], pixels["dinov2"])
+
+
+def test_from_pretrained_takes_dtype_and_a_single_device(tmp_path):
+    vlm = small_vlm("qformer")
+    ConnectorZooForConditionalGeneration.from_vlm(vlm).save_pretrained(tmp_path / "m")
+    half = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", dtype=torch.bfloat16, device_map="auto")
+    assert {p.dtype for p in half.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    assert {p.device.type for p in half.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    answer = half.answer(images(1), PROMPTS[:1], max_new_tokens=4)
+    assert isinstance(answer[0], str)
+    full = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", dtype="auto")
+    assert {p.dtype for p in full.parameters() if p.is_floating_point()} == {torch.float32}
+    with pytest.raises(ValueError, match="loads on one device"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "m", device_map="balanced")
