@@ -118,7 +118,7 @@ def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[
     try:
         cfg = RunConfig(**{k: v for k, v in first["config"].items() if k in RunConfig.__dataclass_fields__})
         _, _, evals, world = load_data(cfg, log=lambda m: None)
-    except (OSError, ValueError) as err:  # e.g. a LLaVA image folder that is not on this machine
+    except (OSError, ValueError, TypeError) as err:  # e.g. a LLaVA image folder that is not on this machine
         return None, None, f"the gallery's images could not be loaded: {err}"
     data = evals.get(split) or next(iter(evals.values()))
     samples = {s.id: s for s in data.samples}
@@ -151,10 +151,15 @@ def pruning_curves(paths: list[str | Path]) -> list[dict[str, Any]]:
     return found
 
 
-def breakdown_context(runs, world) -> dict[str, Any] | None:
+def breakdown_context(runs, world, log=print) -> dict[str, Any] | None:
     if world is None:
         return None
-    bd = breakdown(runs, question_facts(world, "test"), lambda r: config_name(r["config"]))
+    try:
+        facts = question_facts(world, "test")
+    except ValueError as err:  # a world whose questions this version does not parse: the page goes on without it
+        log(f"error breakdown left out: {err}")
+        return None
+    bd = breakdown(runs, facts, lambda r: config_name(r["config"]))
     if not bd:
         return None
     objects = sorted({k for v in bd.values() for k in v["objects"]})
@@ -207,7 +212,7 @@ def write_html(run_paths: list[str | Path], out_dir: Path, per_type: int = 4, lo
     page = env.get_template("report.html.j2").render(
         runs=len(runs), configs=sum(not r["name"].startswith("blind") for r in rows), commits=commits,
         table=table_context(rows), figures=figures(rows, runs), pruning=pruning_curves(run_paths),
-        breakdown=breakdown_context(runs, world), gallery=gal, gallery_note=gallery_note,
+        breakdown=breakdown_context(runs, world, log), gallery=gal, gallery_note=gallery_note,
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
