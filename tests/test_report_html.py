@@ -240,3 +240,11 @@ def test_page_in_headless_chromium(tmp_path, world):
         browser.close()
     assert errors == []
     assert Image.open(shot).size[0] == 1300 and shot.stat().st_size > 20_000
+
+
+def test_smoothing_by_hand():
+    from bench.report.charts import smooth
+
+    assert smooth([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]  # under 50 steps: a window of 1
+    values = [float(i % 2) for i in range(100)]  # window 2: the mean of each pair
+    assert smooth(values)[:3] == [0.0, 0.5, 0.5] and set(smooth(values)[1:]) == {0.5}

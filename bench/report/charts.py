@@ -88,6 +88,16 @@ def mean_curves(runs: list[dict[str, Any]]) -> dict[str, list[list[tuple[int, fl
     return out
 
 
+def smooth(values: list[float]) -> list[float]:
+    """Trailing moving average over a window of 2 % of the steps (at least 1): the trend of a noisy loss."""
+    window = max(1, len(values) // 50)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def loss_curves(curves: dict[str, list[list[tuple[int, float, float]]]]):
     """Training loss against step, one panel per stage, one line per configuration (mean over seeds, band ± std)."""
     plt = pyplot()
@@ -99,7 +109,8 @@ def loss_curves(curves: dict[str, list[list[tuple[int, float, float]]]]):
             ax = axes[0][s]
             steps = [p[0] for p in points]
             mean = [p[1] for p in points]
-            ax.plot(steps, mean, color=c, linewidth=1, label=short(name))
+            ax.plot(steps, mean, color=c, linewidth=0.5, alpha=0.35)
+            ax.plot(steps, smooth(mean), color=c, linewidth=1.3, label=short(name))
             ax.fill_between(steps, [m - p[2] for m, p in zip(mean, points)], [m + p[2] for m, p in zip(mean, points)],
                             color=c, alpha=0.15, linewidth=0)  # fmt: skip
     for s, ax in enumerate(axes[0]):

@@ -190,7 +190,8 @@ def figures(rows, runs) -> list[dict[str, str]]:
                     "uri": charts.data_uri(charts.type_bars(rows))})  # fmt: skip
     curves = charts.mean_curves(runs)
     if curves:
-        out.append({"id": "loss", "title": "Training loss per stage", "note": "mean over seeds, band ± std",
+        note = "mean over seeds (faint), its moving average over 2 % of the steps, band ± std over seeds"
+        out.append({"id": "loss", "title": "Training loss per stage", "note": note,
                     "uri": charts.data_uri(charts.loss_curves(curves))})  # fmt: skip
     return out
 
@@ -208,7 +209,7 @@ def write_html(run_paths: list[str | Path], out_dir: Path, per_type: int = 4, lo
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)  # fmt: skip
     env.filters["short"] = charts.short
-    commits = sorted({r.get("git_commit") or "unknown" for r in runs})
+    commits = sorted({(r.get("git_commit") or "unknown")[:10] for r in runs})
     page = env.get_template("report.html.j2").render(
         runs=len(runs), configs=sum(not r["name"].startswith("blind") for r in rows), commits=commits,
         table=table_context(rows), figures=figures(rows, runs), pruning=pruning_curves(run_paths),
