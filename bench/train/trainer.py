@@ -247,4 +247,5 @@ def progress_bar(total: int, done: int, desc: str, main: bool):
 
     from connector_zoo.io import show_progress
 
-    return tqdm(total=total, initial=done, desc=desc, unit="step", leave=False, disable=not (main and show_progress()))
+    # left on screen when done: the final count, loss and samples/s are drawn at close whatever the refresh rate
+    return tqdm(total=total, initial=done, desc=desc, unit="step", leave=True, disable=not (main and show_progress()))
