@@ -109,6 +109,7 @@ def pick_questions(answers: dict[str, dict[str, tuple]], types: dict[str, str], 
 
 def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[str, Any] | None, Any, str]:
     """(the gallery's context, the world or None, a note when the gallery could not be built)."""
+    from bench.evaluate.accuracy import strip_image
     from bench.train.config import RunConfig, load_data
 
     split = eval_split(runs)
@@ -133,7 +134,7 @@ def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[
             image = png_uri(data.images.load(s.image)) if s.image is not None else None
         except Exception as err:  # noqa: BLE001 (one unreadable image must not lose the page)
             log(f"gallery: {qid}: image not shown ({err})")
-        question = s.messages[-2]["content"].replace("<image>", "").strip()
+        question = strip_image(s.messages[-2:-1])[0]["content"]
         items.append({"id": qid, "type": types[qid], "question": question, "truth": s.messages[-1]["content"],
                       "image": image, "answers": [{"name": n, "text": a[qid][0], "correct": bool(a[qid][1])}
                                                   for n, a in answers.items()]})  # fmt: skip
