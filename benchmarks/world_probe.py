@@ -1,6 +1,7 @@
 """What the mini world's frozen encoder makes readable: a linear probe per grid cell, per attribute.
 
     python benchmarks/world_probe.py [--encoder clip] [--layer -2] [--train 6000] [--test 1000] [--steps 300]
+                                     [--dense 1.0] [--encoder-steps 600] [--per-token]
 
 The world's pretrained encoder (built on first use, like ``bench run``) encodes ``--train`` training and ``--test``
 test images; for each attribute (colour, shape, size) and each of the 9 grid cells, a linear classifier on all patch
@@ -8,6 +9,11 @@ features of the selected layer (standardised) predicts the attribute of the obje
 with Adam on the training images. Printed: test accuracy over the cells that hold an object, per attribute, and for
 shape split by object size. A VLM cannot answer a question type above what its encoder makes readable; far below it,
 the connector and the LLM are the limit (see the README's notes on the world's ceiling).
+
+``--per-token`` asks a harder question: one linear classifier shared by all patch tokens predicts what lies under each
+token (``patch_labels``), scored on the tokens an object covers. A per-token projector (mlp2x_gelu) hands the LLM
+each token on its own, so what a single token does not say the LLM must assemble across tokens. ``--dense`` and
+``--encoder-steps`` choose the world encoder's pretraining (``pretrain_encoder``'s dense objective and its steps).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
-from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig
-from bench.train.pretrain import pretrain_encoder
+from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
+from bench.train.pretrain import ENCODER_DENSE, ENCODER_STEPS, pretrain_encoder
 from encoders import build_encoder
 
 
@@ -39,6 +46,40 @@ def features_and_labels(world: World, enc, split: str, n: int):
     return torch.cat(chunks), labels
 
 
+def per_token_probe(world: World, enc, n_train: int, n_test: int, steps: int) -> dict[str, float]:
+    """Accuracy of one linear classifier over single patch tokens, on the tokens an object covers."""
+
+    def tokens(split: str, n: int):
+        n = min(n, len(world.records(split)))
+        with torch.no_grad():
+            x = torch.cat([enc(enc.preprocess([world.image(split, j) for j in range(s, min(n, s + 256))])).patches
+                           for s in range(0, n, 256)]).float()  # fmt: skip
+        patch = enc.info.image_size // enc.info.grid[0]
+        y = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch) for r in world.records(split)[:n]]))
+        return x.flatten(0, 1), y.flatten(0, 2)
+
+    (x_train, y_train), (x_test, y_test) = tokens("train", n_train), tokens("test", n_test)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    out: dict[str, float] = {}
+    for k, name in enumerate(("colour", "shape", "size")):
+        probe = torch.nn.Linear(x_train.shape[1], int(y_train[:, k].max()) + 1)
+        opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(probe(x_train), y_train[:, k])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            right = probe(x_test).argmax(-1) == y_test[:, k]
+        on_object = y_test[:, k] > 0
+        out[name] = float(right[on_object].float().mean())
+        if name == "shape":
+            for i, size in enumerate(SIZES):
+                out[f"shape ({size} objects)"] = float(right[on_object & (y_test[:, 2] == i + 1)].float().mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="clip")
@@ -47,11 +88,21 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--world-resolution", type=int, default=64)
+    ap.add_argument("--dense", type=float, default=ENCODER_DENSE, help="the encoder's dense pretraining weight (0: off)")
+    ap.add_argument("--encoder-steps", type=int, default=ENCODER_STEPS, help="the encoder's pretraining steps")
+    ap.add_argument("--per-token", action="store_true", help="one probe over single patch tokens (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.time()
     world = World(WorldConfig(image_size=args.world_resolution), progress=False)
-    enc = build_encoder(args.encoder, checkpoint=str(pretrain_encoder(args.encoder, world)), layer=args.layer)
+    checkpoint = pretrain_encoder(args.encoder, world, steps=args.encoder_steps, dense=args.dense)
+    enc = build_encoder(args.encoder, checkpoint=str(checkpoint), layer=args.layer)
+    if args.per_token:
+        out = per_token_probe(world, enc, args.train // 2, args.test, args.steps)
+        print(json.dumps({"encoder": args.encoder, "checkpoint": checkpoint.name, "layer": args.layer,
+                          "per_token_probe_accuracy": {k: round(v, 3) for k, v in out.items()},
+                          "seconds": round(time.time() - started)}))  # fmt: skip
+        return
     x_train, y_train = features_and_labels(world, enc, "train", args.train)
     x_test, y_test = features_and_labels(world, enc, "test", args.test)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5

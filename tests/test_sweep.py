@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import bench
@@ -69,7 +70,8 @@ def test_peer_command_prints_both_lines():
     assert "ratio:" in proc.stdout and "GFLOP/s" in proc.stdout
 
 
-def fake_run(root, connector: str, seed: int, test: float, colour: float, blind: float, tokens: float):
+def fake_run(root, connector: str, seed: int, test: float, colour: float, blind: float, tokens: float,
+             backbones: dict | None = None):  # fmt: skip
     """A finished run's results.json with the fields the report reads (numbers chosen for a hand computation)."""
     d = root / f"{connector}-s{seed}"
     d.mkdir(parents=True)
@@ -82,6 +84,7 @@ def fake_run(root, connector: str, seed: int, test: float, colour: float, blind:
         "visual_tokens_per_image": {"mean": tokens},
         "parameters": {"trainable": 1000},
         "train_samples_per_second": 10.0 + seed,
+        "backbones": backbones,
     }  # fmt: skip
     (d / "results.json").write_text(json.dumps(results))
 
@@ -147,17 +150,23 @@ def test_report_compares_each_configuration_with_the_best_paired_per_question(tm
     assert "McNemar" in table
 
 
-def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path):
+def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, monkeypatch):
     """A sweep kept in the repository as results.json.gz: the report reads it like results.json, a directory holding
-    both counts once, and `bench sweep` skips a cell whose record is there instead of training it again."""
+    both counts once, and `bench sweep` skips a cell whose record is there instead of training it again, but only if
+    the record was trained on the backbones this code builds: a record of the same cell name made with another world
+    encoder (or one from before backbones were recorded) is moved aside, kept, and the cell runs again."""
     import gzip
     import shutil
 
+    import bench.report.sweep as sweep_module
     from bench.report.sweep import cell_name, sweep
     from bench.report.tables import aggregate, load_runs
+    from bench.train.config import RunConfig, world_backbones
 
-    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16)
-    fake_run(tmp_path / "runs", "linear", 1, 0.60, 0.2, 0.3, 16)
+    now = world_backbones(RunConfig(encoder={"name": "clip"}, llm={"name": "tinyllama"}))
+    assert now["encoder"].startswith("encoder-clip-") and now["llm"].startswith("llm-tinyllama-")
+    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16, backbones=now)
+    fake_run(tmp_path / "runs", "linear", 1, 0.60, 0.2, 0.3, 16, backbones=now)
     record = tmp_path / "record"
     for d in (tmp_path / "runs").iterdir():
         (record / d.name).mkdir(parents=True)
@@ -171,3 +180,16 @@ def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path):
     said: list[str] = []
     sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base={}, log=said.append)
     assert said == [f"[1/1] {cell.name}: finished, skipped"]
+    ran: list[Path] = []
+    monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, **kw: ran.append(cell))
+    record = json.loads(gzip.decompress((cell / "results.json.gz").read_bytes()))
+    shutil.rmtree(cell)
+    for other in ({**now, "encoder": "encoder-clip-s240-b256-seed0"}, None):  # an older recipe; nothing recorded
+        cell.mkdir()
+        (cell / "results.json.gz").write_bytes(gzip.compress(json.dumps({**record, "backbones": other}).encode()))
+        said.clear()
+        sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base={}, log=said.append)
+        assert ran[-1] == cell and not cell.exists() and "recorded with other backbones" in said[0], said
+        kept = sorted((tmp_path / "sweep.superseded").iterdir())[-1]
+        assert json.loads(gzip.decompress((kept / "results.json.gz").read_bytes()))["backbones"] == other
+    assert len(ran) == 2 and len(list((tmp_path / "sweep.superseded").iterdir())) == 2

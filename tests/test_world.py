@@ -74,10 +74,36 @@ def test_patch_labels_by_hand():
             assert tuple(labels[r, c]) == expected.get((r, c), (0, 0, 0)), (r, c)
 
 
-def test_dense_pretraining_is_its_own_cached_encoder():
+def test_each_encoder_recipe_is_its_own_cached_encoder():
+    """The world encoder's directory is keyed by every setting of its recipe: with and without the dense objective,
+    and two recipes that differ only in the learning rate (which the name's readable part does not show)."""
     from bench.train.pretrain import pretrain_encoder
 
     world = World(WorldConfig().scaled(0.01), progress=False)
-    plain, dense = pretrain_encoder("clip", world, steps=2), pretrain_encoder("clip", world, steps=2, dense=1.0)
-    assert plain != dense and dense.name.endswith("-dense1")
+    plain, dense = pretrain_encoder("clip", world, steps=2, dense=0.0), pretrain_encoder("clip", world, steps=2)
+    assert plain != dense and "-dense4-" in dense.name and "-dense" not in plain.name
     assert (plain / "model.safetensors").read_bytes() != (dense / "model.safetensors").read_bytes()
+    slower = pretrain_encoder("clip", world, steps=2, lr=1e-4)
+    assert slower != dense and slower.name.rsplit("-", 1)[0] == dense.name.rsplit("-", 1)[0]
+    assert (slower / "model.safetensors").read_bytes() != (dense / "model.safetensors").read_bytes()
+
+
+def test_dense_loss_reads_shape_and_size_on_object_patches_only():
+    """By hand: colour (with background as class 0) over every patch, shape and size over covered patches only; a
+    background patch has no shape or size to learn."""
+    import torch
+    from torch import nn
+
+    from bench.train.pretrain import dense_loss
+
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(4, 8), nn.Linear(4, 3), nn.Linear(4, 2)])
+    patches = torch.randn(1, 3, 4)
+    target = torch.tensor([[[0, 0, 0], [3, 2, 1], [5, 3, 2]]])  # background, (colour 3, square, small), (5, tri, large)
+    ce = nn.functional.cross_entropy
+    colour = ce(heads[0](patches[0]), torch.tensor([0, 3, 5]))
+    shape = ce(heads[1](patches[0, 1:]), torch.tensor([1, 2]))
+    size = ce(heads[2](patches[0, 1:]), torch.tensor([0, 1]))
+    assert torch.allclose(dense_loss(heads, patches, target), (colour + shape + size) / 3)
+    background = torch.zeros_like(target)  # an image with no object: the colour term alone, at the same scale
+    assert torch.allclose(dense_loss(heads, patches, background), ce(heads[0](patches[0]), torch.zeros(3).long()) / 3)

@@ -1,7 +1,10 @@
 """``bench sweep``: a grid of encoders x connectors (with settings) x LLMs x seeds, each cell a normal run directory.
 
 Cells already finished (``results.json`` present) are skipped and unfinished ones resumed, so a killed sweep continues
-where it stopped. All cells share the frozen-encoder feature cache. At the end the tables and plots are written.
+where it stopped. A finished mini-world cell counts as finished only if it was trained on the backbones this code
+builds (the world's key and the backbone recipes, ``world_backbones``): a record of other backbones is moved to
+``<out>.superseded/<cell>/`` (kept, out of the report's way) and the cell runs again. All cells share the
+frozen-encoder feature cache. At the end the tables and plots are written.
 Connector settings go in brackets: ``cls_prune[keep_ratio=0.25]``, ``qformer[num_queries=16]``.
 """
 
@@ -12,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.report.tables import RESULTS
+from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run
-from bench.train.config import RunConfig
+from bench.train.config import RunConfig, world_backbones
 
 
 def split_list(text: str) -> list[str]:
@@ -44,15 +47,41 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
     done = []
     for i, (enc, conn, llm, seed) in enumerate(cells, start=1):
         cell = out / cell_name(enc, conn, llm, seed)
-        if any((cell / name).exists() for name in RESULTS):  # a finished cell, or its gzipped record (sweeps/)
+        cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
+        tag = f"[{i}/{len(cells)}] {cell.name}"
+        finished = any((cell / name).exists() for name in RESULTS)  # a finished cell, or its gzipped record (sweeps/)
+        if finished and not same_backbones(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")):
+            finished = False
+        if finished:
             log(f"[{i}/{len(cells)}] {cell.name}: finished, skipped")
         else:
             resume = (cell / "config.json").exists()
             log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
-            cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
             # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
             # may be resolved again on resume
             dotted = any(":" in name for name in (enc, conn["name"], llm))
             run(cfg, cell, resume=resume, log=lambda m: log("    " + m), allow_dotted_paths=dotted)
         done.append(cell)
     return done
+
+
+def same_backbones(cell: Path, cfg: RunConfig, log=print) -> bool:
+    """Whether ``cell``'s record was trained on the backbones ``cfg`` would build; if not, the record moves to
+    ``<sweep>.superseded/<cell>/`` (a record from before backbones were recorded counts as other backbones)."""
+    want = world_backbones(cfg)
+    if want is None:
+        return True
+    (record,) = load_runs([cell])
+    had = record.get("backbones")
+    if had == want:
+        return True
+    target = cell.parent.with_name(cell.parent.name + ".superseded") / cell.name
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{cell.name}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cell.rename(target)
+    log(f"recorded with other backbones ({had or 'not recorded'}; this code builds {want}): record moved to {target}, "
+        f"running again")  # fmt: skip
+    return False

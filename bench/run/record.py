@@ -17,6 +17,7 @@ from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.evaluate.accuracy import evaluate_split
 from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+from bench.train.config import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
 
 
@@ -82,6 +83,7 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         "efficiency": efficiency(vlm, first_eval) if profile else {},
         "precision": precision,
         "config": dataclasses.asdict(cfg),
+        "backbones": world_backbones(cfg),  # the mini world's key and backbone recipes (None for published data)
         "metrics": metrics,
         "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
         "parameters": {"trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
