@@ -161,7 +161,8 @@ def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, m
     import bench.report.sweep as sweep_module
     from bench.report.sweep import cell_name, sweep
     from bench.report.tables import aggregate, load_runs
-    from bench.train.config import RunConfig, world_backbones
+    from bench.train.config import RunConfig
+    from bench.train.pretrain import world_backbones
 
     now = world_backbones(RunConfig(encoder={"name": "clip"}, llm={"name": "tinyllama"}))
     assert now["encoder"].startswith("encoder-clip-") and now["llm"].startswith("llm-tinyllama-")

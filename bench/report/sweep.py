@@ -17,7 +17,8 @@ from typing import Any
 
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run
-from bench.train.config import RunConfig, world_backbones
+from bench.train.config import RunConfig
+from bench.train.pretrain import world_backbones
 
 
 def split_list(text: str) -> list[str]:

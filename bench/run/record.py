@@ -17,7 +17,7 @@ from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.evaluate.accuracy import evaluate_split
 from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
-from bench.train.config import world_backbones
+from bench.train.pretrain import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
 
 

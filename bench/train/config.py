@@ -238,24 +238,6 @@ def check_connector_settings(cfg: RunConfig) -> None:
         pass
 
 
-def world_backbones(cfg: RunConfig) -> dict[str, str] | None:
-    """For a mini-world run, what its backbones are, computed without building anything: the world's key and the
-    directory names of the encoder and LLM that ``build_model`` pretrains (or the checkpoints the config names).
-    Recorded in results.json; ``bench sweep`` re-runs a recorded cell whose backbones differ from these."""
-    if cfg.data.get("kind", "world") != "world":
-        return None
-    from bench.data.world import WorldConfig
-    from bench.train.pretrain import encoder_dir_name, llm_dir_name
-
-    pre = cfg.data.get("pretrain", {})
-    return {
-        "world": WorldConfig(**cfg.data.get("world", {})).key(),
-        "encoder": cfg.encoder.get("checkpoint")
-        or encoder_dir_name(cfg.encoder["name"], **_steps(pre, "encoder_steps")),
-        "llm": cfg.llm.get("checkpoint") or llm_dir_name(cfg.llm["name"], **_steps(pre, "llm_steps")),
-    }
-
-
 def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM:
     enc_spec, llm_spec, conn_spec = dict(cfg.encoder), dict(cfg.llm), connector_spec(cfg)
     if backbone_dtype != "fp32":

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from bench.data.world import COLOURS, SHAPES, SIZES, World, patch_labels
+from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
 from connector_zoo.io import kill_point, materialize, show_progress
 from encoders import ENCODERS
 from llms import LLMS
@@ -223,3 +223,19 @@ def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: in
         backend.tokenizer.save_pretrained(tmp)
 
     return materialize(out, build)
+
+
+def world_backbones(cfg) -> dict[str, str] | None:
+    """For a mini-world run (a RunConfig), what its backbones are, computed without building anything: the world's
+    key and the directory names of the encoder and LLM that ``build_model`` pretrains (or the checkpoints the config
+    names). Recorded in results.json; ``bench sweep`` re-runs a recorded cell whose backbones differ from these."""
+    if cfg.data.get("kind", "world") != "world":
+        return None
+    pre = cfg.data.get("pretrain", {})
+    return {
+        "world": WorldConfig(**cfg.data.get("world", {})).key(),
+        "encoder": cfg.encoder.get("checkpoint")
+        or encoder_dir_name(cfg.encoder["name"], **({"steps": pre["encoder_steps"]} if "encoder_steps" in pre else {})),
+        "llm": cfg.llm.get("checkpoint")
+        or llm_dir_name(cfg.llm["name"], **({"steps": pre["llm_steps"]} if "llm_steps" in pre else {})),
+    }
