@@ -1,7 +1,7 @@
 """What the mini world's frozen encoder makes readable: a linear probe per grid cell, per attribute.
 
     python benchmarks/world_probe.py [--encoder clip] [--layer -2] [--train 6000] [--test 1000] [--steps 300]
-                                     [--dense 1.0] [--encoder-steps 600] [--per-token]
+                                     [--dense 4] [--encoder-steps 600] [--encoder-lr 3e-3] [--per-token]
 
 The world's pretrained encoder (built on first use, like ``bench run``) encodes ``--train`` training and ``--test``
 test images; for each attribute (colour, shape, size) and each of the 9 grid cells, a linear classifier on all patch
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
-from bench.train.pretrain import ENCODER_DENSE, ENCODER_STEPS, pretrain_encoder
+from bench.train.pretrain import ENCODER_DENSE, ENCODER_LR, ENCODER_STEPS, pretrain_encoder
 from encoders import build_encoder
 
 
@@ -88,14 +88,17 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--world-resolution", type=int, default=64)
-    ap.add_argument("--dense", type=float, default=ENCODER_DENSE, help="the encoder's dense pretraining weight (0: off)")
+    ap.add_argument(
+        "--dense", type=float, default=ENCODER_DENSE, help="the encoder's dense pretraining weight (0: off)"
+    )
     ap.add_argument("--encoder-steps", type=int, default=ENCODER_STEPS, help="the encoder's pretraining steps")
+    ap.add_argument("--encoder-lr", type=float, default=ENCODER_LR, help="the encoder's pretraining learning rate")
     ap.add_argument("--per-token", action="store_true", help="one probe over single patch tokens (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.time()
     world = World(WorldConfig(image_size=args.world_resolution), progress=False)
-    checkpoint = pretrain_encoder(args.encoder, world, steps=args.encoder_steps, dense=args.dense)
+    checkpoint = pretrain_encoder(args.encoder, world, steps=args.encoder_steps, dense=args.dense, lr=args.encoder_lr)
     enc = build_encoder(args.encoder, checkpoint=str(checkpoint), layer=args.layer)
     if args.per_token:
         out = per_token_probe(world, enc, args.train // 2, args.test, args.steps)

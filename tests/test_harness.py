@@ -43,6 +43,11 @@ def test_a_run_writes_its_record(micro_run):
     assert results["parameters"]["trainable"] > results["parameters"]["connector"]  # stage 2 trains the LLM too
     assert 0 <= results["encoder_forwards"] <= 200 + 10 + 10 + 8 and results["skipped_samples"] == []
     assert results["git_commit"] and results["versions"]["torch"]
+    # the backbones it names are the directories the run loaded (vlm_config.json holds their paths)
+    specs = json.loads((out / "vlm_config.json").read_text())
+    assert results["backbones"] == {"world": world.cfg.key(), "encoder": Path(specs["encoder"]["checkpoint"]).name,
+                                    "llm": Path(specs["llm"]["checkpoint"]).name}  # fmt: skip
+    assert Path(specs["encoder"]["checkpoint"]).parent.parent == world.dir
     assert [len(h) for h in results["loss_history"]] == [6, 6]
     # measured efficiency: mlp2x_gelu from the 64-wide world encoder to the 128-wide world LLM, 64 tokens
     eff = results["efficiency"]
