@@ -50,14 +50,13 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
         cell = out / cell_name(enc, conn, llm, seed)
         cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
         tag = f"[{i}/{len(cells)}] {cell.name}"
-        finished = any((cell / name).exists() for name in RESULTS)  # a finished cell, or its gzipped record (sweeps/)
-        if finished and not same_backbones(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")):
-            finished = False
-        if finished:
-            log(f"[{i}/{len(cells)}] {cell.name}: finished, skipped")
+        # a finished cell, or its gzipped record (sweeps/), trained on the backbones this code builds
+        recorded = any((cell / name).exists() for name in RESULTS)
+        if recorded and same_backbones(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")):
+            log(f"{tag}: finished, skipped")
         else:
             resume = (cell / "config.json").exists()
-            log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
+            log(f"{tag}: {'resuming' if resume else 'running'}")
             # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
             # may be resolved again on resume
             dotted = any(":" in name for name in (enc, conn["name"], llm))

@@ -246,13 +246,13 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
     if cfg.qlora:
         llm_spec["quantization"] = "nf4"
     if world is not None:
-        from bench.train.pretrain import pretrain_encoder, pretrain_llm
+        from bench.train.pretrain import pretrain_encoder, pretrain_llm, steps
 
         pre = cfg.data.get("pretrain", {})  # e.g. {"encoder_steps": 5, "llm_steps": 5} for micro worlds in tests
         if not enc_spec.get("checkpoint"):
-            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **_steps(pre, "encoder_steps")))
+            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **steps(pre, "encoder")))
         if not llm_spec.get("checkpoint"):
-            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **_steps(pre, "llm_steps")))
+            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **steps(pre, "llm")))
     torch.manual_seed(cfg.seed)
     vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length)
     log(f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "
@@ -267,10 +267,6 @@ def stage_samples(data: Dataset, which: str) -> Dataset:
         raise ValueError(f"stage data must be all, captions or questions, not {which!r}")
     keep = [s for s in data.samples if (s.meta.get("type") == "caption") == (which == "captions")]
     return Dataset(data.name, keep, data.images, data.skipped)
-
-
-def _steps(pretrain: dict[str, Any], key: str) -> dict[str, int]:
-    return {"steps": pretrain[key]} if key in pretrain else {}
 
 
 def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], log):

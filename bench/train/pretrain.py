@@ -234,8 +234,12 @@ def world_backbones(cfg) -> dict[str, str] | None:
     pre = cfg.data.get("pretrain", {})
     return {
         "world": WorldConfig(**cfg.data.get("world", {})).key(),
-        "encoder": cfg.encoder.get("checkpoint")
-        or encoder_dir_name(cfg.encoder["name"], **({"steps": pre["encoder_steps"]} if "encoder_steps" in pre else {})),
-        "llm": cfg.llm.get("checkpoint")
-        or llm_dir_name(cfg.llm["name"], **({"steps": pre["llm_steps"]} if "llm_steps" in pre else {})),
+        "encoder": cfg.encoder.get("checkpoint") or encoder_dir_name(cfg.encoder["name"], **steps(pre, "encoder")),
+        "llm": cfg.llm.get("checkpoint") or llm_dir_name(cfg.llm["name"], **steps(pre, "llm")),
     }
+
+
+def steps(pretrain: dict, backbone: str) -> dict[str, int]:
+    """The ``steps`` override of a run config's ``data.pretrain`` for ``backbone`` ("encoder" or "llm"), or none."""
+    key = f"{backbone}_steps"
+    return {"steps": pretrain[key]} if key in pretrain else {}
