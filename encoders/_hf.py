@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from connector_zoo.hf import load_pretrained, preset_dir, random_geometry
-from encoders.base import EncoderInfo, VisionEncoder
+from encoders.base import EncoderInfo, VisionEncoder, VisionFeatures
 
 # Tiny ViT presets shared by the transformers towers: an 8x8 grid of 8-px patches on 64-px images (the mini world's
 # default), a 24x24 grid like CLIP-L/14-336's 576 patches and a 27x27 grid like SigLIP-so400m/14-384's 729, at toy
@@ -90,6 +90,17 @@ class HFVisionEncoder(VisionEncoder):
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values.to(self.model.dtype)).pooler_output
+
+    def pooled_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VisionFeatures]:
+        # one forward: the model's own output (its pooler_output: CLIP's normed CLS, SigLIP's probe, DINOv2's normed
+        # CLS) caught by a hook while the family's _encode reads its hidden states
+        caught = []
+        handle = self.model.register_forward_hook(lambda module, args, out: caught.append(out))
+        try:
+            features = self(pixel_values)
+        finally:
+            handle.remove()
+        return caught[0].pooler_output, features
 
     def save_checkpoint(self, directory) -> None:
         self.model.save_pretrained(directory)

@@ -197,6 +197,12 @@ class VisionEncoder(nn.Module):
         what contrastive pretraining in the mini world trains."""
         raise NotImplementedError
 
+    def pooled_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VisionFeatures]:
+        """``(self.pooled(px), self(px))`` with gradients, for pretraining that scores both (the mini world's
+        contrastive + dense objective). This default runs the tower twice; a family whose one forward gives both
+        overrides it (the transformers towers do)."""
+        return self.pooled(pixel_values), self(pixel_values)
+
     def save_checkpoint(self, directory) -> None:
         """Write weights + preprocessing so that ``from_checkpoint(directory)`` rebuilds this encoder."""
         raise NotImplementedError

@@ -177,6 +177,28 @@ def test_missing_checkpoint_says_what_to_do(name, tmp_path):
         build_encoder(name, checkpoint=str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_pooled_features_is_pooled_and_forward_in_one_pass(name):
+    """What the mini world's pretraining scores: ``pooled_features`` gives the same pooled embedding and patch tokens
+    as ``pooled`` and ``forward`` called apart, with gradients to the tower; the transformers towers run once."""
+    enc = build_encoder(name, frozen=False)
+    px = enc.preprocess(images(2))
+    calls = []
+    towers = [enc.model] if hasattr(enc, "model") else [p.model for p in enc.parts]
+    handles = [t.register_forward_pre_hook(lambda *a: calls.append(1)) for t in towers]
+    pooled, features = enc.pooled_features(px)
+    once = len(calls)
+    for h in handles:
+        h.remove()
+    if name in ("clip", "siglip", "dinov2"):
+        assert once == 1
+    torch.testing.assert_close(pooled, enc.pooled(px), rtol=0, atol=1e-6)
+    torch.testing.assert_close(features.patches, enc(px).patches, rtol=0, atol=1e-6)
+    (pooled.sum() + features.patches.sum()).backward()
+    # every weight learns but DINOv2's mask token (used only for masked-image modelling)
+    assert [n for n, p in enc.named_parameters() if p.grad is None and "mask_token" not in n] == []
+
+
 def test_cache_key_tracks_what_determines_features(encoders):
     enc = encoders["clip"]
     assert enc.cache_key() == build_encoder("clip").cache_key()

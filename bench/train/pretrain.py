@@ -138,11 +138,12 @@ def pretrain_encoder(
             kill_point(f"pretrain-encoder-{family}:{step}")
             idx = rng.sample(range(len(records)), batch)
             px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
-            img = nn.functional.normalize(img_proj(enc.pooled(px)), dim=-1)
+            pooled, features = enc.pooled_features(px) if dense else (enc.pooled(px), None)  # one forward for both
+            img = nn.functional.normalize(img_proj(pooled), dim=-1)
             txt = nn.functional.normalize(text([records[i]["caption"] for i in idx]), dim=-1)
             loss = loss_fn(img, txt, scale.exp(), bias) if sigmoid else loss_fn(img, txt, scale.exp())
             if dense:
-                loss = loss + dense * dense_loss(heads, enc(px).patches, labels[idx].flatten(1, 2))
+                loss = loss + dense * dense_loss(heads, features.patches, labels[idx].flatten(1, 2))
             opt.zero_grad()
             loss.backward()
             opt.step()
