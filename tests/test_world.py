@@ -107,3 +107,51 @@ def test_dense_loss_reads_shape_and_size_on_object_patches_only():
     assert torch.allclose(dense_loss(heads, patches, target), (colour + shape + size) / 3)
     background = torch.zeros_like(target)  # an image with no object: the colour term alone, at the same scale
     assert torch.allclose(dense_loss(heads, patches, background), ce(heads[0](patches[0]), torch.zeros(3).long()) / 3)
+
+
+def test_the_wide_world_llm_reads_scene_text_with_labels_on_the_answers():
+    """The ``wide`` level's text: every caption and blind question as at ``small``, plus each training question asked
+    of its scene's caption and extra existence / relation questions whose answers follow from the scene's objects;
+    only the assistant turns are labels. ``small`` stays the plain language model (every token a label)."""
+    from bench.train.world_llm import lm_conversations
+    from llms import build_llm
+
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    backend = build_llm("tinyllama")
+    records = world.records("train")
+    small = lm_conversations(world, backend)
+    assert len(small) == sum(1 + len(r["qa"]) for r in records) and isinstance(small[0][0], int)
+    wide = lm_conversations(world, backend, scene_qa=3)
+    decode = lambda ids: backend.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    turns = [(decode([t for t, y in zip(ids, labels) if y == -100]), decode([y for y in labels if y != -100]))
+             for ids, labels in wide]  # fmt: skip
+    assert all(answer for _, answer in turns)  # every sequence has labels, on its answer only
+    captions = {r["caption"]: {(o["colour"], o["shape"]) for o in r["objects"]} for r in records}
+    asked = [(p, a) for p, a in turns if p.split("\n")[1] in captions and "Is there a" in p]  # <|user|>\ncaption\n..
+    for prompt, answer in asked:
+        present = captions[prompt.split("\n")[1]]
+        colour, shape = prompt.split("Is there a ")[1].split("?")[0].split()
+        assert answer == ("yes" if (colour, shape) in present else "no"), prompt
+        assert answer not in prompt.split("?")[-1]  # the answer is a label, never in the prompt
+    assert len(asked) >= 3 * len(records)
+    assert len(wide) - len(small) >= sum(len(r["qa"]) + 3 for r in records)
+
+
+def test_each_world_llm_level_is_its_own_cached_llm():
+    """``--world-llm wide`` names another directory (a d=256 model) than the default, and a run config's
+    ``data.pretrain.llm_level`` reaches both the LLM that is built and the backbones a sweep compares."""
+    import json
+
+    from bench.train.config import RunConfig
+    from bench.train.pretrain import world_backbones
+    from bench.train.world_llm import llm_dir_name, pretrain_llm
+
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    small, wide = pretrain_llm("tinyllama", world, steps=2), pretrain_llm("tinyllama", world, steps=2, level="wide")
+    assert small != wide and "-wide-" in wide.name
+    assert json.loads((wide / "config.json").read_text())["hidden_size"] == 256
+    assert json.loads((small / "config.json").read_text())["hidden_size"] == 128
+    cfg = RunConfig(data={"kind": "world", "pretrain": {"llm_level": "wide"}})
+    assert world_backbones(cfg)["llm"] == llm_dir_name("tinyllama", level="wide") != world_backbones(RunConfig())["llm"]
+    with pytest.raises(ValueError, match="level 'huge' is unknown; known: small, wide"):
+        pretrain_llm("tinyllama", world, level="huge")

@@ -65,9 +65,20 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
         data.update(path=args.data_path, image_folder=args.image_folder)
         if getattr(args, "held_out", None) is not None:
             data["held_out"] = args.held_out
-    if getattr(args, "pretrain_steps", None) is not None:
-        data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
+    pre = pretrain_from_args(args)
+    if pre:
+        data["pretrain"] = pre
     return data
+
+
+def pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The mini world's ``data.pretrain`` from ``--pretrain-steps`` and ``--world-llm`` (empty: the defaults)."""
+    pre: dict[str, Any] = {}
+    if getattr(args, "pretrain_steps", None) is not None:
+        pre.update(encoder_steps=args.pretrain_steps, llm_steps=args.pretrain_steps)
+    if getattr(args, "world_llm", "small") != "small":
+        pre["llm_level"] = args.world_llm
+    return pre
 
 
 def demo_images(size: int, n: int):

@@ -49,6 +49,13 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; 192: 24x24)",
     )
+    p.add_argument(
+        "--world-llm",
+        choices=("small", "wide"),
+        default="small",
+        help="mini world LLM level: small (default; d=128, captions and QA text) or wide (d=256, also trained to "
+        "answer questions from captions: the level whose yes/no questions are above chance; README)",
+    )
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:

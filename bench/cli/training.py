@@ -12,6 +12,7 @@ from typing import Any
 from bench.cli.common import (
     data_from_args,
     parse_lora,
+    pretrain_from_args,
     report,
     specs_from_args,
     world_config,
@@ -92,12 +93,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
     world = world_config(args)
-    if world is not None or args.pretrain_steps is not None:
+    pre = pretrain_from_args(args)
+    if world is not None or pre:
         from bench.data.world import WorldConfig
 
         data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(world or WorldConfig())}
-        if args.pretrain_steps is not None:
-            data["pretrain"] = {"encoder_steps": args.pretrain_steps, "llm_steps": args.pretrain_steps}
+        if pre:
+            data["pretrain"] = pre
         base["data"] = data
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
@@ -109,7 +111,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_world_build(args: argparse.Namespace) -> None:
     from bench.data.world import World, WorldConfig
-    from bench.train.pretrain import pretrain_encoder, pretrain_llm
+    from bench.train.pretrain import pretrain_encoder
+    from bench.train.world_llm import pretrain_llm
 
     world = World(world_config(args) or WorldConfig())
     print(f"world: {world.dir}")
@@ -122,4 +125,4 @@ def cmd_world_build(args: argparse.Namespace) -> None:
     for name in args.encoders.split(","):
         print(f"encoder {name}: {pretrain_encoder(name, world)}")
     for name in args.llms.split(","):
-        print(f"llm {name}: {pretrain_llm(name, world)}")
+        print(f"llm {name}: {pretrain_llm(name, world, level=args.world_llm)}")

@@ -246,7 +246,8 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
     if cfg.qlora:
         llm_spec["quantization"] = "nf4"
     if world is not None:
-        from bench.train.pretrain import pretrain_encoder, pretrain_llm, steps
+        from bench.train.pretrain import pretrain_encoder, steps
+        from bench.train.world_llm import pretrain_llm
 
         pre = cfg.data.get("pretrain", {})  # e.g. {"encoder_steps": 5, "llm_steps": 5} for micro worlds in tests
         if not enc_spec.get("checkpoint"):

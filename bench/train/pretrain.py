@@ -4,9 +4,7 @@
   against a small text transformer: CLIP's softmax loss for ``clip`` and ``eva-vit-g``, SigLIP's sigmoid loss for
   ``siglip`` (open_clip's ``ClipLoss`` / ``SigLipLoss``). The image side is the model's own pooled embedding (CLS
   after the final norm, or SigLIP's attention-pooling probe), so every layer, the probe included, learns.
-- LLMs: each backend's architecture trained as a language model on the world's captions and question-answer text
-  rendered with the backend's chat template, *without images*: they learn the language and the answer format, not
-  the answers (which need the image).
+- LLMs: bench/train/world_llm.py (each backend's architecture trained on the world's text, without images).
 
 Both are written with ``save_pretrained`` (timm's ``save_for_hf`` for EVA) into the world's cache directory and loaded
 back through the same code path as real checkpoints: by local directory.
@@ -27,11 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
+from bench.train.world_llm import llm_dir_name
 from connector_zoo.io import kill_point, materialize, show_progress
 from encoders import ENCODERS
-from llms import LLMS
 
-CAPTION_PROMPT = "Describe the image briefly."
 # the world encoders' recipe (README, "where the world's ceiling is"): contrastive on captions plus, at 4x its weight,
 # the dense objective on object patches (dense_loss); with contrastive alone (240 steps at 1e-3, the recipe before
 # December) single patch tokens said the shape under them for 46 % of object patches and the VLM answered shape
@@ -39,8 +36,6 @@ CAPTION_PROMPT = "Describe the image briefly."
 ENCODER_STEPS = 600
 ENCODER_DENSE = 4.0
 ENCODER_LR = 3e-3
-LLM_STEPS = 800
-LLM_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 
 
 class TextTower(nn.Module):
@@ -167,65 +162,6 @@ def dense_loss(heads: nn.ModuleList, patches: torch.Tensor, target: torch.Tensor
     return (colour + rest) / 3
 
 
-def lm_conversations(world: World, backend) -> list[list[int]]:
-    texts = []
-    for r in world.records("train"):
-        texts.append([{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": r["caption"]}])
-        texts.extend([{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}]
-                     for qa in r["qa"])  # fmt: skip
-    return [backend.encode_conversation(c).input_ids for c in texts]
-
-
-def llm_recipe(name: str) -> dict:
-    return {"tokenizer": LLMS.get(name).tiny_tokenizer_key(), "size": LLM_SIZE, "vocab": 640, "prompt": CAPTION_PROMPT}
-
-
-def llm_dir_name(name: str, steps: int = LLM_STEPS, batch_size: int = 64, seed: int = 0) -> str:
-    """The directory name of a world LLM: its readable settings and a digest of its architecture and tokenizer."""
-    digest = hashlib.sha256(json.dumps(llm_recipe(name), sort_keys=True).encode()).hexdigest()[:10]
-    return f"llm-{name}-s{steps}-b{batch_size}-seed{seed}-{digest}"
-
-
-def pretrain_llm(name: str, world: World, steps: int = LLM_STEPS, batch_size: int = 64, seed: int = 0) -> Path:
-    """The world's ``name`` LLM directory (model + tokenizer), trained as a text-only language model on first use."""
-    cls = LLMS.get(name)
-    out = world.dir / "backbones" / llm_dir_name(name, steps, batch_size, seed)
-
-    def build(tmp: Path) -> None:
-        corpus = [*world.text_corpus(), CAPTION_PROMPT]
-        cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **LLM_SIZE)
-        backend = cls(str(tmp), frozen=False)
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        seqs = lm_conversations(world, backend)
-        model = backend.model
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-        pad = backend.pad_token_id
-        for step in tqdm(
-            range(steps), desc=f"pretrain {name} (language model on the world's text)", disable=not show_progress()
-        ):
-            kill_point(f"pretrain-llm-{name}:{step}")
-            batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
-            longest = max(map(len, batch))
-            ids = torch.full((len(batch), longest), pad)
-            mask = torch.zeros(len(batch), longest, dtype=torch.long)
-            for b, s in enumerate(batch):
-                ids[b, : len(s)] = torch.tensor(s)
-                mask[b, : len(s)] = 1
-            labels = ids.masked_fill(mask == 0, -100)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.save_pretrained(tmp)
-        backend.tokenizer.save_pretrained(tmp)
-
-    return materialize(out, build)
-
-
 def world_backbones(cfg) -> dict[str, str] | None:
     """For a mini-world run (a RunConfig), what its backbones are, computed without building anything: the world's
     key and the directory names of the encoder and LLM that ``build_model`` pretrains (or the checkpoints the config
@@ -240,7 +176,11 @@ def world_backbones(cfg) -> dict[str, str] | None:
     }
 
 
-def steps(pretrain: dict, backbone: str) -> dict[str, int]:
-    """The ``steps`` override of a run config's ``data.pretrain`` for ``backbone`` ("encoder" or "llm"), or none."""
+def steps(pretrain: dict, backbone: str) -> dict:
+    """The ``pretrain_encoder`` / ``pretrain_llm`` keywords a run config's ``data.pretrain`` sets for ``backbone``
+    ("encoder" or "llm"): its ``steps`` override and, for the LLM, its ``llm_level``."""
     key = f"{backbone}_steps"
-    return {"steps": pretrain[key]} if key in pretrain else {}
+    out = {"steps": pretrain[key]} if key in pretrain else {}
+    if backbone == "llm" and pretrain.get("llm_level", "small") != "small":
+        out["level"] = pretrain["llm_level"]
+    return out

@@ -1,0 +1,139 @@
+"""The mini world's LLMs: each backend's architecture trained on the world's text, *without images*, at one of two
+levels (``data.pretrain.llm_level``, ``--world-llm``):
+
+- ``small`` (default; the cold-run budget): d=128, 2 layers, 800 steps at 2e-3 as a language model on the captions
+  and the question-answer text rendered with the backend's chat template. It learns the language and the answer
+  format, not the answers (which need the image). It never learns yes/no: asked with the caption in place of the
+  image it answers existence and relation questions at chance (README, "where the world's ceiling is").
+- ``wide``: d=256 (head dim 64), 2 layers, 1,500 steps at 1e-3, loss on the assistant turns, and also *scene text*:
+  "caption\\nquestion" -> answer for every training question, plus ``scene_qa`` extra existence and relation
+  questions per training scene. It learns to check a description, as a real LLM arrives able to: asked with the
+  caption it answers existence 89 %, relation 75 %. At d=128 (2 or 4 layers) the same text left both at chance.
+
+Only the training split's text is read; the blind baseline gets the same LLM, so it stays honest: it learns how to
+check a description, and no description of a test image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.data.formats import CAPTION_PROMPT
+from bench.data.world import Obj, World, exist_questions, relation_questions
+from connector_zoo.io import kill_point, materialize, show_progress
+from llms import LLMS
+
+LLM_STEPS = 800
+LLM_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+LEVELS = {
+    "small": dict(size=LLM_SIZE, steps=LLM_STEPS, lr=2e-3, scene_qa=None),
+    "wide": dict(size=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+                 steps=1500, lr=1e-3, scene_qa=3),
+}  # fmt: skip
+
+
+def level_of(name: str) -> dict:
+    if name not in LEVELS:
+        raise ValueError(f"world LLM level {name!r} is unknown; known: {', '.join(LEVELS)}")
+    return LEVELS[name]
+
+
+def lm_conversations(world: World, backend, scene_qa: int | None = None, seed: int = 0):
+    """The training text as token ids. ``scene_qa`` None (small): every token is a label. A number (wide): also
+    "caption\\nquestion" -> answer for every training question and ``scene_qa`` extra existence and relation questions
+    per scene (the world's own question makers), as (ids, labels) with labels on the assistant turns only."""
+
+    def user(text: str, answer: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+    texts, rng = [], random.Random(seed + 7)
+    for r in world.records("train"):
+        texts.append(user(CAPTION_PROMPT, r["caption"]))
+        texts.extend(user(qa["question"], qa["answer"]) for qa in r["qa"])
+        if scene_qa is None:
+            continue
+        texts.extend(user(f"{r['caption']}\n{qa['question']}", qa["answer"]) for qa in r["qa"])
+        objs = [Obj(**o) for o in r["objects"]]
+        relations = relation_questions(objs)
+        extra = [exist_questions(objs, rng)[0] for _ in range(scene_qa)]
+        extra += rng.sample(relations, min(scene_qa, len(relations)))
+        texts.extend(user(f"{r['caption']}\n{q}", a) for q, a in extra)
+    if scene_qa is None:
+        return [backend.encode_conversation(c).input_ids for c in texts]
+    return [(e.input_ids, e.labels) for e in map(backend.encode_conversation, texts)]
+
+
+def llm_recipe(name: str, level: str = "small") -> dict:
+    """What a world LLM is made of: tokenizer, architecture and (beyond ``small``, whose recipe predates levels and
+    keeps its digest) the level's training text, rate and loss."""
+    recipe = {"tokenizer": LLMS.get(name).tiny_tokenizer_key(), "size": level_of(level)["size"], "vocab": 640,
+              "prompt": CAPTION_PROMPT}  # fmt: skip
+    if level != "small":
+        spec = LEVELS[level]
+        recipe.update(level=level, lr=spec["lr"], scene_qa=spec["scene_qa"], loss="assistant-turns", scene_seed=7)
+    return recipe
+
+
+def llm_dir_name(name: str, steps: int | None = None, batch_size: int = 64, seed: int = 0, level: str = "small") -> str:
+    """The directory name of a world LLM: its readable settings and a digest of its recipe."""
+    steps = level_of(level)["steps"] if steps is None else steps
+    digest = hashlib.sha256(json.dumps(llm_recipe(name, level), sort_keys=True).encode()).hexdigest()[:10]
+    tag = "" if level == "small" else f"-{level}"
+    return f"llm-{name}{tag}-s{steps}-b{batch_size}-seed{seed}-{digest}"
+
+
+def pretrain_llm(
+    name: str, world: World, steps: int | None = None, batch_size: int = 64, seed: int = 0, level: str = "small"
+) -> Path:
+    """The world's ``name`` LLM directory (model + tokenizer) at ``level``, trained on the world's text on first use."""
+    cls, spec = LLMS.get(name), level_of(level)
+    steps = spec["steps"] if steps is None else steps
+    out = world.dir / "backbones" / llm_dir_name(name, steps, batch_size, seed, level)
+
+    def build(tmp: Path) -> None:
+        corpus = [*world.text_corpus(), CAPTION_PROMPT]
+        cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **spec["size"])
+        backend = cls(str(tmp), frozen=False)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        seqs = lm_conversations(world, backend, spec["scene_qa"], seed)
+        model = backend.model
+        model.train()
+        lr = spec["lr"]
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        pad = backend.pad_token_id
+        desc = f"pretrain {name} ({level}: on the world's text)"
+        for step in tqdm(range(steps), desc=desc, disable=not show_progress()):
+            kill_point(f"pretrain-llm-{name}:{step}")
+            batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
+            ids, mask, labels = pad_batch(batch, pad)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.save_pretrained(tmp)
+        backend.tokenizer.save_pretrained(tmp)
+
+    return materialize(out, build)
+
+
+def pad_batch(batch: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 on padding) of id lists, or of (ids, labels) pairs."""
+    pairs = [(s, s) if isinstance(s[0], int) else s for s in batch]
+    longest = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), longest), pad)
+    mask = torch.zeros(len(pairs), longest, dtype=torch.long)
+    labels = torch.full((len(pairs), longest), -100)
+    for b, (s, y) in enumerate(pairs):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+        labels[b, : len(y)] = torch.tensor(y)
+    return ids, mask, labels
