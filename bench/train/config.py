@@ -30,6 +30,11 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "mini": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
              dict(stage=2, steps=1200, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
+    # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's
+    # rate low, so that the yes/no checking the wide LLM learnt from text survives (README, the world's ceiling)
+    "mini-wide": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
+                  dict(stage=2, steps=1200, batch_size=32, lr=2e-4, connector_lr=2e-3, warmup_ratio=0.05,
+                       save_every=100)],
     # LLaVA-1.5 (MISSION.md): stage 1 lr 2e-3, global batch 128, 1 epoch; stage 2 lr 2e-5, global batch 32 (LLaVA v1
     # notes), 3 epochs; cosine, 3 % warm-up, bf16 on GPUs
     # (global_batch: the accumulation is derived from the per-device batch and the number of processes)

@@ -82,6 +82,8 @@ def encoder_dir_name(family: str, steps: int = ENCODER_STEPS, batch_size: int = 
         "objective": "contrastive" + ("+dense-on-object-patches" if dense else ""),
         "schedule": "onecycle-0.1",
     }
+    if dense:  # both objectives read from pooled_features since December 1 (one forward where the family can):
+        recipe["forward"] = "pooled_features"  # other float bits than the two calls before, so another directory
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"encoder-{family}-s{steps}-b{batch_size}-seed{seed}" + (f"-dense{dense:g}" if dense else "") + f"-{digest}"
 
