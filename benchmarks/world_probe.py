@@ -12,7 +12,9 @@ the connector and the LLM are the limit (see the README's notes on the world's c
 
 ``--per-token`` asks a harder question: one linear classifier shared by all patch tokens predicts what lies under each
 token (``patch_labels``), scored on the tokens an object covers. A per-token projector (mlp2x_gelu) hands the LLM
-each token on its own, so what a single token does not say the LLM must assemble across tokens. ``--dense`` and
+each token on its own, so what a single token does not say the LLM must assemble across tokens. Its ``row`` and
+``column`` say whether a token knows where it is (its grid row and column, the answer of a position question and half
+of a relation question, once the LLM has found the object's tokens). ``--dense`` and
 ``--encoder-steps`` choose the world encoder's pretraining (``pretrain_encoder``'s dense objective and its steps).
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
-from bench.train.pretrain import ENCODER_DENSE, ENCODER_LR, ENCODER_STEPS, pretrain_encoder
+from bench.train.pretrain import ENCODER_DENSE, ENCODER_LR, ENCODER_POSITION, ENCODER_STEPS, pretrain_encoder
 from encoders import build_encoder
 
 
@@ -56,13 +58,15 @@ def per_token_probe(world: World, enc, n_train: int, n_test: int, steps: int) ->
                            for s in range(0, n, 256)]).float()  # fmt: skip
         patch = enc.info.image_size // enc.info.grid[0]
         y = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch) for r in world.records(split)[:n]]))
-        return x.flatten(0, 1), y.flatten(0, 2)
+        rows, cols = torch.meshgrid(torch.arange(y.shape[1]), torch.arange(y.shape[2]), indexing="ij")
+        where = torch.stack([rows, cols], -1).expand(n, -1, -1, -1)  # each token's own grid row and column
+        return x.flatten(0, 1), torch.cat([y, where], -1).flatten(0, 2)
 
     (x_train, y_train), (x_test, y_test) = tokens("train", n_train), tokens("test", n_test)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     out: dict[str, float] = {}
-    for k, name in enumerate(("colour", "shape", "size")):
+    for k, name in enumerate(("colour", "shape", "size", "row", "column")):
         probe = torch.nn.Linear(x_train.shape[1], int(y_train[:, k].max()) + 1)
         opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
         for _ in range(steps):
@@ -72,7 +76,7 @@ def per_token_probe(world: World, enc, n_train: int, n_test: int, steps: int) ->
             opt.step()
         with torch.no_grad():
             right = probe(x_test).argmax(-1) == y_test[:, k]
-        on_object = y_test[:, k] > 0
+        on_object = y_test[:, 0] > 0  # row and column: scored on object tokens too, the ones a question asks about
         out[name] = float(right[on_object].float().mean())
         if name == "shape":
             for i, size in enumerate(SIZES):
@@ -93,12 +97,15 @@ def main() -> None:
     )
     ap.add_argument("--encoder-steps", type=int, default=ENCODER_STEPS, help="the encoder's pretraining steps")
     ap.add_argument("--encoder-lr", type=float, default=ENCODER_LR, help="the encoder's pretraining learning rate")
+    ap.add_argument("--position", type=float, default=ENCODER_POSITION, help="the position objective's weight (0: off)")
     ap.add_argument("--per-token", action="store_true", help="one probe over single patch tokens (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.time()
     world = World(WorldConfig(image_size=args.world_resolution), progress=False)
-    checkpoint = pretrain_encoder(args.encoder, world, steps=args.encoder_steps, dense=args.dense, lr=args.encoder_lr)
+    checkpoint = pretrain_encoder(
+        args.encoder, world, steps=args.encoder_steps, dense=args.dense, lr=args.encoder_lr, position=args.position
+    )
     enc = build_encoder(args.encoder, checkpoint=str(checkpoint), layer=args.layer)
     if args.per_token:
         out = per_token_probe(world, enc, args.train // 2, args.test, args.steps)

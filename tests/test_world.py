@@ -57,6 +57,42 @@ def test_a_built_world_holds_what_was_generated():
         assert world.images(split).shape == (getattr(cfg, split), cfg.image_size, cfg.image_size, 3)
 
 
+def test_qa_turns_put_a_scenes_questions_in_one_conversation_with_every_answer_a_label():
+    """``qa_turns=3``: per scene its caption alone and one conversation of its questions, in the record's order, the
+    image in the first turn only; the LLM's labels cover each answer (and nothing of the questions). ``qa_turns=1``
+    (evaluation, and the default) is one question a sample."""
+    from bench.data.formats import world_dataset
+    from llms import build_llm
+    from llms.base import IMAGE_TOKEN
+
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    records = world.records("train")
+    single, grouped = world_dataset(world, "train"), world_dataset(world, "train", qa_turns=3)
+    assert len(single.samples) == sum(1 + len(r["qa"]) for r in records)
+    assert len(grouped.samples) == sum(1 + (len(r["qa"]) + 2) // 3 for r in records)
+    backend = build_llm("tinyllama")
+    conversations = [s for s in grouped.samples if s.meta["type"] == "conversation"]
+    assert len(conversations) == len(records)
+    for sample, record in zip(conversations, records):
+        users = [m["content"] for m in sample.messages if m["role"] == "user"]
+        answers = [m["content"] for m in sample.messages if m["role"] == "assistant"]
+        assert users == [IMAGE_TOKEN + "\n" + record["qa"][0]["question"]] + [q["question"] for q in record["qa"][1:]]
+        assert answers == [q["answer"] for q in record["qa"]] and sample.meta["types"] == [
+            q["type"] for q in record["qa"]
+        ]
+        encoded = backend.encode_conversation(sample.messages)
+        runs, current = [], []  # the labelled stretches of the sequence, one per answer
+        for y in [*encoded.labels, -100]:
+            if y != -100:
+                current.append(y)
+            elif current:
+                runs, current = [*runs, current], []
+        decoded = [backend.tokenizer.decode(r, skip_special_tokens=True).strip() for r in runs]
+        assert decoded == answers  # every answer, in order, and no question word
+    with pytest.raises(ValueError, match="qa_turns=0"):
+        world_dataset(world, "train", qa_turns=0)
+
+
 def test_patch_labels_by_hand():
     """64-px image, 8-px patches: a large square centred at (30, 34) has half-width 64/3 * 0.38 = 8.1 px, so the
     patch centres 28 and 36 of both axes are covered (2x2 patches); a small circle centred at (60, 4) (half-width 3.4)
@@ -76,12 +112,16 @@ def test_patch_labels_by_hand():
 
 def test_each_encoder_recipe_is_its_own_cached_encoder():
     """The world encoder's directory is keyed by every setting of its recipe: with and without the dense objective,
-    and two recipes that differ only in the learning rate (which the name's readable part does not show)."""
+    with and without the position objective, and two recipes that differ only in the learning rate (which the name's
+    readable part does not show)."""
     from bench.train.pretrain import pretrain_encoder
 
     world = World(WorldConfig().scaled(0.01), progress=False)
     plain, dense = pretrain_encoder("clip", world, steps=2, dense=0.0), pretrain_encoder("clip", world, steps=2)
     assert plain != dense and "-dense4-" in dense.name and "-dense" not in plain.name
+    placed = pretrain_encoder("clip", world, steps=2, position=1.0)  # with the position objective (off by default)
+    assert "-dense4-pos1-" in placed.name and "-pos" not in dense.name and placed != dense
+    assert (placed / "model.safetensors").read_bytes() != (dense / "model.safetensors").read_bytes()
     assert (plain / "model.safetensors").read_bytes() != (dense / "model.safetensors").read_bytes()
     slower = pretrain_encoder("clip", world, steps=2, lr=1e-4)
     assert slower != dense and slower.name.rsplit("-", 1)[0] == dense.name.rsplit("-", 1)[0]
@@ -107,6 +147,31 @@ def test_dense_loss_reads_shape_and_size_on_object_patches_only():
     assert torch.allclose(dense_loss(heads, patches, target), (colour + shape + size) / 3)
     background = torch.zeros_like(target)  # an image with no object: the colour term alone, at the same scale
     assert torch.allclose(dense_loss(heads, patches, background), ce(heads[0](patches[0]), torch.zeros(3).long()) / 3)
+
+
+def test_position_loss_reads_each_tokens_own_row_and_column():
+    """By hand on a 2x3 grid (not square, so rows and columns cannot be swapped unnoticed): in raster order the tokens'
+    rows are 0 0 0 1 1 1 and their columns 0 1 2 0 1 2, the same for every image of the batch."""
+    import torch
+    from torch import nn
+
+    from bench.train.pretrain import position_loss
+
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(4, 2), nn.Linear(4, 3)])
+    patches = torch.randn(2, 6, 4)
+    ce = nn.functional.cross_entropy
+    rows, cols = torch.tensor([0, 0, 0, 1, 1, 1] * 2), torch.tensor([0, 1, 2, 0, 1, 2] * 2)
+    expected = (ce(heads[0](patches.flatten(0, 1)), rows) + ce(heads[1](patches.flatten(0, 1)), cols)) / 2
+    assert torch.allclose(position_loss(heads, patches), expected)
+    # tokens that carry their own row and column one-hot, heads that read them off: the loss vanishes in raster order
+    tokens = torch.cat([nn.functional.one_hot(rows, 2), nn.functional.one_hot(cols, 3)], -1).float().view(2, 6, 5)
+    readers = nn.ModuleList([nn.Linear(5, 2), nn.Linear(5, 3)])
+    with torch.no_grad():
+        for head, block in zip(readers, (torch.eye(5)[:2], torch.eye(5)[2:])):
+            head.weight.copy_(50 * block), head.bias.zero_()
+    assert position_loss(readers, tokens) < 1e-6
+    assert position_loss(readers, tokens.flip(1)) > 10  # the tokens in another order: far from their targets
 
 
 def test_the_wide_world_llm_reads_scene_text_with_labels_on_the_answers():

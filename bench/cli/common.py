@@ -59,6 +59,8 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
         world = world_config(args)
         if world is not None:
             data["world"] = dataclasses.asdict(world)
+        if getattr(args, "qa_turns", 1) > 1:
+            data["qa_turns"] = args.qa_turns
     else:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")

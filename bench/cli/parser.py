@@ -39,6 +39,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", help="LLaVA JSON file or local Hugging Face dataset directory")
     p.add_argument("--image-folder", help="image folder for LLaVA JSON")
     add_world_args(p)
+    add_turns_arg(p)
+
+
+def add_turns_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qa-turns", type=POSITIVE, default=1, metavar="N",
+                   help="mini world training: up to N of a scene's questions as the turns of one conversation "
+                   "(default 1: one question a sample; evaluation always asks one)")  # fmt: skip
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
@@ -199,6 +206,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--recipe", default="mini")
     p.add_argument("--steps", type=NON_NEGATIVE)
     add_world_args(p)
+    add_turns_arg(p)
     p.add_argument("--pretrain-steps", type=POSITIVE)
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")

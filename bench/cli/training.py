@@ -94,12 +94,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
     world = world_config(args)
     pre = pretrain_from_args(args)
-    if world is not None or pre:
+    if world is not None or pre or args.qa_turns > 1:
         from bench.data.world import WorldConfig
 
         data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(world or WorldConfig())}
         if pre:
             data["pretrain"] = pre
+        if args.qa_turns > 1:
+            data["qa_turns"] = args.qa_turns
         base["data"] = data
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from bench.data.images import ArrayImages, BadSample, FileImages, HFImages, ImageTable
+from connector_zoo.settings import SettingError
 from llms.base import IMAGE_TOKEN
 
 __all__ = ["BadSample", "Dataset", "ImageTable", "Sample", "hf_messages", "llava_json", "world_dataset"]
@@ -223,9 +224,15 @@ def hf_record_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
 
 
 # ----------------------------------------------------------------- the world
-def world_dataset(world, split: str, captions: bool = True, questions: bool = True) -> Dataset:
+def world_dataset(world, split: str, captions: bool = True, questions: bool = True, qa_turns: int = 1) -> Dataset:
+    """The split's samples: per scene its caption and its questions, one question a sample, or with ``qa_turns`` > 1
+    up to that many of a scene's questions as the turns of one conversation (the image once, in the first turn; a
+    label on every answer), as LLaVA's instruction data asks several questions of one image. The caption stays a
+    sample of its own (in the same conversation it would answer the position questions in words)."""
     records = world.records(split)
     samples = []
+    if qa_turns < 1:
+        raise SettingError(f"world data: qa_turns={qa_turns} must be at least 1")
     for i, r in enumerate(records):
         if captions:
             samples.append(
@@ -239,7 +246,17 @@ def world_dataset(world, split: str, captions: bool = True, questions: bool = Tr
                     {"type": "caption", "answer": r["caption"]},
                 )
             )
-        if questions:
+        if questions and qa_turns > 1:
+            for j in range(0, len(r["qa"]), qa_turns):
+                turns = r["qa"][j : j + qa_turns]
+                messages = []
+                for t, qa in enumerate(turns):
+                    image = f"{IMAGE_TOKEN}\n" if t == 0 else ""
+                    messages += [{"role": "user", "content": image + qa["question"]},
+                                 {"role": "assistant", "content": qa["answer"]}]  # fmt: skip
+                meta = {"type": "conversation", "types": [qa["type"] for qa in turns], "answer": turns[-1]["answer"]}
+                samples.append(Sample(f"{r['id']}/q{j}-{j + len(turns) - 1}", messages, i, meta))
+        elif questions:
             for j, qa in enumerate(r["qa"]):
                 samples.append(
                     Sample(

@@ -161,7 +161,7 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
 
         world = World(WorldConfig(**data.get("world", {})))
         return (
-            world_dataset(world, "train"),
+            world_dataset(world, "train", qa_turns=data.get("qa_turns", 1)),  # evaluation: one question a sample
             world_dataset(world, "val"),
             {"test": world_dataset(world, "test"), "compositional": world_dataset(world, "compositional")},
             world,
