@@ -61,7 +61,7 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
         choices=("small", "wide"),
         default="small",
         help="mini world LLM level: small (default; d=128, captions and QA text) or wide (d=256, also trained to "
-        "answer questions from captions: the level whose yes/no questions are above chance; README)",
+        "answer questions from captions; with --recipe mini-wide; README: what each costs and gives)",
     )
 
 
