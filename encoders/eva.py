@@ -66,6 +66,7 @@ class EVAViTG(VisionEncoder):
             )
         self.block = self.block_index(len(self.model.blocks))
         self._attn_probs: torch.Tensor | None = None
+        self._final: list[torch.Tensor] | None = None  # a list while pooled_features runs: the final tokens go there
         self.freeze(frozen)
 
     @classmethod
@@ -113,6 +114,16 @@ class EVAViTG(VisionEncoder):
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(pixel_values), pre_logits=True)
 
+    def pooled_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VisionFeatures]:
+        # one forward: timm's forward_intermediates also returns the final (normed) tokens, forward_features' output
+        self._final = []
+        try:
+            features = self(pixel_values)
+            (final,) = self._final
+        finally:
+            self._final = None
+        return self.model.forward_head(final, pre_logits=True), features
+
     def save_checkpoint(self, directory) -> None:
         from timm.models import save_for_hf
 
@@ -135,14 +146,19 @@ class EVAViTG(VisionEncoder):
             hook = attn.attn_drop.register_forward_hook(self._capture)
         try:
             dtype = next(self.model.parameters()).dtype
-            ((patches, prefix),) = self.model.forward_intermediates(
+            keep_final = self._final is not None  # pooled_features asks for the final tokens too
+            out = self.model.forward_intermediates(
                 pixel_values.to(dtype),
                 indices=[self.block],
                 return_prefix_tokens=True,
                 norm=False,
                 output_fmt="NLC",
-                intermediates_only=True,
+                intermediates_only=not keep_final,
             )
+            if keep_final:
+                final, out = out
+                self._final.append(final)
+            ((patches, prefix),) = out
         finally:
             if hook is not None:
                 hook.remove()

@@ -78,7 +78,9 @@ class FusedEncoder(VisionEncoder):
                          "b d h w -> b (h w) d")  # fmt: skip
 
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
-        outs = [p(px, with_cls_attention) for p, px in zip(self.parts, pixel_values.split(3, dim=1))]
+        return self._combine([p(px, with_cls_attention) for p, px in zip(self.parts, pixel_values.split(3, dim=1))])
+
+    def _combine(self, outs: list[VisionFeatures]) -> VisionFeatures:
         patches = torch.cat([self.on_grid(o.patches, o.grid) for o in outs], dim=-1)
         cls = torch.cat([o.cls for o in outs], dim=-1) if all(o.cls is not None for o in outs) else None
         attention = next((o.cls_attention for o in outs if o.cls_attention is not None and o.grid == self.info.grid),
@@ -87,6 +89,11 @@ class FusedEncoder(VisionEncoder):
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.cat([p.pooled(px) for p, px in zip(self.parts, pixel_values.split(3, dim=1))], dim=-1)
+
+    def pooled_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VisionFeatures]:
+        # each part's own one-forward pooled_features, combined as _encode combines their features
+        pairs = [p.pooled_features(px) for p, px in zip(self.parts, pixel_values.split(3, dim=1))]
+        return torch.cat([pooled for pooled, _ in pairs], dim=-1), self._combine([f for _, f in pairs])
 
     def save_checkpoint(self, directory) -> None:
         raise NotImplementedError("a fused encoder is saved as its parts; save each part's checkpoint")

@@ -86,6 +86,8 @@ def encoder_dir_name(family: str, steps: int = ENCODER_STEPS, batch_size: int = 
     }
     if dense:  # both objectives read from pooled_features since December 1 (one forward where the family can):
         recipe["forward"] = "pooled_features"  # other float bits than the two calls before, so another directory
+        if family in ("eva-vit-g", "fused"):  # these two run one pass since December 2 (the others since December 1)
+            recipe["forward"] = "pooled_features-one-pass"
     if position:  # only when used, so that the recipes before it keep their names
         recipe["position"] = position
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
