@@ -32,20 +32,24 @@ from bench.train.pretrain import ENCODER_DENSE, ENCODER_LR, ENCODER_POSITION, EN
 from encoders import build_encoder
 
 
+@torch.no_grad()
+def patch_tokens(world: World, enc, split: str, n: int) -> torch.Tensor:
+    """(n, N, D) float: the selected layer's patch tokens of the split's first n images, in chunks of 256."""
+    chunks = [enc(enc.preprocess([world.image(split, j) for j in range(s, min(n, s + 256))])).patches.float()
+              for s in range(0, n, 256)]  # fmt: skip
+    return torch.cat(chunks)
+
+
 def features_and_labels(world: World, enc, split: str, n: int):
     n = min(n, len(world.records(split)))
-    chunks = []
-    for start in range(0, n, 256):
-        px = enc.preprocess([world.image(split, j) for j in range(start, min(n, start + 256))])
-        with torch.no_grad():
-            chunks.append(enc(px).patches.flatten(1).float())
+    features = patch_tokens(world, enc, split, n).flatten(1)
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
     labels = {k: torch.zeros(n, 9, dtype=torch.long) for k in values}
     for j, record in enumerate(world.records(split)[:n]):
         for o in record["objects"]:
             for k, names in values.items():
                 labels[k][j, o["cell"]] = names.index(o[k]) + 1  # 0 = no object in the cell
-    return torch.cat(chunks), labels
+    return features, labels
 
 
 def per_token_probe(world: World, enc, n_train: int, n_test: int, steps: int) -> dict[str, float]:
@@ -53,9 +57,7 @@ def per_token_probe(world: World, enc, n_train: int, n_test: int, steps: int) ->
 
     def tokens(split: str, n: int):
         n = min(n, len(world.records(split)))
-        with torch.no_grad():
-            x = torch.cat([enc(enc.preprocess([world.image(split, j) for j in range(s, min(n, s + 256))])).patches
-                           for s in range(0, n, 256)]).float()  # fmt: skip
+        x = patch_tokens(world, enc, split, n)
         patch = enc.info.image_size // enc.info.grid[0]
         y = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch) for r in world.records(split)[:n]]))
         rows, cols = torch.meshgrid(torch.arange(y.shape[1]), torch.arange(y.shape[2]), indexing="ij")
