@@ -177,7 +177,7 @@ def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, m
     assert aggregate(load_runs([record])) == aggregate(load_runs([tmp_path / "runs"]))
     cell = tmp_path / "sweep" / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
     cell.mkdir(parents=True)
-    shutil.copy(record / "linear-s1" / "results.json.gz", cell)
+    shutil.copy(record / "linear-s0" / "results.json.gz", cell)
     said: list[str] = []
     sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base={}, log=said.append)
     assert said == [f"[1/1] {cell.name}: finished, skipped"]
@@ -194,3 +194,36 @@ def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, m
         kept = sorted((tmp_path / "sweep.superseded").iterdir())[-1]
         assert json.loads(gzip.decompress((kept / "results.json.gz").read_bytes()))["backbones"] == other
     assert len(ran) == 2 and len(list((tmp_path / "sweep.superseded").iterdir())) == 2
+
+
+def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_path, monkeypatch):
+    """A cell's name says its components and seed, not its recipe or data options: a record of the same name made
+    with another recipe, or with or without ``qa_turns``, is not this sweep's cell even on the same backbones. It is
+    moved aside and the cell runs again; a record whose settings match is skipped."""
+    import bench.report.sweep as sweep_module
+    from bench.report.sweep import cell_name, sweep
+    from bench.train.config import RunConfig
+    from bench.train.pretrain import world_backbones
+
+    now = world_backbones(RunConfig(encoder={"name": "clip"}, llm={"name": "tinyllama"}))
+    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16, backbones=now)
+    record = json.loads((tmp_path / "runs" / "linear-s0" / "results.json").read_text())
+    cell = tmp_path / "sweep" / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
+    ran: list[Path] = []
+    monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, **kw: ran.append(cell))
+    turns = {"kind": "world", "qa_turns": 3}
+    cases = [({}, {}, False), ({"recipe": "mini-wide"}, {}, True), ({"data": turns}, {}, True),
+             ({}, {"data": turns}, True), ({"data": turns}, {"data": turns}, False)]  # fmt: skip
+    for recorded, base, runs_again in cases:
+        cell.mkdir(parents=True, exist_ok=True)
+        config = {**record["config"], **recorded}
+        (cell / "results.json").write_text(json.dumps({**record, "config": config}))
+        said: list[str] = []
+        before = len(ran)
+        sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
+        assert (len(ran) > before) == runs_again, (recorded, base, said)
+        if runs_again:
+            assert "recorded with other settings" in said[0] and not cell.exists(), said
+        else:
+            assert said == [f"[1/1] {cell.name}: finished, skipped"]
+    assert len(list((tmp_path / "sweep.superseded").iterdir())) == 3

@@ -50,19 +50,13 @@ def add_turns_arg(p: argparse.ArgumentParser) -> None:
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-scale", type=SCALE, default=1.0, help="scale the mini world's splits (tests: 0.01)")
-    p.add_argument(
-        "--world-resolution",
-        type=POSITIVE,
-        metavar="PX",
-        help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; 192: 24x24)",
-    )
-    p.add_argument(
-        "--world-llm",
-        choices=("small", "wide"),
-        default="small",
-        help="mini world LLM level: small (default; d=128, captions and QA text) or wide (d=256, also trained to "
-        "answer questions from captions; with --recipe mini-wide; README: what each costs and gives)",
-    )
+    p.add_argument("--world-resolution", type=POSITIVE, metavar="PX",
+                   help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; "
+                   "192: 24x24)")  # fmt: skip
+    p.add_argument("--world-llm", choices=("small", "wide"), default="small",
+                   help="mini world LLM level: small (default; d=128, captions and QA text) or wide (d=256, also "
+                   "trained to answer questions from captions; with --recipe mini-wide; README: what each costs and "
+                   "gives)")  # fmt: skip
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ Connector settings go in brackets: ``cls_prune[keep_ratio=0.25]``, ``qformer[num
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -65,15 +66,29 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
     return done
 
 
+# the settings that decide what a cell trains and measures (a cell's name says only the components and the seed)
+CELL_SETTINGS = ("encoder", "connector", "llm", "seed", "recipe", "stages", "data", "eval_limit", "precision", "lora",
+                 "qlora", "init_connector", "max_length")  # fmt: skip
+
+
+def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The CELL_SETTINGS in which ``record``'s config differs from ``cfg`` (a setting it does not name counts as
+    RunConfig's default, as it was when the record was written)."""
+    had = record.get("config") or {}
+    defaults = dataclasses.asdict(RunConfig())
+    want = dataclasses.asdict(cfg)
+    return [k for k in CELL_SETTINGS if had.get(k, defaults[k]) != want[k]]
+
+
 def same_backbones(cell: Path, cfg: RunConfig, log=print) -> bool:
-    """Whether ``cell``'s record was trained on the backbones ``cfg`` would build; if not, the record moves to
+    """Whether ``cell``'s record was trained with ``cfg``'s settings (CELL_SETTINGS: recipe, data options such as
+    ``qa_turns`` or the world LLM level, ...) on the backbones ``cfg`` would build; if not, the record moves to
     ``<sweep>.superseded/<cell>/`` (a record from before backbones were recorded counts as other backbones)."""
-    want = world_backbones(cfg)
-    if want is None:
-        return True
     (record,) = load_runs([cell])
+    differ = other_settings(record, cfg)
+    want = world_backbones(cfg)
     had = record.get("backbones")
-    if had == want:
+    if not differ and (want is None or had == want):
         return True
     target = cell.parent.with_name(cell.parent.name + ".superseded") / cell.name
     n = 1
@@ -82,6 +97,7 @@ def same_backbones(cell: Path, cfg: RunConfig, log=print) -> bool:
         target = target.with_name(f"{cell.name}.{n}")
     target.parent.mkdir(parents=True, exist_ok=True)
     cell.rename(target)
-    log(f"recorded with other backbones ({had or 'not recorded'}; this code builds {want}): record moved to {target}, "
-        f"running again")  # fmt: skip
+    why = (f"recorded with other settings ({', '.join(differ)})" if differ
+           else f"recorded with other backbones ({had or 'not recorded'}; this code builds {want})")  # fmt: skip
+    log(f"{why}: record moved to {target}, running again")
     return False
