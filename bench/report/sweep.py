@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,8 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The CELL_SETTINGS in which ``record``'s config differs from ``cfg`` (a setting it does not name counts as
     RunConfig's default, as it was when the record was written)."""
     had = record.get("config") or {}
-    defaults = dataclasses.asdict(RunConfig())
-    want = dataclasses.asdict(cfg)
+    as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731 (as config.json holds it: tuples are lists there)
+    defaults, want = as_json(dataclasses.asdict(RunConfig())), as_json(dataclasses.asdict(cfg))
     return [k for k in CELL_SETTINGS if had.get(k, defaults[k]) != want[k]]
 
 
