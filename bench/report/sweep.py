@@ -54,7 +54,7 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
         tag = f"[{i}/{len(cells)}] {cell.name}"
         # a finished cell, or its gzipped record (sweeps/), trained on the backbones this code builds
         recorded = any((cell / name).exists() for name in RESULTS)
-        if recorded and same_backbones(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")):
+        if recorded and same_cell(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")):
             log(f"{tag}: finished, skipped")
         else:
             resume = (cell / "config.json").exists()
@@ -81,7 +81,7 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     return [k for k in CELL_SETTINGS if had.get(k, defaults[k]) != want[k]]
 
 
-def same_backbones(cell: Path, cfg: RunConfig, log=print) -> bool:
+def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
     """Whether ``cell``'s record was trained with ``cfg``'s settings (CELL_SETTINGS: recipe, data options such as
     ``qa_turns`` or the world LLM level, ...) on the backbones ``cfg`` would build; if not, the record moves to
     ``<sweep>.superseded/<cell>/`` (a record from before backbones were recorded counts as other backbones)."""
