@@ -227,3 +227,27 @@ def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_pa
         else:
             assert said == [f"[1/1] {cell.name}: finished, skipped"]
     assert len(list((tmp_path / "sweep.superseded").iterdir())) == 3
+
+
+def test_sweep_cells_get_the_data_options_bench_run_would_write(monkeypatch):
+    """`bench sweep --qa-turns 3 --world-llm wide` hands each cell the same ``data`` as `bench run` with those flags
+    (plus the world it is drawn from), and with no data option no ``data`` at all: the recorded cells stay valid."""
+    import dataclasses
+
+    import bench.report.sweep as sweep_module
+    from bench.cli import COMMANDS
+    from bench.cli.common import data_from_args
+    from bench.cli.parser import build_parser
+    from bench.data.world import WorldConfig
+
+    seen: list[dict] = []
+    monkeypatch.setattr(sweep_module, "sweep", lambda out, *grid: seen.append(grid[-1]) or [])
+    monkeypatch.setattr("bench.cli.training.report", lambda cells, out: None)
+    parser = build_parser(COMMANDS)
+    for flags in ([], ["--qa-turns", "3", "--world-llm", "wide"], ["--world-scale", "0.5"]):
+        args = parser.parse_args(["sweep", "--connector", "linear", *flags])
+        args.func(args)
+        run_args = parser.parse_args(["run", "--connector", "linear", *flags])
+        want = {"world": dataclasses.asdict(WorldConfig()), **data_from_args(run_args)} if flags else None
+        assert seen[-1].get("data") == want, flags
+    assert seen[-2]["data"]["qa_turns"] == 3 and seen[-2]["data"]["pretrain"] == {"llm_level": "wide"}

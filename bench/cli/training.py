@@ -92,17 +92,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.report.sweep import split_list, sweep
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
-    world = world_config(args)
-    pre = pretrain_from_args(args)
-    if world is not None or pre or args.qa_turns > 1:
+    if world_config(args) is not None or pretrain_from_args(args) or args.qa_turns > 1:
         from bench.data.world import WorldConfig
 
-        data: dict[str, Any] = {"kind": "world", "world": dataclasses.asdict(world or WorldConfig())}
-        if pre:
-            data["pretrain"] = pre
-        if args.qa_turns > 1:
-            data["qa_turns"] = args.qa_turns
-        base["data"] = data
+        data = data_from_args(argparse.Namespace(**{**vars(args), "data": "world"}))
+        base["data"] = {"world": dataclasses.asdict(WorldConfig()), **data}  # a sweep's cells name their world
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
     out = Path(args.out)
