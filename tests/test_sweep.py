@@ -129,16 +129,21 @@ def test_mcnemar_exact_by_hand():
     assert -0.3 - 2.5 * 0.046 < low < -0.3 < high < -0.3 + 2.5 * 0.046
 
 
-def test_report_compares_each_configuration_with_the_best_paired_per_question(tmp_path):
-    """mlp2x_gelu right on all 10 questions of both seeds, linear wrong on 3 of them per seed (never the other way):
-    discordant b = 0, c = 6 -> McNemar p = 2 / 2^6 = 0.031, difference -30 points."""
+def paired_runs(root: Path) -> None:
+    """mlp2x_gelu right on all 10 questions of seeds 0 and 1, linear wrong on the last 3 of them per seed."""
     for seed in (0, 1):
         for name, correct in (("mlp2x_gelu", [1] * 10), ("linear", [1] * 7 + [0] * 3)):
-            fake_run(tmp_path / "runs", name, seed, sum(correct) / 10, 0.5, 0.3, 64)
-            path = tmp_path / "runs" / f"{name}-s{seed}" / "results.json"
+            fake_run(root, name, seed, sum(correct) / 10, 0.5, 0.3, 64)
+            path = root / f"{name}-s{seed}" / "results.json"
             r = json.loads(path.read_text())
             r["metrics"]["test"]["accuracy"]["per_question"] = {"ids": [f"q{i}" for i in range(10)], "correct": correct}
             path.write_text(json.dumps(r))
+
+
+def test_report_compares_each_configuration_with_the_best_paired_per_question(tmp_path):
+    """mlp2x_gelu right on all 10 questions of both seeds, linear wrong on 3 of them per seed (never the other way):
+    discordant b = 0, c = 6 -> McNemar p = 2 / 2^6 = 0.031, difference -30 points."""
+    paired_runs(tmp_path / "runs")
     proc = bench(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "report" / "table.md").read_text()
@@ -251,3 +256,22 @@ def test_sweep_cells_get_the_data_options_bench_run_would_write(monkeypatch):
         want = {"world": dataclasses.asdict(WorldConfig()), **data_from_args(run_args)} if flags else None
         assert seen[-1].get("data") == want, flags
     assert seen[-2]["data"]["qa_turns"] == 3 and seen[-2]["data"]["pretrain"] == {"llm_level": "wide"}
+
+
+def test_sweep_pairs_script_compares_two_configurations_by_hand(tmp_path):
+    """benchmarks/sweep_pairs.py on the runs above: linear - mlp2x_gelu = -30 points over 20 (seed, question) pairs,
+    McNemar p = 2 / 2^6 = 0.031; a name that matches no configuration is refused with the list of those there are."""
+    import subprocess
+    import sys
+
+    paired_runs(tmp_path / "runs")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_pairs.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), *a],  # noqa: E731
+                                    capture_output=True, text=True)  # fmt: skip
+    ok = run("linear:mlp2x_gelu", "mlp2x_gelu:linear")
+    assert ok.returncode == 0, ok.stderr
+    first, second = ok.stdout.splitlines()
+    assert first.startswith("linear:mlp2x_gelu: -30.0 [") and first.endswith("McNemar p=0.031, 20 (seed, question) pairs")
+    assert second.startswith("mlp2x_gelu:linear: +30.0 [")
+    bad = run("qformer:linear")
+    assert bad.returncode != 0 and "'qformer' names 0 configurations" in bad.stderr and "clip + linear" in bad.stderr
