@@ -271,7 +271,8 @@ def test_sweep_pairs_script_compares_two_configurations_by_hand(tmp_path):
     ok = run("linear:mlp2x_gelu", "mlp2x_gelu:linear")
     assert ok.returncode == 0, ok.stderr
     first, second = ok.stdout.splitlines()
-    assert first.startswith("linear:mlp2x_gelu: -30.0 [") and first.endswith("McNemar p=0.031, 20 (seed, question) pairs")
+    assert first.startswith("linear:mlp2x_gelu: -30.0 [")
+    assert first.endswith("McNemar p=0.031, 20 (seed, question) pairs")
     assert second.startswith("mlp2x_gelu:linear: +30.0 [")
     bad = run("qformer:linear")
     assert bad.returncode != 0 and "'qformer' names 0 configurations" in bad.stderr and "clip + linear" in bad.stderr
