@@ -1,0 +1,107 @@
+"""What a trained connector's tokens still say about the objects: a linear probe on its output, before and after
+training.
+
+    python benchmarks/connector_probe.py RUN_DIR [RUN_DIR ...] [--train 3000] [--steps 300]
+
+For each mini-world run (a ``bench run`` or sweep-cell directory), the connector's visual tokens for the images that
+hold a single object are flattened and standardised, and one linear classifier per attribute (colour, shape, size) is
+trained on the training split's single-object images (Adam, ``--steps``) and scored on the test split's. Measured at
+three points: the connector untrained (the same architecture and settings, freshly initialised with the run's seed),
+after stage 1 (``stage1/checkpoint-last``, when kept) and as the run ended. Also printed: the mean norm of a visual
+token against the mean norm of the LLM's text embeddings, and the probe on the encoder's patch features (what the
+connector receives). An attribute the probe reads from the encoder and not from the trained connector's tokens was
+lost in the connector's training; one that the tokens still carry and the VLM still misses is lost in the LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from bench.data.world import World, WorldConfig
+from bench.model.vlm import VLM
+from bench.train.config import RunConfig
+from connectors import build_connector
+
+ATTRIBUTES = ("colour", "shape", "size")
+
+
+def single_objects(world: World, split: str, n: int | None) -> tuple[list[int], dict[str, list[str]]]:
+    """Indices of the split's single-object scenes (the first ``n``) and each attribute's value per scene."""
+    idx = [i for i, r in enumerate(world.records(split)) if len(r["objects"]) == 1][:n]
+    recs = world.records(split)
+    return idx, {a: [recs[i]["objects"][0][a] for i in idx] for a in ATTRIBUTES}
+
+
+def probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str], steps: int) -> float:
+    """Test accuracy of a linear classifier trained on standardised, flattened features (seed 0)."""
+    classes = sorted(set(train_y) | set(test_y))
+    y_tr = torch.tensor([classes.index(v) for v in train_y])
+    y_te = torch.tensor([classes.index(v) for v in test_y])
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x_tr, x_te = (train_x - mean) / std, (test_x - mean) / std
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x_tr.shape[1], len(classes))
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(x_tr), y_tr).backward()
+        opt.step()
+    with torch.no_grad():
+        return (lin(x_te).argmax(1) == y_te).float().mean().item()
+
+
+@torch.no_grad()
+def features(vlm: VLM, world: World, split: str, idx: list[int]):
+    """The encoder's features of the split's images ``idx`` (chunks of 256, joined)."""
+    from encoders.base import VisionFeatures
+
+    enc = vlm.encoder
+    return VisionFeatures.stack([enc(enc.preprocess([world.image(split, j) for j in idx[s : s + 256]]))
+                                 for s in range(0, len(idx), 256)])  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--train", type=int, default=3000, help="single-object training images for the probe")
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    for run_dir in args.runs:
+        cfg = RunConfig.from_file(run_dir / "config.json")
+        world = World(WorldConfig(**cfg.data.get("world", {})), progress=False)
+        vlm = VLM.load(run_dir).eval()
+        tr_idx, tr_y = single_objects(world, "train", args.train)
+        te_idx, te_y = single_objects(world, "test", None)
+        f_tr, f_te = features(vlm, world, "train", tr_idx), features(vlm, world, "test", te_idx)
+        spec = dict(vlm.connector.spec)
+        torch.manual_seed(cfg.seed)
+        untrained = build_connector(spec.pop("name"), vlm.connector.in_dim, vlm.connector.out_dim, **spec)
+        points = [("untrained", untrained)]
+        stage1 = run_dir / "stage1" / "checkpoint-last" / "trainable.safetensors"
+        if stage1.exists():
+            after1 = build_connector(vlm.connector.spec["name"], vlm.connector.in_dim, vlm.connector.out_dim, **spec)
+            state = {k[len("connector.") :]: v for k, v in load_file(str(stage1)).items() if k.startswith("connector.")}
+            after1.load_state_dict(state)
+            points.append(("after stage 1", after1))
+        points.append(("trained", vlm.connector))
+        text_norm = vlm.llm.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
+        encoder = {a: round(probe(f_tr.patches.flatten(1), tr_y[a], f_te.patches.flatten(1), te_y[a], args.steps), 3)
+                   for a in ATTRIBUTES}  # fmt: skip
+        print(json.dumps({"run": str(run_dir), "connector": vlm.connector.spec["name"], "probe_images": len(tr_idx),
+                          "test_images": len(te_idx), "encoder_patches": encoder}))  # fmt: skip
+        for name, conn in points:
+            with torch.no_grad():
+                t_tr, t_te = conn.eval()(f_tr).tokens.float(), conn(f_te).tokens.float()
+            acc = {a: round(probe(t_tr.flatten(1), tr_y[a], t_te.flatten(1), te_y[a], args.steps), 3)
+                   for a in ATTRIBUTES}  # fmt: skip
+            print(json.dumps({"point": name, "token_norm": round(t_te.norm(dim=-1).mean().item(), 2),
+                              "text_embedding_norm": round(text_norm, 2), "probe": acc}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
