@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bench.data.world import World, WorldConfig
 from bench.model.vlm import VLM
@@ -32,8 +31,8 @@ ATTRIBUTES = ("colour", "shape", "size")
 
 def single_objects(world: World, split: str, n: int | None) -> tuple[list[int], dict[str, list[str]]]:
     """Indices of the split's single-object scenes (the first ``n``) and each attribute's value per scene."""
-    idx = [i for i, r in enumerate(world.records(split)) if len(r["objects"]) == 1][:n]
     recs = world.records(split)
+    idx = [i for i, r in enumerate(recs) if len(r["objects"]) == 1][:n]
     return idx, {a: [recs[i]["objects"][0][a] for i in idx] for a in ATTRIBUTES}
 
 
@@ -65,6 +64,43 @@ def features(vlm: VLM, world: World, split: str, idx: list[int]):
                                  for s in range(0, len(idx), 256)])  # fmt: skip
 
 
+def measure(conn, train: tuple, test: tuple, steps: int) -> dict:
+    """The mean norm of ``conn``'s test tokens and the probe's accuracy per attribute on its flattened tokens;
+    ``train`` and ``test`` are (encoder features, {attribute: values})."""
+    with torch.no_grad():
+        t_tr, t_te = conn.eval()(train[0]).tokens.float(), conn(test[0]).tokens.float()
+    acc = {a: round(probe(t_tr.flatten(1), train[1][a], t_te.flatten(1), test[1][a], steps), 3) for a in ATTRIBUTES}
+    return {"token_norm": round(t_te.norm(dim=-1).mean().item(), 2), "probe": acc}
+
+
+def probe_run(run_dir: Path, n_train: int, steps: int) -> None:
+    """Print the encoder's probe and the connector's at each point of one run (JSON lines)."""
+    cfg = RunConfig.from_file(run_dir / "config.json")
+    world = World(WorldConfig(**cfg.data.get("world", {})), progress=False)
+    vlm = VLM.load(run_dir).eval()
+    tr_idx, tr_y = single_objects(world, "train", n_train)
+    te_idx, te_y = single_objects(world, "test", None)
+    train, test = (features(vlm, world, "train", tr_idx), tr_y), (features(vlm, world, "test", te_idx), te_y)
+    encoder = {a: round(probe(train[0].patches.flatten(1), tr_y[a], test[0].patches.flatten(1), te_y[a], steps), 3)
+               for a in ATTRIBUTES}  # fmt: skip
+    text_norm = round(vlm.llm.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item(), 2)
+    head = {"run": str(run_dir), "connector": vlm.connector.spec["name"], "probe_images": len(tr_idx),
+            "test_images": len(te_idx), "encoder_patches": encoder, "text_embedding_norm": text_norm}  # fmt: skip
+    print(json.dumps(head))
+    spec = dict(vlm.connector.spec)
+    torch.manual_seed(cfg.seed)
+    untrained = build_connector(spec.pop("name"), vlm.connector.in_dim, vlm.connector.out_dim, **spec)
+    points = {"untrained": measure(untrained, train, test, steps)}
+    trained = measure(vlm.connector, train, test, steps)
+    stage1 = run_dir / "stage1" / "checkpoint-last"
+    if (stage1 / "trainable.safetensors").exists():
+        vlm.load_connector(stage1)  # the run's own loader, checked against the checkpoint's manifest
+        points["after stage 1"] = measure(vlm.connector, train, test, steps)
+    points["trained"] = trained
+    for name, point in points.items():
+        print(json.dumps({"point": name, **point}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -72,35 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
     for run_dir in args.runs:
-        cfg = RunConfig.from_file(run_dir / "config.json")
-        world = World(WorldConfig(**cfg.data.get("world", {})), progress=False)
-        vlm = VLM.load(run_dir).eval()
-        tr_idx, tr_y = single_objects(world, "train", args.train)
-        te_idx, te_y = single_objects(world, "test", None)
-        f_tr, f_te = features(vlm, world, "train", tr_idx), features(vlm, world, "test", te_idx)
-        spec = dict(vlm.connector.spec)
-        torch.manual_seed(cfg.seed)
-        untrained = build_connector(spec.pop("name"), vlm.connector.in_dim, vlm.connector.out_dim, **spec)
-        points = [("untrained", untrained)]
-        stage1 = run_dir / "stage1" / "checkpoint-last" / "trainable.safetensors"
-        if stage1.exists():
-            after1 = build_connector(vlm.connector.spec["name"], vlm.connector.in_dim, vlm.connector.out_dim, **spec)
-            state = {k[len("connector.") :]: v for k, v in load_file(str(stage1)).items() if k.startswith("connector.")}
-            after1.load_state_dict(state)
-            points.append(("after stage 1", after1))
-        points.append(("trained", vlm.connector))
-        text_norm = vlm.llm.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
-        encoder = {a: round(probe(f_tr.patches.flatten(1), tr_y[a], f_te.patches.flatten(1), te_y[a], args.steps), 3)
-                   for a in ATTRIBUTES}  # fmt: skip
-        print(json.dumps({"run": str(run_dir), "connector": vlm.connector.spec["name"], "probe_images": len(tr_idx),
-                          "test_images": len(te_idx), "encoder_patches": encoder}))  # fmt: skip
-        for name, conn in points:
-            with torch.no_grad():
-                t_tr, t_te = conn.eval()(f_tr).tokens.float(), conn(f_te).tokens.float()
-            acc = {a: round(probe(t_tr.flatten(1), tr_y[a], t_te.flatten(1), te_y[a], args.steps), 3)
-                   for a in ATTRIBUTES}  # fmt: skip
-            print(json.dumps({"point": name, "token_norm": round(t_te.norm(dim=-1).mean().item(), 2),
-                              "text_embedding_norm": round(text_norm, 2), "probe": acc}), flush=True)  # fmt: skip
+        probe_run(run_dir, args.train, args.steps)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from typing import Any
 from bench.cli.common import (
     data_from_args,
     parse_lora,
-    pretrain_from_args,
     report,
     specs_from_args,
     world_config,
@@ -92,11 +91,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.report.sweep import split_list, sweep
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
-    if world_config(args) is not None or pretrain_from_args(args) or args.qa_turns > 1:
+    data = data_from_args(argparse.Namespace(**{**vars(args), "data": "world"}))
+    if set(data) != {"kind"}:  # a data option was given: a sweep's cells name their world
         from bench.data.world import WorldConfig
 
-        data = data_from_args(argparse.Namespace(**{**vars(args), "data": "world"}))
-        base["data"] = {"world": dataclasses.asdict(WorldConfig()), **data}  # a sweep's cells name their world
+        base["data"] = {"world": dataclasses.asdict(WorldConfig()), **data}
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
     out = Path(args.out)
