@@ -7,6 +7,9 @@ first ``--test`` test scenes twice: after the scene's caption ("caption\\nquesti
 trained on, never with a test caption) and from the question alone (the blind baseline's view). Printed: exact
 match per question type for both. A question type the LLM cannot answer from a perfect description of the scene it
 will not answer from image tokens either; the README's table on the world's ceiling was measured with this script.
+
+Also printed, for the caption view, ``bench/evaluate/binding.py``: exact match per type by the number of objects
+in the scene, and the share of wrong lookups that name another object's attribute (a bag-of-words reader).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from bench.data.world import World, WorldConfig
 from bench.evaluate.accuracy import normalize
+from bench.evaluate.binding import binding
 from bench.train.world_llm import LEVELS, pretrain_llm
 from llms import build_llm
 
@@ -46,18 +50,20 @@ def greedy(backend, prompts: list[str], max_new_tokens: int = 6, batch_size: int
     return out
 
 
-def score(world: World, backend, n: int) -> dict[str, dict[str, float]]:
-    """Exact match per type, with the caption and from the question alone."""
+def score(world: World, backend, n: int) -> dict[str, dict]:
+    """Exact match per type, with the caption and from the question alone; and the caption view's ``binding``."""
     records = world.records("test")[:n]
-    qa = [(r["caption"], q) for r in records for q in r["qa"]]
+    qa = [(r, q) for r in records for q in r["qa"]]
     out = {}
-    for view, prompts in (("with caption", [f"{c}\n{q['question']}" for c, q in qa]),
+    for view, prompts in (("with caption", [f"{r['caption']}\n{q['question']}" for r, q in qa]),
                           ("question alone", [q["question"] for _, q in qa])):  # fmt: skip
-        hits = defaultdict(list)
-        for (_, q), a in zip(qa, greedy(backend, prompts)):
+        hits, answers = defaultdict(list), greedy(backend, prompts)
+        for (_, q), a in zip(qa, answers):
             hits[q["type"]].append(normalize(a) == normalize(q["answer"]))
             hits["all"].append(hits[q["type"]][-1])
         out[view] = {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
+        if view == "with caption":
+            out["with caption, binding"] = binding(qa, answers)
     return out
 
 

@@ -167,10 +167,10 @@ def unique_by(objects: list[Obj], attr: str) -> list[Obj]:
     return [o for o in objects if values.count(getattr(o, attr)) == 1]
 
 
-def questions(scene: Scene, rng: random.Random, k: int) -> list[dict[str, str]]:
-    """k question-answer pairs of distinct types where possible; answers are one or two words."""
-    objs = scene.objects
-    makers = {
+def question_makers(objs: list[Obj], rng: random.Random) -> dict[str, Any]:
+    """Per question type, a function giving every (question, answer) of that type about ``objs`` (existence: one,
+    drawn from ``rng`` at each call)."""
+    return {
         "colour": lambda: [(f"What colour is the {o.shape}?", o.colour) for o in unique_by(objs, "shape")],
         "shape": lambda: [(f"What shape is the {o.colour} object?", o.shape) for o in unique_by(objs, "colour")],
         "size": lambda: [(f"What size is the {o.colour} {o.shape}?", o.size)
@@ -183,6 +183,11 @@ def questions(scene: Scene, rng: random.Random, k: int) -> list[dict[str, str]]:
         "exist": lambda: exist_questions(objs, rng),
         "relation": lambda: relation_questions(objs),
     }  # fmt: skip
+
+
+def questions(scene: Scene, rng: random.Random, k: int) -> list[dict[str, str]]:
+    """k question-answer pairs of distinct types where possible; answers are one or two words."""
+    makers = question_makers(scene.objects, rng)
     types = list(QUESTION_TYPES)
     rng.shuffle(types)
     out = []
