@@ -289,3 +289,31 @@ def test_validation_loss_reads_the_held_out_images(tmp_path):
     assert abs(validation_loss(vlm, as_before, collators[train.images.key], batch_size=4) - right) > 1e-5
     with pytest.raises(ValueError, match="needs the collator of its image table"):
         validation_loss(vlm, val, collators[train.images.key], batch_size=4)
+
+
+def test_the_loss_history_and_log_give_the_llm_and_the_connector_rate(tmp_path, llms, encoders):
+    """With ``connector_lr`` the history's ``lr`` is the LLM's (the recipe's lr) and ``connector_lr`` the connector's,
+    in the same schedule (ratio 10 at every step); without it there is one rate."""
+    from bench.data.formats import Dataset, Sample
+    from bench.data.loader import Collator
+    from bench.train.trainer import Trainer
+    from connectors import build_connector
+
+    enc, llm = encoders["clip"], llms["tinyllama"]
+    ds = Dataset("t", [Sample(f"s{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}])
+                       for i in range(8)], images=None)  # fmt: skip
+    collator = Collator(llm, None, visual_budget=0, max_length=None)
+    for connector_lr in (2e-3, None):
+        vlm = VLM(enc, build_connector("linear", enc.info.hidden_size, llm.hidden_size), llm)
+        cfg = StageConfig(stage=2, steps=3, batch_size=2, lr=2e-4, connector_lr=connector_lr, warmup_ratio=0.5)
+        lines = []
+        trainer = Trainer(vlm, ds, collator, cfg, tmp_path / str(connector_lr), seed=0, log=lines.append)
+        trainer.fit()
+        history = trainer.history
+        assert len(history) == 3 and history[0]["lr"] != history[-1]["lr"]  # the schedule moves
+        if connector_lr:
+            assert all(h["connector_lr"] == pytest.approx(10 * h["lr"]) for h in history)
+            assert any(f"lr {history[-1]['lr']:.2e} (connector {history[-1]['connector_lr']:.2e})" in m for m in lines)
+        else:
+            assert all("connector_lr" not in h for h in history)
+            assert not any("(connector" in m for m in lines)

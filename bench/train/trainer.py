@@ -139,12 +139,14 @@ class Trainer:
             self.step += 1
             self.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
             self.train_seconds += time.perf_counter() - t0
-            self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            self.history.append({"step": self.step, "loss": loss, **self.rates()})
             bar.set_postfix_str(f"loss {loss:.4f}, {self.samples_seen / max(self.train_seconds, 1e-9):.0f} samples/s",
                                 refresh=False)  # fmt: skip
             bar.update(1)
             if self.step % max(1, self.total_steps // 10) == 0 or self.step == self.total_steps:
-                self.log(f"  step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {self.history[-1]['lr']:.2e}")
+                rates = self.history[-1]
+                extra = f" (connector {rates['connector_lr']:.2e})" if "connector_lr" in rates else ""
+                self.log(f"  step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {rates['lr']:.2e}{extra}")
             evaluate_now = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
             names = []
             if self.val_data is not None and (evaluate_now or self.step == self.total_steps) and self.validate():
@@ -162,6 +164,16 @@ class Trainer:
                 "first_step_at": self.first_step_at, "num_workers": self.num_workers}  # fmt: skip
 
     @torch.no_grad()
+    def rates(self) -> dict[str, float]:
+        """The learning rates now: ``lr`` the LLM's (the recipe's ``lr``; the connector's when it trains alone), and
+        ``connector_lr`` beside it when the connector has a group of its own at another rate."""
+        groups = self.optimizer.param_groups
+        by_name = {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(groups, self.scheduler.get_last_lr()))}
+        out = {"lr": by_name.get("llm", next(iter(by_name.values())))}
+        if "llm" in by_name and "connector" in by_name and self.cfg.connector_lr not in (None, self.cfg.lr):
+            out["connector_lr"] = by_name["connector"]
+        return out
+
     def validate(self) -> bool:
         """Validation loss at this step (recorded in the history); True when it is the best so far."""
         with self.acc.autocast():
