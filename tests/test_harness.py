@@ -218,3 +218,23 @@ def test_progress_bars_per_stage_and_none_under_quiet(tmp_path):
     quiet = bench([*MICRO, "--steps", "3", "--eval-limit", "2", "--quiet", "--out", str(tmp_path / "q")],
                   env={"TQDM_DISABLE": ""})  # fmt: skip
     assert quiet.returncode == 0 and "stage 1:" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr
+
+
+def test_git_commit_says_when_tracked_code_differs_from_the_commit(tmp_path):
+    """A clean checkout: its HEAD; a tracked file edited: HEAD-dirty; an untracked file does not count; no
+    checkout: None."""
+    import subprocess
+
+    from bench.run.record import git_commit
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
+    assert git_commit(tmp_path) is None
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "-dirty"

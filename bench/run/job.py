@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.evaluate.accuracy import blind_answers
-from bench.run.record import RunLog, record
+from bench.run.record import RunLog, git_commit, record
 from bench.train.config import (
     RunConfig,
     build_model,
@@ -40,17 +40,17 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
     config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
     their manifests unless not ``verify``)."""
 
-    started = time.time()
+    started, commit = time.time(), git_commit()  # the code this run starts with, whatever is committed meanwhile
     out_dir = Path(out_dir)
     log = RunLog(out_dir, log)  # the console, and <run>/run.log once the directory exists
     try:
-        return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started)
+        return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started, commit)
     finally:
         log.close()
 
 
 def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: bool, verify: bool,
-         started: float) -> dict[str, Any]:  # fmt: skip
+         started: float, commit: str | None) -> dict[str, Any]:  # fmt: skip
     from accelerate import Accelerator
 
     existing = (out_dir / "config.json").exists()
@@ -138,6 +138,6 @@ def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: b
     if accelerator.is_main_process:
         with autocast(prec, vlm.device):
             results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind,
-                             log, {"compute": prec, "backbone": backbone}, cache_info)  # fmt: skip
+                             log, {"compute": prec, "backbone": backbone}, cache_info, commit)  # fmt: skip
     accelerator.wait_for_everyone()
     return results

@@ -21,10 +21,18 @@ from bench.train.pretrain import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
 
 
-def git_commit() -> str | None:
+def git_commit(where: Path | None = None) -> str | None:
+    """The commit of the checkout holding ``where`` (default: this code), with "-dirty" when tracked files differ
+    from it (the numbers then come from code no commit holds); None outside a git checkout."""
+    here = where or Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
+        commit = out.stdout.strip()
+        if not commit:
+            return None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here).stdout.strip()  # fmt: skip
+        return commit + ("-dirty" if changed else "")
     except OSError:
         return None
 
@@ -73,7 +81,7 @@ def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: i
 
 
 def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
-           precision, cache_info) -> dict:  # fmt: skip
+           precision, cache_info, commit: str | None = None) -> dict:  # fmt: skip
     save_final(vlm, out_dir, len(train_stats))
     metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
                for name, ds in eval_sets.items()}  # fmt: skip
@@ -103,7 +111,7 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         "encoder_forwards": sum(f.forwards for f in features.values()),
         "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
         "versions": versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit if commit is not None else git_commit(),  # the code the run started with
     }  # fmt: skip
     write_json(out_dir / "results.json", results)
     from connector_zoo.hf_model import write_run_model
