@@ -108,7 +108,9 @@ def main() -> None:
     evaluate(0)
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.steps, pct_start=max(0.05, 2 / args.steps)
+    )  # >= 2 warm-up steps
     model.train()
     for step in range(1, args.steps + 1):
         logits, targets, _ = answer_logits(rng.sample(train, args.batch_size))
