@@ -8,12 +8,25 @@
     tokens = MLP(mlp_depth, hidden -> D)(x), SiLU between layers, raster order
 
 Defaults are the paper's (c-abs.yaml): M = 144, depth 3, mlp_depth 2, hidden 1024, positional embedding on, no
-prenorm, no extra eos tokens. The blocks are ``timm.models.regnet.RegStage`` exactly as Honeybee builds them.
+prenorm, no extra eos tokens. The blocks are ``timm.models.regnet.RegStage`` exactly as Honeybee builds them, and the
+weights start as Honeybee's do: its ``HoneybeePreTrainedModel._init_weights`` (run by ``post_init`` over the
+abstractor) draws every Conv2d and Linear weight from N(0, 0.02) with zero biases; the position table is
+trunc-normal(0.02). ``tests/test_connectors_zoo.py`` computes the reference's forward from its equations.
 
-The positional embedding is learned for a ``pos_grid`` x ``pos_grid`` patch grid (24: CLIP-L/336) and resampled
-bicubically for other grids (timm's ``resample_abs_pos_embed``, as ViTs do at a new resolution); Honeybee's own
-table is tied to one encoder. Grids smaller than sqrt(M) are pooled up to M tokens by the adaptive pooling, as in the
-reference; choose ``num_queries`` for such grids (the mini world's 8x8 grid: 16).
+Compared line by line with ``projectors.py``, ``modeling_honeybee.py`` and the configs, what differs, on purpose:
+
+- *Position table at other grids*: learned for a ``pos_grid`` x ``pos_grid`` patch grid (24: CLIP-L/336) and
+  resampled bicubically for other grids (timm's ``resample_abs_pos_embed``, as ViTs do at a new resolution);
+  Honeybee's table is tied to its encoder. Grids smaller than sqrt(M) are pooled up to M tokens by the adaptive
+  pooling, as in the reference; choose ``num_queries`` for such grids (the mini world's 8x8 grid: 16).
+- *Encoder layer*: Honeybee reads CLIP's *last* layer (``feature_layer_index: -1``, CLS dropped, no post-LN); the
+  zoo's encoders default to LLaVA's penultimate (``--layer -1`` gives Honeybee's).
+- *Training recipe* (not this module's, the harness's): Honeybee pre-trains the abstractor alone at lr 1e-4 (AdamW
+  betas 0.9 / 0.98, eps 1e-6, weight decay 0.01, 2,000 warm-up steps of 50,000, cosine to 1e-5, batch 256) and
+  fine-tunes abstractor + LLM at 2e-5 (weight decay 1e-4); the zoo's recipes are LLaVA's (stage 1 at 2e-3, no weight
+  decay) for every connector. The mini world's experiments with Honeybee's rates are in the README (issue 31).
+- Before December 5 the blocks and the MLP kept timm's / PyTorch's default initialisation (Kaiming-uniform, weights
+  of std 0.07-0.19 here, non-zero biases), which is not Honeybee's.
 """
 
 from __future__ import annotations
@@ -39,6 +52,18 @@ def silu_mlp(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
     for _ in range(depth - 1):
         layers += [nn.SiLU(), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*layers)
+
+
+def honeybee_init(m: nn.Module) -> None:
+    """``HoneybeePreTrainedModel._init_weights``, which the model's ``post_init`` applies to the abstractor: every
+    Conv2d and Linear weight N(0, 0.02) with zero biases (SE's 1x1 convs included), LayerNorms 1 / 0."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 @register("c_abstractor")
@@ -72,6 +97,8 @@ class CAbstractor(Connector):
         else:
             self.net = nn.Sequential(sampler)
             self.readout = silu_mlp(mlp_depth, in_dim, out_dim)
+        self.net.apply(honeybee_init)
+        self.readout.apply(honeybee_init)
 
     def position(self, grid: tuple[int, int]) -> torch.Tensor:
         if tuple(grid) == (self.pos_grid, self.pos_grid):

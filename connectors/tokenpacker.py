@@ -9,10 +9,19 @@ CircleRadon/TokenPacker ``llava/model/multimodal_projector/builder.py``).
 ``scale_factor`` s = 2: 576 -> 144 tokens; s = 3: 576 -> 64. Defaults are the reference's: embed_dim 1024, 8 heads
 (1024 // 128), LayerNorm eps 1e-6, truncated-normal(0.02) initialisation of the linear layers.
 
-One difference, named: the reference's keys and values come from *multi-level* features (4 CLIP layers concatenated,
-4096 channels) while the queries come from the selected layer; the encoder contract here hands one layer, so keys,
-values and queries all come from it. A side that s does not divide is padded with zero patches that no query attends
-to (27x27 at s = 2 -> 14x14 queries, 196 tokens); the reference refuses such grids.
+Compared line by line with the reference's ``builder.py``, ``clip_encoder.py`` and ``scripts/v1_5/*.sh``: the same
+layers, norms (eps 1e-6), initialisation (trunc-normal(0.02) linear weights, zero biases; ``nn.MultiheadAttention``'s
+in-projection keeps PyTorch's Xavier init, as there), region split and token order; ``tests/test_connectors_zoo.py``
+computes the reference's forward (its ``divide_feature`` verbatim, the attention written out). What differs:
+
+- *Multi-level keys*: the reference's keys and values come from 4 CLIP layers (``hidden_states[12, 16, 22, 23]``,
+  concatenated to 4,096 channels, so ``k_proj`` / ``v_proj`` take 4 x Dv) while the queries come from the selected
+  layer (-2); the encoder contract here hands one layer, so keys, values and queries all come from it.
+- *Grids s does not divide*: padded with zero patches that no query attends to (27x27 at s = 2 -> 14x14 queries,
+  196 tokens); the reference refuses such grids.
+- *Training recipe* (the harness's): TokenPacker pre-trains the projector at lr 1e-3 (LLaVA: 2e-3), no weight decay,
+  3 % warm-up, cosine, batch 256, then fine-tunes projector + LLM at 2e-5 like LLaVA-1.5; the zoo's recipes use
+  LLaVA's rates for every connector.
 """
 
 from __future__ import annotations

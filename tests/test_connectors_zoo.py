@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,145 @@ def test_prumerge_against_the_reference_loop():
         assert not out.mask[b, n:].any()
     fixed = PruMerge.wrap(identity(6).double(), adaptive=False, keep_ratio=0.25)(f)
     assert fixed.num_tokens.tolist() == [17, 17]  # int(64 / 4) kept + the pruned ones' weighted sum
+
+
+# ----------------------------------------------------- C-Abstractor and TokenPacker against their references
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Known, non-trivial values for every parameter (LayerNorm gains and biases included), so that a norm, a bias
+    or a residual the code forgot changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def ln_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """timm's LayerNorm2d (with its act in LayerNormAct2d, eps 1e-5): a LayerNorm over the channels of each pixel."""
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def regnet_bottleneck(x: torch.Tensor, p: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """timm ``regnet.Bottleneck`` as Honeybee's ``RegBlock`` builds it (stride 1, bottle_ratio 1, group_size 1, SE
+    0.25, SiLU, LayerNorm2d), written from its equations:
+
+        y   = SiLU(LN(conv1x1(x)))                    conv1, no conv bias
+        y   = SiLU(LN(depthwise_conv3x3(y)))          conv2, groups = channels, padding 1
+        y   = y * sigmoid(fc2(SiLU(fc1(mean_hw(y))))) squeeze-excitation (fc: 1x1 convs with bias)
+        y   = LN(conv1x1(y))                          conv3, no activation
+        out = SiLU(y + shortcut)                      shortcut = LN(conv1x1(x)) when the width changes, else x
+    """
+    w = lambda name: p[f"{prefix}.{name}"]  # noqa: E731
+    y = F.silu(ln_channels(F.conv2d(x, w("conv1.conv.weight")), w("conv1.bn.weight"), w("conv1.bn.bias")))
+    c = y.shape[1]
+    y = F.conv2d(y, w("conv2.conv.weight"), padding=1, groups=c)
+    y = F.silu(ln_channels(y, w("conv2.bn.weight"), w("conv2.bn.bias")))
+    s = F.silu(F.conv2d(y.mean((2, 3), keepdim=True), w("se.fc1.weight"), w("se.fc1.bias")))
+    y = y * torch.sigmoid(F.conv2d(s, w("se.fc2.weight"), w("se.fc2.bias")))
+    y = ln_channels(F.conv2d(y, w("conv3.conv.weight")), w("conv3.bn.weight"), w("conv3.bn.bias"))
+    if f"{prefix}.downsample.conv.weight" in p:
+        shortcut = ln_channels(F.conv2d(x, w("downsample.conv.weight")), w("downsample.bn.weight"),
+                               w("downsample.bn.bias"))  # fmt: skip
+    else:
+        shortcut = x
+    return F.silu(y + shortcut)
+
+
+def c_abstractor_reference(p: dict[str, torch.Tensor], patches: torch.Tensor, side: int, depth: int, out_side: int):
+    """kakaobrain/honeybee ``honeybee/projectors/projectors.py`` ``CAbstractor`` (a ``ConvProjector``): ``x += pos_emb``
+    -> (B, d, h, w) -> RegStage(depth) -> AdaptiveAvgPool2d(out_side) -> RegStage(depth) -> (B, h*w, d) ->
+    build_mlp(2): Linear, SiLU, Linear."""
+    x = patches + p["pos_emb"]
+    x = x.transpose(1, 2).reshape(x.shape[0], -1, side, side)
+    for i in range(depth):
+        x = regnet_bottleneck(x, p, f"net.0.b{i + 1}")
+    x = F.adaptive_avg_pool2d(x, out_side)
+    for i in range(depth):
+        x = regnet_bottleneck(x, p, f"net.2.b{i + 1}")
+    x = x.flatten(2).transpose(1, 2)
+    return F.linear(F.silu(F.linear(x, p["readout.0.weight"], p["readout.0.bias"])), p["readout.2.weight"],
+                    p["readout.2.bias"])  # fmt: skip
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_c_abstractor_computes_honeybees_c_abstractor(depth):
+    """Every weight set to known values; the output equals Honeybee's CAbstractor written out from its equations
+    (the position table added, the two RegNet stages around the adaptive pooling, the SiLU MLP), 8x8 -> 4 tokens."""
+    conn = build_connector("c_abstractor", 16, 8, num_queries=4, hidden_size=12, depth=depth, pos_grid=8).eval()
+    randomise(conn)
+    f = feats(B=2, h=8, w=8)
+    p = dict(conn.named_parameters())
+    with torch.no_grad():
+        expected = c_abstractor_reference(p, f.patches, 8, depth, 2)
+        torch.testing.assert_close(conn(f).tokens, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_c_abstractor_initialises_as_honeybee():
+    """Honeybee's ``HoneybeePreTrainedModel._init_weights`` (applied by ``post_init`` to the abstractor): every Conv2d
+    and Linear weight N(0, 0.02) with zero biases, LayerNorms 1 / 0; the position table trunc-normal(0.02)."""
+    torch.manual_seed(0)
+    conn = build_connector("c_abstractor", 64, 96, num_queries=16, hidden_size=128, pos_grid=8)
+    for name, m in conn.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert abs(m.weight.std().item() - 0.02) < 0.006 and abs(m.weight.mean().item()) < 0.005, name
+            assert m.bias is None or not m.bias.any(), name
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert bool((m.weight == 1).all()) and not m.bias.any(), name
+    assert abs(conn.pos_emb.std().item() - 0.02) < 0.002
+
+
+def tokenpacker_reference(conn, x: torch.Tensor, raw_grid: int, s: int) -> torch.Tensor:
+    """CircleRadon/TokenPacker ``llava/model/multimodal_projector/builder.py`` ``TokenPacker.forward`` with the keys'
+    features equal to the queries' (one level), sequence-first as there, its ``divide_feature`` verbatim, and
+    ``nn.MultiheadAttention`` written out (in-projection, per-head softmax(q k^T / sqrt(d)) v, out-projection)."""
+    p = dict(conn.named_parameters())
+    E, H = conn.attn.embed_dim, conn.attn.num_heads
+
+    def ln(t, name):
+        return F.layer_norm(t, (E,), p[f"{name}.weight"], p[f"{name}.bias"], eps=1e-6)
+
+    def mlp(t, name):
+        return F.linear(F.gelu(F.linear(t, p[f"{name}.0.weight"], p[f"{name}.0.bias"])), p[f"{name}.2.weight"],
+                        p[f"{name}.2.bias"])  # fmt: skip
+
+    def divide_feature(x, kernel_size, token_num, N, c):  # the reference's, line for line
+        h = w = int(token_num**0.5)
+        reshape_x = x.reshape(h, w, N, c).reshape(h // kernel_size, kernel_size, w, N, c)
+        reshape_x = reshape_x.permute(0, 2, 1, 3, 4)
+        reshape_x = reshape_x.reshape(h // kernel_size, w // kernel_size, kernel_size, kernel_size, N, c)
+        reshape_x = reshape_x.permute(0, 1, 3, 2, 4, 5).reshape(h // kernel_size, w // kernel_size,
+                                                                kernel_size * kernel_size, N, c)  # fmt: skip
+        reshape_x = reshape_x.permute(2, 0, 1, 3, 4).reshape(kernel_size * kernel_size, -1, c)
+        return reshape_x
+
+    key = ln(mlp(x, "k_proj"), "ln_k").permute(1, 0, 2)
+    value = ln(mlp(x, "v_proj"), "ln_v").permute(1, 0, 2)
+    token_num, N, c = key.shape
+    g = raw_grid // s
+    q = F.interpolate(x.reshape(N, raw_grid, raw_grid, -1).permute(0, 3, 1, 2), size=(g, g), mode="bilinear")
+    q = q.permute(0, 2, 3, 1).reshape(N, g * g, -1)
+    query = ln(F.linear(q, p["q_proj.weight"]), "ln_q").permute(1, 0, 2)
+    rq = divide_feature(query, 1, g * g, N, c)  # (1, g*g*N, E)
+    rk, rv = divide_feature(key, s, token_num, N, c), divide_feature(value, s, token_num, N, c)  # (s*s, g*g*N, E)
+    wq, wk, wv = p["attn.in_proj_weight"].chunk(3)
+    bq, bk, bv = p["attn.in_proj_bias"].chunk(3)
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], H, E // H).permute(1, 2, 0, 3)  # (batch, H, L, d)  # noqa: E731
+    qh, kh, vh = heads(F.linear(rq, wq, bq)), heads(F.linear(rk, wk, bk)), heads(F.linear(rv, wv, bv))
+    att = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(E // H), dim=-1)
+    out = (att @ vh).permute(2, 0, 1, 3).reshape(1, -1, E)  # (1, g*g*N, E)
+    out = F.linear(out, p["attn.out_proj.weight"], p["attn.out_proj.bias"])
+    out = out.reshape(g * g, N, -1).permute(1, 0, 2)
+    return mlp(out, "mlp")
+
+
+@pytest.mark.parametrize("grid,s", [(8, 2), (6, 3), (24, 2)])
+def test_tokenpacker_computes_the_reference_forward(grid, s):
+    """Every weight set to known values; the tokens equal the reference's forward (its region split, its order of the
+    coarse queries, the attention written out) at s = 2 and 3."""
+    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4).eval()
+    randomise(conn, seed=1)
+    f = feats(B=2, h=grid, w=grid, cls=False)
+    with torch.no_grad():
+        torch.testing.assert_close(conn(f).tokens, tokenpacker_reference(conn, f.patches, grid, s), rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
