@@ -37,8 +37,10 @@ def stages(s1: dict[str, Any] | None = None, s2: dict[str, Any] | None = None) -
 #: name -> (connector spec, stages). The recipe's own rates: 2e-3 for connector and LLM in both stages.
 VARIANTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "linear": ({"name": "linear"}, stages()),
+    "linear/no-stage1": ({"name": "linear"}, stages({"steps": 0})),
     "ldpv2": ({"name": "ldpv2"}, stages()),
     "mlp2x_gelu": ({"name": "mlp2x_gelu"}, stages()),
+    "ldpv2/no-stage1": ({"name": "ldpv2"}, stages({"steps": 0})),
     "c_abstractor": ({"name": "c_abstractor"}, stages()),
     "c_abstractor/no-pos": ({"name": "c_abstractor", "pos_emb": False}, stages()),
     "c_abstractor/depth0": ({"name": "c_abstractor", "depth": 0}, stages()),
@@ -46,7 +48,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "c_abstractor/hidden1024": ({"name": "c_abstractor", "hidden_size": 1024}, stages()),
     "c_abstractor/conn-lr2e-4": ({"name": "c_abstractor"}, stages({"lr": 2e-4}, {"connector_lr": 2e-4})),
     "c_abstractor/wd0.01": ({"name": "c_abstractor"}, stages({"weight_decay": 0.01}, {"weight_decay": 0.01})),
+    "c_abstractor/no-stage1": ({"name": "c_abstractor"}, stages({"steps": 0})),
+    "c_abstractor/stage1-lr2e-4": ({"name": "c_abstractor"}, stages({"lr": 2e-4})),
     "tokenpacker": ({"name": "tokenpacker"}, stages()),
+    "tokenpacker/no-stage1": ({"name": "tokenpacker"}, stages({"steps": 0})),
+    "tokenpacker/stage1-lr2e-4": ({"name": "tokenpacker"}, stages({"lr": 2e-4})),
     "tokenpacker/conn-lr2e-4": ({"name": "tokenpacker"}, stages({"lr": 2e-4}, {"connector_lr": 2e-4})),
     "tokenpacker/embed1024": ({"name": "tokenpacker", "embed_dim": 1024, "num_heads": 8}, stages()),
 }

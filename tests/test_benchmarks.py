@@ -28,3 +28,23 @@ def test_connector_probe_reads_a_linear_attribute_and_not_noise():
     coded[torch.arange(600), 5 + code] += 4  # each colour raises a feature of its own
     assert probe(coded[:400], labels[:400], coded[400:], labels[400:], steps=200) > 0.95
     assert probe(noise[:400], labels[:400], noise[400:], labels[400:], steps=200) < 0.5
+
+
+def test_shared_probe_tells_a_position_invariant_code_from_a_position_dependent_one():
+    """One object per sample at a random one of 4 tokens. Coded the same way at every token, the shared probe (one
+    classifier for all tokens) reads the colour; coded by a feature that depends on the token (colour c at token t
+    raises feature (c + t) mod 3: the same feature means another colour at another token), the flattened probe
+    still reads it and the shared one cannot do much better than
+    chance."""
+    probe = load("connector_probe").probe
+    g = torch.Generator().manual_seed(1)
+    n, colours = 900, ["red", "green", "blue"]
+    labels = [colours[i % 3] for i in range(n)]
+    code, where = torch.tensor([i % 3 for i in range(n)]), torch.randint(0, 4, (n,), generator=g)
+    same, moved = torch.randn(n, 4, 16, generator=g) * 0.3, torch.randn(n, 4, 16, generator=g) * 0.3
+    same[torch.arange(n), where, code] += 3.0
+    moved[torch.arange(n), where, (code + where) % 3] += 3.0
+    tr, te = slice(0, 600), slice(600, n)
+    assert probe(same[tr], labels[tr], same[te], labels[te], steps=300) > 0.95
+    assert probe(moved[tr].flatten(1), labels[tr], moved[te].flatten(1), labels[te], steps=300) > 0.95
+    assert probe(moved[tr], labels[tr], moved[te], labels[te], steps=300) < 0.6
