@@ -37,6 +37,7 @@ def stages(s1: dict[str, Any] | None = None, s2: dict[str, Any] | None = None) -
 #: name -> (connector spec, stages). The recipe's own rates: 2e-3 for connector and LLM in both stages.
 VARIANTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "linear": ({"name": "linear"}, stages()),
+    "linear/s2-conn-lr2e-5": ({"name": "linear"}, stages(None, {"connector_lr": 2e-5})),
     "linear/no-stage1": ({"name": "linear"}, stages({"steps": 0})),
     "ldpv2": ({"name": "ldpv2"}, stages()),
     "mlp2x_gelu": ({"name": "mlp2x_gelu"}, stages()),
@@ -50,9 +51,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "c_abstractor/wd0.01": ({"name": "c_abstractor"}, stages({"weight_decay": 0.01}, {"weight_decay": 0.01})),
     "c_abstractor/no-stage1": ({"name": "c_abstractor"}, stages({"steps": 0})),
     "c_abstractor/stage1-lr2e-4": ({"name": "c_abstractor"}, stages({"lr": 2e-4})),
+    # the connector as initialised, never trained (no stage 1; stage 2 trains the LLM, the connector at 1e-9)
+    # the papers' stage-2 rate for the connector (LLaVA-1.5, Honeybee, TokenPacker: 2e-5), the world LLM at 2e-3
+    "c_abstractor/s2-conn-lr2e-5": ({"name": "c_abstractor"}, stages(None, {"connector_lr": 2e-5})),
+    "c_abstractor/honeybee-rates": ({"name": "c_abstractor"}, stages({"lr": 1e-4}, {"connector_lr": 2e-5})),
+    "c_abstractor/frozen": ({"name": "c_abstractor"}, stages({"steps": 0}, {"connector_lr": 1e-9})),
     "tokenpacker": ({"name": "tokenpacker"}, stages()),
     "tokenpacker/no-stage1": ({"name": "tokenpacker"}, stages({"steps": 0})),
     "tokenpacker/stage1-lr2e-4": ({"name": "tokenpacker"}, stages({"lr": 2e-4})),
+    "tokenpacker/s2-conn-lr2e-5": ({"name": "tokenpacker"}, stages(None, {"connector_lr": 2e-5})),
+    "tokenpacker/tokenpacker-rates": ({"name": "tokenpacker"}, stages({"lr": 1e-3}, {"connector_lr": 2e-5})),
+    "tokenpacker/frozen": ({"name": "tokenpacker"}, stages({"steps": 0}, {"connector_lr": 1e-9})),
     "tokenpacker/conn-lr2e-4": ({"name": "tokenpacker"}, stages({"lr": 2e-4}, {"connector_lr": 2e-4})),
     "tokenpacker/embed1024": ({"name": "tokenpacker", "embed_dim": 1024, "num_heads": 8}, stages()),
 }
@@ -74,7 +83,7 @@ def summary(name: str, run_dir: Path, world: World) -> dict[str, Any]:
     res = read_json(run_dir / "results.json")
     test = res["metrics"]["test"]["accuracy"]
     per = test["per_type"]
-    losses = [round(statistics.mean(x["loss"] for x in h[-100:]), 3) for h in res["loss_history"]]
+    losses = [round(statistics.mean(x["loss"] for x in h[-100:]), 3) if h else None for h in res["loss_history"]]
     return {"variant": name, "test": round(100 * test["exact_match"], 1),
             **{k: round(100 * per[k], 1) for k in ("colour", "shape", "size", "count", "position")},
             "loss_last100": losses, **token_norms(run_dir, world)}  # fmt: skip

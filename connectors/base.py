@@ -35,12 +35,24 @@ class ConnectorOutput:
         return ConnectorOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
 
+#: LLaVA-1.5's projector rates (stage 1 feature alignment, stage 2 instruction tuning), the default of ``paper_lr``
+PAPER_LR: dict[int, float] = {1: 2e-3, 2: 2e-5}
+
+
+def paper_lr(connector: nn.Module, stage: int) -> float:
+    """The rate ``connector``'s paper trains it with in ``stage`` (LLaVA-1.5's where the paper does not differ)."""
+    return {**PAPER_LR, **getattr(connector, "paper_lr", {})}[stage]
+
+
 class Connector(nn.Module):
     """Base class of every connector: ``Connector(in_dim, out_dim, **settings)(features) -> ConnectorOutput``."""
 
     registered_name: str = ""
     #: the encoder must return ``cls_attention`` (FasterVLM-style pruning)
     needs_cls_attention: bool = False
+    #: the connector's learning rate per training stage as its paper trains it, where it differs from LLaVA-1.5's
+    #: projector (stage 1 2e-3, stage 2 2e-5; ``PAPER_LR``); a recipe stage with ``connector_lr="paper"`` uses it
+    paper_lr: dict[int, float] = {}
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

@@ -72,6 +72,8 @@ class CAbstractor(Connector):
 
     #: tests and the CPU mini world (8x8 patches -> 4x4 tokens, the paper's 576 -> 144 ratio); defaults are the paper's
     small_settings = dict(num_queries=16, hidden_size=128, pos_grid=8)
+    #: Honeybee's pretrain.yaml (the abstractor alone) and finetune.yaml (abstractor + LLM)
+    paper_lr = {1: 1e-4, 2: 2e-5}
 
     def __init__(self, in_dim: int, out_dim: int, num_queries: int = 144, depth: int = 3, mlp_depth: int = 2,
                  hidden_size: int = 1024, pos_emb: bool = True, pos_grid: int = 24):  # fmt: skip

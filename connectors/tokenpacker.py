@@ -49,6 +49,8 @@ class TokenPacker(Connector):
 
     #: tests and the CPU mini world (the defaults are the paper's real size)
     small_settings = dict(embed_dim=128, num_heads=4)
+    #: scripts/v1_5/pretrain.sh and finetune.sh
+    paper_lr = {1: 1e-3, 2: 2e-5}
 
     def __init__(self, in_dim: int, out_dim: int, scale_factor: int = 2, embed_dim: int = 1024, num_heads: int = 8):
         super().__init__(in_dim, out_dim)

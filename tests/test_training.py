@@ -13,8 +13,11 @@ from accelerate.utils import convert_outputs_to_fp32
 from conftest import CONV_A, CONV_B, MICRO, batch, bench, images
 
 from bench.model.vlm import VLM, VLMOutput
+from bench.train.config import RECIPES
 from bench.train.precision import resolve_backbone_dtype, resolve_precision
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
+from connector_zoo.settings import SettingError
+from connectors import CONNECTORS
 
 
 def tiny_vlm(llm: str = "tinyllama", **llm_settings) -> VLM:
@@ -84,6 +87,24 @@ def test_connector_learning_rate_is_its_own_group():
     by_name = {g["name"]: g for g in groups}
     assert by_name["connector"]["lr"] == 2e-5 and by_name["llm"]["lr"] == 2e-4
     assert {id(p) for p in by_name["connector"]["params"]} == {id(p) for p in vlm.connector.parameters()}
+
+
+@pytest.mark.parametrize("connector,rates", [("mlp2x_gelu", (2e-3, 2e-5)), ("c_abstractor", (1e-4, 2e-5)),
+                                             ("tokenpacker", (1e-3, 2e-5))])  # fmt: skip
+def test_paper_connector_rate_is_the_papers_per_stage(connector, rates):
+    """``connector_lr="paper"`` (recipe ``mini-paper-rates``): LLaVA-1.5's projector rates (2e-3 / 2e-5), Honeybee's
+    pretrain / finetune yaml for the C-Abstractor (1e-4 / 2e-5), TokenPacker's scripts (1e-3 / 2e-5); the LLM keeps
+    the stage's ``lr``."""
+    torch.manual_seed(0)
+    vlm = VLM.build({"name": "clip"}, {"name": connector, **CONNECTORS.get(connector).small_settings} if connector
+                    != "mlp2x_gelu" else {"name": connector}, {"name": "tinyllama"})  # fmt: skip
+    for stage, rate in zip((1, 2), rates):
+        cfg = StageConfig(stage=stage, lr=2e-3, connector_lr="paper")
+        by_name = {g["name"]: g["lr"] for g in parameter_groups(vlm, set_trainable(vlm, cfg), cfg)}
+        assert by_name["connector"] == rate and by_name.get("llm", 2e-3) == 2e-3
+    assert [s["connector_lr"] for s in RECIPES["mini-paper-rates"]] == ["paper", "paper"]
+    with pytest.raises(SettingError, match="connector_lr"):
+        StageConfig(stage=2, connector_lr="papers")
 
 
 def test_global_batch_sets_the_accumulation():

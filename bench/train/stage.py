@@ -12,6 +12,7 @@ import torch
 from bench.model.vlm import VLM
 from bench.train.precision import upcast_trainable
 from connector_zoo.settings import check, check_choice
+from connectors.base import paper_lr
 
 
 @dataclass
@@ -41,8 +42,9 @@ class StageConfig:
     #: recompute the LLM's activations in the backward pass (less memory, ~1/3 more compute); the LLM's own
     #: transformers gradient checkpointing, non-reentrant, so a frozen LLM still passes gradients to the connector
     gradient_checkpointing: bool = False
-    #: the connector's learning rate when it differs from ``lr`` (LLaVA-1.5 LoRA: lr 2e-4, projector 2e-5)
-    connector_lr: float | None = None
+    #: the connector's learning rate when it differs from ``lr`` (LLaVA-1.5 LoRA: lr 2e-4, projector 2e-5), or
+    #: "paper": the rate the connector's paper trains it with in this stage (``Connector.paper_lr``)
+    connector_lr: float | str | None = None
     #: LoRA adapters on the LLM in a stage that trains it (``r``, ``alpha``, ``dropout``, ``targets``), or None
     lora: dict[str, Any] | None = None
 
@@ -55,7 +57,8 @@ class StageConfig:
             check(who, name, getattr(self, name), int, lo=1)
         check(who, "global_batch", self.global_batch, int, lo=1, optional=True)
         check(who, "lr", self.lr, float, lo=0, lo_open=True)
-        check(who, "connector_lr", self.connector_lr, float, lo=0, lo_open=True, optional=True)
+        if self.connector_lr != "paper":
+            check(who, "connector_lr", self.connector_lr, float, lo=0, lo_open=True, optional=True)
         check(who, "weight_decay", self.weight_decay, float, lo=0)
         check(who, "warmup_ratio", self.warmup_ratio, float, lo=0, hi=1)
         check(who, "min_lr_ratio", self.min_lr_ratio, float, lo=0, hi=1)
@@ -112,8 +115,10 @@ def set_trainable(vlm: VLM, cfg: StageConfig) -> list[torch.nn.Parameter]:
 
 
 def parameter_groups(vlm: VLM, params: list[torch.nn.Parameter], cfg: StageConfig) -> list[dict[str, Any]]:
-    """One AdamW group for the connector (at ``connector_lr`` when set) and one for the rest (LLM or adapters)."""
+    """One AdamW group for the connector (at ``connector_lr`` when set; "paper": its paper's rate for this stage) and
+    one for the rest (LLM or adapters)."""
     own = {id(p) for p in vlm.connector.parameters()}
-    groups = [{"params": [p for p in params if id(p) in own], "lr": cfg.connector_lr or cfg.lr, "name": "connector"},
+    rate = paper_lr(vlm.connector, cfg.stage) if cfg.connector_lr == "paper" else cfg.connector_lr or cfg.lr
+    groups = [{"params": [p for p in params if id(p) in own], "lr": rate, "name": "connector"},
               {"params": [p for p in params if id(p) not in own], "lr": cfg.lr, "name": "llm"}]  # fmt: skip
     return [g for g in groups if g["params"]]
