@@ -15,7 +15,8 @@ lost in the connector's training; one that the tokens still carry and the VLM st
 Two probes per point: ``probe`` (one weight per token position, on the flattened tokens) and ``shared_probe`` (one
 classifier shared by all tokens, logits pooled over them): an attribute can stay readable per position while its
 code has come to depend on where the object is, which the shared probe shows and an LLM reading every visual token
-with the same weights suffers from (issue 31: c_abstractor's colour, 91 % flattened, 48 % shared).
+with the same weights suffers from (issue 31: c_abstractor's colour, 91 % flattened, 48 % shared). ``--inside``
+adds the shared probe at every module of the trained connector, in call order: where inside it an attribute is lost.
 """
 
 from __future__ import annotations
@@ -73,6 +74,39 @@ def features(vlm: VLM, world: World, split: str, idx: list[int]):
                                  for s in range(0, len(idx), 256)])  # fmt: skip
 
 
+def inside(conn, features, depth: int = 3) -> dict[str, torch.Tensor]:
+    """What each of the connector's modules (names of up to ``depth`` parts) outputs on ``features``, as (B, T, C)
+    tokens in call order, and the connector's own ``tokens`` last. Feature maps (B, C, h, w) become their pixels;
+    an output whose first axis folds regions into the batch (B * G, ...) is unfolded; other outputs are left out."""
+    B, caught = features.batch_size, {}
+
+    def hook(name):
+        def catch(module, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if isinstance(t, torch.Tensor) and t.dim() in (3, 4) and t.shape[0] % B == 0:
+                t = t.flatten(2).transpose(1, 2) if t.dim() == 4 else t
+                caught[name] = t.reshape(B, -1, t.shape[-1]).float()
+
+        return catch
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in conn.named_modules() if n and n.count(".") < depth]
+    try:
+        with torch.no_grad():
+            caught["tokens"] = conn.eval()(features).tokens.float()
+    finally:
+        for h in handles:
+            h.remove()
+    return caught
+
+
+def measure_inside(conn, train: tuple, test: tuple, steps: int) -> list[dict]:
+    """The shared probe and the mean token norm at each module's output (``inside``): where an attribute is lost."""
+    a, b = inside(conn, train[0]), inside(conn, test[0])
+    return [{"module": name, "token_norm": round(b[name].norm(dim=-1).mean().item(), 2),
+             "shared_probe": {k: round(probe(a[name], train[1][k], b[name], test[1][k], steps), 3) for k in ATTRIBUTES}}
+            for name in a]  # fmt: skip
+
+
 def measure(conn, train: tuple, test: tuple, steps: int) -> dict:
     """The mean norm of ``conn``'s test tokens and the probe's accuracy per attribute on its flattened tokens;
     ``train`` and ``test`` are (encoder features, {attribute: values})."""
@@ -83,7 +117,7 @@ def measure(conn, train: tuple, test: tuple, steps: int) -> dict:
     return {"token_norm": round(t_te.norm(dim=-1).mean().item(), 2), "probe": acc, "shared_probe": shared}
 
 
-def probe_run(run_dir: Path, n_train: int, steps: int) -> None:
+def probe_run(run_dir: Path, n_train: int, steps: int, modules: bool = False) -> None:
     """Print the encoder's probe and the connector's at each point of one run (JSON lines)."""
     cfg = RunConfig.from_file(run_dir / "config.json")
     world = World(WorldConfig(**cfg.data.get("world", {})), progress=False)
@@ -112,6 +146,10 @@ def probe_run(run_dir: Path, n_train: int, steps: int) -> None:
     points["trained"] = trained
     for name, point in points.items():
         print(json.dumps({"point": name, **point}), flush=True)
+    if modules:  # the trained connector, module by module
+        vlm.load_connector(run_dir)
+        for line in measure_inside(vlm.connector, train, test, steps):
+            print(json.dumps({"point": "trained, inside", **line}), flush=True)
 
 
 def main() -> None:
@@ -119,9 +157,10 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--train", type=int, default=3000, help="single-object training images for the probe")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--inside", action="store_true", help="also probe each module of the trained connector")
     args = ap.parse_args()
     for run_dir in args.runs:
-        probe_run(run_dir, args.train, args.steps)
+        probe_run(run_dir, args.train, args.steps, args.inside)
 
 
 if __name__ == "__main__":

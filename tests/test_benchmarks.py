@@ -48,3 +48,26 @@ def test_shared_probe_tells_a_position_invariant_code_from_a_position_dependent_
     assert probe(same[tr], labels[tr], same[te], labels[te], steps=300) > 0.95
     assert probe(moved[tr].flatten(1), labels[tr], moved[te].flatten(1), labels[te], steps=300) > 0.95
     assert probe(moved[tr], labels[tr], moved[te], labels[te], steps=300) < 0.6
+
+
+def test_inside_gives_each_module_output_as_tokens_in_call_order():
+    """c_abstractor's blocks as pixels of their maps (8x8 before the pooling, 2x2 after), its readout, and the
+    connector's tokens last; tokenpacker's attention, run on regions folded into the batch, unfolded to one row per
+    query (the input of its MLP)."""
+    from connectors import build_connector
+    from encoders.base import VisionFeatures
+
+    inside = load("connector_probe").inside
+    f = VisionFeatures(torch.randn(3, 64, 16), torch.randn(3, 16), (8, 8))
+    torch.manual_seed(0)
+    conn = build_connector("c_abstractor", 16, 8, num_queries=4, hidden_size=12, depth=2, pos_grid=8)
+    out = inside(conn, f)
+    names = list(out)
+    assert names.index("net.0.b1") < names.index("net.1") < names.index("net.2.b2") < names.index("readout.0")
+    assert out["net.0.b2"].shape == (3, 64, 12) and out["net.1"].shape == (3, 4, 12) and names[-1] == "tokens"
+    torch.testing.assert_close(out["tokens"], conn(f).tokens)
+    torch.testing.assert_close(out["readout.0"], conn.readout[0](out["net.2.b2"]))
+    tp = build_connector("tokenpacker", 16, 8, embed_dim=32, num_heads=4)
+    out = inside(tp, f)
+    assert out["attn"].shape == (3, 16, 32)
+    torch.testing.assert_close(tp.mlp(out["attn"]), out["tokens"])
