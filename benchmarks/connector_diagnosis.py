@@ -1,5 +1,6 @@
 """Issue 31's experiments: what makes ``c_abstractor`` and ``tokenpacker`` lose the objects' attributes on the mini
-world. One seed per variant, each a normal run directory (``bench report`` reads them).
+world. One seed per variant, each a normal run directory (``bench report`` reads them, but puts the variants of
+one connector in one row: read them with this script).
 
     python benchmarks/connector_diagnosis.py --out sweeps/diagnosis [--seed 0] VARIANT [VARIANT ...]
     python benchmarks/connector_diagnosis.py --list
@@ -8,12 +9,15 @@ A variant is a connector spec (name and settings) plus overrides of the ``mini``
 connector's own learning rate, weight decay, ...), named in ``VARIANTS`` below. Each prints one JSON line: test
 accuracy, colour / shape / size / count / position, the last 100 steps' mean loss of each stage, and the mean norm
 of a visual token on 64 test images beside the mean norm of the LLM's text embeddings. A finished variant (its
-``results.json`` exists) is read back, not re-run.
+``results.json``, or the ``results.json.gz`` that ``benchmarks/keep_sweep_record.py`` keeps, exists) is read back,
+not re-run; the README's issue-31 table is ``python benchmarks/connector_diagnosis.py --out sweeps/diagnosis`` with
+its variants, read from the kept records (token norms need the weights, which are not kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 from pathlib import Path
@@ -67,7 +71,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
 }
 
 
-def token_norms(run_dir: Path, world: World) -> dict[str, float]:
+def token_norms(run_dir: Path, world: World) -> dict[str, float | None]:
+    if not (run_dir / "trainable.safetensors").exists():  # a kept record (sweeps/diagnosis): results only
+        return {"token_norm": None, "text_norm": None}
     vlm = VLM.load(run_dir).eval()
     images = [world.image("test", i) for i in range(64)]
     with torch.no_grad():
@@ -80,7 +86,12 @@ def token_norms(run_dir: Path, world: World) -> dict[str, float]:
 
 
 def summary(name: str, run_dir: Path, world: World) -> dict[str, Any]:
-    res = read_json(run_dir / "results.json")
+    kept = run_dir / "results.json.gz"
+    res = (
+        read_json(run_dir / "results.json")
+        if (run_dir / "results.json").exists()
+        else json.loads(gzip.decompress(kept.read_bytes()))
+    )
     test = res["metrics"]["test"]["accuracy"]
     per = test["per_type"]
     losses = [round(statistics.mean(x["loss"] for x in h[-100:]), 3) if h else None for h in res["loss_history"]]
@@ -106,7 +117,7 @@ def main() -> None:
     for name in args.variants:
         spec, stage_list = VARIANTS[name]
         run_dir = args.out / f"{name.replace('/', '--')}--s{args.seed}"
-        if not (run_dir / "results.json").exists():
+        if not any((run_dir / f).exists() for f in ("results.json", "results.json.gz")):
             cfg = RunConfig(connector=dict(spec), llm={"name": "tinyllama"}, recipe="mini", stages=stage_list,
                             seed=args.seed)  # fmt: skip
             run(cfg, run_dir, log=lambda message: None)
