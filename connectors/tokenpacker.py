@@ -20,8 +20,8 @@ computes the reference's forward (its ``divide_feature`` verbatim, the attention
 - *Grids s does not divide*: padded with zero patches that no query attends to (27x27 at s = 2 -> 14x14 queries,
   196 tokens); the reference refuses such grids.
 - *Training recipe* (the harness's): TokenPacker pre-trains the projector at lr 1e-3 (LLaVA: 2e-3), no weight decay,
-  3 % warm-up, cosine, batch 256, then fine-tunes projector + LLM at 2e-5 like LLaVA-1.5; the zoo's recipes use
-  LLaVA's rates for every connector.
+  3 % warm-up, cosine, batch 256, then fine-tunes projector + LLM at 2e-5 like LLaVA-1.5. The mini world's ``mini``
+  recipe trains every connector at 2e-3 in both stages; ``mini-paper-rates`` takes 1e-3 / 2e-5 from ``paper_lr``.
 """
 
 from __future__ import annotations
