@@ -17,7 +17,6 @@ its variants, read from the kept records (token norms need the weights, which ar
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 from pathlib import Path
@@ -27,9 +26,9 @@ import torch
 
 from bench.data.world import World, WorldConfig
 from bench.model.vlm import VLM
+from bench.report.tables import load_runs, results_files
 from bench.run.job import run
 from bench.train.config import RECIPES, RunConfig
-from connector_zoo.io import read_json
 
 MINI = RECIPES["mini"]
 
@@ -55,10 +54,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "c_abstractor/wd0.01": ({"name": "c_abstractor"}, stages({"weight_decay": 0.01}, {"weight_decay": 0.01})),
     "c_abstractor/no-stage1": ({"name": "c_abstractor"}, stages({"steps": 0})),
     "c_abstractor/stage1-lr2e-4": ({"name": "c_abstractor"}, stages({"lr": 2e-4})),
-    # the connector as initialised, never trained (no stage 1; stage 2 trains the LLM, the connector at 1e-9)
     # the papers' stage-2 rate for the connector (LLaVA-1.5, Honeybee, TokenPacker: 2e-5), the world LLM at 2e-3
     "c_abstractor/s2-conn-lr2e-5": ({"name": "c_abstractor"}, stages(None, {"connector_lr": 2e-5})),
     "c_abstractor/honeybee-rates": ({"name": "c_abstractor"}, stages({"lr": 1e-4}, {"connector_lr": 2e-5})),
+    # the connector as initialised, never trained (no stage 1; stage 2 trains the LLM, the connector at 1e-9)
     "c_abstractor/frozen": ({"name": "c_abstractor"}, stages({"steps": 0}, {"connector_lr": 1e-9})),
     "tokenpacker": ({"name": "tokenpacker"}, stages()),
     "tokenpacker/no-stage1": ({"name": "tokenpacker"}, stages({"steps": 0})),
@@ -86,12 +85,7 @@ def token_norms(run_dir: Path, world: World) -> dict[str, float | None]:
 
 
 def summary(name: str, run_dir: Path, world: World) -> dict[str, Any]:
-    kept = run_dir / "results.json.gz"
-    res = (
-        read_json(run_dir / "results.json")
-        if (run_dir / "results.json").exists()
-        else json.loads(gzip.decompress(kept.read_bytes()))
-    )
+    res = load_runs([run_dir])[0]  # results.json, or the results.json.gz a kept record holds
     test = res["metrics"]["test"]["accuracy"]
     per = test["per_type"]
     losses = [round(statistics.mean(x["loss"] for x in h[-100:]), 3) if h else None for h in res["loss_history"]]
@@ -117,7 +111,7 @@ def main() -> None:
     for name in args.variants:
         spec, stage_list = VARIANTS[name]
         run_dir = args.out / f"{name.replace('/', '--')}--s{args.seed}"
-        if not any((run_dir / f).exists() for f in ("results.json", "results.json.gz")):
+        if not results_files(run_dir):
             cfg = RunConfig(connector=dict(spec), llm={"name": "tinyllama"}, recipe="mini", stages=stage_list,
                             seed=args.seed)  # fmt: skip
             run(cfg, run_dir, log=lambda message: None)

@@ -15,7 +15,7 @@ lost in the connector's training; one that the tokens still carry and the VLM st
 Two probes per point: ``probe`` (one weight per token position, on the flattened tokens) and ``shared_probe`` (one
 classifier shared by all tokens, logits pooled over them): an attribute can stay readable per position while its
 code has come to depend on where the object is, which the shared probe shows and an LLM reading every visual token
-with the same weights suffers from (issue 31: c_abstractor's colour, 91 % flattened, 48 % shared). ``--inside``
+with the same weights suffers from (issue 31: c_abstractor's trained colour, 84 % flattened, 34 % shared). ``--inside``
 adds the shared probe at every module of the trained connector, in call order: where inside it an attribute is lost.
 """
 

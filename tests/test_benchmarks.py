@@ -34,8 +34,7 @@ def test_shared_probe_tells_a_position_invariant_code_from_a_position_dependent_
     """One object per sample at a random one of 4 tokens. Coded the same way at every token, the shared probe (one
     classifier for all tokens) reads the colour; coded by a feature that depends on the token (colour c at token t
     raises feature (c + t) mod 3: the same feature means another colour at another token), the flattened probe
-    still reads it and the shared one cannot do much better than
-    chance."""
+    still reads it and the shared one cannot do much better than chance."""
     probe = load("connector_probe").probe
     g = torch.Generator().manual_seed(1)
     n, colours = 900, ["red", "green", "blue"]
