@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from connector_zoo.settings import check_choice
-from encoders.base import EncoderInfo, VisionFeatures
+from encoders.base import EncoderInfo, FeatureRequest, VisionFeatures
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Connector(nn.Module):
     """Base class of every connector: ``Connector(in_dim, out_dim, **settings)(features) -> ConnectorOutput``."""
 
     registered_name: str = ""
-    #: the encoder must return ``cls_attention`` (FasterVLM-style pruning)
+    #: the encoder must return ``cls_attention`` (FasterVLM-style pruning); ``feature_request`` says the rest
     needs_cls_attention: bool = False
     #: the connector's learning rate per training stage as its paper trains it, where it differs from LLaVA-1.5's
     #: projector (stage 1 2e-3, stage 2 2e-5; ``PAPER_LR``); a recipe stage with ``connector_lr="paper"`` uses it
@@ -59,6 +59,12 @@ class Connector(nn.Module):
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.spec: dict[str, Any] = {"name": self.registered_name}
+
+    @property
+    def feature_request(self) -> FeatureRequest:
+        """What this connector needs of the encoder beyond the selected layer (CLS attention, further layers,
+        attention keys); the encoder computes, and the feature cache stores, exactly that."""
+        return FeatureRequest(cls_attention=self.needs_cls_attention)
 
     def forward(self, features: VisionFeatures) -> ConnectorOutput:
         raise NotImplementedError

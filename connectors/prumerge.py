@@ -1,16 +1,20 @@
 """``prumerge``: LLaVA-PruMerge's adaptive pruning and merging (Shang et al. 2024, arXiv 2403.15388;
 42Shawn/LLaVA-PruMerge ``clip_encoder.py``, ``token_prune_merge_advanced``), training-free, before a projector.
 
-    a       = the CLS attention over the N patches (head mean here; see below)
+    q, K    = the CLS query and the keys (full width C, heads concatenated) of the block that reads the selected
+              layer (the reference's hooks on ``layers[23].self_attn.q_proj`` / ``k_proj`` with layer -2)
+    a       = softmax(q [k_CLS; K]^T / sqrt(C))[1:]   one full-width attention row over the N patches
     ratio   = |{i : a_i > Q3 + 1.5 IQR}| / N       the IQR outlier rule (``adaptive``; else ``keep_ratio``, 1/8)
     keep    = the top int(N * ratio) patches by a, in score order (descending), as the reference
-    kept_i  = x_i + sum over its ``neighbours`` (32) most similar other patches j (cosine) of a_j x_j
+    kept_i  = x_i + sum over its ``neighbours`` (32) most similar other patches j (cosine of keys) of a_j x_j
     extra   = sum over the pruned patches j of a_j x_j                 one more token
     tokens  = inner([kept; extra])                  int(N * ratio) + 1 tokens, different per image (masked)
 
-Quartiles are numpy's linear interpolation (``torch.quantile``), per image. Differences, named: the reference scores
-with a single full-width attention of CLIP's last layer and measures similarity on that layer's keys; the encoder
-contract here gives the selected layer's per-head CLS attention (averaged) and its output features, used instead.
+x are the selected layer's patch tokens. Quartiles are numpy's linear interpolation (``torch.quantile``), per image
+(the reference's ``np.percentile`` runs over the whole batch at once; per image, a sample's tokens do not depend on
+its batch-mates). ``keys=False``: the selected layer's per-head CLS attention (mean over heads) scores and its output
+features measure similarity (what this project did before the encoder contract carried keys, and what an encoder
+with no keys or no CLS token, such as SigLIP, allows).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from connector_zoo.settings import check
 from connectors import register
 from connectors.base import ConnectorOutput
 from connectors.reduce import Reducer
-from encoders.base import EncoderInfo, VisionFeatures
+from encoders.base import EncoderInfo, FeatureRequest, VisionFeatures
 
 
 def iqr_outlier_ratio(score: torch.Tensor) -> torch.Tensor:
@@ -37,20 +41,42 @@ class PruMerge(Reducer):
 
     needs_cls_attention = True
 
-    def configure(self, adaptive: bool = True, keep_ratio: float = 0.125, neighbours: int = 32) -> None:
+    def configure(self, adaptive: bool = True, keep_ratio: float = 0.125, neighbours: int = 32,
+                  keys: bool = True) -> None:  # fmt: skip
         check("prumerge", "adaptive", adaptive, bool)
         check("prumerge", "keep_ratio", keep_ratio, float, lo=0, hi=1)
         check("prumerge", "neighbours", neighbours, int, lo=1)
-        self.adaptive, self.keep_ratio, self.neighbours = adaptive, keep_ratio, neighbours
+        check("prumerge", "keys", keys, bool)
+        self.adaptive, self.keep_ratio, self.neighbours, self.keys = adaptive, keep_ratio, neighbours, keys
+
+    @property
+    def feature_request(self) -> FeatureRequest:
+        return FeatureRequest(keys="next") if self.keys else FeatureRequest(cls_attention=True)
+
+    def scores(self, features: VisionFeatures, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a (B, N), the similarity metric (B, N, ·)) as the reference computes them, or the fallback's."""
+        if not self.keys:
+            if features.cls_attention is None:
+                raise ValueError(
+                    "prumerge (keys=False) needs the encoder's CLS-attention scores; this encoder gave none"
+                )
+            return features.cls_attention.to(work).mean(dim=1), features.patches.to(work)
+        if features.keys is None or features.cls_qk is None:
+            raise ValueError("prumerge needs the CLS query and the attention keys of the block after the selected "
+                             "layer (its feature_request); the features carry none (an encoder without keys or "
+                             "without a CLS token, e.g. SigLIP): use keys=False")  # fmt: skip
+        keys = features.keys.to(work).flatten(2)  # (B, N, C): full width, as the reference's k_proj output
+        q, k_cls = features.cls_qk.to(work).flatten(2).unbind(1)
+        logits = torch.cat([(q * k_cls).sum(-1, keepdim=True), (keys @ q[:, :, None])[..., 0]], dim=1)  # (B, 1 + N)
+        return torch.softmax(logits * keys.shape[-1] ** -0.5, dim=1)[:, 1:], keys
 
     def forward(self, features: VisionFeatures) -> ConnectorOutput:
-        if features.cls_attention is None:
-            raise ValueError("prumerge needs the encoder's CLS-attention scores; this encoder gave none")
         x, (B, N) = features.patches, features.patches.shape[:2]
         work = torch.promote_types(x.dtype, torch.float32)  # scores and sums at least in fp32 (bf16 features)
-        score, x = features.cls_attention.to(work).mean(dim=1), x.to(work)
+        score, metric = self.scores(features, work)
+        x = x.to(work)
         ratio = iqr_outlier_ratio(score) if self.adaptive else torch.full((B,), self.keep_ratio, dtype=torch.float64)
-        unit = F.normalize(x, dim=-1)
+        unit = F.normalize(metric, dim=-1)
         out = []
         for b in range(B):
             k = int(N * float(ratio[b]))

@@ -4,14 +4,17 @@ dvlab-research/VisionZip ``visionzip/clip_encoder.py``), training-free, in front
     score      = sum over heads of the CLS attention over the patches (the selected layer's)
     dominant   = [CLS] + the top (dominant - 1) patches by score, in raster order   (no CLS: the top ``dominant``)
     rest       = the other patches, raster order; ``contextual`` targets = rest[0 :: max(1, len(rest) // contextual)]
-    each non-target token joins its most similar target (cosine similarity); a contextual token is
+    metric     = the selected block's attention keys, mean over heads (the reference's ``metric``)
+    each non-target token joins its most similar target (cosine similarity of metrics); a contextual token is
                  target + mean(its members)          (exactly the reference: the target is added, not averaged in)
     tokens     = inner([dominant; contextual])
 
 ``visionzip(model, dominant=54, contextual=10)`` (the reference's README) keeps 64 tokens of 576: 54 dominant (CLS
 included, ``dominant_num = dominant - 1`` patches) and 10 contextual; 191 + 30 = 221 and 108 + 20 = 128 are its
-other settings. One difference, named: the reference measures similarity on the layer's attention *keys* (mean over
-heads); the encoder contract here gives the layer's output features, which are used instead.
+other settings. The similarity is the reference's, on the attention keys of the block that writes the selected layer
+(``layers[-2]``'s ``metric`` there; the encoder gives them through ``feature_request``); ``keys=False`` measures it
+on the layer's output features instead (what this project did before the encoder contract carried keys, and what an
+encoder that gives no keys allows).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from connector_zoo.settings import check
 from connectors import register
 from connectors.base import ConnectorOutput
 from connectors.reduce import Reducer
-from encoders.base import EncoderInfo, VisionFeatures
+from encoders.base import EncoderInfo, FeatureRequest, VisionFeatures
 
 
 @register("visionzip")
@@ -35,10 +38,15 @@ class VisionZip(Reducer):
 
     needs_cls_attention = True
 
-    def configure(self, dominant: int = 54, contextual: int = 10) -> None:
+    def configure(self, dominant: int = 54, contextual: int = 10, keys: bool = True) -> None:
         check("visionzip", "dominant", dominant, int, lo=1)
         check("visionzip", "contextual", contextual, int, lo=0)
-        self.dominant, self.contextual = dominant, contextual
+        check("visionzip", "keys", keys, bool)
+        self.dominant, self.contextual, self.keys = dominant, contextual, keys
+
+    @property
+    def feature_request(self) -> FeatureRequest:
+        return FeatureRequest(cls_attention=True, keys="selected" if self.keys else None)
 
     def counts(self, num_patches: int, has_cls: bool) -> tuple[int, int]:
         """(dominant patches, contextual tokens) for a grid of ``num_patches``."""
@@ -56,11 +64,18 @@ class VisionZip(Reducer):
         parts.append(x[keep].view(B, d, -1))
         if c:
             rest = x[~keep].view(B, x.shape[1] - d, -1)
+            metric = rest
+            if self.keys:
+                if features.keys is None:
+                    raise ValueError("visionzip needs the selected block's attention keys (its feature_request); the "
+                                     "features carry none: use an encoder that gives them, or keys=False")  # fmt: skip
+                metric = features.keys.float().mean(dim=2)[~keep].view(B, x.shape[1] - d, -1)
             step = max(1, rest.shape[1] // c)
             is_target = torch.zeros(rest.shape[1], dtype=torch.bool, device=x.device)
             is_target[torch.arange(0, rest.shape[1], step, device=x.device)[:c]] = True
             targets, members = rest[:, is_target], rest[:, ~is_target]
-            similarity = F.normalize(members.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).transpose(1, 2)
+            unit = F.normalize(metric.float(), dim=-1)
+            similarity = unit[:, ~is_target] @ unit[:, is_target].transpose(1, 2)
             assign = F.one_hot(similarity.argmax(dim=2), c).to(x.dtype)  # (B, members, c)
             counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)
             parts.append(targets + assign.transpose(1, 2) @ members / counts)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 from transformers import AutoImageProcessor
 
 from connector_zoo.hf import load_pretrained, preset_dir, random_geometry
@@ -83,6 +84,25 @@ class HFVisionEncoder(VisionEncoder):
 
     def preprocess_signature(self) -> dict[str, Any]:
         return self.processor.to_dict()
+
+    #: where the blocks may sit in the transformers model (the first that exists: transformers 5 releases differ on
+    #: whether a vision model wraps a ``vision_model``), and each block's attention module
+    blocks_paths = ("vision_model.encoder.layers", "encoder.layers")
+    attention_path = "self_attn"
+
+    def blocks(self) -> nn.ModuleList:
+        for path in self.blocks_paths:
+            try:
+                return self.model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise ValueError(f"{self.registered_name}: no transformer blocks at {' or '.join(self.blocks_paths)} in "
+                         f"{type(self.model).__name__}")  # fmt: skip
+
+    def query_key(self, block: nn.Module, sink: dict[str, torch.Tensor]) -> list:
+        attention = block.get_submodule(self.attention_path)
+        put = lambda name: lambda module, args, out: sink.__setitem__(name, out)  # noqa: E731
+        return [attention.q_proj.register_forward_hook(put("q")), attention.k_proj.register_forward_hook(put("k"))]
 
     def _ensure_eager(self) -> None:
         if self.model.config._attn_implementation != "eager":

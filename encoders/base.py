@@ -2,9 +2,17 @@
 
 An encoder maps a batch of pixel tensors to the features of one *selected layer* (default: the penultimate,
 ``hidden_states[-2]`` in transformers' indexing, before any post-layernorm, as LLaVA-1.5 and Prismatic do), with the
-CLS token kept apart from the N patch tokens, the patch grid (h, w), and on request the CLS-attention scores of that
-same layer (FasterVLM). Encoders are frozen and run under ``torch.no_grad()`` by default, so their features are a pure
-function of (encoder, weights, layer, image, preprocessing): ``cache_key()`` names that function.
+CLS token kept apart from the N patch tokens and the patch grid (h, w). A connector may ask for more with a
+:class:`FeatureRequest` (its ``feature_request``), each computed only when asked:
+
+- ``cls_attention``: the CLS-attention probabilities of the selected layer's block (FasterVLM, VisionZip);
+- ``layers``: the patch tokens of further layers (TokenPacker's multi-level keys: ``hidden_states[12, 16, 22, 23]``);
+- ``keys``: the attention keys of a block (VisionZip, PruMerge measure similarity on them): the key projection's
+  output per head (before any norm or RoPE), of the block that writes the selected layer (``"selected"``) or of the
+  block that reads it (``"next"``), with the CLS token's query and key of that block.
+
+Encoders are frozen and run under ``torch.no_grad()`` by default, so their features are a pure function of (encoder,
+weights, layer, image, preprocessing, request): ``cache_key()`` and ``FeatureRequest.key()`` name that function.
 """
 
 from __future__ import annotations
@@ -20,6 +28,54 @@ import torch
 from PIL import Image
 from torch import nn
 
+KEYS_OF = ("selected", "next")
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """What a connector asks of the encoder besides the selected layer's patches and CLS token.
+
+    cls_attention: the selected block's CLS-attention probabilities (``VisionFeatures.cls_attention``).
+    layers:        more layers (transformers' ``hidden_states`` indexing, negative counts from the end) whose patch
+                   tokens come as ``VisionFeatures.layers`` (B, len(layers), N, Dv), in this order.
+    keys:          None, ``"selected"`` (the block whose output is the selected layer) or ``"next"`` (the block that
+                   reads it): that block's attention keys of the patches per head (``VisionFeatures.keys``
+                   (B, N, H, Dh)) and its CLS query and key (``VisionFeatures.cls_qk`` (B, 2, H, Dh), None without a
+                   CLS token).
+    """
+
+    cls_attention: bool = False
+    layers: tuple[int, ...] = ()
+    keys: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise ValueError(f"FeatureRequest.layers must be integers (hidden_states indices), got {self.layers!r}")
+        if self.keys not in (None, *KEYS_OF):
+            raise ValueError(f"FeatureRequest.keys must be None or one of {', '.join(KEYS_OF)}, got {self.keys!r}")
+
+    @staticmethod
+    def of(value: bool | FeatureRequest | None) -> FeatureRequest:
+        """A request from a request, or from the older ``with_cls_attention`` flag."""
+        return value if isinstance(value, FeatureRequest) else FeatureRequest(cls_attention=bool(value))
+
+    @property
+    def extra(self) -> bool:
+        """Whether it asks for more than the CLS attention (which every family gives through ``_encode``)."""
+        return bool(self.layers) or self.keys is not None
+
+    def key(self, encoder: VisionEncoder) -> str:
+        """The feature cache's name for this request on ``encoder``: the layers and the keyed block resolved to
+        block numbers, so ``-2`` and ``23`` of a 24-block tower share one cache and two different asks never do.
+        ``+attn`` alone for the CLS attention (the name caches had before layers and keys existed)."""
+        parts = ["attn"] if self.cls_attention else []
+        if self.layers:
+            parts.append("layers=" + ",".join(encoder.block_name("layer", i) for i in self.layers))
+        if self.keys is not None:
+            parts.append(f"keys={encoder.block_name('keys', self.keys)}")
+        return "".join("+" + p for p in parts)
+
 
 @dataclass
 class VisionFeatures:
@@ -30,12 +86,21 @@ class VisionFeatures:
     grid:          (h, w) with h * w == N.
     cls_attention: (B, H, N) attention probabilities of the CLS query over the patch keys in the selected layer
                    (for SigLIP: the attention-pooling probe over the final patches), or None if not requested.
+    layers:        (B, L, N, Dv) the patch tokens of the requested further layers, or None.
+    keys:          (B, N, H, Dh) the requested block's attention keys of the patches, per head, or None.
+    cls_qk:        (B, 2, H, Dh) that block's query and key of the CLS token, or None.
     """
 
     patches: torch.Tensor
     cls: torch.Tensor | None
     grid: tuple[int, int]
     cls_attention: torch.Tensor | None = None
+    layers: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    cls_qk: torch.Tensor | None = None
+
+    #: the per-image tensors (every field but the grid), in order
+    TENSORS = ("patches", "cls", "cls_attention", "layers", "keys", "cls_qk")
 
     def __post_init__(self) -> None:
         h, w = self.grid
@@ -46,20 +111,23 @@ class VisionFeatures:
     def batch_size(self) -> int:
         return self.patches.shape[0]
 
+    def _map(self, fn) -> VisionFeatures:
+        return replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
+                                for name in self.TENSORS})  # fmt: skip
+
     def to(self, *args, **kwargs) -> VisionFeatures:
-        move = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
-        return replace(self, patches=move(self.patches), cls=move(self.cls), cls_attention=move(self.cls_attention))
+        return self._map(lambda t: t.to(*args, **kwargs))
 
     def select(self, index) -> VisionFeatures:
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return replace(self, patches=self.patches[index], cls=pick(self.cls), cls_attention=pick(self.cls_attention))
+        return self._map(lambda t: t[index])
 
     @staticmethod
     def stack(items: list[VisionFeatures]) -> VisionFeatures:
         """Batch single-image features (e.g. from the feature cache)."""
         first = items[0]
-        cat = lambda attr: None if getattr(first, attr) is None else torch.cat([getattr(i, attr) for i in items])  # noqa: E731
-        return VisionFeatures(cat("patches"), cat("cls"), first.grid, cat("cls_attention"))
+        fields = {name: None if getattr(first, name) is None else torch.cat([getattr(i, name) for i in items])
+                  for name in VisionFeatures.TENSORS}  # fmt: skip
+        return VisionFeatures(grid=first.grid, **fields)
 
 
 @dataclass
@@ -122,20 +190,110 @@ class VisionEncoder(nn.Module):
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
         raise NotImplementedError
 
-    def forward(self, pixel_values: torch.Tensor, with_cls_attention: bool = False) -> VisionFeatures:
+    def forward(self, pixel_values: torch.Tensor, with_cls_attention: bool | FeatureRequest = False) -> VisionFeatures:
+        """Features of ``pixel_values``; ``with_cls_attention``: a :class:`FeatureRequest`, or True for the CLS
+        attention alone."""
+        request = FeatureRequest.of(with_cls_attention)
         # a half-precision tower computes under autocast of its own dtype wherever it is called (feature cache,
         # generation, profiling): its norms and softmaxes then run in fp32, as under the training autocast
         half = getattr(torch, self.dtype_name) if self.dtype_name in ("bfloat16", "float16") else None
         device = pixel_values.device.type
-        with torch.autocast(device, dtype=half) if half else contextlib.nullcontext():
-            if self.frozen:
-                with torch.no_grad():
-                    return self._encode(pixel_values, with_cls_attention)
-            return self._encode(pixel_values, with_cls_attention)
+        precision = torch.autocast(device, dtype=half) if half else contextlib.nullcontext()
+        with precision, torch.no_grad() if self.frozen else contextlib.nullcontext():
+            if request.extra:
+                return self._encode_request(pixel_values, request)
+            return self._encode(pixel_values, request.cls_attention)
 
-    def encode_images(self, images: list[Image.Image], with_cls_attention: bool = False) -> VisionFeatures:
+    def encode_images(self, images: list[Image.Image],
+                      with_cls_attention: bool | FeatureRequest = False) -> VisionFeatures:  # fmt: skip
         device = next(self.parameters()).device
         return self(self.preprocess(images).to(device), with_cls_attention=with_cls_attention)
+
+    # --------------------------------------------------- further layers and attention keys
+    #: tokens before the patches in the tower's sequence (CLS, register tokens): 1 unless the family says otherwise
+    prefix_tokens: int = 1
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order (block i writes ``hidden_states[i + 1]``). Families that give further
+        layers and attention keys implement it, with ``query_key``."""
+        raise NotImplementedError(f"{self.registered_name or type(self).__name__} gives no further layers or "
+                                  "attention keys; use a connector that needs only the selected layer")  # fmt: skip
+
+    def query_key(self, block: nn.Module, sink: dict[str, torch.Tensor]) -> list:
+        """Hooks on ``block`` that put its attention's query and key projections of the whole sequence, (B, T, H *
+        Dh) each (heads concatenated, as the projection writes them), into ``sink["q"]`` and ``sink["k"]``; returns
+        the hook handles."""
+        raise NotImplementedError(f"{self.registered_name or type(self).__name__} gives no attention keys")
+
+    def layer_block(self, layer: int) -> int:
+        """The block (0-based) whose output is ``hidden_states[layer]``; the embeddings (0) are not offered."""
+        n = self.info.num_layers
+        index = layer if layer >= 0 else n + 1 + layer
+        if not 1 <= index <= n:
+            raise ValueError(f"{self.registered_name}: layer {layer} is out of range for {n} blocks; use 1..{n} or "
+                             f"-1..-{n} (transformers' hidden_states indexing)")  # fmt: skip
+        return index - 1
+
+    def keyed_block(self, keys: str) -> int:
+        """The block whose attention keys ``keys`` ("selected" or "next") names."""
+        block = self.layer_block(self.layer) + (keys == "next")
+        if block >= self.info.num_layers:
+            raise ValueError(f"{self.registered_name}: keys of the block after layer {self.layer} were asked for, but "
+                             f"it is the last of {self.info.num_layers}; pick an earlier layer (--layer)")  # fmt: skip
+        return block
+
+    def block_name(self, kind: str, ask) -> str:
+        """The block a further ``"layer"`` or the ``"keys"`` ask names, as the feature cache names it (a fused
+        encoder names each part's)."""
+        return str(self.layer_block(ask) if kind == "layer" else self.keyed_block(ask))
+
+    def _encode_request(self, pixel_values: torch.Tensor, request: FeatureRequest) -> VisionFeatures:
+        """``_encode`` with hooks on the blocks that catch the further layers' outputs and the keyed block's query
+        and key projections (one forward; nothing is computed that the tower does not compute anyway)."""
+        blocks = self.blocks()
+        try:
+            wanted = [self.layer_block(i) for i in request.layers]
+        except ValueError as err:
+            raise ValueError(f"{err}; the connector asked for layers {list(request.layers)} (set its key layers to "
+                             "ones this tower has)") from None  # fmt: skip
+        caught: dict = {}
+        handles = [blocks[b].register_forward_hook(lambda m, a, out, b=b: caught.__setitem__(b, first(out)))
+                   for b in dict.fromkeys(wanted)]  # fmt: skip
+        sink: dict[str, torch.Tensor] = {}
+        if request.keys is not None:
+            handles += self.query_key(blocks[self.keyed_block(request.keys)], sink)
+        try:
+            features = self._encode(pixel_values, request.cls_attention)
+        finally:
+            for h in handles:
+                h.remove()
+        P = self.prefix_tokens
+        extra: dict[str, torch.Tensor | None] = {}
+        if wanted:
+            extra["layers"] = torch.stack([caught[b][:, P:] for b in wanted], dim=1)
+        if request.keys is not None:
+            heads = self.key_shape()[0]
+            q, k = (sink[n].unflatten(-1, (heads, -1)) for n in ("q", "k"))
+            extra["keys"] = k[:, P:]
+            extra["cls_qk"] = torch.stack([q[:, 0], k[:, 0]], dim=1) if features.cls is not None else None
+        return replace(features, **extra)
+
+    def request_layout(self, request: FeatureRequest) -> dict[str, tuple[int, ...]]:
+        """Per-image shapes of what ``request`` adds (the feature cache's rows)."""
+        info, out = self.info, {}
+        if request.cls_attention:
+            out["cls_attention"] = (info.num_heads, info.num_patches)
+        if request.layers:
+            out["layers"] = (len(request.layers), info.num_patches, info.hidden_size)
+        if request.keys is not None:
+            out["keys"] = (info.num_patches, *self.key_shape())
+            if info.has_cls:
+                out["cls_qk"] = (2, *self.key_shape())
+        return out
+
+    def key_shape(self) -> tuple[int, int]:
+        """(H, Dh) of the attention keys: the tower's heads and width / heads for every built-in family."""
+        return self.info.num_heads, self.info.hidden_size // self.info.num_heads
 
     # ----------------------------------------------------------------- helpers
     def freeze(self, frozen: bool = True) -> VisionEncoder:
@@ -210,3 +368,8 @@ class VisionEncoder(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> VisionEncoder:
         raise NotImplementedError
+
+
+def first(output):
+    """A block's output tensor (transformers blocks may return a tuple whose first element it is)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -68,6 +68,13 @@ class DINOv2Encoder(HFVisionEncoder):
         self.info = dataclasses.replace(self.info, grid=(side, side), image_size=crop)
         self.registers = getattr(self.model.config, "num_register_tokens", 0)
 
+    blocks_paths = ("encoder.layer",)
+    attention_path = "attention"
+
+    @property
+    def prefix_tokens(self) -> int:  # CLS and the register tokens
+        return 1 + self.registers
+
     def _build_preset(self, out_dir, params: dict[str, Any]) -> None:
         torch.manual_seed(0)
         Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**params)).save_pretrained(out_dir)

@@ -20,8 +20,10 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from torch import nn
 
 from connector_zoo.hf import load_pretrained, preset_dir
 from encoders import register
@@ -134,6 +136,27 @@ class EVAViTG(VisionEncoder):
 
     def preprocess_signature(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    def query_key(self, block: nn.Module, sink: dict[str, torch.Tensor]) -> list:
+        """timm's EvaAttention projects q, k, v in one fused matmul that no module hook sees: its input is caught
+        and the query and key projections recomputed from the same weights and biases (before q/k norms and RoPE)."""
+        attention = block.attn
+
+        def project(module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            if attention.qkv is not None:
+                bias = attention.qkv.bias
+                if attention.q_bias is not None:
+                    bias = torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))
+                q, k, _ = F.linear(x, attention.qkv.weight, bias).chunk(3, dim=-1)
+            else:
+                q, k = attention.q_proj(x), attention.k_proj(x)
+            sink["q"], sink["k"] = q, k
+
+        return [attention.register_forward_pre_hook(project, with_kwargs=True)]
 
     def _capture(self, module, inputs, output) -> None:
         self._attn_probs = output

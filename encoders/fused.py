@@ -15,6 +15,7 @@ must agree on the image side S.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from encoders import build_encoder, register
-from encoders.base import EncoderInfo, VisionEncoder, VisionFeatures
+from encoders.base import EncoderInfo, FeatureRequest, VisionEncoder, VisionFeatures
 
 
 def parse_parts(checkpoint: str) -> list[tuple[str, str]]:
@@ -80,12 +81,62 @@ class FusedEncoder(VisionEncoder):
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
         return self._combine([p(px, with_cls_attention) for p, px in zip(self.parts, pixel_values.split(3, dim=1))])
 
+    def _encode_request(self, pixel_values: torch.Tensor, request: FeatureRequest) -> VisionFeatures:
+        keyed = self.keyed_part() if request.keys is not None else None
+        outs = []
+        for part, px in zip(self.parts, pixel_values.split(3, dim=1)):  # keys: asked of the keyed part alone
+            ask = request if part is keyed else dataclasses.replace(request, keys=None)
+            outs.append(part(px, ask))
+        return self._combine(outs)
+
     def _combine(self, outs: list[VisionFeatures]) -> VisionFeatures:
         patches = torch.cat([self.on_grid(o.patches, o.grid) for o in outs], dim=-1)
         cls = torch.cat([o.cls for o in outs], dim=-1) if all(o.cls is not None for o in outs) else None
         attention = next((o.cls_attention for o in outs if o.cls_attention is not None and o.grid == self.info.grid),
                          None)  # fmt: skip
-        return VisionFeatures(patches=patches, cls=cls, grid=self.info.grid, cls_attention=attention)
+        layers = None
+        if outs[0].layers is not None:  # each further layer concatenated channel-wise, as the selected one
+            per = [o.layers for o in outs]
+            layers = torch.stack([torch.cat([self.on_grid(t[:, i], o.grid) for t, o in zip(per, outs)], dim=-1)
+                                  for i in range(per[0].shape[1])], dim=1)  # fmt: skip
+        keyed = next((o for o in outs if o.keys is not None), None)
+        return VisionFeatures(patches=patches, cls=cls, grid=self.info.grid, cls_attention=attention, layers=layers,
+                              keys=None if keyed is None else keyed.keys,
+                              cls_qk=None if keyed is None else keyed.cls_qk)  # fmt: skip
+
+    # the further layers come from every part (by each part's own depth); the attention keys from one part, the
+    # first on the common grid (the CLS attention's policy), since keys of different towers do not share a space
+    def keyed_part(self) -> VisionEncoder:
+        part = next((p for p in self.parts if tuple(p.info.grid) == tuple(self.info.grid)), None)
+        if part is None:
+            raise ValueError(f"fused encoder {self.checkpoint!r}: no part is on the common grid to give keys")
+        return part
+
+    def key_shape(self) -> tuple[int, int]:
+        return self.keyed_part().key_shape()
+
+    def block_name(self, kind: str, ask) -> str:
+        if kind == "keys":
+            part = self.keyed_part()
+            return f"{self.parts.index(part)}:{part.keyed_block(ask)}"
+        return "/".join(str(part.layer_block(ask)) for part in self.parts)
+
+    def layer_block(self, layer: int) -> int:
+        for part in self.parts:  # every part must have the layer
+            part.layer_block(layer)
+        return self.parts[0].layer_block(layer)
+
+    def keyed_block(self, keys: str) -> int:
+        return self.keyed_part().keyed_block(keys)
+
+    def request_layout(self, request: FeatureRequest) -> dict[str, tuple[int, ...]]:
+        out = super().request_layout(dataclasses.replace(request, keys=None))
+        if request.keys is not None:
+            part = self.keyed_part()
+            out["keys"] = (self.info.num_patches, *part.key_shape())
+            if part.info.has_cls:
+                out["cls_qk"] = (2, *part.key_shape())
+        return out
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.cat([p.pooled(px) for p, px in zip(self.parts, pixel_values.split(3, dim=1))], dim=-1)

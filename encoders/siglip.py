@@ -25,6 +25,7 @@ class SigLIPEncoder(HFVisionEncoder):
     config_cls = SiglipVisionConfig
     processor_cls = SiglipImageProcessor
     has_cls = False
+    prefix_tokens = 0
     default_checkpoint = "tiny"
     presets = TINY_PRESETS
     real_checkpoints = ("google/siglip-so400m-patch14-384", "google/siglip-base-patch16-224")

@@ -24,7 +24,7 @@ from connectors import build_connector
 from connectors.cls_prune import CLSPrune
 from connectors.focus_moe import FocusMoE
 from connectors.qformer import QFormerConnector
-from encoders.base import EncoderInfo, VisionFeatures
+from encoders.base import EncoderInfo, FeatureRequest, VisionFeatures
 
 SMALL_Q = dict(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64, dropout=0.0)
 
@@ -450,13 +450,35 @@ def test_issue15_token_counts_at_24x24(capsys):
     from bench.cli import demo_images
     from encoders import build_encoder
 
-    names = "c_abstractor,ldpv2,pixel_shuffle,tokenpacker,perceiver_resampler,visionzip,prumerge"
+    names = "c_abstractor,ldpv2,pixel_shuffle,perceiver_resampler,visionzip,prumerge"
     rows = tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector", names)
-    assert [rows[n] for n in names.split(",")[:-1]] == [[144] * 4] * 4 + [[64] * 4] * 2
+    assert [rows[n] for n in names.split(",")[:-1]] == [[144] * 4] * 3 + [[64] * 4] * 2
+    # TokenPacker's default key layers are CLIP-L's (hidden_states 12, 16, 22, 23 of 24 blocks): a 3-block tower
+    # is told so, and gives its own levels when asked
+    from bench.cli import main
+
+    assert main(["tokens", "--encoder-checkpoint", "tiny-24", "--connector", "tokenpacker"]) == 2
+    assert "layer 12 is out of range for 3 blocks" in capsys.readouterr().err
+    rows.update(tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector", "tokenpacker",
+                             "--connector-arg", "key_layers=[1,2]"))  # fmt: skip
+    assert rows["tokenpacker"] == [144] * 4
     enc = build_encoder("clip", checkpoint="tiny-24")
     with torch.no_grad():
-        f = enc(enc.preprocess(demo_images(enc.info.image_size, 4)), with_cls_attention=True)
-    assert rows["prumerge"] == prumerge_count(f.cls_attention)
+        f = enc(enc.preprocess(demo_images(enc.info.image_size, 4)), FeatureRequest(keys="next"))
+    assert rows["prumerge"] == prumerge_count(reference_cls_attention(f))
+
+
+def reference_cls_attention(f) -> torch.Tensor:
+    """PruMerge's score, (B, 1, N): ``softmax(q @ k.T * C ** -0.5)[0, 1:]`` over [CLS; patches] at full width C, in
+    numpy, from the keyed block's CLS query and keys."""
+    out = []
+    for b in range(f.batch_size):
+        q = f.cls_qk[b, 0].flatten().double().numpy()
+        k = np.concatenate([f.cls_qk[b, 1].flatten()[None].double().numpy(), f.keys[b].flatten(1).double().numpy()])
+        logits = k @ q * len(q) ** -0.5
+        a = np.exp(logits - logits.max())
+        out.append(torch.from_numpy(a / a.sum())[None, 1:])
+    return torch.stack(out)
 
 
 def prumerge_count(attention: torch.Tensor) -> list[int]:
@@ -485,6 +507,9 @@ def test_every_connector_token_count_at_real_grids(h):
     assert set(expected) | {"focus_moe"} == set(BUILTIN_CONNECTORS)
     for name in BUILTIN_CONNECTORS:
         extra = SMALL_Q if name == "qformer" else dict(hidden_size=64) if name == "c_abstractor" else {}
+        # hand-made features carry no further layers or keys: the single-level / feature-similarity variants
+        extra = {"tokenpacker": dict(key_layers=()), "visionzip": dict(keys=False),
+                 "prumerge": dict(keys=False)}.get(name, extra)  # fmt: skip
         conn = build_connector(name, 32, 24, **extra).eval()
         if name == "focus_moe":  # one token per window when all are pooled, every (padded) patch when all are kept
             conn.calibrate(f)

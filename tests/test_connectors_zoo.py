@@ -47,7 +47,7 @@ def test_tokenpacker_each_query_sees_only_its_region(s):
     """Point-to-region: a change in one patch changes only the token of the region holding it; token 0 is the
     attention of the region's mean (bilinear downsampling at exact multiples) over the region's s*s patches."""
     torch.manual_seed(0)
-    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4).eval()
+    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4, key_layers=()).eval()
     f = feats(B=1)
     base = conn(f).tokens[0]
     g = 24 // s
@@ -104,25 +104,39 @@ def test_visionzip_by_hand():
                      e[1] + 0.1 * e[3]])[None]  # fmt: skip
     cls = torch.full((1, 4), 0.5)
     score = torch.tensor([0.01, 0.02, 0.03, 0.04, 0.5, 0.05, 0.06, 0.25, 0.04])
-    f = VisionFeatures(x, cls, (3, 3), torch.stack([score, score])[None] / 2)
+    keys = torch.stack([x + 1.0, x - 1.0], dim=2)  # (1, 9, 2 heads, 4): their head mean is x
+    f = VisionFeatures(x, cls, (3, 3), torch.stack([score, score])[None] / 2, keys=keys)
     conn = VisionZip.wrap(identity(4), dominant=3, contextual=2).eval()
+    assert conn.feature_request.keys == "selected" and conn.feature_request.cls_attention
     tokens = conn(f).tokens[0]
     # others: patches 0,1,2,3,5,6,8 -> targets patches 0 and 3; 1, 2 join patch 0; 5, 6, 8 join patch 3
     expected = torch.stack([cls[0], x[0, 4], x[0, 7], x[0, 0] + (x[0, 1] + x[0, 2]) / 2,
                             x[0, 3] + (x[0, 5] + x[0, 6] + x[0, 8]) / 3])  # fmt: skip
     torch.testing.assert_close(tokens, expected)
-    no_cls = VisionZip.wrap(identity(4), dominant=3, contextual=2)(VisionFeatures(x, None, (3, 3), f.cls_attention))
+    # the similarity is the keys', not the features': keys that put patch 1 next to patch 3 move it there
+    moved = keys.clone()
+    moved[0, 1] = torch.stack([e[1], e[1]])
+    again = conn(VisionFeatures(x, cls, (3, 3), f.cls_attention, keys=moved)).tokens[0]
+    torch.testing.assert_close(again[3:], torch.stack([x[0, 0] + x[0, 2], x[0, 3] + (x[0, 1] + x[0, 5] + x[0, 6] +
+                                                                                   x[0, 8]) / 4]))  # fmt: skip
+    by_features = VisionZip.wrap(identity(4), dominant=3, contextual=2, keys=False)
+    assert by_features.feature_request.keys is None
+    torch.testing.assert_close(by_features(VisionFeatures(x, cls, (3, 3), f.cls_attention, keys=moved)).tokens[0],
+                               expected)  # fmt: skip
+    no_cls = VisionZip.wrap(identity(4), dominant=3, contextual=2)(VisionFeatures(x, None, (3, 3), f.cls_attention,
+                                                                                  keys=keys))  # fmt: skip
     # no CLS (SigLIP): the 3 top patches, 4, 7 and 6, in raster order
     assert no_cls.tokens.shape[1] == 5 and torch.equal(no_cls.tokens[0, :3], x[0, [4, 6, 7]])
 
 
-def prumerge_reference(x: np.ndarray, a: np.ndarray, neighbours: int) -> np.ndarray:
-    """token_prune_merge_advanced's loop, in numpy, with the features as keys (one image)."""
+def prumerge_reference(x: np.ndarray, a: np.ndarray, keys: np.ndarray, neighbours: int) -> np.ndarray:
+    """token_prune_merge_advanced's loop, in numpy (one image): ``a`` the CLS attention over the patches, ``keys`` the
+    patches' keys on which the cosine similarity is measured."""
     N = len(a)
     q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
     ratio = len(np.where(a > q3 + 1.5 * (q3 - q1))[0]) / N
     idx = np.argsort(-a, kind="stable")[: int(N * ratio)]
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)
     out = []
     for i in idx:
         rest = [j for j in list(idx) + [j for j in range(N) if j not in idx] if j != i]
@@ -134,24 +148,52 @@ def prumerge_reference(x: np.ndarray, a: np.ndarray, neighbours: int) -> np.ndar
     return np.stack(out)
 
 
+def prumerge_attention(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The reference's score: ``attn = softmax(desired_layer_q @ desired_layer_k.T * C ** -0.5)``, row 0 (CLS),
+    columns 1: (the patches), with q, k the full-width projections of [CLS; patches]."""
+    logits = q @ k.T * q.shape[1] ** -0.5
+    attn = np.exp(logits - logits.max(1, keepdims=True))
+    return (attn / attn.sum(1, keepdims=True))[0, 1:]
+
+
 def test_prumerge_against_the_reference_loop():
+    """Scores from the CLS query and keys of the keyed block (one full-width attention row), merging by the keys'
+    cosine similarity, against the reference's loop; ``keys=False`` is the per-head CLS attention + features path."""
     g = torch.Generator().manual_seed(3)
+    H, Dh = 2, 3
     x = torch.randn(2, 64, 6, generator=g, dtype=torch.float64)
-    att = torch.rand(2, 3, 64, generator=g, dtype=torch.float64)
-    att[0, :, [3, 9, 17, 40, 41]] += 4.0  # a few outliers, as CLIP's CLS attention has
-    att[1, :, [0, 63]] += 6.0
-    att = att / att.sum(-1, keepdim=True)
-    f = VisionFeatures(x, None, (8, 8), att)
+    k = torch.randn(2, 65, H * Dh, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 65, H * Dh, generator=g, dtype=torch.float64)
+    k[0, [4, 10, 18, 41, 42]] += 3.0 * q[0, 0]  # a few patches the CLS query likes (outliers), as in CLIP
+    k[1, [1, 64]] += 4.0 * q[1, 0]
+    keys = k[:, 1:].reshape(2, 64, H, Dh)
+    cls_qk = torch.stack([q[:, 0], k[:, 0]], dim=1).reshape(2, 2, H, Dh)
+    f = VisionFeatures(x, torch.zeros(2, 6, dtype=torch.float64), (8, 8), keys=keys, cls_qk=cls_qk)
+    conn = PruMerge.wrap(identity(6).double(), neighbours=5).eval()
+    assert conn.feature_request.keys == "next" and not conn.feature_request.cls_attention
     with torch.no_grad():
-        out = PruMerge.wrap(identity(6).double(), neighbours=5).eval()(f)
+        out = conn(f)
     for b in range(2):
-        ref = prumerge_reference(x[b].numpy(), att[b].mean(0).numpy(), 5)
+        a = prumerge_attention(q[b].numpy(), k[b].numpy())
+        ref = prumerge_reference(x[b].numpy(), a, k[b, 1:].numpy(), 5)
         n = int(out.num_tokens[b])
         assert n == len(ref) and n > 2
         np.testing.assert_allclose(out.tokens[b, :n].numpy(), ref, rtol=1e-9, atol=1e-12)
         assert not out.mask[b, n:].any()
     fixed = PruMerge.wrap(identity(6).double(), adaptive=False, keep_ratio=0.25)(f)
     assert fixed.num_tokens.tolist() == [17, 17]  # int(64 / 4) kept + the pruned ones' weighted sum
+    # keys=False: the selected layer's per-head CLS attention (mean) and the features' similarity
+    att = torch.rand(2, 3, 64, generator=g, dtype=torch.float64)
+    att[0, :, [3, 9, 17, 40, 41]] += 4.0
+    att[1, :, [0, 63]] += 6.0
+    att = att / att.sum(-1, keepdim=True)
+    with torch.no_grad():
+        old = PruMerge.wrap(identity(6).double(), neighbours=5, keys=False)(VisionFeatures(x, None, (8, 8), att))
+    for b in range(2):
+        ref = prumerge_reference(x[b].numpy(), att[b].mean(0).numpy(), x[b].numpy(), 5)
+        np.testing.assert_allclose(old.tokens[b, : len(ref)].numpy(), ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="keys=False"):
+        conn(VisionFeatures(x, None, (8, 8), att))
 
 
 # ----------------------------------------------------- C-Abstractor and TokenPacker against their references
@@ -240,9 +282,10 @@ def test_c_abstractor_initialises_as_honeybee():
     assert abs(conn.pos_emb.std().item() - 0.02) < 0.002
 
 
-def tokenpacker_reference(conn, x: torch.Tensor, raw_grid: int, s: int) -> torch.Tensor:
-    """CircleRadon/TokenPacker ``llava/model/multimodal_projector/builder.py`` ``TokenPacker.forward`` with the keys'
-    features equal to the queries' (one level), sequence-first as there, its ``divide_feature`` verbatim, and
+def tokenpacker_reference(conn, x: torch.Tensor, x_multi: torch.Tensor, raw_grid: int, s: int) -> torch.Tensor:
+    """CircleRadon/TokenPacker ``llava/model/multimodal_projector/builder.py`` ``TokenPacker.forward`` on ``(x,
+    x_multi)`` (the queries' layer, and the key layers' patches concatenated channel-wise as its
+    ``clip_encoder.py`` ``feature_select`` builds them), sequence-first as there, its ``divide_feature`` verbatim, and
     ``nn.MultiheadAttention`` written out (in-projection, per-head softmax(q k^T / sqrt(d)) v, out-projection)."""
     p = dict(conn.named_parameters())
     E, H = conn.attn.embed_dim, conn.attn.num_heads
@@ -264,8 +307,8 @@ def tokenpacker_reference(conn, x: torch.Tensor, raw_grid: int, s: int) -> torch
         reshape_x = reshape_x.permute(2, 0, 1, 3, 4).reshape(kernel_size * kernel_size, -1, c)
         return reshape_x
 
-    key = ln(mlp(x, "k_proj"), "ln_k").permute(1, 0, 2)
-    value = ln(mlp(x, "v_proj"), "ln_v").permute(1, 0, 2)
+    key = ln(mlp(x_multi, "k_proj"), "ln_k").permute(1, 0, 2)
+    value = ln(mlp(x_multi, "v_proj"), "ln_v").permute(1, 0, 2)
     token_num, N, c = key.shape
     g = raw_grid // s
     q = F.interpolate(x.reshape(N, raw_grid, raw_grid, -1).permute(0, 3, 1, 2), size=(g, g), mode="bilinear")
@@ -288,9 +331,33 @@ def tokenpacker_reference(conn, x: torch.Tensor, raw_grid: int, s: int) -> torch
 def test_tokenpacker_computes_the_reference_forward(grid, s):
     """Every weight set to known values; the tokens equal the reference's forward (its region split, its order of the
     coarse queries, the attention written out) at s = 2 and 3."""
-    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4).eval()
+    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4, key_layers=()).eval()
     randomise(conn, seed=1)
     f = feats(B=2, h=grid, w=grid, cls=False)
     with torch.no_grad():
-        torch.testing.assert_close(conn(f).tokens, tokenpacker_reference(conn, f.patches, grid, s), rtol=1e-4,
+        torch.testing.assert_close(conn(f).tokens, tokenpacker_reference(conn, f.patches, f.patches, grid, s),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("grid,s", [(8, 2), (6, 3)])
+def test_tokenpacker_multi_level_keys_are_the_references(grid, s):
+    """The reference's multi-level keys: k_proj / v_proj read the key layers' patches concatenated channel-wise
+    (``torch.cat(image_feature_list, dim=2)``), in the order asked, while the queries come from the selected layer;
+    the connector asks the encoder for exactly those layers."""
+    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4,
+                           key_layers=[12, 16, 22, 23]).eval()  # fmt: skip
+    assert conn.k_proj[0].in_features == 4 * 16 and conn.feature_request.layers == (12, 16, 22, 23)
+    randomise(conn, seed=2)
+    f = feats(B=2, h=grid, w=grid, cls=False)
+    g = torch.Generator().manual_seed(5)
+    layers = torch.randn(2, 4, grid * grid, 16, generator=g)
+    f = VisionFeatures(f.patches, None, f.grid, layers=layers)
+    x_multi = torch.cat([layers[:, i] for i in range(4)], dim=2)
+    with torch.no_grad():
+        out = conn(f).tokens
+        torch.testing.assert_close(out, tokenpacker_reference(conn, f.patches, x_multi, grid, s), rtol=1e-4,
                                    atol=1e-5)  # fmt: skip
+        swapped = VisionFeatures(f.patches, None, f.grid, layers=layers[:, [1, 0, 2, 3]])
+        assert (conn(swapped).tokens - out).abs().max() > 1e-3  # the order of the levels matters
+    with pytest.raises(ValueError, match="needs the patch tokens of layers"):
+        conn(VisionFeatures(f.patches, None, f.grid))

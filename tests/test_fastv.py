@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import LLM_NAMES, images
@@ -91,3 +93,105 @@ def test_fastv_needs_a_later_layer(encoders, llms):
     vlm = fastv_vlm(encoders, llms, "qwen3", k=2)  # the tiny LLM has 2 layers: nothing after layer 2
     with pytest.raises(ValueError, match="must leave later layers"):
         vlm(prompt(vlm))
+
+
+def mixed_batch(vlm: VLM, labelled: bool) -> VLMInputs:
+    """Rows that keep different numbers of positions: two images (one with a longer prompt) and a text-only row."""
+    texts = ["What colour is the circle?", "How many shapes are there in this picture, and which is the largest?",
+             "Say hello."]  # fmt: skip
+    has_image = [True, True, False]
+    ids = vlm.prompt_ids(has_image, texts)
+    labels = None
+    if labelled:  # teacher-forced answers: the scoring query is the token before the first label
+        answer = torch.tensor(vlm.llm.tokenizer("red and round")["input_ids"])
+        ids = [torch.cat([i, answer]) for i in ids]
+        labels = [torch.cat([torch.full((len(i) - len(answer),), IGNORE_INDEX), answer]) for i in ids]
+    return VLMInputs(ids, labels, vlm.encoder.preprocess(images(2)), has_image=has_image)
+
+
+@pytest.mark.parametrize("llm_name", ["qwen3", "tinyllama"])
+def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name, monkeypatch):
+    """The removal path (later layers run on the kept positions only) against the masking path (every position
+    computed, the dropped ones hidden): equal logits and loss at every position that is kept, on a right-padded
+    batch whose rows keep different numbers of positions; and the later layers really see fewer positions."""
+    import llms.hooks as hooks
+
+    vlm = fastv_vlm(encoders, llms, llm_name, k=1, r=0.75)
+    inputs = mixed_batch(vlm, labelled=True)
+    seen = []
+    later = hooks.decoder_layers(vlm.llm.model)[1]
+    handle = later.self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]),
+                                                       with_kwargs=True)  # fmt: skip
+    with torch.no_grad():
+        removed = vlm(inputs)
+        masked_path = functools.partial(hooks.visual_token_hook, remove=False)
+        monkeypatch.setattr("bench.model.vlm.visual_token_hook", masked_path)
+        masked = vlm(inputs)
+    handle.remove()
+    visual = vlm.visual_tokens(inputs)
+    _, mask, labels, _ = vlm.splice(inputs, visual)
+    S, n = mask.shape[1], int(visual.mask[0].sum())
+    kept = round(n * 0.25)
+    # the later layers see each row's real positions less its dropped image tokens (padding removed as well),
+    # padded to the row that keeps most; the masking path computes all S
+    longest = max(int(m.sum()) - (n - kept) * int(h) for m, h in zip(mask, inputs.has_image))
+    assert seen == [longest, S] and longest < S
+    starts = [int((i == vlm.llm.image_token_id).nonzero()[0]) if h else None
+              for i, h in zip(inputs.input_ids, inputs.has_image)]  # fmt: skip
+    for b, s in enumerate(starts):
+        real = mask[b].bool()
+        if s is not None:
+            real[s : s + n] = False  # image positions: dropped or not, the masking path computes them differently
+        torch.testing.assert_close(removed.logits[b][real], masked.logits[b][real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(removed.loss, masked.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_fastv_removal_generation_equals_masking_and_shrinks_the_cache(encoders, llms, monkeypatch):
+    """Left-padded batch generation: the same tokens and step logits as the masking path; the later layers' KV
+    cache holds the kept prompt positions (plus padding slots for rows that keep fewer), the earlier layers all."""
+    import llms.hooks as hooks
+
+    vlm = fastv_vlm(encoders, llms, "tinyllama", k=1, r=0.75)
+    inputs = mixed_batch(vlm, labelled=False)
+    before = vlm.llm.model.config._attn_implementation
+    caches = []
+    model = vlm.llm.model
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        caches.append(out.past_key_values if hasattr(out, "past_key_values") else None)
+        return out
+
+    with torch.no_grad():
+        monkeypatch.setattr(model, "generate", spy)
+        kw = dict(max_new_tokens=4, min_new_tokens=4, output_logits=True, return_dict_in_generate=True)
+        removed = vlm.generate_ids(inputs, **kw)
+        monkeypatch.setattr("bench.model.vlm.visual_token_hook", functools.partial(hooks.visual_token_hook,
+                                                                                   remove=False))  # fmt: skip
+        masked = vlm.generate_ids(inputs, **kw)
+    assert model.config._attn_implementation == before
+    assert torch.equal(removed.sequences, masked.sequences)
+    for a, b in zip(removed.logits, masked.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    cache = caches[0]
+    visual = vlm.visual_tokens(inputs)
+    _, mask, _, _ = vlm.splice(inputs, visual, padding_side="left")
+    S, n = mask.shape[1], int(visual.mask[0].sum())
+    generated = 4 - 1  # the last token is never fed back
+    first, later = (cache.layers[i].keys.shape[-2] for i in (0, 1))
+    assert first == S + generated
+    longest = max(int(m.sum()) - (n - round(n * 0.25)) * int(h) for m, h in zip(mask, inputs.has_image))
+    assert later == longest + generated < first  # each row's real kept positions, padded to the longest
+
+
+def test_fastv_refuses_gradient_checkpointing(encoders, llms):
+    """Checkpointed layers are recomputed in backward, after the hook has gone: refused, not silently wrong."""
+    vlm = fastv_vlm(encoders, llms, "qwen3", k=1, r=0.5).train()
+    vlm.llm.model.gradient_checkpointing_enable()
+    try:
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            vlm(mixed_batch(vlm, labelled=True))
+    finally:
+        vlm.llm.model.gradient_checkpointing_disable()
+        vlm.eval()

@@ -172,7 +172,8 @@ def test_prismatic_dinosiglip_384_with_every_new_connector_at_real_width():
                 "perceiver_resampler": 64, "visionzip": 64, "fastv": 729}  # fmt: skip
     for name in [*expected, "prumerge", "focus_moe"]:
         torch.manual_seed(0)
-        vlm = VLM(fused, build_connector(name, 2176, 2560), llm).train()
+        extra = dict(key_layers=[1, 2, 1, 2]) if name == "tokenpacker" else {}  # 4 levels of the 2-block towers
+        vlm = VLM(fused, build_connector(name, 2176, 2560, **extra), llm).train()
         inputs = batch(llm, [CONV_A], [True], px)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = vlm(inputs)

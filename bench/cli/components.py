@@ -8,6 +8,7 @@ import json
 
 from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from_args, vlm_from_args, world_config  # noqa: F401
 from bench.cli.parser import FAMILIES
+from connector_zoo.settings import SettingError
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -67,6 +68,8 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 def cmd_profile(args: argparse.Namespace) -> None:
     from bench.evaluate.profile import profile
 
+    if args.keep is not None or "," in args.connector:
+        return profile_comparison(args)
     vlm = vlm_from_args(args)
     result = profile(vlm, demo_images(vlm.encoder.info.image_size, args.images), repeats=args.repeats)
     tok, fl = result["visual_tokens_per_image"], result["flops"]
@@ -82,6 +85,43 @@ def cmd_profile(args: argparse.Namespace) -> None:
     )
     if args.json:
         print(json.dumps(result, indent=1))
+
+
+def profile_comparison(args: argparse.Namespace) -> None:
+    """``bench profile --connector mlp2x_gelu,fastv,... --keep SHARE``: the prefill table of reducers at one share."""
+    import torch
+
+    from bench.evaluate.profile import prefill_comparison
+    from bench.run.record import cpu_name
+    from encoders import build_encoder
+    from llms import build_llm
+
+    if args.run:
+        raise SettingError("bench profile: --keep / several connectors build fresh components; drop --run")
+    if args.keep is None:
+        raise SettingError(
+            "bench profile: several connectors are compared at one share of the image tokens; give --keep"
+        )
+    if args.connector_arg:
+        raise SettingError("bench profile --keep sets each reducer's share itself; drop --connector-arg")
+    names = args.connector.split(",")
+    specs = specs_from_args(args)
+    enc, llm = build_encoder(**specs["encoder"]), build_llm(**specs["llm"])
+    rows = prefill_comparison(enc, llm, names[1:], args.keep, demo_images(enc.info.image_size, 1)[0],
+                              repeats=args.repeats, fastv_layer=args.fastv_layer, projector=names[0])  # fmt: skip
+    layers = getattr(llm.model.config, "num_hidden_layers", "?")
+    print(f"prefill at batch 1, one image: encoder {args.encoder} ({enc.checkpoint}, {enc.info.num_patches} patches), "
+          f"LLM {args.llm} ({llm.checkpoint}: width {llm.hidden_size}, {layers} layers); keep {args.keep:g}; "
+          f"connector + LLM prefill, median [min, max] of {args.repeats} interleaved rounds; "
+          f"{cpu_name()}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'connector':<14} {'tokens in':>9} {'after':>7} {'kept':>6} {'prefill ms':>11} {'[min, max]':>19} "
+          f"{'speed-up':>8}")  # fmt: skip
+    for r in rows:
+        spread = f"[{r['min_ms']:.1f}, {r['max_ms']:.1f}]"
+        print(f"{r['connector']:<14} {r['tokens_in']:>9} {r['tokens_after']:>7.0f} {r['kept_share']:>6.1%} "
+              f"{r['prefill_ms']:>11.1f} {spread:>19} {r['speedup']:>7.2f}x")  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=1))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:

@@ -220,6 +220,17 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--run", help="profile a trained run directory instead")
     p.add_argument("--images", type=POSITIVE, default=4)
     p.add_argument("--repeats", type=POSITIVE, default=5)
+    p.add_argument("--keep", type=arg_type(float, lo=0, hi=1, lo_open=True), metavar="SHARE",
+                   help="compare prefill times: the first --connector (a per-token projector, e.g. mlp2x_gelu) "
+                        "alone and each other one (cls_prune, random_keep, avgpool, visionzip, prumerge, fastv) in "
+                        "front of it keeping SHARE of the image tokens, timed in interleaved rounds")  # fmt: skip
+    p.add_argument(
+        "--fastv-layer",
+        type=POSITIVE,
+        default=2,
+        metavar="K",
+        help="with --keep: the LLM layer after which fastv prunes (default 2, the paper's)",
+    )
     add_trust_args(p)
     p.add_argument("--json", action="store_true", help="also print the full result as JSON")
     p.set_defaults(func=commands["profile"])

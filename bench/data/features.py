@@ -2,7 +2,8 @@
 
 A frozen encoder's features are a pure function of (encoder family, weights, selected layer, preprocessing, dtype,
 image), so they can be computed once per image and reused across epochs, runs and connectors. The cache of one
-encoder lives in ``<cache>/features/<encoder.cache_key()>[+attn]/`` as a :class:`~bench.data.store.FeatureStore` (shards
+encoder lives in ``<cache>/features/<encoder.cache_key()><request.key()>/`` (``+attn``, ``+layers=11,15,21,22``,
+...) as a :class:`~bench.data.store.FeatureStore` (shards
 filled as batches first need them, rows keyed by image identity, crash-safe). ``forwards`` counts the images this
 process encoded (0 on a warm cache).
 """
@@ -21,7 +22,7 @@ import torch
 from bench.data.images import BadSample, ImageTable
 from bench.data.store import STORAGE, FeatureStore
 from connector_zoo.io import cache_dir
-from encoders.base import VisionEncoder, VisionFeatures
+from encoders.base import FeatureRequest, VisionEncoder, VisionFeatures
 
 MODES = ("auto", "on", "off")
 
@@ -30,19 +31,25 @@ def image_key(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
-def row_layout(encoder: VisionEncoder, with_attention: bool) -> dict[str, tuple[int, ...]]:
+#: a stored row's name for each field of VisionFeatures (``attn``: the name caches had before layers and keys)
+ROW_NAMES = {"patches": "patches", "cls": "cls", "cls_attention": "attn", "layers": "layers", "keys": "keys",
+             "cls_qk": "cls_qk"}  # fmt: skip
+
+
+def row_layout(encoder: VisionEncoder, request: bool | FeatureRequest) -> dict[str, tuple[int, ...]]:
+    """The stored rows of one image: the selected layer's patches, its CLS token, and what ``request`` adds."""
     info = encoder.info
     layout = {"patches": (info.num_patches, info.hidden_size)}
     if info.has_cls:
         layout["cls"] = (info.hidden_size,)
-    if with_attention:
-        layout["attn"] = (info.num_heads, info.num_patches)
+    extra = encoder.request_layout(FeatureRequest.of(request))
+    layout.update({ROW_NAMES[name]: shape for name, shape in extra.items()})
     return layout
 
 
-def bytes_per_image(encoder: VisionEncoder, with_attention: bool) -> int:
+def bytes_per_image(encoder: VisionEncoder, request: bool | FeatureRequest) -> int:
     itemsize = np.dtype(STORAGE[encoder.dtype_name]).itemsize
-    return sum(int(np.prod(shape)) for shape in row_layout(encoder, with_attention).values()) * itemsize
+    return sum(int(np.prod(shape)) for shape in row_layout(encoder, request).values()) * itemsize
 
 
 @dataclass
@@ -83,14 +90,17 @@ class FeatureCache:
     forward); ``complete`` the main-process half (the forward on the images not stored, their rows written).
     """
 
-    def __init__(self, encoder: VisionEncoder, images: ImageTable, with_attention: bool, root: Path | None = None,
-                 cached: bool = True, batch_size: int = 64, store: FeatureStore | None = None):  # fmt: skip
-        """``store``: the open store of this directory to share (the image tables of one run use one store, so its
-        index is read once and one writer fills it); opened here when not given."""
-        self.encoder, self.images, self.with_attention = encoder, images, with_attention
+    def __init__(self, encoder: VisionEncoder, images: ImageTable, with_attention: bool | FeatureRequest,
+                 root: Path | None = None, cached: bool = True, batch_size: int = 64,
+                 store: FeatureStore | None = None):  # fmt: skip
+        """``with_attention``: the connector's :class:`FeatureRequest` (True: the CLS attention alone). ``store``:
+        the open store of this directory to share (the image tables of one run use one store, so its index is read
+        once and one writer fills it); opened here when not given."""
+        self.encoder, self.images = encoder, images
+        self.request = FeatureRequest.of(with_attention)
         self.batch_size = batch_size
-        self.dir = (root or cache_dir() / "features") / (encoder.cache_key() + ("+attn" if with_attention else ""))
-        self.layout = row_layout(encoder, with_attention)
+        self.dir = (root or cache_dir() / "features") / (encoder.cache_key() + self.request.key(encoder))
+        self.layout = row_layout(encoder, self.request)
         if cached and store is None:
             store = FeatureStore(self.dir, self.layout, encoder.dtype_name)
         if store is not None and store.dir != self.dir:
@@ -140,7 +150,7 @@ class FeatureCache:
         parts = []
         for start in range(0, len(pixel_values), self.batch_size):
             chunk = pixel_values[start : start + self.batch_size].to(device, non_blocking=True)
-            parts.append(self.encoder(chunk, with_cls_attention=self.with_attention).to(dtype=self.dtype))
+            parts.append(self.encoder(chunk, with_cls_attention=self.request).to(dtype=self.dtype))
         self.forwards += len(pixel_values)
         return VisionFeatures.stack(parts)
 
@@ -159,8 +169,7 @@ class FeatureCache:
         if todo:
             pixels = part.pixels if len(todo) == len(part.loaded) else part.pixels[todo]
             feats = self.encode(pixels)
-            arrays = {"patches": feats.patches, "cls": feats.cls, "attn": feats.cls_attention}
-            arrays = {k: v for k, v in arrays.items() if k in self.layout}
+            arrays = {row: getattr(feats, name) for name, row in ROW_NAMES.items() if row in self.layout}
             new = [part.loaded[j] for j in todo]
             if self.store is not None:
                 self.store.write(new, arrays)
@@ -172,7 +181,9 @@ class FeatureCache:
             device = next(self.encoder.parameters()).device  # stored rows join the fresh ones where they are
             take = lambda name: (torch.stack([rows[k][name].to(device, non_blocking=True) for k in order])  # noqa: E731
                                  if name in self.layout else None)  # fmt: skip
-            features = VisionFeatures(take("patches"), take("cls"), self.encoder.info.grid, take("attn"))
+            features = VisionFeatures(
+                grid=self.encoder.info.grid, **{name: take(row) for name, row in ROW_NAMES.items()}
+            )
         return Fetched(features, part.bad)
 
     def fetch(self, indices: list[int]) -> Fetched:
@@ -203,7 +214,7 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def decide(mode: str, encoder: VisionEncoder, tables: list[ImageTable], with_attention: bool,
+def decide(mode: str, encoder: VisionEncoder, tables: list[ImageTable], with_attention: bool | FeatureRequest,
            max_gb: float | None, root: Path | None = None) -> tuple[bool, str]:  # fmt: skip
     """(cache on?, why) for ``--feature-cache auto|on|off``: auto caches a frozen encoder when the projected size of
     every image's row fits ``max_gb`` (default: half the free disk where the cache lives)."""

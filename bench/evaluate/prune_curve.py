@@ -17,6 +17,7 @@ exactly. Prefill time is measured for the cls_prune points (interleaved rounds);
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Any
@@ -24,35 +25,14 @@ from typing import Any
 from bench.data.features import FeatureCache
 from bench.data.loader import Collator
 from bench.evaluate.accuracy import accuracy, answer, qa_samples
-from bench.evaluate.profile import prefill_fn
+from bench.evaluate.profile import REDUCERS as METHODS
+from bench.evaluate.profile import prefill_fn, reducer_at, tokens_after
 from bench.model.vlm import VLM
 from bench.train.config import RunConfig, load_data
 from bench.train.precision import autocast, run_precision
-from connectors.avgpool import AvgPool
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune
-from connectors.fastv import FastV
-from connectors.prumerge import PruMerge
-from connectors.random_keep import RandomKeep
-from connectors.visionzip import VisionZip
-
-METHODS = ("cls_prune", "random_keep", "avgpool", "visionzip", "prumerge", "fastv")
-
-
-def visionzip_at(projector, k: int) -> VisionZip:
-    """VisionZip at k tokens, split as its 54 + 10 = 64 default."""
-    dominant = max(1, round(k * 54 / 64))
-    return VisionZip.wrap(projector, dominant=dominant, contextual=max(0, k - dominant))
-
-
-def tokens_of(connector, info) -> float:
-    """The visual tokens a point is plotted at: FastV's after its LLM layer, PruMerge's fixed count, else the count
-    the reducer emits."""
-    if isinstance(connector, FastV):
-        return float(connector.llm_hook.keep_count(info.num_patches))
-    if isinstance(connector, PruMerge):
-        return float(int(info.num_patches * connector.keep_ratio) + 1)
-    return float(connector.max_tokens(info))
+from encoders.base import FeatureRequest
 
 
 def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1000, allow_dotted_paths: bool = False,
@@ -71,27 +51,29 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         raise ValueError(f"unknown pruning-curve method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
     _, _, eval_sets, _ = load_data(cfg, lambda m: None)
     test = next(iter(eval_sets.values()))
-    features = FeatureCache(vlm.encoder, test.images, with_attention=True)
     samples = qa_samples(test, eval_limit)
-    features.ensure([s.image for s in samples if s.image is not None])
     images = [test.images.load(s.image) for s in samples[:4] if s.image is not None]
     info = vlm.encoder.info
+    caches: dict[FeatureRequest, FeatureCache] = {}
+
+    def features(connector) -> FeatureCache:
+        """The features ``connector`` asks for, every one with the CLS attention, so that the encoder always runs
+        its eager path and the selected layer's patches are the same numbers for every point."""
+        ask = dataclasses.replace(connector.feature_request, cls_attention=True)
+        if ask not in caches:
+            caches[ask] = FeatureCache(vlm.encoder, test.images, with_attention=ask)
+            caches[ask].ensure([s.image for s in samples if s.image is not None])
+        return caches[ask]
 
     def point(connector) -> dict[str, Any]:
         vlm.connector = connector
-        collator = Collator(vlm.llm, features, connector.max_tokens(info), vlm.max_length)
+        collator = Collator(vlm.llm, features(connector), connector.max_tokens(info), vlm.max_length)
         answers = answer(vlm, samples, collator)
         return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers,
-                "tokens": tokens_of(connector, info)}  # fmt: skip
+                "tokens": tokens_after(connector, info)}  # fmt: skip
 
-    reducers = {
-        "cls_prune": lambda r: [CLSPrune.wrap(projector, keep_ratio=r)],
-        "random_keep": lambda r: [RandomKeep.wrap(projector, keep_ratio=r, seed=s) for s in seeds],
-        "avgpool": lambda r: [AvgPool.wrap(projector, keep_ratio=r)],
-        "visionzip": lambda r: [visionzip_at(projector, max(1, round(r * info.num_patches)))],
-        "prumerge": lambda r: [PruMerge.wrap(projector, adaptive=False, keep_ratio=r)],
-        "fastv": lambda r: [FastV.wrap(projector, k=1, r=1 - r)],
-    }
+    reducers = {m: (lambda r, m=m: [reducer_at(m, projector, r, info, fastv_layer=1)]) for m in METHODS}
+    reducers["random_keep"] = lambda r: [reducer_at("random_keep", projector, r, info, seed=s) for s in seeds]
     rows = []
     with autocast(run_precision(run_dir), vlm.device):  # the arithmetic the run trained with
         reference = point(projector)

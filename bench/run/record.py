@@ -52,6 +52,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (timings are only comparable on the same one), and whether it has AMX (bf16 matmuls)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    return f"{name or platform.machine()}{', AMX' if 'amx_bf16' in info else ', no AMX'}"
+
+
 def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
     """Measured figures of the trained model (``bench.evaluate.profile``): FLOPs, prefill latency, decode speed,
     memory."""

@@ -286,7 +286,7 @@ def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], lo
     """A :class:`FeatureCache` and a :class:`Collator` per image table; the cache on or off as ``--feature-cache``
     says (auto: by the projected size), logged with the reason. Nothing is encoded here."""
     tables = {ds.images.key: ds.images for ds in datasets if ds is not None}
-    attention = vlm.connector.needs_cls_attention
+    attention = vlm.connector.feature_request
     on, why = decide(cfg.feature_cache, vlm.encoder, list(tables.values()), attention, cfg.feature_cache_max_gb)
     features: dict[str, FeatureCache] = {}
     for key, table in tables.items():  # the tables of one encoder share its directory and one open store
