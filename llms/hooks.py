@@ -9,8 +9,10 @@ the composed model then runs every forward and generation of the LLM inside :fun
   labelled one when teacher-forced);
 - after decoder layer ``hook.layer`` (counting from 1) has run on the prompt, ``hook.select(attention, spans)`` gets
   that layer's attention from each row's query position (mean over heads, (B, S)) and returns the (B, S) key
-  positions to drop. Only that one layer runs with eager attention (its probabilities are needed), and only on the
-  prompt; every other layer keeps the model's own attention implementation (SDPA by default);
+  positions to drop. Every layer keeps the model's own attention implementation (SDPA by default): with a KV cache
+  (generation, prefill) the scoring row is computed again from the layer's cached keys and that one position's
+  query; without one (a teacher-forced forward) the scoring layer alone runs eager attention on the prompt, whose
+  probabilities are read;
 - the dropped positions are **removed**: every later layer runs on the kept positions only (hidden states, rotary
   embeddings, attention mask and position ids gathered; rows of a batch that keep fewer positions are padded with
   masked slots), so their KV cache holds the kept positions only, and each generated token attends to those. Kept
@@ -30,6 +32,7 @@ composed model refuses to train with a hook under it.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -130,21 +133,40 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
             base.set_attn_implementation(before)
         return
 
-    def eager_on(module, args, kwargs):  # the scoring layer, on the prompt only
-        hidden = args[0] if args else kwargs["hidden_states"]
+    scorer = layers[hook.layer - 1].self_attn
+    pending: dict = {}
+
+    def score_before(module, args, kwargs):  # the scoring layer's attention, on the prompt only
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden.shape[1] == 1 or state.drop is not None:
             return None
-        base.config._attn_implementation = "eager"
-        kwargs["attention_mask"] = additive_mask(kwargs.get("attention_mask"), hidden)
-        return args, kwargs
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if row_attention_possible(module, cache, hook.layer - 1):
+            # the layer runs as it would (SDPA); its keys are read back from the cache afterwards and only the
+            # scoring row's query is computed again
+            pending.update(hidden=hidden, position_embeddings=kwargs["position_embeddings"], cache=cache)
+            return None
+        base.config._attn_implementation = "eager"  # no cache (teacher forcing): the layer's own probabilities
+        pending.update(eager=True)
+        return args, {**kwargs, "attention_mask": additive_mask(kwargs.get("attention_mask"), hidden)}
 
-    def eager_off(module, args, kwargs, output):
-        base.config._attn_implementation = before
+    def score_after(module, args, output):
+        if pending.pop("eager", False):
+            base.config._attn_implementation = before
+            capture(module, args, output)
+        elif pending:
+            batch_spans = spans.expand(pending["hidden"].shape[0])
+            keys = pending["cache"].layers[hook.layer - 1].keys
+            attention = row_attention(module, pending["hidden"], pending["position_embeddings"], keys, batch_spans)
+            drop = hook.select(attention, batch_spans).to(attention.device)
+            if batch_spans.padding is not None:
+                drop = drop | batch_spans.padding.to(attention.device)
+            state.choose(drop)
+        pending.clear()
 
     first, last = layers[hook.layer], layers[-1]
-    handles = [layers[hook.layer - 1].register_forward_pre_hook(eager_on, with_kwargs=True),
-               layers[hook.layer - 1].register_forward_hook(eager_off, with_kwargs=True),
-               layers[hook.layer - 1].self_attn.register_forward_hook(capture),
+    handles = [scorer.register_forward_pre_hook(score_before, with_kwargs=True),
+               scorer.register_forward_hook(score_after),
                first.register_forward_pre_hook(lambda m, a, k: state.enter(a, k, before), with_kwargs=True),
                last.register_forward_hook(lambda m, a, k, out: state.leave(out), with_kwargs=True)]  # fmt: skip
     handles += [layer.register_forward_pre_hook(state.reuse, with_kwargs=True) for layer in layers[hook.layer + 1 :]]
@@ -154,6 +176,39 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
         for h in handles:
             h.remove()
         base.config._attn_implementation = before
+
+
+def row_attention_possible(attention: nn.Module, cache, index: int) -> bool:
+    """Whether the scoring row can be computed from the cache's keys: a transformers attention of the Llama shape
+    (q_proj, head_dim, scaling, its module's ``apply_rotary_pos_emb``), a dynamic cache that this prompt fills from
+    empty."""
+    module = sys.modules.get(type(attention).__module__)
+    layers = getattr(cache, "layers", None)
+    return (all(hasattr(attention, a) for a in ("q_proj", "head_dim", "scaling", "num_key_value_groups"))
+            and hasattr(module, "apply_rotary_pos_emb") and layers is not None and len(layers) > index
+            and cache.get_seq_length(index) == 0 and not getattr(attention, "sliding_window", None))  # fmt: skip
+
+
+def row_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddings, keys: torch.Tensor,
+                  spans: VisualSpans) -> torch.Tensor:  # fmt: skip
+    """(B, S) head-mean attention probabilities of each row's scoring query over the prompt, as the layer computed
+    them (its RoPE'd keys, from the cache, and its query written again for that one position): softmax(q k^T *
+    scaling) over the positions the query may see (not later ones, not padding), in fp32, averaged over heads."""
+    B, S = hidden.shape[:2]
+    rows, at = torch.arange(B, device=hidden.device), spans.query.to(hidden.device)
+    q = attention.q_proj(hidden[rows, at][:, None]).view(B, 1, -1, attention.head_dim)
+    if getattr(attention, "q_norm", None) is not None:  # Qwen3's per-head norm, before RoPE
+        q = attention.q_norm(q)
+    q = q.transpose(1, 2)  # (B, H, 1, Dh)
+    cos, sin = (t.expand(B, *t.shape[1:])[rows, at][:, None] for t in position_embeddings)
+    q, _ = sys.modules[type(attention).__module__].apply_rotary_pos_emb(q, q, cos, sin)
+    k = keys.repeat_interleave(attention.num_key_value_groups, dim=1)  # (B, H, S, Dh)
+    scores = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * attention.scaling  # (B, H, S)
+    allowed = torch.arange(S, device=hidden.device)[None] <= at[:, None]
+    if spans.padding is not None:
+        allowed = allowed & ~spans.padding.to(hidden.device)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=1)
 
 
 def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:

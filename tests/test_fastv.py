@@ -11,6 +11,7 @@ from conftest import LLM_NAMES, images
 from bench.model.vlm import VLM, VLMInputs
 from connectors import build_connector
 from llms.base import IGNORE_INDEX
+from llms.hooks import row_attention
 
 
 def fastv_vlm(encoders, llms, llm_name: str, **settings) -> VLM:
@@ -163,10 +164,13 @@ def test_fastv_removal_generation_equals_masking_and_shrinks_the_cache(encoders,
         caches.append(out.past_key_values if hasattr(out, "past_key_values") else None)
         return out
 
+    rows = []
+    monkeypatch.setattr(hooks, "row_attention", lambda *a: rows.append(1) or row_attention(*a))
     with torch.no_grad():
         monkeypatch.setattr(model, "generate", spy)
         kw = dict(max_new_tokens=4, min_new_tokens=4, output_logits=True, return_dict_in_generate=True)
         removed = vlm.generate_ids(inputs, **kw)
+        assert len(rows) == 1  # the prompt was scored from the cache's keys (the masking path scores with eager)
         monkeypatch.setattr("bench.model.vlm.visual_token_hook", functools.partial(hooks.visual_token_hook,
                                                                                    remove=False))  # fmt: skip
         masked = vlm.generate_ids(inputs, **kw)
