@@ -199,3 +199,21 @@ def test_fastv_refuses_gradient_checkpointing(encoders, llms):
     finally:
         vlm.llm.model.gradient_checkpointing_disable()
         vlm.eval()
+
+
+def test_bench_profile_compares_reducers_at_one_share(capsys):
+    """`bench profile --keep`: the baseline projector and each reducer in front of it, tokens entering the LLM and
+    after pruning (FastV's after its layer), a speed-up per row; bad combinations are one clear line."""
+    from bench.cli import main
+
+    args = ["profile", "--encoder-checkpoint", "tiny-24", "--connector", "mlp2x_gelu,fastv,cls_prune,prumerge",
+            "--keep", "0.5", "--fastv-layer", "1", "--repeats", "1"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+            ("mlp2x_gelu", "fastv", "cls_prune", "prumerge")}  # fmt: skip
+    assert [rows[n][1:3] for n in ("mlp2x_gelu", "fastv", "cls_prune", "prumerge")] == [
+        ["576", "576"], ["576", "288"], ["288", "288"], ["289", "289"]]  # fmt: skip
+    assert rows["mlp2x_gelu"][-1] == "1.00x" and "AMX" in out
+    assert main(["profile", "--connector", "mlp2x_gelu,fastv"]) == 2
+    assert "give --keep" in capsys.readouterr().err
