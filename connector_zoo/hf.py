@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from connector_zoo.io import cache_dir, materialize
+from connector_zoo.settings import SettingError
 
 
 def preset_dir(family: str, preset: str, params: dict[str, Any], build: Callable[[Path], None]) -> Path:
@@ -41,6 +43,26 @@ def load_pretrained(loader: Callable[..., Any], checkpoint: str | os.PathLike, w
             f"download it on a connected machine (`hf download {checkpoint}`) and copy the cache, or pass a local path"
         )
         raise OSError(f"could not load {what} from {checkpoint!r}: {hint}. ({type(err).__name__}: {err})") from err
+
+
+def gguf_source(checkpoint: str) -> tuple[str, dict[str, Any]]:
+    """(what to pass to ``from_pretrained``, its extra keyword arguments) for a checkpoint that may name a GGUF file:
+    ``path/to/model.gguf`` -> (its folder, ``gguf_file=`` its name); ``hub-id:file.gguf`` -> (the hub id, ``gguf_file=``
+    the file of that repository, read from the Hugging Face cache offline); anything else unchanged."""
+    text = str(checkpoint)
+    if not text.endswith(".gguf"):
+        return text, {}
+    if importlib.util.find_spec("gguf") is None:
+        raise SettingError(f"{text!r} is a GGUF file, which transformers reads with the gguf package: "
+                           "pip install 'connector-zoo[gguf]'")  # fmt: skip
+    local = Path(text).expanduser()
+    if local.is_file():
+        return str(local.resolve().parent), {"gguf_file": local.name}
+    repo, sep, name = text.rpartition(":")
+    if sep and repo and "/" not in name and not Path(repo).exists():
+        return repo, {"gguf_file": name}
+    raise FileNotFoundError(f"GGUF checkpoint {text!r}: no such file; pass an existing path/to/model.gguf, or "
+                            "hub-id:file.gguf for a file of a Hugging Face repository in the local cache")  # fmt: skip
 
 
 RANDOM_PREFIX = "random:"

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from tokenizers import AddedToken
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from connector_zoo.hf import load_pretrained, preset_dir, random_geometry
+from connector_zoo.hf import gguf_source, load_pretrained, preset_dir, random_geometry
+from connector_zoo.settings import SettingError
 from llms.lora import LORA_DEFAULTS, normalize_lora, quantization_config  # noqa: F401  (this module's API)
 
 IGNORE_INDEX = -100
@@ -77,13 +78,19 @@ class LLMBackend(nn.Module):
         if params is not None:
             key = {**params, "tokenizer": self.tiny_tokenizer_key()}  # a changed template is a new preset
             path = preset_dir(self.registered_name, name, key, lambda d: self.build_tiny(d, params=params))
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer")
+        # a GGUF file: weights, tokenizer and chat template from it (transformers' gguf_file=)
+        path, where = gguf_source(path) if params is None else (path, {})
+        self.check_architecture(load_pretrained(AutoConfig.from_pretrained, path, f"{self.registered_name} config",
+                                                **where))  # fmt: skip
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer",
+                                         **where)  # fmt: skip
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
         self.model = load_pretrained(
             self.model_cls.from_pretrained,
             path,
             f"{self.registered_name} model",
             dtype=getattr(torch, dtype or "float32"),
+            **where,
             **extra,
         )
         if not self.tokenizer.chat_template:
@@ -133,6 +140,19 @@ class LLMBackend(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint: str | None = None, **kwargs: Any) -> LLMBackend:
         return cls(checkpoint or cls.default_checkpoint, **kwargs)
+
+    def check_architecture(self, config) -> None:
+        """A checkpoint whose architecture is not this backend's is refused (its weights would load partly, the
+        rest newly initialised, and the run would go on)."""
+        want = getattr(getattr(self, "config_cls", None), "model_type", None)
+        if want is not None and config.model_type != want:
+            from llms import LLMS
+
+            fits = [n for n in LLMS.names() if getattr(LLMS.get(n), "config_cls", None) is not None
+                    and LLMS.get(n).config_cls.model_type == config.model_type]  # fmt: skip
+            hint = f"use --llm {' or '.join(fits)}" if fits else "no backend here takes it"
+            raise SettingError(f"{self.checkpoint!r} holds a {config.model_type!r} model, but --llm "
+                               f"{self.registered_name} takes {want!r} checkpoints; {hint}")  # fmt: skip
 
     # ------------------------------------------------------------------ tokens
     def _add_special_tokens(self) -> None:

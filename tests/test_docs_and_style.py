@@ -47,7 +47,7 @@ def test_bench_list_shows_three_families():
     [
         (["tokens", "--connector", "qfromer"], "unknown connector 'qfromer'"),
         (["tokens", "--encoder", "clipp"], "did you mean 'clip'"),
-        (["tokens", "--llm-checkpoint", "/no/such/dir"], "could not load vicuna tokenizer"),
+        (["tokens", "--llm-checkpoint", "/no/such/dir"], "could not load vicuna config"),
         (["tokens", "--connector-arg", "depth"], "must look like key=value"),
     ],
 )

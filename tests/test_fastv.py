@@ -194,7 +194,7 @@ def test_fastv_refuses_gradient_checkpointing(encoders, llms):
     vlm = fastv_vlm(encoders, llms, "qwen3", k=1, r=0.5).train()
     vlm.llm.model.gradient_checkpointing_enable()
     try:
-        with pytest.raises(ValueError, match="gradient checkpointing"):
+        with pytest.raises(ValueError, match="activation checkpointing"):
             vlm(mixed_batch(vlm, labelled=True))
     finally:
         vlm.llm.model.gradient_checkpointing_disable()

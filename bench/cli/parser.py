@@ -112,16 +112,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     add_data_args(p)
     p.add_argument("--held-out", type=FRACTION, help="fraction of LLaVA / HF data held out for evaluation (0.05)")
-    p.add_argument(
-        "--eval-limit",
-        type=EVAL_LIMIT,
-        help="questions evaluated per split: N, 0 (no evaluation) or all (default 1000)",
-    )
-    p.add_argument(
-        "--allow-paths-outside-image-folder",
-        action="store_true",
-        help="LLaVA JSON: let image paths resolve (links followed) outside --image-folder",
-    )
+    p.add_argument("--eval-limit", type=EVAL_LIMIT,
+                   help="questions evaluated per split: N, 0 (no evaluation) or all (default 1000)")  # fmt: skip
+    p.add_argument("--allow-paths-outside-image-folder", action="store_true",
+                   help="LLaVA JSON: let image paths resolve (links followed) outside --image-folder")  # fmt: skip
     p.add_argument(
         "--max-image-pixels",
         type=NON_NEGATIVE,
@@ -220,17 +214,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--run", help="profile a trained run directory instead")
     p.add_argument("--images", type=POSITIVE, default=4)
     p.add_argument("--repeats", type=POSITIVE, default=5)
-    p.add_argument("--keep", type=arg_type(float, lo=0, hi=1, lo_open=True), metavar="SHARE",
-                   help="compare prefill times: the first --connector (a per-token projector, e.g. mlp2x_gelu) "
-                        "alone and each other one (cls_prune, random_keep, avgpool, visionzip, prumerge, fastv) in "
-                        "front of it keeping SHARE of the image tokens, timed in interleaved rounds")  # fmt: skip
-    p.add_argument(
-        "--fastv-layer",
-        type=POSITIVE,
-        default=2,
-        metavar="K",
-        help="with --keep: the LLM layer after which fastv prunes (default 2, the paper's)",
-    )
+    p.add_argument("--keep", type=arg_type(float, lo=0, hi=1, lo_open=True), metavar="SHARE", help="compare the "
+                   "prefill of the first --connector (a per-token projector) alone and of each reducer (cls_prune, "
+                   "random_keep, avgpool, visionzip, prumerge, fastv) in front of it keeping SHARE of the image "
+                   "tokens, in interleaved rounds")  # fmt: skip
+    p.add_argument("--fastv-layer", type=POSITIVE, default=2, metavar="K",
+                   help="with --keep: fastv prunes after LLM layer K (default 2, the paper's)")  # fmt: skip
     add_trust_args(p)
     p.add_argument("--json", action="store_true", help="also print the full result as JSON")
     p.set_defaults(func=commands["profile"])

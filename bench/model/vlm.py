@@ -23,7 +23,6 @@ import connector_zoo.hf_model  # noqa: F401,E402  (the Auto classes know every c
 from bench.model.inputs import SampleTooLong, VLMInputs, VLMOutput  # noqa: F401  (part of this module's API)
 from connector_zoo.io import atomic_path, read_json, verify_file, write_manifest
 from connector_zoo.registry import names_from_file
-from connector_zoo.settings import SettingError
 from connectors import build_connector
 from connectors.base import Connector, ConnectorOutput
 from encoders import build_encoder
@@ -197,21 +196,13 @@ class VLM(nn.Module):
 
     def llm_hook(self, inputs: VLMInputs, visual: ConnectorOutput | None, mask, labels, left_padded: bool,
                  connector: Connector | None = None):  # fmt: skip
-        """The connector's LLM-side hook (FastV; llms/hooks.py) with this batch's image spans, or a no-op.
-        ``connector``: whose hook (default: this model's current connector)."""
+        """``connector``'s (default: this model's) LLM-side hook (FastV) with this batch's image spans, or a no-op."""
         hook = getattr(connector or self.connector, "llm_hook", None)
         if hook is None or visual is None:
             return contextlib.nullcontext()
-        if torch.is_grad_enabled() and checkpointing(self.llm.model):
-            raise SettingError(
-                f"{self.connector.registered_name} acts inside the LLM through a hook that gradient checkpointing "
-                "would bypass (its layers are recomputed in backward, after the hook is gone): train it with "
-                "--gradient-checkpointing off"
-            )
         has_image = inputs.has_image or [True] * len(inputs.input_ids)
-        rows = iter(range(visual.tokens.shape[0]))
-        image_at = [int((ids == self.llm.image_token_id).nonzero()[0]) if has else None
-                    for ids, has in zip(inputs.input_ids, has_image)]  # fmt: skip
+        rows, tok = iter(range(visual.tokens.shape[0])), self.llm.image_token_id
+        image_at = [int((ids == tok).nonzero()[0]) if has else None for ids, has in zip(inputs.input_ids, has_image)]
         counts = [int(visual.mask[next(rows)].sum()) if has else 0 for has in has_image]
         spans = VisualSpans.of(image_at, counts, mask, labels, left_padded, IGNORE_INDEX)
         return visual_token_hook(self.llm.model, hook, spans)
@@ -307,10 +298,3 @@ class VLM(nn.Module):
                     own[k].data = v.to(own[k].device)  # trained fp32 master weights stay fp32 in a half backbone
                 else:
                     own[k].copy_(v)
-
-
-def checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model recomputes its layers in backward (the attribute's name changed in 5.x)."""
-    new = hasattr(model, "is_activation_checkpointing")
-    name = "is_activation_checkpointing" if new else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
