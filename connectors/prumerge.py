@@ -12,9 +12,10 @@
 
 x are the selected layer's patch tokens. Quartiles are numpy's linear interpolation (``torch.quantile``), per image
 (the reference's ``np.percentile`` runs over the whole batch at once; per image, a sample's tokens do not depend on
-its batch-mates). ``keys=False``: the selected layer's per-head CLS attention (mean over heads) scores and its output
-features measure similarity (what this project did before the encoder contract carried keys, and what an encoder
-with no keys or no CLS token, such as SigLIP, allows).
+its batch-mates). A tower without a CLS token (SigLIP) has no CLS query: its attention-pooling probe's attention (mean
+over heads, the encoder's ``cls_attention``) scores instead, and the keys still measure similarity. ``keys=False``:
+the selected layer's per-head CLS attention (mean over heads) scores and its output features measure similarity
+(what this project did before the encoder contract carried keys, and what an encoder that gives no keys allows).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class PruMerge(Reducer):
 
     @property
     def feature_request(self) -> FeatureRequest:
-        return FeatureRequest(keys="next") if self.keys else FeatureRequest(cls_attention=True)
+        # the CLS attention too: a tower without a CLS token (SigLIP) has no CLS query, and its probe scores instead
+        return FeatureRequest(cls_attention=True, keys="next" if self.keys else None)
 
     def scores(self, features: VisionFeatures, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (B, N), the similarity metric (B, N, ·)) as the reference computes them, or the fallback's."""
@@ -61,11 +63,15 @@ class PruMerge(Reducer):
                     "prumerge (keys=False) needs the encoder's CLS-attention scores; this encoder gave none"
                 )
             return features.cls_attention.to(work).mean(dim=1), features.patches.to(work)
-        if features.keys is None or features.cls_qk is None:
-            raise ValueError("prumerge needs the CLS query and the attention keys of the block after the selected "
-                             "layer (its feature_request); the features carry none (an encoder without keys or "
-                             "without a CLS token, e.g. SigLIP): use keys=False")  # fmt: skip
+        if features.keys is None:
+            raise ValueError("prumerge needs the attention keys of the block after the selected layer (its "
+                             "feature_request); the features carry none (an encoder that gives no keys): use "
+                             "keys=False")  # fmt: skip
         keys = features.keys.to(work).flatten(2)  # (B, N, C): full width, as the reference's k_proj output
+        if features.cls_qk is None:  # no CLS token (SigLIP): its attention-pooling probe scores, keys still merge
+            if features.cls_attention is None:
+                raise ValueError("prumerge: this encoder has no CLS token and gave no CLS-attention score")
+            return features.cls_attention.to(work).mean(dim=1), keys
         q, k_cls = features.cls_qk.to(work).flatten(2).unbind(1)
         logits = torch.cat([(q * k_cls).sum(-1, keepdim=True), (keys @ q[:, :, None])[..., 0]], dim=1)  # (B, 1 + N)
         return torch.softmax(logits * keys.shape[-1] ** -0.5, dim=1)[:, 1:], keys

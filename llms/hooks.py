@@ -115,15 +115,12 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
 
     def capture(module, args, output):
         weights = output[1]  # eager attention: (B, H, Q, S)
-        if weights is None or weights.shape[2] == 1 or state.drop is not None:
+        if weights is None or weights.shape[2] == 1 or state.decided:
             return  # a generated token: the prompt's choice stands
         rows = torch.arange(weights.shape[0], device=weights.device)
         batch_spans = spans.expand(weights.shape[0])
         attention = weights[rows, :, batch_spans.query.to(weights.device)].float().mean(dim=1)  # (B, S)
-        drop = hook.select(attention, batch_spans).to(weights.device)
-        if remove and batch_spans.padding is not None:  # padding leaves the later layers too (it is masked anyway)
-            drop = drop | batch_spans.padding.to(weights.device)
-        state.choose(drop)
+        state.choose(hook.select(attention, batch_spans).to(weights.device), batch_spans.padding if remove else None)
 
     if not remove:
         handles = [layers[hook.layer - 1].self_attn.register_forward_hook(capture)]
@@ -142,7 +139,7 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
 
     def score_before(module, args, kwargs):  # the scoring layer's attention, on the prompt only
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden.shape[1] == 1 or state.drop is not None:
+        if hidden.shape[1] == 1 or state.decided:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if row_attention_possible(module, cache, hook.layer - 1):
@@ -162,10 +159,7 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
             batch_spans = spans.expand(pending["hidden"].shape[0])
             keys = pending["cache"].layers[hook.layer - 1].keys
             attention = row_attention(module, pending["hidden"], pending["position_embeddings"], keys, batch_spans)
-            drop = hook.select(attention, batch_spans).to(attention.device)
-            if batch_spans.padding is not None:
-                drop = drop | batch_spans.padding.to(attention.device)
-            state.choose(drop)
+            state.choose(hook.select(attention, batch_spans).to(attention.device), batch_spans.padding)
         pending.clear()
 
     first, last = layers[hook.layer], layers[-1]

@@ -73,9 +73,18 @@ class _Pruning:
         self.valid: torch.Tensor | None = None  # (B, S2) False on padding slots
         self.kwargs: dict | None = None  # the later layers' keyword arguments for the current pass
         self.full: torch.Tensor | None = None  # (B, S, D) layer K's input on the prompt, the dropped rows' filler
+        self.decided = False  # the hook chose (perhaps to drop nothing: then ``drop`` stays None)
 
-    def choose(self, drop: torch.Tensor) -> None:
-        self.drop = drop
+    def choose(self, drop: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+        """``drop`` (B, S): the positions the hook drops; ``padding``: the batch's padding, which leaves the later
+        layers with them (it is masked anyway). Dropping nothing leaves every layer as it is: padding alone is not
+        removed, so a hook that keeps every image token computes exactly what the model does without it."""
+        if not drop.any():
+            self.decided = True
+            return
+        if padding is not None:
+            drop = drop | padding.to(drop.device)
+        self.drop, self.decided = drop, True
         kept = (~drop).sum(1)
         S2 = int(kept.max())
         self.index = torch.sort(drop.int(), dim=1, stable=True).indices[:, :S2]  # kept positions, ascending

@@ -66,7 +66,7 @@ def test_inside_gives_each_module_output_as_tokens_in_call_order():
     assert out["net.0.b2"].shape == (3, 64, 12) and out["net.1"].shape == (3, 4, 12) and names[-1] == "tokens"
     torch.testing.assert_close(out["tokens"], conn(f).tokens)
     torch.testing.assert_close(out["readout.0"], conn.readout[0](out["net.2.b2"]))
-    tp = build_connector("tokenpacker", 16, 8, embed_dim=32, num_heads=4)
+    tp = build_connector("tokenpacker", 16, 8, embed_dim=32, num_heads=4, key_layers=())
     out = inside(tp, f)
     assert out["attn"].shape == (3, 16, 32)
     torch.testing.assert_close(tp.mlp(out["attn"]), out["tokens"])

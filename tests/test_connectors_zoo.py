@@ -170,7 +170,7 @@ def test_prumerge_against_the_reference_loop():
     cls_qk = torch.stack([q[:, 0], k[:, 0]], dim=1).reshape(2, 2, H, Dh)
     f = VisionFeatures(x, torch.zeros(2, 6, dtype=torch.float64), (8, 8), keys=keys, cls_qk=cls_qk)
     conn = PruMerge.wrap(identity(6).double(), neighbours=5).eval()
-    assert conn.feature_request.keys == "next" and not conn.feature_request.cls_attention
+    assert conn.feature_request.keys == "next" and conn.feature_request.cls_attention  # the latter for SigLIP
     with torch.no_grad():
         out = conn(f)
     for b in range(2):
@@ -194,6 +194,12 @@ def test_prumerge_against_the_reference_loop():
         np.testing.assert_allclose(old.tokens[b, : len(ref)].numpy(), ref, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="keys=False"):
         conn(VisionFeatures(x, None, (8, 8), att))
+    # no CLS token (SigLIP): the probe's attention scores, the keys merge
+    with torch.no_grad():
+        probe = conn(VisionFeatures(x, None, (8, 8), att, keys=keys))
+    for b in range(2):
+        ref = prumerge_reference(x[b].numpy(), att[b].mean(0).numpy(), k[b, 1:].numpy(), 5)
+        np.testing.assert_allclose(probe.tokens[b, : len(ref)].numpy(), ref, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------- C-Abstractor and TokenPacker against their references
