@@ -25,8 +25,9 @@ attention and later layers get a mask in which no query can see a dropped positi
 and never read: the same logits at every kept position, none of the saving).
 
 Decoder layers are found at ``model.model.layers`` (Llama, Qwen, Mistral and most transformers decoders; PEFT-wrapped
-models through ``get_base_model()``). Gradient checkpointing recomputes layers after this context has closed, so the
-composed model refuses to train with a hook under it.
+models through ``get_base_model()``). Activation (gradient) checkpointing recomputes layers in backward, after this
+context has closed, so a hook refuses to run under it with gradients on. The removal machinery is in
+``llms/removal.py``.
 """
 
 from __future__ import annotations
