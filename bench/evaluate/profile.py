@@ -8,6 +8,10 @@
   generation computes them) and decode tokens per second at batch 1: (time of ``generate`` with N new tokens - time
   with 1) / (N - 1), both through ``generate`` and timed in interleaved rounds, medians;
 - peak memory: CUDA's allocator peak on GPUs, the process's peak resident set size elsewhere.
+
+``prefill_comparison`` (``bench profile --keep SHARE``) times a per-token projector alone and each training-free
+reducer in front of it at one share of the image tokens, connector + LLM prefill, in interleaved rounds; FastV runs
+through its LLM hook, so its removal of the dropped tokens is what is timed.
 """
 
 from __future__ import annotations
