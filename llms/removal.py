@@ -166,7 +166,7 @@ class _Pruning:
         if self.drop is None or self.full is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[1] != self.index.shape[1] or self.full.shape[1] == hidden.shape[1]:
+        if hidden.shape[1] != self.index.shape[1]:
             return None
         full = self.full.to(hidden.dtype).clone()
         rows = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(self.index)

@@ -96,10 +96,11 @@ def test_fastv_needs_a_later_layer(encoders, llms):
         vlm(prompt(vlm))
 
 
-def mixed_batch(vlm: VLM, labelled: bool) -> VLMInputs:
-    """Rows that keep different numbers of positions: two images (one with a longer prompt) and a text-only row."""
+def mixed_batch(vlm: VLM, labelled: bool, long_text: bool = False) -> VLMInputs:
+    """Rows that keep different numbers of positions: two images (one with a longer prompt) and a text-only row
+    (``long_text``: the longest row, which drops nothing, so the later layers see every position of the batch)."""
     texts = ["What colour is the circle?", "How many shapes are there in this picture, and which is the largest?",
-             "Say hello."]  # fmt: skip
+             "Say hello. " * (40 if long_text else 1)]  # fmt: skip
     has_image = [True, True, False]
     ids = vlm.prompt_ids(has_image, texts)
     labels = None
@@ -110,15 +111,15 @@ def mixed_batch(vlm: VLM, labelled: bool) -> VLMInputs:
     return VLMInputs(ids, labels, vlm.encoder.preprocess(images(2)), has_image=has_image)
 
 
-@pytest.mark.parametrize("llm_name", ["qwen3", "tinyllama"])
-def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name, monkeypatch):
+@pytest.mark.parametrize("llm_name,long_text", [("qwen3", False), ("tinyllama", False), ("tinyllama", True)])
+def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name, long_text, monkeypatch):
     """The removal path (later layers run on the kept positions only) against the masking path (every position
     computed, the dropped ones hidden): equal logits and loss at every position that is kept, on a right-padded
     batch whose rows keep different numbers of positions; and the later layers really see fewer positions."""
     import llms.hooks as hooks
 
     vlm = fastv_vlm(encoders, llms, llm_name, k=1, r=0.75)
-    inputs = mixed_batch(vlm, labelled=True)
+    inputs = mixed_batch(vlm, labelled=True, long_text=long_text)
     seen = []
     later = hooks.decoder_layers(vlm.llm.model)[1]
     handle = later.self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]),
@@ -136,7 +137,7 @@ def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name
     # the later layers see each row's real positions less its dropped image tokens (padding removed as well),
     # padded to the row that keeps most; the masking path computes all S
     longest = max(int(m.sum()) - (n - kept) * int(h) for m, h in zip(mask, inputs.has_image))
-    assert seen == [longest, S] and longest < S
+    assert seen == [longest, S] and (longest == S) == long_text
     starts = [int((i == vlm.llm.image_token_id).nonzero()[0]) if h else None
               for i, h in zip(inputs.input_ids, inputs.has_image)]  # fmt: skip
     for b, s in enumerate(starts):
