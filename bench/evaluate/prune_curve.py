@@ -26,7 +26,7 @@ from bench.data.features import FeatureCache
 from bench.data.loader import Collator
 from bench.evaluate.accuracy import accuracy, answer, qa_samples
 from bench.evaluate.profile import REDUCERS as METHODS
-from bench.evaluate.profile import prefill_fn, reducer_at, tokens_after
+from bench.evaluate.profile import interleaved_samples, prefill_fn, reducer_at, tokens_after
 from bench.model.vlm import VLM
 from bench.train.config import RunConfig, load_data
 from bench.train.precision import autocast, run_precision
@@ -98,19 +98,11 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
 def interleaved_prefill(vlm: VLM, connectors, images, rounds: int = 40) -> list[tuple[float, float]]:
     """(tokens, median prefill ms at batch 1) per connector, timed in interleaved rounds so that drifts of the
     machine (frequency, other load) hit every configuration alike."""
-    import time
-
     fns, tokens = [], []
     for connector in connectors:
         vlm.connector = connector
         fn, n = prefill_fn(vlm, images[0])
         fns.append(fn)
         tokens.append(float(n))
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds + 3):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            if r >= 3:  # the first rounds warm up
-                times[i].append(1000 * (time.perf_counter() - t0))
-    return [(n, statistics.median(t)) for n, t in zip(tokens, times)]
+    times = interleaved_samples(fns, rounds, warmup=3)  # the first rounds warm up
+    return [(n, 1000 * statistics.median(t)) for n, t in zip(tokens, times)]
