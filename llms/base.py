@@ -18,7 +18,7 @@ from tokenizers import AddedToken
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from connector_zoo.hf import gguf_source, load_pretrained, preset_dir, random_geometry
+from connector_zoo.hf import gguf_source, load_pretrained, plain_model, preset_dir, random_geometry
 from connector_zoo.settings import SettingError
 from llms.lora import LORA_DEFAULTS, normalize_lora, quantization_config  # noqa: F401  (this module's API)
 
@@ -85,14 +85,8 @@ class LLMBackend(nn.Module):
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer",
                                          **where)  # fmt: skip
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
-        self.model = load_pretrained(
-            self.model_cls.from_pretrained,
-            path,
-            f"{self.registered_name} model",
-            dtype=getattr(torch, dtype or "float32"),
-            **where,
-            **extra,
-        )
+        self.model = plain_model(load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} model",
+                                                 dtype=getattr(torch, dtype or "float32"), **where, **extra))  # fmt: skip
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = self.chat_template
         self._add_special_tokens()

@@ -74,3 +74,31 @@ def write_llama_gguf(model, tokenizer, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def tiny_llama_checkpoints(root: Path, layers: int | None = None) -> tuple[Path, Path]:
+    """The tiny Llama preset (with ``layers`` decoder layers of fresh random weights where given) written twice: as a
+    safetensors directory and as a GGUF file. transformers' GGUF reader gives a ``gpt2`` vocabulary an
+    ``<|endoftext|>`` token when it has none (real ones have it), so the source gets it first, with its embedding row
+    at the mean: both files then hold the same vocabulary."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from llms import build_llm
+
+    source = build_llm("tinyllama").model.name_or_path  # the tiny preset's directory, as saved (safetensors)
+    tok = AutoTokenizer.from_pretrained(source)
+    if layers is None:
+        model = LlamaForCausalLM.from_pretrained(source)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(source, num_hidden_layers=layers))
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    model.save_pretrained(root / "safetensors")
+    tok.save_pretrained(root / "safetensors")
+    return root / "safetensors", write_llama_gguf(model, tok, root / "tiny-llama.gguf")

@@ -84,7 +84,7 @@ def test_fastv_generation_with_the_cache_equals_teacher_forcing(encoders, llms):
         new = gen.sequences[0]
         ids = torch.cat([inputs.input_ids[0], new])
         labels = torch.cat([torch.full_like(inputs.input_ids[0], IGNORE_INDEX), new])
-        forced = vlm(VLMInputs([ids], [labels], inputs.pixel_values, has_image=[True])).logits[0]
+        forced = vlm(VLMInputs([ids], [labels], inputs.pixel_values, has_image=[True]), full_logits=True).logits[0]
     n = len(new)
     steps = torch.stack([step[0] for step in gen.logits])  # (n, V)
     torch.testing.assert_close(steps, forced[-n - 1 : -1], rtol=1e-4, atol=1e-5)
@@ -125,10 +125,10 @@ def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name
     handle = later.self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]),
                                                        with_kwargs=True)  # fmt: skip
     with torch.no_grad():
-        removed = vlm(inputs)
+        removed = vlm(inputs, full_logits=True)
         masked_path = functools.partial(hooks.visual_token_hook, remove=False)
         monkeypatch.setattr("bench.model.vlm.visual_token_hook", masked_path)
-        masked = vlm(inputs)
+        masked = vlm(inputs, full_logits=True)
     handle.remove()
     visual = vlm.visual_tokens(inputs)
     _, mask, labels, _ = vlm.splice(inputs, visual)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import bench, install_in_hf_cache
-from gguf_file import write_llama_gguf
+from gguf_file import tiny_llama_checkpoints
 from test_data import e2e_rows
 
 from connector_zoo.settings import SettingError
@@ -21,23 +21,8 @@ CONVERSATION = [{"role": "user", "content": "<image>\nWhat colour is the circle?
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """The tiny Llama preset written twice: as a safetensors directory and as a GGUF file. transformers' GGUF
-    reader gives a ``gpt2`` vocabulary an ``<|endoftext|>`` token when it has none (real ones have it), so the
-    source gets it first, with its embedding row at the mean: both files then hold the same vocabulary."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    source = build_llm("tinyllama").model.name_or_path  # the tiny preset's directory, as saved (safetensors)
-    model, tok = LlamaForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
-    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    with torch.no_grad():
-        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
-    root = tmp_path_factory.mktemp("gguf")
-    model.save_pretrained(root / "safetensors")
-    tok.save_pretrained(root / "safetensors")
-    return root / "safetensors", write_llama_gguf(model, tok, root / "tiny-llama.gguf")
+    """The tiny Llama preset as a safetensors directory and as a GGUF file (``gguf_file.tiny_llama_checkpoints``)."""
+    return tiny_llama_checkpoints(tmp_path_factory.mktemp("gguf"))
 
 
 @pytest.fixture(scope="module")

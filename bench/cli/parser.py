@@ -53,10 +53,10 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-resolution", type=POSITIVE, metavar="PX",
                    help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; "
                    "192: 24x24)")  # fmt: skip
-    p.add_argument("--world-llm", choices=("small", "wide"), default="small",
-                   help="mini world LLM level: small (default; d=128, captions and QA text) or wide (d=256, also "
-                   "trained to answer questions from captions; with --recipe mini-wide; README: what each costs and "
-                   "gives)")  # fmt: skip
+    p.add_argument("--world-llm", choices=("small", "wide", "smollm2"), default="small",
+                   help="mini world LLM level: small (default; d=128), wide (d=256, --recipe mini-wide) or smollm2 "
+                   "(pretrained SmolLM2-135M cut to 8 layers, --recipe mini-smollm2); docs: what each costs and "
+                   "gives")  # fmt: skip
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ class VLMOutput(ModelOutput):
     loss:          LM loss + the connector's auxiliary loss (what is trained), when labels are given
     lm_loss:       the LM loss alone (what validation reports)
     aux_loss:      the connector's auxiliary loss, or None
-    logits:        (B, L, V)
+    logits:        (B, L, V); with labels, only the labelled positions' rows (n, V) unless full_logits
     visual_tokens: (B_img,) visual tokens per image, or None for a text-only batch
     """
 

@@ -30,6 +30,7 @@ from encoders.base import VisionEncoder, VisionFeatures
 from llms import build_llm
 from llms.base import IGNORE_INDEX, LLMBackend
 from llms.hooks import VisualSpans, visual_token_hook
+from llms.loss import causal_lm_forward
 
 CONFIG_NAME = "vlm_config.json"
 WEIGHTS_NAME = "trainable.safetensors"
@@ -139,15 +140,17 @@ class VLM(nn.Module):
         return embeds, mask, out_labels, position_ids
 
     # --------------------------------------------------------------- forward
-    def forward(self, inputs: VLMInputs):
-        """Causal-LM output; ``loss`` includes the connector's auxiliary loss (if any) when labels are given."""
+    def forward(self, inputs: VLMInputs, full_logits: bool = False):
+        """Causal-LM output; ``loss`` includes the connector's auxiliary loss (if any) when labels are given. With
+        labels, ``logits`` are the labelled positions' rows only (llms/loss.py) unless ``full_logits``."""
         visual = self.visual_tokens(inputs)
         embeds, mask, labels, position_ids = self.splice(inputs, visual)
         with self.llm_hook(inputs, visual, mask, labels, left_padded=False):
-            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels)
+            lm_loss, logits = causal_lm_forward(self.llm.model, labels, full_logits, inputs_embeds=embeds,
+                                                attention_mask=mask, position_ids=position_ids)  # fmt: skip
         aux = None if visual is None else visual.aux_loss
-        loss = out.loss if out.loss is None or aux is None else out.loss + aux
-        return VLMOutput(loss=loss, lm_loss=out.loss, aux_loss=aux, logits=out.logits,
+        loss = lm_loss if lm_loss is None or aux is None else lm_loss + aux
+        return VLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=logits,
                          visual_tokens=None if visual is None else visual.num_tokens)  # fmt: skip
 
     @torch.no_grad()
@@ -185,14 +188,9 @@ class VLM(nn.Module):
         embeds, mask, _, _ = self.splice(inputs, visual, padding_side="left")
         kwargs.setdefault("do_sample", False)
         with self.llm_hook(inputs, visual, mask, None, left_padded=True):
-            return self.llm.model.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.llm.eos_token_id,
-                pad_token_id=self.llm.pad_token_id,
-                **kwargs,
-            )
+            return self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                           eos_token_id=self.llm.eos_token_id, pad_token_id=self.llm.pad_token_id,
+                                           **kwargs)  # fmt: skip
 
     def llm_hook(self, inputs: VLMInputs, visual: ConnectorOutput | None, mask, labels, left_padded: bool,
                  connector: Connector | None = None):  # fmt: skip

@@ -17,52 +17,11 @@ from bench.data.images import DEFAULT_MAX_PIXELS
 from bench.data.loader import Collator
 from bench.model.vlm import VLM
 from bench.train.precision import TORCH_NAMES
+from bench.train.recipes import RECIPES
 from bench.train.stage import StageConfig
 from connector_zoo.io import read_json
 from connector_zoo.settings import SettingError, check, check_choice
 from connectors import CONNECTORS
-
-# Named recipes: the source notes' training settings, and the small default for the mini world. A recipe lists
-# stages; per-device batch x accumulation x processes gives the global batch of the notes.
-RECIPES: dict[str, list[dict[str, Any]]] = {
-    # the mini world on 2 CPU cores: a short stage 1 (connector only) then a short stage 2 (connector + LLM); see
-    # README: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
-    "mini": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
-             dict(stage=2, steps=1200, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
-    # `mini` with each connector trained at its paper's rates (Connector.paper_lr; LLaVA-1.5's 2e-3 / 2e-5 unless the
-    # paper differs: Honeybee's C-Abstractor 1e-4 / 2e-5, TokenPacker 1e-3 / 2e-5) and the world LLM at mini's 2e-3
-    # in stage 2 (README: why c_abstractor and tokenpacker lose colour under mini, issue 31)
-    "mini-paper-rates": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
-                              save_every=100),
-                         dict(stage=2, steps=1200, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
-                              save_every=100)],
-    "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
-    # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's
-    # rate low, so that the yes/no checking the wide LLM learnt from text survives (README, the world's ceiling)
-    "mini-wide": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
-                  dict(stage=2, steps=1200, batch_size=32, lr=2e-4, connector_lr=2e-3, warmup_ratio=0.05,
-                       save_every=100)],
-    # LLaVA-1.5 (MISSION.md): stage 1 lr 2e-3, global batch 128, 1 epoch; stage 2 lr 2e-5, global batch 32 (LLaVA v1
-    # notes), 3 epochs; cosine, 3 % warm-up, bf16 on GPUs
-    # (global_batch: the accumulation is derived from the per-device batch and the number of processes)
-    "llava-1.5-pretrain": [dict(stage=1, epochs=1, batch_size=16, global_batch=128, lr=2e-3, warmup_ratio=0.03,
-                                save_every=1000)],
-    "llava-1.5-finetune": [dict(stage=2, epochs=3, batch_size=4, global_batch=32, lr=2e-5, warmup_ratio=0.03,
-                                save_every=1000, gradient_checkpointing=True)],
-    # LLaVA-1.5's finetune_lora.sh: LoRA r 128, alpha 256 on every linear layer of the LLM, lr 2e-4 with the
-    # projector at 2e-5, global batch 128, 1 epoch, gradient checkpointing
-    "llava-1.5-finetune-lora": [dict(stage=2, epochs=1, batch_size=16, global_batch=128, lr=2e-4, connector_lr=2e-5,
-                                     warmup_ratio=0.03, save_every=1000, gradient_checkpointing=True,
-                                     lora=dict(r=128, alpha=256, dropout=0.05))],
-    # "LLaVA on a budget": batch 2, accumulation 4, lr 2e-4, 350 steps, cosine to 2e-5, 5 % warm-up, fp16
-    "budget": [dict(stage=2, steps=350, batch_size=2, grad_accum=4, lr=2e-4, min_lr_ratio=0.1, warmup_ratio=0.05,
-                    save_every=50)],
-    # MiniGPT-4: ~20k steps at batch 256 training only the linear layer after a frozen Q-Former, then 400 steps at
-    # batch 12 on curated pairs
-    "minigpt4-stage1": [dict(stage=1, steps=20000, batch_size=32, grad_accum=8, lr=1e-4, warmup_ratio=0.025,
-                             save_every=1000)],
-    "minigpt4-stage2": [dict(stage=1, steps=400, batch_size=12, lr=3e-5, warmup_ratio=0.05, save_every=100)],
-}  # fmt: skip
 
 
 @dataclass

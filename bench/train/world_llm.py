@@ -29,6 +29,7 @@ from bench.data.formats import CAPTION_PROMPT
 from bench.data.world import Obj, World, exist_questions, relation_questions
 from connector_zoo.io import kill_point, materialize, show_progress
 from llms import LLMS
+from llms.loss import causal_lm_forward
 
 LLM_STEPS = 800
 LLM_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -36,6 +37,8 @@ LEVELS = {
     "small": dict(size=LLM_SIZE, steps=LLM_STEPS, lr=2e-3, scene_qa=None),
     "wide": dict(size=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
                  steps=1500, lr=1e-3, scene_qa=3),
+    # a pretrained LLM (bench/train/packaged_llm.py), cut to ``layers`` and fine-tuned on the world's text as ``wide``
+    "smollm2": dict(pretrained="smollm2", layers="8", steps=240, batch_size=16, lr=1e-4, scene_qa=3),
 }  # fmt: skip
 
 
@@ -73,7 +76,15 @@ def lm_conversations(world: World, backend, scene_qa: int | None = None, seed: i
 def llm_recipe(name: str, level: str = "small") -> dict:
     """What a world LLM is made of: tokenizer, architecture and (beyond ``small``, whose recipe predates levels and
     keeps its digest) the level's training text, rate and loss."""
-    recipe = {"tokenizer": LLMS.get(name).tiny_tokenizer_key(), "size": level_of(level)["size"], "vocab": 640,
+    spec = level_of(level)
+    if spec.get("pretrained"):
+        from bench.train.packaged_llm import gguf_digest, packaged_gguf
+
+        keys = ("pretrained", "layers", "lr", "scene_qa")
+        sha = gguf_digest(packaged_gguf(spec["pretrained"]))  # the file's own: a world LLM per source file
+        return {**{k: spec[k] for k in keys}, "sha256": sha, "level": level, "backend": name,
+                "prompt": CAPTION_PROMPT, "loss": "assistant-turns", "scene_seed": 7}  # fmt: skip
+    recipe = {"tokenizer": LLMS.get(name).tiny_tokenizer_key(), "size": spec["size"], "vocab": 640,
               "prompt": CAPTION_PROMPT}  # fmt: skip
     if level != "small":
         spec = LEVELS[level]
@@ -81,26 +92,40 @@ def llm_recipe(name: str, level: str = "small") -> dict:
     return recipe
 
 
-def llm_dir_name(name: str, steps: int | None = None, batch_size: int = 64, seed: int = 0, level: str = "small") -> str:
+def llm_dir_name(
+    name: str, steps: int | None = None, batch_size: int | None = None, seed: int = 0, level: str = "small"
+) -> str:
     """The directory name of a world LLM: its readable settings and a digest of its recipe."""
     steps = level_of(level)["steps"] if steps is None else steps
+    batch_size = level_of(level).get("batch_size", 64) if batch_size is None else batch_size
     digest = hashlib.sha256(json.dumps(llm_recipe(name, level), sort_keys=True).encode()).hexdigest()[:10]
     tag = "" if level == "small" else f"-{level}"
     return f"llm-{name}{tag}-s{steps}-b{batch_size}-seed{seed}-{digest}"
 
 
 def pretrain_llm(
-    name: str, world: World, steps: int | None = None, batch_size: int = 64, seed: int = 0, level: str = "small"
-) -> Path:
-    """The world's ``name`` LLM directory (model + tokenizer) at ``level``, trained on the world's text on first use."""
+    name: str, world: World, steps: int | None = None, batch_size: int | None = None, seed: int = 0,
+    level: str = "small", log=print,
+) -> Path:  # fmt: skip
+    """The world's ``name`` LLM directory (model + tokenizer) at ``level``, trained on the world's text on first use:
+    from scratch (``small``, ``wide``), or from a pretrained LLM cut to some of its layers (``smollm2``)."""
     cls, spec = LLMS.get(name), level_of(level)
     steps = spec["steps"] if steps is None else steps
+    batch_size = spec.get("batch_size", 64) if batch_size is None else batch_size
     out = world.dir / "backbones" / llm_dir_name(name, steps, batch_size, seed, level)
 
     def build(tmp: Path) -> None:
-        corpus = [*world.text_corpus(), CAPTION_PROMPT]
-        cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **spec["size"])
-        backend = cls(str(tmp), frozen=False)
+        if spec.get("pretrained"):
+            from bench.train.packaged_llm import packaged_gguf
+
+            log(f"world LLM {level}: {spec['pretrained']}'s layers {spec['layers']}, then {steps} steps on the "
+                f"world's text (once per world; minutes)")  # fmt: skip
+            backend = cls(str(packaged_gguf(spec["pretrained"], log)), frozen=False)
+            keep_layers(backend.model, layer_indices(spec["layers"], len(backend.model.get_decoder().layers)))
+        else:
+            corpus = [*world.text_corpus(), CAPTION_PROMPT]
+            cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **spec["size"])
+            backend = cls(str(tmp), frozen=False)
         torch.manual_seed(seed)
         rng = random.Random(seed)
         seqs = lm_conversations(world, backend, spec["scene_qa"], seed)
@@ -115,7 +140,10 @@ def pretrain_llm(
             kill_point(f"pretrain-llm-{name}:{step}")
             batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
             ids, mask, labels = pad_batch(batch, pad)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if spec.get("pretrained"):  # the LM head at the answers only (a 49,152-token head; llms/loss.py)
+                loss = causal_lm_forward(model, labels, input_ids=ids, attention_mask=mask)[0]
+            else:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -124,6 +152,35 @@ def pretrain_llm(
         backend.tokenizer.save_pretrained(tmp)
 
     return materialize(out, build)
+
+
+def layer_indices(spec: str | int, total: int) -> list[int]:
+    """Decoder layers to keep: ``N`` (the first N) or indices and ranges, ``"0-6,29"``; checked against ``total``."""
+    text = str(spec).strip()
+    if text.isdigit():
+        out = list(range(int(text)))
+    else:
+        out = []
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise ValueError(f"layers {spec!r}: write N, or indices and ranges such as 0-6,29")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    if not out or out != sorted(set(out)) or out[-1] >= total:
+        raise ValueError(f"layers {spec!r}: need increasing layer indices below {total}")
+    return out
+
+
+def keep_layers(model, indices: list[int]) -> None:
+    """Keep only the decoder layers ``indices`` of a causal LM (in order), renumbering their cache slots."""
+    decoder = model.get_decoder()
+    decoder.layers = torch.nn.ModuleList(decoder.layers[i] for i in indices)
+    for new, layer in enumerate(decoder.layers):
+        layer.self_attn.layer_idx = new
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in indices]
+    config.num_hidden_layers = len(indices)
 
 
 def pad_batch(batch: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

