@@ -85,8 +85,9 @@ class LLMBackend(nn.Module):
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer",
                                          **where)  # fmt: skip
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
-        self.model = plain_model(load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} model",
-                                                 dtype=getattr(torch, dtype or "float32"), **where, **extra))  # fmt: skip
+        what, dtype = f"{self.registered_name} model", getattr(torch, dtype or "float32")
+        model = load_pretrained(self.model_cls.from_pretrained, path, what, dtype=dtype, **where, **extra)
+        self.model = plain_model(model)
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = self.chat_template
         self._add_special_tokens()
