@@ -48,6 +48,11 @@ def add_turns_arg(p: argparse.ArgumentParser) -> None:
                    "(default 1: one question a sample; evaluation always asks one)")  # fmt: skip
 
 
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), "
+                   "no (fp32), bf16, fp16 (bf16 on CPU)")  # fmt: skip
+
+
 def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-scale", type=SCALE, default=1.0, help="scale the mini world's splits (tests: 0.01)")
     p.add_argument("--world-resolution", type=POSITIVE, metavar="PX",
@@ -122,17 +127,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
         default=DEFAULT_MAX_PIXELS,
         help=f"skip images with more pixels, before decoding (default {DEFAULT_MAX_PIXELS}, Pillow's limit; 0: none)",
     )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), no (fp32), bf16, fp16 (bf16 on CPU)",
-    )
-    p.add_argument(
-        "--backbone-dtype",
-        default="auto",
-        help="storage dtype of the frozen encoder and LLM: auto (the precision's on GPU, fp32 on CPU), "
-        "fp32, bf16, fp16; trainable weights stay fp32",
-    )
+    add_precision_arg(p)
+    p.add_argument("--backbone-dtype", default="auto", help="storage dtype of the frozen encoder and LLM: auto (the "
+                   "precision's on GPU, fp32 on CPU), fp32, bf16, fp16; trainable weights stay fp32")  # fmt: skip
     p.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
@@ -195,6 +192,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--steps", type=NON_NEGATIVE)
     add_world_args(p)
     add_turns_arg(p)
+    add_precision_arg(p)
     p.add_argument("--pretrain-steps", type=POSITIVE)
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")

@@ -91,6 +91,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.report.sweep import split_list, sweep
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
+    if args.precision != "auto":  # (not written when not given: the cells of older sweeps keep their keys)
+        base["precision"] = args.precision
     data = data_from_args(argparse.Namespace(**{**vars(args), "data": "world"}))
     if set(data) != {"kind"}:  # a data option was given: a sweep's cells name their world
         from bench.data.world import WorldConfig

@@ -18,10 +18,11 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
                               save_every=100),
                          dict(stage=2, steps=1200, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
                               save_every=100)],
-    # for --world-llm smollm2 (a pretrained LLM cut to 8 layers): fewer, costlier steps; stage 2 trains the LLM at the
-    # rate it was fine-tuned on the world's text with, the connector at LLaVA's stage-1 rate
-    "mini-smollm2": [dict(stage=1, steps=150, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=50),
-                     dict(stage=2, steps=300, batch_size=32, lr=1e-4, connector_lr=1e-3, warmup_ratio=0.05,
+    # for --world-llm smollm2 (pretrained SmolLM2-135M, 30 layers): fewer and smaller steps than `mini`, each ~10x its
+    # cost; stage 2 trains the LLM at LLaVA's low rate for a pretrained LLM and the connector at half stage 1's
+    # (with --qa-turns 3 and --precision bf16 where the CPU is fast at it; docs/pretrained-world.md)
+    "mini-smollm2": [dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50),
+                     dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05,
                           save_every=50)],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's

