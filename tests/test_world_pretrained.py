@@ -117,3 +117,42 @@ def test_a_run_on_the_pretrained_level_trains_evaluates_and_exports(nine_layers,
 
     model = AutoModelForImageTextToText.from_pretrained(run / "hf")
     assert model.vlm.llm.model.config.num_hidden_layers == 8
+
+
+# SmolLM2-135M-Instruct's chat template, verbatim from the GGUF's tokenizer.chat_template metadata
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou "
+    "are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_the_level_renders_chatml_without_smollm2s_default_system_turn():
+    from jinja2 import Template
+
+    from bench.train.world_llm import without_default_system
+
+    turns = [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "red"}]
+    before = Template(SMOLLM2_TEMPLATE).render(messages=turns, add_generation_prompt=False)
+    after = Template(without_default_system(SMOLLM2_TEMPLATE)).render(messages=turns, add_generation_prompt=False)
+    assert before.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert after == "<|im_start|>user\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+    system = [{"role": "system", "content": "Be brief."}, *turns]  # a given system turn is kept
+    assert (
+        Template(without_default_system(SMOLLM2_TEMPLATE))
+        .render(messages=system)
+        .startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    )
+    assert without_default_system("{{ messages }}") == "{{ messages }}"
+
+
+def test_the_fine_tuning_precision_is_part_of_the_world_llms_key(nine_layers, monkeypatch):
+    """bf16 or fp32 (chosen by timing this CPU) make two different world LLMs: never one served for the other."""
+    from bench.train import world_llm
+
+    monkeypatch.setenv("CONNECTOR_ZOO_GGUF_SMOLLM2", str(nine_layers[1]))
+    monkeypatch.setattr(world_llm, "_CPU_PRECISION", "bf16")
+    bf16 = llm_dir_name("tinyllama", level="smollm2")
+    monkeypatch.setattr(world_llm, "_CPU_PRECISION", "fp32")
+    assert llm_dir_name("tinyllama", level="smollm2") != bf16

@@ -59,6 +59,11 @@ SMOLLM_DEFAULT_SYSTEM = (
 )
 
 
+def without_default_system(template: str) -> str:
+    """A chat template without SmolLM2's default system turn (any other template unchanged)."""
+    return template.replace(SMOLLM_DEFAULT_SYSTEM, "")
+
+
 def pretrained_precision() -> str:
     """The compute precision of a pretrained level's fine-tuning: bf16 autocast where this CPU multiplies bf16 faster
     (measured, :func:`cpu_bf16_is_fast`), on GPUs with bf16, else fp32; part of the world LLM's key."""
@@ -154,8 +159,7 @@ def pretrain_llm(
                 f"world's text (once per world; minutes)")  # fmt: skip
             backend = cls(str(packaged_gguf(spec["pretrained"], log)), frozen=False)
             keep_layers(backend.model, layer_indices(spec["layers"], len(backend.model.get_decoder().layers)))
-            template = backend.tokenizer.chat_template or ""
-            backend.tokenizer.chat_template = template.replace(SMOLLM_DEFAULT_SYSTEM, "")
+            backend.tokenizer.chat_template = without_default_system(backend.tokenizer.chat_template or "")
         else:
             corpus = [*world.text_corpus(), CAPTION_PROMPT]
             cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **spec["size"])

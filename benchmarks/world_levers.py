@@ -1,0 +1,107 @@
+"""What each cost lever of the pretrained world level (``--world-llm smollm2``) buys: one training step (forward and
+backward) of the composed model on the same batch of the world's training samples, per setting, timed in interleaved
+rounds (each round times every setting once, in turn), median and spread (min-max) per setting and the ratio to the
+first. Also the tokens per sample with SmolLM2's default system turn and without it (what the level renders).
+
+    python benchmarks/world_levers.py [--rounds 5] [--batch-size 16] [--qa-turns 3] [--connector mlp2x_gelu]
+
+Settings: the LLM trained whole (stage 2) or frozen (stage 1, the connector still gets gradients through it), LoRA
+r=64 on every linear layer, fp32 or bf16 autocast, the LM head on every position (transformers' loss) or only where
+a label is (llms/loss.py). The world LLM is the level's (built on first use, minutes). Print only, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bench.data.formats import world_dataset
+from bench.run.record import cpu_name
+from bench.train.config import RunConfig, build_model, feature_sources, load_data
+from bench.train.precision import autocast
+from bench.train.world_llm import SMOLLM_DEFAULT_SYSTEM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--qa-turns", type=int, default=3)
+    ap.add_argument("--connector", default="mlp2x_gelu")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = RunConfig(connector={"name": args.connector}, data={"kind": "world", "qa_turns": args.qa_turns,
+                                                               "pretrain": {"llm_level": "smollm2"}})  # fmt: skip
+    train, _, _, world = load_data(cfg, lambda *a: None)
+    vlm = build_model(cfg, world, print)
+    _, collators, _ = feature_sources(cfg, vlm, [train], lambda *a: None)
+    collate = collators[train.images.key]
+    samples = world_dataset(world, "train", qa_turns=args.qa_turns).samples[: args.batch_size * 4 : 4]
+    batch = collate(samples)  # captions and question conversations, as a training batch mixes them
+    tokens = [len(ids) for ids in batch.input_ids]
+
+    with_system = vlm.llm.tokenizer.chat_template
+    template = vlm.llm.tokenizer.chat_template
+    if SMOLLM_DEFAULT_SYSTEM not in template:  # the level rendered it away: count what it would have cost
+        with_system = template.replace("{% for message in messages %}", "{% for message in messages %}"
+                                       + SMOLLM_DEFAULT_SYSTEM, 1)  # fmt: skip
+    vlm.llm.tokenizer.chat_template = with_system
+    longer = [len(collate([s]).input_ids[0]) for s in samples]
+    vlm.llm.tokenizer.chat_template = template
+
+    lora_added = False
+
+    def step(trains_llm: bool, lora: bool, precision: str, full_logits: bool) -> float:
+        nonlocal lora_added
+        if lora and not lora_added:
+            vlm.llm.add_lora({"r": 64, "alpha": 128, "dropout": 0.0})
+            lora_added = True
+        model = vlm.llm.model
+        if lora_added:  # adapters on or off
+            lora_model = model.base_model  # peft's LoraModel
+            (lora_model.enable_adapter_layers if lora else lora_model.disable_adapter_layers)()
+        model.requires_grad_(False)
+        if trains_llm:
+            for name, p in model.named_parameters():
+                p.requires_grad_(("lora_" in name) if lora else "lora_" not in name)
+        vlm.connector.requires_grad_(True)
+        vlm.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with autocast(precision):
+            loss = vlm(batch, full_logits=full_logits).loss
+        loss.backward()
+        return time.perf_counter() - start
+
+    settings = {
+        "LLM trained, fp32, head on every position": (True, False, "no", True),
+        "LLM trained, fp32, head at labels": (True, False, "no", False),
+        "LLM trained, bf16, head at labels": (True, False, "bf16", False),
+        "LLM frozen (stage 1), bf16, head at labels": (False, False, "bf16", False),
+        "LoRA r=64, bf16, head at labels": (True, True, "bf16", False),
+    }
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    for k, s in settings.items():  # warm-up, untimed
+        step(*s)
+    for _ in range(args.rounds):
+        for k, s in settings.items():
+            times[k].append(step(*s))
+    first = statistics.median(next(iter(times.values())))
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch {len(tokens)} samples, "
+          f"{sum(tokens) / len(tokens):.1f} tokens a sample ({sum(longer) / len(longer):.1f} with SmolLM2's default "
+          f"system turn); {args.rounds} interleaved rounds")  # fmt: skip
+    rows = []
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"setting": k, "median_s": round(med, 3), "min_s": round(min(ts), 3), "max_s": round(max(ts), 3),
+                     "speed-up": round(first / med, 2)})  # fmt: skip
+        print(f"  {k:<46} {med:7.2f} s  [{min(ts):.2f}, {max(ts):.2f}]  {first / med:5.2f}x")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
