@@ -85,7 +85,7 @@ def main() -> None:
         "LoRA r=64, bf16, head at labels": (True, True, "bf16", False),
     }
     times: dict[str, list[float]] = {k: [] for k in settings}
-    for k, s in settings.items():  # warm-up, untimed
+    for s in settings.values():  # warm-up, untimed
         step(*s)
     for _ in range(args.rounds):
         for k, s in settings.items():
