@@ -10,8 +10,8 @@ connector's own learning rate, weight decay, ...), named in ``VARIANTS`` below. 
 accuracy, colour / shape / size / count / position, the last 100 steps' mean loss of each stage, and the mean norm
 of a visual token on 64 test images beside the mean norm of the LLM's text embeddings. A finished variant (its
 ``results.json``, or the ``results.json.gz`` that ``benchmarks/keep_sweep_record.py`` keeps, exists) is read back,
-not re-run; the README's issue-31 table is ``python benchmarks/connector_diagnosis.py --out sweeps/diagnosis`` with
-its variants, read from the kept records (token norms need the weights, which are not kept).
+not re-run; docs/mini-world.md's issue-31 table is ``python benchmarks/connector_diagnosis.py --out
+sweeps/diagnosis`` with its variants, read from the kept records (token norms need the weights, which are not kept).
 """
 
 from __future__ import annotations

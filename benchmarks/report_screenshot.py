@@ -1,5 +1,6 @@
 """Screenshot of a `bench report --html` page in headless Chromium (Debian's package, driven by playwright), as the
-README's picture is made: ``python benchmarks/report_screenshot.py report/index.html docs/figures/report.png``.
+picture in docs/ablations.md is made:
+``python benchmarks/report_screenshot.py report/index.html docs/figures/report.png``.
 Prints the console errors the page raised (there should be none) and fails if there were any."""
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 Each ``A:B`` names two connectors of the sweep (the configuration ``<encoder> + A + <llm> (<recipe>)``, or a full
 configuration name as the report prints it). Printed per pair: A's accuracy minus B's in points with the paired
 bootstrap 95 % interval and McNemar's exact p-value (``bench/evaluate/stats.py``, as the report's "vs best" column),
-and the number of (seed, question) pairs compared. The README's zoo-sweep findings were computed with this script.
+and the number of (seed, question) pairs compared. The zoo-sweep findings in docs/mini-world.md were computed with
+this script.
 """
 
 from __future__ import annotations

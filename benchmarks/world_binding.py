@@ -5,7 +5,7 @@
 Reads each run's recorded per-question test answers (``results.json``) and its world (``config.json``), and prints
 ``bench/evaluate/binding.py``'s split: exact match per question type by the number of objects in the scene, and
 the share of wrong lookups (colour, shape, size, position of a named object) that name another object's attribute.
-No model is run. The README's section on the world's ceiling compares it with the world LLM reading captions
+No model is run. docs/mini-world.md's section on the world's ceiling compares it with the world LLM reading captions
 (``benchmarks/world_llm_text.py``).
 """
 

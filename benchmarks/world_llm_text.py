@@ -6,7 +6,8 @@ The world's LLM at ``--level`` (built on first use, like ``bench run --world-llm
 first ``--test`` test scenes twice: after the scene's caption ("caption\\nquestion", the form the ``wide`` level is
 trained on, never with a test caption) and from the question alone (the blind baseline's view). Printed: exact
 match per question type for both. A question type the LLM cannot answer from a perfect description of the scene it
-will not answer from image tokens either; the README's table on the world's ceiling was measured with this script.
+will not answer from image tokens either; the table on the world's ceiling in docs/mini-world.md was measured with
+this script.
 
 Also printed, for the caption view, ``bench/evaluate/binding.py``: exact match per type by the number of objects
 in the scene, and the share of wrong lookups that name another object's attribute (a bag-of-words reader).

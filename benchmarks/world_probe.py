@@ -8,7 +8,7 @@ test images; for each attribute (colour, shape, size) and each of the 9 grid cel
 features of the selected layer (standardised) predicts the attribute of the object in that cell (or "none"), trained
 with Adam on the training images. Printed: test accuracy over the cells that hold an object, per attribute, and for
 shape split by object size. A VLM cannot answer a question type above what its encoder makes readable; far below it,
-the connector and the LLM are the limit (see the README's notes on the world's ceiling).
+the connector and the LLM are the limit (see docs/mini-world.md, the world's ceiling).
 
 ``--per-token`` asks a harder question: one linear classifier shared by all patch tokens predicts what lies under each
 token (``patch_labels``), scored on the tokens an object covers. A per-token projector (mlp2x_gelu) hands the LLM

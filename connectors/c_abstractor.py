@@ -25,7 +25,7 @@ Compared line by line with ``projectors.py``, ``modeling_honeybee.py`` and the c
   betas 0.9 / 0.98, eps 1e-6, weight decay 0.01, 2,000 warm-up steps of 50,000, cosine to 1e-5, batch 256) and
   fine-tunes abstractor + LLM at 2e-5 (weight decay 1e-4). The mini world's default recipe, ``mini``, trains every
   connector at LLaVA's stage-1 rate 2e-3 in both stages (no weight decay); ``mini-paper-rates`` takes Honeybee's 1e-4
-  / 2e-5 from ``paper_lr``. What each does to this module is in the README (issue 31).
+  / 2e-5 from ``paper_lr``. What each does to this module is in docs/mini-world.md (issue 31).
 - Before December 5 the blocks and the MLP kept timm's / PyTorch's default initialisation (Kaiming-uniform, weights
   of std 0.07-0.19 here, non-zero biases), which is not Honeybee's.
 """

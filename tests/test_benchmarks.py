@@ -1,4 +1,5 @@
-"""The probes the README's diagnoses rest on (benchmarks/connector_probe.py) read what is there and nothing else."""
+"""The probes the diagnoses in docs/mini-world.md rest on (benchmarks/connector_probe.py) read what is there and
+nothing else."""
 
 from __future__ import annotations
 

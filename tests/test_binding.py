@@ -1,4 +1,4 @@
-"""bench/evaluate/binding.py: the crowded-scene split the README's diagnosis of the world LLM rests on."""
+"""bench/evaluate/binding.py: the crowded-scene split docs/mini-world.md's diagnosis of the world LLM rests on."""
 
 from __future__ import annotations
 

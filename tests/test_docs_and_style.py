@@ -69,7 +69,7 @@ BENCH_ORDER = ["model", "data", "train", "evaluate", "run", "report", "cli"]  # 
 
 
 def test_bench_is_arranged_by_stage_one_way_with_small_modules():
-    """bench/ by stage (README's Layout): a package imports only packages earlier in the order (no circles), each
+    """bench/ by stage (docs/layout.md): a package imports only packages earlier in the order (no circles), each
     package's __init__ says what lives there, and no module of the project is over 300 lines."""
     bench_dir = ROOT / "bench"
     assert sorted(p.name for p in bench_dir.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(BENCH_ORDER)

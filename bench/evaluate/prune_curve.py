@@ -7,8 +7,8 @@ token reducer in front of its projector at several keep ratios, with no retraini
   beat merging everything spatially?
 - ``visionzip``: k tokens split as VisionZip's 54 : 10 (dominant with CLS : contextual);
 - ``prumerge``: PruMerge with a fixed ratio (``adaptive=False``): int(k) kept and merged + 1 pooled token;
-- ``fastv``: every token enters the LLM, k are left after LLM layer 1 (R = 1 - ratio; the world's LLM has 2 layers,
-  so K = 1; with a larger LLM, the paper's K = 2).
+- ``fastv``: every token enters the LLM, k are left after LLM layer K (R = 1 - ratio): the paper's K = 2, or K = 1
+  where the LLM has only 2 layers (the from-scratch world LLMs).
 
 Every point, the unpruned reference included, is evaluated on the same cached features (computed with the encoder's
 eager attention, which pruning needs), so the 100 % points of cls_prune and random_keep equal the unpruned accuracy
@@ -72,7 +72,8 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers,
                 "tokens": tokens_after(connector, info)}  # fmt: skip
 
-    reducers = {m: (lambda r, m=m: [reducer_at(m, projector, r, info, fastv_layer=1)]) for m in METHODS}
+    layer = 2 if vlm.llm.model.config.num_hidden_layers > 2 else 1  # the paper's K = 2 where the LLM has room
+    reducers = {m: (lambda r, m=m: [reducer_at(m, projector, r, info, fastv_layer=layer)]) for m in METHODS}
     reducers["random_keep"] = lambda r: [reducer_at("random_keep", projector, r, info, seed=s) for s in seeds]
     rows = []
     with autocast(run_precision(run_dir), vlm.device):  # the arithmetic the run trained with

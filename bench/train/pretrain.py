@@ -29,10 +29,10 @@ from bench.train.world_llm import llm_dir_name
 from connector_zoo.io import kill_point, materialize, show_progress
 from encoders import ENCODERS
 
-# the world encoders' recipe (README, "where the world's ceiling is"): contrastive on captions plus, at 4x its weight,
-# the dense objective on object patches (dense_loss); with contrastive alone (240 steps at 1e-3, the recipe before
-# December) single patch tokens said the shape under them for 46 % of object patches and the VLM answered shape
-# questions at the blind level
+# the world encoders' recipe (docs/mini-world.md, "Where the world's ceiling is"): contrastive on captions plus, at
+# 4x its weight, the dense objective on object patches (dense_loss); with contrastive alone (240 steps at 1e-3, the
+# recipe before December) single patch tokens said the shape under them for 46 % of object patches and the VLM
+# answered shape questions at the blind level
 ENCODER_STEPS = 600
 ENCODER_DENSE = 4.0
 ENCODER_LR = 3e-3
@@ -173,7 +173,8 @@ def dense_loss(heads: nn.ModuleList, patches: torch.Tensor, target: torch.Tensor
     colour head over every patch (class 0 = background, so it also learns where objects are), the shape and size
     heads over the patches an object covers only. Over all patches, background (about 80 % of them) dominated the
     shape and size terms: with this objective alone for 600 steps a per-token linear probe read shape from 73 % of the
-    object patches, against 89 % with the loss on object patches (README, "where the world's ceiling is")."""
+    object patches, against 89 % with the loss on object patches (docs/mini-world.md, "Where the world's ceiling
+    is")."""
     colour = nn.functional.cross_entropy(heads[0](patches).flatten(0, 1), target[..., 0].flatten())
     on_object = target[..., 0] > 0
     if not on_object.any():
@@ -187,7 +188,7 @@ def position_loss(heads: nn.ModuleList, patches: torch.Tensor) -> torch.Tensor:
     two linear heads predict each token's own grid row and column (cross-entropy, every token). The tower's position
     embedding puts this at its input; without the objective a per-token linear probe read the row from 57 % and the
     column from 54 % of the object tokens at the default layer, and position and relation questions, which need
-    where the attended object is, were the VLM's weakest (README, "where the world's ceiling is")."""
+    where the attended object is, were the VLM's weakest (docs/mini-world.md, "Where the world's ceiling is")."""
     rows, cols = heads[0].out_features, heads[1].out_features
     index = torch.arange(rows * cols, device=patches.device)
     row, col = (index // cols).expand(patches.shape[0], -1), (index % cols).expand(patches.shape[0], -1)

@@ -8,12 +8,12 @@ from typing import Any
 
 RECIPES: dict[str, list[dict[str, Any]]] = {
     # the mini world on 2 CPU cores: a short stage 1 (connector only) then a short stage 2 (connector + LLM); see
-    # README: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
+    # docs/training.md: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
     "mini": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
              dict(stage=2, steps=1200, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # `mini` with each connector trained at its paper's rates (Connector.paper_lr; LLaVA-1.5's 2e-3 / 2e-5 unless the
     # paper differs: Honeybee's C-Abstractor 1e-4 / 2e-5, TokenPacker 1e-3 / 2e-5) and the world LLM at mini's 2e-3
-    # in stage 2 (README: why c_abstractor and tokenpacker lose colour under mini, issue 31)
+    # in stage 2 (docs/mini-world.md: why c_abstractor and tokenpacker lose colour under mini, issue 31)
     "mini-paper-rates": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
                               save_every=100),
                          dict(stage=2, steps=1200, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
@@ -26,7 +26,8 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
                           save_every=50)],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's
-    # rate low, so that the yes/no checking the wide LLM learnt from text survives (README, the world's ceiling)
+    # rate low, so that the yes/no checking the wide LLM learnt from text survives (docs/mini-world.md, the world's
+    # ceiling)
     "mini-wide": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
                   dict(stage=2, steps=1200, batch_size=32, lr=2e-4, connector_lr=2e-3, warmup_ratio=0.05,
                        save_every=100)],

@@ -4,7 +4,7 @@ levels (``data.pretrain.llm_level``, ``--world-llm``):
 - ``small`` (default; the cold-run budget): d=128, 2 layers, 800 steps at 2e-3 as a language model on the captions
   and the question-answer text rendered with the backend's chat template. It learns the language and the answer
   format, not the answers (which need the image). It never learns yes/no: asked with the caption in place of the
-  image it answers existence and relation questions at chance (README, "where the world's ceiling is").
+  image it answers existence and relation questions at chance (docs/mini-world.md, "Where the world's ceiling is").
 - ``wide``: d=256 (head dim 64), 2 layers, 1,500 steps at 1e-3, loss on the assistant turns, and also *scene text*:
   "caption\\nquestion" -> answer for every training question, plus ``scene_qa`` extra existence and relation
   questions per training scene. It learns to check a description, as a real LLM arrives able to: asked with the
@@ -15,7 +15,7 @@ levels (``data.pretrain.llm_level``, ``--world-llm``):
   bench/train/packaged_llm.py; 30 layers, d=576, vocabulary 49,152), fine-tuned whole on the same text as ``wide``
   for 240 steps of 16 at 1e-4 (bf16 autocast where the CPU is faster at it), rendered in ChatML without SmolLM2's
   default system turn. Pretraining is what binds attributes to objects: from captions it answers 88-95 % where the
-  from-scratch levels stay under 84 % (README). Cut to its first 8 or 16 layers it does not bind
+  from-scratch levels stay under 84 % (docs/mini-world.md). Cut to its first 8 or 16 layers it does not bind
   (docs/pretrained-world.md).
 
 Only the training split's text is read; the blind baseline gets the same LLM, so it stays honest: it learns how to
