@@ -19,7 +19,6 @@ import time
 
 import torch
 
-from bench.data.formats import world_dataset
 from bench.run.record import cpu_name
 from bench.train.config import RunConfig, build_model, feature_sources, load_data
 from bench.train.precision import autocast
@@ -41,7 +40,7 @@ def main() -> None:
     vlm = build_model(cfg, world, print)
     _, collators, _ = feature_sources(cfg, vlm, [train], lambda *a: None)
     collate = collators[train.images.key]
-    samples = world_dataset(world, "train", qa_turns=args.qa_turns).samples[: args.batch_size * 4 : 4]
+    samples = train.samples[: args.batch_size * 4 : 4]
     batch = collate(samples)  # captions and question conversations, as a training batch mixes them
     tokens = [len(ids) for ids in batch.input_ids]
 

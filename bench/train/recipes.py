@@ -24,6 +24,12 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "mini-smollm2": [dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50),
                      dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05,
                           save_every=50)],
+    # the two published directions the pretrained level tests by recipe (docs/pretrained-world.md): Prismatic's
+    # single-stage training (stage 2 alone, the same 250 steps), and LLaVA's frozen LLM against a fine-tuned one (the
+    # connector alone for all 400 steps at stage 1's rate)
+    "mini-smollm2-stage2-only": [dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3,
+                                      warmup_ratio=0.05, save_every=50)],
+    "mini-smollm2-frozen-llm": [dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50)],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's
     # rate low, so that the yes/no checking the wide LLM learnt from text survives (docs/mini-world.md, the world's
