@@ -75,7 +75,9 @@ def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: b
     for stage in stages:
         stage.resolve_accumulation(accelerator.num_processes)
     kind = accelerator.distributed_type.value
-    log(f"accelerate: {kind}, {accelerator.num_processes} process(es), precision {prec}, backbone {backbone}")
+    where = "one process" if kind == "NO" else f"{accelerator.num_processes} processes ({kind})"
+    compute = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[prec]
+    log(f"device: {accelerator.device.type}, {where}; compute {compute}, frozen weights stored in {backbone}")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
         # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
         log(

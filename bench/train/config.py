@@ -222,9 +222,9 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
 
         pre = cfg.data.get("pretrain", {})  # e.g. {"encoder_steps": 5, "llm_steps": 5} for micro worlds in tests
         if not enc_spec.get("checkpoint"):
-            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **steps(pre, "encoder")))
+            enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **steps(pre, "encoder"), log=log))
         if not llm_spec.get("checkpoint"):
-            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **steps(pre, "llm")))
+            llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **steps(pre, "llm"), log=log))
     torch.manual_seed(cfg.seed)
     vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length)
     log(f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "

@@ -104,6 +104,7 @@ def pretrain_encoder(
     dense: float = ENCODER_DENSE,
     lr: float = ENCODER_LR,
     position: float = ENCODER_POSITION,
+    log=print,
 ) -> Path:
     """The world's ``family`` encoder directory, trained on first use. ``dense`` > 0 adds, with that weight, a dense
     objective on the selected layer's patch tokens: a linear head per patch predicts the colour, shape and size of
@@ -114,6 +115,9 @@ def pretrain_encoder(
 
     def build(tmp: Path) -> None:
         from open_clip.loss import ClipLoss, SigLipLoss
+
+        log(f"world encoder: pretraining the {family} tower on the world's images, {steps} steps (once per world and "
+            "recipe; a few minutes on 2 CPU cores)")  # fmt: skip
 
         size = world.cfg.image_size  # the tiny preset at the world's resolution: 8-px patches, (size / 8)^2 of them
         enc = cls.from_checkpoint("tiny" if size == 64 else f"tiny@{size}", frozen=False)  # may build the preset

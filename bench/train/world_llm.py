@@ -161,6 +161,8 @@ def pretrain_llm(
             keep_layers(backend.model, layer_indices(spec["layers"], len(backend.model.get_decoder().layers)))
             backend.tokenizer.chat_template = without_default_system(backend.tokenizer.chat_template or "")
         else:
+            what = f"training {name}'s architecture on the world's text, {steps} steps"
+            log(f"world LLM {level}: {what} (once per world; a few minutes on 2 CPU cores)")
             corpus = [*world.text_corpus(), CAPTION_PROMPT]
             cls.build_tiny(tmp, corpus=corpus, seed=seed, vocab_size=llm_recipe(name)["vocab"], **spec["size"])
             backend = cls(str(tmp), frozen=False)
