@@ -17,7 +17,7 @@ from connector_zoo.io import write_json
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bench.evaluate.accuracy import blind_answers, evaluate_split
+    from bench.evaluate.accuracy import blind_answers, evaluate_split, shown_loss
     from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
     from bench.train.config import RunConfig, feature_sources, load_data
     from bench.train.precision import autocast, run_precision
@@ -43,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
                   f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}")  # fmt: skip
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
-        print(f"{name}: {loss_key} {m[loss_key]:.4f}")
+        print(f"{name}: {loss_key} {shown_loss(m[loss_key], 4)}")
 
 
 def eval_tasks(args: argparse.Namespace, run_dir: Path) -> None:

@@ -137,9 +137,14 @@ def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | Non
     captions = [s for s in data.samples if s.meta.get("type") == "caption"] or data.samples
     loss = validation_loss(vlm, Dataset(data.name, captions, data.images, data.skipped, data._seen), collator,
                            batch_size=32, limit=500)  # fmt: skip
-    result["caption_loss" if captions is not data.samples else "loss"] = loss
-    result["perplexity"] = math.exp(min(loss, 50))
+    result["caption_loss" if captions is not data.samples else "loss"] = loss  # None: no usable sample
+    result["perplexity"] = None if loss is None else math.exp(min(loss, 50))
     return result
+
+
+def shown_loss(loss: float | None, digits: int) -> str:
+    """A loss as printed: its value, or that no usable sample was there to compute it over."""
+    return "not evaluated (no usable sample)" if loss is None else f"{loss:.{digits}f}"
 
 
 def _usable(collator: Collator, sample: Sample) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bench.evaluate.accuracy import blind_answers
+from bench.run.lock import LOCK_NAME, writer_lock
 from bench.run.record import RunLog, git_commit, record
 from bench.train.config import (
     RunConfig,
@@ -42,11 +43,20 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
 
     started, commit = time.time(), git_commit()  # the code this run starts with, whatever is committed meanwhile
     out_dir = Path(out_dir)
-    log = RunLog(out_dir, log)  # the console, and <run>/run.log once the directory exists
+    fresh = not out_dir.exists()
     try:
-        return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started, commit)
-    finally:
-        log.close()
+        with writer_lock(out_dir):  # one writer per run directory (bench/run/lock.py)
+            log = RunLog(out_dir, log)  # the console, and <run>/run.log
+            try:
+                return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started, commit)
+            finally:
+                log.close()
+    finally:  # a run that could not start leaves no directory behind (its lock file and log were all it held)
+        if fresh and int(os.environ.get("RANK", "0")) == 0 and not (out_dir / "config.json").exists():
+            for name in (LOCK_NAME, "run.log"):
+                (out_dir / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
 
 
 def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: bool, verify: bool,

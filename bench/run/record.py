@@ -15,7 +15,7 @@ import torch
 
 from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
-from bench.evaluate.accuracy import evaluate_split
+from bench.evaluate.accuracy import evaluate_split, shown_loss
 from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
 from bench.train.pretrain import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
@@ -165,7 +165,7 @@ def summary(results: dict[str, Any]) -> str:
             lines.append(f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
                          f"n={acc['count']}  | {per}")  # fmt: skip
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
-        lines.append(f"  {split:<14} {loss_key} {m[loss_key]:.3f}")
+        lines.append(f"  {split:<14} {loss_key} {shown_loss(m[loss_key], 3)}")
     tok = results["visual_tokens_per_image"]
     if tok:
         lines.append(f"  visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")

@@ -110,7 +110,7 @@ class Trainer:
         bar = progress_bar(self.total_steps, self.step, f"stage {self.cfg.stage}", self.acc.is_main_process)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            losses = []
+            losses, used = [], 0
             for _ in range(self.cfg.grad_accum):
                 batch = self.collator.finish(next(batches))
                 for sample_id, reason in batch.skipped:
@@ -127,6 +127,7 @@ class Trainer:
                     self.optimizer.zero_grad()
                 if batch.inputs is not None:
                     losses.append(loss.detach())
+                    used += len(batch)
             self.scheduler.step()
             if self.first_step_at is None:
                 self.first_step_at = time.time()
@@ -137,7 +138,12 @@ class Trainer:
                                             "optimizer") else self.optimizer)  # fmt: skip
             loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             self.step += 1
-            self.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+            used = int(self.acc.reduce(torch.tensor(used, device=self.acc.device), reduction="sum").item())
+            nominal = self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+            if self.step == 1 and used < nominal / 2:  # say it now, not only in results.json
+                why = skip_summary(self.train_data)
+                self.log(f"warning: the first step used {used} of its {nominal} samples; {why}")
+            self.samples_seen += used  # the samples trained on (a skipped one is not one)
             self.train_seconds += time.perf_counter() - t0
             self.history.append({"step": self.step, "loss": loss, **self.rates()})
             bar.set_postfix_str(f"loss {loss:.4f}, {self.samples_seen / max(self.train_seconds, 1e-9):.0f} samples/s",
@@ -156,6 +162,8 @@ class Trainer:
             self.save_checkpoints(names)
             kill_point(f"step:{self.cfg.stage}:{self.step}")  # tests: die like a killed job after this step
         bar.close()
+        if self.history and self.samples_seen == 0:
+            raise ValueError(f"stage {self.cfg.stage} trained on no usable sample; {skip_summary(self.train_data)}")
         return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                 "best_val_loss": self.best_val if self.history else None,
                 "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
@@ -181,7 +189,7 @@ class Trainer:
                                    self.cfg.batch_size)  # fmt: skip
         self.history[-1]["val_loss"] = loss
         self.model.train()
-        if loss < self.best_val:
+        if loss is not None and loss < self.best_val:
             self.best_val = loss
             return True
         return False
@@ -230,8 +238,25 @@ def link_copy(source: Path, target: Path) -> None:
             link_or_copy(f, tmp / f.name)
 
 
+def skip_summary(data: Dataset, top: int = 3) -> str:
+    """The most frequent skip reasons of ``data`` with their counts (one line; quoted names, which differ from sample to
+    sample, are shown as '...')."""
+    import re
+    from collections import Counter
+
+    counts = Counter(re.sub(r"'[^']*'", "'...'", s["reason"]) for s in data.skipped)
+    if not counts:
+        return "no sample was recorded as skipped"
+    reasons = "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(top))
+    return f"{len(data.skipped)} samples skipped so far, most often: {reasons}"
+
+
 @torch.no_grad()
-def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000) -> float:
+def validation_loss(
+    vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000
+) -> float | None:
+    """The mean LM loss over the first ``limit`` samples of ``data`` (batch-weighted); None when not one of them could
+    be used (each skipped one is recorded with its reason): a loss over zero samples is no loss, not 0."""
     if collator.features.images is not data.images:
         # a sample's image is an index into its own table: another table's collator would serve other images
         raise ValueError(
@@ -249,7 +274,7 @@ def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int
             continue
         total += vlm(batch.inputs).lm_loss.item() * len(batch)
         count += len(batch)
-    return total / max(count, 1)
+    return total / count if count else None
 
 
 def progress_bar(total: int, done: int, desc: str, main: bool):
