@@ -147,9 +147,17 @@ BAD_RECORDS = {
     "image_number": ({"image": 7, "conversations": GOOD}, "must be one relative path"),
     "no_conversations": ({"image": "a.png"}, "no 'conversations' list"),
     "empty_conversations": ({"conversations": []}, "no 'conversations' list"),
-    "unknown_role": ({"conversations": turns(("robot", "beep"), ("gpt", "boop"))}, "malformed turn"),
+    "unknown_role": ({"conversations": turns(("robot", "beep"), ("gpt", "boop"))},
+                     "turn 0: 'from' is 'robot'; known: human, gpt, user, assistant, system"),
     "value_not_text": ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
-                       "malformed turn"),
+                       "turn 0: 'value' is int 3, not a string"),
+    "from_a_list": ({"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "x"}]},
+                    "turn 0: 'from' is list ['human'], not a string"),
+    "from_an_object": ({"conversations": [{"from": "human", "value": "Hi"}, {"from": {"r": "gpt"}, "value": "x"}]},
+                       "turn 1: 'from' is dict {'r': 'gpt'}, not a string"),
+    "turn_not_an_object": ({"conversations": ["Hi", {"from": "gpt", "value": "x"}]},
+                           "turn 0 is a str, not an object"),
+    "image_path_with_nul": ({"image": "a\x00.png", "conversations": GOOD}, "holds a control character"),
 }  # fmt: skip
 
 

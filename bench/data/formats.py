@@ -89,7 +89,9 @@ def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = F
             messages = llava_messages(rec)
             image = rec.get("image")
             if image is not None and (not isinstance(image, str) or not image.strip()):
-                raise BadSample(f"'image' must be one relative path, not {str(image)[:60]!r}")
+                raise BadSample(f"'image' must be one relative path, not {type(image).__name__} {str(image)[:60]!r}")
+            if image is not None and any(ord(c) < 32 or ord(c) == 127 for c in image):
+                raise BadSample(f"'image' path {image[:60]!r} holds a control character")
             check_conversation(messages, image is not None)
         except BadSample as err:
             ds.skip(rid, str(err), strict)
@@ -105,9 +107,15 @@ def llava_messages(rec: Any) -> list[dict[str, str]]:
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
         raise BadSample("malformed record: no 'conversations' list")
     out = []
-    for turn in rec["conversations"]:
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise BadSample(f"malformed turn {str(turn)[:60]!r}: needs 'from' (human/gpt) and a string 'value'")
+    for i, turn in enumerate(rec["conversations"]):
+        if not isinstance(turn, dict):
+            raise BadSample(f"turn {i} is a {type(turn).__name__}, not an object with 'from' and 'value'")
+        for field in ("from", "value"):  # by type first: a list or object here must not reach a dict lookup
+            if not isinstance(turn.get(field), str):
+                raise BadSample(f"turn {i}: '{field}' is {type(turn.get(field)).__name__} "
+                                f"{str(turn.get(field))[:40]!r}, not a string")  # fmt: skip
+        if turn["from"] not in ROLES:
+            raise BadSample(f"turn {i}: 'from' is {turn['from'][:40]!r}; known: {', '.join(ROLES)}")
         out.append({"role": ROLES[turn["from"]], "content": turn["value"]})
     return out
 
@@ -217,8 +225,8 @@ def hf_record_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
             text = "\n".join(parts)
         else:
             raise BadSample(f"malformed message {str(m)[:60]!r}")
-        if m.get("role") not in ("user", "assistant", "system"):
-            raise BadSample(f"unknown role {m.get('role')!r}")
+        if not isinstance(m.get("role"), str) or m["role"] not in ("user", "assistant", "system"):
+            raise BadSample(f"unknown role {str(m.get('role'))[:40]!r}")
         out.append({"role": m["role"], "content": text})
     return out, n_images
 
