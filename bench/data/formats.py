@@ -110,10 +110,10 @@ def llava_messages(rec: Any) -> list[dict[str, str]]:
     for i, turn in enumerate(rec["conversations"]):
         if not isinstance(turn, dict):
             raise BadSample(f"turn {i} is a {type(turn).__name__}, not an object with 'from' and 'value'")
-        for field in ("from", "value"):  # by type first: a list or object here must not reach a dict lookup
-            if not isinstance(turn.get(field), str):
-                raise BadSample(f"turn {i}: '{field}' is {type(turn.get(field)).__name__} "
-                                f"{str(turn.get(field))[:40]!r}, not a string")  # fmt: skip
+        for key in ("from", "value"):  # by type first: a list or object here must not reach a dict lookup
+            if not isinstance(turn.get(key), str):
+                raise BadSample(f"turn {i}: '{key}' is {type(turn.get(key)).__name__} "
+                                f"{str(turn.get(key))[:40]!r}, not a string")  # fmt: skip
         if turn["from"] not in ROLES:
             raise BadSample(f"turn {i}: 'from' is {turn['from'][:40]!r}; known: {', '.join(ROLES)}")
         out.append({"role": ROLES[turn["from"]], "content": turn["value"]})

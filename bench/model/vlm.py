@@ -245,7 +245,8 @@ class VLM(nn.Module):
         """The untrained model a ``vlm_config.json`` describes (names resolved as :func:`names_from_file` says)."""
         specs = read_json(path)
         parts = ("encoder", "connector", "llm")
-        if not isinstance(specs, dict) or not all(isinstance((specs.get(k) or {}).get("name"), str) for k in parts):
+        named = lambda k: isinstance(specs.get(k), dict) and isinstance(specs[k].get("name"), str)  # noqa: E731
+        if not isinstance(specs, dict) or not all(named(k) for k in parts):
             raise ValueError(f"{path} is not a model config: it needs encoder, connector and llm objects with a name")
         for key, value in overrides.items():
             specs[key] = {**specs[key], **value} if isinstance(value, dict) else value

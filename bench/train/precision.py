@@ -114,4 +114,9 @@ def run_precision(run_dir) -> str:
     from connector_zoo.io import read_json
 
     path = Path(run_dir) / "config.json"
-    return resolve_precision(read_json(path).get("precision", "auto")) if path.exists() else "no"
+    if not path.exists():
+        return "no"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a run config (a JSON object), but a {type(config).__name__}")
+    return resolve_precision(config.get("precision", "auto"))
