@@ -23,7 +23,7 @@ from bench.data.images import FileImages
 from bench.model.vlm import VLM
 from bench.train.config import RunConfig, load_data
 from bench.train.stage import StageConfig
-from connector_zoo.io import materialize, remove_stale_temporaries
+from connector_zoo.io import materialize, remove_stale_temporaries, write_manifest
 from connector_zoo.registry import RegistryError
 from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS, SettingError
 from connectors import build_connector
@@ -211,6 +211,7 @@ def test_a_run_directory_cannot_choose_what_gets_imported(tmp_path, where, capsy
         spec["connector"] = ({"name": f"{module}:X"} if where == "name"
                              else {"name": "cls_prune", "inner": f"{module}:X"})  # fmt: skip
         (run / "vlm_config.json").write_text(json.dumps(spec))
+        write_manifest(run, ["trainable.safetensors", "vlm_config.json"])  # a hostile directory comes consistent
         with pytest.raises(RegistryError, match=f"names the connector '{module}:X' by dotted path.*--allow-dotted"):
             VLM.load(run)
         assert module not in sys.modules
@@ -223,6 +224,18 @@ def test_a_run_directory_cannot_choose_what_gets_imported(tmp_path, where, capsy
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(module, None)
+
+
+def test_an_edited_model_config_is_refused_unless_no_verify(tmp_path, capsys):
+    """vlm_config.json decides what is built; edited after the run wrote it, it no longer matches the manifest."""
+    run = saved_run(tmp_path)
+    spec = json.loads((run / "vlm_config.json").read_text())
+    (run / "vlm_config.json").write_text(json.dumps({**spec, "max_length": 7}))
+    with pytest.raises(ValueError, match="vlm_config.json does not match its SHA-256 in manifest.json"):
+        VLM.load(run)
+    assert main(["generate", str(run), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    assert "does not match its SHA-256" in capsys.readouterr().err
+    assert VLM.load(run, verify=False).max_length == 7
 
 
 def garble(path: Path) -> None:

@@ -134,8 +134,10 @@ def test_load_rejects_wrong_shapes_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="corrupt or incomplete"):
         VLM.load(tmp_path / "run", verify=False)
     (tmp_path / "run" / "vlm_config.json").write_text("{")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="vlm_config.json does not match its SHA-256"):
         VLM.load(tmp_path / "run")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        VLM.load(tmp_path / "run", verify=False)
 
 
 def test_sample_that_cannot_fit_is_reported_not_cut(encoders, llms):

@@ -233,11 +233,12 @@ class VLM(nn.Module):
     def load(cls, directory: str | Path, allow_dotted_paths: bool = False, verify: bool = True,
              **overrides: Any) -> VLM:  # fmt: skip
         """Rebuild a saved model. Its config names only registered components unless ``allow_dotted_paths`` (a
-        dotted path would import code chosen by whoever wrote the directory); the weights are checked against the
-        manifest's SHA-256 unless ``verify`` is False."""
-        directory = Path(directory)
-        model = cls.from_config_file(directory / CONFIG_NAME, allow_dotted_paths, **overrides)
-        model.load_trainable(directory / WEIGHTS_NAME, verify=verify)
+        dotted path would import code chosen by whoever wrote the directory); the config and the weights are checked
+        against the manifest's SHA-256 unless ``verify`` is False."""
+        if verify:  # the config decides what is built: an edited one is refused like edited weights
+            verify_file(Path(directory) / CONFIG_NAME)
+        model = cls.from_config_file(Path(directory) / CONFIG_NAME, allow_dotted_paths, **overrides)
+        model.load_trainable(Path(directory) / WEIGHTS_NAME, verify=verify)
         return model
 
     @classmethod
