@@ -164,19 +164,39 @@ def verify_file(path: str | os.PathLike) -> None:
                          f"after it was written; {fix}")  # fmt: skip
 
 
-def materialize(directory: Path, build: Callable[[Path], None]) -> Path:
+def check_directory(directory: Path) -> None:
+    """Every file of a built directory against its manifest; one line naming the first that differs. A directory
+    built before manifests were written gets one now (its files are trusted once, and checked from then on)."""
+    if not (directory / MANIFEST_NAME).exists():
+        write_manifest(directory, sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                                         if p.is_file() and p.name != ".complete"))  # fmt: skip
+        return
+    for name, entry in read_json(directory / MANIFEST_NAME)["files"].items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise ValueError(f"{path} is missing or damaged (it no longer matches {MANIFEST_NAME}): this cached "
+                             f"directory is refused; delete {directory} and it is built again")  # fmt: skip
+
+
+def materialize(directory: Path, build: Callable[[Path], None], verified: bool = False) -> Path:
     """Return ``directory``, calling ``build(tmp_dir)`` first if it does not exist yet (atomic: all or nothing).
 
     Several processes may build at once (two runs on an empty cache): the first complete one is renamed into place
-    and the later ones discard their copy, so a reader never sees a finished directory replaced under it."""
+    and the later ones discard their copy, so a reader never sees a finished directory replaced under it.
+    ``verified``: every file's SHA-256 goes into a manifest when it is built and is checked each time it is returned
+    (the world's backbones decide every later number: a damaged file is refused, never used)."""
     directory = Path(directory)
     if (directory / ".complete").exists():
+        if verified:
+            check_directory(directory)
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory.parent, directory.name)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory.name), dir=directory.parent))
     try:
         build(tmp)
+        if verified:
+            write_manifest(tmp, sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()))
         (tmp / ".complete").write_text("ok\n")
         try:
             os.rename(tmp, directory)  # refused when another writer's complete directory is already there

@@ -169,7 +169,7 @@ def pretrain_encoder(
             sched.step()
         enc.save_checkpoint(tmp)
 
-    return materialize(out, build)
+    return materialize(out, build, verified=True)  # checked at every load: it decides every later number
 
 
 def dense_loss(heads: nn.ModuleList, patches: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -192,7 +192,7 @@ def pretrain_llm(
         model.save_pretrained(tmp)
         backend.tokenizer.save_pretrained(tmp)
 
-    return materialize(out, build)
+    return materialize(out, build, verified=True)  # checked at every load: it decides every later number
 
 
 def layer_indices(spec: str | int, total: int) -> list[int]:
