@@ -79,11 +79,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_prune_curve(args: argparse.Namespace) -> None:
+    from bench.evaluate.profile import REDUCERS
     from bench.evaluate.prune_curve import pruning_curve
     from bench.report.plots import pruning_plot
 
+    methods = tuple(args.methods.split(",")) if args.methods else REDUCERS  # unknown ones: one line from pruning_curve
     rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], limit(args.eval_limit),
-                         allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)  # fmt: skip
+                         allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify,
+                         methods=methods)  # fmt: skip
     print(f"{'method':<12} {'keep':>6} {'tokens':>7} {'accuracy':>15} {'retained':>9} {'speed-up':>9}")
     for r in rows:
         retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"

@@ -225,6 +225,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("prune-curve", help="training-free cls_prune of a trained linear/MLP run at several ratios")
     p.add_argument("run_dir")
     p.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1,0.05")
+    p.add_argument("--methods", default=None, help="comma-separated reducers (default: all of bench profile's)")
     p.add_argument("--out", help="where to write pruning_curve.json/.png/.svg (default: the run directory)")
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     add_trust_args(p)
