@@ -42,16 +42,20 @@ def main() -> None:
     collate = collators[train.images.key]
     samples = train.samples[: args.batch_size * 4 : 4]
     batch = collate(samples)  # captions and question conversations, as a training batch mixes them
-    tokens = [len(ids) for ids in batch.input_ids]
+    visual = vlm.connector.max_tokens(vlm.encoder.info)
 
-    with_system = vlm.llm.tokenizer.chat_template
+    def tokens(template: str) -> float:
+        """Mean tokens a sample (text as the template renders it, plus the visual tokens)."""
+        saved, vlm.llm.tokenizer.chat_template = vlm.llm.tokenizer.chat_template, template
+        try:
+            return statistics.fmean(len(vlm.llm.encode_conversation(s.messages).input_ids) + visual for s in samples)
+        finally:
+            vlm.llm.tokenizer.chat_template = saved
+
     template = vlm.llm.tokenizer.chat_template
-    if SMOLLM_DEFAULT_SYSTEM not in template:  # the level rendered it away: count what it would have cost
-        with_system = template.replace("{% for message in messages %}", "{% for message in messages %}"
-                                       + SMOLLM_DEFAULT_SYSTEM, 1)  # fmt: skip
-    vlm.llm.tokenizer.chat_template = with_system
-    longer = [len(collate([s]).input_ids[0]) for s in samples]
-    vlm.llm.tokenizer.chat_template = template
+    with_system = template.replace("{% for message in messages %}", "{% for message in messages %}"
+                                   + SMOLLM_DEFAULT_SYSTEM, 1)  # fmt: skip
+    rendered, longer = tokens(template), tokens(with_system)
 
     lora_added = False
 
@@ -90,9 +94,9 @@ def main() -> None:
         for k, s in settings.items():
             times[k].append(step(*s))
     first = statistics.median(next(iter(times.values())))
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch {len(tokens)} samples, "
-          f"{sum(tokens) / len(tokens):.1f} tokens a sample ({sum(longer) / len(longer):.1f} with SmolLM2's default "
-          f"system turn); {args.rounds} interleaved rounds")  # fmt: skip
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch {len(samples)} samples, {rendered:.1f} "
+          f"tokens a sample with its {visual} visual tokens ({longer:.1f} with SmolLM2's default system turn); "
+          f"{args.rounds} interleaved rounds")  # fmt: skip
     rows = []
     for k, ts in times.items():
         med = statistics.median(ts)
