@@ -51,8 +51,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", default=None,
-                    help="decoder layers to keep: N (the first N) or indices and ranges, e.g. 0-6,29 (default: all)")
+    ap.add_argument(
+        "--layers",
+        default=None,
+        help="decoder layers to keep: N (the first N) or indices and ranges, e.g. 0-6,29 (default: all)",
+    )
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU multiplies bf16 faster)")
     args = ap.parse_args()
     if not args.gguf_dir or not (Path(args.gguf_dir) / args.gguf_file).is_file():

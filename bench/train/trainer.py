@@ -252,9 +252,7 @@ def skip_summary(data: Dataset, top: int = 3) -> str:
 
 
 @torch.no_grad()
-def validation_loss(
-    vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000
-) -> float | None:
+def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000) -> float | None:
     """The mean LM loss over the first ``limit`` samples of ``data`` (batch-weighted); None when not one of them could
     be used (each skipped one is recorded with its reason): a loss over zero samples is no loss, not 0."""
     if collator.features.images is not data.images:
