@@ -37,8 +37,9 @@ def test_label_only_head_equals_the_full_logits_loss(encoders, llms, llm_name):
     try:
         fast, fast_grads = losses_and_grads(vlm, inputs, full=False)
         full, full_grads = losses_and_grads(vlm, inputs, full=True)
-    finally:
+    finally:  # the LLM is the session's shared one: leave it as it was found (frozen, no gradients)
         llm.model.requires_grad_(False)
+        vlm.zero_grad(set_to_none=True)
     # the reference: transformers' own loss from the full logits
     _, _, labels, _ = vlm.splice(inputs, vlm.visual_tokens(inputs))
     n = int((labels[:, 1:] != -100).sum())

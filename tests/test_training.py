@@ -134,7 +134,7 @@ def test_lora_export_merges_the_adapters(tmp_path):
     vlm.eval()
     inputs = batch(vlm.llm, [CONV_A], [True], vlm.encoder.preprocess(images(1)))
     with torch.no_grad():
-        ours = vlm(inputs).logits
+        ours = vlm(inputs, full_logits=True).logits
     export_hf(vlm, tmp_path / "llava")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
     ids = inputs.input_ids[0]

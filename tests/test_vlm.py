@@ -91,11 +91,11 @@ def test_splice_padding_and_labels_by_hand(encoders, llms, llm_name):
         assert (mask[b, n:] == 0).all() and (labels[b, n:] == IGNORE_INDEX).all()
     # each sample's logits in the padded batch equal the sample on its own
     with torch.no_grad():
-        together = vlm(inputs).logits
+        together = vlm(inputs, full_logits=True).logits
         for b, conv in enumerate([CONV_A, CONV_TEXT, CONV_B]):
             row = {0: px[:1], 2: px[1:]}.get(b)
             vlm.connector.counts = {0: (5,), 2: (2,)}.get(b, ())
-            alone = vlm(batch(llm, [conv], [row is not None], row)).logits
+            alone = vlm(batch(llm, [conv], [row is not None], row), full_logits=True).logits
             torch.testing.assert_close(together[b, : lengths[b]], alone[0], rtol=1e-4, atol=1e-4)
 
 

@@ -22,7 +22,7 @@ from bench.train.world_llm import keep_layers, layer_indices, llm_dir_name, pret
 
 @pytest.fixture(scope="module")
 def nine_layers(tmp_path_factory):
-    """A tiny Llama GGUF with 9 decoder layers (the level keeps 8) and its safetensors twin."""
+    """A tiny Llama GGUF with 9 decoder layers and its safetensors twin."""
     return tiny_llama_checkpoints(tmp_path_factory.mktemp("gguf9"), layers=9)
 
 
@@ -96,7 +96,7 @@ def test_the_pretrained_level_is_keyed_by_its_file_and_cut(nine_layers, tmp_path
     out = pretrain_llm("tinyllama", world, steps=2, level="smollm2", log=lambda *a: None)
     assert out.name == first and "-smollm2-s2-b16-" in out.name
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 8 and config["model_type"] == "llama"
+    assert config["num_hidden_layers"] == 9 and config["model_type"] == "llama"  # the level keeps every layer
     other = tmp_path / "other.gguf"
     other.write_bytes(nine_layers[1].read_bytes() + b"\0")  # another file: another world LLM
     monkeypatch.setenv("CONNECTOR_ZOO_GGUF_SMOLLM2", str(other))
@@ -116,7 +116,7 @@ def test_a_run_on_the_pretrained_level_trains_evaluates_and_exports(nine_layers,
     import connector_zoo.hf_model  # noqa: F401  (registers the Auto classes)
 
     model = AutoModelForImageTextToText.from_pretrained(run / "hf")
-    assert model.vlm.llm.model.config.num_hidden_layers == 8
+    assert model.vlm.llm.model.config.num_hidden_layers == 9
 
 
 # SmolLM2-135M-Instruct's chat template, verbatim from the GGUF's tokenizer.chat_template metadata

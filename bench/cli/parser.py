@@ -60,7 +60,7 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
                    "192: 24x24)")  # fmt: skip
     p.add_argument("--world-llm", choices=("small", "wide", "smollm2"), default="small",
                    help="mini world LLM level: small (default; d=128), wide (d=256, --recipe mini-wide) or smollm2 "
-                   "(pretrained SmolLM2-135M cut to 8 layers, --recipe mini-smollm2); docs: what each costs and "
+                   "(pretrained SmolLM2-135M, --recipe mini-smollm2); docs: what each costs and "
                    "gives")  # fmt: skip
 
 

@@ -113,7 +113,7 @@ def llava_messages(rec: Any) -> list[dict[str, str]]:
         for key in ("from", "value"):  # by type first: a list or object here must not reach a dict lookup
             if not isinstance(turn.get(key), str):
                 raise BadSample(f"turn {i}: '{key}' is {type(turn.get(key)).__name__} "
-                                f"{str(turn.get(key))[:40]!r}, not a string")  # fmt: skip
+                                f"{str(turn.get(key))[:40]}, not a string")  # fmt: skip
         if turn["from"] not in ROLES:
             raise BadSample(f"turn {i}: 'from' is {turn['from'][:40]!r}; known: {', '.join(ROLES)}")
         out.append({"role": ROLES[turn["from"]], "content": turn["value"]})

@@ -37,7 +37,7 @@ def writer_lock(directory: Path) -> Iterator[None]:
     """Hold ``directory``'s writer lock (creating the directory); :class:`RunInUse` if a live process holds it."""
     from filelock import FileLock, Timeout
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     directory = Path(directory)
