@@ -14,7 +14,7 @@ from pathlib import Path
 # developer's ~/.cache/connector_zoo or an exported CONNECTOR_ZOO_CACHE): nothing built by other code leaks in.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["CONNECTOR_ZOO_CACHE"] = tempfile.mkdtemp(prefix="czoo-test-cache-")
+SUITE_CACHE = os.environ["CONNECTOR_ZOO_CACHE"] = tempfile.mkdtemp(prefix="czoo-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -25,6 +25,14 @@ from encoders import build_encoder  # noqa: E402
 from llms import build_llm  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's private cache (worlds, presets, feature caches: about 4 GB) goes with the session, so that repeated
+    runs do not fill the disk."""
+    import shutil
+
+    shutil.rmtree(SUITE_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):
