@@ -164,12 +164,17 @@ def verify_file(path: str | os.PathLike) -> None:
                          f"after it was written; {fix}")  # fmt: skip
 
 
+def files_of(directory: Path) -> list[str]:
+    """The files under ``directory`` (relative posix paths, sorted), less the ``.complete`` marker."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
+                  and p.name != ".complete")  # fmt: skip
+
+
 def check_directory(directory: Path) -> None:
     """Every file of a built directory against its manifest; one line naming the first that differs. A directory
     built before manifests were written gets one now (its files are trusted once, and checked from then on)."""
     if not (directory / MANIFEST_NAME).exists():
-        write_manifest(directory, sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                                         if p.is_file() and p.name != ".complete"))  # fmt: skip
+        write_manifest(directory, files_of(directory))
         return
     for name, entry in read_json(directory / MANIFEST_NAME)["files"].items():
         path = directory / name
@@ -196,7 +201,7 @@ def materialize(directory: Path, build: Callable[[Path], None], verified: bool =
     try:
         build(tmp)
         if verified:
-            write_manifest(tmp, sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()))
+            write_manifest(tmp, files_of(tmp))
         (tmp / ".complete").write_text("ok\n")
         try:
             os.rename(tmp, directory)  # refused when another writer's complete directory is already there

@@ -28,6 +28,7 @@ from bench.data.formats import Dataset
 from bench.data.loader import Collator
 from bench.model.export import to_llava
 from bench.model.vlm import VLM
+from bench.train.precision import matmul_seconds
 from bench.train.stage import StageConfig
 from bench.train.trainer import Trainer
 from llms.base import IGNORE_INDEX
@@ -104,14 +105,7 @@ def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
     """This machine's fp32 matrix-multiply rate (FLOP/s, median of ``repeats``) at the current thread count."""
     import statistics
 
-    a, b = torch.randn(n, 4 * n), torch.randn(4 * n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n * 4 * n * n / statistics.median(times)
+    return 2 * n * 4 * n * n / statistics.median(matmul_seconds(n, 4 * n, n, repeats=repeats))
 
 
 class PeakRSS:

@@ -52,21 +52,25 @@ def resolve_backbone_dtype(name: str | None, precision: str, cuda: bool | None =
     return name
 
 
+def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> list[float]:
+    """Seconds of ``repeats`` timed (m x k) @ (k x n) multiplies in ``dtype`` at the current thread count, after one
+    untimed warm-up."""
+    import time
+
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def cpu_bf16_is_fast(m: int = 1536, k: int = 576, n: int = 1536, repeats: int = 5) -> bool:
     """Whether this CPU multiplies bf16 matrices of this shape (default: SmolLM2's MLP) at least 1.5x faster than fp32,
     timed here (AMX and AVX-512 BF16 CPUs: 3-7x faster; AVX2-only CPUs emulate bf16, up to 100x slower)."""
-    import time
-
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
-
+    best = lambda dtype: min(matmul_seconds(m, k, n, dtype, repeats))  # noqa: E731
     return best(torch.bfloat16) * 1.5 < best(torch.float32)
 
 
