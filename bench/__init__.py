@@ -1,6 +1,6 @@
-"""The harness, arranged by stage; each package depends only on the ones above it in this list:
+"""The harness, arranged by stage, on top of the composed model (``connector_zoo.model``: the VLM, its transformers
+model and processor, the Llava export, the lmms-eval model); each package depends only on the ones above it here:
 
-- ``bench.model``: the composed encoder -> connector -> LLM model (``VLM``) and its Llava export;
 - ``bench.data``: data formats (LLaVA JSON, HF messages), image tables and their store, the embedded mini world,
   the worker-side loader;
 - ``bench.train``: run configuration and recipes, the trainer, the feature cache, the world's backbone pretraining,

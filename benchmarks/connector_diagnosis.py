@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from bench.data.world import World, WorldConfig
-from bench.model.vlm import VLM
 from bench.report.tables import load_runs, results_files
 from bench.run.job import run
 from bench.train.config import RECIPES, RunConfig
+from connector_zoo.model.vlm import VLM
 
 MINI = RECIPES["mini"]
 
@@ -80,8 +80,10 @@ def token_norms(run_dir: Path, world: World) -> dict[str, float | None]:
         out = vlm.connector(feats)
         tokens = out.tokens[out.mask].float()
     text = vlm.llm.model.get_input_embeddings().weight.float()
-    return {"token_norm": round(tokens.norm(dim=-1).mean().item(), 3),
-            "text_norm": round(text.norm(dim=-1).mean().item(), 3)}  # fmt: skip
+    return {
+        "token_norm": round(tokens.norm(dim=-1).mean().item(), 3),
+        "text_norm": round(text.norm(dim=-1).mean().item(), 3),
+    }
 
 
 def summary(name: str, run_dir: Path, world: World) -> dict[str, Any]:
@@ -89,9 +91,13 @@ def summary(name: str, run_dir: Path, world: World) -> dict[str, Any]:
     test = res["metrics"]["test"]["accuracy"]
     per = test["per_type"]
     losses = [round(statistics.mean(x["loss"] for x in h[-100:]), 3) if h else None for h in res["loss_history"]]
-    return {"variant": name, "test": round(100 * test["exact_match"], 1),
-            **{k: round(100 * per[k], 1) for k in ("colour", "shape", "size", "count", "position")},
-            "loss_last100": losses, **token_norms(run_dir, world)}  # fmt: skip
+    return {
+        "variant": name,
+        "test": round(100 * test["exact_match"], 1),
+        **{k: round(100 * per[k], 1) for k in ("colour", "shape", "size", "count", "position")},
+        "loss_last100": losses,
+        **token_norms(run_dir, world),
+    }
 
 
 def main() -> None:
@@ -112,8 +118,9 @@ def main() -> None:
         spec, stage_list = VARIANTS[name]
         run_dir = args.out / f"{name.replace('/', '--')}--s{args.seed}"
         if not results_files(run_dir):
-            cfg = RunConfig(connector=dict(spec), llm={"name": "tinyllama"}, recipe="mini", stages=stage_list,
-                            seed=args.seed)  # fmt: skip
+            cfg = RunConfig(
+                connector=dict(spec), llm={"name": "tinyllama"}, recipe="mini", stages=stage_list, seed=args.seed
+            )
             run(cfg, run_dir, log=lambda message: None)
         world = world or World(WorldConfig(), progress=False)
         line = summary(name, run_dir, world)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from bench.data.world import World, WorldConfig
-from bench.model.vlm import VLM
 from bench.train.config import RunConfig
+from connector_zoo.model.vlm import VLM
 from connectors import build_connector
 
 ATTRIBUTES = ("colour", "shape", "size")
@@ -70,8 +70,9 @@ def features(vlm: VLM, world: World, split: str, idx: list[int]):
     from encoders.base import VisionFeatures
 
     enc = vlm.encoder
-    return VisionFeatures.stack([enc(enc.preprocess([world.image(split, j) for j in idx[s : s + 256]]))
-                                 for s in range(0, len(idx), 256)])  # fmt: skip
+    return VisionFeatures.stack(
+        [enc(enc.preprocess([world.image(split, j) for j in idx[s : s + 256]])) for s in range(0, len(idx), 256)]
+    )
 
 
 def inside(conn, features, depth: int = 3) -> dict[str, torch.Tensor]:
@@ -102,9 +103,14 @@ def inside(conn, features, depth: int = 3) -> dict[str, torch.Tensor]:
 def measure_inside(conn, train: tuple, test: tuple, steps: int) -> list[dict]:
     """The shared probe and the mean token norm at each module's output (``inside``): where an attribute is lost."""
     a, b = inside(conn, train[0]), inside(conn, test[0])
-    return [{"module": name, "token_norm": round(b[name].norm(dim=-1).mean().item(), 2),
-             "shared_probe": {k: round(probe(a[name], train[1][k], b[name], test[1][k], steps), 3) for k in ATTRIBUTES}}
-            for name in a]  # fmt: skip
+    return [
+        {
+            "module": name,
+            "token_norm": round(b[name].norm(dim=-1).mean().item(), 2),
+            "shared_probe": {k: round(probe(a[name], train[1][k], b[name], test[1][k], steps), 3) for k in ATTRIBUTES},
+        }
+        for name in a
+    ]
 
 
 def measure(conn, train: tuple, test: tuple, steps: int) -> dict:
@@ -125,14 +131,23 @@ def probe_run(run_dir: Path, n_train: int, steps: int, modules: bool = False) ->
     tr_idx, tr_y = single_objects(world, "train", n_train)
     te_idx, te_y = single_objects(world, "test", None)
     train, test = (features(vlm, world, "train", tr_idx), tr_y), (features(vlm, world, "test", te_idx), te_y)
-    encoder = {a: round(probe(train[0].patches.flatten(1), tr_y[a], test[0].patches.flatten(1), te_y[a], steps), 3)
-               for a in ATTRIBUTES}  # fmt: skip
-    encoder_shared = {a: round(probe(train[0].patches, tr_y[a], test[0].patches, te_y[a], steps), 3)
-                      for a in ATTRIBUTES}  # fmt: skip
+    encoder = {
+        a: round(probe(train[0].patches.flatten(1), tr_y[a], test[0].patches.flatten(1), te_y[a], steps), 3)
+        for a in ATTRIBUTES
+    }
+    encoder_shared = {
+        a: round(probe(train[0].patches, tr_y[a], test[0].patches, te_y[a], steps), 3) for a in ATTRIBUTES
+    }
     text_norm = round(vlm.llm.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item(), 2)
-    head = {"run": str(run_dir), "connector": vlm.connector.spec["name"], "probe_images": len(tr_idx),
-            "test_images": len(te_idx), "encoder_patches": encoder,
-            "encoder_patches_shared": encoder_shared, "text_embedding_norm": text_norm}  # fmt: skip
+    head = {
+        "run": str(run_dir),
+        "connector": vlm.connector.spec["name"],
+        "probe_images": len(tr_idx),
+        "test_images": len(te_idx),
+        "encoder_patches": encoder,
+        "encoder_patches_shared": encoder_shared,
+        "text_embedding_norm": text_norm,
+    }
     print(json.dumps(head))
     spec = dict(vlm.connector.spec)
     torch.manual_seed(cfg.seed)

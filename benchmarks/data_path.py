@@ -49,20 +49,60 @@ def make_data(folder: Path, n: int, size: int = 336) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BILINEAR).save(sub / f"{i:06d}.jpg", quality=90)
-        records.append({"id": f"{i:06d}", "image": f"{i % 10:02d}/{i:06d}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
-            {"from": "gpt", "value": f"a field of colours number {i}"}]})  # fmt: skip
+        records.append(
+            {
+                "id": f"{i:06d}",
+                "image": f"{i % 10:02d}/{i:06d}.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
+                    {"from": "gpt", "value": f"a field of colours number {i}"},
+                ],
+            }
+        )
     json_path.write_text(json.dumps(records))
     return json_path
 
 
 def bench_run(work: Path, data: Path, out: Path, cache: str, steps: int, batch_size: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.cli", "run", "--data", "llava", "--data-path", str(data), "--image-folder",
-           str(data.parent / "images"), "--held-out", "0.005", "--encoder", "clip", "--encoder-checkpoint", ENCODER,
-           "--layer", "-1",
-           "--connector", "mlp2x_gelu", "--llm", "tinyllama", "--recipe", "llava-1.5-pretrain", "--steps", str(steps),
-           "--batch-size", str(batch_size), "--grad-accum", "1", "--eval-limit", "1", "--no-profile",
-           "--feature-cache", cache, "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        "--data",
+        "llava",
+        "--data-path",
+        str(data),
+        "--image-folder",
+        str(data.parent / "images"),
+        "--held-out",
+        "0.005",
+        "--encoder",
+        "clip",
+        "--encoder-checkpoint",
+        ENCODER,
+        "--layer",
+        "-1",
+        "--connector",
+        "mlp2x_gelu",
+        "--llm",
+        "tinyllama",
+        "--recipe",
+        "llava-1.5-pretrain",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "1",
+        "--eval-limit",
+        "1",
+        "--no-profile",
+        "--feature-cache",
+        cache,
+        "--out",
+        str(out),
+    ]
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "CONNECTOR_ZOO_CACHE": str(work / "cache"), "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
@@ -140,8 +180,10 @@ def main() -> None:
         if not got:
             continue
         per_image = f"{got[0]['disk_bytes'] / got[0]['forwards'] / 1e6:.3g}" if name.startswith("cold") else "-"
-        print(f"{name:<11} {summarize(got, 'first_step_s'):<20} {summarize(got, 'samples_per_s'):<20} "
-              f"{got[0]['forwards']:<9} {per_image:<12} {summarize(got, 'peak_rss_mb', '.0f')}")  # fmt: skip
+        print(
+            f"{name:<11} {summarize(got, 'first_step_s'):<20} {summarize(got, 'samples_per_s'):<20} "
+            f"{got[0]['forwards']:<9} {per_image:<12} {summarize(got, 'peak_rss_mb', '.0f')}"
+        )
     if rows["cold-large"]:
         ratio = statistics.median(r["first_step_s"] for r in rows["cold-large"]) / statistics.median(
             r["first_step_s"] for r in rows["cold"]

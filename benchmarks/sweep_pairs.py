@@ -35,8 +35,10 @@ def main() -> int:
         if p is None:
             print(f"{pair}: no common per-question records")
             continue
-        print(f"{pair}: {100 * p['diff']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] points, "
-              f"McNemar p={p['p']:.2g}, {p['questions']} (seed, question) pairs")  # fmt: skip
+        print(
+            f"{pair}: {100 * p['diff']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] points, "
+            f"McNemar p={p['p']:.2g}, {p['questions']} (seed, question) pairs"
+        )
     return 0
 
 

@@ -21,8 +21,8 @@ import torch
 
 from bench.run.record import cpu_name
 from bench.train.config import RunConfig, build_model, feature_sources, load_data
-from bench.train.precision import autocast
 from bench.train.world_llm import SMOLLM_DEFAULT_SYSTEM
+from connector_zoo.model.precision import autocast
 
 
 def main() -> None:
@@ -34,8 +34,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = RunConfig(connector={"name": args.connector}, data={"kind": "world", "qa_turns": args.qa_turns,
-                                                               "pretrain": {"llm_level": "smollm2"}})  # fmt: skip
+    cfg = RunConfig(
+        connector={"name": args.connector},
+        data={"kind": "world", "qa_turns": args.qa_turns, "pretrain": {"llm_level": "smollm2"}},
+    )
     train, _, _, world = load_data(cfg, lambda *a: None)
     vlm = build_model(cfg, world, print)
     _, collators, _ = feature_sources(cfg, vlm, [train], lambda *a: None)
@@ -53,8 +55,9 @@ def main() -> None:
             vlm.llm.tokenizer.chat_template = saved
 
     template = vlm.llm.tokenizer.chat_template
-    with_system = template.replace("{% for message in messages %}", "{% for message in messages %}"
-                                   + SMOLLM_DEFAULT_SYSTEM, 1)  # fmt: skip
+    with_system = template.replace(
+        "{% for message in messages %}", "{% for message in messages %}" + SMOLLM_DEFAULT_SYSTEM, 1
+    )
     rendered, longer = tokens(template), tokens(with_system)
 
     lora_added = False
@@ -94,14 +97,23 @@ def main() -> None:
         for k, s in settings.items():
             times[k].append(step(*s))
     first = statistics.median(next(iter(times.values())))
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch {len(samples)} samples, {rendered:.1f} "
-          f"tokens a sample with its {visual} visual tokens ({longer:.1f} with SmolLM2's default system turn); "
-          f"{args.rounds} interleaved rounds")  # fmt: skip
+    print(
+        f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch {len(samples)} samples, {rendered:.1f} "
+        f"tokens a sample with its {visual} visual tokens ({longer:.1f} with SmolLM2's default system turn); "
+        f"{args.rounds} interleaved rounds"
+    )
     rows = []
     for k, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"setting": k, "median_s": round(med, 3), "min_s": round(min(ts), 3), "max_s": round(max(ts), 3),
-                     "speed-up": round(first / med, 2)})  # fmt: skip
+        rows.append(
+            {
+                "setting": k,
+                "median_s": round(med, 3),
+                "min_s": round(min(ts), 3),
+                "max_s": round(max(ts), 3),
+                "speed-up": round(first / med, 2),
+            }
+        )
         print(f"  {k:<46} {med:7.2f} s  [{min(ts):.2f}, {max(ts):.2f}]  {first / med:5.2f}x")
     print(json.dumps(rows))
 

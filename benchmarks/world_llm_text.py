@@ -43,9 +43,14 @@ def greedy(backend, prompts: list[str], max_new_tokens: int = 6, batch_size: int
         for start in range(0, len(group), batch_size):
             rows = group[start : start + batch_size]
             batch = torch.tensor([ids[i] for i in rows])
-            gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=backend.pad_token_id,
-                                 eos_token_id=backend.eos_token_id)  # fmt: skip
+            gen = model.generate(
+                input_ids=batch,
+                attention_mask=torch.ones_like(batch),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=backend.pad_token_id,
+                eos_token_id=backend.eos_token_id,
+            )
             for i, g in zip(rows, gen):
                 out[i] = backend.tokenizer.decode(g[batch.shape[1] :], skip_special_tokens=True)
     return out
@@ -56,8 +61,10 @@ def score(world: World, backend, n: int) -> dict[str, dict]:
     records = world.records("test")[:n]
     qa = [(r, q) for r in records for q in r["qa"]]
     out = {}
-    for view, prompts in (("with caption", [f"{r['caption']}\n{q['question']}" for r, q in qa]),
-                          ("question alone", [q["question"] for _, q in qa])):  # fmt: skip
+    for view, prompts in (
+        ("with caption", [f"{r['caption']}\n{q['question']}" for r, q in qa]),
+        ("question alone", [q["question"] for _, q in qa]),
+    ):
         hits, answers = defaultdict(list), greedy(backend, prompts)
         for (_, q), a in zip(qa, answers):
             hits[q["type"]].append(normalize(a) == normalize(q["answer"]))
@@ -79,9 +86,18 @@ def main() -> None:
     world = World(WorldConfig(image_size=args.world_resolution), progress=False)
     checkpoint = pretrain_llm(args.llm, world, level=args.level)
     backend = build_llm(args.llm, checkpoint=str(checkpoint))
-    print(json.dumps({"llm": args.llm, "level": args.level, "checkpoint": checkpoint.name, "test_scenes": args.test,
-                      "exact_match": score(world, backend, args.test),
-                      "seconds": round(time.time() - started)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "llm": args.llm,
+                "level": args.level,
+                "checkpoint": checkpoint.name,
+                "test_scenes": args.test,
+                "exact_match": score(world, backend, args.test),
+                "seconds": round(time.time() - started),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

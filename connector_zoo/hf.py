@@ -53,16 +53,20 @@ def gguf_source(checkpoint: str) -> tuple[str, dict[str, Any]]:
     if not text.endswith(".gguf"):
         return text, {}
     if importlib.util.find_spec("gguf") is None:
-        raise SettingError(f"{text!r} is a GGUF file, which transformers reads with the gguf package: "
-                           "pip install 'connector-zoo[gguf]'")  # fmt: skip
+        raise SettingError(
+            f"{text!r} is a GGUF file, which transformers reads with the gguf package: "
+            "pip install 'connector-zoo[gguf]'"
+        )
     local = Path(text).expanduser()
     if local.is_file():
         return str(local.resolve().parent), {"gguf_file": local.name}
     repo, sep, name = text.rpartition(":")
     if sep and repo and "/" not in name and not Path(repo).exists():
         return repo, {"gguf_file": name}
-    raise FileNotFoundError(f"GGUF checkpoint {text!r}: no such file; pass an existing path/to/model.gguf, or "
-                            "hub-id:file.gguf for a file of a Hugging Face repository in the local cache")  # fmt: skip
+    raise FileNotFoundError(
+        f"GGUF checkpoint {text!r}: no such file; pass an existing path/to/model.gguf, or "
+        "hub-id:file.gguf for a file of a Hugging Face repository in the local cache"
+    )
 
 
 def plain_model(model):

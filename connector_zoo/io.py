@@ -83,6 +83,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_usual(path: str | os.PathLike) -> None:
+    """``path`` and everything under it with the permissions a plain ``open``/``mkdir`` gives (0666/0777 less the
+    umask): ``mkdtemp`` makes directories 0700 and safetensors writes files 0600, so a directory written through a
+    temporary one could not be read by a colleague or served from a shared disk (hard links share one mode)."""
+    mask = _umask()
+    for p in [Path(path), *Path(path).rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def link_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Every file under ``source`` hard-linked (or copied across file systems) at the same place under ``target``."""
+    source, target = Path(source), Path(target)
+    for f in sorted(source.rglob("*")):
+        if f.is_file():
+            (target / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(f, target / f.relative_to(source))
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success rename it over ``path`` (files or directories).
@@ -96,6 +121,8 @@ def atomic_path(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent)) / path.name
     try:
         yield tmp
+        if tmp.exists():
+            readable_as_usual(tmp)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -155,19 +182,24 @@ def verify_file(path: str | os.PathLike) -> None:
         entry = read_json(path.parent / MANIFEST_NAME)["files"][path.name]
         want, size = entry["sha256"], entry["bytes"]
     except FileNotFoundError:
-        raise ValueError(f"{path}: no {MANIFEST_NAME} beside it, so its integrity cannot be checked (written by an "
-                         f"older version, or copied without it); {fix}") from None  # fmt: skip
+        raise ValueError(
+            f"{path}: no {MANIFEST_NAME} beside it, so its integrity cannot be checked (written by an "
+            f"older version, or copied without it); {fix}"
+        ) from None
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path.parent / MANIFEST_NAME} has no valid entry for {path.name} ({err}); {fix}") from err
     if path.stat().st_size != size or sha256_file(path) != want:
-        raise ValueError(f"{path} does not match its SHA-256 in {MANIFEST_NAME}: the file is corrupt or was changed "
-                         f"after it was written; {fix}")  # fmt: skip
+        raise ValueError(
+            f"{path} does not match its SHA-256 in {MANIFEST_NAME}: the file is corrupt or was changed "
+            f"after it was written; {fix}"
+        )
 
 
 def files_of(directory: Path) -> list[str]:
     """The files under ``directory`` (relative posix paths, sorted), less the ``.complete`` marker."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
-                  and p.name != ".complete")  # fmt: skip
+    return sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != ".complete"
+    )
 
 
 def check_directory(directory: Path) -> None:
@@ -179,8 +211,10 @@ def check_directory(directory: Path) -> None:
     for name, entry in read_json(directory / MANIFEST_NAME)["files"].items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path} is missing or damaged (it no longer matches {MANIFEST_NAME}): this cached "
-                             f"directory is refused; delete {directory} and it is built again")  # fmt: skip
+            raise ValueError(
+                f"{path} is missing or damaged (it no longer matches {MANIFEST_NAME}): this cached "
+                f"directory is refused; delete {directory} and it is built again"
+            )
 
 
 def materialize(directory: Path, build: Callable[[Path], None], verified: bool = False) -> Path:
@@ -203,6 +237,7 @@ def materialize(directory: Path, build: Callable[[Path], None], verified: bool =
         if verified:
             write_manifest(tmp, files_of(tmp))
         (tmp / ".complete").write_text("ok\n")
+        readable_as_usual(tmp)
         try:
             os.rename(tmp, directory)  # refused when another writer's complete directory is already there
         except OSError:

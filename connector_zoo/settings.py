@@ -28,8 +28,14 @@ class SettingError(ValueError):
     """A setting's value has the wrong type or lies outside its allowed range."""
 
 
-_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-         list: "a list"}  # fmt: skip
+_KIND = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def describe(kind: type, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, optional: bool) -> str:
@@ -53,8 +59,17 @@ def _is(kind: type, value: Any) -> bool:
     return isinstance(value, kind)
 
 
-def check(owner: str, name: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None,
-          lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> Any:  # fmt: skip
+def check(
+    owner: str,
+    name: str,
+    value: Any,
+    kind: type,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    optional: bool = False,
+) -> Any:
     """``value`` if it is of ``kind`` and within [lo, hi] (open ends as asked), None when ``optional``."""
     if value is None and optional:
         return None
@@ -73,12 +88,20 @@ def check(owner: str, name: str, value: Any, kind: type, lo: float | None = None
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any], optional: bool = False) -> Any:
     if (value is None and optional) or value in choices:
         return value
-    raise SettingError(f"{owner}: {name}={value!r} is not allowed; allowed: one of {', '.join(map(str, choices))}"
-                       + (" or null" if optional else ""))  # fmt: skip
+    raise SettingError(
+        f"{owner}: {name}={value!r} is not allowed; allowed: one of {', '.join(map(str, choices))}"
+        + (" or null" if optional else "")
+    )
 
 
-def arg_type(kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-             hi_open: bool = False, words: dict[str, Any] | None = None) -> Callable[[str], Any]:  # fmt: skip
+def arg_type(
+    kind: type,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    words: dict[str, Any] | None = None,
+) -> Callable[[str], Any]:
     """An argparse ``type=`` that parses and range-checks (``words``: spelled values, e.g. {"all": None})."""
     allowed = describe(kind, lo, hi, lo_open, hi_open, False) + (f", or {' / '.join(words)}" if words else "")
 

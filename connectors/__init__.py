@@ -8,7 +8,6 @@ a dotted path ``my_pkg.my_mod:MyConnector``; it must subclass :class:`connectors
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from connector_zoo.registry import Registry
@@ -32,7 +31,3 @@ def build_connector(name: str, in_dim: int, out_dim: int, **kwargs: Any):
         raise TypeError(f"connector {name!r} does not accept these settings {kwargs}: {err}") from err
     connector.spec = {"name": name, **{k: v for k, v in kwargs.items() if k not in implied}}
     return connector
-
-
-if "transformers" in sys.modules:  # a user of transformers: register the Auto classes (connector_zoo/hf_model.py)
-    import connector_zoo.hf_model  # noqa: E402,F401  (listing components alone imports neither torch nor transformers)

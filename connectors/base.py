@@ -7,6 +7,7 @@ of tokens per image. Tokens of a sample are left-aligned: ``mask[b, :count[b]]``
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,24 @@ def paper_lr(connector: nn.Module, stage: int) -> float:
     return {**PAPER_LR, **getattr(connector, "paper_lr", {})}[stage]
 
 
+def constructor_settings(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The settings in ``cls(in_dim, out_dim, *args, **kwargs)``'s call, by parameter name (``**kwargs`` flattened);
+    empty when the call does not fit the signature (the constructor then raises its own error)."""
+    signature = inspect.signature(cls.__init__)
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return {}
+    settings: dict[str, Any] = {}
+    for key, value in list(bound.arguments.items())[3:]:  # after self, in_dim, out_dim
+        kind = signature.parameters[key].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            settings.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            settings[key] = value
+    return settings
+
+
 class Connector(nn.Module):
     """Base class of every connector: ``Connector(in_dim, out_dim, **settings)(features) -> ConnectorOutput``."""
 
@@ -54,11 +73,21 @@ class Connector(nn.Module):
     #: projector (stage 1 2e-3, stage 2 2e-5; ``PAPER_LR``); a recipe stage with ``connector_lr="paper"`` uses it
     paper_lr: dict[int, float] = {}
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # the settings this connector is built with, taken from its own constructor's arguments, so that a connector
+        # built directly (``MLPConnector(16, 32, depth=3)``) records what it is, as one built by name does
+        self = super().__new__(cls)
+        object.__setattr__(self, "_built_with", constructor_settings(cls, args, kwargs))
+        return self
+
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.in_dim = in_dim
         self.out_dim = out_dim
-        self.spec: dict[str, Any] = {"name": self.registered_name}
+        own_name = type(self).__dict__.get("registered_name")  # a subclass does not inherit its parent's name
+        name = own_name or f"{type(self).__module__}:{type(self).__qualname__}"
+        #: what rebuilds this connector (``build_connector(**spec)`` with the dims): its name and its settings
+        self.spec: dict[str, Any] = {"name": name, **getattr(self, "_built_with", {})}
 
     @property
     def feature_request(self) -> FeatureRequest:

@@ -76,8 +76,17 @@ class CAbstractor(Connector):
     #: Honeybee's pretrain.yaml (the abstractor alone) and finetune.yaml (abstractor + LLM)
     paper_lr = {1: 1e-4, 2: 2e-5}
 
-    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 144, depth: int = 3, mlp_depth: int = 2,
-                 hidden_size: int = 1024, pos_emb: bool = True, pos_grid: int = 24):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 144,
+        depth: int = 3,
+        mlp_depth: int = 2,
+        hidden_size: int = 1024,
+        pos_emb: bool = True,
+        pos_grid: int = 24,
+    ):
         super().__init__(in_dim, out_dim)
         check("c_abstractor", "num_queries", num_queries, int, lo=1)
         if math.isqrt(num_queries) ** 2 != num_queries:

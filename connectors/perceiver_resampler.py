@@ -36,15 +36,18 @@ class PerceiverAttention(nn.Module):
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x, latents = self.norm_media(x), self.norm_latents(latents)
         q = rearrange(self.to_q(latents), "b n (h d) -> b h n d", h=self.heads)
-        k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-                for t in self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1))  # fmt: skip
+        k, v = (
+            rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+            for t in self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        )
         attn = (q * self.scale @ k.transpose(-1, -2)).softmax(dim=-1)
         return self.to_out(rearrange(attn @ v, "b h n d -> b n (h d)"))
 
 
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))  # fmt: skip
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )
 
 
 @register("perceiver_resampler")
@@ -54,11 +57,20 @@ class PerceiverResampler(Connector):
     #: tests and the CPU mini world: 16 latents for 64 patches (a quarter, as the sweep's other reducers)
     small_settings = dict(num_latents=16, depth=2, heads=4, dim_head=32)
 
-    def __init__(self, in_dim: int, out_dim: int, num_latents: int = 64, depth: int = 6, heads: int = 8,
-                 dim_head: int = 64, ff_mult: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_latents: int = 64,
+        depth: int = 6,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+    ):
         super().__init__(in_dim, out_dim)
-        for name, value in dict(num_latents=num_latents, depth=depth, heads=heads, dim_head=dim_head,
-                                ff_mult=ff_mult).items():  # fmt: skip
+        for name, value in dict(
+            num_latents=num_latents, depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult
+        ).items():
             check("perceiver_resampler", name, value, int, lo=1)
         self.num_latents = num_latents
         self.latents = nn.Parameter(torch.randn(num_latents, in_dim))

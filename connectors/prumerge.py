@@ -42,8 +42,9 @@ class PruMerge(Reducer):
 
     needs_cls_attention = True
 
-    def configure(self, adaptive: bool = True, keep_ratio: float = 0.125, neighbours: int = 32,
-                  keys: bool = True) -> None:  # fmt: skip
+    def configure(
+        self, adaptive: bool = True, keep_ratio: float = 0.125, neighbours: int = 32, keys: bool = True
+    ) -> None:
         check("prumerge", "adaptive", adaptive, bool)
         check("prumerge", "keep_ratio", keep_ratio, float, lo=0, hi=1)
         check("prumerge", "neighbours", neighbours, int, lo=1)
@@ -64,9 +65,11 @@ class PruMerge(Reducer):
                 )
             return features.cls_attention.to(work).mean(dim=1), features.patches.to(work)
         if features.keys is None:
-            raise ValueError("prumerge needs the attention keys of the block after the selected layer (its "
-                             "feature_request); the features carry none (an encoder that gives no keys): use "
-                             "keys=False")  # fmt: skip
+            raise ValueError(
+                "prumerge needs the attention keys of the block after the selected layer (its "
+                "feature_request); the features carry none (an encoder that gives no keys): use "
+                "keys=False"
+            )
         keys = features.keys.to(work).flatten(2)  # (B, N, C): full width, as the reference's k_proj output
         if features.cls_qk is None:  # no CLS token (SigLIP): its attention-pooling probe scores, keys still merge
             if features.cls_attention is None:

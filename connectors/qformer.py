@@ -58,9 +58,14 @@ class QFormerConnector(Connector):
         freeze_qformer: bool = False,
     ):
         super().__init__(in_dim, out_dim)
-        for setting, value in (("num_queries", num_queries), ("hidden_size", hidden_size), ("num_layers", num_layers),
-                               ("num_heads", num_heads), ("intermediate_size", intermediate_size),
-                               ("cross_attention_freq", cross_attention_freq)):  # fmt: skip
+        for setting, value in (
+            ("num_queries", num_queries),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("intermediate_size", intermediate_size),
+            ("cross_attention_freq", cross_attention_freq),
+        ):
             check("qformer", setting, value, int, lo=1)
         if hidden_size % num_heads:
             raise SettingError(f"qformer: hidden_size={hidden_size} is not a multiple of num_heads={num_heads}")

@@ -39,8 +39,11 @@ class Reducer(Connector):
         Connector.__init__(reducer, projector.in_dim, projector.out_dim)
         reducer.configure(**settings)
         reducer.inner = cls.check_inner(projector)
-        reducer.spec = {"name": cls.registered_name, **settings,
-                        "inner": projector.spec.get("name", projector.registered_name)}  # fmt: skip
+        reducer.spec = {
+            "name": cls.registered_name,
+            **settings,
+            "inner": projector.spec.get("name", projector.registered_name),
+        }
         return reducer
 
     @classmethod

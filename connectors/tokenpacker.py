@@ -55,8 +55,15 @@ class TokenPacker(Connector):
     #: scripts/v1_5/pretrain.sh and finetune.sh
     paper_lr = {1: 1e-3, 2: 2e-5}
 
-    def __init__(self, in_dim: int, out_dim: int, scale_factor: int = 2, embed_dim: int = 1024, num_heads: int = 8,
-                 key_layers: tuple[int, ...] | list[int] = (12, 16, 22, 23)):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        scale_factor: int = 2,
+        embed_dim: int = 1024,
+        num_heads: int = 8,
+        key_layers: tuple[int, ...] | list[int] = (12, 16, 22, 23),
+    ):
         super().__init__(in_dim, out_dim)
         check("tokenpacker", "scale_factor", scale_factor, int, lo=1, hi=8)
         check("tokenpacker", "embed_dim", embed_dim, int, lo=1)
@@ -64,8 +71,10 @@ class TokenPacker(Connector):
         if embed_dim % num_heads:
             raise SettingError(f"tokenpacker: num_heads={num_heads} must divide embed_dim={embed_dim}")
         if not isinstance(key_layers, (list, tuple)):
-            raise SettingError(f"tokenpacker: key_layers must be a list of layer indices (transformers' hidden_states "
-                               f"indexing; [] for the selected layer alone), got {key_layers!r}")  # fmt: skip
+            raise SettingError(
+                f"tokenpacker: key_layers must be a list of layer indices (transformers' hidden_states "
+                f"indexing; [] for the selected layer alone), got {key_layers!r}"
+            )
         for i in key_layers:
             check("tokenpacker", "key_layers[]", i, int)
         key_layers = tuple(key_layers)
@@ -103,8 +112,10 @@ class TokenPacker(Connector):
         multi = x
         if self.key_layers:
             if features.layers is None or features.layers.shape[1] != len(self.key_layers):
-                raise ValueError(f"tokenpacker needs the patch tokens of layers {list(self.key_layers)} (its "
-                                 "feature_request); the features carry none or another number of layers")  # fmt: skip
+                raise ValueError(
+                    f"tokenpacker needs the patch tokens of layers {list(self.key_layers)} (its "
+                    "feature_request); the features carry none or another number of layers"
+                )
             multi = rearrange(features.layers, "b l n d -> b n (l d)")  # the reference's torch.cat(dim=2)
         k, v = self.ln_k(self.k_proj(multi)), self.ln_v(self.v_proj(multi))
         kv = rearrange(torch.cat([k, v], -1), "b (h w) e -> b e h w", h=h, w=w)

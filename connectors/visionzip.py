@@ -67,8 +67,10 @@ class VisionZip(Reducer):
             metric = rest
             if self.keys:
                 if features.keys is None:
-                    raise ValueError("visionzip needs the selected block's attention keys (its feature_request); the "
-                                     "features carry none: use an encoder that gives them, or keys=False")  # fmt: skip
+                    raise ValueError(
+                        "visionzip needs the selected block's attention keys (its feature_request); the "
+                        "features carry none: use an encoder that gives them, or keys=False"
+                    )
                 metric = features.keys.float().mean(dim=2)[~keep].view(B, x.shape[1] - d, -1)
             step = max(1, rest.shape[1] // c)
             is_target = torch.zeros(rest.shape[1], dtype=torch.bool, device=x.device)

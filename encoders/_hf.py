@@ -15,10 +15,14 @@ from encoders.base import EncoderInfo, VisionEncoder, VisionFeatures
 # Tiny ViT presets shared by the transformers towers: an 8x8 grid of 8-px patches on 64-px images (the mini world's
 # default), a 24x24 grid like CLIP-L/14-336's 576 patches and a 27x27 grid like SigLIP-so400m/14-384's 729, at toy
 # width.
-TINY_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=64,
-                patch_size=8)  # fmt: skip
-TINY_PRESETS = {"tiny": TINY_VIT, "tiny-24": {**TINY_VIT, "image_size": 96, "patch_size": 4},
-                "tiny-27": {**TINY_VIT, "image_size": 108, "patch_size": 4}}  # fmt: skip
+TINY_VIT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=8
+)
+TINY_PRESETS = {
+    "tiny": TINY_VIT,
+    "tiny-24": {**TINY_VIT, "image_size": 96, "patch_size": 4},
+    "tiny-27": {**TINY_VIT, "image_size": 108, "patch_size": 4},
+}
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -43,8 +47,12 @@ class HFVisionEncoder(VisionEncoder):
         if params is not None:
             path = preset_dir(self.registered_name, name, params, lambda d: self._build_preset(d, params))
         self.source = str(path)  # where the weights were read from
-        self.model = load_pretrained(self.model_cls.from_pretrained, path, f"{self.registered_name} vision model",
-                                     dtype=getattr(torch, self.dtype_name))  # fmt: skip
+        self.model = load_pretrained(
+            self.model_cls.from_pretrained,
+            path,
+            f"{self.registered_name} vision model",
+            dtype=getattr(torch, self.dtype_name),
+        )
         self.processor = load_pretrained(AutoImageProcessor.from_pretrained, path, f"{self.registered_name} processor")
         cfg = self.model.config
         side = cfg.image_size // cfg.patch_size
@@ -96,8 +104,10 @@ class HFVisionEncoder(VisionEncoder):
                 return self.model.get_submodule(path)
             except AttributeError:
                 continue
-        raise ValueError(f"{self.registered_name}: no transformer blocks at {' or '.join(self.blocks_paths)} in "
-                         f"{type(self.model).__name__}")  # fmt: skip
+        raise ValueError(
+            f"{self.registered_name}: no transformer blocks at {' or '.join(self.blocks_paths)} in "
+            f"{type(self.model).__name__}"
+        )
 
     def query_key(self, block: nn.Module, sink: dict[str, torch.Tensor]) -> list:
         attention = block.get_submodule(self.attention_path)

@@ -53,8 +53,10 @@ class VisionEncoder(nn.Module):
         size_key, patch_key = cls.size_keys
         size, patch = int(match[1]), cls.presets["tiny"][patch_key]
         if size % patch or size < 2 * patch:
-            raise ValueError(f"{checkpoint!r}: the size must be a multiple of the tiny preset's patch size {patch} "
-                             f"and at least {2 * patch} pixels")  # fmt: skip
+            raise ValueError(
+                f"{checkpoint!r}: the size must be a multiple of the tiny preset's patch size {patch} "
+                f"and at least {2 * patch} pixels"
+            )
         return f"tiny{size}", {**cls.presets["tiny"], size_key: size}
 
     def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
@@ -88,8 +90,9 @@ class VisionEncoder(nn.Module):
                 return self._encode_request(pixel_values, request)
             return self._encode(pixel_values, request.cls_attention)
 
-    def encode_images(self, images: list[Image.Image],
-                      with_cls_attention: bool | FeatureRequest = False) -> VisionFeatures:  # fmt: skip
+    def encode_images(
+        self, images: list[Image.Image], with_cls_attention: bool | FeatureRequest = False
+    ) -> VisionFeatures:
         device = next(self.parameters()).device
         return self(self.preprocess(images).to(device), with_cls_attention=with_cls_attention)
 
@@ -100,8 +103,10 @@ class VisionEncoder(nn.Module):
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order (block i writes ``hidden_states[i + 1]``). Families that give further
         layers and attention keys implement it, with ``query_key``."""
-        raise NotImplementedError(f"{self.registered_name or type(self).__name__} gives no further layers or "
-                                  "attention keys; use a connector that needs only the selected layer")  # fmt: skip
+        raise NotImplementedError(
+            f"{self.registered_name or type(self).__name__} gives no further layers or "
+            "attention keys; use a connector that needs only the selected layer"
+        )
 
     def query_key(self, block: nn.Module, sink: dict[str, torch.Tensor]) -> list:
         """Hooks on ``block`` that put its attention's query and key projections of the whole sequence, (B, T, H *
@@ -114,16 +119,20 @@ class VisionEncoder(nn.Module):
         n = self.info.num_layers
         index = layer if layer >= 0 else n + 1 + layer
         if not 1 <= index <= n:
-            raise ValueError(f"{self.registered_name}: layer {layer} is out of range for {n} blocks; use 1..{n} or "
-                             f"-1..-{n} (transformers' hidden_states indexing)")  # fmt: skip
+            raise ValueError(
+                f"{self.registered_name}: layer {layer} is out of range for {n} blocks; use 1..{n} or "
+                f"-1..-{n} (transformers' hidden_states indexing)"
+            )
         return index - 1
 
     def keyed_block(self, keys: str) -> int:
         """The block whose attention keys ``keys`` ("selected" or "next") names."""
         block = self.layer_block(self.layer) + (keys == "next")
         if block >= self.info.num_layers:
-            raise ValueError(f"{self.registered_name}: keys of the block after layer {self.layer} were asked for, but "
-                             f"it is the last of {self.info.num_layers}; pick an earlier layer (--layer)")  # fmt: skip
+            raise ValueError(
+                f"{self.registered_name}: keys of the block after layer {self.layer} were asked for, but "
+                f"it is the last of {self.info.num_layers}; pick an earlier layer (--layer)"
+            )
         return block
 
     def block_name(self, kind: str, ask) -> str:
@@ -138,11 +147,15 @@ class VisionEncoder(nn.Module):
         try:
             wanted = [self.layer_block(i) for i in request.layers]
         except ValueError as err:
-            raise ValueError(f"{err}; the connector asked for layers {list(request.layers)} (set its key layers to "
-                             "ones this tower has)") from None  # fmt: skip
+            raise ValueError(
+                f"{err}; the connector asked for layers {list(request.layers)} (set its key layers to "
+                "ones this tower has)"
+            ) from None
         caught: dict = {}
-        handles = [blocks[b].register_forward_hook(lambda m, a, out, b=b: caught.__setitem__(b, first(out)))
-                   for b in dict.fromkeys(wanted)]  # fmt: skip
+        handles = [
+            blocks[b].register_forward_hook(lambda m, a, out, b=b: caught.__setitem__(b, first(out)))
+            for b in dict.fromkeys(wanted)
+        ]
         sink: dict[str, torch.Tensor] = {}
         if request.keys is not None:
             handles += self.query_key(blocks[self.keyed_block(request.keys)], sink)

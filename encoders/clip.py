@@ -27,13 +27,27 @@ class CLIPEncoder(HFVisionEncoder):
     presets = TINY_PRESETS
     real_checkpoints = ("openai/clip-vit-large-patch14-336", "openai/clip-vit-base-patch32")
     geometries = {  # the vision configs of the real checkpoints
-        "openai/clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                  num_attention_heads=16, image_size=336, patch_size=14,
-                                                  projection_dim=768, hidden_act="quick_gelu"),
-        "openai/clip-vit-base-patch32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                             num_attention_heads=12, image_size=224, patch_size=32,
-                                             projection_dim=512, hidden_act="quick_gelu"),
-    }  # fmt: skip
+        "openai/clip-vit-large-patch14-336": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        "openai/clip-vit-base-patch32": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            projection_dim=512,
+            hidden_act="quick_gelu",
+        ),
+    }
 
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
         if with_cls_attention:

@@ -26,8 +26,15 @@ from encoders._hf import HFVisionEncoder
 from encoders.base import VisionFeatures
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-TINY_DINO = dict(hidden_size=64, mlp_ratio=2, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=8,
-                 num_register_tokens=4)  # fmt: skip
+TINY_DINO = dict(
+    hidden_size=64,
+    mlp_ratio=2,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+    num_register_tokens=4,
+)
 
 
 @register("dinov2")
@@ -50,7 +57,7 @@ class DINOv2Encoder(HFVisionEncoder):
             patch_size=14,
             layerscale_value=1e-5,
             num_register_tokens=regs,
-        )  # fmt: skip
+        )
         for name, regs in (("facebook/dinov2-with-registers-large", 4), ("facebook/dinov2-large", 0))
     }
 
@@ -79,16 +86,22 @@ class DINOv2Encoder(HFVisionEncoder):
         torch.manual_seed(0)
         Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**params)).save_pretrained(out_dir)
         crop = params["image_size"] if params["image_size"] < 224 else 224  # the hub's 224 crop for real geometries
-        BitImageProcessor(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
-                          image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(out_dir)  # fmt: skip
+        BitImageProcessor(
+            size={"shortest_edge": crop},
+            crop_size={"height": crop, "width": crop},
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        ).save_pretrained(out_dir)
 
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
         if with_cls_attention:
             self._ensure_eager()
-        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True,
-                         output_attentions=with_cls_attention)  # fmt: skip
+        out = self.model(
+            pixel_values=pixel_values.to(self.model.dtype),
+            output_hidden_states=True,
+            output_attentions=with_cls_attention,
+        )
         hidden = out.hidden_states[self.block + 1]
         first = 1 + self.registers
         attention = out.attentions[self.block][:, :, 0, first:] if with_cls_attention else None
-        return VisionFeatures(patches=hidden[:, first:], cls=hidden[:, 0], grid=self.info.grid,
-                              cls_attention=attention)  # fmt: skip
+        return VisionFeatures(patches=hidden[:, first:], cls=hidden[:, 0], grid=self.info.grid, cls_attention=attention)

@@ -96,8 +96,9 @@ class VisionFeatures:
         return self.patches.shape[0]
 
     def _map(self, fn) -> VisionFeatures:
-        return replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
-                                for name in self.TENSORS})  # fmt: skip
+        return replace(
+            self, **{name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in self.TENSORS}
+        )
 
     def to(self, *args, **kwargs) -> VisionFeatures:
         return self._map(lambda t: t.to(*args, **kwargs))
@@ -109,8 +110,10 @@ class VisionFeatures:
     def stack(items: list[VisionFeatures]) -> VisionFeatures:
         """Batch single-image features (e.g. from the feature cache)."""
         first = items[0]
-        fields = {name: None if getattr(first, name) is None else torch.cat([getattr(i, name) for i in items])
-                  for name in VisionFeatures.TENSORS}  # fmt: skip
+        fields = {
+            name: None if getattr(first, name) is None else torch.cat([getattr(i, name) for i in items])
+            for name in VisionFeatures.TENSORS
+        }
         return VisionFeatures(grid=first.grid, **fields)
 
 

@@ -33,8 +33,10 @@ def parse_parts(checkpoint: str) -> list[tuple[str, str]]:
     for piece in checkpoint.split("+"):
         name, sep, ckpt = piece.partition(":")
         if not sep or not name or not ckpt:
-            raise ValueError(f"fused encoder checkpoint {checkpoint!r}: each part must be name:checkpoint, joined by "
-                             f"'+' (e.g. dinov2:tiny+siglip:tiny); got {piece!r}")  # fmt: skip
+            raise ValueError(
+                f"fused encoder checkpoint {checkpoint!r}: each part must be name:checkpoint, joined by "
+                f"'+' (e.g. dinov2:tiny+siglip:tiny); got {piece!r}"
+            )
         parts.append((name, ckpt))
     if len(parts) < 2:
         raise ValueError(f"fused encoder checkpoint {checkpoint!r} names {len(parts)} part; it needs at least 2")
@@ -49,16 +51,24 @@ class FusedEncoder(VisionEncoder):
 
     def __init__(self, checkpoint: str, layer: int = -2, frozen: bool = True, dtype: str | None = None):
         super().__init__(checkpoint, layer, frozen, dtype)
-        self.parts = nn.ModuleList(build_encoder(name, ckpt, layer=layer, frozen=frozen, dtype=dtype)
-                                   for name, ckpt in parse_parts(checkpoint))  # fmt: skip
+        self.parts = nn.ModuleList(
+            build_encoder(name, ckpt, layer=layer, frozen=frozen, dtype=dtype) for name, ckpt in parse_parts(checkpoint)
+        )
         sizes = [p.info.image_size for p in self.parts]
         if len(set(sizes)) > 1:
-            raise ValueError(f"fused encoder {checkpoint!r}: the parts take images of {sizes} pixels; they must agree "
-                             f"(run DINOv2 at the other's size with '@R', e.g. dinov2:<checkpoint>@384)")  # fmt: skip
+            raise ValueError(
+                f"fused encoder {checkpoint!r}: the parts take images of {sizes} pixels; they must agree "
+                f"(run DINOv2 at the other's size with '@R', e.g. dinov2:<checkpoint>@384)"
+            )
         first = self.parts[0].info
-        self.info = EncoderInfo(hidden_size=sum(p.info.hidden_size for p in self.parts), grid=first.grid,
-                                image_size=first.image_size, has_cls=all(p.info.has_cls for p in self.parts),
-                                num_heads=first.num_heads, num_layers=first.num_layers)  # fmt: skip
+        self.info = EncoderInfo(
+            hidden_size=sum(p.info.hidden_size for p in self.parts),
+            grid=first.grid,
+            image_size=first.image_size,
+            has_cls=all(p.info.has_cls for p in self.parts),
+            num_heads=first.num_heads,
+            num_layers=first.num_layers,
+        )
         self.freeze(frozen)
 
     @classmethod
@@ -75,8 +85,9 @@ class FusedEncoder(VisionEncoder):
         if tuple(grid) == tuple(self.info.grid):
             return patches
         x = rearrange(patches, "b (h w) d -> b d h w", h=grid[0], w=grid[1])
-        return rearrange(F.interpolate(x.float(), size=self.info.grid, mode="bilinear").to(x.dtype),
-                         "b d h w -> b (h w) d")  # fmt: skip
+        return rearrange(
+            F.interpolate(x.float(), size=self.info.grid, mode="bilinear").to(x.dtype), "b d h w -> b (h w) d"
+        )
 
     def _encode(self, pixel_values: torch.Tensor, with_cls_attention: bool) -> VisionFeatures:
         return self._combine([p(px, with_cls_attention) for p, px in zip(self.parts, pixel_values.split(3, dim=1))])
@@ -92,17 +103,29 @@ class FusedEncoder(VisionEncoder):
     def _combine(self, outs: list[VisionFeatures]) -> VisionFeatures:
         patches = torch.cat([self.on_grid(o.patches, o.grid) for o in outs], dim=-1)
         cls = torch.cat([o.cls for o in outs], dim=-1) if all(o.cls is not None for o in outs) else None
-        attention = next((o.cls_attention for o in outs if o.cls_attention is not None and o.grid == self.info.grid),
-                         None)  # fmt: skip
+        attention = next(
+            (o.cls_attention for o in outs if o.cls_attention is not None and o.grid == self.info.grid), None
+        )
         layers = None
         if outs[0].layers is not None:  # each further layer concatenated channel-wise, as the selected one
             per = [o.layers for o in outs]
-            layers = torch.stack([torch.cat([self.on_grid(t[:, i], o.grid) for t, o in zip(per, outs)], dim=-1)
-                                  for i in range(per[0].shape[1])], dim=1)  # fmt: skip
+            layers = torch.stack(
+                [
+                    torch.cat([self.on_grid(t[:, i], o.grid) for t, o in zip(per, outs)], dim=-1)
+                    for i in range(per[0].shape[1])
+                ],
+                dim=1,
+            )
         keyed = next((o for o in outs if o.keys is not None), None)
-        return VisionFeatures(patches=patches, cls=cls, grid=self.info.grid, cls_attention=attention, layers=layers,
-                              keys=None if keyed is None else keyed.keys,
-                              cls_qk=None if keyed is None else keyed.cls_qk)  # fmt: skip
+        return VisionFeatures(
+            patches=patches,
+            cls=cls,
+            grid=self.info.grid,
+            cls_attention=attention,
+            layers=layers,
+            keys=None if keyed is None else keyed.keys,
+            cls_qk=None if keyed is None else keyed.cls_qk,
+        )
 
     # the further layers come from every part (by each part's own depth); the attention keys from one part, the
     # first on the common grid (the CLS attention's policy), since keys of different towers do not share a space

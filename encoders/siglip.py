@@ -30,13 +30,25 @@ class SigLIPEncoder(HFVisionEncoder):
     presets = TINY_PRESETS
     real_checkpoints = ("google/siglip-so400m-patch14-384", "google/siglip-base-patch16-224")
     geometries = {  # the vision configs of the real checkpoints
-        "google/siglip-so400m-patch14-384": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                                 num_attention_heads=16, image_size=384, patch_size=14,
-                                                 hidden_act="gelu_pytorch_tanh"),
-        "google/siglip-base-patch16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                               num_attention_heads=12, image_size=224, patch_size=16,
-                                               hidden_act="gelu_pytorch_tanh"),
-    }  # fmt: skip
+        "google/siglip-so400m-patch14-384": dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        "google/siglip-base-patch16-224": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu_pytorch_tanh",
+        ),
+    }
 
     def _processor_size(self, size: int) -> dict[str, int]:
         return {"height": size, "width": size}

@@ -80,10 +80,12 @@ class LLMBackend(nn.Module):
             path = preset_dir(self.registered_name, name, key, lambda d: self.build_tiny(d, params=params))
         # a GGUF file: weights, tokenizer and chat template from it (transformers' gguf_file=)
         path, where = gguf_source(path) if params is None else (path, {})
-        self.check_architecture(load_pretrained(AutoConfig.from_pretrained, path, f"{self.registered_name} config",
-                                                **where))  # fmt: skip
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer",
-                                         **where)  # fmt: skip
+        self.check_architecture(
+            load_pretrained(AutoConfig.from_pretrained, path, f"{self.registered_name} config", **where)
+        )
+        self.tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, path, f"{self.registered_name} tokenizer", **where
+        )
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
         what, dtype = f"{self.registered_name} model", getattr(torch, dtype or "float32")
         model = load_pretrained(self.model_cls.from_pretrained, path, what, dtype=dtype, **where, **extra)
@@ -112,9 +114,13 @@ class LLMBackend(nn.Module):
                 raise ValueError(f"the LLM already has LoRA {self.lora}; cannot add {settings}")
             return
         targets = settings["targets"]
-        config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                            target_modules=targets if targets == "all-linear" else targets.split("+"),
-                            task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=settings["r"],
+            lora_alpha=settings["alpha"],
+            lora_dropout=settings["dropout"],
+            target_modules=targets if targets == "all-linear" else targets.split("+"),
+            task_type="CAUSAL_LM",
+        )
         self.model = get_peft_model(self.model, config, autocast_adapter_dtype=True)
         for name, p in self.model.named_parameters():
             if "lora_" in name:
@@ -143,11 +149,17 @@ class LLMBackend(nn.Module):
         if want is not None and config.model_type != want:
             from llms import LLMS
 
-            fits = [n for n in LLMS.names() if getattr(LLMS.get(n), "config_cls", None) is not None
-                    and LLMS.get(n).config_cls.model_type == config.model_type]  # fmt: skip
+            fits = [
+                n
+                for n in LLMS.names()
+                if getattr(LLMS.get(n), "config_cls", None) is not None
+                and LLMS.get(n).config_cls.model_type == config.model_type
+            ]
             hint = f"use --llm {' or '.join(fits)}" if fits else "no backend here takes it"
-            raise SettingError(f"{self.checkpoint!r} holds a {config.model_type!r} model, but --llm "
-                               f"{self.registered_name} takes {want!r} checkpoints; {hint}")  # fmt: skip
+            raise SettingError(
+                f"{self.checkpoint!r} holds a {config.model_type!r} model, but --llm "
+                f"{self.registered_name} takes {want!r} checkpoints; {hint}"
+            )
 
     # ------------------------------------------------------------------ tokens
     def _add_special_tokens(self) -> None:

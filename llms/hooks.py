@@ -50,8 +50,14 @@ class VisualSpans:
     padding: torch.Tensor | None = None  # (B, S) True at the batch's padding positions (removed with the dropped)
 
     @staticmethod
-    def of(image_at: list[int | None], counts: list[int], mask: torch.Tensor, labels: torch.Tensor | None,
-           left_padded: bool, ignore_index: int = -100) -> VisualSpans:  # fmt: skip
+    def of(
+        image_at: list[int | None],
+        counts: list[int],
+        mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        left_padded: bool,
+        ignore_index: int = -100,
+    ) -> VisualSpans:
         """From each row's ``<image>`` position in its unpadded ids, its visual-token count and the splice's
         attention mask and labels."""
         B, L = mask.shape
@@ -95,21 +101,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextlib.contextmanager
-def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: VisualSpans | None,
-                      remove: bool = True):  # fmt: skip
+def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: VisualSpans | None, remove: bool = True):
     """Run ``model`` (a transformers causal LM) with ``hook`` applied; a no-op when ``hook`` is None. ``remove``:
     take the dropped positions out of the later layers (the default), else mask them (see the module docstring)."""
     if hook is None:
         yield
         return
     if torch.is_grad_enabled() and checkpointing(model):
-        raise SettingError(f"{type(hook).__name__} acts inside the LLM through hooks that activation checkpointing "
-                           "would bypass (its layers are recomputed in backward, after the hooks are gone): train "
-                           "with --no-gradient-checkpointing")  # fmt: skip
+        raise SettingError(
+            f"{type(hook).__name__} acts inside the LLM through hooks that activation checkpointing "
+            "would bypass (its layers are recomputed in backward, after the hooks are gone): train "
+            "with --no-gradient-checkpointing"
+        )
     layers = decoder_layers(model)
     if not 1 <= hook.layer < len(layers):
-        raise SettingError(f"{type(hook).__name__}: layer={hook.layer} must leave later layers to prune in an LLM of "
-                           f"{len(layers)} decoder layers (1 <= layer < {len(layers)})")  # fmt: skip
+        raise SettingError(
+            f"{type(hook).__name__}: layer={hook.layer} must leave later layers to prune in an LLM of "
+            f"{len(layers)} decoder layers (1 <= layer < {len(layers)})"
+        )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
     state = _Pruning(hook.layer)
@@ -164,10 +173,12 @@ def visual_token_hook(model: nn.Module, hook: VisualTokenHook | None, spans: Vis
         pending.clear()
 
     first, last = layers[hook.layer], layers[-1]
-    handles = [scorer.register_forward_pre_hook(score_before, with_kwargs=True),
-               scorer.register_forward_hook(score_after),
-               first.register_forward_pre_hook(lambda m, a, k: state.enter(a, k, before), with_kwargs=True),
-               last.register_forward_hook(lambda m, a, k, out: state.leave(out), with_kwargs=True)]  # fmt: skip
+    handles = [
+        scorer.register_forward_pre_hook(score_before, with_kwargs=True),
+        scorer.register_forward_hook(score_after),
+        first.register_forward_pre_hook(lambda m, a, k: state.enter(a, k, before), with_kwargs=True),
+        last.register_forward_hook(lambda m, a, k, out: state.leave(out), with_kwargs=True),
+    ]
     handles += [layer.register_forward_pre_hook(state.reuse, with_kwargs=True) for layer in layers[hook.layer + 1 :]]
     try:
         yield

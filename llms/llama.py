@@ -60,11 +60,18 @@ class TinyLlamaBackend(LlamaBackend):
     presets = {"tiny": dict(TINY, num_key_value_heads=2)}
     real_checkpoints = ("TinyLlama/TinyLlama-1.1B-Chat-v1.0",)
     geometries = {
-        "TinyLlama/TinyLlama-1.1B-Chat-v1.0": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                                   num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                                   max_position_embeddings=2048, tie_word_embeddings=False,
-                                                   save_dtype="bfloat16"),
-    }  # fmt: skip
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0": dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            save_dtype="bfloat16",
+        ),
+    }
 
 
 @register("vicuna")
@@ -75,12 +82,23 @@ class VicunaBackend(LlamaBackend):
     presets = {"tiny": dict(TINY, num_key_value_heads=4)}
     real_checkpoints = ("lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5")
     geometries = {  # from the real checkpoints' config.json (stored in fp16)
-        name: dict(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
-                   num_key_value_heads=a, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                   tie_word_embeddings=False, save_dtype="float16")
-        for name, (h, i, n, a) in {"lmsys/vicuna-7b-v1.5": (4096, 11008, 32, 32),
-                                   "lmsys/vicuna-13b-v1.5": (5120, 13824, 40, 40)}.items()
-    }  # fmt: skip
+        name: dict(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=n,
+            num_attention_heads=a,
+            num_key_value_heads=a,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            save_dtype="float16",
+        )
+        for name, (h, i, n, a) in {
+            "lmsys/vicuna-7b-v1.5": (4096, 11008, 32, 32),
+            "lmsys/vicuna-13b-v1.5": (5120, 13824, 40, 40),
+        }.items()
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -22,8 +22,9 @@ def normalize_lora(settings: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(out["dropout"], (int, float)) or not 0 <= out["dropout"] < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {out['dropout']!r}")
     if not isinstance(out["targets"], str) or not out["targets"]:
-        raise ValueError(f"LoRA targets must be all-linear or module names joined by + (q_proj+v_proj), "
-                         f"got {out['targets']!r}")  # fmt: skip
+        raise ValueError(
+            f"LoRA targets must be all-linear or module names joined by + (q_proj+v_proj), got {out['targets']!r}"
+        )
     return out
 
 
@@ -38,5 +39,9 @@ def quantization_config(kind: str):
         )
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )

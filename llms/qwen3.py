@@ -48,12 +48,26 @@ class Qwen3Backend(LLMBackend):
     }
     real_checkpoints = ("Qwen/Qwen3-4B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-0.6B")
     geometries = {  # from the real checkpoints' config.json
-        name: dict(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
-                   num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, save_dtype="bfloat16")
-        for name, (h, i, n, a) in {"Qwen/Qwen3-4B": (2560, 9728, 36, 32), "Qwen/Qwen3-1.7B": (2048, 6144, 28, 16),
-                                   "Qwen/Qwen3-0.6B": (1024, 3072, 28, 16)}.items()
-    }  # fmt: skip
+        name: dict(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=n,
+            num_attention_heads=a,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            save_dtype="bfloat16",
+        )
+        for name, (h, i, n, a) in {
+            "Qwen/Qwen3-4B": (2560, 9728, 36, 32),
+            "Qwen/Qwen3-1.7B": (2048, 6144, 28, 16),
+            "Qwen/Qwen3-0.6B": (1024, 3072, 28, 16),
+        }.items()
+    }
 
     @property
     def end_of_turn(self) -> str:

@@ -21,13 +21,19 @@ def row_attention_possible(attention: nn.Module, cache, index: int) -> bool:
     empty."""
     module = sys.modules.get(type(attention).__module__)
     layers = getattr(cache, "layers", None)
-    return (all(hasattr(attention, a) for a in ("q_proj", "head_dim", "scaling", "num_key_value_groups"))
-            and hasattr(module, "apply_rotary_pos_emb") and layers is not None and len(layers) > index
-            and cache.get_seq_length(index) == 0 and not getattr(attention, "sliding_window", None))  # fmt: skip
+    return (
+        all(hasattr(attention, a) for a in ("q_proj", "head_dim", "scaling", "num_key_value_groups"))
+        and hasattr(module, "apply_rotary_pos_emb")
+        and layers is not None
+        and len(layers) > index
+        and cache.get_seq_length(index) == 0
+        and not getattr(attention, "sliding_window", None)
+    )
 
 
-def row_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddings, keys: torch.Tensor,
-                  spans: VisualSpans) -> torch.Tensor:  # fmt: skip
+def row_attention(
+    attention: nn.Module, hidden: torch.Tensor, position_embeddings, keys: torch.Tensor, spans: VisualSpans
+) -> torch.Tensor:
     """(B, S) head-mean attention probabilities of each row's scoring query over the prompt, as the layer computed
     them (its RoPE'd keys, from the cache, and its query written again for that one position): softmax(q k^T *
     scaling) over the positions the query may see (not later ones, not padding), in fp32, averaged over heads."""
@@ -138,8 +144,11 @@ class _Pruning:
                 mask = hide_in(mask, hide)
         else:  # a generated token: the cache holds the kept prompt positions, then the generated ones
             if mask is not None:
-                prompt = torch.gather(mask[..., :S].expand(B, -1, -1, -1), 3,
-                                      index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))  # fmt: skip
+                prompt = torch.gather(
+                    mask[..., :S].expand(B, -1, -1, -1),
+                    3,
+                    index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1),
+                )
                 mask = torch.cat([prompt, mask[..., S:]], dim=-1)
             elif pad:  # SDPA's causal shortcut (no padding in the batch): every cached column but the slots
                 cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.model.vlm import VLMInputs  # noqa: E402
+from connector_zoo.model.vlm import VLMInputs  # noqa: E402
 from encoders import build_encoder  # noqa: E402
 from llms import build_llm  # noqa: E402
 
@@ -44,9 +44,23 @@ def pytest_report_header(config):
 ENCODER_NAMES = ["clip", "siglip", "eva-vit-g", "dinov2", "fused"]
 LLM_NAMES = ["qwen3", "tinyllama", "vicuna"]
 # written out, not read from the registry: a connector that vanished from it must fail here, not shrink the grid
-BUILTIN_CONNECTORS = ["avgpool", "c_abstractor", "cls_prune", "fastv", "focus_moe", "ldpv2", "linear", "mlp2x_gelu",
-                      "perceiver_resampler", "pixel_shuffle", "prumerge", "qformer", "random_keep", "tokenpacker",
-                      "visionzip"]  # fmt: skip
+BUILTIN_CONNECTORS = [
+    "avgpool",
+    "c_abstractor",
+    "cls_prune",
+    "fastv",
+    "focus_moe",
+    "ldpv2",
+    "linear",
+    "mlp2x_gelu",
+    "perceiver_resampler",
+    "pixel_shuffle",
+    "prumerge",
+    "qformer",
+    "random_keep",
+    "tokenpacker",
+    "visionzip",
+]
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +106,23 @@ def install_in_hf_cache(src, repo_id: str, cache, monkeypatch) -> None:
 
 # ------------------------------------------------------------------ whole CLI runs in a subprocess
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["run", "--world-scale", "0.01", "--pretrain-steps", "3", "--connector", "mlp2x_gelu", "--steps", "6",
-         "--batch-size", "4", "--eval-limit", "8", "--llm", "tinyllama"]  # fmt: skip
+MICRO = [
+    "run",
+    "--world-scale",
+    "0.01",
+    "--pretrain-steps",
+    "3",
+    "--connector",
+    "mlp2x_gelu",
+    "--steps",
+    "6",
+    "--batch-size",
+    "4",
+    "--eval-limit",
+    "8",
+    "--llm",
+    "tinyllama",
+]
 
 
 def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None):
@@ -138,41 +167,65 @@ def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
 GOOD = turns(("human", "<image>\nWhat colour?"), ("gpt", "red"))
 # id -> (record without its id, what the reason must say); every one of these stops nothing
 BAD_RECORDS = {
-    "two_images": ({"image": "a.png", "conversations": turns(("human", "<image>\n<image>\nSame?"), ("gpt", "yes"))},
-                   "2 <image> tokens"),
-    "assistant_first": ({"image": "a.png", "conversations": turns(("gpt", "red"), ("human", "<image>\nColour?"))},
-                        "turn order assistant/user"),
-    "two_users": ({"conversations": turns(("human", "Hi"), ("human", "Hi?"), ("gpt", "Hello"))},
-                  "turn order user/user/assistant"),
-    "unanswered": ({"conversations": turns(("human", "Hi"), ("gpt", "Hello"), ("human", "And?"))},
-                   "ending on an assistant answer"),
+    "two_images": (
+        {"image": "a.png", "conversations": turns(("human", "<image>\n<image>\nSame?"), ("gpt", "yes"))},
+        "2 <image> tokens",
+    ),
+    "assistant_first": (
+        {"image": "a.png", "conversations": turns(("gpt", "red"), ("human", "<image>\nColour?"))},
+        "turn order assistant/user",
+    ),
+    "two_users": (
+        {"conversations": turns(("human", "Hi"), ("human", "Hi?"), ("gpt", "Hello"))},
+        "turn order user/user/assistant",
+    ),
+    "unanswered": (
+        {"conversations": turns(("human", "Hi"), ("gpt", "Hello"), ("human", "And?"))},
+        "ending on an assistant answer",
+    ),
     "empty_answer": ({"conversations": turns(("human", "Hi"), ("gpt", "  "))}, "assistant turn is empty"),
-    "image_in_second_turn": ({"image": "a.png", "conversations": turns(
-        ("human", "Look."), ("gpt", "ok"), ("human", "<image>\nNow?"), ("gpt", "red"))}, "0 in the first user turn"),
-    "text_with_image_token": ({"conversations": turns(("human", "<image>\nColour?"), ("gpt", "red"))},
-                              "1 <image> token(s) in its text but no image"),
+    "image_in_second_turn": (
+        {
+            "image": "a.png",
+            "conversations": turns(("human", "Look."), ("gpt", "ok"), ("human", "<image>\nNow?"), ("gpt", "red")),
+        },
+        "0 in the first user turn",
+    ),
+    "text_with_image_token": (
+        {"conversations": turns(("human", "<image>\nColour?"), ("gpt", "red"))},
+        "1 <image> token(s) in its text but no image",
+    ),
     "image_list": ({"image": ["a.png", "b.png"], "conversations": GOOD}, "must be one relative path"),
     "image_number": ({"image": 7, "conversations": GOOD}, "must be one relative path"),
     "no_conversations": ({"image": "a.png"}, "no 'conversations' list"),
     "empty_conversations": ({"conversations": []}, "no 'conversations' list"),
-    "unknown_role": ({"conversations": turns(("robot", "beep"), ("gpt", "boop"))},
-                     "turn 0: 'from' is 'robot'; known: human, gpt, user, assistant, system"),
-    "value_not_text": ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
-                       "turn 0: 'value' is int 3, not a string"),
-    "from_a_list": ({"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "x"}]},
-                    "turn 0: 'from' is list ['human'], not a string"),
-    "from_an_object": ({"conversations": [{"from": "human", "value": "Hi"}, {"from": {"r": "gpt"}, "value": "x"}]},
-                       "turn 1: 'from' is dict {'r': 'gpt'}, not a string"),
-    "turn_not_an_object": ({"conversations": ["Hi", {"from": "gpt", "value": "x"}]},
-                           "turn 0 is a str, not an object"),
+    "unknown_role": (
+        {"conversations": turns(("robot", "beep"), ("gpt", "boop"))},
+        "turn 0: 'from' is 'robot'; known: human, gpt, user, assistant, system",
+    ),
+    "value_not_text": (
+        {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+        "turn 0: 'value' is int 3, not a string",
+    ),
+    "from_a_list": (
+        {"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "x"}]},
+        "turn 0: 'from' is list ['human'], not a string",
+    ),
+    "from_an_object": (
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": {"r": "gpt"}, "value": "x"}]},
+        "turn 1: 'from' is dict {'r': 'gpt'}, not a string",
+    ),
+    "turn_not_an_object": ({"conversations": ["Hi", {"from": "gpt", "value": "x"}]}, "turn 0 is a str, not an object"),
     "image_path_with_nul": ({"image": "a\x00.png", "conversations": GOOD}, "holds a control character"),
-}  # fmt: skip
+}
 
 
 def huge_png(path: Path, width: int, height: int) -> None:
     """A real PNG file whose header says width x height (its pixel data is a stub: a decoder would fail late)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))  # fmt: skip
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     idat = zlib.compress(b"\x00" * 64)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

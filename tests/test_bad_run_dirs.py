@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.model.vlm import VLM
 from connector_zoo.io import write_manifest
+from connector_zoo.model.vlm import VLM
 
 
 @pytest.fixture

@@ -11,8 +11,12 @@ def test_binding_splits_by_object_count_and_names_the_wrong_objects_value():
     """Hand-made scenes: a lookup answered right on the one-object scene, with the other object's colour and with an
     absent colour on the two-object ones; a position answered with the other object's cell."""
     one = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "cell": 0}]}
-    two = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "cell": 0},
-                       {"colour": "blue", "shape": "square", "size": "large", "cell": 8}]}  # fmt: skip
+    two = {
+        "objects": [
+            {"colour": "red", "shape": "circle", "size": "small", "cell": 0},
+            {"colour": "blue", "shape": "square", "size": "large", "cell": 8},
+        ]
+    }
     colour = lambda a: {"type": "colour", "question": "What colour is the circle?", "answer": a}  # noqa: E731
     where = {"type": "position", "question": "Where is the red circle?", "answer": "top left"}
     qa = [(one, colour("red")), (two, colour("red")), (two, colour("red")), (two, colour("red")), (two, where)]
@@ -23,8 +27,10 @@ def test_binding_splits_by_object_count_and_names_the_wrong_objects_value():
 
 
 def test_run_questions_maps_ids_to_their_scene_and_question_and_refuses_another_worlds():
-    records = [{"id": "test-000000", "qa": [{"question": "a"}, {"question": "b"}], "objects": []},
-               {"id": "test-000001", "qa": [{"question": "c"}], "objects": []}]  # fmt: skip
+    records = [
+        {"id": "test-000000", "qa": [{"question": "a"}, {"question": "b"}], "objects": []},
+        {"id": "test-000001", "qa": [{"question": "c"}], "objects": []},
+    ]
     pairs = run_questions(records, ["test-000001/q0", "test-000000/q1"])
     assert [(r["id"], q["question"]) for r, q in pairs] == [("test-000001", "c"), ("test-000000", "b")]
     for bad in ("test-000001/q1", "test-000009/q0", "test-000000"):
@@ -47,8 +53,10 @@ def test_world_binding_reads_a_runs_recorded_answers_against_its_world(tmp_path)
     cfg = WorldConfig().scaled(0.01)
     records = World(cfg, progress=False).records("test")
     ids = [f"{r['id']}/q{i}" for r in records[:2] for i in range(len(r["qa"]))]
-    answers = [q["answer"] if i < len(records[0]["qa"]) else "wrong" for i, q in enumerate(
-        q for r in records[:2] for q in r["qa"])]  # fmt: skip
+    answers = [
+        q["answer"] if i < len(records[0]["qa"]) else "wrong"
+        for i, q in enumerate(q for r in records[:2] for q in r["qa"])
+    ]
     (tmp_path / "config.json").write_text(json.dumps({"data": {"kind": "world", "world": dataclasses.asdict(cfg)}}))
     accuracy = {"per_question": {"ids": ids, "answers": answers, "correct": []}}
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {"test": {"accuracy": accuracy}}}))

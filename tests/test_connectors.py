@@ -19,7 +19,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from bench.model.vlm import VLM, VLMInputs
+from connector_zoo.model.vlm import VLM, VLMInputs
 from connectors import build_connector
 from connectors.cls_prune import CLSPrune
 from connectors.focus_moe import FocusMoE
@@ -267,10 +267,7 @@ def test_focus_moe_compresses_low_information_images_more(encoders, llms):
 #     r(X_m) = W2 GELU(W1 [mean(X_m); mean(X); std(X_m)] + b1) + b2,   GELU(x) = x Phi(x)
 # picks e_m = argmax_e (r_e(X_m) + delta log |E_e(X_m)|) per window, and the image's tokens are the chosen experts'
 # outputs, window by window, each through the shared projector (here 2x + 0.5).
-HAND_IMAGE = [[1, 1, 0, 4],
-              [1, 1, 4, 0],
-              [2, 2, 1, 3],
-              [2, 2, 5, 7]]  # fmt: skip
+HAND_IMAGE = [[1, 1, 0, 4], [1, 1, 4, 0], [2, 2, 1, 3], [2, 2, 5, 7]]
 # windows (raster): A = [1,1,1,1] mean 1 std 0; B = [0,4,4,0] mean 2 std 2; C = [2,2,2,2] mean 2 std 0;
 # D = [1,3,5,7] mean 4 std sqrt(5) = 2.236068; the global mean is 36/16 = 2.25.
 # W1 = [0.5, 1, 1], b1 = -3.75 -> pre-activations A -1, B 1.5, C -0.5, D 2.736068;
@@ -435,8 +432,9 @@ def tokens_table(capsys, *args: str) -> dict[str, list[int]]:
 def test_readme_token_counts_at_24x24(capsys):
     """The README's zoo table at 24x24: 576, 576, 32, 144 (keep 25 %), about 144 (budget 25 %, varying with image
     content)."""
-    rows = tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector",
-                        "linear,mlp2x_gelu,qformer,cls_prune,focus_moe")  # fmt: skip
+    rows = tokens_table(
+        capsys, "--encoder-checkpoint", "tiny-24", "--connector", "linear,mlp2x_gelu,qformer,cls_prune,focus_moe"
+    )
     assert rows["linear"] == rows["mlp2x_gelu"] == [576] * 4 and rows["qformer"] == [32] * 4
     assert rows["cls_prune"] == [144] * 4  # round(0.25 * 576)
     moe = rows["focus_moe"]
@@ -459,8 +457,17 @@ def test_issue15_token_counts_at_24x24(capsys):
 
     assert main(["tokens", "--encoder-checkpoint", "tiny-24", "--connector", "tokenpacker"]) == 2
     assert "layer 12 is out of range for 3 blocks" in capsys.readouterr().err
-    rows.update(tokens_table(capsys, "--encoder-checkpoint", "tiny-24", "--connector", "tokenpacker",
-                             "--connector-arg", "key_layers=[1,2]"))  # fmt: skip
+    rows.update(
+        tokens_table(
+            capsys,
+            "--encoder-checkpoint",
+            "tiny-24",
+            "--connector",
+            "tokenpacker",
+            "--connector-arg",
+            "key_layers=[1,2]",
+        )
+    )
     assert rows["tokenpacker"] == [144] * 4
     enc = build_encoder("clip", checkpoint="tiny-24")
     with torch.no_grad():
@@ -499,17 +506,29 @@ def test_every_connector_token_count_at_real_grids(h):
     info = EncoderInfo(hidden_size=32, grid=(h, h), image_size=14 * h, has_cls=True, num_heads=4, num_layers=2)
     half = math.ceil(h / 2) ** 2
     f.cls_attention = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(0)).pow(8).softmax(-1)
-    expected = {"linear": [N] * 3, "mlp2x_gelu": [N] * 3, "qformer": [32] * 3, "cls_prune": [round(0.25 * N)] * 3,
-                "random_keep": [round(0.25 * N)] * 3, "avgpool": [half] * 3, "pixel_shuffle": [half] * 3,
-                "c_abstractor": [144] * 3, "ldpv2": [144] * 3, "tokenpacker": [half] * 3,
-                "perceiver_resampler": [64] * 3, "visionzip": [64] * 3, "fastv": [N] * 3,  # fastv prunes in the LLM
-                "prumerge": prumerge_count(f.cls_attention)}  # fmt: skip
+    expected = {
+        "linear": [N] * 3,
+        "mlp2x_gelu": [N] * 3,
+        "qformer": [32] * 3,
+        "cls_prune": [round(0.25 * N)] * 3,
+        "random_keep": [round(0.25 * N)] * 3,
+        "avgpool": [half] * 3,
+        "pixel_shuffle": [half] * 3,
+        "c_abstractor": [144] * 3,
+        "ldpv2": [144] * 3,
+        "tokenpacker": [half] * 3,
+        "perceiver_resampler": [64] * 3,
+        "visionzip": [64] * 3,
+        "fastv": [N] * 3,  # fastv prunes in the LLM
+        "prumerge": prumerge_count(f.cls_attention),
+    }
     assert set(expected) | {"focus_moe"} == set(BUILTIN_CONNECTORS)
     for name in BUILTIN_CONNECTORS:
         extra = SMALL_Q if name == "qformer" else dict(hidden_size=64) if name == "c_abstractor" else {}
         # hand-made features carry no further layers or keys: the single-level / feature-similarity variants
-        extra = {"tokenpacker": dict(key_layers=()), "visionzip": dict(keys=False),
-                 "prumerge": dict(keys=False)}.get(name, extra)  # fmt: skip
+        extra = {"tokenpacker": dict(key_layers=()), "visionzip": dict(keys=False), "prumerge": dict(keys=False)}.get(
+            name, extra
+        )
         conn = build_connector(name, 32, 24, **extra).eval()
         if name == "focus_moe":  # one token per window when all are pooled, every (padded) patch when all are kept
             conn.calibrate(f)

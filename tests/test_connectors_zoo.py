@@ -17,8 +17,9 @@ from encoders.base import VisionFeatures
 
 def feats(B=2, h=24, w=24, dv=16, seed=0, cls=True) -> VisionFeatures:
     g = torch.Generator().manual_seed(seed)
-    return VisionFeatures(torch.randn(B, h * w, dv, generator=g), torch.randn(B, dv, generator=g) if cls else None,
-                          (h, w))  # fmt: skip
+    return VisionFeatures(
+        torch.randn(B, h * w, dv, generator=g), torch.randn(B, dv, generator=g) if cls else None, (h, w)
+    )
 
 
 def identity(dim: int):
@@ -100,8 +101,9 @@ def test_visionzip_by_hand():
     """3x3 patches, dominant 3 (CLS + the 2 top patches), contextual 2 on the 7 others: targets are the others'
     positions 0 and 3 (step 7 // 2), each other patch joins its more similar target, token = target + mean."""
     e = torch.eye(4)
-    x = torch.stack([e[0], e[0] + 0.1 * e[2], 2 * e[0], e[1], 9 * e[3], e[1] * 3, e[1] + 0.2 * e[0], 7 * e[2],
-                     e[1] + 0.1 * e[3]])[None]  # fmt: skip
+    x = torch.stack(
+        [e[0], e[0] + 0.1 * e[2], 2 * e[0], e[1], 9 * e[3], e[1] * 3, e[1] + 0.2 * e[0], 7 * e[2], e[1] + 0.1 * e[3]]
+    )[None]
     cls = torch.full((1, 4), 0.5)
     score = torch.tensor([0.01, 0.02, 0.03, 0.04, 0.5, 0.05, 0.06, 0.25, 0.04])
     keys = torch.stack([x + 1.0, x - 1.0], dim=2)  # (1, 9, 2 heads, 4): their head mean is x
@@ -110,21 +112,25 @@ def test_visionzip_by_hand():
     assert conn.feature_request.keys == "selected" and conn.feature_request.cls_attention
     tokens = conn(f).tokens[0]
     # others: patches 0,1,2,3,5,6,8 -> targets patches 0 and 3; 1, 2 join patch 0; 5, 6, 8 join patch 3
-    expected = torch.stack([cls[0], x[0, 4], x[0, 7], x[0, 0] + (x[0, 1] + x[0, 2]) / 2,
-                            x[0, 3] + (x[0, 5] + x[0, 6] + x[0, 8]) / 3])  # fmt: skip
+    expected = torch.stack(
+        [cls[0], x[0, 4], x[0, 7], x[0, 0] + (x[0, 1] + x[0, 2]) / 2, x[0, 3] + (x[0, 5] + x[0, 6] + x[0, 8]) / 3]
+    )
     torch.testing.assert_close(tokens, expected)
     # the similarity is the keys', not the features': keys that put patch 1 next to patch 3 move it there
     moved = keys.clone()
     moved[0, 1] = torch.stack([e[1], e[1]])
     again = conn(VisionFeatures(x, cls, (3, 3), f.cls_attention, keys=moved)).tokens[0]
-    torch.testing.assert_close(again[3:], torch.stack([x[0, 0] + x[0, 2], x[0, 3] + (x[0, 1] + x[0, 5] + x[0, 6] +
-                                                                                   x[0, 8]) / 4]))  # fmt: skip
+    torch.testing.assert_close(
+        again[3:], torch.stack([x[0, 0] + x[0, 2], x[0, 3] + (x[0, 1] + x[0, 5] + x[0, 6] + x[0, 8]) / 4])
+    )
     by_features = VisionZip.wrap(identity(4), dominant=3, contextual=2, keys=False)
     assert by_features.feature_request.keys is None
-    torch.testing.assert_close(by_features(VisionFeatures(x, cls, (3, 3), f.cls_attention, keys=moved)).tokens[0],
-                               expected)  # fmt: skip
-    no_cls = VisionZip.wrap(identity(4), dominant=3, contextual=2)(VisionFeatures(x, None, (3, 3), f.cls_attention,
-                                                                                  keys=keys))  # fmt: skip
+    torch.testing.assert_close(
+        by_features(VisionFeatures(x, cls, (3, 3), f.cls_attention, keys=moved)).tokens[0], expected
+    )
+    no_cls = VisionZip.wrap(identity(4), dominant=3, contextual=2)(
+        VisionFeatures(x, None, (3, 3), f.cls_attention, keys=keys)
+    )
     # no CLS (SigLIP): the 3 top patches, 4, 7 and 6, in raster order
     assert no_cls.tokens.shape[1] == 5 and torch.equal(no_cls.tokens[0, :3], x[0, [4, 6, 7]])
 
@@ -238,8 +244,9 @@ def regnet_bottleneck(x: torch.Tensor, p: dict[str, torch.Tensor], prefix: str) 
     y = y * torch.sigmoid(F.conv2d(s, w("se.fc2.weight"), w("se.fc2.bias")))
     y = ln_channels(F.conv2d(y, w("conv3.conv.weight")), w("conv3.bn.weight"), w("conv3.bn.bias"))
     if f"{prefix}.downsample.conv.weight" in p:
-        shortcut = ln_channels(F.conv2d(x, w("downsample.conv.weight")), w("downsample.bn.weight"),
-                               w("downsample.bn.bias"))  # fmt: skip
+        shortcut = ln_channels(
+            F.conv2d(x, w("downsample.conv.weight")), w("downsample.bn.weight"), w("downsample.bn.bias")
+        )
     else:
         shortcut = x
     return F.silu(y + shortcut)
@@ -257,8 +264,9 @@ def c_abstractor_reference(p: dict[str, torch.Tensor], patches: torch.Tensor, si
     for i in range(depth):
         x = regnet_bottleneck(x, p, f"net.2.b{i + 1}")
     x = x.flatten(2).transpose(1, 2)
-    return F.linear(F.silu(F.linear(x, p["readout.0.weight"], p["readout.0.bias"])), p["readout.2.weight"],
-                    p["readout.2.bias"])  # fmt: skip
+    return F.linear(
+        F.silu(F.linear(x, p["readout.0.weight"], p["readout.0.bias"])), p["readout.2.weight"], p["readout.2.bias"]
+    )
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -300,16 +308,18 @@ def tokenpacker_reference(conn, x: torch.Tensor, x_multi: torch.Tensor, raw_grid
         return F.layer_norm(t, (E,), p[f"{name}.weight"], p[f"{name}.bias"], eps=1e-6)
 
     def mlp(t, name):
-        return F.linear(F.gelu(F.linear(t, p[f"{name}.0.weight"], p[f"{name}.0.bias"])), p[f"{name}.2.weight"],
-                        p[f"{name}.2.bias"])  # fmt: skip
+        return F.linear(
+            F.gelu(F.linear(t, p[f"{name}.0.weight"], p[f"{name}.0.bias"])), p[f"{name}.2.weight"], p[f"{name}.2.bias"]
+        )
 
     def divide_feature(x, kernel_size, token_num, N, c):  # the reference's, line for line
         h = w = int(token_num**0.5)
         reshape_x = x.reshape(h, w, N, c).reshape(h // kernel_size, kernel_size, w, N, c)
         reshape_x = reshape_x.permute(0, 2, 1, 3, 4)
         reshape_x = reshape_x.reshape(h // kernel_size, w // kernel_size, kernel_size, kernel_size, N, c)
-        reshape_x = reshape_x.permute(0, 1, 3, 2, 4, 5).reshape(h // kernel_size, w // kernel_size,
-                                                                kernel_size * kernel_size, N, c)  # fmt: skip
+        reshape_x = reshape_x.permute(0, 1, 3, 2, 4, 5).reshape(
+            h // kernel_size, w // kernel_size, kernel_size * kernel_size, N, c
+        )
         reshape_x = reshape_x.permute(2, 0, 1, 3, 4).reshape(kernel_size * kernel_size, -1, c)
         return reshape_x
 
@@ -341,8 +351,9 @@ def test_tokenpacker_computes_the_reference_forward(grid, s):
     randomise(conn, seed=1)
     f = feats(B=2, h=grid, w=grid, cls=False)
     with torch.no_grad():
-        torch.testing.assert_close(conn(f).tokens, tokenpacker_reference(conn, f.patches, f.patches, grid, s),
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            conn(f).tokens, tokenpacker_reference(conn, f.patches, f.patches, grid, s), rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("grid,s", [(8, 2), (6, 3)])
@@ -350,8 +361,9 @@ def test_tokenpacker_multi_level_keys_are_the_references(grid, s):
     """The reference's multi-level keys: k_proj / v_proj read the key layers' patches concatenated channel-wise
     (``torch.cat(image_feature_list, dim=2)``), in the order asked, while the queries come from the selected layer;
     the connector asks the encoder for exactly those layers."""
-    conn = build_connector("tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4,
-                           key_layers=[12, 16, 22, 23]).eval()  # fmt: skip
+    conn = build_connector(
+        "tokenpacker", 16, 8, scale_factor=s, embed_dim=32, num_heads=4, key_layers=[12, 16, 22, 23]
+    ).eval()
     assert conn.k_proj[0].in_features == 4 * 16 and conn.feature_request.layers == (12, 16, 22, 23)
     randomise(conn, seed=2)
     f = feats(B=2, h=grid, w=grid, cls=False)
@@ -361,8 +373,7 @@ def test_tokenpacker_multi_level_keys_are_the_references(grid, s):
     x_multi = torch.cat([layers[:, i] for i in range(4)], dim=2)
     with torch.no_grad():
         out = conn(f).tokens
-        torch.testing.assert_close(out, tokenpacker_reference(conn, f.patches, x_multi, grid, s), rtol=1e-4,
-                                   atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(out, tokenpacker_reference(conn, f.patches, x_multi, grid, s), rtol=1e-4, atol=1e-5)
         swapped = VisionFeatures(f.patches, None, f.grid, layers=layers[:, [1, 0, 2, 3]])
         assert (conn(swapped).tokens - out).abs().max() > 1e-3  # the order of the levels matters
     with pytest.raises(ValueError, match="needs the patch tokens of layers"):

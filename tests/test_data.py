@@ -23,22 +23,43 @@ def write_llava_fixture(root):
         Image.new("RGB", (40, 30), colour).save(root / "images" / "00000" / f"00000000{i}.jpg")
     (root / "images" / "00000" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
     records = [
-        {"id": "GCC_0", "image": "00000/000000000.jpg", "conversations": [
-            {"from": "human", "value": "Give a brief description of the image.\n<image>"},
-            {"from": "gpt", "value": "a red wall"}]},
-        {"id": "GCC_1", "image": "00000/000000001.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Blue"},
-            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]},
+        {
+            "id": "GCC_0",
+            "image": "00000/000000000.jpg",
+            "conversations": [
+                {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+                {"from": "gpt", "value": "a red wall"},
+            ],
+        },
+        {
+            "id": "GCC_1",
+            "image": "00000/000000001.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is it?"},
+                {"from": "gpt", "value": "Blue"},
+                {"from": "human", "value": "Are you sure?"},
+                {"from": "gpt", "value": "Yes."},
+            ],
+        },
         {"id": "text_only", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
-        {"id": "missing_image", "image": "00000/nope.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]},
-        {"id": "corrupt_image", "image": "00000/corrupt.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]},
-        {"id": "no_placeholder", "image": "00000/000000002.jpg", "conversations": [
-            {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "green"}]},
+        {
+            "id": "missing_image",
+            "image": "00000/nope.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}],
+        },
+        {
+            "id": "corrupt_image",
+            "image": "00000/corrupt.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}],
+        },
+        {
+            "id": "no_placeholder",
+            "image": "00000/000000002.jpg",
+            "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "green"}],
+        },
         {"id": "malformed", "image": "00000/000000002.jpg", "conversation": []},
         {"id": "bad_turn", "conversations": [{"from": "robot", "value": "beep"}]},
-    ]  # fmt: skip
+    ]
     (root / "chat.json").write_text(json.dumps(records))
     return root / "chat.json", root / "images"
 
@@ -80,17 +101,33 @@ def write_hf_fixture(root):
     image_feature = datasets.Sequence(datasets.Image())
     rows = {
         "messages": [
-            [{"role": "user", "content": [{"type": "image", "text": None, "index": 0},
-                                          {"type": "text", "text": "What colour is this?", "index": None}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "Purple.", "index": None}]}],
-            [{"role": "user", "content": [{"type": "text", "text": "No image here.", "index": None}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "Fine.", "index": None}]}],
-            [{"role": "user", "content": [{"type": "image", "text": None, "index": 0},
-                                          {"type": "text", "text": "Two images?", "index": None}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "No.", "index": None}]}],
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "text": None, "index": 0},
+                        {"type": "text", "text": "What colour is this?", "index": None},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "Purple.", "index": None}]},
+            ],
+            [
+                {"role": "user", "content": [{"type": "text", "text": "No image here.", "index": None}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Fine.", "index": None}]},
+            ],
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "text": None, "index": 0},
+                        {"type": "text", "text": "Two images?", "index": None},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "No.", "index": None}]},
+            ],
         ],
         "images": [[Image.new("RGB", (20, 20), "purple")], [], [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]],
-    }  # fmt: skip
+    }
     data = datasets.Dataset.from_dict(rows).cast_column("images", image_feature)
     data.save_to_disk(str(root / "vsft"))
     return root / "vsft"
@@ -100,8 +137,10 @@ def test_hf_messages_images_form(tmp_path, llms, encoders):
     ds = hf_messages(write_hf_fixture(tmp_path))
     assert len(ds.samples) == 2 and ds.skipped[0]["reason"].startswith("1 image placeholders for 2 images")
     first = ds.samples[0]
-    assert first.messages == [{"role": "user", "content": "<image>\nWhat colour is this?"},
-                              {"role": "assistant", "content": "Purple."}]  # fmt: skip
+    assert first.messages == [
+        {"role": "user", "content": "<image>\nWhat colour is this?"},
+        {"role": "assistant", "content": "Purple."},
+    ]
     assert np.asarray(ds.images.load(first.image))[0, 0].tolist() == [128, 0, 128]
     cache = FeatureCache(encoders["clip"], ds.images, with_attention=False)
     collator = Collator(llms["qwen3"], cache, visual_budget=64, max_length=None)
@@ -136,23 +175,33 @@ def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
     # room for the text-only sample, not for an image's 64 visual tokens on top of a similar text
     collator = Collator(llms["vicuna"], cache, visual_budget=64, max_length=text_only + 20)
     batch = collator.batch(ds.samples)
-    assert {i for i, reason in batch.skipped if "context budget" in reason} == {"GCC_0", "GCC_1", "missing_image",
-                                                                             "corrupt_image"}  # fmt: skip
+    assert {i for i, reason in batch.skipped if "context budget" in reason} == {
+        "GCC_0",
+        "GCC_1",
+        "missing_image",
+        "corrupt_image",
+    }
     assert [ds.samples[k].id for k in batch.kept] == ["text_only"] and batch.inputs.features is None
     assert cache.forwards == 0  # samples dropped for their length never reach the encoder
 
 
 def test_group_by_length_sorts_each_step(tmp_path, llms, encoders):
     from bench.data.formats import Dataset, Sample
-    from bench.model.vlm import VLM
     from bench.train.stage import StageConfig
     from bench.train.trainer import Trainer
+    from connector_zoo.model.vlm import VLM
     from connectors import build_connector
 
     enc, llm = encoders["clip"], llms["tinyllama"]
     words = ["a", "a b c d e f g h", "a b", "a b c d e f g h i j k l m n", "a b c d", "a b c d e f"] * 2
-    ds = Dataset("t", [Sample(f"s{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": w}])
-                       for i, w in enumerate(words)], images=None)  # fmt: skip
+    ds = Dataset(
+        "t",
+        [
+            Sample(f"s{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": w}])
+            for i, w in enumerate(words)
+        ],
+        images=None,
+    )
     collator = Collator(llm, None, visual_budget=0, max_length=None)
     vlm = VLM(enc, build_connector("linear", enc.info.hidden_size, llm.hidden_size), llm)
     lengths = []
@@ -171,11 +220,19 @@ def test_a_665k_style_mix_loads_without_touching_an_image(tmp_path, llms, encode
     sources = ["coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K"]
     records = []
     for i in range(20000):
-        turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "a thing"},
-                 {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "another"}]  # fmt: skip
+        turns = [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "a thing"},
+            {"from": "human", "value": "And then?"},
+            {"from": "gpt", "value": "another"},
+        ]
         if i % 7 == 0:
-            records.append({"id": f"t{i}", "conversations": [{"from": "human", "value": "Hi?"},
-                                                             {"from": "gpt", "value": "Hello."}]})  # fmt: skip
+            records.append(
+                {
+                    "id": f"t{i}",
+                    "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}],
+                }
+            )
         else:
             records.append({"id": f"r{i}", "image": f"{sources[i % 5]}/{i:012d}.jpg", "conversations": turns})
     (tmp_path / "mix.json").write_text(json.dumps(records))
@@ -199,8 +256,14 @@ def test_image_names_cannot_leave_their_folder_even_through_links(tmp_path):
     (tmp_path / "data" / "coco").symlink_to(tmp_path / "shared" / "coco")  # LLaVA's usual layout
     (tmp_path / "data" / "peek.png").symlink_to(tmp_path / "secret.png")  # a link out, one file
     (tmp_path / "data" / "alias").symlink_to(tmp_path / "data" / "local")  # a link that stays inside
-    names = ["coco/a.jpg", "../secret.png", str(tmp_path / "secret.png"), "peek.png", "local/../../secret.png",
-             "alias/b.png"]  # fmt: skip
+    names = [
+        "coco/a.jpg",
+        "../secret.png",
+        str(tmp_path / "secret.png"),
+        "peek.png",
+        "local/../../secret.png",
+        "alias/b.png",
+    ]
     table = FileImages(tmp_path / "data", names)
     for i in range(5):  # every way out is refused, and so is a link whose target lies outside
         with pytest.raises(BadSample, match="outside the image folder"):
@@ -220,15 +283,41 @@ COLOURS_E2E = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 22
 
 def e2e_rows(n: int = 40) -> list[tuple[str, Image.Image, str, str]]:
     names = list(COLOURS_E2E)
-    return [(f"r{i:03d}", Image.new("RGB", (40 + i % 5, 36), COLOURS_E2E[names[i % 4]]),
-             "What colour is this picture?", names[i % 4]) for i in range(n)]  # fmt: skip
+    return [
+        (
+            f"r{i:03d}",
+            Image.new("RGB", (40 + i % 5, 36), COLOURS_E2E[names[i % 4]]),
+            "What colour is this picture?",
+            names[i % 4],
+        )
+        for i in range(n)
+    ]
 
 
 def run_e2e(tmp_path, data_args: list[str]) -> tuple[dict, str]:
     out = tmp_path / "run"
-    proc = bench(["run", *data_args, "--encoder-checkpoint", "tiny", "--llm-checkpoint", "tiny",
-                  "--connector", "mlp2x_gelu", "--recipe", "budget", "--steps", "3", "--batch-size", "4",
-                  "--grad-accum", "1", "--out", str(out)])  # fmt: skip
+    proc = bench(
+        [
+            "run",
+            *data_args,
+            "--encoder-checkpoint",
+            "tiny",
+            "--llm-checkpoint",
+            "tiny",
+            "--connector",
+            "mlp2x_gelu",
+            "--recipe",
+            "budget",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout
 
@@ -256,10 +345,19 @@ def test_published_formats_train_and_evaluate_end_to_end_with_a_5_percent_hold_o
             str(tmp_path / "images"),
         ]
     else:
-        messages = [[{"role": "user", "content": [{"type": "image", "text": None, "index": 0},
-                                                  {"type": "text", "text": q, "index": None}]},
-                     {"role": "assistant", "content": [{"type": "text", "text": a, "index": None}]}]
-                    for _, _, q, a in rows]  # fmt: skip
+        messages = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "text": None, "index": 0},
+                        {"type": "text", "text": q, "index": None},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": a, "index": None}]},
+            ]
+            for _, _, q, a in rows
+        ]
         data = datasets.Dataset.from_dict({"messages": messages, "images": [[im] for _, im, _, _ in rows]})
         data.cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(str(tmp_path / "hf"))
         args = ["--data", "hf", "--data-path", str(tmp_path / "hf")]

@@ -65,32 +65,30 @@ def test_ruff_clean():
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-BENCH_ORDER = ["model", "data", "train", "evaluate", "run", "report", "cli"]  # each imports only those before it
+BENCH_STAGES = ["data", "train", "evaluate", "run", "report", "cli"]  # their import order: tests/test_layout.py
 
 
-def test_bench_is_arranged_by_stage_one_way_with_small_modules():
-    """bench/ by stage (docs/layout.md): a package imports only packages earlier in the order (no circles), each
-    package's __init__ says what lives there, and no module of the project is over 300 lines."""
+def test_bench_is_arranged_by_stage_and_each_stage_says_what_lives_there():
+    """bench/ by stage (docs/layout.md); each package's __init__ says what lives there."""
     bench_dir = ROOT / "bench"
-    assert sorted(p.name for p in bench_dir.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(BENCH_ORDER)
-    for pkg in BENCH_ORDER:
+    assert sorted(p.name for p in bench_dir.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(BENCH_STAGES)
+    for pkg in BENCH_STAGES:
         init = (bench_dir / pkg / "__init__.py").read_text()
         assert init.lstrip().startswith('"""') and len(init) > 60, f"bench/{pkg}/__init__.py needs a docstring"
-        for f in (bench_dir / pkg).glob("*.py"):
-            for dep in re.findall(r"^\s*(?:from|import) bench\.(\w+)", f.read_text(), re.M):
-                assert dep == pkg or BENCH_ORDER.index(dep) < BENCH_ORDER.index(pkg), f"{f} imports bench.{dep}"
-    for folder in ("bench", "connectors", "encoders", "llms", "connector_zoo"):
-        for f in (ROOT / folder).rglob("*.py"):
-            n = len(f.read_text().splitlines())
-            assert n <= 300, f"{f.relative_to(ROOT)} has {n} lines"
 
 
 def test_bench_tokens_prints_only_its_table_on_a_cold_cache(tmp_path):
     """Building the tiny presets writes model shards; transformers' progress bars must not reach the terminal."""
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     env.update(CONNECTOR_ZOO_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    out = subprocess.run([*BENCH, "tokens", "--encoder-checkpoint", "tiny-24", "--connector", "mlp2x_gelu,qformer"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [*BENCH, "tokens", "--encoder-checkpoint", "tiny-24", "--connector", "mlp2x_gelu,qformer"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     lines = out.stdout.strip().splitlines()

@@ -234,8 +234,11 @@ def test_dinov2_drops_registers_and_reads_the_cls_row(encoders, tmp_path):
     torch.testing.assert_close(feats.cls_attention, out.attentions[-2][:, :, 0, 5:], rtol=0, atol=1e-6)
     torch.testing.assert_close(feats.cls, out.hidden_states[-2][:, 0], rtol=0, atol=1e-6)
     torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64,
-                             patch_size=8)).save_pretrained(tmp_path / "plain")  # fmt: skip
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8
+        )
+    ).save_pretrained(tmp_path / "plain")
     BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
         tmp_path / "plain"
     )

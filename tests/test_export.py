@@ -12,8 +12,8 @@ from conftest import images
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from bench.cli import main
-from bench.model.export import ExportError, export_hf
-from bench.model.vlm import VLM, VLMInputs
+from connector_zoo.model.llava import ExportError, export_hf
+from connector_zoo.model.vlm import VLM, VLMInputs
 
 PROMPT = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import LLM_NAMES, images
 
-from bench.model.vlm import VLM, VLMInputs
+from connector_zoo.model.vlm import VLM, VLMInputs
 from connectors import build_connector
 from llms.base import IGNORE_INDEX
 from llms.hooks import row_attention
@@ -79,8 +79,9 @@ def test_fastv_generation_with_the_cache_equals_teacher_forcing(encoders, llms):
     vlm = fastv_vlm(encoders, llms, "tinyllama", k=1, r=0.75)
     inputs = prompt(vlm)
     with torch.no_grad():
-        gen = vlm.generate_ids(inputs, max_new_tokens=4, output_logits=True, return_dict_in_generate=True,
-                               min_new_tokens=4)  # fmt: skip
+        gen = vlm.generate_ids(
+            inputs, max_new_tokens=4, output_logits=True, return_dict_in_generate=True, min_new_tokens=4
+        )
         new = gen.sequences[0]
         ids = torch.cat([inputs.input_ids[0], new])
         labels = torch.cat([torch.full_like(inputs.input_ids[0], IGNORE_INDEX), new])
@@ -99,8 +100,11 @@ def test_fastv_needs_a_later_layer(encoders, llms):
 def mixed_batch(vlm: VLM, labelled: bool, long_text: bool = False) -> VLMInputs:
     """Rows that keep different numbers of positions: two images (one with a longer prompt) and a text-only row
     (``long_text``: the longest row, which drops nothing, so the later layers see every position of the batch)."""
-    texts = ["What colour is the circle?", "How many shapes are there in this picture, and which is the largest?",
-             "Say hello. " * (40 if long_text else 1)]  # fmt: skip
+    texts = [
+        "What colour is the circle?",
+        "How many shapes are there in this picture, and which is the largest?",
+        "Say hello. " * (40 if long_text else 1),
+    ]
     has_image = [True, True, False]
     ids = vlm.prompt_ids(has_image, texts)
     labels = None
@@ -122,12 +126,13 @@ def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name
     inputs = mixed_batch(vlm, labelled=True, long_text=long_text)
     seen = []
     later = hooks.decoder_layers(vlm.llm.model)[1]
-    handle = later.self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]),
-                                                       with_kwargs=True)  # fmt: skip
+    handle = later.self_attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True
+    )
     with torch.no_grad():
         removed = vlm(inputs, full_logits=True)
         masked_path = functools.partial(hooks.visual_token_hook, remove=False)
-        monkeypatch.setattr("bench.model.vlm.visual_token_hook", masked_path)
+        monkeypatch.setattr("connector_zoo.model.vlm.visual_token_hook", masked_path)
         masked = vlm(inputs, full_logits=True)
     handle.remove()
     visual = vlm.visual_tokens(inputs)
@@ -138,8 +143,10 @@ def test_fastv_removal_equals_masking_on_a_padded_batch(encoders, llms, llm_name
     # padded to the row that keeps most; the masking path computes all S
     longest = max(int(m.sum()) - (n - kept) * int(h) for m, h in zip(mask, inputs.has_image))
     assert seen == [longest, S] and (longest == S) == long_text
-    starts = [int((i == vlm.llm.image_token_id).nonzero()[0]) if h else None
-              for i, h in zip(inputs.input_ids, inputs.has_image)]  # fmt: skip
+    starts = [
+        int((i == vlm.llm.image_token_id).nonzero()[0]) if h else None
+        for i, h in zip(inputs.input_ids, inputs.has_image)
+    ]
     for b, s in enumerate(starts):
         real = mask[b].bool()
         if s is not None:
@@ -172,8 +179,9 @@ def test_fastv_removal_generation_equals_masking_and_shrinks_the_cache(encoders,
         kw = dict(max_new_tokens=4, min_new_tokens=4, output_logits=True, return_dict_in_generate=True)
         removed = vlm.generate_ids(inputs, **kw)
         assert len(rows) == 1  # the prompt was scored from the cache's keys (the masking path scores with eager)
-        monkeypatch.setattr("bench.model.vlm.visual_token_hook", functools.partial(hooks.visual_token_hook,
-                                                                                   remove=False))  # fmt: skip
+        monkeypatch.setattr(
+            "connector_zoo.model.vlm.visual_token_hook", functools.partial(hooks.visual_token_hook, remove=False)
+        )
         masked = vlm.generate_ids(inputs, **kw)
     assert model.config._attn_implementation == before
     assert torch.equal(removed.sequences, masked.sequences)
@@ -207,14 +215,32 @@ def test_bench_profile_compares_reducers_at_one_share(capsys):
     after pruning (FastV's after its layer), a speed-up per row; bad combinations are one clear line."""
     from bench.cli import main
 
-    args = ["profile", "--encoder-checkpoint", "tiny-24", "--connector", "mlp2x_gelu,fastv,cls_prune,prumerge",
-            "--keep", "0.5", "--fastv-layer", "1", "--repeats", "1"]  # fmt: skip
+    args = [
+        "profile",
+        "--encoder-checkpoint",
+        "tiny-24",
+        "--connector",
+        "mlp2x_gelu,fastv,cls_prune,prumerge",
+        "--keep",
+        "0.5",
+        "--fastv-layer",
+        "1",
+        "--repeats",
+        "1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
-            ("mlp2x_gelu", "fastv", "cls_prune", "prumerge")}  # fmt: skip
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split() and line.split()[0] in ("mlp2x_gelu", "fastv", "cls_prune", "prumerge")
+    }
     assert [rows[n][1:3] for n in ("mlp2x_gelu", "fastv", "cls_prune", "prumerge")] == [
-        ["576", "576"], ["576", "288"], ["288", "288"], ["289", "289"]]  # fmt: skip
+        ["576", "576"],
+        ["576", "288"],
+        ["288", "288"],
+        ["289", "289"],
+    ]
     assert rows["mlp2x_gelu"][-1] == "1.00x" and "AMX" in out
     assert main(["profile", "--connector", "mlp2x_gelu,fastv"]) == 2
     assert "give --keep" in capsys.readouterr().err

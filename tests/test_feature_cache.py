@@ -17,9 +17,9 @@ from bench.data.features import FeatureCache, bytes_per_image, decide, image_key
 from bench.data.formats import Dataset, Sample, hf_messages, llava_json
 from bench.data.loader import Collator
 from bench.data.store import FeatureStore
-from bench.model.vlm import VLM
 from bench.train.stage import StageConfig
 from bench.train.trainer import Trainer
+from connector_zoo.model.vlm import VLM
 from connectors import build_connector
 from encoders import build_encoder
 
@@ -29,9 +29,17 @@ def picture(seed: int, size: int = 48) -> Image.Image:
 
 
 def llava_file(path, images: list[str]) -> None:
-    records = [{"id": f"{path.stem}-{i}", "image": name, "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": f"picture {name}"}]}
-        for i, name in enumerate(images)]  # fmt: skip
+    records = [
+        {
+            "id": f"{path.stem}-{i}",
+            "image": name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": f"picture {name}"},
+            ],
+        }
+        for i, name in enumerate(images)
+    ]
     path.write_text(json.dumps(records))
 
 
@@ -78,9 +86,16 @@ def test_two_json_files_over_one_folder_share_rows_and_get_their_own_features(tm
 
 def test_hf_datasets_key_images_by_their_bytes(tmp_path, encoders, llms):
     def save(name: str, seeds: list[int]):
-        rows = {"messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
-                              {"role": "assistant", "content": [{"type": "text", "text": f"p{s}"}]}] for s in seeds],
-                "images": [[picture(s)] for s in seeds]}  # fmt: skip
+        rows = {
+            "messages": [
+                [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": f"p{s}"}]},
+                ]
+                for s in seeds
+            ],
+            "images": [[picture(s)] for s in seeds],
+        }
         data = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
         data.save_to_disk(str(tmp_path / name))
         return hf_messages(tmp_path / name)
@@ -133,8 +148,14 @@ def test_bf16_rows_take_half_the_bytes_and_equal_the_online_features(tmp_path, l
     enc32 = build_encoder("clip")
     assert 2 * bytes_per_image(enc16, True) == bytes_per_image(enc32, True)
     images = [picture(i) for i in range(3)]
-    ds = Dataset("t", [Sample(str(i), [{"role": "user", "content": "<image>\nq"}, {"role": "assistant",
-                 "content": "a"}], i) for i in range(3)], _table(images))  # fmt: skip
+    ds = Dataset(
+        "t",
+        [
+            Sample(str(i), [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}], i)
+            for i in range(3)
+        ],
+        _table(images),
+    )
     out = {}
     for cached in (True, False, True):
         cache = FeatureCache(enc16, ds.images, with_attention=True, root=tmp_path, cached=cached)
@@ -191,8 +212,9 @@ def test_workers_cache_on_off_and_resume_give_identical_losses(tmp_path, encoder
     enc, llm = encoders["clip"], llms["tinyllama"]
     images = [picture(i) for i in range(8)]
     question = {"role": "user", "content": "<image>\nWhat is it?"}
-    samples = [Sample(f"s{i}", [question, {"role": "assistant", "content": f"picture {i % 8}"}], i % 8)
-               for i in range(20)]  # fmt: skip
+    samples = [
+        Sample(f"s{i}", [question, {"role": "assistant", "content": f"picture {i % 8}"}], i % 8) for i in range(20)
+    ]
     folder = tmp_path / "img"
     folder.mkdir()
     for i, im in enumerate(images):

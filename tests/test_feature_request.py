@@ -19,8 +19,9 @@ def hidden_states(enc, px) -> list[torch.Tensor]:
     """The tower's own hidden states (index 0: embeddings, i: block i's output), whole sequence, from its library."""
     if enc.registered_name == "eva-vit-g":
         blocks = list(range(enc.info.num_layers))
-        out = enc.model.forward_intermediates(px, indices=blocks, return_prefix_tokens=True, norm=False,
-                                              output_fmt="NLC", intermediates_only=True)  # fmt: skip
+        out = enc.model.forward_intermediates(
+            px, indices=blocks, return_prefix_tokens=True, norm=False, output_fmt="NLC", intermediates_only=True
+        )
         return [None] + [torch.cat([prefix, patches], dim=1) for patches, prefix in out]
     return list(enc.model(pixel_values=px, output_hidden_states=True).hidden_states)
 
@@ -107,12 +108,22 @@ def test_the_cache_is_keyed_by_the_request(tmp_path, encoders):
     enc = encoders["clip"]
     n = enc.info.num_layers
     root = tmp_path / "feat"
-    dirs = {ask: FeatureCache(enc, ds.images, ask, root=root).dir
-            for ask in (FeatureRequest(layers=(1, 2)), FeatureRequest(layers=(2, 1)), FeatureRequest(keys="selected"),
-                        FeatureRequest(keys="next"), FeatureRequest(cls_attention=True), FeatureRequest())}  # fmt: skip
+    dirs = {
+        ask: FeatureCache(enc, ds.images, ask, root=root).dir
+        for ask in (
+            FeatureRequest(layers=(1, 2)),
+            FeatureRequest(layers=(2, 1)),
+            FeatureRequest(keys="selected"),
+            FeatureRequest(keys="next"),
+            FeatureRequest(cls_attention=True),
+            FeatureRequest(),
+        )
+    }
     assert len(set(dirs.values())) == len(dirs)
-    assert FeatureCache(enc, ds.images, FeatureRequest(layers=(-2,)), root=root).dir == FeatureCache(
-        enc, ds.images, FeatureRequest(layers=(n - 1,)), root=root).dir  # fmt: skip
+    assert (
+        FeatureCache(enc, ds.images, FeatureRequest(layers=(-2,)), root=root).dir
+        == FeatureCache(enc, ds.images, FeatureRequest(layers=(n - 1,)), root=root).dir
+    )
     assert FeatureCache(enc, ds.images, True, root=root).dir.name.endswith("+attn")  # the older caches' name
     ask = FeatureRequest(cls_attention=True, layers=(2, 1), keys="next")
     cache = FeatureCache(enc, ds.images, ask, root=root)

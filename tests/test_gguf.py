@@ -15,8 +15,10 @@ from test_data import e2e_rows
 from connector_zoo.settings import SettingError
 from llms import build_llm
 
-CONVERSATION = [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
-                {"role": "assistant", "content": "The circle is red."}]  # fmt: skip
+CONVERSATION = [
+    {"role": "user", "content": "<image>\nWhat colour is the circle?"},
+    {"role": "assistant", "content": "The circle is red."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,10 @@ def same_llm(a, b) -> None:
 
 def test_a_gguf_file_is_the_same_llm_as_its_safetensors(checkpoints):
     safetensors, gguf_path = checkpoints
-    from_gguf, from_safetensors = build_llm("tinyllama", checkpoint=str(gguf_path)), build_llm(
-        "tinyllama", checkpoint=str(safetensors))  # fmt: skip
+    from_gguf, from_safetensors = (
+        build_llm("tinyllama", checkpoint=str(gguf_path)),
+        build_llm("tinyllama", checkpoint=str(safetensors)),
+    )
     same_llm(from_gguf, from_safetensors)
     assert from_gguf.tokenizer.chat_template == from_safetensors.tokenizer.chat_template  # the file's own
 
@@ -55,8 +59,10 @@ def test_a_gguf_file_of_a_hub_repository_loads_from_the_cache(checkpoints, tmp_p
     repo.mkdir()
     (repo / "tiny-llama.gguf").write_bytes(gguf_path.read_bytes())
     install_in_hf_cache(repo, "someone/tiny-llama-GGUF", tmp_path / "hub", monkeypatch)
-    same_llm(build_llm("tinyllama", checkpoint="someone/tiny-llama-GGUF:tiny-llama.gguf"),
-             build_llm("tinyllama", checkpoint=str(safetensors)))  # fmt: skip
+    same_llm(
+        build_llm("tinyllama", checkpoint="someone/tiny-llama-GGUF:tiny-llama.gguf"),
+        build_llm("tinyllama", checkpoint=str(safetensors)),
+    )
 
 
 def test_a_gguf_file_is_refused_by_the_wrong_backend_and_when_missing(gguf_path):
@@ -76,22 +82,60 @@ def test_every_command_runs_on_a_gguf_llm(gguf_path, tmp_path):
     records = []
     for rid, image, question, answer in e2e_rows(12):
         image.save(tmp_path / "images" / f"{rid}.png")
-        records.append({"id": rid, "image": f"{rid}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})  # fmt: skip
+        records.append(
+            {
+                "id": rid,
+                "image": f"{rid}.png",
+                "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+            }
+        )
     (tmp_path / "data.json").write_text(json.dumps(records))
     run = tmp_path / "run"
-    proc = bench(["run", "--data", "llava", "--data-path", str(tmp_path / "data.json"), "--image-folder",
-                  str(tmp_path / "images"), "--encoder-checkpoint", "tiny", "--llm", "tinyllama", "--llm-checkpoint",
-                  str(gguf_path), "--connector", "mlp2x_gelu", "--recipe", "budget", "--steps", "1",
-                  "--batch-size", "4", "--out", str(run)])  # fmt: skip
+    proc = bench(
+        [
+            "run",
+            "--data",
+            "llava",
+            "--data-path",
+            str(tmp_path / "data.json"),
+            "--image-folder",
+            str(tmp_path / "images"),
+            "--encoder-checkpoint",
+            "tiny",
+            "--llm",
+            "tinyllama",
+            "--llm-checkpoint",
+            str(gguf_path),
+            "--connector",
+            "mlp2x_gelu",
+            "--recipe",
+            "budget",
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            str(run),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert json.loads((run / "vlm_config.json").read_text())["llm"]["checkpoint"] == str(gguf_path)
     assert results["training"], results
     proc = bench(["eval", str(run)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = bench(["generate", str(run), "--image", str(tmp_path / "images" / "r000.png"), "--prompt",
-                  "What colour is this picture?", "--max-new-tokens", "3"])  # fmt: skip
+    proc = bench(
+        [
+            "generate",
+            str(run),
+            "--image",
+            str(tmp_path / "images" / "r000.png"),
+            "--prompt",
+            "What colour is this picture?",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = bench(["export-hf", "--run", str(run), "--out", str(tmp_path / "llava")])
     assert proc.returncode == 0, proc.stderr[-3000:]

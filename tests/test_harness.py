@@ -45,8 +45,11 @@ def test_a_run_writes_its_record(micro_run):
     assert results["git_commit"] and results["versions"]["torch"]
     # the backbones it names are the directories the run loaded (vlm_config.json holds their paths)
     specs = json.loads((out / "vlm_config.json").read_text())
-    assert results["backbones"] == {"world": world.cfg.key(), "encoder": Path(specs["encoder"]["checkpoint"]).name,
-                                    "llm": Path(specs["llm"]["checkpoint"]).name}  # fmt: skip
+    assert results["backbones"] == {
+        "world": world.cfg.key(),
+        "encoder": Path(specs["encoder"]["checkpoint"]).name,
+        "llm": Path(specs["llm"]["checkpoint"]).name,
+    }
     assert Path(specs["encoder"]["checkpoint"]).parent.parent == world.dir
     assert [len(h) for h in results["loss_history"]] == [6, 6]
     # measured efficiency: mlp2x_gelu from the 64-wide world encoder to the 128-wide world LLM, 64 tokens
@@ -76,12 +79,14 @@ def test_blind_answers_are_the_base_llm_reading_the_question_alone(micro_run):
     tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
     examples = results["metrics"]["test"]["examples"]
     for e in examples:
-        text = tok.apply_chat_template([{"role": "user", "content": e["question"]}], tokenize=False,
-                                       add_generation_prompt=True)  # fmt: skip
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": e["question"]}], tokenize=False, add_generation_prompt=True
+        )
         ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])
         with torch.no_grad():
-            new = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.eos_token_id)[0, ids.shape[1] :]  # fmt: skip
+            new = model.generate(
+                ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
+            )[0, ids.shape[1] :]
         assert tok.decode(new, skip_special_tokens=True).strip() == e["blind"], e
     # and not the trained model: its answers to the same questions are the run's own, recorded next to them
     assert [e["answer"] for e in examples] != [e["blind"] for e in examples] or results["training"][-1]["steps"] == 0
@@ -95,8 +100,18 @@ def test_eval_and_generate_work_on_the_run_directory(micro_run, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
-    proc = bench(["generate", str(out), "--image", str(tmp_path / "red.png"), "--prompt", "What colour is the circle?",
-                  "--max-new-tokens", "3"])  # fmt: skip
+    proc = bench(
+        [
+            "generate",
+            str(out),
+            "--image",
+            str(tmp_path / "red.png"),
+            "--prompt",
+            "What colour is the circle?",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = bench(["generate", str(out), "--image", str(tmp_path / "none.png"), "--prompt", "x"])
     assert proc.returncode == 2 and "cannot read image" in proc.stderr
@@ -129,8 +144,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(micro_run, tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     # two CPU processes over gloo: torchrun sets the ranks, accelerate's Accelerator(cpu=True) joins them
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
-    two = bench([*common, "--out", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"],
-                launcher=launcher)  # fmt: skip
+    two = bench([*common, "--out", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"], launcher=launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())["loss_history"]
     b = json.loads((tmp_path / "two" / "results.json").read_text())["loss_history"]
@@ -215,8 +229,9 @@ def test_progress_bars_per_stage_and_none_under_quiet(tmp_path):
     assert shown.returncode == 0, shown.stderr[-3000:]
     for stage in (1, 2):
         assert re.search(rf"stage {stage}: +100%.*3/3.*loss \d\.\d{{4}}, \d+ samples/s", shown.stderr), shown.stderr
-    quiet = bench([*MICRO, "--steps", "3", "--eval-limit", "2", "--quiet", "--out", str(tmp_path / "q")],
-                  env={"TQDM_DISABLE": ""})  # fmt: skip
+    quiet = bench(
+        [*MICRO, "--steps", "3", "--eval-limit", "2", "--quiet", "--out", str(tmp_path / "q")], env={"TQDM_DISABLE": ""}
+    )
     assert quiet.returncode == 0 and "stage 1:" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr
 
 

@@ -13,9 +13,9 @@ import torch
 from conftest import BUILTIN_CONNECTORS, MICRO, ROOT, bench, images
 from transformers import AutoModelForImageTextToText
 
-import connectors  # noqa: F401  (registers the Auto classes)
-from bench.model.vlm import VLM, VLMInputs
-from connector_zoo.hf_model import ConnectorZooForConditionalGeneration
+import connector_zoo.model  # noqa: F401  (registers the Auto classes)
+from connector_zoo.model.modeling import ConnectorZooForConditionalGeneration
+from connector_zoo.model.vlm import VLM, VLMInputs
 from connectors import CONNECTORS
 
 PROMPTS = ["What colour is the circle?", "Describe the image."]
@@ -48,8 +48,11 @@ def test_from_pretrained_gives_the_same_model(name, tmp_path):
     # the standard entry points: padded input_ids + attention_mask + pixel_values, standard generation arguments
     padded = torch.nn.utils.rnn.pad_sequence([i.flip(0) for i in ids], batch_first=True).flip(1)  # left padding
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True).flip(1)
-    for kwargs in (dict(max_new_tokens=5), dict(max_new_tokens=5, do_sample=True, top_k=5, temperature=0.7),
-                   dict(max_new_tokens=4, num_beams=2)):  # fmt: skip
+    for kwargs in (
+        dict(max_new_tokens=5),
+        dict(max_new_tokens=5, do_sample=True, top_k=5, temperature=0.7),
+        dict(max_new_tokens=4, num_beams=2),
+    ):
         torch.manual_seed(1)
         a = loaded.generate(input_ids=padded, attention_mask=mask, pixel_values=px, **kwargs)
         torch.manual_seed(1)
@@ -66,8 +69,9 @@ def test_embedded_backbones_stand_alone_and_the_card_says_so(tmp_path):
     assert config["encoder"]["checkpoint"] == "encoder" and config["llm"]["checkpoint"] == "llm"
     assert (tmp_path / "m" / "encoder" / "config.json").exists() and (tmp_path / "m" / "llm" / "config.json").exists()
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
-    assert loaded.answer(images(1), PROMPTS[:1], max_new_tokens=6) == vlm.generate(images(1), PROMPTS[:1],
-                                                                                  max_new_tokens=6)  # fmt: skip
+    assert loaded.answer(images(1), PROMPTS[:1], max_new_tokens=6) == vlm.generate(
+        images(1), PROMPTS[:1], max_new_tokens=6
+    )
     card = (tmp_path / "m" / "README.md").read_text()
     assert "qformer connector: clip -> tinyllama" in card and "backbones are embedded" in card
 
@@ -91,7 +95,7 @@ FRESH = """
 import sys
 from PIL import Image
 from transformers import AutoModelForImageTextToText
-import connectors
+import connector_zoo.model
 model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], allow_dotted_paths=len(sys.argv) > 4)
 print(model.answer([Image.open(sys.argv[2])], [sys.argv[3]], max_new_tokens=8)[0])
 from transformers import pipeline
@@ -119,22 +123,51 @@ def test_a_runs_model_loads_in_a_fresh_process_and_answers_as_bench_generate(con
     assert (hf / "config.json").exists() and (hf / "model.safetensors").stat().st_nlink >= 1
     images(1)[0].save(tmp_path / "pic.png")
     trust = ["--allow-dotted-paths"] if ":" in connector else []
-    gen = bench(["generate", str(tmp_path / "run"), "--image", str(tmp_path / "pic.png"), "--prompt",
-                 "What colour is the circle?", "--max-new-tokens", "8", *trust], env=env)  # fmt: skip
+    gen = bench(
+        [
+            "generate",
+            str(tmp_path / "run"),
+            "--image",
+            str(tmp_path / "pic.png"),
+            "--prompt",
+            "What colour is the circle?",
+            "--max-new-tokens",
+            "8",
+            *trust,
+        ],
+        env=env,
+    )
     assert gen.returncode == 0, gen.stderr[-3000:]
-    fresh = subprocess.run([sys.executable, "-c", FRESH, str(hf), str(tmp_path / "pic.png"),
-                            "What colour is the circle?", *(["trust"] if trust else [])],  # fmt: skip
-                           cwd=tmp_path, env={**__import__("os").environ, **env}, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FRESH,
+            str(hf),
+            str(tmp_path / "pic.png"),
+            "What colour is the circle?",
+            *(["trust"] if trust else []),
+        ],
+        cwd=tmp_path,
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     answer = gen.stdout.strip().splitlines()[-1]
     assert fresh.stdout.strip().splitlines()[-2:] == [answer, answer]  # from_pretrained, then pipeline()
     card = (hf / "README.md").read_text()
     assert "| test |" in card and "Recipe:" in card
     if trust:  # without the flag, a dotted path in the directory is not imported
-        refused = subprocess.run([sys.executable, "-c", FRESH, str(hf), str(tmp_path / "pic.png"), "x"],
-                                 cwd=tmp_path, env={**__import__("os").environ, **env}, capture_output=True,
-                                 text=True, timeout=600)  # fmt: skip
+        refused = subprocess.run(
+            [sys.executable, "-c", FRESH, str(hf), str(tmp_path / "pic.png"), "x"],
+            cwd=tmp_path,
+            env={**__import__("os").environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert refused.returncode != 0 and "allow_dotted_paths" in refused.stderr
 
 
@@ -145,7 +178,7 @@ def test_auto_processor_and_pipeline_answer_as_the_model(llm, embed, tmp_path):
     answers what the model answers, for chat and for plain text input."""
     from transformers import AutoProcessor, pipeline
 
-    from connector_zoo.hf_processor import ConnectorZooProcessor
+    from connector_zoo.model.processing import ConnectorZooProcessor
 
     torch.manual_seed(0)
     vlm = VLM.build({"name": "clip"}, {"name": "qformer", "num_queries": 8}, {"name": llm}).eval()
@@ -155,8 +188,11 @@ def test_auto_processor_and_pipeline_answer_as_the_model(llm, embed, tmp_path):
     image, question = images(1)[0], "What colour is the circle?"
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    want_text = vlm.llm.render([{"role": "user", "content": f"<image>\n{question}"}], add_generation_prompt=True,
-                               **vlm.llm.generation_template_kwargs)  # fmt: skip
+    want_text = vlm.llm.render(
+        [{"role": "user", "content": f"<image>\n{question}"}],
+        add_generation_prompt=True,
+        **vlm.llm.generation_template_kwargs,
+    )
     assert text == want_text
     inputs = processor(images=[image], text=[text])
     assert inputs["input_ids"][0].tolist() == vlm.prompt_ids([True], [question])[0].tolist()
@@ -165,8 +201,9 @@ def test_auto_processor_and_pipeline_answer_as_the_model(llm, embed, tmp_path):
         processor(images=[image, image], text=[text])
     want = vlm.generate([image], [question], max_new_tokens=6)[0]
     pipe = pipeline("image-text-to-text", model=str(tmp_path / "m"))
-    chat_with_image = [{"role": "user", "content": [{"type": "image", "image": image},
-                                                    {"type": "text", "text": question}]}]  # fmt: skip
+    chat_with_image = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+    ]
     out = pipe(text=chat_with_image, max_new_tokens=6)
     assert out[0]["generated_text"][-1]["role"] == "assistant"
     assert out[0]["generated_text"][-1]["content"].strip() == want
@@ -207,3 +244,83 @@ def test_from_pretrained_takes_dtype_and_a_single_device(tmp_path):
     assert {p.dtype for p in full.parameters() if p.is_floating_point()} == {torch.float32}
     with pytest.raises(ValueError, match="loads on one device"):
         AutoModelForImageTextToText.from_pretrained(tmp_path / "m", device_map="balanced")
+
+
+ORDERED = """
+import sys
+from PIL import Image
+if sys.argv[1] == "library-first":
+    import connector_zoo.model  # noqa: F401
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+else:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import connector_zoo.model  # noqa: F401
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[2])
+processor = AutoProcessor.from_pretrained(sys.argv[2])
+chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sys.argv[4]}]}]
+text = processor.apply_chat_template(chat, add_generation_prompt=True)
+inputs = processor(images=[Image.open(sys.argv[3])], text=[text])
+new = model.generate(**inputs, max_new_tokens=8)
+print(processor.post_process_image_text_to_text(new)[0].strip())
+"""
+
+
+@pytest.mark.slow
+def test_a_saved_run_loads_in_either_import_order_from_a_copy_with_the_cache_gone(tmp_path):
+    """Issue 33: ``import connector_zoo.model`` before or after transformers registers the Auto classes; the run's
+    ``hf/`` holds its world backbones (hard links), so a copy on another path loads after the cache that built them is
+    moved away, and every file in it is readable by others (not mkdtemp's 0700 / safetensors' 0600)."""
+    import os
+    import shutil
+    import stat
+
+    cache = tmp_path / "cache"
+    env = {"CONNECTOR_ZOO_CACHE": str(cache)}
+    run = bench([*MICRO, "--out", str(tmp_path / "run")], env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    images(1)[0].save(tmp_path / "pic.png")
+    question = "What colour is the circle?"
+    gen = bench(
+        [
+            "generate",
+            str(tmp_path / "run"),
+            "--image",
+            str(tmp_path / "pic.png"),
+            "--prompt",
+            question,
+            "--max-new-tokens",
+            "8",
+        ],
+        env=env,
+    )
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    hf = tmp_path / "run" / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["encoder"]["checkpoint"] == "encoder" and config["llm"]["checkpoint"] == "llm"
+    for path in [hf, *hf.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, f"{path} is not readable by others"
+    assert str(cache) not in (hf / "config.json").read_text() + (hf / "processor_config.json").read_text()
+    shutil.copytree(hf, tmp_path / "elsewhere" / "model")
+    os.rename(cache, tmp_path / "moved-away")
+    answers = []
+    for order in ("library-first", "transformers-first"):
+        fresh = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                ORDERED,
+                order,
+                str(tmp_path / "elsewhere" / "model"),
+                str(tmp_path / "pic.png"),
+                question,
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert fresh.returncode == 0, f"{order}: {fresh.stderr[-3000:]}"
+        answers.append(fresh.stdout.strip().splitlines()[-1])
+    assert answers == [gen.stdout.strip().splitlines()[-1]] * 2
+    assert not cache.exists()  # nothing was rebuilt: the copy stood alone

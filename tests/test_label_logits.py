@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import CONV_A, CONV_B, CONV_TEXT, batch, images
 
-from bench.model.vlm import VLM
+from connector_zoo.model.vlm import VLM
 from connectors import build_connector
 from llms import build_llm
 from llms.loss import causal_lm_forward, head_only_at_labels

@@ -105,8 +105,9 @@ def test_loads_by_hub_id_from_an_existing_hf_cache(llms, name, tmp_path, monkeyp
     ids = torch.tensor([[i for i in llm.encode_conversation(CONVERSATION).input_ids if i != llm.image_token_id]])
     reference = AutoModelForCausalLM.from_pretrained(Path(llm.model.name_or_path)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again.model(ids).logits[..., : reference.config.vocab_size],
-                                   reference(ids).logits, rtol=0, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            again.model(ids).logits[..., : reference.config.vocab_size], reference(ids).logits, rtol=0, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize(

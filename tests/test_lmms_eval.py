@@ -52,10 +52,30 @@ def test_lmms_evals_own_command_line_finds_the_model(run):
     from bench.evaluate.lmms import TASKS_DIR
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "connector_zoo", "--model_args",
-                           f"run={run}", "--tasks", "connector_zoo_world", "--include_path", str(TASKS_DIR),
-                           "--limit", "4", "--batch_size", "4"],  # fmt: skip
-                          cwd=run.parent, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmms_eval",
+            "--model",
+            "connector_zoo",
+            "--model_args",
+            f"run={run}",
+            "--tasks",
+            "connector_zoo_world",
+            "--include_path",
+            str(TASKS_DIR),
+            "--limit",
+            "4",
+            "--batch_size",
+            "4",
+        ],
+        cwd=run.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "connector_zoo_world" in proc.stdout and "exact_match" in proc.stdout
 
@@ -78,8 +98,9 @@ def pope_copy(root, n: int = 20):
                 rows["image"].append(world.image("test", i))
                 rows["category"].append("random")
                 rows["image_source"].append(record["id"])
-    features = datasets.Features({k: datasets.Value("string") for k in rows if k != "image"}
-                                 | {"image": datasets.Image()})  # fmt: skip
+    features = datasets.Features(
+        {k: datasets.Value("string") for k in rows if k != "image"} | {"image": datasets.Image()}
+    )
     datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(root / "pope")
     return rows
 
@@ -146,13 +167,19 @@ def test_loglikelihood_is_the_continuations_log_probability(run):
     import torch
     from lmms_eval.api.instance import Instance
 
-    from connector_zoo.lmms_model import ConnectorZooLMM
+    from connector_zoo.model.lmms import ConnectorZooLMM
 
     model = ConnectorZooLMM(run=str(run))
     model.task_dict = {"t": {"test": [{"q": 0}]}}
-    requests = [Instance("loglikelihood", ("How many sides has a triangle?", cont, lambda doc: [], 0, "t", "test"),
-                         idx=i, metadata={"task": "t", "doc_id": 0, "repeats": 1})
-                for i, cont in enumerate([" Three.", " blue square"])]  # fmt: skip
+    requests = [
+        Instance(
+            "loglikelihood",
+            ("How many sides has a triangle?", cont, lambda doc: [], 0, "t", "test"),
+            idx=i,
+            metadata={"task": "t", "doc_id": 0, "repeats": 1},
+        )
+        for i, cont in enumerate([" Three.", " blue square"])
+    ]
     got = model.loglikelihood(requests)
     llm = model.vlm.llm
     for (logprob, greedy), r in zip(got, requests):

@@ -7,15 +7,18 @@ import torch
 from conftest import images
 
 from bench.evaluate.profile import count_flops, profile
-from bench.model.vlm import VLM
+from connector_zoo.model.vlm import VLM
 from connectors import build_connector
 
 
-@pytest.mark.parametrize("name,formula", [
-    ("linear", lambda n, dv, d: 2 * n * dv * d),
-    ("mlp2x_gelu", lambda n, dv, d: 2 * n * dv * d + 2 * n * d * d),
-    ("mlp3x_gelu", lambda n, dv, d: 2 * n * dv * d + 2 * 2 * n * d * d),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,formula",
+    [
+        ("linear", lambda n, dv, d: 2 * n * dv * d),
+        ("mlp2x_gelu", lambda n, dv, d: 2 * n * dv * d + 2 * n * d * d),
+        ("mlp3x_gelu", lambda n, dv, d: 2 * n * dv * d + 2 * 2 * n * d * d),
+    ],
+)
 def test_connector_flops_equal_the_hand_formula(encoders, name, formula):
     enc = encoders["clip"]
     conn = build_connector(name, enc.info.hidden_size, 96)

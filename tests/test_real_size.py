@@ -34,9 +34,16 @@ def llava_data(tmp_path_factory):
     records = []
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."},
-            {"from": "gpt", "value": ["Noise.", "Random pixels.", "Static."][i % 3]}]})  # fmt: skip
+        records.append(
+            {
+                "id": f"r{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                    {"from": "gpt", "value": ["Noise.", "Random pixels.", "Static."][i % 3]},
+                ],
+            }
+        )
     (root / "chat.json").write_text(json.dumps(records))
     return root
 
@@ -63,11 +70,40 @@ def run_record(out) -> dict:
 
 def test_stage1_at_clip_l_336_and_vicuna_7b_width_matches_the_plan(llava_data, tmp_path):
     out = tmp_path / "stage1"
-    proc = bench(["run", "--data", "llava", "--data-path", str(llava_data / "chat.json"), "--image-folder",
-                  str(llava_data / "images"), "--encoder", "clip", "--encoder-checkpoint", CLIP_L, "--llm", "vicuna",
-                  "--llm-checkpoint", VICUNA, "--connector", "mlp2x_gelu", "--recipe", "llava-1.5-pretrain",
-                  "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--gradient-checkpointing",
-                  "--eval-limit", "1", "--out", str(out)])  # fmt: skip
+    proc = bench(
+        [
+            "run",
+            "--data",
+            "llava",
+            "--data-path",
+            str(llava_data / "chat.json"),
+            "--image-folder",
+            str(llava_data / "images"),
+            "--encoder",
+            "clip",
+            "--encoder-checkpoint",
+            CLIP_L,
+            "--llm",
+            "vicuna",
+            "--llm-checkpoint",
+            VICUNA,
+            "--connector",
+            "mlp2x_gelu",
+            "--recipe",
+            "llava-1.5-pretrain",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            "1",
+            "--gradient-checkpointing",
+            "--eval-limit",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = run_record(out)
     assert r["visual_tokens_per_image"]["mean"] == 576 and r["parameters"]["trainable"] == 20_979_712
@@ -91,11 +127,41 @@ def test_stage1_at_clip_l_336_and_vicuna_7b_width_matches_the_plan(llava_data, t
 
 def test_stage2_lora_at_siglip_so400m_and_qwen3_4b_width(llava_data, tmp_path):
     out = tmp_path / "stage2"
-    proc = bench(["run", "--data", "llava", "--data-path", str(llava_data / "chat.json"), "--image-folder",
-                  str(llava_data / "images"), "--encoder", "siglip", "--encoder-checkpoint", SIGLIP, "--llm", "qwen3",
-                  "--llm-checkpoint", QWEN3, "--connector", "mlp2x_gelu", "--recipe", "llava-1.5-finetune-lora",
-                  "--lora", "r=16,alpha=32", "--steps", "2", "--batch-size", "1", "--grad-accum", "1",
-                  "--eval-limit", "1", "--out", str(out)])  # fmt: skip
+    proc = bench(
+        [
+            "run",
+            "--data",
+            "llava",
+            "--data-path",
+            str(llava_data / "chat.json"),
+            "--image-folder",
+            str(llava_data / "images"),
+            "--encoder",
+            "siglip",
+            "--encoder-checkpoint",
+            SIGLIP,
+            "--llm",
+            "qwen3",
+            "--llm-checkpoint",
+            QWEN3,
+            "--connector",
+            "mlp2x_gelu",
+            "--recipe",
+            "llava-1.5-finetune-lora",
+            "--lora",
+            "r=16,alpha=32",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            "1",
+            "--eval-limit",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = run_record(out)
     assert r["visual_tokens_per_image"]["mean"] == 729  # 27 x 27, no CLS dropped
@@ -125,12 +191,15 @@ def test_bf16_autocast_with_half_backbones_at_real_width():
     from accelerate.state import AcceleratorState
     from conftest import CONV_A, batch
 
-    from bench.model.vlm import VLM
     from bench.train.stage import StageConfig, parameter_groups, set_trainable
+    from connector_zoo.model.vlm import VLM
 
     torch.manual_seed(0)
-    vlm = VLM.build({"name": "clip", "checkpoint": CLIP_L, "dtype": "bfloat16"}, {"name": "mlp2x_gelu"},
-                    {"name": "vicuna", "checkpoint": VICUNA, "dtype": "bfloat16"})  # fmt: skip
+    vlm = VLM.build(
+        {"name": "clip", "checkpoint": CLIP_L, "dtype": "bfloat16"},
+        {"name": "mlp2x_gelu"},
+        {"name": "vicuna", "checkpoint": VICUNA, "dtype": "bfloat16"},
+    )
     cfg = StageConfig(stage=2, lora={"r": 8, "alpha": 16}, gradient_checkpointing=True, connector_lr=2e-5)
     params = set_trainable(vlm, cfg)
     assert all(p.dtype == torch.float32 for p in params)
@@ -157,19 +226,29 @@ def test_prismatic_dinosiglip_384_with_every_new_connector_at_real_width():
     hook runs inside the LLM."""
     from conftest import CONV_A, batch
 
-    from bench.model.vlm import VLM
+    from connector_zoo.model.vlm import VLM
     from connectors import build_connector
 
-    fused = build_encoder("fused", "dinov2:random:facebook/dinov2-with-registers-large:layers=2@384+siglip:" + SIGLIP
-                          + ":layers=2", dtype="bfloat16")  # fmt: skip
+    fused = build_encoder(
+        "fused",
+        "dinov2:random:facebook/dinov2-with-registers-large:layers=2@384+siglip:" + SIGLIP + ":layers=2",
+        dtype="bfloat16",
+    )
     assert (fused.info.grid, fused.info.hidden_size, fused.info.image_size) == ((27, 27), 2176, 384)
     assert fused.parts[0].registers == 4
     llm = build_llm("qwen3", QWEN3 + ":layers=3", dtype="bfloat16")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (384, 384, 3), dtype=np.uint8))
     px = fused.preprocess([image])
     assert px.shape == (1, 6, 384, 384)
-    expected = {"c_abstractor": 144, "ldpv2": 144, "pixel_shuffle": 196, "tokenpacker": 196,
-                "perceiver_resampler": 64, "visionzip": 64, "fastv": 729}  # fmt: skip
+    expected = {
+        "c_abstractor": 144,
+        "ldpv2": 144,
+        "pixel_shuffle": 196,
+        "tokenpacker": 196,
+        "perceiver_resampler": 64,
+        "visionzip": 64,
+        "fastv": 729,
+    }
     for name in [*expected, "prumerge", "focus_moe"]:
         torch.manual_seed(0)
         extra = dict(key_layers=[1, 2, 1, 2]) if name == "tokenpacker" else {}  # 4 levels of the 2-block towers

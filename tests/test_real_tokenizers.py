@@ -34,11 +34,34 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 
 # Qwen3's added tokens in id order from 151643 (its tokenizer_config.json "added_tokens_decoder"); the tool and think
 # markers are not "special" there (they stay in decoded text).
-QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-               "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
-               "</tool_response>", "<think>", "</think>"]  # fmt: skip
+QWEN3_ADDED = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 QWEN3_NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
 
 
@@ -52,9 +75,17 @@ def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
 
 def tiny_model(cls, config_cls, vocab_size: int, out: Path, **extra) -> None:
     torch.manual_seed(0)
-    config = config_cls(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                        **extra)  # fmt: skip
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        **extra,
+    )
     cls(config).save_pretrained(out)
 
 
@@ -72,9 +103,14 @@ def qwen3_dir(tmp_path_factory):
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR).converted()
     assert backend.get_vocab_size() == 151643
     backend.add_tokens([AddedToken(t, special=t not in QWEN3_NOT_SPECIAL, normalized=False) for t in QWEN3_ADDED])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  chat_template=(FIXTURES / "qwen3-chat-template.jinja").read_text(),
-                                  clean_up_tokenization_spaces=False, model_max_length=131072)  # fmt: skip
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=(FIXTURES / "qwen3-chat-template.jinja").read_text(),
+        clean_up_tokenization_spaces=False,
+        model_max_length=131072,
+    )
     tok.save_pretrained(out)
     config = json.loads((out / "tokenizer_config.json").read_text())
     (out / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
@@ -123,9 +159,18 @@ def llama_dirs(tmp_path_factory):
     }.items():
         out = tmp_path_factory.mktemp(f"{name}-real-tokenizer")
         llama_sentencepiece_model(out / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                  "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False,
-                  "clean_up_tokenization_spaces": False, "model_max_length": 2048, **extra}  # fmt: skip
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "legacy": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 2048,
+            **extra,
+        }
         (out / "tokenizer_config.json").write_text(json.dumps(config))
         tiny_model(LlamaForCausalLM, LlamaConfig, 32000, out)
         dirs[name] = out
@@ -154,8 +199,11 @@ def test_llama_sentencepiece_model_is_the_real_one(llama_dirs):
 CONVERSATION = [*THREE_TURNS[:5], {"role": "assistant", "content": "Yes, it is."}]
 WITH_SYSTEM = [{"role": "system", "content": "You describe images tersely."}, *CONVERSATION]
 # Qwen3 writes an earlier turn's reasoning nowhere: the template keeps only what follows </think>
-WITH_THINKING = [CONVERSATION[0], {"role": "assistant", "content": "<think>\nA red disc.\n</think>\n\nRed."},
-                 *CONVERSATION[2:]]  # fmt: skip
+WITH_THINKING = [
+    CONVERSATION[0],
+    {"role": "assistant", "content": "<think>\nA red disc.\n</think>\n\nRed."},
+    *CONVERSATION[2:],
+]
 
 # What the model must generate after each generation prompt, through the end of the turn (by hand, from the templates)
 EXPECTED_ANSWERS = {
@@ -167,8 +215,10 @@ EXPECTED_ANSWERS = {
 
 @pytest.fixture(scope="module")
 def real(qwen3_dir, llama_dirs):
-    return {"qwen3": build_llm("qwen3", checkpoint=str(qwen3_dir)),
-            **{name: build_llm(name, checkpoint=str(d)) for name, d in llama_dirs.items()}}  # fmt: skip
+    return {
+        "qwen3": build_llm("qwen3", checkpoint=str(qwen3_dir)),
+        **{name: build_llm(name, checkpoint=str(d)) for name, d in llama_dirs.items()},
+    }
 
 
 def labelled_spans(llm, messages) -> tuple[str, list[str], list[list[int]]]:

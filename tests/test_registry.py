@@ -134,7 +134,7 @@ def test_encoder_and_llm_plugins_through_entry_points_and_register(tmp_path, mon
     import torch
     from conftest import CONV_A, batch, images
 
-    from bench.model.vlm import VLM
+    from connector_zoo.model.vlm import VLM
     from encoders import build_encoder
     from encoders import register as register_encoder
     from encoders.clip import CLIPEncoder

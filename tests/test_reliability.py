@@ -20,10 +20,10 @@ from PIL import Image
 from bench.cli import main
 from bench.data.formats import BadSample, hf_messages, llava_json
 from bench.data.images import FileImages
-from bench.model.vlm import VLM
 from bench.train.config import RunConfig, load_data
 from bench.train.stage import StageConfig
 from connector_zoo.io import materialize, remove_stale_temporaries, write_manifest
+from connector_zoo.model.vlm import VLM
 from connector_zoo.registry import RegistryError
 from connector_zoo.settings import PILLOW_MAX_IMAGE_PIXELS, SettingError
 from connectors import build_connector
@@ -69,15 +69,21 @@ def test_hf_records_are_validated_the_same_way(tmp_path):
     rows = {
         "id": ["ok", "assistant_first", "two_images"],
         "messages": [
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}],
-            [{"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
-             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
-            [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+            [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+            ],
+            [
+                {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            ],
+            [
+                {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+            ],
         ],
         "images": [[img], [img], [img, img]],
-    }  # fmt: skip
+    }
     datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(
         tmp_path / "hf"
     )
@@ -105,8 +111,17 @@ def test_malformed_hf_message_content_is_a_bad_sample_not_a_traceback():
 def test_an_empty_or_all_bad_dataset_is_one_error_before_any_model(tmp_path, records, capsys):
     (tmp_path / "images").mkdir()
     (tmp_path / "d.json").write_text(json.dumps(records))
-    args = ["run", "--data", "llava", "--data-path", str(tmp_path / "d.json"), "--image-folder",
-            str(tmp_path / "images"), "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "run",
+        "--data",
+        "llava",
+        "--data-path",
+        str(tmp_path / "d.json"),
+        "--image-folder",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "usable sample(s)" in err and "a run needs at least 2" in err, err
@@ -121,8 +136,12 @@ def test_an_unreadable_held_out_image_is_skipped_before_training(tmp_path):
     records = [{"id": f"r{i}", "image": f"{i}.png", "conversations": GOOD} for i in range(6)]
     records.append({"id": "bad", "image": "bad.png", "conversations": GOOD})
     (tmp_path / "d.json").write_text(json.dumps(records))
-    data = {"kind": "llava", "path": str(tmp_path / "d.json"), "image_folder": str(tmp_path / "images"),
-            "held_out": 0.99}  # fmt: skip
+    data = {
+        "kind": "llava",
+        "path": str(tmp_path / "d.json"),
+        "image_folder": str(tmp_path / "images"),
+        "held_out": 0.99,
+    }
     train, held, evals, _ = load_data(RunConfig(data=data), lambda m: None)
     assert "bad" not in [s.id for s in held.samples] and [s["id"] for s in held.skipped] == ["bad"]
     assert "cannot be read" in held.skipped[0]["reason"]
@@ -208,8 +227,9 @@ def test_a_run_directory_cannot_choose_what_gets_imported(tmp_path, where, capsy
     (tmp_path / f"{module}.py").write_text("raise SystemExit('imported!')\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        spec["connector"] = ({"name": f"{module}:X"} if where == "name"
-                             else {"name": "cls_prune", "inner": f"{module}:X"})  # fmt: skip
+        spec["connector"] = (
+            {"name": f"{module}:X"} if where == "name" else {"name": "cls_prune", "inner": f"{module}:X"}
+        )
         (run / "vlm_config.json").write_text(json.dumps(spec))
         write_manifest(run, ["trainable.safetensors", "vlm_config.json"])  # a hostile directory comes consistent
         with pytest.raises(RegistryError, match=f"names the connector '{module}:X' by dotted path.*--allow-dotted"):
@@ -313,10 +333,12 @@ def test_a_wrongly_typed_run_config_names_the_file_and_field(tmp_path):
     from dataclasses import asdict
 
     cfg = asdict(RunConfig())
-    for field, value, says in [("seed", "zero", "seed='zero' has the wrong type"),
-                               ("eval_limit", -1, "eval_limit=-1 is out of range"),
-                               ("stages", [{"stage": 1, "steps": "ten"}], "steps='ten' has the wrong type"),
-                               ("colour", 1, "unknown run settings ['colour']")]:  # fmt: skip
+    for field, value, says in [
+        ("seed", "zero", "seed='zero' has the wrong type"),
+        ("eval_limit", -1, "eval_limit=-1 is out of range"),
+        ("stages", [{"stage": 1, "steps": "ten"}], "steps='ten' has the wrong type"),
+        ("colour", 1, "unknown run settings ['colour']"),
+    ]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(ValueError, match=re.escape(says)):
             RunConfig.from_file(tmp_path / "config.json").resolved_stages()

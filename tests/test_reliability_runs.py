@@ -72,7 +72,7 @@ def test_killed_during_a_checkpoint_write_resumes_on_an_empty_cache(reference, t
         [*MICRO, "--out", str(run), "--save-every", "2"],
         env={"CONNECTOR_ZOO_CACHE": str(tmp_path / "c1"), "CONNECTOR_ZOO_KILL_AT": "checkpoint-write:1:4"},
     )
-    assert proc.returncode == -9, proc.stderr[-2000:]  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
     state = json.loads((run / "stage1" / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["step"] == 2  # the step-4 checkpoint was written but never renamed into place
     assert leftovers(run / "stage1")
@@ -91,8 +91,9 @@ def test_two_runs_started_together_on_an_empty_cache_both_finish(reference, tmp_
     for name in ("a", "b"):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **env_cache}
         cmd = [sys.executable, "-m", "bench.cli", *MICRO, "--out", str(tmp_path / name), "--save-every", "2"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
@@ -113,16 +114,48 @@ def test_a_llava_file_full_of_bad_records_trains_and_reports_each(tmp_path):
     (folder / "link.png").symlink_to(tmp_path / "secret.png")
     records = [{"id": f"good{i}", "image": f"{i}.jpg", "conversations": GOOD} for i in range(12)]
     records += [{"id": k, **v} for k, (v, _) in BAD_RECORDS.items()]
-    records += [{"id": name, "image": image, "conversations": GOOD}
-                for name, image in (("escape", "../secret.png"), ("absolute", str(tmp_path / "secret.png")),
-                                    ("link_out", "link.png"), ("truncated", "truncated.jpg"), ("huge", "huge.png"),
-                                    ("missing", "nope.jpg"))]  # fmt: skip
+    records += [
+        {"id": name, "image": image, "conversations": GOOD}
+        for name, image in (
+            ("escape", "../secret.png"),
+            ("absolute", str(tmp_path / "secret.png")),
+            ("link_out", "link.png"),
+            ("truncated", "truncated.jpg"),
+            ("huge", "huge.png"),
+            ("missing", "nope.jpg"),
+        )
+    ]
     (tmp_path / "data.json").write_text(json.dumps(records))
     out = tmp_path / "run"
-    proc = bench(["run", "--data", "llava", "--data-path", str(tmp_path / "data.json"), "--image-folder", str(folder),
-                  "--encoder-checkpoint", "tiny", "--llm-checkpoint", "tiny", "--connector", "mlp2x_gelu",
-                  "--recipe", "budget", "--steps", "4", "--batch-size", "4", "--grad-accum", "1", "--held-out", "0.3",
-                  "--out", str(out)])  # fmt: skip
+    proc = bench(
+        [
+            "run",
+            "--data",
+            "llava",
+            "--data-path",
+            str(tmp_path / "data.json"),
+            "--image-folder",
+            str(folder),
+            "--encoder-checkpoint",
+            "tiny",
+            "--llm-checkpoint",
+            "tiny",
+            "--connector",
+            "mlp2x_gelu",
+            "--recipe",
+            "budget",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--held-out",
+            "0.3",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     skipped = {s["id"]: s["reason"] for s in results["skipped_samples"]}
@@ -131,9 +164,14 @@ def test_a_llava_file_full_of_bad_records_trains_and_reports_each(tmp_path):
         assert says in skipped[rid]
     # the image problems surface where the image is first needed: in a training batch (4 steps of 4 cover the
     # 13 training samples) or in the held-out check before training
-    for rid, says in (("escape", "outside the image folder"), ("absolute", "outside the image folder"),
-                      ("link_out", "outside the image folder"), ("truncated", "cannot be read"),
-                      ("huge", "over the limit"), ("missing", "cannot be read")):  # fmt: skip
+    for rid, says in (
+        ("escape", "outside the image folder"),
+        ("absolute", "outside the image folder"),
+        ("link_out", "outside the image folder"),
+        ("truncated", "cannot be read"),
+        ("huge", "over the limit"),
+        ("missing", "cannot be read"),
+    ):
         assert says in skipped[rid], (rid, skipped.get(rid))
     assert results["training"][0]["steps"] == 4
 

@@ -61,11 +61,21 @@ def test_breakdown_by_hand():
     (2 objects), q4 about none (2 objects). Seed 0 right on q1, q3; seed 1 right on q1, q2, q3, q4.
     small: seed accuracies 1/2 and 2/2 -> mean 0.75, sample std sqrt(2 * 0.25^2) = 0.354; large 1.0 ± 0; none 0 and 1
     -> 0.5 ± 0.707; one object = the small bucket; two objects: 1/2 and 2/2 -> 0.75 ± 0.354."""
-    facts = {"q1": {"size": "small", "objects": 1}, "q2": {"size": "small", "objects": 1},
-             "q3": {"size": "large", "objects": 2}, "q4": {"size": "none", "objects": 2}}  # fmt: skip
-    runs = [{"config": {"seed": s}, "metrics": {"test": {"accuracy": {"per_question": {
-        "ids": ["q1", "q2", "q3", "q4", "elsewhere"], "correct": c}}}}}
-        for s, c in ((0, [1, 0, 1, 0, 1]), (1, [1, 1, 1, 1, 0]))]  # fmt: skip
+    facts = {
+        "q1": {"size": "small", "objects": 1},
+        "q2": {"size": "small", "objects": 1},
+        "q3": {"size": "large", "objects": 2},
+        "q4": {"size": "none", "objects": 2},
+    }
+    runs = [
+        {
+            "config": {"seed": s},
+            "metrics": {
+                "test": {"accuracy": {"per_question": {"ids": ["q1", "q2", "q3", "q4", "elsewhere"], "correct": c}}}
+            },
+        }
+        for s, c in ((0, [1, 0, 1, 0, 1]), (1, [1, 1, 1, 1, 0]))
+    ]
     bd = breakdown(runs, facts, lambda r: "cfg")["cfg"]
     assert bd["size"]["small"] == pytest.approx((0.75, 0.5**0.5 / 2, 2))
     assert bd["size"]["large"] == (1.0, 0.0, 1) and bd["size"]["none"] == pytest.approx((0.5, 0.5**0.5, 1))
@@ -95,14 +105,20 @@ def fake_runs(root: Path, world: World, answers_by_connector: dict[str, list[lis
                 "per_question": {"ids": ids, "correct": correct, "answers": answers},
             }
             results = {
-                "config": {"encoder": {"name": "clip"}, "connector": {"name": connector}, "llm": {"name": "tinyllama"},
-                           "recipe": "mini", "seed": seed,
-                           "data": {"kind": "world", "world": dataclasses.asdict(SMALL_WORLD)}},
+                "config": {
+                    "encoder": {"name": "clip"},
+                    "connector": {"name": connector},
+                    "llm": {"name": "tinyllama"},
+                    "recipe": "mini",
+                    "seed": seed,
+                    "data": {"kind": "world", "world": dataclasses.asdict(SMALL_WORLD)},
+                },
                 "metrics": {"test": {"accuracy": acc, "blind": {"exact_match": 0.25, "per_type": {}}}},
                 "visual_tokens_per_image": {"mean": 64.0 if connector == "mlp2x_gelu" else 16.0},
-                "parameters": {"trainable": 1000}, "train_samples_per_second": 10.0,
+                "parameters": {"trainable": 1000},
+                "train_samples_per_second": 10.0,
                 "loss_history": [[{"step": k, "loss": 2.0 / k + seed} for k in range(1, 6)]],
-            }  # fmt: skip
+            }
             d = root / f"{connector}-s{seed}"
             d.mkdir(parents=True)
             (d / "results.json").write_text(json.dumps(results))
@@ -150,16 +166,30 @@ def test_html_page_by_hand(tmp_path, world):
     the same bytes when rebuilt."""
     facts = question_facts(world, "test")
     truths = [f["truth"] for f in facts.values()]
-    fake_runs(tmp_path / "runs", world, {"mlp2x_gelu": [truths, ["wrong"] + truths[1:]],
-                                         "linear": [["no"] * len(truths)] * 2})  # fmt: skip
-    proc = bench(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "tables"), "--html", str(tmp_path / "r1"),
-                  "--gallery-per-type", "2"])  # fmt: skip
+    fake_runs(
+        tmp_path / "runs", world, {"mlp2x_gelu": [truths, ["wrong"] + truths[1:]], "linear": [["no"] * len(truths)] * 2}
+    )
+    proc = bench(
+        [
+            "report",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "tables"),
+            "--html",
+            str(tmp_path / "r1"),
+            "--gallery-per-type",
+            "2",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "r1" / "index.html").read_text()
     page = Page(text)
     by_name = {r[0]["text"]: r for r in page.rows if r}
-    assert set(by_name) == {"clip + mlp2x_gelu + tinyllama (mini)", "clip + linear + tinyllama (mini)",
-                            "blind baseline: tinyllama without the image"}  # fmt: skip
+    assert set(by_name) == {
+        "clip + mlp2x_gelu + tinyllama (mini)",
+        "clip + linear + tinyllama (mini)",
+        "blind baseline: tinyllama without the image",
+    }
     mlp, lin = by_name["clip + mlp2x_gelu + tinyllama (mini)"], by_name["clip + linear + tinyllama (mini)"]
     assert mlp[2] == {"class": "best", "text": "98.3 ± 2.4"}
     no_share = 100 * sum(t == "no" for t in truths) / len(truths)
@@ -180,8 +210,18 @@ def test_html_page_by_hand(tmp_path, world):
     svgs = [src for src in page.images if src.startswith("data:image/svg+xml;base64,")]
     assert len(svgs) >= 4  # tokens Pareto, per-type bars, loss curves, breakdown
     assert 'id="breakdown-table"' in text and "http://" not in text.replace("http://www.w3.org", "")
-    again = bench(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "tables"), "--html", str(tmp_path / "r2"),
-                   "--gallery-per-type", "2"])  # fmt: skip
+    again = bench(
+        [
+            "report",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "tables"),
+            "--html",
+            str(tmp_path / "r2"),
+            "--gallery-per-type",
+            "2",
+        ]
+    )
     assert again.returncode == 0 and (tmp_path / "r2" / "index.html").read_text() == text
 
 

@@ -8,8 +8,21 @@ from pathlib import Path
 import pytest
 from conftest import bench
 
-MICRO_SWEEP = ["sweep", "--connector", "linear,cls_prune[keep_ratio=0.5]", "--seeds", "0", "--world-scale", "0.01",
-               "--pretrain-steps", "3", "--steps", "4", "--eval-limit", "6"]  # fmt: skip
+MICRO_SWEEP = [
+    "sweep",
+    "--connector",
+    "linear,cls_prune[keep_ratio=0.5]",
+    "--seeds",
+    "0",
+    "--world-scale",
+    "0.01",
+    "--pretrain-steps",
+    "3",
+    "--steps",
+    "4",
+    "--eval-limit",
+    "6",
+]
 
 
 def test_killed_sweep_resumes_and_report_is_deterministic(tmp_path):
@@ -51,8 +64,11 @@ def test_peer_benchmark_trains_both_to_the_same_losses_step_by_step():
     from bench.evaluate.peer import peer_benchmark
     from bench.train.config import RunConfig
 
-    world = {"kind": "world", "world": dataclasses.asdict(WorldConfig().scaled(0.01)),
-             "pretrain": {"encoder_steps": 3, "llm_steps": 3}}  # fmt: skip
+    world = {
+        "kind": "world",
+        "world": dataclasses.asdict(WorldConfig().scaled(0.01)),
+        "pretrain": {"encoder_steps": 3, "llm_steps": 3},
+    }
     r = peer_benchmark(RunConfig(connector={"name": "mlp2x_gelu"}, data=world), steps=4, batch_size=2, log=print)
     assert len(r["ours_losses"]) == len(r["peer_losses"]) == 4
     for ours, peer in zip(r["ours_losses"], r["peer_losses"]):
@@ -70,22 +86,40 @@ def test_peer_command_prints_both_lines():
     assert "ratio:" in proc.stdout and "GFLOP/s" in proc.stdout
 
 
-def fake_run(root, connector: str, seed: int, test: float, colour: float, blind: float, tokens: float,
-             backbones: dict | None = None):  # fmt: skip
+def fake_run(
+    root,
+    connector: str,
+    seed: int,
+    test: float,
+    colour: float,
+    blind: float,
+    tokens: float,
+    backbones: dict | None = None,
+):
     """A finished run's results.json with the fields the report reads (numbers chosen for a hand computation)."""
     d = root / f"{connector}-s{seed}"
     d.mkdir(parents=True)
-    acc = lambda em, colour: {"exact_match": em, "per_type": {"colour": colour}}  # noqa: E731
+
+    def acc(em, colour):
+        return {"exact_match": em, "per_type": {"colour": colour}}
+
     results = {
-        "config": {"encoder": {"name": "clip"}, "connector": {"name": connector}, "llm": {"name": "tinyllama"},
-                   "recipe": "mini", "seed": seed},
-        "metrics": {"test": {"accuracy": acc(test, colour), "blind": acc(blind, 0.1)},
-                    "compositional": {"accuracy": acc(test / 2, colour), "blind": acc(blind, 0.1)}},
+        "config": {
+            "encoder": {"name": "clip"},
+            "connector": {"name": connector},
+            "llm": {"name": "tinyllama"},
+            "recipe": "mini",
+            "seed": seed,
+        },
+        "metrics": {
+            "test": {"accuracy": acc(test, colour), "blind": acc(blind, 0.1)},
+            "compositional": {"accuracy": acc(test / 2, colour), "blind": acc(blind, 0.1)},
+        },
         "visual_tokens_per_image": {"mean": tokens},
         "parameters": {"trainable": 1000},
         "train_samples_per_second": 10.0 + seed,
         "backbones": backbones,
-    }  # fmt: skip
+    }
     (d / "results.json").write_text(json.dumps(results))
 
 
@@ -101,7 +135,10 @@ def test_report_mean_and_std_over_two_seeds_by_hand(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (tmp_path / "report" / "table.md").read_text().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+
+    def split(line):
+        return [c.strip() for c in line.strip("|").split("|")]
+
     rows = {cells[0]: dict(zip(header, cells)) for cells in (split(line) for line in lines[2:] if line[:1] == "|")}
     mlp, lin = rows["clip + mlp2x_gelu + tinyllama (mini)"], rows["clip + linear + tinyllama (mini)"]
     blind = rows["blind baseline: tinyllama without the image"]
@@ -217,8 +254,13 @@ def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_pa
     ran: list[Path] = []
     monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, **kw: ran.append(cell))
     turns = {"kind": "world", "qa_turns": 3}
-    cases = [({}, {}, False), ({"recipe": "mini-wide"}, {}, True), ({"data": turns}, {}, True),
-             ({}, {"data": turns}, True), ({"data": turns}, {"data": turns}, False)]  # fmt: skip
+    cases = [
+        ({}, {}, False),
+        ({"recipe": "mini-wide"}, {}, True),
+        ({"data": turns}, {}, True),
+        ({}, {"data": turns}, True),
+        ({"data": turns}, {"data": turns}, False),
+    ]
     for recorded, base, runs_again in cases:
         cell.mkdir(parents=True, exist_ok=True)
         config = {**record["config"], **recorded}
@@ -266,8 +308,14 @@ def test_sweep_pairs_script_compares_two_configurations_by_hand(tmp_path):
 
     paired_runs(tmp_path / "runs")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_pairs.py"
-    run = lambda *a: subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), *a],  # noqa: E731
-                                    capture_output=True, text=True)  # fmt: skip
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "runs"), *a],
+            capture_output=True,
+            text=True,
+        )
+
     ok = run("linear:mlp2x_gelu", "mlp2x_gelu:linear")
     assert ok.returncode == 0, ok.stderr
     first, second = ok.stdout.splitlines()

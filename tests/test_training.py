@@ -12,10 +12,11 @@ import torch
 from accelerate.utils import convert_outputs_to_fp32
 from conftest import CONV_A, CONV_B, MICRO, batch, bench, images
 
-from bench.model.vlm import VLM, VLMOutput
 from bench.train.config import RECIPES
-from bench.train.precision import resolve_backbone_dtype, resolve_precision
+from bench.train.precision import resolve_backbone_dtype
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
+from connector_zoo.model.precision import resolve_precision
+from connector_zoo.model.vlm import VLM, VLMOutput
 from connector_zoo.settings import SettingError
 from connectors import CONNECTORS
 
@@ -27,8 +28,12 @@ def tiny_vlm(llm: str = "tinyllama", **llm_settings) -> VLM:
 
 def test_the_output_keeps_every_field_through_accelerate_fp32_conversion():
     """accelerate rebuilds the output under mixed precision; undeclared attributes were lost (issue 9)."""
-    out = VLMOutput(loss=torch.tensor(2.0, dtype=torch.bfloat16), lm_loss=torch.tensor(1.5, dtype=torch.bfloat16),
-                    logits=torch.ones(1, 2, 3, dtype=torch.bfloat16), visual_tokens=torch.tensor([4]))  # fmt: skip
+    out = VLMOutput(
+        loss=torch.tensor(2.0, dtype=torch.bfloat16),
+        lm_loss=torch.tensor(1.5, dtype=torch.bfloat16),
+        logits=torch.ones(1, 2, 3, dtype=torch.bfloat16),
+        visual_tokens=torch.tensor([4]),
+    )
     back = convert_outputs_to_fp32(lambda: out)()
     assert back.lm_loss.dtype == torch.float32 and back.lm_loss.item() == 1.5 and back.loss.item() == 2.0
     assert back.visual_tokens.tolist() == [4] and back.logits.dtype == torch.float32
@@ -89,15 +94,21 @@ def test_connector_learning_rate_is_its_own_group():
     assert {id(p) for p in by_name["connector"]["params"]} == {id(p) for p in vlm.connector.parameters()}
 
 
-@pytest.mark.parametrize("connector,rates", [("mlp2x_gelu", (2e-3, 2e-5)), ("c_abstractor", (1e-4, 2e-5)),
-                                             ("tokenpacker", (1e-3, 2e-5))])  # fmt: skip
+@pytest.mark.parametrize(
+    "connector,rates", [("mlp2x_gelu", (2e-3, 2e-5)), ("c_abstractor", (1e-4, 2e-5)), ("tokenpacker", (1e-3, 2e-5))]
+)
 def test_paper_connector_rate_is_the_papers_per_stage(connector, rates):
     """``connector_lr="paper"`` (recipe ``mini-paper-rates``): LLaVA-1.5's projector rates (2e-3 / 2e-5), Honeybee's
     pretrain / finetune yaml for the C-Abstractor (1e-4 / 2e-5), TokenPacker's scripts (1e-3 / 2e-5); the LLM keeps
     the stage's ``lr``."""
     torch.manual_seed(0)
-    vlm = VLM.build({"name": "clip"}, {"name": connector, **CONNECTORS.get(connector).small_settings} if connector
-                    != "mlp2x_gelu" else {"name": connector}, {"name": "tinyllama"})  # fmt: skip
+    vlm = VLM.build(
+        {"name": "clip"},
+        {"name": connector, **CONNECTORS.get(connector).small_settings}
+        if connector != "mlp2x_gelu"
+        else {"name": connector},
+        {"name": "tinyllama"},
+    )
     for stage, rate in zip((1, 2), rates):
         cfg = StageConfig(stage=stage, lr=2e-3, connector_lr="paper")
         by_name = {g["name"]: g["lr"] for g in parameter_groups(vlm, set_trainable(vlm, cfg), cfg)}
@@ -125,7 +136,7 @@ def test_qlora_on_cpu_is_a_clear_error():
 def test_lora_export_merges_the_adapters(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from bench.model.export import export_hf
+    from connector_zoo.model.llava import export_hf
 
     vlm = tiny_vlm(lora={"r": 4, "alpha": 8, "dropout": 0.0})
     with torch.no_grad():
@@ -180,8 +191,9 @@ def test_a_bf16_lora_run_records_precision_memory_and_adapters(bf16_lora_run):
 @pytest.mark.slow
 def test_a_killed_bf16_lora_run_resumes_to_the_same_numbers(bf16_lora_run, tmp_path):
     killed = tmp_path / "killed"
-    proc = bench([*MICRO, *LORA_BF16, "--out", str(killed), "--save-every", "2"],
-                 env={"CONNECTOR_ZOO_KILL_AT": "step:2:5"})  # fmt: skip
+    proc = bench(
+        [*MICRO, *LORA_BF16, "--out", str(killed), "--save-every", "2"], env={"CONNECTOR_ZOO_KILL_AT": "step:2:5"}
+    )
     assert proc.returncode != 0 and not (killed / "results.json").exists()
     proc = bench(["run", "--resume", str(killed)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,11 +213,22 @@ def test_eval_generate_prune_curve_and_export_work_on_a_bf16_lora_run(bf16_lora_
     # the same loss as the run recorded: the run's precision and the adapters are restored
     assert f"test: caption_loss {results['metrics']['test']['caption_loss']:.4f}" in proc.stdout
     images(1)[0].save(tmp_path / "a.png")
-    proc = bench(["generate", str(bf16_lora_run), "--image", str(tmp_path / "a.png"), "--prompt", "Colour?",
-                  "--max-new-tokens", "2"])  # fmt: skip
+    proc = bench(
+        [
+            "generate",
+            str(bf16_lora_run),
+            "--image",
+            str(tmp_path / "a.png"),
+            "--prompt",
+            "Colour?",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = bench(["prune-curve", str(bf16_lora_run), "--ratios", "1,0.5", "--eval-limit", "4",
-                  "--out", str(tmp_path / "curve")])  # fmt: skip
+    proc = bench(
+        ["prune-curve", str(bf16_lora_run), "--ratios", "1,0.5", "--eval-limit", "4", "--out", str(tmp_path / "curve")]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = bench(["export-hf", "--run", str(bf16_lora_run), "--out", str(tmp_path / "hf")])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -256,8 +279,10 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     config = load_config_from_file(str(path))
     assert config.num_processes == 8 and config.mixed_precision == "bf16"
-    assert config.distributed_type.value == {"accelerate_ddp": "MULTI_GPU", "accelerate_fsdp": "FSDP",
-                                             "accelerate_deepspeed_zero2": "DEEPSPEED"}[name]  # fmt: skip
+    assert (
+        config.distributed_type.value
+        == {"accelerate_ddp": "MULTI_GPU", "accelerate_fsdp": "FSDP", "accelerate_deepspeed_zero2": "DEEPSPEED"}[name]
+    )
 
 
 def test_plan_counts_vicuna_7b_exactly_and_its_arithmetic_by_hand():
@@ -280,11 +305,22 @@ def test_plan_counts_vicuna_7b_exactly_and_its_arithmetic_by_hand():
 def test_summary_prints_slow_throughput_with_significant_digits():
     from bench.run.record import summary
 
-    results = {"config": {"encoder": {"name": "clip"}, "connector": {"name": "mlp2x_gelu"}, "llm": {"name": "vicuna"},
-                          "recipe": "llava-1.5-pretrain", "seed": 0},
-               "metrics": {}, "visual_tokens_per_image": {}, "parameters": {"trainable": 1, "total": 2},
-               "train_samples_per_second": 0.0561, "encoder_forwards": 0, "skipped_samples": [],
-               "wall_time_seconds": 1.0}  # fmt: skip
+    results = {
+        "config": {
+            "encoder": {"name": "clip"},
+            "connector": {"name": "mlp2x_gelu"},
+            "llm": {"name": "vicuna"},
+            "recipe": "llava-1.5-pretrain",
+            "seed": 0,
+        },
+        "metrics": {},
+        "visual_tokens_per_image": {},
+        "parameters": {"trainable": 1, "total": 2},
+        "train_samples_per_second": 0.0561,
+        "encoder_forwards": 0,
+        "skipped_samples": [],
+        "wall_time_seconds": 1.0,
+    }
     assert "train 0.0561 samples/s" in summary(results)  # it printed "train 0 samples/s" at real width
 
 
@@ -320,8 +356,14 @@ def test_the_loss_history_and_log_give_the_llm_and_the_connector_rate(tmp_path):
     from bench.data.loader import Collator
     from bench.train.trainer import Trainer
 
-    ds = Dataset("t", [Sample(f"s{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}])
-                       for i in range(8)], images=None)  # fmt: skip
+    ds = Dataset(
+        "t",
+        [
+            Sample(f"s{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}])
+            for i in range(8)
+        ],
+        images=None,
+    )
     for connector_lr in (2e-3, None):
         vlm = tiny_vlm()
         collator = Collator(vlm.llm, None, visual_budget=0, max_length=None)

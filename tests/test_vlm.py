@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BUILTIN_CONNECTORS, CONV_A, CONV_B, CONV_TEXT, ENCODER_NAMES, LLM_NAMES, batch, images
 
-from bench.model.vlm import VLM, SampleTooLong, VLMInputs
+from connector_zoo.model.vlm import VLM, SampleTooLong, VLMInputs
 from connectors import CONNECTORS, build_connector
 from connectors.base import Connector, ConnectorOutput
 from llms.base import IGNORE_INDEX
@@ -120,7 +120,10 @@ def test_save_and_load_rebuild_exactly(tmp_path, encoders, llms):
     with torch.no_grad():
         torch.testing.assert_close(again(inputs).logits, vlm(inputs).logits, rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "manifest.json", "trainable.safetensors", "vlm_config.json"]  # fmt: skip
+        "manifest.json",
+        "trainable.safetensors",
+        "vlm_config.json",
+    ]
 
 
 def test_load_rejects_wrong_shapes_and_corrupt_files(tmp_path):
@@ -155,3 +158,39 @@ def test_image_token_mismatch_is_an_error(encoders, llms):
         vlm(batch(llm, [CONV_TEXT], [True], enc.preprocess(images(1))))
     with pytest.raises(ValueError, match="<image> token in its text but no image"):
         vlm(batch(llm, [CONV_A], [False], None))
+
+
+def test_a_connector_built_directly_records_what_it_is(tmp_path):
+    """Issue 33: the class records its settings, not build_connector: ``MLPConnector(Dv, D, depth=3)`` saves as a
+    3-layer MLP and loads back as one (it used to record ``{"name": "mlp2x_gelu"}`` and reload with 2 layers)."""
+    from connectors.mlp import MLPConnector
+    from encoders import build_encoder
+    from llms import build_llm
+
+    enc, llm = build_encoder("clip"), build_llm("tinyllama")  # as VLM.load builds them
+    torch.manual_seed(0)
+    conn = MLPConnector(enc.info.hidden_size, llm.hidden_size, depth=3)
+    assert conn.spec == {"name": "mlp2x_gelu", "depth": 3}
+    vlm = VLM(enc, conn, llm).eval()
+    vlm.save(tmp_path / "run")
+    again = VLM.load(tmp_path / "run").eval()
+    assert again.connector.depth == 3
+    inputs = batch(vlm.llm, [CONV_A], [True], vlm.encoder.preprocess(images(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs).logits, vlm(inputs).logits, rtol=0, atol=0)
+
+
+class _Unregistered(Connector):
+    def __init__(self, in_dim: int, out_dim: int, scale: float = 1.0):
+        super().__init__(in_dim, out_dim)
+        self.proj = torch.nn.Linear(in_dim, out_dim)
+
+
+def test_an_unregistered_connector_is_named_by_its_path_and_a_subclass_not_by_its_parent():
+    from connectors.mlp import MLPConnector
+
+    class Deeper(MLPConnector):
+        pass
+
+    assert _Unregistered(4, 8, scale=2.0).spec == {"name": f"{__name__}:_Unregistered", "scale": 2.0}
+    assert Deeper(4, 8, depth=2).spec["name"].endswith("Deeper")

@@ -15,8 +15,12 @@ def default_scenes():
 
 
 def test_split_sizes_are_the_readme_ones(default_scenes):
-    assert {k: len(v) for k, v in default_scenes.items()} == {"train": 20000, "val": 1000, "test": 1000,
-                                                              "compositional": 500}  # fmt: skip
+    assert {k: len(v) for k, v in default_scenes.items()} == {
+        "train": 20000,
+        "val": 1000,
+        "test": 1000,
+        "compositional": 500,
+    }
     ids = [s.id for scenes in default_scenes.values() for s in scenes]
     assert len(ids) == len(set(ids))
 
@@ -99,8 +103,12 @@ def test_patch_labels_by_hand():
     covers no patch centre and labels the patch it lies in."""
     from bench.data.world import patch_labels
 
-    record = {"objects": [{"colour": "orange", "shape": "square", "size": "large", "x": 30.0, "y": 34.0},
-                          {"colour": "red", "shape": "circle", "size": "small", "x": 60.0, "y": 4.0}]}  # fmt: skip
+    record = {
+        "objects": [
+            {"colour": "orange", "shape": "square", "size": "large", "x": 30.0, "y": 34.0},
+            {"colour": "red", "shape": "circle", "size": "small", "x": 60.0, "y": 4.0},
+        ]
+    }
     labels = patch_labels(record, 64, 8)
     square = (list(COLOURS).index("orange") + 1, SHAPES.index("square") + 1, 2)
     circle = (list(COLOURS).index("red") + 1, SHAPES.index("circle") + 1, 1)
@@ -188,8 +196,10 @@ def test_the_wide_world_llm_reads_scene_text_with_labels_on_the_answers():
     assert len(small) == sum(1 + len(r["qa"]) for r in records) and isinstance(small[0][0], int)
     wide = lm_conversations(world, backend, scene_qa=3)
     decode = lambda ids: backend.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    turns = [(decode([t for t, y in zip(ids, labels) if y == -100]), decode([y for y in labels if y != -100]))
-             for ids, labels in wide]  # fmt: skip
+    turns = [
+        (decode([t for t, y in zip(ids, labels) if y == -100]), decode([y for y in labels if y != -100]))
+        for ids, labels in wide
+    ]
     assert all(answer for _, answer in turns)  # every sequence has labels, on its answer only
     captions = {r["caption"]: {(o["colour"], o["shape"]) for o in r["objects"]} for r in records}
     asked = [(p, a) for p, a in turns if p.split("\n")[1] in captions and "Is there a" in p]  # <|user|>\ncaption\n..

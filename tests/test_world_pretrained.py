@@ -113,7 +113,7 @@ def test_a_run_on_the_pretrained_level_trains_evaluates_and_exports(nine_layers,
     assert result["config"]["data"]["pretrain"]["llm_level"] == "smollm2"
     from transformers import AutoModelForImageTextToText
 
-    import connector_zoo.hf_model  # noqa: F401  (registers the Auto classes)
+    import connector_zoo.model.modeling  # noqa: F401  (registers the Auto classes)
 
     model = AutoModelForImageTextToText.from_pretrained(run / "hf")
     assert model.vlm.llm.model.config.num_hidden_layers == 9

@@ -16,8 +16,12 @@ from bench.cli.common import demo_images  # noqa: F401  (tests and benchmarks dr
 from bench.cli.parser import build_parser
 from connector_zoo.registry import RegistryError
 
-COMMANDS = {name[len("cmd_") :]: f for module in (components, training, evaluation, export)
-            for name, f in vars(module).items() if name.startswith("cmd_")}  # fmt: skip
+COMMANDS = {
+    name[len("cmd_") :]: f
+    for module in (components, training, evaluation, export)
+    for name, f in vars(module).items()
+    if name.startswith("cmd_")
+}
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RegistryError, ValueError, OSError, KeyError, TypeError)

@@ -32,7 +32,7 @@ def vlm_from_args(args: argparse.Namespace):
     """A trained run (``--run``) or a fresh combination from the component options (seeded)."""
     import torch
 
-    from bench.model.vlm import VLM
+    from connector_zoo.model.vlm import VLM
 
     if args.run:
         return VLM.load(args.run, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)

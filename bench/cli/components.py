@@ -27,7 +27,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_tokens(args: argparse.Namespace) -> None:
     import torch
 
-    from bench.model.vlm import VLM
+    from connector_zoo.model.vlm import VLM
     from connectors import build_connector
     from encoders import build_encoder
     from llms import build_llm
@@ -75,8 +75,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
     tok, fl = result["visual_tokens_per_image"], result["flops"]
     print(f"{vlm.connector.spec['name']}: visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
     print(f"  parameters: connector {result['parameters']['connector']:,}, total {result['parameters']['total']:,}")
-    print(f"  FLOPs: connector {fl['connector']:,}, LLM prefill {fl['llm_prefill']:,} ({result['prefill_tokens']} "
-          f"tokens)")  # fmt: skip
+    print(
+        f"  FLOPs: connector {fl['connector']:,}, LLM prefill {fl['llm_prefill']:,} ({result['prefill_tokens']} tokens)"
+    )
     decode = result["decode_tokens_per_second"]
     print(
         f"  prefill latency (time to first token) {result['prefill_latency_ms']:.2f} ms; decode "
@@ -107,19 +108,33 @@ def profile_comparison(args: argparse.Namespace) -> None:
     names = args.connector.split(",")
     specs = specs_from_args(args)
     enc, llm = build_encoder(**specs["encoder"]), build_llm(**specs["llm"])
-    rows = prefill_comparison(enc, llm, names[1:], args.keep, demo_images(enc.info.image_size, 1)[0],
-                              repeats=args.repeats, fastv_layer=args.fastv_layer, projector=names[0])  # fmt: skip
+    rows = prefill_comparison(
+        enc,
+        llm,
+        names[1:],
+        args.keep,
+        demo_images(enc.info.image_size, 1)[0],
+        repeats=args.repeats,
+        fastv_layer=args.fastv_layer,
+        projector=names[0],
+    )
     layers = getattr(llm.model.config, "num_hidden_layers", "?")
-    print(f"prefill at batch 1, one image: encoder {args.encoder} ({enc.checkpoint}, {enc.info.num_patches} patches), "
-          f"LLM {args.llm} ({llm.checkpoint}: width {llm.hidden_size}, {layers} layers); keep {args.keep:g}; "
-          f"connector + LLM prefill, median [min, max] of {args.repeats} interleaved rounds; "
-          f"{cpu_name()}, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'connector':<14} {'tokens in':>9} {'after':>7} {'kept':>6} {'prefill ms':>11} {'[min, max]':>19} "
-          f"{'speed-up':>8}")  # fmt: skip
+    print(
+        f"prefill at batch 1, one image: encoder {args.encoder} ({enc.checkpoint}, {enc.info.num_patches} patches), "
+        f"LLM {args.llm} ({llm.checkpoint}: width {llm.hidden_size}, {layers} layers); keep {args.keep:g}; "
+        f"connector + LLM prefill, median [min, max] of {args.repeats} interleaved rounds; "
+        f"{cpu_name()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'connector':<14} {'tokens in':>9} {'after':>7} {'kept':>6} {'prefill ms':>11} {'[min, max]':>19} "
+        f"{'speed-up':>8}"
+    )
     for r in rows:
         spread = f"[{r['min_ms']:.1f}, {r['max_ms']:.1f}]"
-        print(f"{r['connector']:<14} {r['tokens_in']:>9} {r['tokens_after']:>7.0f} {r['kept_share']:>6.1%} "
-              f"{r['prefill_ms']:>11.1f} {spread:>19} {r['speedup']:>7.2f}x")  # fmt: skip
+        print(
+            f"{r['connector']:<14} {r['tokens_in']:>9} {r['tokens_after']:>7.0f} {r['kept_share']:>6.1%} "
+            f"{r['prefill_ms']:>11.1f} {spread:>19} {r['speedup']:>7.2f}x"
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
 
@@ -136,7 +151,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         for s in stages:
             s.batch_size = args.batch_size
     lora = parse_lora(args.lora)
-    print(f"plan: {args.encoder} ({specs['encoder']['checkpoint']}) + {specs['connector']['name']} + {args.llm} "
-          f"({specs['llm']['checkpoint']}), recipe {args.recipe}, {args.devices} devices")  # fmt: skip
+    print(
+        f"plan: {args.encoder} ({specs['encoder']['checkpoint']}) + {specs['connector']['name']} + {args.llm} "
+        f"({specs['llm']['checkpoint']}), recipe {args.recipe}, {args.devices} devices"
+    )
     for line in plan(specs, stages, args.devices, args.text_tokens, args.backbone_dtype, lora and lora["r"]):
         print(line)

@@ -18,9 +18,9 @@ from connector_zoo.io import write_json
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from bench.evaluate.accuracy import blind_answers, evaluate_split, shown_loss
-    from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
     from bench.train.config import RunConfig, feature_sources, load_data
-    from bench.train.precision import autocast, run_precision
+    from connector_zoo.model.precision import autocast, run_precision
+    from connector_zoo.model.vlm import VLM
 
     run_dir = Path(args.run_dir)
     if args.tasks:
@@ -28,20 +28,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = RunConfig.from_file(run_dir / "config.json")
     if args.eval_limit is not None:
         cfg.eval_limit = limit(args.eval_limit)
-    vlm = VLM.from_config_file(run_dir / CONFIG_NAME, args.allow_dotted_paths).eval()
+    vlm = VLM.load(run_dir, args.allow_dotted_paths, verify=not args.no_verify, weights=False).eval()
     _, _, eval_sets, _ = load_data(cfg, print)
     by_table = feature_sources(cfg, vlm, list(eval_sets.values()), print)[1]
     collators = {name: by_table[ds.images.key] for name, ds in eval_sets.items()}
     # the blind baseline uses the LLM as loaded, before the run's trained weights go in (as `bench run` does)
     with autocast(run_precision(run_dir), vlm.device):
         blind = {name: blind_answers(vlm, ds, collators[name], cfg.eval_limit) for name, ds in eval_sets.items()}
-    vlm.load_trainable(run_dir / WEIGHTS_NAME, verify=not args.no_verify)
+    vlm.load_weights(run_dir, verify=not args.no_verify)
     for name, ds in eval_sets.items():
         with autocast(run_precision(run_dir), vlm.device):
             m = evaluate_split(vlm, ds, collators[name], cfg.eval_limit, blind[name])
         if "accuracy" in m:
-            print(f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
-                  f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}")  # fmt: skip
+            print(
+                f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
+                f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}"
+            )
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
         print(f"{name}: {loss_key} {shown_loss(m[loss_key], 4)}")
 
@@ -53,9 +55,16 @@ def eval_tasks(args: argparse.Namespace, run_dir: Path) -> None:
     except ImportError as err:
         raise SystemExit(f"bench eval --tasks needs lmms-eval: pip install 'connector-zoo[eval]' ({err})") from err
     limit_n = None if args.eval_limit is None else limit(args.eval_limit)
-    recorded = evaluate_tasks(run_dir, args.tasks.split(","), limit_n, args.include_path or [], args.batch_size,
-                              verify=not args.no_verify, allow_dotted_paths=args.allow_dotted_paths,
-                              online=args.online)  # fmt: skip
+    recorded = evaluate_tasks(
+        run_dir,
+        args.tasks.split(","),
+        limit_n,
+        args.include_path or [],
+        args.batch_size,
+        verify=not args.no_verify,
+        allow_dotted_paths=args.allow_dotted_paths,
+        online=args.online,
+    )
     for task, entry in recorded.items():
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["metrics"].items())
         print(f"{task}: {metrics} (n={entry['samples']}, lmms-eval {entry['lmms_eval_version']})")
@@ -64,8 +73,8 @@ def eval_tasks(args: argparse.Namespace, run_dir: Path) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from bench.model.vlm import VLM
-    from bench.train.precision import autocast, run_precision
+    from connector_zoo.model.precision import autocast, run_precision
+    from connector_zoo.model.vlm import VLM
 
     vlm = VLM.load(args.run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
     images = None
@@ -84,9 +93,14 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
     from bench.report.plots import pruning_plot
 
     methods = tuple(args.methods.split(",")) if args.methods else REDUCERS  # unknown ones: one line from pruning_curve
-    rows = pruning_curve(Path(args.run_dir), [float(r) for r in args.ratios.split(",")], limit(args.eval_limit),
-                         allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify,
-                         methods=methods)  # fmt: skip
+    rows = pruning_curve(
+        Path(args.run_dir),
+        [float(r) for r in args.ratios.split(",")],
+        limit(args.eval_limit),
+        allow_dotted_paths=args.allow_dotted_paths,
+        verify=not args.no_verify,
+        methods=methods,
+    )
     print(f"{'method':<12} {'keep':>6} {'tokens':>7} {'accuracy':>15} {'retained':>9} {'speed-up':>9}")
     for r in rows:
         retained = "n/a" if r["retained"] is None else f"{r['retained']:.1%}"
@@ -97,7 +111,7 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pruning_curve.json", [{k: v for k, v in r.items() if "answers" not in k} for r in rows])
     for path in [out / "pruning_curve.json", *pruning_plot(rows, out / "pruning_curve")]:
-        print(f"wrote {path}")  # fmt: skip
+        print(f"wrote {path}")
 
 
 def cmd_peer(args: argparse.Namespace) -> None:
@@ -105,9 +119,13 @@ def cmd_peer(args: argparse.Namespace) -> None:
     from bench.train.config import RunConfig
 
     specs = specs_from_args(args)
-    cfg = RunConfig(encoder={k: v for k, v in specs["encoder"].items() if v is not None}, connector=specs["connector"],
-                    llm={k: v for k, v in specs["llm"].items() if v is not None}, data=data_from_args(args),
-                    seed=args.seed)  # fmt: skip
+    cfg = RunConfig(
+        encoder={k: v for k, v in specs["encoder"].items() if v is not None},
+        connector=specs["connector"],
+        llm={k: v for k, v in specs["llm"].items() if v is not None},
+        data=data_from_args(args),
+        seed=args.seed,
+    )
     r = peer_benchmark(cfg, steps=args.steps, batch_size=args.batch_size)
     print(
         f"stage 1, {args.encoder} + {specs['connector']['name']} + {args.llm}, {r['steps']} steps x batch "

@@ -9,7 +9,7 @@ from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from bench.model.export import export_hf
+    from connector_zoo.model.llava import export_hf
 
     out = export_hf(vlm_from_args(args).eval(), args.out)
     print(
@@ -19,13 +19,16 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_save_pretrained(args: argparse.Namespace) -> None:
-    from bench.model.vlm import VLM
-    from connector_zoo.hf_model import ConnectorZooForConditionalGeneration
     from connector_zoo.io import read_json
+    from connector_zoo.model.modeling import ConnectorZooForConditionalGeneration
+    from connector_zoo.model.vlm import VLM
 
     run_dir = Path(args.run_dir)
     vlm = VLM.load(run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
     results = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else None
     model = ConnectorZooForConditionalGeneration.from_vlm(vlm)
     model.save_pretrained(args.out, embed_backbones=args.embed_backbones, results=results)
-    print(f"wrote {args.out}: AutoModelForImageTextToText.from_pretrained({str(args.out)!r}) after `import connectors`")
+    print(
+        f"wrote {args.out}: `import connector_zoo.model`, then "
+        f"AutoModelForImageTextToText.from_pretrained({str(args.out)!r})"
+    )

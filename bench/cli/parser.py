@@ -43,25 +43,40 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_turns_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qa-turns", type=POSITIVE, default=1, metavar="N",
-                   help="mini world training: up to N of a scene's questions as the turns of one conversation "
-                   "(default 1: one question a sample; evaluation always asks one)")  # fmt: skip
+    p.add_argument(
+        "--qa-turns",
+        type=POSITIVE,
+        default=1,
+        metavar="N",
+        help="mini world training: up to N of a scene's questions as the turns of one conversation "
+        "(default 1: one question a sample; evaluation always asks one)",
+    )
 
 
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), "
-                   "no (fp32), bf16, fp16 (bf16 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="compute precision: auto (bf16/fp16 on GPU, fp32 on CPU), no (fp32), bf16, fp16 (bf16 on CPU)",
+    )
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-scale", type=SCALE, default=1.0, help="scale the mini world's splits (tests: 0.01)")
-    p.add_argument("--world-resolution", type=POSITIVE, metavar="PX",
-                   help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; "
-                   "192: 24x24)")  # fmt: skip
-    p.add_argument("--world-llm", choices=("small", "wide", "smollm2"), default="small",
-                   help="mini world LLM level: small (default; d=128), wide (d=256, --recipe mini-wide) or smollm2 "
-                   "(pretrained SmolLM2-135M, --recipe mini-smollm2); docs: what each costs and "
-                   "gives")  # fmt: skip
+    p.add_argument(
+        "--world-resolution",
+        type=POSITIVE,
+        metavar="PX",
+        help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; 192: 24x24)",
+    )
+    p.add_argument(
+        "--world-llm",
+        choices=("small", "wide", "smollm2"),
+        default="small",
+        help="mini world LLM level: small (default; d=128), wide (d=256, --recipe mini-wide) or smollm2 "
+        "(pretrained SmolLM2-135M, --recipe mini-smollm2); docs: what each costs and "
+        "gives",
+    )
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:
@@ -117,10 +132,16 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     add_data_args(p)
     p.add_argument("--held-out", type=FRACTION, help="fraction of LLaVA / HF data held out for evaluation (0.05)")
-    p.add_argument("--eval-limit", type=EVAL_LIMIT,
-                   help="questions evaluated per split: N, 0 (no evaluation) or all (default 1000)")  # fmt: skip
-    p.add_argument("--allow-paths-outside-image-folder", action="store_true",
-                   help="LLaVA JSON: let image paths resolve (links followed) outside --image-folder")  # fmt: skip
+    p.add_argument(
+        "--eval-limit",
+        type=EVAL_LIMIT,
+        help="questions evaluated per split: N, 0 (no evaluation) or all (default 1000)",
+    )
+    p.add_argument(
+        "--allow-paths-outside-image-folder",
+        action="store_true",
+        help="LLaVA JSON: let image paths resolve (links followed) outside --image-folder",
+    )
     p.add_argument(
         "--max-image-pixels",
         type=NON_NEGATIVE,
@@ -128,8 +149,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
         help=f"skip images with more pixels, before decoding (default {DEFAULT_MAX_PIXELS}, Pillow's limit; 0: none)",
     )
     add_precision_arg(p)
-    p.add_argument("--backbone-dtype", default="auto", help="storage dtype of the frozen encoder and LLM: auto (the "
-                   "precision's on GPU, fp32 on CPU), fp32, bf16, fp16; trainable weights stay fp32")  # fmt: skip
+    p.add_argument(
+        "--backbone-dtype",
+        default="auto",
+        help="storage dtype of the frozen encoder and LLM: auto (the "
+        "precision's on GPU, fp32 on CPU), fp32, bf16, fp16; trainable weights stay fp32",
+    )
     p.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
@@ -201,10 +226,19 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--out", default="report", help="where to write table.md/.csv/.tex and the plots")
-    p.add_argument("--html", metavar="DIR", help="also write one self-contained page, DIR/index.html: table, "
-                   "plots, loss curves, pruning curve, error breakdown and answer gallery")  # fmt: skip
-    p.add_argument("--gallery-per-type", type=POSITIVE, default=4, metavar="N",
-                   help="questions per question type in the HTML gallery (default 4)")  # fmt: skip
+    p.add_argument(
+        "--html",
+        metavar="DIR",
+        help="also write one self-contained page, DIR/index.html: table, "
+        "plots, loss curves, pruning curve, error breakdown and answer gallery",
+    )
+    p.add_argument(
+        "--gallery-per-type",
+        type=POSITIVE,
+        default=4,
+        metavar="N",
+        help="questions per question type in the HTML gallery (default 4)",
+    )
     p.set_defaults(func=commands["report"])
 
     p = sub.add_parser("profile", help="efficiency figures of a combination (no training)")
@@ -212,12 +246,22 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--run", help="profile a trained run directory instead")
     p.add_argument("--images", type=POSITIVE, default=4)
     p.add_argument("--repeats", type=POSITIVE, default=5)
-    p.add_argument("--keep", type=arg_type(float, lo=0, hi=1, lo_open=True), metavar="SHARE", help="compare the "
-                   "prefill of the first --connector (a per-token projector) alone and of each reducer (cls_prune, "
-                   "random_keep, avgpool, visionzip, prumerge, fastv) in front of it keeping SHARE of the image "
-                   "tokens, in interleaved rounds")  # fmt: skip
-    p.add_argument("--fastv-layer", type=POSITIVE, default=2, metavar="K",
-                   help="with --keep: fastv prunes after LLM layer K (default 2, the paper's)")  # fmt: skip
+    p.add_argument(
+        "--keep",
+        type=arg_type(float, lo=0, hi=1, lo_open=True),
+        metavar="SHARE",
+        help="compare the "
+        "prefill of the first --connector (a per-token projector) alone and of each reducer (cls_prune, "
+        "random_keep, avgpool, visionzip, prumerge, fastv) in front of it keeping SHARE of the image "
+        "tokens, in interleaved rounds",
+    )
+    p.add_argument(
+        "--fastv-layer",
+        type=POSITIVE,
+        default=2,
+        metavar="K",
+        help="with --keep: fastv prunes after LLM layer K (default 2, the paper's)",
+    )
     add_trust_args(p)
     p.add_argument("--json", action="store_true", help="also print the full result as JSON")
     p.set_defaults(func=commands["profile"])

@@ -24,8 +24,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     from bench.train.config import RunConfig
 
     if args.resume:
-        run(RunConfig(), Path(args.resume), resume=True, allow_dotted_paths=args.allow_dotted_paths,
-            verify=not args.no_verify, log=quiet_or_print(args))  # fmt: skip
+        run(
+            RunConfig(),
+            Path(args.resume),
+            resume=True,
+            allow_dotted_paths=args.allow_dotted_paths,
+            verify=not args.no_verify,
+            log=quiet_or_print(args),
+        )
         return
     specs = specs_from_args(args)
     specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
@@ -57,9 +63,17 @@ def cmd_run(args: argparse.Namespace) -> None:
         cfg.lora = parse_lora("")
     if args.eval_limit is not None:
         cfg.eval_limit = limit(args.eval_limit)
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                    ("grad_accum", args.grad_accum), ("lr", args.lr),
-                                    ("save_every", args.save_every)) if v is not None}  # fmt: skip
+    overrides = {
+        k: v
+        for k, v in (
+            ("steps", args.steps),
+            ("batch_size", args.batch_size),
+            ("grad_accum", args.grad_accum),
+            ("lr", args.lr),
+            ("save_every", args.save_every),
+        )
+        if v is not None
+    }
     if overrides:
         recipes = RECIPES_FOR_CLI()
         if args.recipe not in recipes:
@@ -101,8 +115,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
     out = Path(args.out)
-    cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm),
-                  args.seeds, base)  # fmt: skip
+    cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm), args.seeds, base)
     report(cells, out)
 
 

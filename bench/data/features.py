@@ -32,8 +32,14 @@ def image_key(identity: str) -> str:
 
 
 #: a stored row's name for each field of VisionFeatures (``attn``: the name caches had before layers and keys)
-ROW_NAMES = {"patches": "patches", "cls": "cls", "cls_attention": "attn", "layers": "layers", "keys": "keys",
-             "cls_qk": "cls_qk"}  # fmt: skip
+ROW_NAMES = {
+    "patches": "patches",
+    "cls": "cls",
+    "cls_attention": "attn",
+    "layers": "layers",
+    "keys": "keys",
+    "cls_qk": "cls_qk",
+}
 
 
 def row_layout(encoder: VisionEncoder, request: bool | FeatureRequest) -> dict[str, tuple[int, ...]]:
@@ -66,7 +72,9 @@ class Partial:
     pixels: torch.Tensor | None
 
     def pin_memory(self) -> Partial:
-        pin = lambda t: t if t is None else t.pin_memory()  # noqa: E731
+        def pin(t):
+            return t if t is None else t.pin_memory()
+
         return dataclasses.replace(self, stored={k: pin(v) for k, v in self.stored.items()}, pixels=pin(self.pixels))
 
 
@@ -90,9 +98,16 @@ class FeatureCache:
     forward); ``complete`` the main-process half (the forward on the images not stored, their rows written).
     """
 
-    def __init__(self, encoder: VisionEncoder, images: ImageTable, with_attention: bool | FeatureRequest,
-                 root: Path | None = None, cached: bool = True, batch_size: int = 64,
-                 store: FeatureStore | None = None):  # fmt: skip
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        images: ImageTable,
+        with_attention: bool | FeatureRequest,
+        root: Path | None = None,
+        cached: bool = True,
+        batch_size: int = 64,
+        store: FeatureStore | None = None,
+    ):
         """``with_attention``: the connector's :class:`FeatureRequest` (True: the CLS attention alone). ``store``:
         the open store of this directory to share (the image tables of one run use one store, so its index is read
         once and one writer fills it); opened here when not given."""
@@ -179,8 +194,14 @@ class FeatureCache:
         features = None
         if order:
             device = next(self.encoder.parameters()).device  # stored rows join the fresh ones where they are
-            take = lambda name: (torch.stack([rows[k][name].to(device, non_blocking=True) for k in order])  # noqa: E731
-                                 if name in self.layout else None)  # fmt: skip
+
+            def take(name):
+                return (
+                    torch.stack([rows[k][name].to(device, non_blocking=True) for k in order])
+                    if name in self.layout
+                    else None
+                )
+
             features = VisionFeatures(
                 grid=self.encoder.info.grid, **{name: take(row) for name, row in ROW_NAMES.items()}
             )
@@ -214,8 +235,14 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def decide(mode: str, encoder: VisionEncoder, tables: list[ImageTable], with_attention: bool | FeatureRequest,
-           max_gb: float | None, root: Path | None = None) -> tuple[bool, str]:  # fmt: skip
+def decide(
+    mode: str,
+    encoder: VisionEncoder,
+    tables: list[ImageTable],
+    with_attention: bool | FeatureRequest,
+    max_gb: float | None,
+    root: Path | None = None,
+) -> tuple[bool, str]:
     """(cache on?, why) for ``--feature-cache auto|on|off``: auto caches a frozen encoder when the projected size of
     every image's row fits ``max_gb`` (default: half the free disk where the cache lives)."""
     if mode not in MODES:
@@ -232,5 +259,6 @@ def decide(mode: str, encoder: VisionEncoder, tables: list[ImageTable], with_att
     where = f"--feature-cache-max-gb {max_gb:g}" if max_gb is not None else f"half the free disk at {root}"
     fits = projected <= limit
     verdict = "fits" if fits else "exceeds"
-    return fits, (f"{n:,} images x {per_image / 1e6:.3g} MB = {projected / 1e9:.3g} GB "
-                  f"{verdict} {limit / 1e9:.3g} GB ({where})")  # fmt: skip
+    return fits, (
+        f"{n:,} images x {per_image / 1e6:.3g} MB = {projected / 1e9:.3g} GB {verdict} {limit / 1e9:.3g} GB ({where})"
+    )

@@ -62,16 +62,19 @@ class Dataset:
         order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(seed)).tolist()
         n = max(1, int(round(held_out * len(order))))
         pick = lambda idx: [self.samples[i] for i in sorted(idx)]  # noqa: E731
-        return (Dataset(self.name, pick(order[n:]), self.images, self.skipped, self._seen),
-                Dataset(self.name + ":heldout", pick(order[:n]), self.images, []))  # fmt: skip
+        return (
+            Dataset(self.name, pick(order[n:]), self.images, self.skipped, self._seen),
+            Dataset(self.name + ":heldout", pick(order[:n]), self.images, []),
+        )
 
 
 # --------------------------------------------------------------- LLaVA JSON
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 
 
-def llava_json(json_path: str | Path, image_folder: str | Path, strict: bool = False,
-               allow_outside: bool = False) -> Dataset:  # fmt: skip
+def llava_json(
+    json_path: str | Path, image_folder: str | Path, strict: bool = False, allow_outside: bool = False
+) -> Dataset:
     """``allow_outside``: image paths may resolve outside ``image_folder`` (see :class:`FileImages`)."""
     json_path, image_folder = Path(json_path), Path(image_folder)
     try:
@@ -112,8 +115,9 @@ def llava_messages(rec: Any) -> list[dict[str, str]]:
             raise BadSample(f"turn {i} is a {type(turn).__name__}, not an object with 'from' and 'value'")
         for key in ("from", "value"):  # by type first: a list or object here must not reach a dict lookup
             if not isinstance(turn.get(key), str):
-                raise BadSample(f"turn {i}: '{key}' is {type(turn.get(key)).__name__} "
-                                f"{str(turn.get(key))[:40]}, not a string")  # fmt: skip
+                raise BadSample(
+                    f"turn {i}: '{key}' is {type(turn.get(key)).__name__} {str(turn.get(key))[:40]}, not a string"
+                )
         if turn["from"] not in ROLES:
             raise BadSample(f"turn {i}: 'from' is {turn['from'][:40]!r}; known: {', '.join(ROLES)}")
         out.append({"role": ROLES[turn["from"]], "content": turn["value"]})
@@ -260,8 +264,10 @@ def world_dataset(world, split: str, captions: bool = True, questions: bool = Tr
                 messages = []
                 for t, qa in enumerate(turns):
                     image = f"{IMAGE_TOKEN}\n" if t == 0 else ""
-                    messages += [{"role": "user", "content": image + qa["question"]},
-                                 {"role": "assistant", "content": qa["answer"]}]  # fmt: skip
+                    messages += [
+                        {"role": "user", "content": image + qa["question"]},
+                        {"role": "assistant", "content": qa["answer"]},
+                    ]
                 meta = {"type": "conversation", "types": [qa["type"] for qa in turns], "answer": turns[-1]["answer"]}
                 samples.append(Sample(f"{r['id']}/q{j}-{j + len(turns) - 1}", messages, i, meta))
         elif questions:

@@ -1,4 +1,4 @@
-"""The input pipeline: samples -> :class:`~bench.model.vlm.VLMInputs`, in data-loader workers.
+"""The input pipeline: samples -> :class:`~connector_zoo.model.vlm.VLMInputs`, in data-loader workers.
 
 A worker (``Collator.prepare``) tokenizes each sample with the LLM's chat template (a bounded cache keeps repeated
 texts), computes image identities, reads the feature rows already stored and decodes + preprocesses the other
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from bench.data.features import FeatureCache, Partial
 from bench.data.formats import Sample
 from bench.data.images import BadSample
-from bench.model.vlm import VLMInputs
+from connector_zoo.model.vlm import VLMInputs
 from llms.base import LLMBackend, TemplateError
 
 
@@ -76,8 +77,14 @@ class Collator:
     not fit ``max_length`` is reported instead of truncated.
     """
 
-    def __init__(self, llm: LLMBackend, features: FeatureCache, visual_budget: int, max_length: int | None,
-                 cache_size: int = 65536):  # fmt: skip
+    def __init__(
+        self,
+        llm: LLMBackend,
+        features: FeatureCache,
+        visual_budget: int,
+        max_length: int | None,
+        cache_size: int = 65536,
+    ):
         self.llm, self.features, self.visual_budget, self.max_length = llm, features, visual_budget, max_length
         self.cache_size = cache_size
         self._encoded: OrderedDict[str, object] = OrderedDict()
@@ -96,8 +103,10 @@ class Collator:
                 hit = BadSample(str(err))
             n_visual = self.visual_budget if sample.image is not None else 0
             if not isinstance(hit, BadSample) and self.max_length and len(hit) - 1 + n_visual > self.max_length:
-                hit = BadSample(f"needs {len(hit) - 1 + n_visual} tokens ({n_visual} visual), more than the context "
-                                f"budget {self.max_length}; not truncated")  # fmt: skip
+                hit = BadSample(
+                    f"needs {len(hit) - 1 + n_visual} tokens ({n_visual} visual), more than the context "
+                    f"budget {self.max_length}; not truncated"
+                )
             self._encoded[key] = hit
             if len(self._encoded) > self.cache_size:
                 self._encoded.popitem(last=False)
@@ -116,9 +125,15 @@ class Collator:
             except BadSample as err:
                 skipped.append((s.id, str(err)))
         images = [samples[p].image for p in kept if samples[p].image is not None]
-        return Prepared(kept, [samples[p].id for p in kept], [e.input_ids for e in encoded],
-                        [e.labels for e in encoded], [samples[p].image is not None for p in kept],
-                        self.features.gather(images) if images else None, skipped)  # fmt: skip
+        return Prepared(
+            kept,
+            [samples[p].id for p in kept],
+            [e.input_ids for e in encoded],
+            [e.labels for e in encoded],
+            [samples[p].image is not None for p in kept],
+            self.features.gather(images) if images else None,
+            skipped,
+        )
 
     def finish(self, prep: Prepared) -> Batch:
         """The main process's half: encoder forward for images not stored, samples with unreadable images dropped."""
@@ -133,9 +148,12 @@ class Collator:
         keep = [j for j in range(len(prep.kept)) if j not in drop]
         if not keep:
             return Batch(None, [], skipped)
-        inputs = VLMInputs(input_ids=[torch.tensor(prep.input_ids[j]) for j in keep],
-                           labels=[torch.tensor(prep.labels[j]) for j in keep], features=features,
-                           has_image=[prep.has_image[j] for j in keep])  # fmt: skip
+        inputs = VLMInputs(
+            input_ids=[torch.tensor(prep.input_ids[j]) for j in keep],
+            labels=[torch.tensor(prep.labels[j]) for j in keep],
+            features=features,
+            has_image=[prep.has_image[j] for j in keep],
+        )
         return Batch(inputs, [prep.kept[j] for j in keep], skipped)
 
     def batch(self, samples: list[Sample]) -> Batch:
@@ -186,10 +204,16 @@ def make_loader(samples: list[Sample], collator: Collator, sampler: Sampler, num
     """Workers forked where the platform allows it (they share the tokenizer and preprocessing without pickling
     them); pinned memory when a GPU is present; a private generator, so creating the loader leaves the global
     torch RNG (dropout, resumed from checkpoints) untouched."""
-    import multiprocessing
 
     fork = "fork" in multiprocessing.get_all_start_methods()
-    return DataLoader(MicroBatches(samples, collator), batch_size=None, sampler=sampler, num_workers=num_workers,
-                      collate_fn=_identity, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0),
-                      multiprocessing_context="fork" if num_workers and fork else None)  # fmt: skip
+    return DataLoader(
+        MicroBatches(samples, collator),
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(0),
+        multiprocessing_context="fork" if num_workers and fork else None,
+    )

@@ -38,8 +38,11 @@ class FeatureStore:
         self.np_dtype = STORAGE[dtype]
         row_bytes = sum(int(np.prod(s)) for s in layout.values()) * np.dtype(self.np_dtype).itemsize
         # about 1 GiB per shard file set, at most 4,096 rows
-        meta = {"layout": {k: list(v) for k, v in layout.items()}, "dtype": dtype,
-                "rows_per_shard": rows_per_shard or max(1, min(4096, 2**30 // row_bytes))}  # fmt: skip
+        meta = {
+            "layout": {k: list(v) for k, v in layout.items()},
+            "dtype": dtype,
+            "rows_per_shard": rows_per_shard or max(1, min(4096, 2**30 // row_bytes)),
+        }
         self.dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.dir / "meta.json"
         if meta_path.exists():

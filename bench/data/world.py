@@ -26,9 +26,14 @@ from connector_zoo.io import cache_dir, materialize, show_progress
 from connector_zoo.settings import SettingError, check
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-    "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210),
-}  # fmt: skip
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+    "cyan": (40, 200, 210),
+}
 SHAPES = ("circle", "square", "triangle")
 #: an object's half-width as a fraction of a grid cell (a third of the image side)
 RADIUS = {"small": 0.16, "large": 0.38}
@@ -58,8 +63,10 @@ class WorldConfig:
             object.__setattr__(self, "background", tuple(self.background))
         check("world", "image_size", self.image_size, int, lo=16, hi=1024)
         if self.image_size % 8:
-            raise SettingError(f"world: image_size={self.image_size} must be a multiple of 8 (its encoders' patches "
-                               f"are 8 px: 64 gives 8x8 patches, 128 gives 16x16)")  # fmt: skip
+            raise SettingError(
+                f"world: image_size={self.image_size} must be a multiple of 8 (its encoders' patches "
+                f"are 8 px: 64 gives 8x8 patches, 128 gives 16x16)"
+            )
         for name in ("train", "val", "test", "compositional"):
             check("world", name, getattr(self, name), int, lo=1)
         check("world", "max_objects", self.max_objects, int, lo=1, hi=9)
@@ -77,8 +84,9 @@ class WorldConfig:
     def scaled(self, factor: float) -> WorldConfig:
         """A smaller world (tests): every split scaled by ``factor``."""
         n = lambda v: max(8, int(v * factor))  # noqa: E731
-        return dataclasses.replace(self, train=n(self.train), val=n(self.val), test=n(self.test),
-                                   compositional=n(self.compositional))  # fmt: skip
+        return dataclasses.replace(
+            self, train=n(self.train), val=n(self.val), test=n(self.test), compositional=n(self.compositional)
+        )
 
 
 @dataclass
@@ -152,8 +160,11 @@ def patch_labels(record: dict[str, Any], image_size: int, patch: int) -> np.ndar
         r = image_size / 3 * RADIUS[o["size"]]
         rows, cols = np.abs(centres - o["y"]) <= r, np.abs(centres - o["x"]) <= r
         rows[min(side - 1, int(o["y"] // patch))] = cols[min(side - 1, int(o["x"] // patch))] = True
-        out[np.ix_(rows, cols)] = (list(COLOURS).index(o["colour"]) + 1, SHAPES.index(o["shape"]) + 1,
-                                   SIZES.index(o["size"]) + 1)  # fmt: skip
+        out[np.ix_(rows, cols)] = (
+            list(COLOURS).index(o["colour"]) + 1,
+            SHAPES.index(o["shape"]) + 1,
+            SIZES.index(o["size"]) + 1,
+        )
     return out
 
 
@@ -173,16 +184,26 @@ def question_makers(objs: list[Obj], rng: random.Random) -> dict[str, Any]:
     return {
         "colour": lambda: [(f"What colour is the {o.shape}?", o.colour) for o in unique_by(objs, "shape")],
         "shape": lambda: [(f"What shape is the {o.colour} object?", o.shape) for o in unique_by(objs, "colour")],
-        "size": lambda: [(f"What size is the {o.colour} {o.shape}?", o.size)
-                         for o in objs if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1],
-        "count": lambda: [("How many objects are there?", NUMBERS[len(objs)])]
-        + [(f"How many {c} objects are there?", NUMBERS[sum(o.colour == c for o in objs)])
-           for c in sorted({o.colour for o in objs})],
-        "position": lambda: [(f"Where is the {o.colour} {o.shape}?", CELLS[o.cell])
-                             for o in objs if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1],
+        "size": lambda: [
+            (f"What size is the {o.colour} {o.shape}?", o.size)
+            for o in objs
+            if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1
+        ],
+        "count": lambda: (
+            [("How many objects are there?", NUMBERS[len(objs)])]
+            + [
+                (f"How many {c} objects are there?", NUMBERS[sum(o.colour == c for o in objs)])
+                for c in sorted({o.colour for o in objs})
+            ]
+        ),
+        "position": lambda: [
+            (f"Where is the {o.colour} {o.shape}?", CELLS[o.cell])
+            for o in objs
+            if [(p.colour, p.shape) for p in objs].count((o.colour, o.shape)) == 1
+        ],
         "exist": lambda: exist_questions(objs, rng),
         "relation": lambda: relation_questions(objs),
-    }  # fmt: skip
+    }
 
 
 def questions(scene: Scene, rng: random.Random, k: int) -> list[dict[str, str]]:
@@ -261,8 +282,10 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> Path:
                 ]
             )
             np.save(tmp / f"{split}_images.npy", images)
-            records = [{"id": s.id, "caption": s.caption, "qa": s.qa,
-                        "objects": [dataclasses.asdict(o) for o in s.objects]} for s in scenes]  # fmt: skip
+            records = [
+                {"id": s.id, "caption": s.caption, "qa": s.qa, "objects": [dataclasses.asdict(o) for o in s.objects]}
+                for s in scenes
+            ]
             (tmp / f"{split}.json").write_text(json.dumps(records))
 
     return materialize(world_dir(cfg), build)

@@ -12,8 +12,9 @@ import torch
 
 from bench.data.formats import BadSample, Dataset, Sample
 from bench.data.loader import Collator
-from bench.model.vlm import VLM, VLMInputs
 from bench.train.trainer import validation_loss
+from connector_zoo.io import show_progress
+from connector_zoo.model.vlm import VLM, VLMInputs
 from llms.base import IMAGE_TOKEN
 
 
@@ -22,14 +23,22 @@ def normalize(text: str) -> str:
 
 
 def strip_image(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{**m, "content": m["content"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()}
-            for m in messages]  # fmt: skip
+    return [
+        {**m, "content": m["content"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()}
+        for m in messages
+    ]
 
 
 @torch.no_grad()
-def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = False, batch_size: int = 64,
-           unreadable: dict[str, str] | None = None,
-           max_new_tokens: int = 12) -> list[str | None]:  # fmt: skip
+def answer(
+    vlm: VLM,
+    samples: list[Sample],
+    collator: Collator,
+    blind: bool = False,
+    batch_size: int = 64,
+    unreadable: dict[str, str] | None = None,
+    max_new_tokens: int = 12,
+) -> list[str | None]:
     """Greedy answers to the last user turn of each sample (the reference answer is dropped); None for a sample
     whose image cannot be read (the reason goes to ``unreadable``)."""
     vlm.eval()
@@ -37,11 +46,14 @@ def answer(vlm: VLM, samples: list[Sample], collator: Collator, blind: bool = Fa
     out: list[str | None] = []
     from tqdm import tqdm
 
-    from connector_zoo.io import show_progress
-
     starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="answering" + (" blind" if blind else ""), unit="batch", leave=False,
-                      disable=not show_progress() or len(starts) < 2):  # fmt: skip
+    for start in tqdm(
+        starts,
+        desc="answering" + (" blind" if blind else ""),
+        unit="batch",
+        leave=False,
+        disable=not show_progress() or len(starts) < 2,
+    ):
         chunk = samples[start : start + batch_size]
         features = None
         if not blind and any(s.image is not None for s in chunk):
@@ -113,8 +125,9 @@ def blind_answers(vlm: VLM, data: Dataset, collator: Collator, limit: int | None
     return answer(vlm, eval_samples(data, collator, limit), collator, blind=True)
 
 
-def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | None, blind: list[str],
-                   examples: int = 5) -> dict[str, Any]:  # fmt: skip
+def evaluate_split(
+    vlm: VLM, data: Dataset, collator: Collator, limit: int | None, blind: list[str], examples: int = 5
+) -> dict[str, Any]:
     """Accuracy with the image next to the blind baseline's, plus loss on captions (or on all held-out samples);
     nothing (an empty dict) when ``limit`` is 0."""
     if limit == 0:
@@ -131,12 +144,20 @@ def evaluate_split(vlm: VLM, data: Dataset, collator: Collator, limit: int | Non
     if samples:
         result["accuracy"] = accuracy(samples, preds)
         result["blind"] = accuracy(samples, blind)
-        result["examples"] = [{"id": s.id, "question": s.messages[-2]["content"].replace(IMAGE_TOKEN, "").strip(),
-                               "truth": s.messages[-1]["content"], "answer": p, "blind": b}
-                              for s, p, b in list(zip(samples, preds, blind))[:examples]]  # fmt: skip
+        result["examples"] = [
+            {
+                "id": s.id,
+                "question": s.messages[-2]["content"].replace(IMAGE_TOKEN, "").strip(),
+                "truth": s.messages[-1]["content"],
+                "answer": p,
+                "blind": b,
+            }
+            for s, p, b in list(zip(samples, preds, blind))[:examples]
+        ]
     captions = [s for s in data.samples if s.meta.get("type") == "caption"] or data.samples
-    loss = validation_loss(vlm, Dataset(data.name, captions, data.images, data.skipped, data._seen), collator,
-                           batch_size=32, limit=500)  # fmt: skip
+    loss = validation_loss(
+        vlm, Dataset(data.name, captions, data.images, data.skipped, data._seen), collator, batch_size=32, limit=500
+    )
     result["caption_loss" if captions is not data.samples else "loss"] = loss  # None: no usable sample
     result["perplexity"] = None if loss is None else math.exp(min(loss, 50))
     return result

@@ -31,8 +31,10 @@ def binding(qa: list[tuple[dict, dict]], answers: list[str]) -> dict[str, dict]:
             values = {normalize(CELLS[o[key]] if key == "cell" else o[key]) for o in record["objects"]}
             other[q["type"]].append(normalize(a) in values)
     pct = lambda v: round(100 * sum(v) / len(v), 1)  # noqa: E731
-    return {"by objects": {t: {str(n): pct(v) for n, v in sorted(by_n.items())} for t, by_n in sorted(hits.items())},
-            "wrong answers naming another object": {t: pct(v) for t, v in sorted(other.items())}}  # fmt: skip
+    return {
+        "by objects": {t: {str(n): pct(v) for n, v in sorted(by_n.items())} for t, by_n in sorted(hits.items())},
+        "wrong answers naming another object": {t: pct(v) for t, v in sorted(other.items())},
+    }
 
 
 def run_questions(records: list[dict], ids: list[str]) -> list[tuple[dict, dict]]:
@@ -42,7 +44,9 @@ def run_questions(records: list[dict], ids: list[str]) -> list[tuple[dict, dict]
     for qid in ids:
         scene, _, q = qid.rpartition("/q")
         if scene not in by_id or not q.isdigit() or int(q) >= len(by_id[scene]["qa"]):
-            raise ValueError(f"binding: question id {qid!r} is not a question of this world's split; was the run "
-                             f"made on another world (--world-resolution, world settings)?")  # fmt: skip
+            raise ValueError(
+                f"binding: question id {qid!r} is not a question of this world's split; was the run "
+                f"made on another world (--world-resolution, world settings)?"
+            )
         out.append((by_id[scene], by_id[scene]["qa"][int(q)]))
     return out

@@ -2,8 +2,8 @@
 
 - :func:`world_task_data` writes a world's test and compositional questions as a local ``datasets`` dataset
   (``save_to_disk``; one row per question, in ``bench eval``'s order, with the image), next to the world in the cache,
-  atomically; ``bench world build`` calls it and the shipped task (``connector_zoo/lmms_tasks``) reads it.
-- :func:`evaluate_tasks` runs lmms-eval's ``simple_evaluate`` with :class:`connector_zoo.lmms_model.ConnectorZooLMM`
+  atomically; ``bench world build`` calls it and the shipped task (``bench/evaluate/lmms_tasks``) reads it.
+- :func:`evaluate_tasks` runs lmms-eval's ``simple_evaluate`` with :class:`connector_zoo.model.lmms.ConnectorZooLMM`
   on a run directory, offline by default (a task whose data is not local fails in one line naming it), and records
   every task's metrics in the run's ``results.json`` under ``lmms_eval`` with lmms-eval's version and a hash of the
   task's configuration.
@@ -14,13 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import connector_zoo
+from bench.data.formats import world_dataset
+from bench.data.world import World, WorldConfig
+from bench.evaluate.accuracy import qa_samples, strip_image
+from bench.train.config import RunConfig
 from connector_zoo.io import materialize, read_json, write_json
 
-TASKS_DIR = Path(connector_zoo.__file__).parent / "lmms_tasks"
+TASKS_DIR = Path(__file__).parent / "lmms_tasks"
 WORLD_SPLITS = ("test", "compositional")
 
 
@@ -29,9 +33,6 @@ def world_task_data(world) -> Path:
 
     def build(tmp: Path) -> None:
         import datasets
-
-        from bench.data.formats import world_dataset
-        from bench.evaluate.accuracy import qa_samples, strip_image
 
         splits = {}
         for split in WORLD_SPLITS:
@@ -43,8 +44,9 @@ def world_task_data(world) -> Path:
                 rows["answer"].append(s.messages[-1]["content"])
                 rows["type"].append(s.meta["type"])
                 rows["image"].append(world.image(split, s.image))
-            features = datasets.Features({k: datasets.Value("string") for k in rows if k != "image"}
-                                         | {"image": datasets.Image()})  # fmt: skip
+            features = datasets.Features(
+                {k: datasets.Value("string") for k in rows if k != "image"} | {"image": datasets.Image()}
+            )
             splits[split] = datasets.Dataset.from_dict(rows, features=features)
         was_off = datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()  # one line from `bench world build`, not a bar per split
@@ -59,8 +61,6 @@ def world_task_data(world) -> Path:
 
 def prepare_world_task(run_dir: Path) -> Path | None:
     """The world task's data for the world a run was trained on; None for a run on other data."""
-    from bench.data.world import World, WorldConfig
-    from bench.train.config import RunConfig
 
     cfg = RunConfig.from_file(Path(run_dir) / "config.json")
     if cfg.data.get("kind", "world") != "world":
@@ -70,7 +70,6 @@ def prepare_world_task(run_dir: Path) -> Path | None:
 
 def default_world_task_data() -> Path:
     """The default world's task data (the task used without ``--model connector_zoo``)."""
-    from bench.data.world import World
 
     return world_task_data(World(progress=False))
 
@@ -92,8 +91,10 @@ def check_offline(names: list[str], manager) -> None:
         cached = set()
     for name in names:
         if name not in manager.all_tasks:
-            raise ValueError(f"unknown lmms-eval task {name!r}; `python -m lmms_eval --tasks list` lists them, and "
-                             f"--include-path adds a folder of task YAML files")  # fmt: skip
+            raise ValueError(
+                f"unknown lmms-eval task {name!r}; `python -m lmms_eval --tasks list` lists them, and "
+                f"--include-path adds a folder of task YAML files"
+            )
         config = manager._get_config(name) if manager.task_index[name]["type"] == "task" else {}
         path = config.get("dataset_path")
         if not path or config.get("class") or Path(str(path)).exists() or path in cached:
@@ -123,38 +124,56 @@ def per_question(samples: list[dict[str, Any]], metrics: dict[str, Any]) -> dict
     return out
 
 
-def evaluate_tasks(run_dir: Path, tasks: list[str], limit: int | None = None, include_paths: list[str] = (),
-                   batch_size: int = 16, verify: bool = True, allow_dotted_paths: bool = False,
-                   online: bool = False) -> dict[str, dict[str, Any]]:  # fmt: skip
+def evaluate_tasks(
+    run_dir: Path,
+    tasks: list[str],
+    limit: int | None = None,
+    include_paths: list[str] = (),
+    batch_size: int = 16,
+    verify: bool = True,
+    allow_dotted_paths: bool = False,
+    online: bool = False,
+) -> dict[str, dict[str, Any]]:
     """lmms-eval on a run: {task: {"metrics": {name: value}, ...}}; recorded in the run's results.json."""
     if not online:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from importlib.metadata import version
 
-    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.evaluator import simple_evaluate  # optional: the eval extra
     from lmms_eval.tasks import TaskManager
 
-    from connector_zoo.lmms_model import ConnectorZooLMM
+    from connector_zoo.model.lmms import ConnectorZooLMM  # needs lmms-eval too
 
     manager = TaskManager(verbosity="WARNING", include_path=[str(TASKS_DIR), *map(str, include_paths)])
     check_offline(tasks, manager)
-    model = ConnectorZooLMM(run=str(run_dir), batch_size=batch_size, verify=verify,
-                            allow_dotted_paths=allow_dotted_paths)  # fmt: skip
-    out = simple_evaluate(model=model, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=True,
-                          bootstrap_iters=0, verbosity="WARNING")  # fmt: skip
+    model = ConnectorZooLMM(
+        run=str(run_dir), batch_size=batch_size, verify=verify, allow_dotted_paths=allow_dotted_paths
+    )
+    out = simple_evaluate(
+        model=model,
+        tasks=list(tasks),
+        limit=limit,
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+    )
     recorded: dict[str, dict[str, Any]] = {}
     for task, metrics in out["results"].items():
         values = {
             k.split(",")[0]: v
             for k, v in metrics.items()
             if "," in k and "_stderr" not in k and isinstance(v, (int, float)) and v == v
-        }  # fmt: skip (NaN: a question type with no question)
-        recorded[task] = {"metrics": values, "headline": next(iter(values), None),
-                          "lmms_eval_version": version("lmms_eval"),
-                          "config_hash": config_hash(out.get("configs", {}).get(task, {})), "limit": limit,
-                          "samples": out.get("n-samples", {}).get(task, {}).get("effective"),
-                          "per_question": per_question(out.get("samples", {}).get(task, []), values)}  # fmt: skip
+        }  # (NaN: a question type with no question)
+        recorded[task] = {
+            "metrics": values,
+            "headline": next(iter(values), None),
+            "lmms_eval_version": version("lmms_eval"),
+            "config_hash": config_hash(out.get("configs", {}).get(task, {})),
+            "limit": limit,
+            "samples": out.get("n-samples", {}).get(task, {}).get("effective"),
+            "per_question": per_question(out.get("samples", {}).get(task, []), values),
+        }
     tokens = model.visual_tokens
     for entry in recorded.values():
         entry["visual_tokens_per_image"] = sum(tokens) / len(tokens) if tokens else None

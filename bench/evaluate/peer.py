@@ -17,6 +17,9 @@ matrix-multiply rate (FLOPs of one training step counted by FlopCounterMode; the
 
 from __future__ import annotations
 
+import statistics
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,12 @@ import torch
 from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.data.loader import Collator
-from bench.model.export import to_llava
-from bench.model.vlm import VLM
+from bench.train.config import RunConfig, build_model, load_data
 from bench.train.precision import matmul_seconds
 from bench.train.stage import StageConfig
 from bench.train.trainer import Trainer
+from connector_zoo.model.llava import to_llava
+from connector_zoo.model.vlm import VLM
 from llms.base import IGNORE_INDEX
 
 
@@ -38,7 +42,6 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
     """Both trainers on ``cfg``'s combination and data (a ``bench.train.config.RunConfig``; default: the mini world with
     tiny CLIP + ``mlp2x_gelu`` + tiny Llama). The combination must be expressible as Llava (clip/siglip +
     mlp2x_gelu + a Llama-family or Qwen3 LLM), since the peer is transformers' own Llava model."""
-    from bench.train.config import RunConfig, build_model, load_data
 
     cfg = cfg or RunConfig(connector={"name": "mlp2x_gelu"})
     train, _, _, world = load_data(cfg, lambda m: None)
@@ -47,8 +50,9 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
     if len(with_image) < steps * batch_size:
         raise ValueError(f"bench peer needs {steps * batch_size} samples with images; the data has {len(with_image)}")
     data = Dataset(train.name, with_image[: steps * batch_size], train.images)
-    stage = StageConfig(stage=1, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=0.05, save_every=10**9,
-                        max_grad_norm=1.0)  # fmt: skip
+    stage = StageConfig(
+        stage=1, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=0.05, save_every=10**9, max_grad_norm=1.0
+    )
     seed = cfg.seed
     hf_model, processor = to_llava(vlm.eval())  # the peer starts from identical weights
 
@@ -58,7 +62,6 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
     cache.ensure(sorted({s.image for s in data.samples}))
     cache_seconds = time.perf_counter() - t0
     collator = Collator(vlm.llm, cache, vlm.connector.max_tokens(vlm.encoder.info), None)
-    import tempfile
 
     flops = train_flops_per_sample(vlm, collator, data)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as ours_peak:
@@ -75,15 +78,22 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
         peer = train_peer(hf_model, processor, vlm, data, order, stage, seed)
     rate = matmul_rate()
     result = {
-        "steps": steps, "batch_size": batch_size,
-        "ours_samples_per_second": ours["train_samples_per_second"], "ours_final_loss": ours["final_loss"],
-        "ours_losses": ours["losses"], "ours_feature_cache_seconds": cache_seconds,
-        "ours_peak_rss_bytes": ours_peak.peak, "ours_gflops_per_second": flops * ours["train_samples_per_second"] / 1e9,
-        "peer_samples_per_second": peer["samples_per_second"], "peer_final_loss": peer["final_loss"],
-        "peer_losses": peer["losses"], "peer_peak_rss_bytes": peer_peak.peak,
+        "steps": steps,
+        "batch_size": batch_size,
+        "ours_samples_per_second": ours["train_samples_per_second"],
+        "ours_final_loss": ours["final_loss"],
+        "ours_losses": ours["losses"],
+        "ours_feature_cache_seconds": cache_seconds,
+        "ours_peak_rss_bytes": ours_peak.peak,
+        "ours_gflops_per_second": flops * ours["train_samples_per_second"] / 1e9,
+        "peer_samples_per_second": peer["samples_per_second"],
+        "peer_final_loss": peer["final_loss"],
+        "peer_losses": peer["losses"],
+        "peer_peak_rss_bytes": peer_peak.peak,
         "peer_gflops_per_second": (flops + encoder_flops) * peer["samples_per_second"] / 1e9,
-        "matmul_gflops_per_second": rate / 1e9, "train_flops_per_sample": flops,
-    }  # fmt: skip
+        "matmul_gflops_per_second": rate / 1e9,
+        "train_flops_per_sample": flops,
+    }
     result["speedup"] = result["ours_samples_per_second"] / result["peer_samples_per_second"]
     return result
 
@@ -103,7 +113,6 @@ def train_flops_per_sample(vlm: VLM, collator: Collator, data: Dataset) -> float
 
 def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
     """This machine's fp32 matrix-multiply rate (FLOP/s, median of ``repeats``) at the current thread count."""
-    import statistics
 
     return 2 * n * 4 * n * n / statistics.median(matmul_seconds(n, 4 * n, n, repeats=repeats))
 
@@ -112,7 +121,6 @@ class PeakRSS:
     """The process's peak resident set size while the block runs (sampled every 50 ms; CUDA: the allocator peak)."""
 
     def __enter__(self):
-        import threading
 
         import psutil
 
@@ -153,8 +161,11 @@ def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageCon
             ids += [tok] * reps
             labels += [IGNORE_INDEX if tok == image_id else lab] * reps
         pixel_values = processor.image_processor(images=data.images.load(sample.image), return_tensors="pt")
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "pixel_values": pixel_values["pixel_values"][0]}  # fmt: skip
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values["pixel_values"][0],
+        }
 
     flat = [s for batch in order for s in batch]  # the same samples in the same order as our run
 
@@ -173,21 +184,35 @@ def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageCon
         for b, it in enumerate(items):
             k = len(it["input_ids"])
             ids[b, :k], labels[b, :k], mask[b, :k] = it["input_ids"], it["labels"], 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "pixel_values": torch.stack([it["pixel_values"] for it in items])}  # fmt: skip
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        }
 
     for name, p in model.named_parameters():
         p.requires_grad = "multi_modal_projector" in name  # stage 1: the projector only
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=stage.batch_size, max_steps=stage.steps,
-            learning_rate=stage.lr, lr_scheduler_type="cosine", warmup_steps=int(stage.warmup_ratio * stage.steps),
-            weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm, logging_steps=1, save_strategy="no",
-            report_to=[], seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True, remove_unused_columns=False,
-        )  # fmt: skip
+            output_dir=tmp,
+            per_device_train_batch_size=stage.batch_size,
+            max_steps=stage.steps,
+            learning_rate=stage.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=int(stage.warmup_ratio * stage.steps),
+            weight_decay=stage.weight_decay,
+            max_grad_norm=stage.max_grad_norm,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
         trainer = HFTrainer(model=model, args=args, train_dataset=Samples(), data_collator=collate)
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Samples())
         t0 = time.perf_counter()
@@ -195,5 +220,8 @@ def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageCon
         seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tail = max(1, stage.steps // 10)
-    return {"samples_per_second": stage.steps * stage.batch_size / seconds, "final_loss": sum(losses[-tail:]) / tail,
-            "losses": losses}  # fmt: skip
+    return {
+        "samples_per_second": stage.steps * stage.batch_size / seconds,
+        "final_loss": sum(losses[-tail:]) / tail,
+        "losses": losses,
+    }

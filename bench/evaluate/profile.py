@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.model.vlm import VLM, VLMInputs
+from connector_zoo.model.vlm import VLM, VLMInputs
+from connectors import build_connector
+from connectors.avgpool import AvgPool
+from connectors.cls_prune import CLSPrune
+from connectors.fastv import FastV
+from connectors.prumerge import PruMerge
+from connectors.random_keep import RandomKeep
+from connectors.visionzip import VisionZip
 
 
 def count_flops(fn) -> int:
@@ -71,8 +78,9 @@ def prefill_fn(vlm: VLM, image, prompt: str = "What colour is the circle?", conn
     def run():
         visual, embeds, mask, _, pos = prepare() if connector_too else ready
         with vlm.llm_hook(inputs, visual, mask, None, left_padded=True, connector=connector):  # FastV: in the LLM
-            return vlm.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1)  # fmt: skip
+            return vlm.llm.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            )
 
     return run, int(ready[0].num_tokens[0])
 
@@ -86,12 +94,6 @@ def reducer_at(method: str, projector, share: float, info, fastv_layer: int = 2,
     random_keep, avgpool by ratio; VisionZip's k = round(share * N) split 54 : 10 (dominant with CLS : contextual);
     PruMerge's fixed ratio (``adaptive=False``: int(share * N) kept and merged, + 1 pooled token); FastV's R = 1 -
     share after LLM layer ``fastv_layer`` (the paper's K = 2)."""
-    from connectors.avgpool import AvgPool
-    from connectors.cls_prune import CLSPrune
-    from connectors.fastv import FastV
-    from connectors.prumerge import PruMerge
-    from connectors.random_keep import RandomKeep
-    from connectors.visionzip import VisionZip
 
     if method == "visionzip":
         k = max(1, round(share * info.num_patches))
@@ -112,8 +114,6 @@ def reducer_at(method: str, projector, share: float, info, fastv_layer: int = 2,
 def tokens_after(connector, info) -> float:
     """The visual tokens the LLM's later layers work on: FastV's after its LLM layer, PruMerge's fixed count, else
     the count the reducer emits."""
-    from connectors.fastv import FastV
-    from connectors.prumerge import PruMerge
 
     if isinstance(connector, FastV):
         return float(connector.llm_hook.keep_count(info.num_patches))
@@ -123,12 +123,19 @@ def tokens_after(connector, info) -> float:
 
 
 @torch.no_grad()
-def prefill_comparison(encoder, llm, methods: list[str], share: float, image, repeats: int = 5,
-                       fastv_layer: int = 2, projector: str = "mlp2x_gelu") -> list[dict[str, Any]]:  # fmt: skip
+def prefill_comparison(
+    encoder,
+    llm,
+    methods: list[str],
+    share: float,
+    image,
+    repeats: int = 5,
+    fastv_layer: int = 2,
+    projector: str = "mlp2x_gelu",
+) -> list[dict[str, Any]]:
     """Connector + LLM prefill time at batch 1 of one image for ``projector`` alone (the first row, the baseline)
     and each reducer in ``methods`` in front of the same projector at ``share`` of the image tokens, timed in
     interleaved rounds after one warm-up round: median, min and max per row, speed-up = baseline median / row's."""
-    from connectors import build_connector
 
     info = encoder.info
     torch.manual_seed(0)
@@ -144,9 +151,19 @@ def prefill_comparison(encoder, llm, methods: list[str], share: float, image, re
     rows = []
     for connector, n, t, med in zip(connectors, entering, times, medians):
         after = tokens_after(connector, info) if connector is not base else float(n)
-        rows.append({"connector": connector.spec["name"], "tokens_in": n, "tokens_after": after,
-                     "kept_share": after / info.num_patches, "prefill_ms": 1000 * med, "min_ms": 1000 * min(t),
-                     "max_ms": 1000 * max(t), "speedup": medians[0] / med, "repeats": len(t)})  # fmt: skip
+        rows.append(
+            {
+                "connector": connector.spec["name"],
+                "tokens_in": n,
+                "tokens_after": after,
+                "kept_share": after / info.num_patches,
+                "prefill_ms": 1000 * med,
+                "min_ms": 1000 * min(t),
+                "max_ms": 1000 * max(t),
+                "speedup": medians[0] / med,
+                "repeats": len(t),
+            }
+        )
     return rows
 
 
@@ -163,8 +180,9 @@ def interleaved_samples(fns, repeats: int, warmup: int = 1) -> list[list[float]]
 
 
 @torch.no_grad()
-def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode_tokens: int = 16,
-            repeats: int = 20) -> dict[str, Any]:  # fmt: skip
+def profile(
+    vlm: VLM, images, prompt: str = "What colour is the circle?", decode_tokens: int = 16, repeats: int = 20
+) -> dict[str, Any]:
     vlm.eval()
     device = vlm.device
     pixel_values = vlm.encoder.preprocess(images).to(device)
@@ -179,15 +197,21 @@ def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode
 
     def prefill():
         with hook():
-            return vlm.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1)  # fmt: skip
+            return vlm.llm.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            )
 
     def generate(n: int):
         def run():
             with hook():
-                return vlm.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n,
-                                              min_new_tokens=n, do_sample=False,
-                                              pad_token_id=vlm.llm.pad_token_id)  # fmt: skip
+                return vlm.llm.model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=vlm.llm.pad_token_id,
+                )
 
         return run
 
@@ -196,16 +220,22 @@ def profile(vlm: VLM, images, prompt: str = "What colour is the circle?", decode
     prefill_s = timed(prefill, repeats)
     first, all_new = interleaved([generate(1), generate(decode_tokens)], max(5, repeats // 4))
     decode_s = all_new - first  # the decode steps alone: prefill and generate's set-up cancel
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
-        "visual_tokens_per_image": {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts),
-                                    "per_image": counts},
-        "parameters": {"connector": vlm.connector.num_parameters(),
-                       "total": sum(p.numel() for p in vlm.parameters())},
+        "visual_tokens_per_image": {
+            "mean": sum(counts) / len(counts),
+            "min": min(counts),
+            "max": max(counts),
+            "per_image": counts,
+        },
+        "parameters": {"connector": vlm.connector.num_parameters(), "total": sum(p.numel() for p in vlm.parameters())},
         "flops": {"connector": count_flops(lambda: vlm.connector(one)), "llm_prefill": count_flops(prefill)},
         "prefill_tokens": int(mask.sum()),
         "prefill_latency_ms": 1000 * prefill_s,
         "decode_tokens_per_second": (decode_tokens - 1) / decode_s if decode_s > 0 else None,
         "peak_memory_bytes": int(peak),
-    }  # fmt: skip
+    }

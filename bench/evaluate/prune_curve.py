@@ -27,25 +27,33 @@ from bench.data.loader import Collator
 from bench.evaluate.accuracy import accuracy, answer, qa_samples
 from bench.evaluate.profile import REDUCERS as METHODS
 from bench.evaluate.profile import interleaved_samples, prefill_fn, reducer_at, tokens_after
-from bench.model.vlm import VLM
 from bench.train.config import RunConfig, load_data
-from bench.train.precision import autocast, run_precision
+from connector_zoo.model.precision import autocast, run_precision
+from connector_zoo.model.vlm import VLM
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune
 from encoders.base import FeatureRequest
 
 
-def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1000, allow_dotted_paths: bool = False,
-                  verify: bool = True, seeds: tuple[int, ...] = (0, 1, 2),
-                  methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:  # fmt: skip
+def pruning_curve(
+    run_dir: Path,
+    ratios: list[float],
+    eval_limit: int | None = 1000,
+    allow_dotted_paths: bool = False,
+    verify: bool = True,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    methods: tuple[str, ...] = METHODS,
+) -> list[dict[str, Any]]:
     """One row per (method, keep ratio): tokens, accuracy (random_keep: mean over seeds, with its std), accuracy
     retained against the unpruned model, and for cls_prune the measured prefill speed-up."""
     cfg = RunConfig.from_file(run_dir / "config.json")
     vlm = VLM.load(run_dir, allow_dotted_paths=allow_dotted_paths, verify=verify).eval()
     projector = vlm.connector
     if not isinstance(projector, PerTokenConnector):
-        raise ValueError(f"the pruning curve needs a run trained with a per-token projector (linear, mlpNx_gelu), "
-                         f"not {projector.spec.get('name')!r}")  # fmt: skip
+        raise ValueError(
+            f"the pruning curve needs a run trained with a per-token projector (linear, mlpNx_gelu), "
+            f"not {projector.spec.get('name')!r}"
+        )
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown pruning-curve method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
@@ -69,8 +77,11 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
         vlm.connector = connector
         collator = Collator(vlm.llm, features(connector), connector.max_tokens(info), vlm.max_length)
         answers = answer(vlm, samples, collator)
-        return {"accuracy": accuracy(samples, answers)["exact_match"], "answers": answers,
-                "tokens": tokens_after(connector, info)}  # fmt: skip
+        return {
+            "accuracy": accuracy(samples, answers)["exact_match"],
+            "answers": answers,
+            "tokens": tokens_after(connector, info),
+        }
 
     layer = 2 if vlm.llm.model.config.num_hidden_layers > 2 else 1  # the paper's K = 2 where the LLM has room
     reducers = {m: (lambda r, m=m: [reducer_at(m, projector, r, info, fastv_layer=layer)]) for m in METHODS}
@@ -85,10 +96,18 @@ def pruning_curve(run_dir: Path, ratios: list[float], eval_limit: int | None = 1
                 points = [point(c) for c in reducers[method](ratio)]
                 acc = [p["accuracy"] for p in points]
                 mean, ref = statistics.fmean(acc), reference["accuracy"]
-                row = {"method": method, "keep_ratio": ratio, "tokens": points[0]["tokens"],
-                       "accuracy": mean, "accuracy_std": statistics.pstdev(acc), "draws": len(points),
-                       "answers": points[0]["answers"], "retained": mean / ref if ref else None,
-                       "unpruned_accuracy": ref, "unpruned_answers": reference["answers"]}  # fmt: skip
+                row = {
+                    "method": method,
+                    "keep_ratio": ratio,
+                    "tokens": points[0]["tokens"],
+                    "accuracy": mean,
+                    "accuracy_std": statistics.pstdev(acc),
+                    "draws": len(points),
+                    "answers": points[0]["answers"],
+                    "retained": mean / ref if ref else None,
+                    "unpruned_accuracy": ref,
+                    "unpruned_answers": reference["answers"],
+                }
                 if method == "cls_prune":
                     row.update(prefill_ms=timings[i + 1][1], speedup=timings[0][1] / timings[i + 1][1])
                 rows.append(row)

@@ -39,5 +39,10 @@ def paired(a: dict[tuple[int, str], int], b: dict[tuple[int, str], int]) -> dict
         return None
     diffs = [a[k] - b[k] for k in common]
     low, high = paired_bootstrap(diffs)
-    return {"diff": sum(diffs) / len(diffs), "low": low, "high": high, "questions": len(common),
-            "p": mcnemar_exact(diffs.count(1), diffs.count(-1))}  # fmt: skip
+    return {
+        "diff": sum(diffs) / len(diffs),
+        "low": low,
+        "high": high,
+        "questions": len(common),
+        "p": mcnemar_exact(diffs.count(1), diffs.count(-1)),
+    }

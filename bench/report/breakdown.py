@@ -25,10 +25,12 @@ TEMPLATES: dict[str, tuple[re.Pattern, list[tuple[str | None, str | None]]]] = {
     "size": (re.compile(rf"What size is the (?P<c>{_C}) (?P<s>{_S})\?"), [("c", "s")]),
     "position": (re.compile(rf"Where is the (?P<c>{_C}) (?P<s>{_S})\?"), [("c", "s")]),
     "exist": (re.compile(rf"Is there a (?P<c>{_C}) (?P<s>{_S})\?"), [("c", "s")]),
-    "relation": (re.compile(rf"Is the (?P<c>{_C}) (?P<s>{_S}) (?:left of|above) the (?P<c2>{_C}) (?P<s2>{_S})\?"),
-                 [("c", "s"), ("c2", "s2")]),
+    "relation": (
+        re.compile(rf"Is the (?P<c>{_C}) (?P<s>{_S}) (?:left of|above) the (?P<c2>{_C}) (?P<s2>{_S})\?"),
+        [("c", "s"), ("c2", "s2")],
+    ),
     "count": (re.compile(rf"How many (?:(?P<c>{_C}) )?objects are there\?"), [("c", None)]),
-}  # fmt: skip
+}
 SIZE_BUCKETS = ("small", "large", "mixed", "none")
 
 
@@ -60,9 +62,14 @@ def question_facts(world, split: str = "test") -> dict[str, dict[str, Any]]:
     for index, record in enumerate(world.records(split)):
         for j, qa in enumerate(record["qa"]):
             refs = referents(qa["question"], qa["type"], record["objects"])
-            out[f"{record['id']}/q{j}"] = {"type": qa["type"], "question": qa["question"], "truth": qa["answer"],
-                                          "objects": len(record["objects"]), "size": size_bucket(refs),
-                                          "image": index}  # fmt: skip
+            out[f"{record['id']}/q{j}"] = {
+                "type": qa["type"],
+                "question": qa["question"],
+                "truth": qa["answer"],
+                "objects": len(record["objects"]),
+                "size": size_bucket(refs),
+                "image": index,
+            }
     return out
 
 

@@ -57,10 +57,18 @@ def type_bars(rows: list[dict[str, Any]]):
     for k, r in enumerate(shown):
         blind = r["name"].startswith("blind")
         xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(types))]
-        ax.bar(xs, [100 * r[t][0] if t in r else 0 for t in types], width,
-               yerr=[100 * r[t][1] if t in r else 0 for t in types], capsize=1.5, error_kw={"linewidth": 0.6},
-               color="lightgrey" if blind else colour(plt, k, len(shown)), hatch="//" if blind else None,
-               edgecolor="grey" if blind else None, label="blind" if blind else short(r["name"]))  # fmt: skip
+        ax.bar(
+            xs,
+            [100 * r[t][0] if t in r else 0 for t in types],
+            width,
+            yerr=[100 * r[t][1] if t in r else 0 for t in types],
+            capsize=1.5,
+            error_kw={"linewidth": 0.6},
+            color="lightgrey" if blind else colour(plt, k, len(shown)),
+            hatch="//" if blind else None,
+            edgecolor="grey" if blind else None,
+            label="blind" if blind else short(r["name"]),
+        )
     ax.set_xticks(range(len(types)), types)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
@@ -111,8 +119,14 @@ def loss_curves(curves: dict[str, list[list[tuple[int, float, float]]]]):
             mean = [p[1] for p in points]
             ax.plot(steps, mean, color=c, linewidth=0.5, alpha=0.35)
             ax.plot(steps, smooth(mean), color=c, linewidth=1.3, label=short(name))
-            ax.fill_between(steps, [m - p[2] for m, p in zip(mean, points)], [m + p[2] for m, p in zip(mean, points)],
-                            color=c, alpha=0.15, linewidth=0)  # fmt: skip
+            ax.fill_between(
+                steps,
+                [m - p[2] for m, p in zip(mean, points)],
+                [m + p[2] for m, p in zip(mean, points)],
+                color=c,
+                alpha=0.15,
+                linewidth=0,
+            )
     for s, ax in enumerate(axes[0]):
         ax.set_title(f"stage {s + 1}: training loss")
         ax.set_xlabel("optimizer step")
@@ -127,8 +141,10 @@ def breakdown_bars(bd: dict[str, dict[str, Any]]):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.0), dpi=110)
     names = sorted(bd)
-    for ax, axis, title in ((axes[0], "size", "by size of the object asked about"),
-                            (axes[1], "objects", "by number of objects in the image")):  # fmt: skip
+    for ax, axis, title in (
+        (axes[0], "size", "by size of the object asked about"),
+        (axes[1], "objects", "by number of objects in the image"),
+    ):
         buckets = sorted({b for v in bd.values() for b in v[axis]}, key=str)
         if axis == "size":
             buckets = [b for b in ("small", "large", "mixed", "none") if b in buckets]
@@ -136,9 +152,16 @@ def breakdown_bars(bd: dict[str, dict[str, Any]]):
         for k, name in enumerate(names):
             cells = bd[name][axis]
             xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(buckets))]
-            ax.bar(xs, [100 * cells[b][0] if b in cells else 0 for b in buckets], width,
-                   yerr=[100 * cells[b][1] if b in cells else 0 for b in buckets], capsize=1.5,
-                   error_kw={"linewidth": 0.6}, color=colour(plt, k, len(names)), label=short(name))  # fmt: skip
+            ax.bar(
+                xs,
+                [100 * cells[b][0] if b in cells else 0 for b in buckets],
+                width,
+                yerr=[100 * cells[b][1] if b in cells else 0 for b in buckets],
+                capsize=1.5,
+                error_kw={"linewidth": 0.6},
+                color=colour(plt, k, len(names)),
+                label=short(name),
+            )
         ax.set_xticks(range(len(buckets)), [str(b) for b in buckets])
         ax.set_ylim(0, 100)
         ax.set_ylabel("test accuracy (%)")

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.evaluate.accuracy import strip_image
 from bench.report import charts
 from bench.report.breakdown import SIZE_BUCKETS, breakdown, question_facts
 from bench.report.plots import pareto_front, pruning_figure, scatter_figure
@@ -32,6 +33,8 @@ from bench.report.tables import (
     load_runs,
     vs_best_text,
 )
+from bench.train.config import RunConfig, load_data
+from connector_zoo.io import atomic_path
 
 
 def table_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,8 +112,6 @@ def pick_questions(answers: dict[str, dict[str, tuple]], types: dict[str, str], 
 
 def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[str, Any] | None, Any, str]:
     """(the gallery's context, the world or None, a note when the gallery could not be built)."""
-    from bench.evaluate.accuracy import strip_image
-    from bench.train.config import RunConfig, load_data
 
     split = eval_split(runs)
     if split is None:
@@ -126,8 +127,9 @@ def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[
     answers = lowest_seed_answers(runs, split)
     types = {qid: s.meta.get("type", "all") for qid, s in samples.items()}
     items = []
-    for qid in pick_questions({n: {q: v for q, v in a.items() if q in samples} for n, a in answers.items()}, types,
-                              per_type):  # fmt: skip
+    for qid in pick_questions(
+        {n: {q: v for q, v in a.items() if q in samples} for n, a in answers.items()}, types, per_type
+    ):
         s = samples[qid]
         image = None
         try:
@@ -135,9 +137,16 @@ def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[
         except Exception as err:  # noqa: BLE001 (one unreadable image must not lose the page)
             log(f"gallery: {qid}: image not shown ({err})")
         question = strip_image(s.messages[-2:-1])[0]["content"]
-        items.append({"id": qid, "type": types[qid], "question": question, "truth": s.messages[-1]["content"],
-                      "image": image, "answers": [{"name": n, "text": a[qid][0], "correct": bool(a[qid][1])}
-                                                  for n, a in answers.items()]})  # fmt: skip
+        items.append(
+            {
+                "id": qid,
+                "type": types[qid],
+                "question": question,
+                "truth": s.messages[-1]["content"],
+                "image": image,
+                "answers": [{"name": n, "text": a[qid][0], "correct": bool(a[qid][1])} for n, a in answers.items()],
+            }
+        )
     return {"split": split, "types": sorted({i["type"] for i in items}), "items": items}, world, ""
 
 
@@ -166,34 +175,66 @@ def breakdown_context(runs, world, log=print) -> dict[str, Any] | None:
     objects = sorted({k for v in bd.values() for k in v["objects"]})
     sizes = [b for b in SIZE_BUCKETS if any(b in v["size"] for v in bd.values())]
     cell = lambda v: "" if v is None else f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"  # noqa: E731
-    rows = [{"name": n, "size": [cell(v["size"].get(b)) for b in sizes],
-             "objects": [cell(v["objects"].get(k)) for k in objects]} for n, v in sorted(bd.items())]  # fmt: skip
+    rows = [
+        {
+            "name": n,
+            "size": [cell(v["size"].get(b)) for b in sizes],
+            "objects": [cell(v["objects"].get(k)) for k in objects],
+        }
+        for n, v in sorted(bd.items())
+    ]
     any_cfg = next(iter(bd.values()))
-    counts = {"size": [any_cfg["size"].get(b, (0, 0, 0))[2] for b in sizes],
-              "objects": [any_cfg["objects"].get(k, (0, 0, 0))[2] for k in objects]}  # fmt: skip
-    return {"sizes": sizes, "objects": objects, "rows": rows, "counts": counts,
-            "uri": charts.data_uri(charts.breakdown_bars(bd))}  # fmt: skip
+    counts = {
+        "size": [any_cfg["size"].get(b, (0, 0, 0))[2] for b in sizes],
+        "objects": [any_cfg["objects"].get(k, (0, 0, 0))[2] for k in objects],
+    }
+    return {
+        "sizes": sizes,
+        "objects": objects,
+        "rows": rows,
+        "counts": counts,
+        "uri": charts.data_uri(charts.breakdown_bars(bd)),
+    }
 
 
 def figures(rows, runs) -> list[dict[str, str]]:
     out = []
     blind = [r for r in rows if r["name"].startswith("blind") and "test" in r]
-    for x_key, label, title in (("tokens", "visual tokens per image (log scale)", "Accuracy against visual tokens"),
-                                ("prefill_ms", "prefill latency at batch 1, ms (log scale)",
-                                 "Accuracy against prefill latency")):  # fmt: skip
+    for x_key, label, title in (
+        ("tokens", "visual tokens per image (log scale)", "Accuracy against visual tokens"),
+        ("prefill_ms", "prefill latency at batch 1, ms (log scale)", "Accuracy against prefill latency"),
+    ):
         points = [r for r in rows if x_key in r and "test" in r and not r["name"].startswith("blind")]
         if points:
             front = [points[i]["name"] for i in pareto_front([(r[x_key][0], r["test"][0]) for r in points])]
-            out.append({"id": f"pareto-{x_key}", "title": title, "note": "Pareto front: " + ", ".join(front),
-                        "uri": charts.data_uri(scatter_figure(points, blind, x_key, label, front=True))})  # fmt: skip
+            out.append(
+                {
+                    "id": f"pareto-{x_key}",
+                    "title": title,
+                    "note": "Pareto front: " + ", ".join(front),
+                    "uri": charts.data_uri(scatter_figure(points, blind, x_key, label, front=True)),
+                }
+            )
     if any(t in r for r in rows for t in ("colour", "shape", "count")):
-        out.append({"id": "types", "title": "Accuracy by question type", "note": "",
-                    "uri": charts.data_uri(charts.type_bars(rows))})  # fmt: skip
+        out.append(
+            {
+                "id": "types",
+                "title": "Accuracy by question type",
+                "note": "",
+                "uri": charts.data_uri(charts.type_bars(rows)),
+            }
+        )
     curves = charts.mean_curves(runs)
     if curves:
         note = "mean over seeds (faint), its moving average over 2 % of the steps, band ± std over seeds"
-        out.append({"id": "loss", "title": "Training loss per stage", "note": note,
-                    "uri": charts.data_uri(charts.loss_curves(curves))})  # fmt: skip
+        out.append(
+            {
+                "id": "loss",
+                "title": "Training loss per stage",
+                "note": note,
+                "uri": charts.data_uri(charts.loss_curves(curves)),
+            }
+        )
     return out
 
 
@@ -201,21 +242,29 @@ def write_html(run_paths: list[str | Path], out_dir: Path, per_type: int = 4, lo
     """Render the page into ``out_dir/index.html`` (written atomically) and return its path."""
     import jinja2
 
-    from connector_zoo.io import atomic_path
-
     runs = load_runs(run_paths)
     rows = aggregate(runs)
     gal, world, gallery_note = gallery(runs, per_type, log)
-    env = jinja2.Environment(loader=jinja2.PackageLoader("bench.report", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("bench.report", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["short"] = charts.short
     commits = sorted({(r.get("git_commit") or "unknown")[:10] for r in runs})
     page = env.get_template("report.html.j2").render(
-        runs=len(runs), configs=sum(not r["name"].startswith("blind") for r in rows), commits=commits,
-        table=table_context(rows), figures=figures(rows, runs), pruning=pruning_curves(run_paths),
-        breakdown=breakdown_context(runs, world, log), gallery=gal, gallery_note=gallery_note,
-    )  # fmt: skip
+        runs=len(runs),
+        configs=sum(not r["name"].startswith("blind") for r in rows),
+        commits=commits,
+        table=table_context(rows),
+        figures=figures(rows, runs),
+        pruning=pruning_curves(run_paths),
+        breakdown=breakdown_context(runs, world, log),
+        gallery=gal,
+        gallery_note=gallery_note,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
     with atomic_path(path) as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.report.charts import colour
 from bench.report.tables import aggregate, load_runs
 
 
@@ -35,19 +36,33 @@ def scatter_figure(points, blind, x_key: str, xlabel: str, front: bool = False):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    from bench.report.charts import colour
 
     for k, r in enumerate(points):
         (x, dx), (y, dy) = r[x_key], r["test"]
-        ax.errorbar(x, 100 * y, xerr=dx or None, yerr=100 * dy, fmt="osD^vP*X<>"[k % 10], capsize=3, label=r["name"],
-                    color=colour(plt, k, len(points)))  # fmt: skip
+        ax.errorbar(
+            x,
+            100 * y,
+            xerr=dx or None,
+            yerr=100 * dy,
+            fmt="osD^vP*X<>"[k % 10],
+            capsize=3,
+            label=r["name"],
+            color=colour(plt, k, len(points)),
+        )
     for r in blind:
         ax.axhline(100 * r["test"][0], color="grey", linestyle="--", linewidth=1, label=r["name"])
     if front:
         on = pareto_front([(r[x_key][0], r["test"][0]) for r in points])
         xy = sorted((points[i][x_key][0], 100 * points[i]["test"][0]) for i in on)
-        ax.step([x for x, _ in xy], [y for _, y in xy], where="post", color="black", alpha=0.4, linewidth=1,
-                label="Pareto front")  # fmt: skip
+        ax.step(
+            [x for x, _ in xy],
+            [y for _, y in xy],
+            where="post",
+            color="black",
+            alpha=0.4,
+            linewidth=1,
+            label="Pareto front",
+        )
     ax.set_xscale("log")
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
@@ -64,8 +79,9 @@ def scatter_figure(points, blind, x_key: str, xlabel: str, front: bool = False):
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (cost, accuracy) that no other point dominates (cost <= and accuracy >=, one strictly)."""
-    return [i for i, (x, y) in enumerate(points)
-            if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]  # fmt: skip
+    return [
+        i for i, (x, y) in enumerate(points) if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)
+    ]
 
 
 def save(fig, stem: Path) -> list[Path]:
@@ -93,10 +109,14 @@ def pruning_figure(rows):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    styles = {"cls_prune": ("o-", "CLS-attention pruning (FasterVLM)"), "random_keep": ("^--", "random keep"),
-              "avgpool": ("s-.", "average pooling"), "visionzip": ("D-", "VisionZip (dominant + contextual)"),
-              "prumerge": ("v:", "PruMerge (fixed ratio)"),
-              "fastv": ("P-", "FastV (in the LLM, after layer 1)")}  # fmt: skip
+    styles = {
+        "cls_prune": ("o-", "CLS-attention pruning (FasterVLM)"),
+        "random_keep": ("^--", "random keep"),
+        "avgpool": ("s-.", "average pooling"),
+        "visionzip": ("D-", "VisionZip (dominant + contextual)"),
+        "prumerge": ("v:", "PruMerge (fixed ratio)"),
+        "fastv": ("P-", "FastV (in the LLM, after layer 1)"),
+    }
     for method, (style, label) in styles.items():
         points = [r for r in rows if r.get("method", "cls_prune") == method]
         if not points:
@@ -104,8 +124,14 @@ def pruning_figure(rows):
         keep = [100 * r["keep_ratio"] for r in points]
         acc = [100 * r["accuracy"] for r in points]
         draws = points[0].get("draws", 1)
-        ax.errorbar(keep, acc, yerr=[100 * r.get("accuracy_std", 0.0) for r in points], fmt=style, capsize=3,
-                    label=label + (f" ({draws} draws)" if draws > 1 else ""))  # fmt: skip
+        ax.errorbar(
+            keep,
+            acc,
+            yerr=[100 * r.get("accuracy_std", 0.0) for r in points],
+            fmt=style,
+            capsize=3,
+            label=label + (f" ({draws} draws)" if draws > 1 else ""),
+        )
     ax.axhline(100 * rows[0]["unpruned_accuracy"], color="grey", linestyle="--", label="unpruned")
     ax.set_xlabel("visual tokens kept (%)")
     ax.set_ylabel("test accuracy (exact match, %)")
@@ -114,8 +140,13 @@ def pruning_figure(rows):
     handles, labels = ax.get_legend_handles_labels()
     if timed:
         ax2 = ax.twinx()
-        ax2.plot([100 * r["keep_ratio"] for r in timed], [r["speedup"] for r in timed], ":", color="tab:grey",
-                 label="cls_prune prefill speed-up")  # fmt: skip
+        ax2.plot(
+            [100 * r["keep_ratio"] for r in timed],
+            [r["speedup"] for r in timed],
+            ":",
+            color="tab:grey",
+            label="cls_prune prefill speed-up",
+        )
         ax2.set_ylabel("prefill speed-up (x)")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2

@@ -21,6 +21,7 @@ from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run
 from bench.train.config import RunConfig
 from bench.train.pretrain import world_backbones
+from connector_zoo.settings import parse_settings
 
 
 def split_list(text: str) -> list[str]:
@@ -29,7 +30,6 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_connector(text: str) -> dict[str, Any]:
-    from connector_zoo.settings import parse_settings
 
     match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", text)
     if not match:
@@ -44,8 +44,15 @@ def cell_name(encoder: str, connector: dict[str, Any], llm: str, seed: int) -> s
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{encoder}--{label}--{llm}--s{seed}")
 
 
-def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str], seeds: list[int],
-          base: dict[str, Any], log=print) -> list[Path]:  # fmt: skip
+def sweep(
+    out: Path,
+    encoders: list[str],
+    connectors: list[str],
+    llms: list[str],
+    seeds: list[int],
+    base: dict[str, Any],
+    log=print,
+) -> list[Path]:
     cells = list(itertools.product(encoders, [parse_connector(c) for c in connectors], llms, seeds))
     done = []
     for i, (enc, conn, llm, seed) in enumerate(cells, start=1):
@@ -68,8 +75,21 @@ def sweep(out: Path, encoders: list[str], connectors: list[str], llms: list[str]
 
 
 # the settings that decide what a cell trains and measures (a cell's name says only the components and the seed)
-CELL_SETTINGS = ("encoder", "connector", "llm", "seed", "recipe", "stages", "data", "eval_limit", "precision", "lora",
-                 "qlora", "init_connector", "max_length")  # fmt: skip
+CELL_SETTINGS = (
+    "encoder",
+    "connector",
+    "llm",
+    "seed",
+    "recipe",
+    "stages",
+    "data",
+    "eval_limit",
+    "precision",
+    "lora",
+    "qlora",
+    "init_connector",
+    "max_length",
+)
 
 
 def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
@@ -98,7 +118,10 @@ def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
         target = target.with_name(f"{cell.name}.{n}")
     target.parent.mkdir(parents=True, exist_ok=True)
     cell.rename(target)
-    why = (f"recorded with other settings ({', '.join(differ)})" if differ
-           else f"recorded with other backbones ({had or 'not recorded'}; this code builds {want})")  # fmt: skip
+    why = (
+        f"recorded with other settings ({', '.join(differ)})"
+        if differ
+        else f"recorded with other backbones ({had or 'not recorded'}; this code builds {want})"
+    )
     log(f"{why}: record moved to {target}, running again")
     return False

@@ -9,12 +9,16 @@ runs gives the same bytes.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from bench.evaluate.stats import paired
+from connector_zoo.io import atomic_path
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "exist", "relation")
 # column -> (header, higher is better)
@@ -64,7 +68,6 @@ def results_files(path: Path) -> list[Path]:
 
 
 def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
-    import gzip
 
     runs = []
     for p in paths:
@@ -144,7 +147,6 @@ def per_question(runs: list[dict[str, Any]], name: str) -> dict[tuple[int, str],
 def compare_with_best(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
     """Each configuration against the one with the best mean test accuracy, paired per question and seed
     (bench/stats.py): the difference with a bootstrap 95 % interval and McNemar's exact p-value."""
-    from bench.evaluate.stats import paired
 
     ranked = [r for r in rows if "test" in r and not r["name"].startswith("blind")]
     if len(ranked) < 2:
@@ -224,15 +226,25 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
         writer.writerow(header)
         for r in rows:
             pair = r.get("vs_best")
-            extra = [] if not with_pairs else [pair] if pair in (None, "best") else [
-                f"{pair['diff']:.6g} [{pair['low']:.6g}, {pair['high']:.6g}] p={pair['p']:.3g}"]  # fmt: skip
-            writer.writerow([r["name"], len(r["seeds"])] + [
-                "" if c not in r else f"{r[c][0]:.6g}" for c in cols] + extra)  # fmt: skip
+            extra = (
+                []
+                if not with_pairs
+                else [pair]
+                if pair in (None, "best")
+                else [f"{pair['diff']:.6g} [{pair['low']:.6g}, {pair['high']:.6g}] p={pair['p']:.3g}"]
+            )
+            writer.writerow(
+                [r["name"], len(r["seeds"])] + ["" if c not in r else f"{r[c][0]:.6g}" for c in cols] + extra
+            )
         return buf.getvalue()
     if style == "latex":
         esc = lambda t: t.replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")  # noqa: E731
-        lines = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
-                 " & ".join(esc(h) for h in header) + " \\\\", "\\midrule"]  # fmt: skip
+        lines = [
+            "\\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+            "\\toprule",
+            " & ".join(esc(h) for h in header) + " \\\\",
+            "\\midrule",
+        ]
         lines += [" & ".join(esc(c) for c in cells) + " \\\\" for cells in body]
         return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -252,7 +264,6 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
 
 
 def write_reports(run_paths: list[str | Path], out_dir: Path) -> dict[str, Path]:
-    from connector_zoo.io import atomic_path
 
     rows = aggregate(load_runs(run_paths))
     out_dir.mkdir(parents=True, exist_ok=True)

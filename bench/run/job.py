@@ -28,15 +28,22 @@ from bench.train.config import (
     load_data,
     stage_samples,
 )
-from bench.train.precision import autocast, resolve_backbone_dtype, resolve_precision
+from bench.train.precision import resolve_backbone_dtype
 from bench.train.trainer import Trainer
 from connector_zoo.io import write_json
+from connector_zoo.model.precision import autocast, resolve_precision
 from connector_zoo.registry import names_from_file
 
 
 # --------------------------------------------------------------------- run
-def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_dotted_paths: bool = False,
-        verify: bool = True) -> dict[str, Any]:  # fmt: skip
+def run(
+    cfg: RunConfig,
+    out_dir: Path,
+    resume: bool = False,
+    log=print,
+    allow_dotted_paths: bool = False,
+    verify: bool = True,
+) -> dict[str, Any]:
     """Train, evaluate and record ``cfg`` in ``out_dir``; ``resume`` continues the run found there (its
     config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
     their manifests unless not ``verify``)."""
@@ -59,8 +66,16 @@ def run(cfg: RunConfig, out_dir: Path, resume: bool = False, log=print, allow_do
                 out_dir.rmdir()
 
 
-def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: bool, verify: bool,
-         started: float, commit: str | None) -> dict[str, Any]:  # fmt: skip
+def _run(
+    cfg: RunConfig,
+    out_dir: Path,
+    resume: bool,
+    log,
+    allow_dotted_paths: bool,
+    verify: bool,
+    started: float,
+    commit: str | None,
+) -> dict[str, Any]:
     from accelerate import Accelerator
 
     existing = (out_dir / "config.json").exists()
@@ -80,8 +95,9 @@ def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: b
     if cfg.precision == "fp16" and prec == "bf16":
         log("precision: fp16 autocast is not available on CPU through accelerate; running bf16 autocast")
     # on a machine without GPUs, processes started by torchrun / accelerate talk over gloo (DistributedType.MULTI_CPU)
-    accelerator = Accelerator(mixed_precision=prec, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=stages[0].grad_accum)  # fmt: skip
+    accelerator = Accelerator(
+        mixed_precision=prec, cpu=not torch.cuda.is_available(), gradient_accumulation_steps=stages[0].grad_accum
+    )
     for stage in stages:
         stage.resolve_accumulation(accelerator.num_processes)
     kind = accelerator.distributed_type.value
@@ -117,8 +133,9 @@ def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: b
     blind = {}
     if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
         with autocast(prec, vlm.device):
-            blind = {name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit)
-                     for name, ds in eval_sets.items()}  # fmt: skip
+            blind = {
+                name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
+            }
     train_stats: list[dict[str, Any]] = []
     for index, stage in enumerate(stages, start=1):
         accelerator.gradient_accumulation_steps = stage.grad_accum
@@ -149,7 +166,21 @@ def _run(cfg: RunConfig, out_dir: Path, resume: bool, log, allow_dotted_paths: b
     results = {}
     if accelerator.is_main_process:
         with autocast(prec, vlm.device):
-            results = record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind,
-                             log, {"compute": prec, "backbone": backbone}, cache_info, commit)  # fmt: skip
+            results = record(
+                cfg,
+                vlm,
+                out_dir,
+                eval_sets,
+                collators,
+                features,
+                train,
+                train_stats,
+                started,
+                blind,
+                log,
+                {"compute": prec, "backbone": backbone},
+                cache_info,
+                commit,
+            )
     accelerator.wait_for_everyone()
     return results

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import platform
 import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import torch
 from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.evaluate.accuracy import evaluate_split, shown_loss
-from bench.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+from bench.evaluate.profile import profile
 from bench.train.pretrain import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
+from connector_zoo.model.modeling import write_run_model
+from connector_zoo.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
 
 
 def git_commit(where: Path | None = None) -> str | None:
@@ -30,8 +34,9 @@ def git_commit(where: Path | None = None) -> str | None:
         commit = out.stdout.strip()
         if not commit:
             return None
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                 text=True, cwd=here).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here
+        ).stdout.strip()
         return commit + ("-dirty" if changed else "")
     except OSError:
         return None
@@ -40,11 +45,21 @@ def git_commit(where: Path | None = None) -> str | None:
 def versions() -> dict[str, str]:
     """The resolved versions of the libraries whose behaviour the numbers depend on (recorded in results.json and
     printed at the top of the CI log and of the test report, so a drift between two machines is visible)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "accelerate", "timm", "open_clip_torch", "peft", "numpy",
-                 "pillow", "safetensors", "datasets"):  # fmt: skip
+    for name in (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "accelerate",
+        "timm",
+        "open_clip_torch",
+        "peft",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "datasets",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -65,7 +80,6 @@ def cpu_name() -> str:
 def efficiency(vlm: VLM, data: Dataset) -> dict[str, Any]:
     """Measured figures of the trained model (``bench.evaluate.profile``): FLOPs, prefill latency, decode speed,
     memory."""
-    from bench.evaluate.profile import profile
 
     indices = sorted({s.image for s in data.samples if s.image is not None})[:4]
     if not indices:
@@ -90,11 +104,27 @@ def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: i
     return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
 
 
-def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats, started, blind, log,
-           precision, cache_info, commit: str | None = None) -> dict:  # fmt: skip
+def record(
+    cfg,
+    vlm,
+    out_dir,
+    eval_sets,
+    collators,
+    features,
+    train,
+    train_stats,
+    started,
+    blind,
+    log,
+    precision,
+    cache_info,
+    commit: str | None = None,
+) -> dict:
     save_final(vlm, out_dir, len(train_stats))
-    metrics = {name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
-               for name, ds in eval_sets.items()}  # fmt: skip
+    metrics = {
+        name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
+        for name, ds in eval_sets.items()
+    }
     first_eval = next(iter(eval_sets.values()))
     profile = cfg.profile if cfg.profile is not None else cfg.data.get("kind", "world") == "world"
     results = {
@@ -104,27 +134,33 @@ def record(cfg, vlm, out_dir, eval_sets, collators, features, train, train_stats
         "backbones": world_backbones(cfg),  # the mini world's key and backbone recipes (None for published data)
         "metrics": metrics,
         "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
-        "parameters": {"trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
-                       "connector": vlm.connector.num_parameters(),
-                       "total": sum(p.numel() for p in vlm.parameters())},
+        "parameters": {
+            "trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
+            "connector": vlm.connector.num_parameters(),
+            "total": sum(p.numel() for p in vlm.parameters()),
+        },
         "training": [{k: v for k, v in s.items() if k != "history"} for s in train_stats],
         "memory": [s["memory"] for s in train_stats],
         "loss_history": [s["history"] for s in train_stats],
         "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
         "wall_time_seconds": time.time() - started,
         # this process, this session (a resumed run counts from its restart)
-        "seconds_to_first_step": (train_stats[0]["first_step_at"] - started) if train_stats[0]["first_step_at"]
+        "seconds_to_first_step": (train_stats[0]["first_step_at"] - started)
+        if train_stats[0]["first_step_at"]
         else None,
         # the tables of one encoder share a directory and its store: counted once
-        "feature_cache": {**cache_info, "disk_bytes": sum({id(f.store): f.store.disk_bytes() for f in features.values()
-                                                             if f.store is not None}.values())},
+        "feature_cache": {
+            **cache_info,
+            "disk_bytes": sum(
+                {id(f.store): f.store.disk_bytes() for f in features.values() if f.store is not None}.values()
+            ),
+        },
         "encoder_forwards": sum(f.forwards for f in features.values()),
         "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
         "versions": versions(),
         "git_commit": commit if commit is not None else git_commit(),  # the code the run started with
-    }  # fmt: skip
+    }
     write_json(out_dir / "results.json", results)
-    from connector_zoo.hf_model import write_run_model
 
     write_run_model(vlm, out_dir, results)  # <run>/hf: AutoModelForImageTextToText.from_pretrained reads it
     text = summary(results)
@@ -153,8 +189,10 @@ def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
 
 def summary(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = [f"run: {cfg['encoder']['name']} + {cfg['connector']['name']} + {cfg['llm']['name']} "
-             f"(recipe {cfg['recipe']}, seed {cfg['seed']})"]  # fmt: skip
+    lines = [
+        f"run: {cfg['encoder']['name']} + {cfg['connector']['name']} + {cfg['llm']['name']} "
+        f"(recipe {cfg['recipe']}, seed {cfg['seed']})"
+    ]
     for split, m in results["metrics"].items():
         if not m:
             lines.append(f"  {split:<14} not evaluated (eval_limit 0)")
@@ -162,18 +200,22 @@ def summary(results: dict[str, Any]) -> str:
         if "accuracy" in m:
             acc, blind = m["accuracy"], m["blind"]
             per = "  ".join(f"{k} {v:.2f}" for k, v in acc["per_type"].items())
-            lines.append(f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
-                         f"n={acc['count']}  | {per}")  # fmt: skip
+            lines.append(
+                f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
+                f"n={acc['count']}  | {per}"
+            )
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
         lines.append(f"  {split:<14} {loss_key} {shown_loss(m[loss_key], 3)}")
     tok = results["visual_tokens_per_image"]
     if tok:
         lines.append(f"  visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
     p = results["parameters"]
-    lines.append(f"  parameters: trainable {p['trainable']:,} / total {p['total']:,}; "
-                 f"train {results['train_samples_per_second']:.3g} samples/s; encoder forwards "
-                 f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
-                 f"wall {results['wall_time_seconds']:.0f} s")  # fmt: skip
+    lines.append(
+        f"  parameters: trainable {p['trainable']:,} / total {p['total']:,}; "
+        f"train {results['train_samples_per_second']:.3g} samples/s; encoder forwards "
+        f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
+        f"wall {results['wall_time_seconds']:.0f} s"
+    )
     examples = next((m["examples"] for m in results["metrics"].values() if m.get("examples")), [])
     for ex in examples[:3]:
         lines.append(f"  e.g. {ex['question']!r}: {ex['answer']!r} (truth {ex['truth']!r}, blind {ex['blind']!r})")
@@ -186,7 +228,6 @@ class RunLog:
     Only the main process of a multi-process run writes the file."""
 
     def __init__(self, out_dir: Path, echo):
-        import logging
 
         self.out_dir, self.echo, self.pending = Path(out_dir), echo, []
         self.logger = logging.getLogger(f"connector_zoo.run.{id(self)}")
@@ -196,7 +237,6 @@ class RunLog:
         self.main = int(os.environ.get("RANK", "0")) == 0
 
     def __call__(self, message: str) -> None:
-        import logging
 
         self.echo(message)
         if not self.main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,16 +13,20 @@ from typing import Any
 import torch
 
 from bench.data.features import FeatureCache, decide
-from bench.data.formats import Dataset, hf_messages, llava_json, world_dataset
+from bench.data.formats import BadSample, Dataset, hf_messages, llava_json, world_dataset
 from bench.data.images import DEFAULT_MAX_PIXELS
 from bench.data.loader import Collator
-from bench.model.vlm import VLM
-from bench.train.precision import TORCH_NAMES
+from bench.data.world import World, WorldConfig
+from bench.train.pretrain import pretrain_encoder, steps
 from bench.train.recipes import RECIPES
 from bench.train.stage import StageConfig
+from bench.train.world_llm import pretrain_llm
 from connector_zoo.io import read_json
+from connector_zoo.model.precision import TORCH_NAMES
+from connector_zoo.model.vlm import VLM
+from connector_zoo.registry import RegistryError
 from connector_zoo.settings import SettingError, check, check_choice
-from connectors import CONNECTORS
+from connectors import CONNECTORS, build_connector
 
 
 @dataclass
@@ -123,8 +128,6 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
     data = cfg.data
     kind = data.get("kind", "world")
     if kind == "world":
-        from bench.data.world import World, WorldConfig
-
         world = World(WorldConfig(**data.get("world", {})))
         return (
             world_dataset(world, "train", qa_turns=data.get("qa_turns", 1)),  # evaluation: one question a sample
@@ -150,17 +153,16 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
         )
     train, held = full.split(data.get("held_out", 0.05), seed=cfg.seed)
     drop_unreadable(held, cfg.eval_limit, cfg.strict, log)
-    log(f"data: {len(train.samples)} training samples, {len(held.samples)} held out, "
-        f"{len(full.skipped) + len(held.skipped)} skipped")  # fmt: skip
+    log(
+        f"data: {len(train.samples)} training samples, {len(held.samples)} held out, "
+        f"{len(full.skipped) + len(held.skipped)} skipped"
+    )
     return train, held, {"heldout": held}, None
 
 
 def drop_unreadable(data: Dataset, limit: int | None, strict: bool, log) -> None:
     """Decode the images of the first ``limit`` samples of an evaluation split now (threads), so that an unreadable
     one is skipped with its id and reason before any training, not found after it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from bench.data.formats import BadSample
 
     head = data.samples if limit is None else data.samples[:limit]
     images = sorted({s.image for s in head if s.image is not None})
@@ -194,8 +196,6 @@ def connector_spec(cfg: RunConfig) -> dict[str, Any]:
 def check_connector_settings(cfg: RunConfig) -> None:
     """Build the connector on the meta device (no memory, no time) so a bad setting is reported before the data,
     the world or a 7B LLM is loaded. Only setting errors are raised here; anything else surfaces in the real build."""
-    from connector_zoo.registry import RegistryError
-    from connectors import build_connector
 
     spec = connector_spec(cfg)
     if spec.get("init_from"):
@@ -217,9 +217,6 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
     if cfg.qlora:
         llm_spec["quantization"] = "nf4"
     if world is not None:
-        from bench.train.pretrain import pretrain_encoder, steps
-        from bench.train.world_llm import pretrain_llm
-
         pre = cfg.data.get("pretrain", {})  # e.g. {"encoder_steps": 5, "llm_steps": 5} for micro worlds in tests
         if not enc_spec.get("checkpoint"):
             enc_spec["checkpoint"] = str(pretrain_encoder(enc_spec["name"], world, **steps(pre, "encoder"), log=log))
@@ -227,8 +224,10 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
             llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **steps(pre, "llm"), log=log))
     torch.manual_seed(cfg.seed)
     vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length)
-    log(f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "
-        f"(connector {vlm.connector.num_parameters():,} parameters)")  # fmt: skip
+    log(
+        f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "
+        f"(connector {vlm.connector.num_parameters():,} parameters)"
+    )
     return vlm
 
 

@@ -29,7 +29,12 @@ from typing import Any
 
 import torch
 
-from bench.train.precision import DTYPES
+from connector_zoo.hf import random_geometry
+from connector_zoo.model.precision import DTYPES
+from connectors import build_connector
+from encoders import ENCODERS
+from encoders.base import EncoderInfo
+from llms import LLMS
 
 GB = 1e9
 
@@ -51,7 +56,6 @@ class Counts:
 
 
 def _geometry(component_cls, checkpoint: str) -> dict[str, Any]:
-    from connector_zoo.hf import random_geometry
 
     random = random_geometry(checkpoint, component_cls.geometries, "num_hidden_layers", 1)
     if random:
@@ -73,9 +77,6 @@ def _geometry(component_cls, checkpoint: str) -> dict[str, Any]:
 
 def count(enc_name: str, enc_ckpt: str, conn_spec: dict[str, Any], llm_name: str, llm_ckpt: str) -> Counts:
     """Exact parameter counts of the composition, built on the meta device."""
-    from connectors import build_connector
-    from encoders import ENCODERS
-    from llms import LLMS
 
     enc_cls, _ = ENCODERS.resolve(enc_name)
     llm_cls, _ = LLMS.resolve(llm_name)
@@ -90,10 +91,15 @@ def count(enc_name: str, enc_ckpt: str, conn_spec: dict[str, Any], llm_name: str
         conn = build_connector(spec.pop("name"), enc.config.hidden_size, llm.config.hidden_size, **spec)
     cfg, ecfg = llm.config, enc.config
     side = ecfg.image_size // ecfg.patch_size
-    from encoders.base import EncoderInfo
 
-    info = EncoderInfo(ecfg.hidden_size, (side, side), ecfg.image_size, getattr(enc_cls, "has_cls", True),
-                       ecfg.num_attention_heads, ecfg.num_hidden_layers)  # fmt: skip
+    info = EncoderInfo(
+        ecfg.hidden_size,
+        (side, side),
+        ecfg.image_size,
+        getattr(enc_cls, "has_cls", True),
+        ecfg.num_attention_heads,
+        ecfg.num_hidden_layers,
+    )
     embeddings = {id(m.weight): m.weight.numel() for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}
     head = llm.get_output_embeddings()
     lora = sum(
@@ -146,8 +152,14 @@ def memory(
         grads, optim = grads / devices, optim / devices
     elif shard == "zero2":
         grads, optim = grads / devices, optim / devices
-    return {"trainable": trainable, "weights": weights, "gradients": grads, "optimizer": optim, "activations": acts,
-            "total": weights + grads + optim + acts}  # fmt: skip
+    return {
+        "trainable": trainable,
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optim,
+        "activations": acts,
+        "total": weights + grads + optim + acts,
+    }
 
 
 def flops_per_sample(c: Counts, stage: int, text_tokens: int, checkpointing: bool, lora: bool) -> dict[str, float]:
@@ -164,41 +176,50 @@ def fmt_gb(x: float) -> str:
     return f"{x / GB:8.1f}"
 
 
-def plan_table(c: Counts, stage: int, batch: int, text_tokens: int, backbone: str, devices: int,
-               lora_r: int | None) -> list[str]:  # fmt: skip
-    rows = [("plain (DDP)", dict(checkpointing=False, shard="none")),
-            ("+ gradient checkpointing", dict(checkpointing=True, shard="none")),
-            (f"+ ZeRO-2 over {devices}", dict(checkpointing=True, shard="zero2")),
-            (f"+ FSDP full shard over {devices}", dict(checkpointing=True, shard="fsdp"))]  # fmt: skip
+def plan_table(
+    c: Counts, stage: int, batch: int, text_tokens: int, backbone: str, devices: int, lora_r: int | None
+) -> list[str]:
+    rows = [
+        ("plain (DDP)", dict(checkpointing=False, shard="none")),
+        ("+ gradient checkpointing", dict(checkpointing=True, shard="none")),
+        (f"+ ZeRO-2 over {devices}", dict(checkpointing=True, shard="zero2")),
+        (f"+ FSDP full shard over {devices}", dict(checkpointing=True, shard="fsdp")),
+    ]
     lines = [f"  {'per device (GB)':<34}{'weights':>9}{'grads':>9}{'optim':>9}{'activ.':>9}{'total':>9}"]
     for label, kw in rows:
         m = memory(c, stage, batch, text_tokens, backbone, devices, lora_r=lora_r, **kw)
-        lines.append(f"  {label:<34}{fmt_gb(m['weights'])} {fmt_gb(m['gradients'])} {fmt_gb(m['optimizer'])} "
-                     f"{fmt_gb(m['activations'])} {fmt_gb(m['total'])}")  # fmt: skip
+        lines.append(
+            f"  {label:<34}{fmt_gb(m['weights'])} {fmt_gb(m['gradients'])} {fmt_gb(m['optimizer'])} "
+            f"{fmt_gb(m['activations'])} {fmt_gb(m['total'])}"
+        )
     return lines
 
 
-def plan(specs: dict[str, dict[str, Any]], stages, devices: int, text_tokens: int, backbone: str,
-         lora_r: int | None) -> list[str]:  # fmt: skip
+def plan(
+    specs: dict[str, dict[str, Any]], stages, devices: int, text_tokens: int, backbone: str, lora_r: int | None
+) -> list[str]:
     """The printed plan of every stage of a recipe (``stages``: ``StageConfig`` list)."""
     enc, llm = specs["encoder"], specs["llm"]
     c = count(enc["name"], enc["checkpoint"], specs["connector"], llm["name"], llm["checkpoint"])
     s = c.visual_tokens + text_tokens
-    lines = [f"parameters: encoder {c.encoder / 1e6:,.1f} M (frozen), connector {c.connector / 1e6:,.1f} M, "
-             f"LLM {c.llm / 1e9:,.3f} B ({c.layers} layers, width {c.hidden}, vocabulary {c.vocab:,})",
-             f"sequence: {c.visual_tokens} visual + {text_tokens} text = {s} tokens per sample; "
-             f"backbone weights {backbone}, trainable fp32, activations bf16"]  # fmt: skip
+    lines = [
+        f"parameters: encoder {c.encoder / 1e6:,.1f} M (frozen), connector {c.connector / 1e6:,.1f} M, "
+        f"LLM {c.llm / 1e9:,.3f} B ({c.layers} layers, width {c.hidden}, vocabulary {c.vocab:,})",
+        f"sequence: {c.visual_tokens} visual + {text_tokens} text = {s} tokens per sample; "
+        f"backbone weights {backbone}, trainable fp32, activations bf16",
+    ]
     for stage in stages:
         r = (stage.lora or {}).get("r", 128) if stage.lora else lora_r if stage.stage >= 2 else None
         stage.resolve_accumulation(devices)
         m = memory(c, stage.stage, stage.batch_size, text_tokens, backbone, devices, lora_r=r)
         f = flops_per_sample(c, stage.stage, text_tokens, stage.gradient_checkpointing, bool(r))
         what = "connector" if stage.stage < 2 else f"connector + LLM LoRA r={r}" if r else "connector + LLM"
-        lines += [f"stage {stage.stage} ({what}): trainable {m['trainable'] / 1e6:,.1f} M; batch {stage.batch_size} "
-                  f"per device x {stage.grad_accum} accumulation x {devices} devices = "
-                  f"{stage.batch_size * stage.grad_accum * devices}; gradient checkpointing "
-                  f"{'on' if stage.gradient_checkpointing else 'off'} in the recipe",
-                  *plan_table(c, stage.stage, stage.batch_size, text_tokens, backbone, devices, r),
-                  f"  FLOPs per sample: forward {f['forward'] / 1e12:.2f} TFLOP, training step "
-                  f"{f['train'] / 1e12:.2f} TFLOP"]  # fmt: skip
+        lines += [
+            f"stage {stage.stage} ({what}): trainable {m['trainable'] / 1e6:,.1f} M; batch {stage.batch_size} "
+            f"per device x {stage.grad_accum} accumulation x {devices} devices = "
+            f"{stage.batch_size * stage.grad_accum * devices}; gradient checkpointing "
+            f"{'on' if stage.gradient_checkpointing else 'off'} in the recipe",
+            *plan_table(c, stage.stage, stage.batch_size, text_tokens, backbone, devices, r),
+            f"  FLOPs per sample: forward {f['forward'] / 1e12:.2f} TFLOP, training step {f['train'] / 1e12:.2f} TFLOP",
+        ]
     return lines

@@ -12,28 +12,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import resource
+import time
 from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def resolve_precision(name: str, cuda: bool | None = None) -> str:
-    """The compute precision accelerate gets: ``no``, ``bf16`` or ``fp16``."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if name not in ("auto", "no", "fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision must be auto, no (fp32), bf16 or fp16, not {name!r}")
-    if name == "auto":
-        if not cuda:
-            return "no"  # fp32 on CPU: deterministic, and bf16 autocast is not faster on small CPUs
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name == "fp16" and not cuda:
-        return "bf16"  # accelerate ignores fp16 on CPU; bf16 autocast is the 16-bit path the CPU has
-    return "no" if name == "fp32" else name
+from connector_zoo.model.precision import DTYPES
 
 
 def resolve_backbone_dtype(name: str | None, precision: str, cuda: bool | None = None) -> str:
@@ -55,7 +40,6 @@ def resolve_backbone_dtype(name: str | None, precision: str, cuda: bool | None =
 def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> list[float]:
     """Seconds of ``repeats`` timed (m x k) @ (k x n) multiplies in ``dtype`` at the current thread count, after one
     untimed warm-up."""
-    import time
 
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
@@ -74,14 +58,6 @@ def cpu_bf16_is_fast(m: int = 1536, k: int = 576, n: int = 1536, repeats: int = 
     return best(torch.bfloat16) * 1.5 < best(torch.float32)
 
 
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    """The autocast context of a compute precision (a no-op for fp32)."""
-    device_type = torch.device(device).type
-    if precision not in ("bf16", "fp16"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=DTYPES[precision])
-
-
 def upcast_trainable(params: list[torch.nn.Parameter]) -> None:
     """Trainable parameters in fp32 (master weights), whatever dtype they were loaded in."""
     for p in params:
@@ -98,8 +74,7 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values()]
     on_cuda = any(p.is_cuda for p in params)
-    peak = (torch.cuda.max_memory_allocated() if on_cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "parameters_bytes": tensor_bytes(params),
         "trainable_parameters_bytes": tensor_bytes(p for p in params if p.requires_grad),
@@ -109,18 +84,3 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
         "peak_bytes": int(peak),
         "peak_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS (ru_maxrss)",
     }
-
-
-def run_precision(run_dir) -> str:
-    """The compute precision a run directory trained with (``no`` for a model directory without a run config)."""
-    from pathlib import Path
-
-    from connector_zoo.io import read_json
-
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        return "no"
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a run config (a JSON object), but a {type(config).__name__}")
-    return resolve_precision(config.get("precision", "auto"))

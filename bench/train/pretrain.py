@@ -71,9 +71,15 @@ def word_vocab(texts: list[str]) -> dict[str, int]:
     return {w: i + 1 for i, w in enumerate(words)}
 
 
-def encoder_dir_name(family: str, steps: int = ENCODER_STEPS, batch_size: int = 256, seed: int = 0,
-                     dense: float = ENCODER_DENSE, lr: float = ENCODER_LR,
-                     position: float = ENCODER_POSITION) -> str:  # fmt: skip
+def encoder_dir_name(
+    family: str,
+    steps: int = ENCODER_STEPS,
+    batch_size: int = 256,
+    seed: int = 0,
+    dense: float = ENCODER_DENSE,
+    lr: float = ENCODER_LR,
+    position: float = ENCODER_POSITION,
+) -> str:
     """The directory name of a world encoder: its readable settings and a digest of every setting of its recipe."""
     recipe = {
         "steps": steps,
@@ -116,8 +122,10 @@ def pretrain_encoder(
     def build(tmp: Path) -> None:
         from open_clip.loss import ClipLoss, SigLipLoss
 
-        log(f"world encoder: pretraining the {family} tower on the world's images, {steps} steps (once per world and "
-            "recipe; a few minutes on 2 CPU cores)")  # fmt: skip
+        log(
+            f"world encoder: pretraining the {family} tower on the world's images, {steps} steps (once per world and "
+            "recipe; a few minutes on 2 CPU cores)"
+        )
 
         size = world.cfg.image_size  # the tiny preset at the world's resolution: 8-px patches, (size / 8)^2 of them
         enc = cls.from_checkpoint("tiny" if size == 64 else f"tiny@{size}", frozen=False)  # may build the preset

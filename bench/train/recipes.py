@@ -9,52 +9,83 @@ from typing import Any
 RECIPES: dict[str, list[dict[str, Any]]] = {
     # the mini world on 2 CPU cores: a short stage 1 (connector only) then a short stage 2 (connector + LLM); see
     # docs/training.md: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
-    "mini": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
-             dict(stage=2, steps=1200, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
+    "mini": [
+        dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
+        dict(stage=2, steps=1200, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
+    ],
     # `mini` with each connector trained at its paper's rates (Connector.paper_lr; LLaVA-1.5's 2e-3 / 2e-5 unless the
     # paper differs: Honeybee's C-Abstractor 1e-4 / 2e-5, TokenPacker 1e-3 / 2e-5) and the world LLM at mini's 2e-3
     # in stage 2 (docs/mini-world.md: why c_abstractor and tokenpacker lose colour under mini, issue 31)
-    "mini-paper-rates": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
-                              save_every=100),
-                         dict(stage=2, steps=1200, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05,
-                              save_every=100)],
+    "mini-paper-rates": [
+        dict(stage=1, steps=300, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05, save_every=100),
+        dict(stage=2, steps=1200, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05, save_every=100),
+    ],
     # for --world-llm smollm2 (pretrained SmolLM2-135M, 30 layers): fewer and smaller steps than `mini`, each ~10x its
     # cost; stage 2 trains the LLM at LLaVA's low rate for a pretrained LLM and the connector at half stage 1's
     # (with --qa-turns 3 and --precision bf16 where the CPU is fast at it; docs/pretrained-world.md)
-    "mini-smollm2": [dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50),
-                     dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05,
-                          save_every=50)],
+    "mini-smollm2": [
+        dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50),
+        dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50),
+    ],
     # the two published directions the pretrained level tests by recipe (docs/pretrained-world.md): Prismatic's
     # single-stage training (stage 2 alone, the same 250 steps), and LLaVA's frozen LLM against a fine-tuned one (the
     # connector alone for all 400 steps at stage 1's rate)
-    "mini-smollm2-stage2-only": [dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3,
-                                      warmup_ratio=0.05, save_every=50)],
+    "mini-smollm2-stage2-only": [
+        dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50)
+    ],
     "mini-smollm2-frozen-llm": [dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50)],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's
     # rate low, so that the yes/no checking the wide LLM learnt from text survives (docs/mini-world.md, the world's
     # ceiling)
-    "mini-wide": [dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
-                  dict(stage=2, steps=1200, batch_size=32, lr=2e-4, connector_lr=2e-3, warmup_ratio=0.05,
-                       save_every=100)],
+    "mini-wide": [
+        dict(stage=1, steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100),
+        dict(stage=2, steps=1200, batch_size=32, lr=2e-4, connector_lr=2e-3, warmup_ratio=0.05, save_every=100),
+    ],
     # LLaVA-1.5 (MISSION.md): stage 1 lr 2e-3, global batch 128, 1 epoch; stage 2 lr 2e-5, global batch 32 (LLaVA v1
     # notes), 3 epochs; cosine, 3 % warm-up, bf16 on GPUs
     # (global_batch: the accumulation is derived from the per-device batch and the number of processes)
-    "llava-1.5-pretrain": [dict(stage=1, epochs=1, batch_size=16, global_batch=128, lr=2e-3, warmup_ratio=0.03,
-                                save_every=1000)],
-    "llava-1.5-finetune": [dict(stage=2, epochs=3, batch_size=4, global_batch=32, lr=2e-5, warmup_ratio=0.03,
-                                save_every=1000, gradient_checkpointing=True)],
+    "llava-1.5-pretrain": [
+        dict(stage=1, epochs=1, batch_size=16, global_batch=128, lr=2e-3, warmup_ratio=0.03, save_every=1000)
+    ],
+    "llava-1.5-finetune": [
+        dict(
+            stage=2,
+            epochs=3,
+            batch_size=4,
+            global_batch=32,
+            lr=2e-5,
+            warmup_ratio=0.03,
+            save_every=1000,
+            gradient_checkpointing=True,
+        )
+    ],
     # LLaVA-1.5's finetune_lora.sh: LoRA r 128, alpha 256 on every linear layer of the LLM, lr 2e-4 with the
     # projector at 2e-5, global batch 128, 1 epoch, gradient checkpointing
-    "llava-1.5-finetune-lora": [dict(stage=2, epochs=1, batch_size=16, global_batch=128, lr=2e-4, connector_lr=2e-5,
-                                     warmup_ratio=0.03, save_every=1000, gradient_checkpointing=True,
-                                     lora=dict(r=128, alpha=256, dropout=0.05))],
+    "llava-1.5-finetune-lora": [
+        dict(
+            stage=2,
+            epochs=1,
+            batch_size=16,
+            global_batch=128,
+            lr=2e-4,
+            connector_lr=2e-5,
+            warmup_ratio=0.03,
+            save_every=1000,
+            gradient_checkpointing=True,
+            lora=dict(r=128, alpha=256, dropout=0.05),
+        )
+    ],
     # "LLaVA on a budget": batch 2, accumulation 4, lr 2e-4, 350 steps, cosine to 2e-5, 5 % warm-up, fp16
-    "budget": [dict(stage=2, steps=350, batch_size=2, grad_accum=4, lr=2e-4, min_lr_ratio=0.1, warmup_ratio=0.05,
-                    save_every=50)],
+    "budget": [
+        dict(
+            stage=2, steps=350, batch_size=2, grad_accum=4, lr=2e-4, min_lr_ratio=0.1, warmup_ratio=0.05, save_every=50
+        )
+    ],
     # MiniGPT-4: ~20k steps at batch 256 training only the linear layer after a frozen Q-Former, then 400 steps at
     # batch 12 on curated pairs
-    "minigpt4-stage1": [dict(stage=1, steps=20000, batch_size=32, grad_accum=8, lr=1e-4, warmup_ratio=0.025,
-                             save_every=1000)],
+    "minigpt4-stage1": [
+        dict(stage=1, steps=20000, batch_size=32, grad_accum=8, lr=1e-4, warmup_ratio=0.025, save_every=1000)
+    ],
     "minigpt4-stage2": [dict(stage=1, steps=400, batch_size=12, lr=3e-5, warmup_ratio=0.05, save_every=100)],
-}  # fmt: skip
+}

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from bench.model.vlm import VLM
 from bench.train.precision import upcast_trainable
+from connector_zoo.model.vlm import VLM
 from connector_zoo.settings import check, check_choice
 from connectors.base import paper_lr
 
@@ -119,6 +119,8 @@ def parameter_groups(vlm: VLM, params: list[torch.nn.Parameter], cfg: StageConfi
     one for the rest (LLM or adapters)."""
     own = {id(p) for p in vlm.connector.parameters()}
     rate = paper_lr(vlm.connector, cfg.stage) if cfg.connector_lr == "paper" else cfg.connector_lr or cfg.lr
-    groups = [{"params": [p for p in params if id(p) in own], "lr": rate, "name": "connector"},
-              {"params": [p for p in params if id(p) not in own], "lr": cfg.lr, "name": "llm"}]  # fmt: skip
+    groups = [
+        {"params": [p for p in params if id(p) in own], "lr": rate, "name": "connector"},
+        {"params": [p for p in params if id(p) not in own], "lr": cfg.lr, "name": "llm"},
+    ]
     return [g for g in groups if g["params"]]

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,28 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
-from bench.model.vlm import VLM
 from bench.train.precision import memory_report
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
-from connector_zoo.io import atomic_path, kill_point, link_or_copy
+from connector_zoo.io import atomic_path, kill_point, link_or_copy, show_progress
+from connector_zoo.model.vlm import VLM
 
 
 class Trainer:
-    def __init__(self, vlm: VLM, train: Dataset, collator: Collator, cfg: StageConfig, out_dir: Path, seed: int,
-                 val: Dataset | None = None, accelerator: Accelerator | None = None, log=print,
-                 num_workers: int | None = None, strict: bool = False,
-                 val_collator: Collator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        vlm: VLM,
+        train: Dataset,
+        collator: Collator,
+        cfg: StageConfig,
+        out_dir: Path,
+        seed: int,
+        val: Dataset | None = None,
+        accelerator: Accelerator | None = None,
+        log=print,
+        num_workers: int | None = None,
+        strict: bool = False,
+        val_collator: Collator | None = None,
+    ):
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         # held-out samples index their own image table (the world's val split): its collator, not the training one
         self.val_collator = val_collator or collator
@@ -51,12 +64,15 @@ class Trainer:
         optimizer = torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
-        self.total_steps = (cfg.steps if cfg.steps is not None
-                            else max(1, math.ceil(cfg.epochs * len(train.samples) / per_step)))  # fmt: skip
+        self.total_steps = (
+            cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(train.samples) / per_step))
+        )
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps), num_training_steps=self.total_steps,
-            min_lr_rate=cfg.min_lr_ratio)  # fmt: skip
+            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+            min_lr_rate=cfg.min_lr_ratio,
+        )
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.best_val = float("inf")
@@ -105,8 +121,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         self.model.train()
         sampler = StepSampler(self.micro_indices, self.step, self.total_steps, self.cfg.grad_accum)
-        batches = iter(make_loader(self.train_data.samples, self.collator, sampler, self.num_workers)
-                       if self.step < self.total_steps else ())  # fmt: skip
+        batches = iter(
+            make_loader(self.train_data.samples, self.collator, sampler, self.num_workers)
+            if self.step < self.total_steps
+            else ()
+        )
         bar = progress_bar(self.total_steps, self.step, f"stage {self.cfg.stage}", self.acc.is_main_process)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
@@ -134,8 +153,9 @@ class Trainer:
             if not losses:
                 losses.append(torch.tensor(float("nan"), device=self.acc.device))
             if not self.memory:  # after the first step: gradients and optimizer state exist
-                self.memory = memory_report(self.model, self.optimizer.optimizer if hasattr(self.optimizer,
-                                            "optimizer") else self.optimizer)  # fmt: skip
+                self.memory = memory_report(
+                    self.model, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+                )
             loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             self.step += 1
             used = int(self.acc.reduce(torch.tensor(used, device=self.acc.device), reduction="sum").item())
@@ -146,8 +166,9 @@ class Trainer:
             self.samples_seen += used  # the samples trained on (a skipped one is not one)
             self.train_seconds += time.perf_counter() - t0
             self.history.append({"step": self.step, "loss": loss, **self.rates()})
-            bar.set_postfix_str(f"loss {loss:.4f}, {self.samples_seen / max(self.train_seconds, 1e-9):.0f} samples/s",
-                                refresh=False)  # fmt: skip
+            bar.set_postfix_str(
+                f"loss {loss:.4f}, {self.samples_seen / max(self.train_seconds, 1e-9):.0f} samples/s", refresh=False
+            )
             bar.update(1)
             if self.step % max(1, self.total_steps // 10) == 0 or self.step == self.total_steps:
                 rates = self.history[-1]
@@ -164,12 +185,18 @@ class Trainer:
         bar.close()
         if self.history and self.samples_seen == 0:
             raise ValueError(f"stage {self.cfg.stage} trained on no usable sample; {skip_summary(self.train_data)}")
-        return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
-                "best_val_loss": self.best_val if self.history else None,
-                "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
-                "trainable_parameters": self.num_trainable, "memory": self.memory,
-                "gradient_checkpointing": self.cfg.gradient_checkpointing, "lora": self.cfg.lora,
-                "first_step_at": self.first_step_at, "num_workers": self.num_workers}  # fmt: skip
+        return {
+            "steps": self.step,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "best_val_loss": self.best_val if self.history else None,
+            "train_samples_per_second": self.samples_seen / max(self.train_seconds, 1e-9),
+            "trainable_parameters": self.num_trainable,
+            "memory": self.memory,
+            "gradient_checkpointing": self.cfg.gradient_checkpointing,
+            "lora": self.cfg.lora,
+            "first_step_at": self.first_step_at,
+            "num_workers": self.num_workers,
+        }
 
     @torch.no_grad()
     def rates(self) -> dict[str, float]:
@@ -185,8 +212,9 @@ class Trainer:
     def validate(self) -> bool:
         """Validation loss at this step (recorded in the history); True when it is the best so far."""
         with self.acc.autocast():
-            loss = validation_loss(self.acc.unwrap_model(self.model), self.val_data, self.val_collator,
-                                   self.cfg.batch_size)  # fmt: skip
+            loss = validation_loss(
+                self.acc.unwrap_model(self.model), self.val_data, self.val_collator, self.cfg.batch_size
+            )
         self.history[-1]["val_loss"] = loss
         self.model.train()
         if loss is not None and loss < self.best_val:
@@ -204,15 +232,27 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         vlm = self.acc.unwrap_model(self.model)
-        state = {"step": self.step, "total_steps": self.total_steps, "best_val": self.best_val, "history": self.history,
-                 "samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
-                 "stage": dataclasses.asdict(self.cfg)}  # fmt: skip
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "best_val": self.best_val,
+            "history": self.history,
+            "samples_seen": self.samples_seen,
+            "train_seconds": self.train_seconds,
+            "stage": dataclasses.asdict(self.cfg),
+        }
         first = self.out_dir / names[0]
         with atomic_path(first) as tmp:
             vlm.save(tmp)
             kill_point(f"checkpoint-write:{self.cfg.stage}:{self.step}")  # tests: weights written, not yet renamed
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                },
+                tmp / "optimizer.pt",
+            )
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         for name in names[1:]:
             link_copy(first, self.out_dir / name)
@@ -220,7 +260,7 @@ class Trainer:
     def resume(self, directory: Path, verify: bool = True) -> None:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint written by ``save_checkpoint``."""
         state = json.loads((directory / "trainer_state.json").read_text())
-        self.acc.unwrap_model(self.model).load_trainable(directory / "trainable.safetensors", verify=verify)
+        self.acc.unwrap_model(self.model).load_weights(directory, verify=verify)
         extra = torch.load(directory / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
@@ -241,8 +281,6 @@ def link_copy(source: Path, target: Path) -> None:
 def skip_summary(data: Dataset, top: int = 3) -> str:
     """The most frequent skip reasons of ``data`` with their counts (one line; quoted names, which differ from sample to
     sample, are shown as '...')."""
-    import re
-    from collections import Counter
 
     counts = Counter(re.sub(r"'[^']*'", "'...'", s["reason"]) for s in data.skipped)
     if not counts:
@@ -279,8 +317,6 @@ def progress_bar(total: int, done: int, desc: str, main: bool):
     """A stage's bar on stderr (steps, loss, samples/s); off in other processes and under ``--quiet``
     (``TQDM_DISABLE=1``). The log lines every 10 % still go to the console and run.log."""
     from tqdm import tqdm
-
-    from connector_zoo.io import show_progress
 
     # left on screen when done: the final count, loss and samples/s are drawn at close whatever the refresh rate
     return tqdm(total=total, initial=done, desc=desc, unit="step", leave=True, disable=not (main and show_progress()))

@@ -34,8 +34,10 @@ from tqdm import tqdm
 
 from bench.data.formats import CAPTION_PROMPT
 from bench.data.world import Obj, World, exist_questions, relation_questions
-from bench.train.precision import autocast, cpu_bf16_is_fast
+from bench.train.packaged_llm import gguf_digest, packaged_gguf
+from bench.train.precision import cpu_bf16_is_fast
 from connector_zoo.io import kill_point, materialize, show_progress
+from connector_zoo.model.precision import autocast
 from llms import LLMS
 from llms.loss import causal_lm_forward
 
@@ -43,11 +45,15 @@ LLM_STEPS = 800
 LLM_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 LEVELS = {
     "small": dict(size=LLM_SIZE, steps=LLM_STEPS, lr=2e-3, scene_qa=None),
-    "wide": dict(size=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
-                 steps=1500, lr=1e-3, scene_qa=3),
+    "wide": dict(
+        size=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+        steps=1500,
+        lr=1e-3,
+        scene_qa=3,
+    ),
     # a pretrained LLM (bench/train/packaged_llm.py), cut to ``layers`` and fine-tuned on the world's text as ``wide``
     "smollm2": dict(pretrained="smollm2", layers="all", steps=240, batch_size=16, lr=1e-4, scene_qa=3),
-}  # fmt: skip
+}
 
 
 # SmolLM2's chat template puts this system turn before every conversation that has none: 19 tokens of "You are a
@@ -114,15 +120,25 @@ def llm_recipe(name: str, level: str = "small") -> dict:
     keeps its digest) the level's training text, rate and loss."""
     spec = level_of(level)
     if spec.get("pretrained"):
-        from bench.train.packaged_llm import gguf_digest, packaged_gguf
-
         keys = ("pretrained", "layers", "lr", "scene_qa")
         sha = gguf_digest(packaged_gguf(spec["pretrained"]))  # the file's own: a world LLM per source file
-        return {**{k: spec[k] for k in keys}, "sha256": sha, "level": level, "backend": name,
-                "prompt": CAPTION_PROMPT, "loss": "assistant-turns", "scene_seed": 7, "template": "no-default-system",
-                "precision": pretrained_precision()}  # fmt: skip
-    recipe = {"tokenizer": LLMS.get(name).tiny_tokenizer_key(), "size": spec["size"], "vocab": 640,
-              "prompt": CAPTION_PROMPT}  # fmt: skip
+        return {
+            **{k: spec[k] for k in keys},
+            "sha256": sha,
+            "level": level,
+            "backend": name,
+            "prompt": CAPTION_PROMPT,
+            "loss": "assistant-turns",
+            "scene_seed": 7,
+            "template": "no-default-system",
+            "precision": pretrained_precision(),
+        }
+    recipe = {
+        "tokenizer": LLMS.get(name).tiny_tokenizer_key(),
+        "size": spec["size"],
+        "vocab": 640,
+        "prompt": CAPTION_PROMPT,
+    }
     if level != "small":
         spec = LEVELS[level]
         recipe.update(level=level, lr=spec["lr"], scene_qa=spec["scene_qa"], loss="assistant-turns", scene_seed=7)
@@ -141,9 +157,14 @@ def llm_dir_name(
 
 
 def pretrain_llm(
-    name: str, world: World, steps: int | None = None, batch_size: int | None = None, seed: int = 0,
-    level: str = "small", log=print,
-) -> Path:  # fmt: skip
+    name: str,
+    world: World,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    level: str = "small",
+    log=print,
+) -> Path:
     """The world's ``name`` LLM directory (model + tokenizer) at ``level``, trained on the world's text on first use:
     from scratch (``small``, ``wide``), or from a pretrained LLM cut to some of its layers (``smollm2``)."""
     cls, spec = LLMS.get(name), level_of(level)
@@ -153,10 +174,10 @@ def pretrain_llm(
 
     def build(tmp: Path) -> None:
         if spec.get("pretrained"):
-            from bench.train.packaged_llm import packaged_gguf
-
-            log(f"world LLM {level}: {spec['pretrained']}'s layers {spec['layers']}, then {steps} steps on the "
-                f"world's text (once per world; minutes)")  # fmt: skip
+            log(
+                f"world LLM {level}: {spec['pretrained']}'s layers {spec['layers']}, then {steps} steps on the "
+                f"world's text (once per world; minutes)"
+            )
             backend = cls(str(packaged_gguf(spec["pretrained"], log)), frozen=False)
             keep_layers(backend.model, layer_indices(spec["layers"], len(backend.model.get_decoder().layers)))
             backend.tokenizer.chat_template = without_default_system(backend.tokenizer.chat_template or "")

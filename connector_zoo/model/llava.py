@@ -13,8 +13,8 @@ from pathlib import Path
 
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from bench.model.vlm import VLM
 from connector_zoo.io import atomic_path
+from connector_zoo.model.vlm import VLM
 from connectors.mlp import MLPConnector
 from encoders._hf import HFVisionEncoder
 

@@ -19,9 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import connector_zoo.hf_model  # noqa: F401,E402  (the Auto classes know every composed model)
-from bench.model.inputs import SampleTooLong, VLMInputs, VLMOutput  # noqa: F401  (part of this module's API)
 from connector_zoo.io import atomic_path, read_json, verify_file, write_manifest
+from connector_zoo.model.inputs import SampleTooLong, VLMInputs, VLMOutput  # noqa: F401  (part of this module's API)
 from connector_zoo.registry import names_from_file
 from connectors import build_connector
 from connectors.base import Connector, ConnectorOutput
@@ -34,6 +33,8 @@ from llms.loss import causal_lm_forward
 
 CONFIG_NAME = "vlm_config.json"
 WEIGHTS_NAME = "trainable.safetensors"
+# the transformers directory of the same model (connector_zoo/model/modeling.py writes it)
+HF_CONFIG_NAME, HF_WEIGHTS_NAME, HF_INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
 
 
 class VLM(nn.Module):
@@ -146,12 +147,23 @@ class VLM(nn.Module):
         visual = self.visual_tokens(inputs)
         embeds, mask, labels, position_ids = self.splice(inputs, visual)
         with self.llm_hook(inputs, visual, mask, labels, left_padded=False):
-            lm_loss, logits = causal_lm_forward(self.llm.model, labels, full_logits, inputs_embeds=embeds,
-                                                attention_mask=mask, position_ids=position_ids)  # fmt: skip
+            lm_loss, logits = causal_lm_forward(
+                self.llm.model,
+                labels,
+                full_logits,
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+            )
         aux = None if visual is None else visual.aux_loss
         loss = lm_loss if lm_loss is None or aux is None else lm_loss + aux
-        return VLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=logits,
-                         visual_tokens=None if visual is None else visual.num_tokens)  # fmt: skip
+        return VLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux,
+            logits=logits,
+            visual_tokens=None if visual is None else visual.num_tokens,
+        )
 
     @torch.no_grad()
     def generate(
@@ -188,12 +200,24 @@ class VLM(nn.Module):
         embeds, mask, _, _ = self.splice(inputs, visual, padding_side="left")
         kwargs.setdefault("do_sample", False)
         with self.llm_hook(inputs, visual, mask, None, left_padded=True):
-            return self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                           eos_token_id=self.llm.eos_token_id, pad_token_id=self.llm.pad_token_id,
-                                           **kwargs)  # fmt: skip
+            return self.llm.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.llm.eos_token_id,
+                pad_token_id=self.llm.pad_token_id,
+                **kwargs,
+            )
 
-    def llm_hook(self, inputs: VLMInputs, visual: ConnectorOutput | None, mask, labels, left_padded: bool,
-                 connector: Connector | None = None):  # fmt: skip
+    def llm_hook(
+        self,
+        inputs: VLMInputs,
+        visual: ConnectorOutput | None,
+        mask,
+        labels,
+        left_padded: bool,
+        connector: Connector | None = None,
+    ):
         """``connector``'s (default: this model's) LLM-side hook (FastV) with this batch's image spans, or a no-op."""
         hook = getattr(connector or self.connector, "llm_hook", None)
         if hook is None or visual is None:
@@ -230,29 +254,63 @@ class VLM(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, allow_dotted_paths: bool = False, verify: bool = True,
-             **overrides: Any) -> VLM:  # fmt: skip
-        """Rebuild a saved model. Its config names only registered components unless ``allow_dotted_paths`` (a
-        dotted path would import code chosen by whoever wrote the directory); the config and the weights are checked
-        against the manifest's SHA-256 unless ``verify`` is False."""
-        if verify:  # the config decides what is built: an edited one is refused like edited weights
-            verify_file(Path(directory) / CONFIG_NAME)
-        model = cls.from_config_file(Path(directory) / CONFIG_NAME, allow_dotted_paths, **overrides)
-        model.load_trainable(Path(directory) / WEIGHTS_NAME, verify=verify)
-        return model
+    def load(
+        cls,
+        directory: str | Path,
+        allow_dotted_paths: bool = False,
+        verify: bool = True,
+        weights: bool = True,
+        **overrides: Any,
+    ) -> VLM:
+        """The one way to rebuild a saved model, from either format a directory may hold:
 
-    @classmethod
-    def from_config_file(cls, path: Path, allow_dotted_paths: bool = False, **overrides: Any) -> VLM:
-        """The untrained model a ``vlm_config.json`` describes (names resolved as :func:`names_from_file` says)."""
-        specs = read_json(path)
-        parts = ("encoder", "connector", "llm")
-        named = lambda k: isinstance(specs.get(k), dict) and isinstance(specs[k].get("name"), str)  # noqa: E731
-        if not isinstance(specs, dict) or not all(named(k) for k in parts):
-            raise ValueError(f"{path} is not a model config: it needs encoder, connector and llm objects with a name")
+        - a run directory (``bench run``, ``VLM.save``): ``vlm_config.json`` + ``trainable.safetensors``, both checked
+          against the directory's manifest (SHA-256) unless ``verify`` is False: the config decides what is built,
+          so an edited one is refused like edited weights;
+        - a transformers directory (``<run>/hf``, ``save_pretrained``): ``config.json`` (``model_type``
+          ``connector_zoo``) + safetensors shards; backbones embedded as ``encoder/`` and ``llm/`` are read there.
+
+        The config names only registered components unless ``allow_dotted_paths`` (a dotted path imports code chosen
+        by whoever wrote the directory). ``weights=False`` gives the untrained model the config describes (``bench
+        eval`` answers blind with it first); ``overrides`` replace parts of the config (tests)."""
+        directory = Path(directory)
+        specs, source = cls._saved_specs(directory, verify)
         for key, value in overrides.items():
             specs[key] = {**specs[key], **value} if isinstance(value, dict) else value
-        with names_from_file(path, allow_dotted_paths):
-            return cls.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
+        with names_from_file(source, allow_dotted_paths):
+            model = cls.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
+        if weights:
+            model.load_weights(directory, verify=verify and source.name == CONFIG_NAME)
+        return model
+
+    @staticmethod
+    def _saved_specs(directory: Path, verify: bool) -> tuple[dict[str, Any], Path]:
+        """(component specs, the file they came from) of a run or transformers directory."""
+        run_config, hf_config = directory / CONFIG_NAME, directory / HF_CONFIG_NAME
+        if run_config.exists():
+            if verify:
+                verify_file(run_config)
+            specs = read_json(run_config)
+        elif hf_config.exists():
+            saved = read_json(hf_config)
+            if not isinstance(saved, dict) or saved.get("model_type") != "connector_zoo":
+                raise ValueError(f"{hf_config} is not a connector-zoo model (model_type {saved.get('model_type')!r})")
+            specs = {k: saved.get(k) for k in ("encoder", "connector", "llm")} | {
+                "max_length": saved.get("context_budget")
+            }
+            for part in ("encoder", "llm"):  # embedded backbones: sub-checkpoints inside the directory
+                embedded = isinstance(specs[part], dict) and specs[part].get("checkpoint") == part
+                if embedded and (directory / part).is_dir():
+                    specs[part] = {**specs[part], "checkpoint": str(directory / part)}
+        else:
+            raise FileNotFoundError(
+                f"{directory} holds neither {CONFIG_NAME} (a run) nor {HF_CONFIG_NAME} (a transformers directory)"
+            )
+        source = run_config if run_config.exists() else hf_config
+        named = lambda k: isinstance(specs.get(k), dict) and isinstance(specs[k].get("name"), str)  # noqa: E731
+        if not isinstance(specs, dict) or not all(named(k) for k in ("encoder", "connector", "llm")):
+            raise ValueError(f"{source} is not a model config: it needs encoder, connector and llm objects with a name")
+        return specs, source
 
     def load_connector(self, run_dir: str | Path, verify: bool = True) -> None:
         """Initialise the connector from another run's weights (LLaVA's stage 2 starts from stage 1's projector)."""
@@ -265,21 +323,34 @@ class VLM(nn.Module):
         try:
             self.connector.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"the connector in {path} does not fit this model's connector "
-                             f"{self.connector.spec}: {str(err).splitlines()[0]} ...") from err  # fmt: skip
+            raise ValueError(
+                f"the connector in {path} does not fit this model's connector "
+                f"{self.connector.spec}: {str(err).splitlines()[0]} ..."
+            ) from err
 
-    def load_trainable(self, path: str | Path, verify: bool = True) -> None:
-        """Load trained weights; ``verify``: their SHA-256 must match the directory's manifest first."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: the run directory has no trained weights")
-        if verify:
-            verify_file(path)
-        try:
-            state = load_file(str(path))
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is corrupt or incomplete") from err
-        self.load_trainable_state(state, path)
+    def load_weights(self, directory: str | Path, verify: bool = True) -> None:
+        """Load the trained weights a directory holds (``trainable.safetensors`` of a run or a checkpoint, checked
+        against its manifest unless ``verify`` is False; or a transformers directory's shards)."""
+        directory = Path(directory)
+        if (directory / WEIGHTS_NAME).exists():
+            files = [directory / WEIGHTS_NAME]
+            if verify:
+                verify_file(files[0])
+        elif (directory / HF_INDEX_NAME).exists():
+            files = [directory / f for f in sorted(set(read_json(directory / HF_INDEX_NAME)["weight_map"].values()))]
+        elif (directory / HF_WEIGHTS_NAME).exists():
+            files = [directory / HF_WEIGHTS_NAME]
+        else:
+            raise FileNotFoundError(f"{directory} has no trained weights ({WEIGHTS_NAME} or {HF_WEIGHTS_NAME})")
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            try:
+                state.update(load_file(str(path)))
+            except Exception as err:
+                raise ValueError(
+                    f"{path} is not a readable safetensors file ({err}); it is corrupt or incomplete"
+                ) from err
+        self.load_trainable_state(state, directory)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
         """Load saved trained weights after checking that they fit (no unknown name, the whole connector, every
@@ -287,11 +358,16 @@ class VLM(nn.Module):
         own = dict(self.named_parameters()) | {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
         unknown = sorted(set(state) - set(own))
         missing = sorted(k for k in own if k.startswith("connector.") and k not in state)
-        wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+        wrong = [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
         if unknown or missing or wrong:
-            raise ValueError(f"{source} does not fit this model (built from its config): unknown {unknown[:5]}, "
-                             f"missing {missing[:5]}, wrong shape {wrong[:5]}")  # fmt: skip
+            raise ValueError(
+                f"{source} does not fit this model (built from its config): unknown {unknown[:5]}, "
+                f"missing {missing[:5]}, wrong shape {wrong[:5]}"
+            )
         with torch.no_grad():
             for k, v in state.items():
                 if own[k].dtype != v.dtype and v.dtype == torch.float32 and isinstance(own[k], nn.Parameter):

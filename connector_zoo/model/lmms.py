@@ -11,7 +11,8 @@
 - ``visual_tokens``: the visual tokens each evaluated image gave (``bench eval`` records their mean).
 
 Model arguments: ``run`` (required), ``batch_size`` (16), ``allow_dotted_paths`` and ``verify`` (as ``bench eval``).
-Loading the run also points the shipped ``connector_zoo_world`` task at the world that run was trained on.
+Loading the run names it in ``CONNECTOR_ZOO_EVAL_RUN``, so the harness's ``connector_zoo_world`` task
+(``bench/evaluate/lmms_tasks``) asks the questions of the world that run was trained on.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
-WORLD_TASK_ENV = "CONNECTOR_ZOO_WORLD_TASK_DATA"
+from connector_zoo.model.inputs import VLMInputs
+from connector_zoo.model.precision import autocast, run_precision
+from connector_zoo.model.vlm import VLM
+
+RUN_ENV = "CONNECTOR_ZOO_EVAL_RUN"  # the run being evaluated, for tasks that depend on it (the world task)
 
 
 def manifest() -> ModelManifest:
     """The entry point lmms-eval 0.7 loads (group ``lmms_eval.models``)."""
-    return ModelManifest(model_id="connector_zoo", simple_class_path="connector_zoo.lmms_model.ConnectorZooLMM")
+    return ModelManifest(model_id="connector_zoo", simple_class_path="connector_zoo.model.lmms.ConnectorZooLMM")
 
 
 def _flag(value) -> bool:
@@ -40,21 +45,21 @@ def _flag(value) -> bool:
 class ConnectorZooLMM(lmms):
     is_simple = True
 
-    def __init__(self, run: str, batch_size: int | str = 16, allow_dotted_paths: bool | str = False,
-                 verify: bool | str = True, **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run: str,
+        batch_size: int | str = 16,
+        allow_dotted_paths: bool | str = False,
+        verify: bool | str = True,
+        **kwargs,
+    ) -> None:
         super().__init__()
-        from bench.evaluate.lmms import prepare_world_task
-        from bench.model.vlm import VLM
-        from bench.train.precision import run_precision
-
         self.run_dir = Path(run)
         self.vlm = VLM.load(self.run_dir, allow_dotted_paths=_flag(allow_dotted_paths), verify=_flag(verify)).eval()
         self.precision = run_precision(self.run_dir)
         self.batch_size = int(batch_size)
         self.visual_tokens: list[int] = []
-        world_data = prepare_world_task(self.run_dir)
-        if world_data is not None:
-            os.environ[WORLD_TASK_ENV] = str(world_data)
+        os.environ[RUN_ENV] = str(self.run_dir.resolve())
 
     # ------------------------------------------------------------------ helpers
     def _visual(self, request: Instance, doc_to_visual) -> Image.Image | None:
@@ -69,15 +74,11 @@ class ConnectorZooLMM(lmms):
         return [{"role": "user", "content": ("<image>\n" if image is not None else "") + context}]
 
     def _autocast(self):
-        from bench.train.precision import autocast
-
         return autocast(self.precision, self.vlm.device)
 
     # ------------------------------------------------------------------ requests
     @torch.no_grad()
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        from bench.model.vlm import VLMInputs
-
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):  # one batch per set of generation settings
@@ -112,8 +113,6 @@ class ConnectorZooLMM(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from bench.model.vlm import VLMInputs
-
         results = []
         for r in requests:
             context, target, doc_to_visual, doc_id, task, split = r.args

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
+from huggingface_hub import snapshot_download
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from connector_zoo.hf_model import ConnectorZooConfig
+from encoders import build_encoder
 
 IMAGE_TOKEN = "<image>"
 # transformers' content lists -> the prompt text this project trains on; then the LLM's own template
@@ -75,14 +77,10 @@ class ConnectorZooImageProcessor(BaseImageProcessor):
         if found is not None:
             return found
         if self._built is None:
-            from encoders import build_encoder
-
             self._built = build_encoder(**spec)
         return self._built
 
     def preprocess(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
-        from PIL import Image
-
         images = [images] if isinstance(images, Image.Image) else list(images)
         pixels = self.vision_encoder().preprocess([im.convert("RGB") for im in images])
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
@@ -97,8 +95,14 @@ class ConnectorZooImageProcessor(BaseImageProcessor):
 class ConnectorZooProcessor(ProcessorMixin):
     """Image processor + tokenizer + chat template of a connector-zoo model (see the module docstring)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None,
-                 prepend_bos: bool = False, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        prepend_bos: bool = False,
+        **kwargs: Any,
+    ):
         self.prepend_bos = prepend_bos
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
@@ -109,22 +113,25 @@ class ConnectorZooProcessor(ProcessorMixin):
         kwargs = vlm.llm.generation_template_kwargs
         if kwargs:  # e.g. Qwen3's enable_thinking=False, as bench generate renders the prompt
             template = "".join(f"{{%- set {k} = {json.dumps(v).lower()} -%}}\n" for k, v in kwargs.items()) + template
-        return cls(ConnectorZooImageProcessor(encoder=vlm.encoder.spec), tok, chat_template=FLATTEN + template,
-                   prepend_bos=bool(vlm.llm.prepend_bos))  # fmt: skip
+        return cls(
+            ConnectorZooImageProcessor(encoder=vlm.encoder.spec),
+            tok,
+            chat_template=FLATTEN + template,
+            prepend_bos=bool(vlm.llm.prepend_bos),
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any) -> ConnectorZooProcessor:
         directory = Path(pretrained_model_name_or_path)
         if not directory.is_dir():
-            from huggingface_hub import snapshot_download
-
             directory = Path(snapshot_download(str(pretrained_model_name_or_path)))
         processor = super().from_pretrained(str(directory), *args, **kwargs)
         processor.image_processor.directory = str(directory)
         return processor
 
-    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding: bool | str = True,
-                 **kwargs: Any) -> BatchFeature:  # fmt: skip
+    def __call__(
+        self, images=None, text=None, return_tensors: str | None = "pt", padding: bool | str = True, **kwargs: Any
+    ) -> BatchFeature:
         """Token ids of each prompt as the LLM backend tokenizes it (one ``<image>`` token per image, left-padded),
         attention mask, and pixel values of the images in order."""
         texts = [text] if isinstance(text, str) else list(text or [])
@@ -139,8 +146,10 @@ class ConnectorZooProcessor(ProcessorMixin):
         flat = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
         flat = [im for group in flat for im in (group if isinstance(group, (list, tuple)) else [group])]
         if len(flat) != n_tokens:
-            raise ValueError(f"{len(flat)} image(s) for {n_tokens} {IMAGE_TOKEN} token(s) in the text: give one image "
-                             f"per {IMAGE_TOKEN} (a chat's image entries become one each)")  # fmt: skip
+            raise ValueError(
+                f"{len(flat)} image(s) for {n_tokens} {IMAGE_TOKEN} token(s) in the text: give one image "
+                f"per {IMAGE_TOKEN} (a chat's image entries become one each)"
+            )
         width = max((len(r) for r in rows), default=0)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         data: dict[str, Any] = {
@@ -157,7 +166,3 @@ class ConnectorZooProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
-
-
-AutoImageProcessor.register(ConnectorZooConfig, slow_image_processor_class=ConnectorZooImageProcessor, exist_ok=True)
-AutoProcessor.register(ConnectorZooConfig, ConnectorZooProcessor, exist_ok=True)

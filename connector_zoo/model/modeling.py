@@ -2,8 +2,8 @@
 
 :class:`ConnectorZooConfig` (``model_type = "connector_zoo"``) holds the three component specs (name, checkpoint,
 settings) and :class:`ConnectorZooForConditionalGeneration` (``PreTrainedModel`` + ``GenerationMixin``) wraps the
-composed model. Both are registered with ``AutoConfig`` / ``AutoModelForImageTextToText`` when ``connectors`` (or
-this module) is imported.
+composed model it owns (:class:`~connector_zoo.model.vlm.VLM`; the VLM never refers back to it). Importing
+``connector_zoo.model`` registers both with ``AutoConfig`` / ``AutoModelForImageTextToText``.
 
 ``save_pretrained(dir)`` writes ``config.json``, the trained weights (the connector and whatever else trained: a
 fine-tuned LLM, LoRA adapters) as standard safetensors shards through transformers' own writer, and a model card.
@@ -23,32 +23,23 @@ tokens in and hands every standard generation argument to the LLM's ``generate``
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, GenerationMixin, PretrainedConfig, PreTrainedModel
+from huggingface_hub import snapshot_download
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-PARTS = ("encoder", "connector", "llm")
-
-
-class ConnectorZooConfig(PretrainedConfig):
-    model_type = "connector_zoo"
-
-    def __init__(self, encoder: dict | None = None, connector: dict | None = None, llm: dict | None = None,
-                 context_budget: int | None = None, **kwargs: Any):  # fmt: skip
-        # ``context_budget``: the composed model's max_length (transformers reserves that name for generation)
-        self.encoder, self.connector, self.llm, self.context_budget = encoder, connector, llm, context_budget
-        super().__init__(**kwargs)
-
-    @classmethod
-    def from_specs(cls, specs: dict[str, Any]) -> ConnectorZooConfig:
-        return cls(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
-
-    def specs(self) -> dict[str, Any]:
-        return {"encoder": self.encoder, "connector": self.connector, "llm": self.llm,
-                "max_length": self.context_budget}  # fmt: skip
+from connector_zoo.io import link_or_copy, link_tree, readable_as_usual
+from connector_zoo.model.configuration import PARTS, ConnectorZooConfig
+from connector_zoo.model.inputs import VLMInputs
+from connector_zoo.model.processing import ConnectorZooProcessor, remember_encoder
+from connector_zoo.model.vlm import VLM, WEIGHTS_NAME
+from connector_zoo.registry import RegistryError
 
 
 class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -59,13 +50,9 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def __init__(self, config: ConnectorZooConfig, vlm=None):
         super().__init__(config)
         if vlm is None:
-            from bench.model.vlm import VLM
-
             specs = config.specs()
             vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
         self.vlm = vlm
-        from connector_zoo.hf_processor import remember_encoder
-
         remember_encoder(vlm.encoder)  # the AutoProcessor of this directory preprocesses with it (no second copy)
 
     @classmethod
@@ -73,8 +60,9 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return cls(ConnectorZooConfig.from_specs(vlm.specs()), vlm=vlm)
 
     # ---------------------------------------------------------------- save & load
-    def save_pretrained(self, save_directory, embed_backbones: bool = False, results: dict | None = None,
-                        **kwargs: Any) -> None:  # fmt: skip
+    def save_pretrained(
+        self, save_directory, embed_backbones: bool = False, results: dict | None = None, **kwargs: Any
+    ) -> None:
         """Config + trained weights (shards) + model card (with a run's ``results`` table when given);
         ``embed_backbones`` writes the backbones alongside."""
         out = Path(save_directory)
@@ -92,22 +80,22 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
             self.config = original
         self.processor(specs).save_pretrained(out)
         (out / "README.md").write_text(model_card(self.vlm, specs, results))
+        for written in [*out.glob("*.safetensors"), out / "encoder", out / "llm"]:  # safetensors writes 0600
+            if written.exists():
+                readable_as_usual(written)
 
-    def processor(self, specs: dict[str, Any] | None = None):
-        """The :class:`~connector_zoo.hf_processor.ConnectorZooProcessor` of this model (``AutoProcessor`` reads the
+    def processor(self, specs: dict[str, Any] | None = None) -> ConnectorZooProcessor:
+        """The :class:`~connector_zoo.model.processing.ConnectorZooProcessor` of this model (``AutoProcessor`` reads the
         one ``save_pretrained`` writes)."""
-        from connector_zoo.hf_processor import ConnectorZooProcessor
-
-        processor = ConnectorZooProcessor.from_vlm(self.vlm)
-        if specs is not None:  # as saved: an embedded encoder is named by its folder
-            processor.image_processor.encoder = specs["encoder"]
-        return processor
+        return processor_of(self.vlm, specs or self.vlm.specs())
 
     def _embed(self, out: Path, specs: dict[str, Any]) -> dict[str, Any]:
         enc, llm = self.vlm.encoder, self.vlm.llm
         if hasattr(llm.model, "peft_config"):
-            raise ValueError("embed_backbones with LoRA adapters: merge them first (bench export-hf merges), or save "
-                             "with the backbones referenced")  # fmt: skip
+            raise ValueError(
+                "embed_backbones with LoRA adapters: merge them first (bench export-hf merges), or save "
+                "with the backbones referenced"
+            )
         enc.save_checkpoint(out / "encoder")
         llm.model.save_pretrained(out / "llm")
         llm.tokenizer.save_pretrained(out / "llm")
@@ -116,44 +104,22 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return specs
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, allow_dotted_paths: bool = False,
-                        **kwargs: Any) -> ConnectorZooForConditionalGeneration:  # fmt: skip
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args: Any, allow_dotted_paths: bool = False, **kwargs: Any
+    ) -> ConnectorZooForConditionalGeneration:
         """Rebuild from ``config.json`` (sub-checkpoints ``encoder``/``llm`` resolved inside the directory), then
         load the saved weights; every saved tensor must find its parameter."""
-        from safetensors.torch import load_file
-
-        from bench.model.vlm import VLM
-        from connector_zoo.registry import RegistryError, names_from_file
-
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").exists():
-            from huggingface_hub import snapshot_download
-
             directory = Path(snapshot_download(str(pretrained_model_name_or_path)))
         config = ConnectorZooConfig.from_pretrained(directory)
-        specs = config.specs()
-        for part in ("encoder", "llm"):
-            if specs[part].get("checkpoint") in ("encoder", "llm") and (directory / specs[part]["checkpoint"]).is_dir():
-                specs[part] = {**specs[part], "checkpoint": str(directory / specs[part]["checkpoint"])}
-        try:
-            with names_from_file(directory / "config.json", allow_dotted_paths):
-                vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
+        try:  # the one loader (VLM.load): a transformers directory has no manifest to check against
+            vlm = VLM.load(directory, allow_dotted_paths=allow_dotted_paths, verify=False)
         except RegistryError as err:
             if "--allow-dotted-paths" not in str(err):
                 raise
-            raise RegistryError(
-                str(err).replace(
-                    "pass --allow-dotted-paths",
-                    "pass allow_dotted_paths=True to from_pretrained (the code must be importable)",
-                )
-            ) from None
-        state: dict[str, torch.Tensor] = {}
-        index = directory / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-            "model.safetensors"]  # fmt: skip
-        for name in files:
-            state.update(load_file(str(directory / name)))
-        vlm.load_trainable_state(state, directory)  # the checks and dtype rules of VLM.load
+            fix = "pass allow_dotted_paths=True to from_pretrained (the code must be importable)"
+            raise RegistryError(str(err).replace("pass --allow-dotted-paths", fix)) from None
         model = cls(config, vlm=vlm)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if dtype not in (None, "auto"):  # as transformers does: every floating weight in that dtype
@@ -161,8 +127,10 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         device_map = kwargs.get("device_map")
         if device_map is not None:
             if isinstance(device_map, dict) or device_map in ("balanced", "balanced_low_0", "sequential"):
-                raise ValueError(f"device_map={device_map!r}: a connector-zoo model loads on one device; pass a "
-                                 f"device (e.g. 'cuda:0'), or 'auto' for the first GPU if there is one")  # fmt: skip
+                raise ValueError(
+                    f"device_map={device_map!r}: a connector-zoo model loads on one device; pass a "
+                    f"device (e.g. 'cuda:0'), or 'auto' for the first GPU if there is one"
+                )
             model.to(("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map)
         return model.eval()
 
@@ -174,8 +142,6 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.vlm.prompt_ids(with_image or [True] * len(prompts), prompts)
 
     def _inputs(self, input_ids, attention_mask, pixel_values, labels=None):
-        from bench.model.vlm import VLMInputs
-
         rows = list(input_ids) if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 2 else [input_ids]
         if attention_mask is not None:  # unpad (either side): the composed model re-pads after splicing
             rows = [r[m.bool()] for r, m in zip(rows, attention_mask)]
@@ -197,38 +163,39 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **generation_kwargs: Any):
         max_new = generation_kwargs.pop("max_new_tokens", 32)
-        return self.vlm.generate_ids(self._inputs(input_ids, attention_mask, pixel_values), max_new,
-                                     **generation_kwargs)  # fmt: skip
+        return self.vlm.generate_ids(
+            self._inputs(input_ids, attention_mask, pixel_values), max_new, **generation_kwargs
+        )
 
     def answer(self, images, prompts: list[str], **generation_kwargs: Any) -> list[str]:
         return self.vlm.generate(images, prompts, **generation_kwargs)
 
 
 def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
-    """A run's model in this format, ``<run>/hf``: config, generation config, model card, and the run's trained
-    weights hard-linked (not copied: a fine-tuned 7B LLM is not written twice) as ``model.safetensors``. Written
-    beside and renamed into place, so a reader never sees half of it."""
-    import os
-    import shutil
-    import tempfile
+    """A run's model in this format, ``<run>/hf``: config, generation config, processor, model card, and the run's
+    trained weights hard-linked (not copied: a fine-tuned 7B LLM is not written twice) as ``model.safetensors``.
 
-    from transformers import GenerationConfig
-
-    from bench.model.vlm import WEIGHTS_NAME
-    from connector_zoo.io import link_or_copy
-
+    The directory stands alone: a backbone loaded from a local directory (the mini world's, built in this machine's
+    cache; a checkpoint on disk) is hard-linked into ``encoder/`` or ``llm/`` and the config names it there, so a copy
+    of ``hf/`` loads on another path or machine; a hub id stays a reference. Written beside and renamed into place,
+    so a reader never sees half of it, with the usual permissions (readable by others as the umask allows)."""
     run_dir = Path(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=run_dir))
     try:
-        config = ConnectorZooConfig.from_specs(vlm.specs())
+        specs = json.loads(json.dumps(vlm.specs()))
+        for part in ("encoder", "llm"):
+            checkpoint = specs[part].get("checkpoint")
+            if isinstance(checkpoint, str) and checkpoint not in ("encoder", "llm") and Path(checkpoint).is_dir():
+                link_tree(checkpoint, tmp / part)
+                specs[part] = {**specs[part], "checkpoint": part}
+        config = ConnectorZooConfig.from_specs(specs)
         config.architectures = [ConnectorZooForConditionalGeneration.__name__]
         config.save_pretrained(tmp)
         GenerationConfig(eos_token_id=vlm.llm.eos_token_id, pad_token_id=vlm.llm.pad_token_id).save_pretrained(tmp)
         link_or_copy(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
-        from connector_zoo.hf_processor import ConnectorZooProcessor
-
-        ConnectorZooProcessor.from_vlm(vlm).save_pretrained(tmp)  # AutoProcessor, pipeline("image-text-to-text")
-        (tmp / "README.md").write_text(model_card(vlm, vlm.specs(), results))
+        processor_of(vlm, specs).save_pretrained(tmp)  # AutoProcessor, pipeline("image-text-to-text")
+        (tmp / "README.md").write_text(model_card(vlm, specs, results))
+        readable_as_usual(tmp)
         shutil.rmtree(run_dir / "hf", ignore_errors=True)
         os.rename(tmp, run_dir / "hf")
     finally:
@@ -236,15 +203,32 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
     return run_dir / "hf"
 
 
+def processor_of(vlm, specs: dict[str, Any]) -> ConnectorZooProcessor:
+    """The processor of ``vlm`` as saved with ``specs`` (an embedded encoder is named by its folder)."""
+    processor = ConnectorZooProcessor.from_vlm(vlm)
+    processor.image_processor.encoder = specs["encoder"]
+    return processor
+
+
 def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> str:
     """README.md: components, recipe, visual tokens, parameters and, for a run, its evaluation table."""
     enc, conn, llm = (specs[p] for p in PARTS)
     trainable = sum(t.numel() for t in vlm.trainable_tensors().values())
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [connector-zoo]", "---",
-             "", f"# {conn['name']} connector: {enc['name']} -> {llm['name']}", "",
-             "Trained with [connector-zoo](https://github.com/connector-zoo/connector-zoo). Load with "
-             "`import connectors` and `AutoModelForImageTextToText.from_pretrained(<this directory>)`.", "",
-             "| part | spec |", "| --- | --- |"]  # fmt: skip
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [connector-zoo]",
+        "---",
+        "",
+        f"# {conn['name']} connector: {enc['name']} -> {llm['name']}",
+        "",
+        "Trained with [connector-zoo](https://github.com/connector-zoo/connector-zoo). Load with "
+        "`import connector_zoo.model` and `AutoModelForImageTextToText.from_pretrained(<this directory>)`.",
+        "",
+        "| part | spec |",
+        "| --- | --- |",
+    ]
     lines += [f"| {p} | `{json.dumps(specs[p], sort_keys=True)}` |" for p in PARTS]
     where = "embedded" if enc.get("checkpoint") == "encoder" else "referenced"
     total = sum(p.numel() for p in vlm.parameters())
@@ -253,17 +237,19 @@ def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> st
         cfg = results.get("config", {})
         tokens = (results.get("visual_tokens_per_image") or {}).get("mean")
         kind = cfg.get("data", {}).get("kind")
-        lines += [f"Recipe: `{cfg.get('recipe')}`, seed {cfg.get('seed')}; data: `{kind}`; visual tokens per image: "
-                  f"{tokens}.", "", "| split | exact match | blind |", "| --- | ---: | ---: |"]  # fmt: skip
+        lines += [
+            f"Recipe: `{cfg.get('recipe')}`, seed {cfg.get('seed')}; data: `{kind}`; visual tokens per image: "
+            f"{tokens}.",
+            "",
+            "| split | exact match | blind |",
+            "| --- | ---: | ---: |",
+        ]
         for split, m in (results.get("metrics") or {}).items():
             if "accuracy" in m:
                 lines.append(f"| {split} | {m['accuracy']['exact_match']:.3f} | {m['blind']['exact_match']:.3f} |")
         for task, entry in (results.get("lmms_eval") or {}).items():
-            lines.append(f"| lmms-eval {task} ({entry.get('headline')}) | "
-                         f"{entry['metrics'].get(entry.get('headline'), float('nan')):.3f} | |")  # fmt: skip
+            lines.append(
+                f"| lmms-eval {task} ({entry.get('headline')}) | "
+                f"{entry['metrics'].get(entry.get('headline'), float('nan')):.3f} | |"
+            )
     return "\n".join(lines) + "\n"
-
-
-AutoConfig.register("connector_zoo", ConnectorZooConfig, exist_ok=True)
-AutoModelForImageTextToText.register(ConnectorZooConfig, ConnectorZooForConditionalGeneration, exist_ok=True)
-import connector_zoo.hf_processor  # noqa: E402,F401  (AutoProcessor and AutoImageProcessor, registered on import)
