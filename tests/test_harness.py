@@ -253,3 +253,45 @@ def test_git_commit_says_when_tracked_code_differs_from_the_commit(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == head + "-dirty"
+
+
+def test_every_plain_run_setting_has_its_flag_and_arrives():
+    """Issue 33: a plain setting travels from its `bench run` flag straight to the RunConfig field of the same name
+    (no hand copy to forget); each one given on the command line arrives in the run's config."""
+    from bench.cli import COMMANDS
+    from bench.cli.parser import build_parser
+    from bench.cli.training import run_config_from_args
+    from bench.train.config import RunConfig
+
+    parser = build_parser(COMMANDS)
+    run_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
+    dests = {a.dest for a in run_parser._actions}
+    assert set(RunConfig.plain_fields()) <= dests, set(RunConfig.plain_fields()) - dests
+    args = parser.parse_args(
+        [
+            "run",
+            "--seed",
+            "7",
+            "--precision",
+            "bf16",
+            "--max-length",
+            "99",
+            "--num-workers",
+            "0",
+            "--feature-cache",
+            "off",
+            "--strict",
+            "--max-image-pixels",
+            "5",
+        ]
+    )
+    cfg = run_config_from_args(args)
+    assert (cfg.seed, cfg.precision, cfg.max_length, cfg.num_workers, cfg.feature_cache, cfg.strict) == (
+        7,
+        "bf16",
+        99,
+        0,
+        "off",
+        True,
+    )
+    assert cfg.max_image_pixels == 5

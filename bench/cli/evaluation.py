@@ -18,6 +18,7 @@ from connector_zoo.io import write_json
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from bench.evaluate.accuracy import blind_answers, evaluate_split, shown_loss
+    from bench.run.record import questions
     from bench.train.config import RunConfig, feature_sources, load_data
     from connector_zoo.model.precision import autocast, run_precision
     from connector_zoo.model.vlm import VLM
@@ -42,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if "accuracy" in m:
             print(
                 f"{name}: accuracy {m['accuracy']['exact_match']:.3f} (blind {m['blind']['exact_match']:.3f}), "
-                f"n={m['accuracy']['count']}; per type {json.dumps(m['accuracy']['per_type'])}"
+                f"{questions(m['accuracy'])}; per type {json.dumps(m['accuracy']['per_type'])}"
             )
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
         print(f"{name}: {loss_key} {shown_loss(m[loss_key], 4)}")

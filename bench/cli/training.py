@@ -33,31 +33,31 @@ def cmd_run(args: argparse.Namespace) -> None:
             log=quiet_or_print(args),
         )
         return
+    cfg = run_config_from_args(args)
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
+    out = Path(args.out) if args.out else Path("runs") / name
+    run(cfg, out, verify=not args.no_verify, log=quiet_or_print(args))
+    print(f"run directory: {out}")
+
+
+def run_config_from_args(args: argparse.Namespace):
+    """The RunConfig that ``bench run``'s flags describe."""
+    from bench.train.config import RunConfig
+
     specs = specs_from_args(args)
     specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
     specs["llm"] = {k: v for k, v in specs["llm"].items() if v is not None}
     data = data_from_args(args)
+    # every plain setting travels from its flag to the field of the same name (tests/test_harness.py checks that each
+    # RunConfig field has its flag); the structured ones are assembled above
+    plain = {name: getattr(args, name) for name in RunConfig.plain_fields() if hasattr(args, name)}
     cfg = RunConfig(
         encoder=specs["encoder"],
         connector=specs["connector"],
         llm=specs["llm"],
         data=data,
-        recipe=args.recipe,
-        seed=args.seed,
-        strict=args.strict,
-        precision=args.precision,
-        backbone_dtype=args.backbone_dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
         lora=parse_lora(args.lora),
-        qlora=args.qlora,
-        init_connector=args.init_connector,
-        profile=args.profile,
-        max_length=args.max_length,
-        feature_cache=args.feature_cache,
-        feature_cache_max_gb=args.feature_cache_max_gb,
-        num_workers=args.num_workers,
-        allow_paths_outside_image_folder=args.allow_paths_outside_image_folder,
-        max_image_pixels=args.max_image_pixels,
+        **plain,
     )
     if args.qlora and cfg.lora is None:
         cfg.lora = parse_lora("")
@@ -81,10 +81,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         if "grad_accum" in overrides:  # an explicit accumulation replaces the recipe's global batch
             overrides["global_batch"] = None
         cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
-    out = Path(args.out) if args.out else Path("runs") / name
-    run(cfg, out, verify=not args.no_verify, log=quiet_or_print(args))
-    print(f"run directory: {out}")
+    return cfg
 
 
 def quiet_or_print(args: argparse.Namespace):

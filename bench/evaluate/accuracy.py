@@ -92,6 +92,7 @@ def accuracy(samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
         "contains_match": sum(contains) / max(len(contains), 1),
         "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
         "count": len(correct),
+        "images": len({s.image for s in samples if s.image is not None}),  # the questions ask about these many
         # per question, for paired comparisons between runs (bench/evaluate/stats.py) and the report's gallery: the
         # sample ids, 0/1 exact match and the answer as generated (None: the image could not be read)
         "per_question": {"ids": [s.id for s in samples], "correct": correct, "answers": list(predictions)},

@@ -202,7 +202,7 @@ def summary(results: dict[str, Any]) -> str:
             per = "  ".join(f"{k} {v:.2f}" for k, v in acc["per_type"].items())
             lines.append(
                 f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
-                f"n={acc['count']}  | {per}"
+                f"{questions(acc)}  | {per}"
             )
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
         lines.append(f"  {split:<14} {loss_key} {shown_loss(m[loss_key], 3)}")
@@ -259,3 +259,9 @@ class RunLog:
             self.logger.removeHandler(self.handler)
             self.handler.close()
         self.handler, self.main = None, False  # closed: later lines go to the console only
+
+
+def questions(acc: dict[str, Any]) -> str:
+    """``1000 questions on 337 images`` (a record without the image count, older than it: the questions alone)."""
+    images = acc.get("images")
+    return f"{acc['count']} questions" + (f" on {images} images" if images else "")

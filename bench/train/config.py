@@ -93,6 +93,14 @@ class RunConfig:
         check("run config", "max_image_pixels", self.max_image_pixels, int, lo=0)
 
     @classmethod
+    def plain_fields(cls) -> list[str]:
+        """The settings given as they are by one command-line flag each (``--seed`` -> ``seed``); the others are
+        assembled from several flags (the component specs, ``data``, ``stages``, ``lora``) or parsed
+        (``eval_limit``)."""
+        structured = {"encoder", "connector", "llm", "data", "stages", "lora", "eval_limit"}
+        return [f.name for f in dataclasses.fields(cls) if f.name not in structured]
+
+    @classmethod
     def from_file(cls, path: Path) -> RunConfig:
         """A run's ``config.json``, every field checked; an unknown field is named, not a traceback."""
         data = read_json(path)
