@@ -20,13 +20,28 @@ def saved(tmp_path):
     return vlm.save(tmp_path / "run")
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
-def test_a_run_config_that_is_not_an_object_is_one_line(saved, command, capsys):
+def command_line(command: str, run, tmp_path) -> list[str]:
+    return {
+        "generate": ["generate", str(run), "--prompt", "hi"],
+        "eval": ["eval", str(run)],
+        "profile": ["profile", "--run", str(run)],
+        "prune-curve": ["prune-curve", str(run), "--ratios", "1,0.5"],
+        "export-hf": ["export-hf", "--run", str(run), "--out", str(tmp_path / "llava")],
+        "save-pretrained": ["save-pretrained", str(run), str(tmp_path / "hf")],
+    }[command]
+
+
+COMMANDS = ["generate", "eval", "profile", "prune-curve", "export-hf", "save-pretrained"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_run_config_that_is_not_an_object_is_one_line(saved, command, capsys, tmp_path):
+    """Every command that reads a run directory says the same one line (one loader), and writes nothing."""
     (saved / "config.json").write_text("[]")
-    args = [command, str(saved), *(["--prompt", "hi"] if command == "generate" else [])]
-    assert main(args) == 2
+    assert main(command_line(command, saved, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json is not a run config (a JSON object)" in err[0], err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "llava").exists()
 
 
 def test_a_model_config_with_a_list_for_a_part_is_one_line(saved, capsys):

@@ -28,6 +28,21 @@ def specs_from_args(args: argparse.Namespace, connector: str | None = None) -> d
     }
 
 
+def load_run(run_dir: str | Path, args: argparse.Namespace, weights: bool = True):
+    """The one loader of a run directory for every command (generate, eval, profile, prune-curve, export-hf,
+    save-pretrained): its ``config.json`` checked first (one line when it is not a run config), then the model
+    (``VLM.load``: verified against the manifest unless ``--no-verify``; dotted paths only with
+    ``--allow-dotted-paths``). A model directory without a run config (``VLM.save``, ``<run>/hf``) loads as it is."""
+    from bench.train.config import RunConfig
+    from connector_zoo.model.vlm import CONFIG_NAME, VLM
+
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_NAME).exists() and (run_dir / "config.json").exists():
+        RunConfig.from_file(run_dir / "config.json")
+    verify = not getattr(args, "no_verify", False)
+    return VLM.load(run_dir, getattr(args, "allow_dotted_paths", False), verify=verify, weights=weights).eval()
+
+
 def vlm_from_args(args: argparse.Namespace):
     """A trained run (``--run``) or a fresh combination from the component options (seeded)."""
     import torch
@@ -35,7 +50,7 @@ def vlm_from_args(args: argparse.Namespace):
     from connector_zoo.model.vlm import VLM
 
     if args.run:
-        return VLM.load(args.run, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify)
+        return load_run(args.run, args)
     s = specs_from_args(args)
     torch.manual_seed(0)
     return VLM.build(s["encoder"], s["connector"], s["llm"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.cli.common import (
     data_from_args,
+    load_run,
     report,
     specs_from_args,
 )
@@ -21,7 +22,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from bench.run.record import questions
     from bench.train.config import RunConfig, feature_sources, load_data
     from connector_zoo.model.precision import autocast, run_precision
-    from connector_zoo.model.vlm import VLM
 
     run_dir = Path(args.run_dir)
     if args.tasks:
@@ -29,7 +29,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = RunConfig.from_file(run_dir / "config.json")
     if args.eval_limit is not None:
         cfg.eval_limit = limit(args.eval_limit)
-    vlm = VLM.load(run_dir, args.allow_dotted_paths, verify=not args.no_verify, weights=False).eval()
+    vlm = load_run(run_dir, args, weights=False)
     _, _, eval_sets, _ = load_data(cfg, print)
     by_table = feature_sources(cfg, vlm, list(eval_sets.values()), print)[1]
     collators = {name: by_table[ds.images.key] for name, ds in eval_sets.items()}
@@ -75,9 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from connector_zoo.model.precision import autocast, run_precision
-    from connector_zoo.model.vlm import VLM
 
-    vlm = VLM.load(args.run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
+    vlm = load_run(args.run_dir, args)
     images = None
     if args.image:
         try:

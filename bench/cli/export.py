@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from_args, vlm_from_args, world_config  # noqa: F401
+from bench.cli.common import (  # noqa: F401
+    data_from_args,
+    demo_images,
+    load_run,
+    parse_lora,
+    specs_from_args,
+    vlm_from_args,
+    world_config,
+)
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
@@ -21,10 +29,9 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 def cmd_save_pretrained(args: argparse.Namespace) -> None:
     from connector_zoo.io import read_json
     from connector_zoo.model.modeling import ConnectorZooForConditionalGeneration
-    from connector_zoo.model.vlm import VLM
 
     run_dir = Path(args.run_dir)
-    vlm = VLM.load(run_dir, allow_dotted_paths=args.allow_dotted_paths, verify=not args.no_verify).eval()
+    vlm = load_run(run_dir, args)
     results = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else None
     model = ConnectorZooForConditionalGeneration.from_vlm(vlm)
     model.save_pretrained(args.out, embed_backbones=args.embed_backbones, results=results)
