@@ -324,3 +324,30 @@ def test_sweep_pairs_script_compares_two_configurations_by_hand(tmp_path):
     assert second.startswith("mlp2x_gelu:linear: +30.0 [")
     bad = run("qformer:linear")
     assert bad.returncode != 0 and "'qformer' names 0 configurations" in bad.stderr and "clip + linear" in bad.stderr
+
+
+def test_a_split_with_no_usable_question_reads_not_evaluated_in_every_table(tmp_path):
+    """Issue 34: a run whose compositional split kept no question (no ``accuracy`` recorded) shows "not evaluated"
+    in Markdown, CSV and the HTML page, not an empty cell and never a number; a configuration with one measured seed
+    keeps the measured value."""
+    from bench.report.html import table_context
+    from bench.report.tables import aggregate, load_runs, table
+
+    fake_run(tmp_path / "runs", "mlp2x_gelu", 0, 0.50, 0.9, 0.3, 64)
+    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16)
+    record = tmp_path / "runs" / "linear-s0" / "results.json"
+    results = json.loads(record.read_text())
+    results["metrics"]["compositional"] = {"caption_loss": None, "perplexity": None}  # every question dropped
+    record.write_text(json.dumps(results))
+    rows = aggregate(load_runs([tmp_path / "runs"]))
+    lin = next(r for r in rows if r["name"].startswith("clip + linear"))
+    mlp = next(r for r in rows if r["name"].startswith("clip + mlp2x_gelu"))
+    assert "compositional" not in lin and lin["not_evaluated"] == ["compositional"]
+    assert mlp["not_evaluated"] == [] and mlp["compositional"] == (0.25, 0.0)
+    md = table(rows).splitlines()
+    header = [c.strip() for c in md[0].strip("|").split("|")]
+    line = next(x for x in md if x.startswith("| clip + linear"))
+    assert dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))["comp. acc"] == "not evaluated"
+    assert "not evaluated" in next(x for x in table(rows, "csv").splitlines() if x.startswith("clip + linear"))
+    html_row = next(r for r in table_context(rows)["rows"] if r["cells"][0]["text"].startswith("clip + linear"))
+    assert "not evaluated" in [c["text"] for c in html_row["cells"]]

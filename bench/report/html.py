@@ -31,6 +31,7 @@ from bench.report.tables import (
     config_name,
     fmt,
     load_runs,
+    missing_cell,
     vs_best_text,
 )
 from bench.train.config import RunConfig, load_data
@@ -55,7 +56,7 @@ def table_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ]
         for c in cols:
             if c not in r:
-                cells.append({"text": "", "sort": "", "best": False})
+                cells.append({"text": missing_cell(r, c), "sort": "", "best": False})
                 continue
             marked = not blind and abs(r[c][0] - top.get(c, float("nan"))) < 1e-12
             cells.append({"text": fmt(c, *r[c], with_std), "sort": f"{r[c][0]:.9g}", "best": marked})

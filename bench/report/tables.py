@@ -108,10 +108,22 @@ def run_values(r: dict[str, Any], blind: bool = False) -> dict[str, float]:
     return out
 
 
+NOT_EVALUATED = "not evaluated"  # a split over no usable question (or eval_limit 0): shown so, never as a number
+
+
+def not_evaluated(r: dict[str, Any]) -> set[str]:
+    """The accuracy columns a run recorded no accuracy for: a split present in its metrics without ``accuracy``
+    (every question dropped, or ``eval_limit`` 0), and the question types with the test split."""
+    m = r["metrics"]
+    out = {split for split in ("test", "compositional") if split in m and "accuracy" not in m[split]}
+    return out | (set(QUESTION_TYPES) if "test" in out else set())
+
+
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows: {"name", "seeds", col: (mean, std)}; blind baselines as rows of their own (one per LLM)."""
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     seeds: dict[str, list[int]] = defaultdict(list)
+    unmeasured: dict[str, set[str]] = defaultdict(set)
     for r in runs:
         cfg = r["config"]
         name = config_name(cfg)
@@ -120,6 +132,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         blind = f"blind baseline: {cfg['llm']['name']} without the image"
         groups[blind].append(run_values(r, blind=True))
         seeds[blind].append(cfg["seed"])
+        unmeasured[name] |= not_evaluated(r)
+        unmeasured[blind] |= not_evaluated(r)
     lmms = sorted({c for values in groups.values() for v in values for c in v if c.startswith(LMMS)})
     rows = []
     for name in sorted(groups):
@@ -128,6 +142,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [v[col] for v in groups[name] if col in v]
             if values:
                 row[col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        # columns no seed measured: "not evaluated" in every table, not an empty cell that reads as "not asked"
+        row["not_evaluated"] = sorted(c for c in unmeasured[name] if c not in row)
         rows.append(row)
     compare_with_best(rows, runs)
     return rows
@@ -163,7 +179,11 @@ def compare_with_best(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) ->
 
 def all_columns(rows: list[dict[str, Any]]) -> list[str]:
     lmms = sorted({c for r in rows for c in r if c.startswith(LMMS)})
-    return [c for c in [*COLUMNS, *lmms] if any(c in r for r in rows)]
+    return [c for c in [*COLUMNS, *lmms] if any(c in r or c in r.get("not_evaluated", ()) for r in rows)]
+
+
+def missing_cell(r: dict[str, Any], col: str) -> str:
+    return NOT_EVALUATED if col in r.get("not_evaluated", ()) else ""
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -212,7 +232,7 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
         cells = [r["name"], str(len(r["seeds"]))]
         for c in cols:
             if c not in r:
-                cells.append("")
+                cells.append(missing_cell(r, c))
                 continue
             text = fmt(c, *r[c], with_std)
             marked = not r["name"].startswith("blind") and abs(r[c][0] - top.get(c, float("nan"))) < 1e-12
@@ -234,7 +254,9 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
                 else [f"{pair['diff']:.6g} [{pair['low']:.6g}, {pair['high']:.6g}] p={pair['p']:.3g}"]
             )
             writer.writerow(
-                [r["name"], len(r["seeds"])] + ["" if c not in r else f"{r[c][0]:.6g}" for c in cols] + extra
+                [r["name"], len(r["seeds"])]
+                + [missing_cell(r, c) if c not in r else f"{r[c][0]:.6g}" for c in cols]
+                + extra
             )
         return buf.getvalue()
     if style == "latex":

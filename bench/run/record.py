@@ -204,6 +204,8 @@ def summary(results: dict[str, Any]) -> str:
                 f"  {split:<14} accuracy {acc['exact_match']:.3f}  (blind {blind['exact_match']:.3f})  "
                 f"{questions(acc)}  | {per}"
             )
+        else:  # every question of the split was dropped (unreadable images, too long): no score over nothing
+            lines.append(f"  {split:<14} accuracy not evaluated (no usable question)")
         loss_key = "caption_loss" if "caption_loss" in m else "loss"
         lines.append(f"  {split:<14} {loss_key} {shown_loss(m[loss_key], 3)}")
     tok = results["visual_tokens_per_image"]
