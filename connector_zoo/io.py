@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +31,100 @@ def show_progress() -> bool:
     ``TQDM_DISABLE=1``, read when each bar starts."""
     off = ("1", "true", "True")
     return os.environ.get("CONNECTOR_ZOO_QUIET") not in off and os.environ.get("TQDM_DISABLE") not in off
+
+
+#: seconds between two progress lines when the output is a file or a pipe (a cluster job's log, nohup, CI)
+PLAIN_INTERVAL = float(os.environ.get("CONNECTOR_ZOO_PROGRESS_INTERVAL", "30"))
+
+
+def progress(iterable: Any = None, **kwargs: Any):
+    """tqdm's bar on a terminal; in a file or a pipe (a cluster job's log, nohup, CI), plain lines instead of
+    carriage-return frames: one at most every ``PLAIN_INTERVAL`` seconds and one at the end, so the log stays readable
+    with ``tail`` and ``grep``. Off under ``--quiet`` and ``TQDM_DISABLE=1`` (:func:`show_progress`) unless
+    ``disable`` is given."""
+    kwargs.setdefault("disable", not show_progress())
+    stream = kwargs.get("file") or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        from tqdm import tqdm
+
+        return tqdm(iterable, **kwargs)
+    return PlainProgress(iterable, **kwargs)
+
+
+class PlainProgress:
+    """The part of tqdm's interface the harness uses (iterate, ``update``, ``set_postfix_str``, ``close``), written
+    as whole lines (tqdm's own meter text) at most every ``interval`` seconds and once when closed."""
+
+    def __init__(
+        self,
+        iterable: Any = None,
+        total: int | None = None,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "it",
+        disable: bool = False,
+        file: Any = None,
+        interval: float | None = None,
+        **_: Any,
+    ) -> None:
+        self.iterable = iterable
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n = self.initial = initial
+        self.desc, self.unit, self.disable = desc, unit, disable
+        self.fp = file or sys.stderr
+        self.interval = PLAIN_INTERVAL if interval is None else interval
+        self.postfix: str | None = None
+        self.start = self.printed = time.monotonic()
+        self.closed = False
+        self.last: tuple[int, str | None] | None = None  # (count, postfix) of the last line written
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.printed >= self.interval:
+            self._print()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s or None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.n > self.initial and (self.n, self.postfix) != self.last:  # the final state, once
+                self._print()
+
+    def _print(self) -> None:
+        from tqdm import tqdm
+
+        self.printed = time.monotonic()
+        if self.disable:
+            return
+        self.last = (self.n, self.postfix)
+        line = tqdm.format_meter(
+            self.n,
+            self.total,
+            self.printed - self.start,
+            prefix=self.desc,
+            unit=self.unit,
+            postfix=self.postfix,
+            initial=self.initial,
+            ascii=True,
+        )
+        self.fp.write(line.strip() + "\n")
+        self.fp.flush()
 
 
 def kill_point(name: str) -> None:

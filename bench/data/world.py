@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from connector_zoo.io import cache_dir, materialize, show_progress
+from connector_zoo.io import progress as bars
 from connector_zoo.settings import SettingError, check
 
 COLOURS = {
@@ -268,15 +269,13 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> Path:
     """Write images (uint8 .npy per split) and records (JSON) once; reused afterwards."""
 
     def build(tmp: Path) -> None:
-        from tqdm import tqdm
-
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         for split in SPLIT_SEEDS:
             scenes = generate(cfg, split)
             images = np.stack(
                 [
                     np.asarray(render(s, cfg))
-                    for s in tqdm(
+                    for s in bars(
                         scenes, desc=f"world {split}", disable=not (progress and show_progress()), leave=False
                     )
                 ]

@@ -13,7 +13,7 @@ import torch
 from bench.data.formats import BadSample, Dataset, Sample
 from bench.data.loader import Collator
 from bench.train.trainer import validation_loss
-from connector_zoo.io import show_progress
+from connector_zoo.io import progress, show_progress
 from connector_zoo.model.vlm import VLM, VLMInputs
 from llms.base import IMAGE_TOKEN
 
@@ -44,10 +44,8 @@ def answer(
     vlm.eval()
     unreadable = {} if unreadable is None else unreadable
     out: list[str | None] = []
-    from tqdm import tqdm
-
     starts = range(0, len(samples), batch_size)
-    for start in tqdm(
+    for start in progress(
         starts,
         desc="answering" + (" blind" if blind else ""),
         unit="batch",

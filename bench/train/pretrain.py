@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
 from bench.train.world_llm import llm_dir_name
-from connector_zoo.io import kill_point, materialize, show_progress
+from connector_zoo.io import kill_point, materialize, progress
 from encoders import ENCODERS
 
 # the world encoders' recipe (docs/mini-world.md, "Where the world's ceiling is"): contrastive on captions plus, at
@@ -159,7 +158,7 @@ def pretrain_encoder(
             + (", + dense" if dense else "")
             + (", + position" if position else "")
         )
-        for step in tqdm(range(steps), desc=f"pretrain {family} ({objective})", disable=not show_progress()):
+        for step in progress(range(steps), desc=f"pretrain {family} ({objective})"):
             kill_point(f"pretrain-encoder-{family}:{step}")
             idx = rng.sample(range(len(records)), batch)
             px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])

@@ -31,7 +31,7 @@ from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.train.precision import memory_report
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
-from connector_zoo.io import atomic_path, kill_point, link_or_copy, show_progress
+from connector_zoo.io import atomic_path, kill_point, link_or_copy, progress, show_progress
 from connector_zoo.model.vlm import VLM
 
 
@@ -316,7 +316,7 @@ def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int
 def progress_bar(total: int, done: int, desc: str, main: bool):
     """A stage's bar on stderr (steps, loss, samples/s); off in other processes and under ``--quiet``
     (``TQDM_DISABLE=1``). The log lines every 10 % still go to the console and run.log."""
-    from tqdm import tqdm
-
     # left on screen when done: the final count, loss and samples/s are drawn at close whatever the refresh rate
-    return tqdm(total=total, initial=done, desc=desc, unit="step", leave=True, disable=not (main and show_progress()))
+    return progress(
+        total=total, initial=done, desc=desc, unit="step", leave=True, disable=not (main and show_progress())
+    )

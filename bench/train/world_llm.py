@@ -30,13 +30,12 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bench.data.formats import CAPTION_PROMPT
 from bench.data.world import Obj, World, exist_questions, relation_questions
 from bench.train.packaged_llm import gguf_digest, packaged_gguf
 from bench.train.precision import cpu_bf16_is_fast
-from connector_zoo.io import kill_point, materialize, show_progress
+from connector_zoo.io import kill_point, materialize, progress
 from connector_zoo.model.precision import autocast
 from llms import LLMS
 from llms.loss import causal_lm_forward
@@ -197,7 +196,7 @@ def pretrain_llm(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
         pad = backend.pad_token_id
         desc = f"pretrain {name} ({level}: on the world's text)"
-        for step in tqdm(range(steps), desc=desc, disable=not show_progress()):
+        for step in progress(range(steps), desc=desc):
             kill_point(f"pretrain-llm-{name}:{step}")
             batch = [seqs[i] for i in rng.sample(range(len(seqs)), min(batch_size, len(seqs)))]
             ids, mask, labels = pad_batch(batch, pad)
