@@ -12,12 +12,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from connector_zoo.io import cache_dir, read_json, write_json
 from connector_zoo.model.precision import DTYPES
 
 
@@ -51,11 +57,49 @@ def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, r
     return times
 
 
-def cpu_bf16_is_fast(m: int = 1536, k: int = 576, n: int = 1536, repeats: int = 5) -> bool:
+def cpu_bf16_is_fast(m: int = 1536, k: int = 576, n: int = 1536, rounds: int = 5) -> bool:
     """Whether this CPU multiplies bf16 matrices of this shape (default: SmolLM2's MLP) at least 1.5x faster than fp32,
-    timed here (AMX and AVX-512 BF16 CPUs: 3-7x faster; AVX2-only CPUs emulate bf16, up to 100x slower)."""
-    best = lambda dtype: min(matmul_seconds(m, k, n, dtype, repeats))  # noqa: E731
-    return best(torch.bfloat16) * 1.5 < best(torch.float32)
+    timed here (AMX and AVX-512 BF16 CPUs: 3-7x faster; AVX2-only CPUs emulate bf16, up to 100x slower). The two
+    dtypes are timed in alternating rounds and the best of each kept, so a burst of other work slows both sides
+    rather than flipping the answer."""
+    best = {torch.bfloat16: float("inf"), torch.float32: float("inf")}
+    for _ in range(rounds):
+        for dtype in best:
+            best[dtype] = min(best[dtype], *matmul_seconds(m, k, n, dtype, repeats=2))
+    return best[torch.bfloat16] * 1.5 < best[torch.float32]
+
+
+def cpu_key() -> str:
+    """What decides this CPU's bf16 speed: the processor (model name and instruction-set flags), the thread count
+    and the torch build; two machines that differ in any of these get their own measurement."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
+            fields.setdefault(key.strip(), value.strip())
+    described = {
+        "cpu": fields or info[:200],
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_bf16_decision() -> bool:
+    """:func:`cpu_bf16_is_fast`, measured once per machine (:func:`cpu_key`) and kept in the cache: a decision that
+    keys a world LLM must not change with the load of the moment (the same machine would build a second one).
+    ``CONNECTOR_ZOO_CPU_BF16=1`` or ``0`` decides instead of measuring."""
+    forced = os.environ.get("CONNECTOR_ZOO_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    path = cache_dir() / "machine" / f"cpu-bf16-{cpu_key()}.json"
+    if path.exists():
+        return bool(read_json(path)["bf16_is_fast"])
+    fast = cpu_bf16_is_fast()
+    write_json(path, {"bf16_is_fast": fast, "cpu_key": cpu_key(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return fast
 
 
 def upcast_trainable(params: list[torch.nn.Parameter]) -> None:

@@ -34,7 +34,7 @@ import torch
 from bench.data.formats import CAPTION_PROMPT
 from bench.data.world import Obj, World, exist_questions, relation_questions
 from bench.train.packaged_llm import gguf_digest, packaged_gguf
-from bench.train.precision import cpu_bf16_is_fast
+from bench.train.precision import cpu_bf16_decision
 from connector_zoo.io import kill_point, materialize, progress
 from connector_zoo.model.precision import autocast
 from llms import LLMS
@@ -71,12 +71,13 @@ def without_default_system(template: str) -> str:
 
 def pretrained_precision() -> str:
     """The compute precision of a pretrained level's fine-tuning: bf16 autocast where this CPU multiplies bf16 faster
-    (measured, :func:`cpu_bf16_is_fast`), on GPUs with bf16, else fp32; part of the world LLM's key."""
+    (measured once per machine, :func:`cpu_bf16_decision`), on GPUs with bf16, else fp32; part of the world LLM's
+    key."""
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     global _CPU_PRECISION
     if _CPU_PRECISION is None:
-        _CPU_PRECISION = "bf16" if cpu_bf16_is_fast() else "fp32"
+        _CPU_PRECISION = "bf16" if cpu_bf16_decision() else "fp32"
     return _CPU_PRECISION
 
 
