@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,47 @@ def test_the_fine_tuning_precision_is_part_of_the_world_llms_key(nine_layers, mo
     bf16 = llm_dir_name("tinyllama", level="smollm2")
     monkeypatch.setattr(world_llm, "_CPU_PRECISION", "fp32")
     assert llm_dir_name("tinyllama", level="smollm2") != bf16
+
+
+def test_the_cpu_bf16_decision_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """The decision keys a world LLM, so a busy moment must not flip it: measured once per CPU key and read back
+    after; two machines whose CPUs share a model name but not their flags (a weaker key would collide) get a
+    measurement each; alternating rounds keep bf16 fast when the slowdown hits one dtype's first timings."""
+    from bench.train import precision
+
+    monkeypatch.setenv("CONNECTOR_ZOO_CACHE", str(tmp_path))
+    monkeypatch.delenv("CONNECTOR_ZOO_CPU_BF16", raising=False)
+    cpu = {"text": "model name\t: Some Xeon\nflags\t\t: avx2 amx_bf16\n"}
+    monkeypatch.setattr(precision, "Path", lambda p: FakeCpuinfo(cpu) if p == "/proc/cpuinfo" else Path(p))
+    calls = []
+
+    def timed(m, k, n, dtype, repeats):  # bf16 3x faster, but its first timing is slowed 10x by other work
+        calls.append(dtype)
+        slow = 10 if len(calls) == 1 else 1
+        return [slow * (1.0 if dtype == torch.bfloat16 else 3.0)] * repeats
+
+    monkeypatch.setattr(precision, "matmul_seconds", timed)
+    assert precision.cpu_bf16_decision() is True
+    measured = len(calls)
+    assert precision.cpu_bf16_decision() is True and len(calls) == measured  # read back, not timed again
+    cpu["text"] = "model name\t: Some Xeon\nflags\t\t: avx2\n"  # same model name, no AMX: another machine
+    monkeypatch.setattr(
+        precision,
+        "matmul_seconds",
+        lambda m, k, n, dtype, repeats: [100.0 if dtype == torch.bfloat16 else 1.0] * repeats,
+    )
+    assert precision.cpu_bf16_decision() is False
+    assert len(list((tmp_path / "machine").glob("cpu-bf16-*.json"))) == 2
+    monkeypatch.setenv("CONNECTOR_ZOO_CPU_BF16", "1")
+    assert precision.cpu_bf16_decision() is True
+
+
+class FakeCpuinfo:
+    def __init__(self, cpu: dict) -> None:
+        self.cpu = cpu
+
+    def exists(self) -> bool:
+        return True
+
+    def read_text(self) -> str:
+        return self.cpu["text"]
