@@ -51,3 +51,13 @@ def test_a_model_config_with_a_list_for_a_part_is_one_line(saved, capsys):
     assert main(["generate", str(saved), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a model config" in err[0], err
+
+
+@pytest.mark.parametrize("content", ["[1]", '{"model_type": "llama"}'])
+def test_a_directory_of_another_model_is_named_not_loaded(tmp_path, content):
+    """VLM.load reads run and transformers directories; a config.json of another kind says what it found."""
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match="is not a connector-zoo model \\(model_type '(list|llama)'\\)"):
+        VLM.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds neither vlm_config.json"):
+        VLM.load(tmp_path / "missing")

@@ -293,8 +293,9 @@ class VLM(nn.Module):
             specs = read_json(run_config)
         elif hf_config.exists():
             saved = read_json(hf_config)
-            if not isinstance(saved, dict) or saved.get("model_type") != "connector_zoo":
-                raise ValueError(f"{hf_config} is not a connector-zoo model (model_type {saved.get('model_type')!r})")
+            model_type = saved.get("model_type") if isinstance(saved, dict) else type(saved).__name__
+            if model_type != "connector_zoo":
+                raise ValueError(f"{hf_config} is not a connector-zoo model (model_type {model_type!r})")
             specs = {k: saved.get(k) for k in ("encoder", "connector", "llm")} | {
                 "max_length": saved.get("context_budget")
             }
