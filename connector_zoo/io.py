@@ -195,12 +195,13 @@ def readable_as_usual(path: str | os.PathLike) -> None:
 
 
 def link_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Every file under ``source`` hard-linked (or copied across file systems) at the same place under ``target``."""
+    """Every file under ``source`` (:func:`files_of`: the ``.complete`` marker stays behind) hard-linked, or copied
+    across file systems, at the same place under ``target``."""
     source, target = Path(source), Path(target)
-    for f in sorted(source.rglob("*")):
-        if f.is_file():
-            (target / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(f, target / f.relative_to(source))
+    target.mkdir(parents=True, exist_ok=True)
+    for name in files_of(source):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(source / name, target / name)
 
 
 @contextmanager

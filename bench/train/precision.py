@@ -94,11 +94,12 @@ def cpu_bf16_decision() -> bool:
     forced = os.environ.get("CONNECTOR_ZOO_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    path = cache_dir() / "machine" / f"cpu-bf16-{cpu_key()}.json"
+    key = cpu_key()
+    path = cache_dir() / "machine" / f"cpu-bf16-{key}.json"
     if path.exists():
         return bool(read_json(path)["bf16_is_fast"])
     fast = cpu_bf16_is_fast()
-    write_json(path, {"bf16_is_fast": fast, "cpu_key": cpu_key(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(path, {"bf16_is_fast": fast, "cpu_key": key, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return fast
 
 

@@ -31,7 +31,7 @@ from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.train.precision import memory_report
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
-from connector_zoo.io import atomic_path, kill_point, link_or_copy, progress, show_progress
+from connector_zoo.io import atomic_path, kill_point, link_tree, progress, show_progress
 from connector_zoo.model.vlm import VLM
 
 
@@ -273,9 +273,7 @@ class Trainer:
 def link_copy(source: Path, target: Path) -> None:
     """Atomically make ``target`` a directory of hard links to ``source``'s files (a copy where links fail)."""
     with atomic_path(target) as tmp:
-        tmp.mkdir()
-        for f in source.iterdir():
-            link_or_copy(f, tmp / f.name)
+        link_tree(source, tmp)
 
 
 def skip_summary(data: Dataset, top: int = 3) -> str:

@@ -288,10 +288,12 @@ class VLM(nn.Module):
         """(component specs, the file they came from) of a run or transformers directory."""
         run_config, hf_config = directory / CONFIG_NAME, directory / HF_CONFIG_NAME
         if run_config.exists():
+            source = run_config
             if verify:
                 verify_file(run_config)
             specs = read_json(run_config)
         elif hf_config.exists():
+            source = hf_config
             saved = read_json(hf_config)
             model_type = saved.get("model_type") if isinstance(saved, dict) else type(saved).__name__
             if model_type != "connector_zoo":
@@ -307,7 +309,6 @@ class VLM(nn.Module):
             raise FileNotFoundError(
                 f"{directory} holds neither {CONFIG_NAME} (a run) nor {HF_CONFIG_NAME} (a transformers directory)"
             )
-        source = run_config if run_config.exists() else hf_config
         named = lambda k: isinstance(specs.get(k), dict) and isinstance(specs[k].get("name"), str)  # noqa: E731
         if not isinstance(specs, dict) or not all(named(k) for k in ("encoder", "connector", "llm")):
             raise ValueError(f"{source} is not a model config: it needs encoder, connector and llm objects with a name")

@@ -8,8 +8,7 @@ import os
 from lmms_eval.api.task import ConfigurableTask
 
 from bench.evaluate.lmms import default_world_task_data, prepare_world_task
-
-RUN_ENV = "CONNECTOR_ZOO_EVAL_RUN"
+from connector_zoo.model.lmms import RUN_ENV
 
 
 class WorldTask(ConfigurableTask):
