@@ -236,8 +236,13 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` whole or is left as it was (written beside, renamed into place)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from bench.cli import components, evaluation, export, training
 from bench.cli.common import demo_images  # noqa: F401  (tests and benchmarks draw the same images)
+from bench.cli.config_file import parse_with_config
 from bench.cli.parser import build_parser
 from connector_zoo.registry import RegistryError
 
@@ -28,7 +29,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (RegistryError, ValueError, OSErr
 
 
 def main(argv: list[str] | None = None, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
-    args = build_parser(COMMANDS).parse_args(argv)
+    args = parse_with_config(build_parser(COMMANDS), argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -10,21 +10,36 @@ from typing import Any
 from bench.cli.parser import parse_settings
 
 
-def parse_lora(text: str | None) -> dict[str, Any] | None:
-    """``--lora r=128,alpha=256,dropout=0.05,targets=q_proj+v_proj`` -> settings (an empty value: the defaults)."""
-    if text is None:
+def parse_lora(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``--lora r=128,alpha=256,dropout=0.05,targets=q_proj+v_proj`` -> settings (an empty value: the defaults; a
+    configuration file may give the mapping itself)."""
+    if value is None:
         return None
     from llms.base import normalize_lora
 
-    pairs = [p for p in text.split(",") if p.strip()]
+    if isinstance(value, dict):
+        return normalize_lora(dict(value))
+    pairs = [p for p in value.split(",") if p.strip()]
     return normalize_lora(parse_settings(pairs))
 
 
+def component_name(value: str | dict[str, Any]) -> str:
+    """A component option's name: the option itself, or the ``name`` of the mapping a configuration file gave."""
+    return value["name"] if isinstance(value, dict) else value
+
+
 def specs_from_args(args: argparse.Namespace, connector: str | None = None) -> dict[str, dict[str, Any]]:
+    """The three component specs; an option a configuration file gave as a mapping (``{name: ..., settings}``) is the
+    spec, with the checkpoint, layer and ``--connector-arg`` options laid over it."""
+
+    def spec(value, **options) -> dict[str, Any]:
+        base = dict(value) if isinstance(value, dict) else {"name": value}
+        return {**base, **{k: v for k, v in options.items() if v is not None or k not in base}}
+
     return {
-        "encoder": {"name": args.encoder, "checkpoint": args.encoder_checkpoint, "layer": args.layer},
-        "connector": {"name": connector or args.connector, **parse_settings(args.connector_arg)},
-        "llm": {"name": args.llm, "checkpoint": args.llm_checkpoint},
+        "encoder": spec(args.encoder, checkpoint=args.encoder_checkpoint, layer=args.layer),
+        "connector": {**spec(connector or args.connector), **parse_settings(args.connector_arg)},
+        "llm": spec(args.llm, checkpoint=args.llm_checkpoint),
     }
 
 
@@ -68,7 +83,10 @@ def world_config(args: argparse.Namespace):
 
 
 def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``data`` part of a run config from ``--data``, ``--data-path``, ``--image-folder``, ``--world-scale``."""
+    """The ``data`` part of a run config from ``--data``, ``--data-path``, ``--image-folder``, ``--world-scale``; when a
+    configuration file gave ``data`` as a mapping, that mapping with the data options set beside it laid over."""
+    if isinstance(args.data, dict):
+        return data_over_file(args)
     data: dict[str, Any] = {"kind": args.data}
     if args.data == "world":
         world = world_config(args)
@@ -85,6 +103,29 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
     pre = pretrain_from_args(args)
     if pre:
         data["pretrain"] = pre
+    return data
+
+
+def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
+    """A configuration file's ``data`` mapping with the data options given beside it (on the command line or as
+    keys of the file) laid over."""
+    import copy
+
+    data = copy.deepcopy(args.data)
+    data.setdefault("kind", "world")
+    set_here = (getattr(args, "given", set()) | getattr(args, "from_file", set())) - {"data"}
+    if set_here & {"world_scale", "world_resolution"}:
+        world = world_config(args)
+        data["world"] = dataclasses.asdict(world) if world is not None else {}
+        if world is None:
+            data.pop("world")
+    for option, key in (("qa_turns", "qa_turns"), ("data_path", "path"), ("image_folder", "image_folder")):
+        if option in set_here:
+            data[key] = getattr(args, option)
+    if "held_out" in set_here:
+        data["held_out"] = args.held_out
+    if set_here & {"pretrain_steps", "world_llm"}:
+        data["pretrain"] = {**data.get("pretrain", {}), **pretrain_from_args(args)}
     return data
 
 

@@ -94,6 +94,15 @@ def add_trust_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_config_arg(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"YAML file of bench {command}'s options (keys as the flags: batch_size or batch-size); flags given here "
+        "override it" + (" (a run's own config.yaml trains it again)" if command == "run" else ""),
+    )
+
+
 def add_component_args(p: argparse.ArgumentParser, connector_default: str | None = "mlp2x_gelu") -> None:
     g = p.add_argument_group("components")
     g.add_argument("--encoder", default="clip", help="encoder name or dotted path (default: clip)")
@@ -120,6 +129,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.set_defaults(func=commands["tokens"])
 
     p = sub.add_parser("run", help="train and evaluate one combination (default: the offline mini world)")
+    add_config_arg(p, "run")
     add_component_args(p, connector_default="qformer")
     p.set_defaults(llm="tinyllama")
     p.add_argument("--recipe", default="mini", help="named training recipe (mini, llava-1.5-pretrain, budget, ...)")
@@ -205,6 +215,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.set_defaults(func=commands["run"])
 
     p = sub.add_parser("sweep", help="run a grid of configurations and tabulate them")
+    add_config_arg(p, "sweep")
     p.add_argument("--encoder", default="clip", help="comma-separated encoders")
     p.add_argument(
         "--connector",

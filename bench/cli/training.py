@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli.common import (
+    component_name,
     data_from_args,
     parse_lora,
     report,
@@ -34,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         )
         return
     cfg = run_config_from_args(args)
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.encoder}-{args.connector.replace(':', '_')}-{args.llm}-s{args.seed}"
+    parts = "-".join(component_name(getattr(args, p)).replace(":", "_") for p in ("encoder", "connector", "llm"))
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{parts}-s{args.seed}"
     out = Path(args.out) if args.out else Path("runs") / name
     run(cfg, out, verify=not args.no_verify, log=quiet_or_print(args))
     print(f"run directory: {out}")
@@ -59,6 +61,10 @@ def run_config_from_args(args: argparse.Namespace):
         lora=parse_lora(args.lora),
         **plain,
     )
+    # a configuration file's own stage list (a run's config.yaml), unless --recipe on the command line names others
+    file_stages = getattr(args, "stages", None)
+    if file_stages is not None and "recipe" not in getattr(args, "given", set()):
+        cfg.stages = [dict(s) for s in file_stages]
     if args.qlora and cfg.lora is None:
         cfg.lora = parse_lora("")
     if args.eval_limit is not None:
@@ -76,11 +82,11 @@ def run_config_from_args(args: argparse.Namespace):
     }
     if overrides:
         recipes = RECIPES_FOR_CLI()
-        if args.recipe not in recipes:
+        if not cfg.stages and args.recipe not in recipes:
             raise ValueError(f"unknown recipe {args.recipe!r}; available: {', '.join(recipes)}")
         if "grad_accum" in overrides:  # an explicit accumulation replaces the recipe's global batch
             overrides["global_batch"] = None
-        cfg.stages = [dict(s, **overrides) for s in recipes[args.recipe]]
+        cfg.stages = [dict(s, **overrides) for s in (cfg.stages or recipes[args.recipe])]
     return cfg
 
 

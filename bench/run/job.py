@@ -1,6 +1,7 @@
 """``bench run``: compose, train (stage 1, optionally stage 2), evaluate and record one configuration.
 
-The run directory holds ``config.json`` (everything needed to reproduce it), the trained model
+The run directory holds ``config.json`` (everything needed to reproduce it; the same settings as ``config.yaml``, which
+``bench run --config`` reads), the trained model
 (``vlm_config.json`` + ``trainable.safetensors``, and ``hf/`` for transformers), ``stageN/checkpoint-{last,best}``,
 ``results.json`` and ``summary.txt``. On the mini world, unset checkpoints mean the world's own pretrained miniature
 backbones.
@@ -30,7 +31,7 @@ from bench.train.config import (
 )
 from bench.train.precision import resolve_backbone_dtype
 from bench.train.trainer import Trainer
-from connector_zoo.io import write_json
+from connector_zoo.io import write_json, write_text
 from connector_zoo.model.precision import autocast, resolve_precision
 from connector_zoo.registry import names_from_file
 
@@ -85,6 +86,8 @@ def _run(
 
     if resume:
         cfg = RunConfig.from_file(out_dir / "config.json")
+        if not (out_dir / "config.yaml").exists():  # a run killed between its two settings files, or an older run
+            write_text(out_dir / "config.yaml", cfg.yaml_text())
     elif existing:
         raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
     stages = cfg.resolved_stages()
@@ -113,6 +116,7 @@ def _run(
     created = accelerator.is_main_process and not resume
     if created:  # first: a run killed while the world or backbones are built can be resumed
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+        write_text(out_dir / "config.yaml", cfg.yaml_text())  # the same settings for `bench run --config`
     try:
         with accelerator.main_process_first():  # the main process builds the world and presets; others read them
             train, val, eval_sets, world = load_data(cfg, log)
@@ -121,6 +125,7 @@ def _run(
     except Exception:  # bad data or model: a run that cannot start leaves no directory claiming to be one
         if created:
             (out_dir / "config.json").unlink(missing_ok=True)
+            (out_dir / "config.yaml").unlink(missing_ok=True)
             log.close()
             (out_dir / "run.log").unlink(missing_ok=True)
             with contextlib.suppress(OSError):

@@ -114,6 +114,23 @@ class RunConfig:
         except SettingError as err:
             raise SettingError(f"{path}: {err}") from None
 
+    def yaml_text(self) -> str:
+        """The run's ``config.yaml``: its settings in the form ``bench run --config`` reads (keys are ``bench run``'s
+        options; null settings left out; the recipe's stages written out, so the file trains the same run even if the
+        named recipe changes later)."""
+        import yaml  # (PyYAML: a core dependency; imported where a file is written)
+
+        fields = dataclasses.asdict(self)
+        fields["stages"] = [dict(s) for s in (self.stages or RECIPES.get(self.recipe, []))]
+        if fields["eval_limit"] is None:
+            fields["eval_limit"] = "all"  # the flag's word for None (a missing key would mean the default, 1000)
+        body = {k: v for k, v in fields.items() if v is not None}
+        header = (
+            "# connector-zoo run settings: `bench run --config config.yaml --out NEW` trains this run again\n"
+            "# (keys are bench run's options, as in `bench run --help`; flags given beside --config override them)\n"
+        )
+        return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)
+
     def resolved_stages(self) -> list[StageConfig]:
         if self.recipe not in RECIPES and not self.stages:
             raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")

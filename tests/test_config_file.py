@@ -1,0 +1,179 @@
+"""``bench run --config`` / ``bench sweep --config``: a run's config.yaml trains the same run again, flags override a
+file, and a bad file is one line naming the key and the file."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import asdict
+
+import pytest
+import yaml
+from conftest import MICRO, bench
+
+from bench.cli import COMMANDS, main
+from bench.cli.config_file import parse_with_config
+from bench.cli.parser import build_parser
+from bench.cli.training import run_config_from_args
+from bench.data.world import WorldConfig
+from bench.train.config import RECIPES, RunConfig
+
+
+def parse(argv):
+    return parse_with_config(build_parser(COMMANDS), argv)
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.slow
+def test_a_runs_config_yaml_trains_the_same_run_again(tmp_path):
+    first = tmp_path / "first"
+    proc = bench([*MICRO, "--connector", "cls_prune", "--connector-arg", "keep_ratio=0.5", "--out", str(first)])
+    assert proc.returncode == 0, proc.stderr
+    settings = yaml.safe_load((first / "config.yaml").read_text())
+    assert settings["connector"] == {"name": "cls_prune", "keep_ratio": 0.5} and settings["stages"][0]["steps"] == 6
+    again = tmp_path / "again"
+    proc = bench(["run", "--config", str(first / "config.yaml"), "--out", str(again)])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+    a, b = (json.loads((d / "results.json").read_text()) for d in (first, again))
+    assert a["loss_history"] == b["loss_history"] and len(a["loss_history"]) == 2  # both stages, every step
+    for split in ("test", "compositional"):
+        assert a["metrics"][split]["accuracy"] == b["metrics"][split]["accuracy"]
+        assert a["metrics"][split]["caption_loss"] == b["metrics"][split]["caption_loss"]
+
+
+def test_the_written_settings_read_back_to_the_same_run_config(tmp_path):
+    """Every field survives the YAML round trip, including the recipe's stages (written out), ``eval_limit: all``
+    (None, not the default 1000) and a component given by mapping."""
+    cfg = RunConfig(
+        connector={"name": "qformer", "num_queries": 8},
+        llm={"name": "qwen3", "checkpoint": "tiny"},
+        recipe="mini-wide",
+        seed=4,
+        eval_limit=None,
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "targets": "q_proj+v_proj"},
+        gradient_checkpointing=True,
+        max_length=96,
+    )
+    path = write(tmp_path, cfg.yaml_text(), "config.yaml")
+    back = run_config_from_args(parse(["run", "--config", str(path)]))
+    assert back.stages == RECIPES["mini-wide"]
+    back.stages = []
+    assert back == cfg
+
+
+def test_flags_override_the_file_and_settings_merge(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        connector: {name: cls_prune, keep_ratio: 0.5}
+        seed: 1
+        steps: 5
+        world-scale: 0.5
+        strict: true
+        """,
+    )
+    cfg = run_config_from_args(
+        parse(["run", "--config", str(path), "--seed", "2", "--connector-arg", "keep_ratio=0.25"])
+    )
+    assert cfg.seed == 2 and cfg.strict is True and cfg.connector == {"name": "cls_prune", "keep_ratio": 0.25}
+    assert all(s["steps"] == 5 for s in cfg.stages) and cfg.data["world"] == asdict(WorldConfig().scaled(0.5))
+    cfg = run_config_from_args(parse(["run", "--config", str(path), "--connector", "linear"]))
+    assert cfg.connector["name"] == "linear"
+    # a run's whole data mapping, with a data option given on the command line laid over it
+    data = {"kind": "world", "world": {"image_size": 64, "train": 30}, "pretrain": {"llm_level": "wide"}}
+    path = write(tmp_path, yaml.safe_dump({"data": data}), "data.yaml")
+    assert run_config_from_args(parse(["run", "--config", str(path)])).data == data
+    cfg = run_config_from_args(parse(["run", "--config", str(path), "--qa-turns", "2", "--pretrain-steps", "3"]))
+    assert cfg.data["qa_turns"] == 2 and cfg.data["world"] == data["world"]
+    assert cfg.data["pretrain"] == {"llm_level": "wide", "encoder_steps": 3, "llm_steps": 3}
+
+
+def test_a_recipe_on_the_command_line_replaces_the_files_stages(tmp_path):
+    path = write(tmp_path, RunConfig(recipe="mini").yaml_text(), "config.yaml")
+    cfg = run_config_from_args(parse(["run", "--config", str(path), "--recipe", "mini-wide"]))
+    assert cfg.recipe == "mini-wide" and cfg.resolved_stages() == RunConfig(recipe="mini-wide").resolved_stages()
+
+
+BAD_FILES = {
+    "unknown key": ("stepz: 3\n", "unknown key 'stepz' for bench run; known:"),
+    "out of range": ("steps: -3\n", "steps: -3 is out of range; allowed: an integer >= 0"),
+    "not a number": ("lr: fast\n", "lr: 'fast' is not a number > 0"),
+    "not a switch": ("strict: 1\n", "strict: 1 is not true or false"),
+    "not a choice": ("feature_cache: sometimes\n", "feature_cache: 'sometimes' is not one of auto, on, off"),
+    "a list for one value": ("seed: [1, 2]\n", "seed: [1, 2] is a list; this option takes one value"),
+    "a mapping without a name": ("connector: {keep_ratio: 0.5}\n", "connector: a component mapping needs a name"),
+    "bad stages": ("stages: 3\n", "stages: a list of stage mappings"),
+    "trust in a file": ("allow_dotted_paths: true\n", "key 'allow_dotted_paths' cannot be set in a file"),
+    "resume in a file": ("resume: runs/x\n", "key 'resume' cannot be set in a file"),
+    "not YAML": ("steps: [1,\nseed: 2\n", "not valid YAML at line"),
+    "not a mapping": ("- steps\n- 3\n", "holds a mapping of option: value, not a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_file_is_one_line_naming_the_file_and_the_key(tmp_path, capsys, case):
+    text, expected = BAD_FILES[case]
+    path = write(tmp_path, text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--config", str(path), "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and expected in err and str(path) in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_a_missing_file_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err
+    assert "nope.yaml: cannot read it" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sweep_file_names_the_same_grid_as_its_flags(tmp_path, monkeypatch):
+    import bench.report.sweep as sweep_module
+
+    seen = []
+    monkeypatch.setattr(sweep_module, "sweep", lambda out, *grid: seen.append((out, grid)) or [])
+    monkeypatch.setattr("bench.cli.training.report", lambda cells, out: None)
+    path = write(
+        tmp_path,
+        """
+        connector: [linear, {name: cls_prune, keep_ratio: 0.5}, "qformer[num_queries=8]"]
+        seeds: [0, 1]
+        llm: tinyllama
+        steps: 4
+        world_scale: 0.01
+        eval_limit: 6
+        out: sweeps/from-file
+        """,
+        "sweep.yaml",
+    )
+    for argv in (
+        ["sweep", "--config", str(path)],
+        [
+            "sweep",
+            "--connector",
+            "linear,cls_prune[keep_ratio=0.5],qformer[num_queries=8]",
+            "--seeds",
+            "0,1",
+            "--steps",
+            "4",
+            "--world-scale",
+            "0.01",
+            "--eval-limit",
+            "6",
+            "--out",
+            "sweeps/from-file",
+        ],
+    ):
+        args = parse(argv)
+        args.func(args)
+    assert seen[0] == seen[1] and len(seen[0][1][1]) == 3 and seen[0][1][3] == [0, 1]
+    args = parse(["sweep", "--config", str(path), "--seeds", "5"])
+    args.func(args)
+    assert seen[-1][1][3] == [5]
