@@ -11,6 +11,7 @@ shifted: transformers' causal-LM loss shifts them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,6 +129,19 @@ class LLMBackend(nn.Module):
         self.lora = settings
         self.spec = {**getattr(self, "spec", {}), "lora": settings}
 
+    def save_adapter(self, directory: str | Path) -> Path:
+        """The LoRA adapters as peft writes them (``adapter_config.json`` + ``adapter_model.safetensors``, through
+        ``PeftModel.save_pretrained``), with the tokenizer: ``PeftModel.from_pretrained(base_llm, directory)`` loads
+        them. Where this backend grew the vocabulary (``<image>``, ``<pad>``), the embedding and output matrices are
+        saved too (peft's ``save_embedding_layers``), so that the base LLM resized to ``len(tokenizer)`` holds exactly
+        these rows once loaded."""
+        if self.lora is None:
+            raise ValueError("this LLM has no LoRA adapters to save")
+        directory = Path(directory)
+        self.model.save_pretrained(directory, save_embedding_layers=self.grew_vocabulary)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if "lora_" in n]
 
@@ -135,6 +149,14 @@ class LLMBackend(nn.Module):
         """Fold the adapters into the base weights (for export); the backend is a plain causal LM again."""
         if self.lora is not None:
             self.model = self.model.merge_and_unload()
+            self.lora = None
+            self.spec = {k: v for k, v in getattr(self, "spec", {}).items() if k != "lora"}
+
+    def unload_lora(self) -> None:
+        """Remove the adapters without merging them (the base weights as loaded); the backend is a plain causal LM
+        again."""
+        if self.lora is not None:
+            self.model = self.model.unload()
             self.lora = None
             self.spec = {k: v for k, v in getattr(self, "spec", {}).items() if k != "lora"}
 
@@ -176,6 +198,7 @@ class LLMBackend(nn.Module):
         if new:
             tok.add_tokens(new, special_tokens=True)
         old = self.model.get_input_embeddings().weight.shape[0]
+        self.grew_vocabulary = len(tok) > old  # (a LoRA adapter then carries the embedding rows: save_adapter)
         if len(tok) > old:
             self.model.resize_token_embeddings(len(tok), mean_resizing=False)
             with torch.no_grad():

@@ -19,10 +19,15 @@ from bench.cli.common import (  # noqa: F401
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from connector_zoo.model.llava import export_hf
 
-    out = export_hf(vlm_from_args(args).eval(), args.out)
+    vlm = vlm_from_args(args).eval()
+    unmerged = not args.merge and vlm.llm.lora is not None
+    if not args.merge and not unmerged:
+        print("export-hf: --no-merge: this model has no LoRA adapters; the export is the same either way")
+    out = export_hf(vlm, args.out, merge=args.merge)
     print(
         f"wrote LlavaForConditionalGeneration to {out} (load with LlavaForConditionalGeneration.from_pretrained "
         f"and AutoProcessor.from_pretrained)"
+        + (f"; the LoRA adapters unmerged in {out}/adapter (model.load_adapter)" if unmerged else "")
     )
 
 

@@ -338,6 +338,13 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     add_component_args(p)
     p.add_argument("--run", help="a run directory (vlm_config.json + trainable.safetensors) to export")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold LoRA adapters into the LLM (default); --no-merge writes the base weights and the adapters "
+        "apart, as <out>/adapter in peft's format (model.load_adapter)",
+    )
     add_trust_args(p)
     p.set_defaults(func=commands["export_hf"])
 

@@ -20,9 +20,9 @@ from bench.data.formats import Dataset
 from bench.evaluate.accuracy import evaluate_split, shown_loss
 from bench.evaluate.profile import profile
 from bench.train.pretrain import world_backbones
-from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, read_json, write_json
+from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, link_tree, read_json, write_json
 from connector_zoo.model.modeling import write_run_model
-from connector_zoo.model.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+from connector_zoo.model.vlm import ADAPTER_DIR, CONFIG_NAME, VLM, WEIGHTS_NAME
 
 
 def git_commit(where: Path | None = None) -> str | None:
@@ -185,6 +185,9 @@ def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
     for name in (WEIGHTS_NAME, CONFIG_NAME, MANIFEST_NAME):
         with atomic_path(out_dir / name) as tmp:
             link_or_copy(last / name, tmp)
+    if (last / ADAPTER_DIR).is_dir():  # a LoRA run's adapters in peft's format
+        with atomic_path(out_dir / ADAPTER_DIR) as tmp:
+            link_tree(last / ADAPTER_DIR, tmp)
 
 
 def summary(results: dict[str, Any]) -> str:

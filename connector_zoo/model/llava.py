@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from connector_zoo.io import atomic_path
-from connector_zoo.model.vlm import VLM
+from connector_zoo.model.vlm import ADAPTER_DIR, VLM
 from connectors.mlp import MLPConnector
 from encoders._hf import HFVisionEncoder
 
@@ -60,11 +61,15 @@ def feature_strategy(vlm: VLM) -> str:
     return "default" if drops_cls else "full"
 
 
-def to_llava(vlm: VLM) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build the Llava model and processor holding exactly this model's weights (LoRA adapters are merged into the
-    LLM first: ``vlm``'s LLM is a plain causal LM afterwards)."""
+def to_llava(vlm: VLM, merge: bool = True) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build the Llava model and processor holding exactly this model's weights. LoRA adapters are merged into the
+    LLM first, or with ``merge=False`` left out (the base weights as they are; :func:`llava_adapter` writes the
+    adapters): ``vlm``'s LLM is a plain causal LM afterwards either way."""
     check_exportable(vlm)
-    vlm.llm.merge_lora()
+    if merge:
+        vlm.llm.merge_lora()
+    else:
+        vlm.llm.unload_lora()
     enc, llm = vlm.encoder, vlm.llm
     strategy = feature_strategy(vlm)
     n_tokens = enc.info.num_patches + (1 if strategy == "full" and enc.info.has_cls else 0)
@@ -99,11 +104,46 @@ def to_llava(vlm: VLM) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     return hf, processor
 
 
-def export_hf(vlm: VLM, out_dir: str | Path) -> Path:
-    """Write a LlavaForConditionalGeneration directory (config, safetensors, processor, chat template) atomically."""
-    hf, processor = to_llava(vlm)
+def export_hf(vlm: VLM, out_dir: str | Path, merge: bool = True) -> Path:
+    """Write a LlavaForConditionalGeneration directory (config, safetensors, processor, chat template) atomically.
+    A LoRA model's adapters are merged, or with ``merge=False`` written unmerged as ``<out>/adapter`` (peft's format,
+    module names of the Llava model): ``model.load_adapter(<out>/adapter)`` or ``PeftModel.from_pretrained``."""
+    adapter = llava_adapter(vlm) if not merge and vlm.llm.lora is not None else None
+    hf, processor = to_llava(vlm, merge=merge)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         hf.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if adapter is not None:
+            config, state = adapter
+            config.save_pretrained(tmp / ADAPTER_DIR)
+            save_file(state, str(tmp / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def llava_adapter(vlm: VLM):
+    """The LLM's LoRA adapters renamed for Llava (``model.layers.*`` -> ``model.language_model.layers.*``): peft's
+    ``LoraConfig`` naming exactly the adapted modules of the language model (the vision tower's ``q_proj`` and
+    friends are not touched) and the state dict as peft saves it."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    llm = vlm.llm
+    ours = llm.model.peft_config["default"]
+    adapted = sorted(name for name, module in llm.model.get_base_model().named_modules() if hasattr(module, "lora_A"))
+
+    def renamed(name: str) -> str:  # a LlamaForCausalLM / Qwen3ForCausalLM name -> the Llava model's
+        return "model.language_model." + name[len("model.") :] if name.startswith("model.") else name
+
+    config = LoraConfig(
+        r=ours.r,
+        lora_alpha=ours.lora_alpha,
+        lora_dropout=ours.lora_dropout,
+        target_modules=[renamed(n) for n in adapted],
+        base_model_name_or_path=None,
+    )
+    prefix = "base_model.model."
+    state = {
+        prefix + renamed(k[len(prefix) :]): v.detach().contiguous().cpu()
+        for k, v in get_peft_model_state_dict(llm.model, save_embedding_layers=False).items()
+    }
+    return config, state

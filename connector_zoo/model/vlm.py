@@ -31,6 +31,8 @@ from llms.base import IGNORE_INDEX, LLMBackend
 from llms.hooks import VisualSpans, visual_token_hook
 from llms.loss import causal_lm_forward
 
+#: a LoRA run's adapters as peft saves them (``PeftModel.from_pretrained(base_llm, <run>/adapter)``)
+ADAPTER_DIR = "adapter"
 CONFIG_NAME = "vlm_config.json"
 WEIGHTS_NAME = "trainable.safetensors"
 # the transformers directory of the same model (connector_zoo/model/modeling.py writes it)
@@ -251,6 +253,9 @@ class VLM(nn.Module):
         with atomic_path(directory / CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(self.specs(), indent=2, sort_keys=True) + "\n")
         write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])
+        if self.llm.lora is not None:  # the same adapters in peft's own format, for the tools that read it
+            with atomic_path(directory / ADAPTER_DIR) as tmp:
+                self.llm.save_adapter(tmp)
         return directory
 
     @classmethod
