@@ -36,8 +36,11 @@ def test_a_runs_config_yaml_trains_the_same_run_again(tmp_path):
     assert proc.returncode == 0, proc.stderr
     settings = yaml.safe_load((first / "config.yaml").read_text())
     assert settings["connector"] == {"name": "cls_prune", "keep_ratio": 0.5} and settings["stages"][0]["steps"] == 6
+    # the copy beside the model card of <run>/hf (what a Hub page would offer) is the same file
+    assert (first / "hf" / "run_config.yaml").read_text() == (first / "config.yaml").read_text()
+    assert "bench run --config run_config.yaml" in (first / "hf" / "README.md").read_text()
     again = tmp_path / "again"
-    proc = bench(["run", "--config", str(first / "config.yaml"), "--out", str(again)])
+    proc = bench(["run", "--config", str(first / "hf" / "run_config.yaml"), "--out", str(again)])
     assert proc.returncode == 0, proc.stderr
     assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
     a, b = (json.loads((d / "results.json").read_text()) for d in (first, again))

@@ -12,8 +12,8 @@ and the file. Richer values where a flag is a string:
 - ``lora``: ``true`` (LLaVA-1.5's settings), ``r=16,alpha=32`` or a mapping;
 - ``stages`` (``bench run`` only): the stage list itself (a run's ``config.yaml`` writes its recipe's stages out, so it
   reproduces the run even if the named recipe changes later);
-- the sweep's comma-separated options (``encoder``, ``connector``, ``llm``, ``seeds``): YAML lists, a connector entry
-  as ``cls_prune[keep_ratio=0.5]`` or as a mapping.
+- comma-separated options (the sweep's ``encoder``, ``connector``, ``llm``, ``seeds``; ``report_to``): YAML lists,
+  a connector entry as ``cls_prune[keep_ratio=0.5]`` or as a mapping.
 
 Why PyYAML and the parser rather than draccus / jsonargparse / OmegaConf: those generate a command line from a schema
 (a dataclass, type hints); here the command line exists, with its range-checked types, and a second schema would be a
@@ -33,7 +33,8 @@ NOT_IN_FILES = {"config", "resume", "help", "func", "command", "allow_dotted_pat
 #: keys of a run file that are not options: the run config's own structured fields
 RUN_FIELDS = {"stages"}
 COMPONENTS = ("encoder", "connector", "llm")
-LIST_OPTIONS = ("encoder", "connector", "llm", "seeds")  # bench sweep: comma-separated on the command line
+#: options comma-separated on the command line, lists in a file
+LIST_OPTIONS = {"sweep": ("encoder", "connector", "llm", "seeds", "report_to"), "run": ("report_to",)}
 
 
 class ConfigFileError(ValueError):
@@ -142,7 +143,7 @@ def _value(command: str, dest: str, action: argparse.Action, value: Any) -> Any:
             return ""
         if isinstance(value, dict):
             return value
-    if command == "sweep" and dest in LIST_OPTIONS and isinstance(value, list):
+    if dest in LIST_OPTIONS.get(command, ()) and isinstance(value, list):
         value = ",".join(_sweep_entry(v) for v in value)
     if isinstance(value, (dict, list)):
         raise TypeError(f"{value!r} is a {type(value).__name__}; this option takes one value")

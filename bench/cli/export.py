@@ -38,8 +38,9 @@ def cmd_save_pretrained(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     vlm = load_run(run_dir, args)
     results = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else None
+    settings = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
     model = ConnectorZooForConditionalGeneration.from_vlm(vlm)
-    model.save_pretrained(args.out, embed_backbones=args.embed_backbones, results=results)
+    model.save_pretrained(args.out, embed_backbones=args.embed_backbones, results=results, settings=settings)
     print(
         f"wrote {args.out}: `import connector_zoo.model`, then "
         f"AutoModelForImageTextToText.from_pretrained({str(args.out)!r})"

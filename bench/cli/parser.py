@@ -103,6 +103,15 @@ def add_config_arg(p: argparse.ArgumentParser, command: str) -> None:
     )
 
 
+def add_report_to_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report-to",
+        metavar="TRACKERS",
+        help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio, all (those installed) or "
+        "none (default); through accelerate, files under <run>/trackers",
+    )
+
+
 def add_component_args(p: argparse.ArgumentParser, connector_default: str | None = "mlp2x_gelu") -> None:
     g = p.add_argument_group("components")
     g.add_argument("--encoder", default="clip", help="encoder name or dotted path (default: clip)")
@@ -211,6 +220,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--out", help="run directory (default runs/<time>-<parts>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="print only the run directory (the log goes to its run.log)")
+    add_report_to_arg(p)
     add_trust_args(p)
     p.set_defaults(func=commands["run"])
 
@@ -232,6 +242,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--pretrain-steps", type=POSITIVE)
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
+    add_report_to_arg(p)
     p.set_defaults(func=commands["sweep"])
 
     p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")

@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def run_config_from_args(args: argparse.Namespace):
     """The RunConfig that ``bench run``'s flags describe."""
     from bench.train.config import RunConfig
+    from bench.train.tracking import parse_report_to
 
     specs = specs_from_args(args)
     specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
@@ -59,6 +60,7 @@ def run_config_from_args(args: argparse.Namespace):
         llm=specs["llm"],
         data=data,
         lora=parse_lora(args.lora),
+        report_to=parse_report_to(args.report_to),
         **plain,
     )
     # a configuration file's own stage list (a run's config.yaml), unless --recipe on the command line names others
@@ -106,10 +108,13 @@ def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.report.sweep import split_list, sweep
+    from bench.train.tracking import parse_report_to
 
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
     if args.precision != "auto":  # (not written when not given: the cells of older sweeps keep their keys)
         base["precision"] = args.precision
+    if args.report_to:
+        base["report_to"] = parse_report_to(args.report_to)
     data = data_from_args(argparse.Namespace(**{**vars(args), "data": "world"}))
     if set(data) != {"kind"}:  # a data option was given: a sweep's cells name their world
         from bench.data.world import WorldConfig

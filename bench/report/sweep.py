@@ -44,6 +44,12 @@ def cell_name(encoder: str, connector: dict[str, Any], llm: str, seed: int) -> s
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{encoder}--{label}--{llm}--s{seed}")
 
 
+def cell_tags(encoder: str, connector: dict[str, Any], llm: str, seed: int) -> list[str]:
+    """A cell's settings as tracker tags: ``encoder:clip``, ``connector:cls_prune``, ``keep_ratio:0.5``, ..."""
+    settings = [f"{k}:{v}" for k, v in sorted(connector.items()) if k != "name"]
+    return [f"encoder:{encoder}", f"connector:{connector['name']}", *settings, f"llm:{llm}", f"seed:{seed}"]
+
+
 def sweep(
     out: Path,
     encoders: list[str],
@@ -69,7 +75,8 @@ def sweep(
             # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
             # may be resolved again on resume
             dotted = any(":" in name for name in (enc, conn["name"], llm))
-            run(cfg, cell, resume=resume, log=lambda m: log("    " + m), allow_dotted_paths=dotted)
+            tracking = {"group": out.name, "tags": cell_tags(enc, conn, llm, seed)}  # trackers group a sweep's cells
+            run(cfg, cell, resume=resume, log=lambda m: log("    " + m), allow_dotted_paths=dotted, tracking=tracking)
         done.append(cell)
     return done
 

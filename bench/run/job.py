@@ -30,6 +30,8 @@ from bench.train.config import (
     stage_samples,
 )
 from bench.train.precision import resolve_backbone_dtype
+from bench.train.tracking import LOG_DIR, check_installed, eval_values
+from bench.train.tracking import start as start_trackers
 from bench.train.trainer import Trainer
 from connector_zoo.io import write_json, write_text
 from connector_zoo.model.precision import autocast, resolve_precision
@@ -44,10 +46,12 @@ def run(
     log=print,
     allow_dotted_paths: bool = False,
     verify: bool = True,
+    tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and record ``cfg`` in ``out_dir``; ``resume`` continues the run found there (its
     config.json names only registered components unless ``allow_dotted_paths``; checkpoints are checked against
-    their manifests unless not ``verify``)."""
+    their manifests unless not ``verify``). ``tracking``: ``group`` and ``tags`` for the experiment trackers (a
+    sweep's name and a cell's settings)."""
 
     started, commit = time.time(), git_commit()  # the code this run starts with, whatever is committed meanwhile
     out_dir = Path(out_dir)
@@ -56,7 +60,7 @@ def run(
         with writer_lock(out_dir):  # one writer per run directory (bench/run/lock.py)
             log = RunLog(out_dir, log)  # the console, and <run>/run.log
             try:
-                return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started, commit)
+                return _run(cfg, out_dir, resume, log, allow_dotted_paths, verify, started, commit, tracking or {})
             finally:
                 log.close()
     finally:  # a run that could not start leaves no directory behind (its lock file and log were all it held)
@@ -76,8 +80,10 @@ def _run(
     verify: bool,
     started: float,
     commit: str | None,
+    tracking: dict[str, Any],
 ) -> dict[str, Any]:
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     existing = (out_dir / "config.json").exists()
 
@@ -98,8 +104,13 @@ def _run(
     if cfg.precision == "fp16" and prec == "bf16":
         log("precision: fp16 autocast is not available on CPU through accelerate; running bf16 autocast")
     # on a machine without GPUs, processes started by torchrun / accelerate talk over gloo (DistributedType.MULTI_CPU)
+    check_installed(cfg.report_to)  # before anything is written: a tracker that cannot run is one line now
     accelerator = Accelerator(
-        mixed_precision=prec, cpu=not torch.cuda.is_available(), gradient_accumulation_steps=stages[0].grad_accum
+        mixed_precision=prec,
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=stages[0].grad_accum,
+        log_with=cfg.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / LOG_DIR)),
     )
     for stage in stages:
         stage.resolve_accumulation(accelerator.num_processes)
@@ -141,7 +152,13 @@ def _run(
             blind = {
                 name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
             }
+    start_trackers(accelerator, dataclasses.asdict(cfg), out_dir, tracking.get("group"), tracking.get("tags", []))
+    if cfg.report_to:
+        log(
+            f"trackers: {', '.join(cfg.report_to)} (files under {out_dir / LOG_DIR} where the tracker keeps them there)"
+        )
     train_stats: list[dict[str, Any]] = []
+    offset = 0  # trackers count steps across the stages
     for index, stage in enumerate(stages, start=1):
         accelerator.gradient_accumulation_steps = stage.grad_accum
         stage_dir = out_dir / f"stage{index}"
@@ -158,6 +175,7 @@ def _run(
             log=log,
             num_workers=cfg.num_workers,
             strict=cfg.strict,
+            tracker_step_offset=offset,
         )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
@@ -167,6 +185,7 @@ def _run(
             f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
         )
         train_stats.append(trainer.fit() | {"history": trainer.history})
+        offset += trainer.total_steps
         vlm = accelerator.unwrap_model(trainer.model)
     results = {}
     if accelerator.is_main_process:
@@ -187,5 +206,7 @@ def _run(
                 cache_info,
                 commit,
             )
+        accelerator.log(eval_values(results.get("metrics", {})), step=offset)
+    accelerator.end_training()  # trackers flushed and closed
     accelerator.wait_for_everyone()
     return results

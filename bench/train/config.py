@@ -20,6 +20,7 @@ from bench.data.world import World, WorldConfig
 from bench.train.pretrain import pretrain_encoder, steps
 from bench.train.recipes import RECIPES
 from bench.train.stage import StageConfig
+from bench.train.tracking import TRACKERS
 from bench.train.world_llm import pretrain_llm
 from connector_zoo.io import read_json
 from connector_zoo.model.precision import TORCH_NAMES
@@ -65,6 +66,8 @@ class RunConfig:
     allow_paths_outside_image_folder: bool = False
     #: images with more pixels are skipped before decoding (0: no limit); Pillow's decompression-bomb limit
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    #: experiment trackers the run logs to (tensorboard, wandb, mlflow, trackio; bench/train/tracking.py)
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Types and ranges, whether the values came from the command line or a run's config.json."""
@@ -91,13 +94,16 @@ class RunConfig:
         check("run config", "max_length", self.max_length, int, lo=1, optional=True)
         check("run config", "eval_limit", self.eval_limit, int, lo=0, optional=True)
         check("run config", "max_image_pixels", self.max_image_pixels, int, lo=0)
+        check("run config", "report_to", self.report_to, list)
+        for name in self.report_to:
+            check_choice("run config", "report_to[]", name, TRACKERS)
 
     @classmethod
     def plain_fields(cls) -> list[str]:
         """The settings given as they are by one command-line flag each (``--seed`` -> ``seed``); the others are
         assembled from several flags (the component specs, ``data``, ``stages``, ``lora``) or parsed
-        (``eval_limit``)."""
-        structured = {"encoder", "connector", "llm", "data", "stages", "lora", "eval_limit"}
+        (``eval_limit``, ``report_to``)."""
+        structured = {"encoder", "connector", "llm", "data", "stages", "lora", "eval_limit", "report_to"}
         return [f.name for f in dataclasses.fields(cls) if f.name not in structured]
 
     @classmethod
@@ -126,7 +132,7 @@ class RunConfig:
             fields["eval_limit"] = "all"  # the flag's word for None (a missing key would mean the default, 1000)
         body = {k: v for k, v in fields.items() if v is not None}
         header = (
-            "# connector-zoo run settings: `bench run --config config.yaml --out NEW` trains this run again\n"
+            "# connector-zoo run settings: `bench run --config <this file> --out NEW` trains this run again\n"
             "# (keys are bench run's options, as in `bench run --help`; flags given beside --config override them)\n"
         )
         return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)

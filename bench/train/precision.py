@@ -114,12 +114,19 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA's max allocated on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Bytes held by parameters (all, trainable), gradients, optimizer state, and the process's peak so far."""
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values()]
     on_cuda = any(p.is_cuda for p in params)
-    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_memory_bytes(next(p.device for p in params if p.is_cuda) if on_cuda else torch.device("cpu"))
     return {
         "parameters_bytes": tensor_bytes(params),
         "trainable_parameters_bytes": tensor_bytes(p for p in params if p.requires_grad),

@@ -29,8 +29,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
-from bench.train.precision import memory_report
+from bench.train.precision import memory_report, peak_memory_bytes
 from bench.train.stage import StageConfig, parameter_groups, set_trainable
+from bench.train.tracking import step_values
 from connector_zoo.io import atomic_path, kill_point, link_tree, progress, show_progress
 from connector_zoo.model.vlm import VLM
 
@@ -50,6 +51,7 @@ class Trainer:
         num_workers: int | None = None,
         strict: bool = False,
         val_collator: Collator | None = None,
+        tracker_step_offset: int = 0,
     ):
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         # held-out samples index their own image table (the world's val split): its collator, not the training one
@@ -81,6 +83,7 @@ class Trainer:
         self.memory: dict[str, Any] = {}
         self.first_step_at: float | None = None  # wall clock at the end of this process's first optimizer step
         self.strict = strict
+        self.tracker_step_offset = tracker_step_offset  # trackers count steps across stages (bench/train/tracking.py)
 
     # -------------------------------------------------------------- data order
     def micro_indices(self, step: int, micro: int) -> list[int]:
@@ -129,7 +132,7 @@ class Trainer:
         bar = progress_bar(self.total_steps, self.step, f"stage {self.cfg.stage}", self.acc.is_main_process)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            losses, used = [], 0
+            losses, used, tokens, grad_norm = [], 0, 0, 0.0
             for _ in range(self.cfg.grad_accum):
                 batch = self.collator.finish(next(batches))
                 for sample_id, reason in batch.skipped:
@@ -138,10 +141,14 @@ class Trainer:
                     if batch.inputs is None:  # every sample of this micro-batch was bad: a step of zero gradient
                         loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
                     else:
-                        loss = self.model(batch.inputs).loss
+                        out = self.model(batch.inputs)
+                        loss = out.loss
+                        tokens += batch_tokens(batch.inputs, out.visual_tokens)
                     self.acc.backward(loss)
-                    if self.acc.sync_gradients and self.cfg.max_grad_norm:
-                        self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+                    if self.acc.sync_gradients:  # the norm before clipping (max_norm inf: measured, not clipped)
+                        grad_norm = float(
+                            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+                        )
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 if batch.inputs is not None:
@@ -158,14 +165,26 @@ class Trainer:
                 )
             loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             self.step += 1
-            used = int(self.acc.reduce(torch.tensor(used, device=self.acc.device), reduction="sum").item())
+            counts = self.acc.reduce(torch.tensor([used, tokens], device=self.acc.device), reduction="sum").tolist()
+            used, tokens = int(counts[0]), int(counts[1])
             nominal = self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
             if self.step == 1 and used < nominal / 2:  # say it now, not only in results.json
                 why = skip_summary(self.train_data)
                 self.log(f"warning: the first step used {used} of its {nominal} samples; {why}")
             self.samples_seen += used  # the samples trained on (a skipped one is not one)
-            self.train_seconds += time.perf_counter() - t0
-            self.history.append({"step": self.step, "loss": loss, **self.rates()})
+            seconds = time.perf_counter() - t0
+            self.train_seconds += seconds
+            self.history.append(
+                {
+                    "step": self.step,
+                    "loss": loss,
+                    **self.rates(),
+                    "grad_norm": grad_norm,
+                    "samples_per_second": used / max(seconds, 1e-9),
+                    "tokens_per_second": tokens / max(seconds, 1e-9),
+                    "peak_memory_mb": peak_memory_bytes(self.acc.device) / 2**20,
+                }
+            )
             bar.set_postfix_str(
                 f"loss {loss:.4f}, {self.samples_seen / max(self.train_seconds, 1e-9):.0f} samples/s", refresh=False
             )
@@ -180,6 +199,7 @@ class Trainer:
                 names.append("checkpoint-best")
             if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                 names.insert(0, "checkpoint-last")
+            self.acc.log(step_values(self.history[-1], self.cfg.stage), step=self.tracker_step_offset + self.step)
             self.save_checkpoints(names)
             kill_point(f"step:{self.cfg.stage}:{self.step}")  # tests: die like a killed job after this step
         bar.close()
@@ -268,6 +288,15 @@ class Trainer:
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
         self.samples_seen, self.train_seconds = state["samples_seen"], state["train_seconds"]
         self.log(f"  resumed at step {self.step}/{self.total_steps} from {directory}")
+
+
+def batch_tokens(inputs, visual_tokens: torch.Tensor | None) -> int:
+    """The tokens the LLM ran over for one micro-batch: text tokens (each ``<image>`` placeholder replaced by the
+    connector's visual tokens) and no padding."""
+    text = sum(len(ids) for ids in inputs.input_ids)
+    placeholders = sum(inputs.has_image) if inputs.has_image else 0
+    visual = int(visual_tokens.sum()) if visual_tokens is not None else 0
+    return text - placeholders + visual
 
 
 def link_copy(source: Path, target: Path) -> None:

@@ -61,10 +61,16 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- save & load
     def save_pretrained(
-        self, save_directory, embed_backbones: bool = False, results: dict | None = None, **kwargs: Any
+        self,
+        save_directory,
+        embed_backbones: bool = False,
+        results: dict | None = None,
+        settings: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Config + trained weights (shards) + model card (with a run's ``results`` table when given);
-        ``embed_backbones`` writes the backbones alongside."""
+        """Config + trained weights (shards) + model card (with a run's ``results`` when given, and its
+        ``config.yaml`` ``settings``, written beside as ``run_config.yaml``); ``embed_backbones`` writes the backbones
+        alongside."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         specs = json.loads(json.dumps(self.vlm.specs()))
@@ -79,7 +85,9 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         finally:
             self.config = original
         self.processor(specs).save_pretrained(out)
-        (out / "README.md").write_text(model_card(self.vlm, specs, results))
+        (out / "README.md").write_text(model_card(self.vlm, specs, results, settings))
+        if settings:
+            (out / RUN_SETTINGS_NAME).write_text(settings)
         for written in [*out.glob("*.safetensors"), out / "encoder", out / "llm"]:  # safetensors writes 0600
             if written.exists():
                 readable_as_usual(written)
@@ -194,7 +202,10 @@ def write_run_model(vlm, run_dir: Path, results: dict[str, Any] | None) -> Path:
         GenerationConfig(eos_token_id=vlm.llm.eos_token_id, pad_token_id=vlm.llm.pad_token_id).save_pretrained(tmp)
         link_or_copy(run_dir / WEIGHTS_NAME, tmp / "model.safetensors")
         processor_of(vlm, specs).save_pretrained(tmp)  # AutoProcessor, pipeline("image-text-to-text")
-        (tmp / "README.md").write_text(model_card(vlm, specs, results))
+        settings = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
+        (tmp / "README.md").write_text(model_card(vlm, specs, results, settings))
+        if settings:
+            (tmp / RUN_SETTINGS_NAME).write_text(settings)
         readable_as_usual(tmp)
         shutil.rmtree(run_dir / "hf", ignore_errors=True)
         os.rename(tmp, run_dir / "hf")
@@ -210,21 +221,31 @@ def processor_of(vlm, specs: dict[str, Any]) -> ConnectorZooProcessor:
     return processor
 
 
-def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> str:
-    """README.md: components, recipe, visual tokens, parameters and, for a run, its evaluation table."""
+#: a run's settings beside its model card: ``bench run --config run_config.yaml`` trains it again
+RUN_SETTINGS_NAME = "run_config.yaml"
+
+
+def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None, settings: str | None = None) -> str:
+    """README.md, the page the Hub shows: components, parameters and, for a run, its recipe (stage by stage), data,
+    evaluation by question type beside the blind baseline, what it cost, and the command and settings that train it
+    again (``settings``: the run's ``config.yaml``)."""
     enc, conn, llm = (specs[p] for p in PARTS)
     trainable = sum(t.numel() for t in vlm.trainable_tensors().values())
+    header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    header.append(f"tags: [connector-zoo, {conn['name']}]")
+    base = llm.get("checkpoint")
+    if isinstance(base, str) and hub_id(base):
+        header.append(f"base_model: {base}")
     lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-text-to-text",
-        "tags: [connector-zoo]",
+        *header,
         "---",
         "",
         f"# {conn['name']} connector: {enc['name']} -> {llm['name']}",
         "",
         "Trained with [connector-zoo](https://github.com/connector-zoo/connector-zoo). Load with "
         "`import connector_zoo.model` and `AutoModelForImageTextToText.from_pretrained(<this directory>)`.",
+        "",
+        "## Components",
         "",
         "| part | spec |",
         "| --- | --- |",
@@ -234,22 +255,102 @@ def model_card(vlm, specs: dict[str, Any], results: dict[str, Any] | None) -> st
     total = sum(p.numel() for p in vlm.parameters())
     lines += ["", f"Parameters: {total:,} in all, {trainable:,} trained and saved here; the backbones are {where}.", ""]
     if results:
-        cfg = results.get("config", {})
-        tokens = (results.get("visual_tokens_per_image") or {}).get("mean")
-        kind = cfg.get("data", {}).get("kind")
+        lines += run_sections(results)
+    if settings:
         lines += [
-            f"Recipe: `{cfg.get('recipe')}`, seed {cfg.get('seed')}; data: `{kind}`; visual tokens per image: "
-            f"{tokens}.",
+            "## Reproduce",
             "",
-            "| split | exact match | blind |",
-            "| --- | ---: | ---: |",
+            f"With connector-zoo installed, `{RUN_SETTINGS_NAME}` (beside this card) trains this model again:",
+            "",
+            "```bash",
+            f"bench run --config {RUN_SETTINGS_NAME} --out runs/again",
+            "```",
+            "",
+            "```yaml",
+            settings.rstrip(),
+            "```",
+            "",
         ]
-        for split, m in (results.get("metrics") or {}).items():
-            if "accuracy" in m:
-                lines.append(f"| {split} | {m['accuracy']['exact_match']:.3f} | {m['blind']['exact_match']:.3f} |")
-        for task, entry in (results.get("lmms_eval") or {}).items():
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def hub_id(checkpoint: str) -> bool:
+    """``org/name`` that is not a path on this machine (a hub id, for the card's ``base_model``)."""
+    parts = checkpoint.split("/")
+    return len(parts) == 2 and all(parts) and not Path(checkpoint).exists() and not checkpoint.startswith(".")
+
+
+def run_sections(results: dict[str, Any]) -> list[str]:
+    """The card's training and evaluation sections from a run's ``results.json``."""
+    cfg = results.get("config", {})
+    tokens = (results.get("visual_tokens_per_image") or {}).get("mean")
+    lines = [
+        "## Training",
+        "",
+        f"Recipe `{cfg.get('recipe')}`, seed {cfg.get('seed')}; data: {describe_data(cfg.get('data', {}))}; visual "
+        f"tokens per image: {tokens}.",
+        "",
+    ]
+    stages = results.get("training") or []
+    if stages:
+        lines += [
+            "| stage | steps | final loss | samples/s | trainable parameters |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for i, st in enumerate(stages, start=1):
+            loss = st.get("final_loss")
             lines.append(
-                f"| lmms-eval {task} ({entry.get('headline')}) | "
-                f"{entry['metrics'].get(entry.get('headline'), float('nan')):.3f} | |"
+                f"| {i} | {st.get('steps')} | {'n/a' if loss is None else f'{loss:.4f}'} | "
+                f"{st.get('train_samples_per_second', 0):.1f} | {st.get('trainable_parameters', 0):,} |"
             )
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    precision = results.get("precision") or {}
+    versions = results.get("versions") or {}
+    cost = [f"wall time {results['wall_time_seconds']:.0f} s"] if results.get("wall_time_seconds") is not None else []
+    if precision:
+        compute = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(precision.get("compute"))
+        cost.append(f"compute {compute}, frozen weights in {precision.get('backbone')}")
+    if versions:
+        cost.append(", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers") if k in versions))
+    if results.get("git_commit"):
+        cost.append(f"connector-zoo commit `{results['git_commit']}`")
+    if cost:
+        lines += ["; ".join(cost) + ".", ""]
+    metrics = results.get("metrics") or {}
+    kinds = sorted({k for m in metrics.values() if m and "accuracy" in m for k in m["accuracy"].get("per_type", {})})
+    lines += [
+        "## Evaluation",
+        "",
+        "Exact match per split and question type; blind: the same LLM without the image (before training).",
+        "",
+        "| split | questions | exact match | blind | " + " | ".join(kinds) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |",
+    ]
+    for split, m in metrics.items():
+        if not m or "accuracy" not in m:
+            lines.append(f"| {split} | 0 | not evaluated | | " + " | ".join("" for _ in kinds) + " |")
+            continue
+        acc, per = m["accuracy"], m["accuracy"].get("per_type", {})
+        cells = " | ".join(f"{per[k]:.3f}" if k in per else "" for k in kinds)
+        lines.append(
+            f"| {split} | {acc.get('count')} | {acc['exact_match']:.3f} | {m['blind']['exact_match']:.3f} | {cells} |"
+        )
+    for task, entry in (results.get("lmms_eval") or {}).items():
+        value = entry["metrics"].get(entry.get("headline"), float("nan"))
+        lines.append(
+            f"| lmms-eval {task} ({entry.get('headline')}) | | {value:.3f} | | " + " | ".join("" for _ in kinds) + " |"
+        )
+    return [*lines, ""]
+
+
+def describe_data(data: dict[str, Any]) -> str:
+    kind = data.get("kind", "world")
+    if kind == "world":
+        world = data.get("world") or {}
+        size = f", {world['train']:,} training images of {world['image_size']} px" if "train" in world else ""
+        return f"the embedded mini world{size}" + (
+            f", {data['qa_turns']} questions a turn" if data.get("qa_turns") else ""
+        )
+    if kind == "llava":
+        return f"LLaVA JSON `{data.get('path')}` (images in `{data.get('image_folder')}`)"
+    return f"Hugging Face dataset `{data.get('path')}`"
