@@ -131,6 +131,14 @@ def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def computed(loss_history: list[list[dict]]) -> list[list[dict]]:
+    """A run's history without what the clock and the process measured (throughput, memory): what two runs of the
+    same settings, or a killed and resumed one, must agree on exactly."""
+    from bench.train.trainer import MEASURED
+
+    return [[{k: v for k, v in h.items() if k not in MEASURED} for h in stage] for stage in loss_history]
+
+
 # ------------------------------------------------------------------ conversations and batches
 CONV_A = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "Red."}]
 CONV_B = [

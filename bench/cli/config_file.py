@@ -9,7 +9,7 @@ and the file. Richer values where a flag is a string:
   (the component spec, as a run's ``config.yaml`` writes it); ``--connector-arg`` settings from the command line are
   laid over it;
 - ``data``: a kind (``world``, ``llava``, ``hf``) or the run's whole ``data`` mapping;
-- ``lora``: ``true`` (LLaVA-1.5's settings), ``r=16,alpha=32`` or a mapping;
+- ``lora``: ``true`` (LLaVA-1.5's settings), ``false``, ``r=16,alpha=32`` or a mapping;
 - ``stages`` (``bench run`` only): the stage list itself (a run's ``config.yaml`` writes its recipe's stages out, so it
   reproduces the run even if the named recipe changes later);
 - comma-separated options (the sweep's ``encoder``, ``connector``, ``llm``, ``seeds``; ``report_to``): YAML lists,
@@ -139,8 +139,8 @@ def _value(command: str, dest: str, action: argparse.Action, value: Any) -> Any:
             raise ValueError(f"a component mapping needs a name (e.g. {{name: {action.default}}}), got {value!r}")
         return value
     if dest == "lora":
-        if value is True:
-            return ""
+        if isinstance(value, bool):  # true: LLaVA-1.5's settings (bare --lora); false: none
+            return "" if value else None
         if isinstance(value, dict):
             return value
     if dest in LIST_OPTIONS.get(command, ()) and isinstance(value, list):

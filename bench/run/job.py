@@ -207,6 +207,7 @@ def _run(
                 commit,
             )
         accelerator.log(eval_values(results.get("metrics", {})), step=offset)
-    accelerator.end_training()  # trackers flushed and closed
     accelerator.wait_for_everyone()
+    if cfg.report_to:  # trackers flushed and closed (accelerate's end_training also ends the process group: last)
+        accelerator.end_training()
     return results

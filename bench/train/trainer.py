@@ -290,6 +290,10 @@ class Trainer:
         self.log(f"  resumed at step {self.step}/{self.total_steps} from {directory}")
 
 
+#: history fields measured on the clock or the process (they differ from one run of the same settings to the next)
+MEASURED = ("samples_per_second", "tokens_per_second", "peak_memory_mb")
+
+
 def batch_tokens(inputs, visual_tokens: torch.Tensor | None) -> int:
     """The tokens the LLM ran over for one micro-batch: text tokens (each ``<image>`` placeholder replaced by the
     connector's visual tokens) and no padding."""
