@@ -195,3 +195,23 @@ def test_a_sweep_file_names_the_same_grid_as_its_flags(tmp_path, monkeypatch):
     args = parse(["sweep", "--config", str(path), "--seeds", "5"])
     args.func(args)
     assert seen[-1][1][3] == [5]
+
+
+def test_the_example_files_in_the_docs_are_valid_for_their_command(tmp_path):
+    """Every ```yaml block of README.md and docs/training.md that starts with ``# run.yaml`` or ``# sweep.yaml`` is a
+    file its command accepts (the docs cannot show a key that does not exist)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = 0
+    for doc in ("README.md", "docs/training.md"):
+        for block in re.findall(r"```yaml\n(.*?)```", (root / doc).read_text(), re.S):
+            match = re.match(r"# (run|sweep)\.yaml", block)
+            if not match:
+                continue
+            path = write(tmp_path, block, f"{match.group(1)}-{found}.yaml")
+            args = parse([match.group(1), "--config", str(path)])
+            assert args.from_file, (doc, block)
+            found += 1
+    assert found >= 3
