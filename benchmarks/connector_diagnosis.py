@@ -27,7 +27,8 @@ import torch
 from bench.data.world import World, WorldConfig
 from bench.report.tables import load_runs, results_files
 from bench.run.job import run
-from bench.train.config import RECIPES, RunConfig
+from bench.train.recipes import RECIPES
+from bench.train.settings import RunConfig
 from connector_zoo.model.vlm import VLM
 
 MINI = RECIPES["mini"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.data.world import World, WorldConfig
-from bench.train.config import RunConfig
+from bench.train.settings import RunConfig
 from connector_zoo.model.vlm import VLM
 from connectors import build_connector
 

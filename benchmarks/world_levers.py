@@ -20,7 +20,8 @@ import time
 import torch
 
 from bench.run.record import cpu_name
-from bench.train.config import RunConfig, build_model, feature_sources, load_data
+from bench.train.assemble import build_model, feature_sources, load_data
+from bench.train.settings import RunConfig
 from bench.train.world_llm import SMOLLM_DEFAULT_SYSTEM
 from connector_zoo.model.precision import autocast
 

@@ -16,7 +16,8 @@ from bench.cli.config_file import parse_with_config
 from bench.cli.parser import build_parser
 from bench.cli.training import run_config_from_args
 from bench.data.world import WorldConfig
-from bench.train.config import RECIPES, RunConfig
+from bench.train.recipes import RECIPES
+from bench.train.settings import RunConfig
 
 
 def parse(argv):

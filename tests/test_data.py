@@ -187,7 +187,7 @@ def test_sequences_that_cannot_fit_are_reported(tmp_path, llms, encoders):
 
 def test_group_by_length_sorts_each_step(tmp_path, llms, encoders):
     from bench.data.formats import Dataset, Sample
-    from bench.train.stage import StageConfig
+    from bench.train.settings import StageConfig
     from bench.train.trainer import Trainer
     from connector_zoo.model.vlm import VLM
     from connectors import build_connector

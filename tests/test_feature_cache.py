@@ -17,7 +17,7 @@ from bench.data.features import FeatureCache, bytes_per_image, decide, image_key
 from bench.data.formats import Dataset, Sample, hf_messages, llava_json
 from bench.data.loader import Collator
 from bench.data.store import FeatureStore
-from bench.train.stage import StageConfig
+from bench.train.settings import StageConfig
 from bench.train.trainer import Trainer
 from connector_zoo.model.vlm import VLM
 from connectors import build_connector

@@ -261,7 +261,7 @@ def test_every_plain_run_setting_has_its_flag_and_arrives():
     from bench.cli import COMMANDS
     from bench.cli.parser import build_parser
     from bench.cli.training import run_config_from_args
-    from bench.train.config import RunConfig
+    from bench.train.settings import RunConfig
 
     parser = build_parser(COMMANDS)
     run_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))

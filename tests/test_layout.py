@@ -150,3 +150,22 @@ def test_bench_list_starts_without_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "  mlp2x_gelu" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "LOADED"
+
+
+def test_a_runs_settings_are_data_checked_without_torch(tmp_path):
+    """``bench.train.settings`` (what a run is) imports neither torch, transformers nor the model, and checks a
+    configuration file's values there: the assembly (``bench.train.assemble``) is a separate module."""
+    probe = (
+        "import sys\n"
+        "from bench.train.settings import RunConfig\n"
+        "from bench.cli.config_file import parse_with_config\n"
+        "cfg = RunConfig(connector={'name': 'cls_prune', 'keep_ratio': 0.5}, seed=3)\n"
+        "try:\n    RunConfig(seed=-1)\nexcept ValueError as err:\n    print('REFUSED', err)\n"
+        "print(cfg.resolved_stages()[0].lr, len(cfg.yaml_text()) > 0)\n"
+        "print('LOADED', *sorted(m for m in ('torch', 'transformers', 'connector_zoo.model') if m in sys.modules))"
+    )
+    env = {"PYTHONPATH": str(ROOT), "CONNECTOR_ZOO_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED run config: seed=-1 is out of range" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED"

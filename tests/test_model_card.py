@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from bench.train.config import RunConfig
+from bench.train.settings import RunConfig
 from connector_zoo.model.modeling import RUN_SETTINGS_NAME, ConnectorZooForConditionalGeneration, model_card
 from connector_zoo.model.vlm import VLM
 

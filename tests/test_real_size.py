@@ -191,7 +191,8 @@ def test_bf16_autocast_with_half_backbones_at_real_width():
     from accelerate.state import AcceleratorState
     from conftest import CONV_A, batch
 
-    from bench.train.stage import StageConfig, parameter_groups, set_trainable
+    from bench.train.settings import StageConfig
+    from bench.train.stage import parameter_groups, set_trainable
     from connector_zoo.model.vlm import VLM
 
     torch.manual_seed(0)

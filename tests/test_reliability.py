@@ -20,8 +20,8 @@ from PIL import Image
 from bench.cli import main
 from bench.data.formats import BadSample, hf_messages, llava_json
 from bench.data.images import FileImages
-from bench.train.config import RunConfig, load_data
-from bench.train.stage import StageConfig
+from bench.train.assemble import load_data
+from bench.train.settings import RunConfig, StageConfig
 from connector_zoo.io import materialize, remove_stale_temporaries, write_manifest
 from connector_zoo.model.vlm import VLM
 from connector_zoo.registry import RegistryError

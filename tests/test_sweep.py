@@ -62,7 +62,7 @@ def test_peer_benchmark_trains_both_to_the_same_losses_step_by_step():
 
     from bench.data.world import WorldConfig
     from bench.evaluate.peer import peer_benchmark
-    from bench.train.config import RunConfig
+    from bench.train.settings import RunConfig
 
     world = {
         "kind": "world",
@@ -203,8 +203,8 @@ def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, m
     import bench.report.sweep as sweep_module
     from bench.report.sweep import cell_name, sweep
     from bench.report.tables import aggregate, load_runs
-    from bench.train.config import RunConfig
     from bench.train.pretrain import world_backbones
+    from bench.train.settings import RunConfig
 
     now = world_backbones(RunConfig(encoder={"name": "clip"}, llm={"name": "tinyllama"}))
     assert now["encoder"].startswith("encoder-clip-") and now["llm"].startswith("llm-tinyllama-")
@@ -244,8 +244,8 @@ def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_pa
     moved aside and the cell runs again; a record whose settings match is skipped."""
     import bench.report.sweep as sweep_module
     from bench.report.sweep import cell_name, sweep
-    from bench.train.config import RunConfig
     from bench.train.pretrain import world_backbones
+    from bench.train.settings import RunConfig
 
     now = world_backbones(RunConfig(encoder={"name": "clip"}, llm={"name": "tinyllama"}))
     fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16, backbones=now)

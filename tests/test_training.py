@@ -12,9 +12,10 @@ import torch
 from accelerate.utils import convert_outputs_to_fp32
 from conftest import CONV_A, CONV_B, MICRO, batch, bench, computed, images
 
-from bench.train.config import RECIPES
 from bench.train.precision import resolve_backbone_dtype
-from bench.train.stage import StageConfig, parameter_groups, set_trainable
+from bench.train.recipes import RECIPES
+from bench.train.settings import StageConfig
+from bench.train.stage import parameter_groups, set_trainable
 from connector_zoo.model.precision import resolve_precision
 from connector_zoo.model.vlm import VLM, VLMOutput
 from connector_zoo.settings import SettingError
@@ -328,7 +329,8 @@ def test_validation_loss_reads_the_held_out_images(tmp_path):
     """The world's val split has its own image table; sample i of it is not image i of the training table. The
     recorded validation loss must be the loss on the val images (it was computed on training images of the same
     index before: 1.5 against a training loss of 0.2 on the default run)."""
-    from bench.train.config import RunConfig, feature_sources, load_data
+    from bench.train.assemble import feature_sources, load_data
+    from bench.train.settings import RunConfig
     from bench.train.trainer import validation_loss
 
     out = bench([*MICRO, "--out", str(tmp_path / "run")])

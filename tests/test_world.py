@@ -217,8 +217,8 @@ def test_each_world_llm_level_is_its_own_cached_llm():
     ``data.pretrain.llm_level`` reaches both the LLM that is built and the backbones a sweep compares."""
     import json
 
-    from bench.train.config import RunConfig
     from bench.train.pretrain import world_backbones
+    from bench.train.settings import RunConfig
     from bench.train.world_llm import llm_dir_name, pretrain_llm
 
     world = World(WorldConfig().scaled(0.01), progress=False)

@@ -48,7 +48,7 @@ def load_run(run_dir: str | Path, args: argparse.Namespace, weights: bool = True
     save-pretrained): its ``config.json`` checked first (one line when it is not a run config), then the model
     (``VLM.load``: verified against the manifest unless ``--no-verify``; dotted paths only with
     ``--allow-dotted-paths``). A model directory without a run config (``VLM.save``, ``<run>/hf``) loads as it is."""
-    from bench.train.config import RunConfig
+    from bench.train.settings import RunConfig
     from connector_zoo.model.vlm import CONFIG_NAME, VLM
 
     run_dir = Path(run_dir)

@@ -140,8 +140,8 @@ def profile_comparison(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from bench.train.config import RunConfig
     from bench.train.plan import plan
+    from bench.train.settings import RunConfig
 
     specs = specs_from_args(args)
     for family, default in (("encoder", "openai/clip-vit-large-patch14-336"), ("llm", "lmsys/vicuna-7b-v1.5")):

@@ -20,7 +20,8 @@ from connector_zoo.io import write_json
 def cmd_eval(args: argparse.Namespace) -> None:
     from bench.evaluate.accuracy import blind_answers, evaluate_split, shown_loss
     from bench.run.record import questions
-    from bench.train.config import RunConfig, feature_sources, load_data
+    from bench.train.assemble import feature_sources, load_data
+    from bench.train.settings import RunConfig
     from connector_zoo.model.precision import autocast, run_precision
 
     run_dir = Path(args.run_dir)
@@ -116,7 +117,7 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
 
 def cmd_peer(args: argparse.Namespace) -> None:
     from bench.evaluate.peer import peer_benchmark
-    from bench.train.config import RunConfig
+    from bench.train.settings import RunConfig
 
     specs = specs_from_args(args)
     cfg = RunConfig(

@@ -22,7 +22,7 @@ from bench.cli.parser import limit
 
 def cmd_run(args: argparse.Namespace) -> None:
     from bench.run.job import run
-    from bench.train.config import RunConfig
+    from bench.train.settings import RunConfig
 
     if args.resume:
         run(
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def run_config_from_args(args: argparse.Namespace):
     """The RunConfig that ``bench run``'s flags describe."""
-    from bench.train.config import RunConfig
+    from bench.train.settings import RunConfig
     from bench.train.tracking import parse_report_to
 
     specs = specs_from_args(args)
@@ -101,7 +101,7 @@ def quiet_or_print(args: argparse.Namespace):
 
 
 def RECIPES_FOR_CLI():  # noqa: N802 (lazy import keeps `bench list` fast)
-    from bench.train.config import RECIPES
+    from bench.train.recipes import RECIPES
 
     return RECIPES
 

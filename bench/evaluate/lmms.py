@@ -21,7 +21,7 @@ from typing import Any
 from bench.data.formats import world_dataset
 from bench.data.world import World, WorldConfig
 from bench.evaluate.accuracy import qa_samples, strip_image
-from bench.train.config import RunConfig
+from bench.train.settings import RunConfig
 from connector_zoo.io import materialize, read_json, write_json
 
 TASKS_DIR = Path(__file__).parent / "lmms_tasks"

@@ -29,9 +29,9 @@ import torch
 from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.data.loader import Collator
-from bench.train.config import RunConfig, build_model, load_data
+from bench.train.assemble import build_model, load_data
 from bench.train.precision import matmul_seconds
-from bench.train.stage import StageConfig
+from bench.train.settings import RunConfig, StageConfig
 from bench.train.trainer import Trainer
 from connector_zoo.model.llava import to_llava
 from connector_zoo.model.vlm import VLM
@@ -39,8 +39,8 @@ from llms.base import IGNORE_INDEX
 
 
 def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 2e-3, log=print) -> dict[str, Any]:
-    """Both trainers on ``cfg``'s combination and data (a ``bench.train.config.RunConfig``; default: the mini world with
-    tiny CLIP + ``mlp2x_gelu`` + tiny Llama). The combination must be expressible as Llava (clip/siglip +
+    """Both trainers on ``cfg``'s combination and data (a ``bench.train.settings.RunConfig``; default: the mini world
+    with tiny CLIP + ``mlp2x_gelu`` + tiny Llama). The combination must be expressible as Llava (clip/siglip +
     mlp2x_gelu + a Llama-family or Qwen3 LLM), since the peer is transformers' own Llava model."""
 
     cfg = cfg or RunConfig(connector={"name": "mlp2x_gelu"})

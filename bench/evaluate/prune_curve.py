@@ -27,7 +27,8 @@ from bench.data.loader import Collator
 from bench.evaluate.accuracy import accuracy, answer, qa_samples
 from bench.evaluate.profile import REDUCERS as METHODS
 from bench.evaluate.profile import interleaved_samples, prefill_fn, reducer_at, tokens_after
-from bench.train.config import RunConfig, load_data
+from bench.train.assemble import load_data
+from bench.train.settings import RunConfig
 from connector_zoo.model.precision import autocast, run_precision
 from connector_zoo.model.vlm import VLM
 from connectors.base import PerTokenConnector

@@ -34,7 +34,8 @@ from bench.report.tables import (
     missing_cell,
     vs_best_text,
 )
-from bench.train.config import RunConfig, load_data
+from bench.train.assemble import load_data
+from bench.train.settings import RunConfig
 from connector_zoo.io import atomic_path
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run
-from bench.train.config import RunConfig
 from bench.train.pretrain import world_backbones
+from bench.train.settings import RunConfig
 from connector_zoo.settings import parse_settings
 
 

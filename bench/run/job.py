@@ -21,15 +21,9 @@ import torch
 from bench.evaluate.accuracy import blind_answers
 from bench.run.lock import LOCK_NAME, writer_lock
 from bench.run.record import RunLog, git_commit, record
-from bench.train.config import (
-    RunConfig,
-    build_model,
-    check_connector_settings,
-    feature_sources,
-    load_data,
-    stage_samples,
-)
+from bench.train.assemble import build_model, check_connector_settings, feature_sources, load_data, stage_samples
 from bench.train.precision import resolve_backbone_dtype
+from bench.train.settings import RunConfig
 from bench.train.tracking import LOG_DIR, check_installed, eval_values
 from bench.train.tracking import start as start_trackers
 from bench.train.trainer import Trainer
@@ -194,17 +188,17 @@ def _run(
                 cfg,
                 vlm,
                 out_dir,
-                eval_sets,
-                collators,
-                features,
-                train,
-                train_stats,
-                started,
-                blind,
-                log,
-                {"compute": prec, "backbone": backbone},
-                cache_info,
-                commit,
+                eval_sets=eval_sets,
+                collators=collators,
+                features=features,
+                train=train,
+                train_stats=train_stats,
+                started=started,
+                blind=blind,
+                log=log,
+                precision={"compute": prec, "backbone": backbone},
+                cache_info=cache_info,
+                commit=commit,
             )
         accelerator.log(eval_values(results.get("metrics", {})), step=offset)
     accelerator.wait_for_everyone()

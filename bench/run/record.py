@@ -108,6 +108,7 @@ def record(
     cfg,
     vlm,
     out_dir,
+    *,
     eval_sets,
     collators,
     features,
@@ -120,6 +121,8 @@ def record(
     cache_info,
     commit: str | None = None,
 ) -> dict:
+    """Save the run's model, evaluate it, and write ``results.json``, ``summary.txt`` and ``<run>/hf``: ``cfg`` trained
+    as ``vlm`` into ``out_dir``; the rest by name (what the run measured and loaded on its way)."""
     save_final(vlm, out_dir, len(train_stats))
     metrics = {
         name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])

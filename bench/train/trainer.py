@@ -30,7 +30,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.train.precision import memory_report, peak_memory_bytes
-from bench.train.stage import StageConfig, parameter_groups, set_trainable
+from bench.train.settings import StageConfig
+from bench.train.stage import parameter_groups, set_trainable
 from bench.train.tracking import step_values
 from connector_zoo.io import atomic_path, kill_point, link_tree, progress, show_progress
 from connector_zoo.model.vlm import VLM
