@@ -157,16 +157,23 @@ def demo_images(size: int, n: int):
 
 
 def report(runs, out: Path, html: Path | None = None, per_type: int = 4) -> None:
-    """Tables and plots of finished runs, printed and written to ``out``; with ``html``, the page too."""
-    from bench.report.plots import pareto_plots
+    """Tables and plots of finished runs, printed and written to ``out``; with ``html``, the page too. Without
+    matplotlib (the ``report`` extra) the tables are written and the plots skipped with a line saying so; the HTML page
+    (its figures are plots) is refused before anything is written."""
+    from bench.report.plots import PLOTS_NEED, have_matplotlib, pareto_plots
     from bench.report.tables import write_reports
 
+    plots = have_matplotlib()
+    if html is not None and not plots:
+        raise ValueError(f"--html: the page's {PLOTS_NEED}")
     written = write_reports(runs, out)
     print(written["markdown"].read_text())
-    paths = [*written.values(), *pareto_plots(runs, out)]
+    paths = [*written.values(), *(pareto_plots(runs, out) if plots else [])]
     if html is not None:
         from bench.report.html import write_html
 
         paths.append(write_html(runs, html, per_type=per_type))
     for path in paths:
         print(f"wrote {path}")
+    if not plots:
+        print(f"plots skipped ({PLOTS_NEED})")

@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_prune_curve(args: argparse.Namespace) -> None:
     from bench.evaluate.profile import REDUCERS
     from bench.evaluate.prune_curve import pruning_curve
-    from bench.report.plots import pruning_plot
+    from bench.report.plots import PLOTS_NEED, have_matplotlib, pruning_plot
 
     methods = tuple(args.methods.split(",")) if args.methods else REDUCERS  # unknown ones: one line from pruning_curve
     rows = pruning_curve(
@@ -111,8 +111,11 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
     out = Path(args.out or args.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pruning_curve.json", [{k: v for k, v in r.items() if "answers" not in k} for r in rows])
-    for path in [out / "pruning_curve.json", *pruning_plot(rows, out / "pruning_curve")]:
+    plots = pruning_plot(rows, out / "pruning_curve") if have_matplotlib() else []
+    for path in [out / "pruning_curve.json", *plots]:
         print(f"wrote {path}")
+    if not have_matplotlib():
+        print(f"plot skipped ({PLOTS_NEED})")
 
 
 def cmd_peer(args: argparse.Namespace) -> None:

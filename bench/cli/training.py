@@ -138,7 +138,7 @@ def cmd_world_build(args: argparse.Namespace) -> None:
         from bench.evaluate.lmms import TASKS_DIR, world_task_data
 
         print(f"lmms-eval task data: {world_task_data(world)} (task folder {TASKS_DIR / 'connector_zoo_world'})")
-    except ImportError as err:  # datasets is a core dependency; say what is missing and go on
+    except ImportError as err:  # datasets: the hf extra (with eval); say what is missing and go on
         print(f"lmms-eval task data not written: {err}")
     for name in args.encoders.split(","):
         print(f"encoder {name}: {pretrain_encoder(name, world)}")

@@ -155,7 +155,10 @@ def hf_messages(path: str | Path, split: str = "train", strict: bool = False) ->
 
     The images are read undecoded and only when a batch needs them (:class:`HFImages`); listing the records reads
     the text columns alone."""
-    import datasets
+    try:
+        import datasets  # (optional: the hf extra)
+    except ImportError:
+        raise ValueError("--data hf reads Hugging Face datasets: pip install 'connector-zoo[hf]'") from None
 
     path = Path(path)
     try:

@@ -7,6 +7,15 @@ from pathlib import Path
 from bench.report.charts import colour
 from bench.report.tables import aggregate, load_runs
 
+#: what to install for the plots (tables need nothing extra)
+PLOTS_NEED = "plots need matplotlib: pip install 'connector-zoo[report]'"
+
+
+def have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
 
 def pareto_plots(run_paths, out: Path) -> list[Path]:
     """Test accuracy against visual tokens per image and against prefill latency, seed spread as error bars."""
