@@ -158,7 +158,7 @@ def test_a_runs_model_loads_in_a_fresh_process_and_answers_as_bench_generate(con
     answer = gen.stdout.strip().splitlines()[-1]
     assert fresh.stdout.strip().splitlines()[-2:] == [answer, answer]  # from_pretrained, then pipeline()
     card = (hf / "README.md").read_text()
-    assert "| test |" in card and "Recipe:" in card
+    assert "| test |" in card and "Recipe `mini`" in card and "## Reproduce" in card
     if trust:  # without the flag, a dotted path in the directory is not imported
         refused = subprocess.run(
             [sys.executable, "-c", FRESH, str(hf), str(tmp_path / "pic.png"), "x"],
