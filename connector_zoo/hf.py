@@ -19,10 +19,14 @@ def preset_dir(family: str, preset: str, params: dict[str, Any], build: Callable
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def quiet_build(tmp: Path) -> None:  # transformers' "Writing model shards" bar is not this command's output
+        import torch  # (here, not at the top: `bench list` imports this module and must not load torch)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        build(tmp)
+        # a preset seeds its own weights; the caller's random state stays as it was, so what is initialised next (a
+        # run's connector) does not depend on whether the preset was already in the cache
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
 
     return materialize(cache_dir() / "presets" / f"{family}-{preset}-{digest}", quiet_build)
 

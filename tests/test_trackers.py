@@ -95,7 +95,13 @@ def test_a_sweep_logs_each_cell_to_wandb_offline_grouped_by_the_sweep_with_its_s
     out = tmp_path / "mysweep"
     argv = ["sweep", "--connector", "cls_prune[keep_ratio=0.5]", "--seeds", "1", "--world-scale", "0.01"]
     argv += ["--pretrain-steps", "3", "--steps", "3", "--eval-limit", "6", "--report-to", "wandb", "--out", str(out)]
-    proc = bench(argv, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    # wandb's temporary, cache, config and data folders in the test's own directory, not /tmp or ~
+    private = {name: str(tmp_path / name.lower()) for name in ("TMPDIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
+    for folder in private.values():
+        Path(folder).mkdir()
+    proc = bench(
+        argv, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", **private, "WANDB_DATA_DIR": private["TMPDIR"]}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cell,) = [p for p in out.iterdir() if (p / "results.json").exists()]
     history, config, run = wandb_records(cell)

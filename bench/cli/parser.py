@@ -201,6 +201,13 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     )
     p.add_argument("--max-length", type=POSITIVE, help="context budget in tokens (default: the LLM's)")
     p.add_argument(
+        "--packing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="training rows hold several samples (no attention across them, no padding between them; rows as wide "
+        "as the micro-batch's longest sample): on, off, auto (on for --data llava/hf, off for the mini world)",
+    )
+    p.add_argument(
         "--feature-cache",
         choices=["auto", "on", "off"],
         default="auto",

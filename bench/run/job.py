@@ -21,7 +21,14 @@ import torch
 from bench.evaluate.accuracy import blind_answers
 from bench.run.lock import LOCK_NAME, writer_lock
 from bench.run.record import RunLog, git_commit, record
-from bench.train.assemble import build_model, check_connector_settings, feature_sources, load_data, stage_samples
+from bench.train.assemble import (
+    build_model,
+    check_connector_settings,
+    feature_sources,
+    load_data,
+    packing_decision,
+    stage_samples,
+)
 from bench.train.precision import resolve_backbone_dtype
 from bench.train.settings import RunConfig
 from bench.train.tracking import LOG_DIR, check_installed, eval_values
@@ -146,6 +153,8 @@ def _run(
             blind = {
                 name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
             }
+    pack, why = packing_decision(cfg, vlm)
+    log(f"packing: {'on' if pack else 'off'} ({why})")
     start_trackers(accelerator, dataclasses.asdict(cfg), out_dir, tracking.get("group"), tracking.get("tags", []))
     if cfg.report_to:
         log(
@@ -170,6 +179,7 @@ def _run(
             num_workers=cfg.num_workers,
             strict=cfg.strict,
             tracker_step_offset=offset,
+            pack=pack,
         )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():

@@ -156,3 +156,25 @@ def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], lo
     budget = vlm.connector.max_tokens(vlm.encoder.info)
     collators = {k: Collator(vlm.llm, f, budget, vlm.max_length) for k, f in features.items()}
     return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why, "dir": where and str(where)}
+
+
+def packing_decision(cfg: RunConfig, vlm: VLM) -> tuple[bool, str]:
+    """Whether training rows hold several samples, and why. ``auto``: on for LLaVA / HF data (short answers beside
+    long conversations and text-only samples: a padded batch computes much padding), off for the mini world (its
+    samples are all about as long). A connector that prunes inside the LLM (FastV) works row by row: off for it, and
+    ``on`` is refused."""
+    inside_llm = getattr(vlm.connector, "llm_hook", None) is not None
+    if cfg.packing == "on":
+        if inside_llm:
+            raise ValueError(
+                f"--packing on: {vlm.connector.registered_name} prunes visual tokens inside the LLM, one image per "
+                "row; use --packing off"
+            )
+        return True, "--packing on"
+    if cfg.packing == "off":
+        return False, "--packing off"
+    if inside_llm:
+        return False, f"auto: {vlm.connector.registered_name} prunes inside the LLM, one image per row"
+    if cfg.data.get("kind", "world") == "world":
+        return False, "auto: the mini world's samples are all about as long"
+    return True, "auto: LLaVA / HF data, whose lengths vary"

@@ -124,6 +124,9 @@ class RunConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     #: experiment trackers the run logs to (tensorboard, wandb, mlflow, trackio; bench/train/tracking.py)
     report_to: list[str] = field(default_factory=list)
+    #: several samples per row in training (no attention across them; VLM._pack): on, off, or auto (on for LLaVA / HF
+    #: data, whose lengths vary; off for the mini world, whose samples are all about as long)
+    packing: str = "auto"
 
     def __post_init__(self) -> None:
         """Types and ranges, whether the values came from the command line or a run's config.json."""
@@ -150,6 +153,7 @@ class RunConfig:
         check("run config", "max_length", self.max_length, int, lo=1, optional=True)
         check("run config", "eval_limit", self.eval_limit, int, lo=0, optional=True)
         check("run config", "max_image_pixels", self.max_image_pixels, int, lo=0)
+        check_choice("run config", "packing", self.packing, ("auto", "on", "off"))
         check("run config", "report_to", self.report_to, list)
         for name in self.report_to:
             check_choice("run config", "report_to[]", name, TRACKERS)

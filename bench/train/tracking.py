@@ -5,9 +5,9 @@ What a run logs, at one global step count across its stages (stage 2's first ste
 
 - every optimizer step: ``train/loss``, ``train/lr`` (and ``train/connector_lr`` where the connector has its own),
   ``train/grad_norm`` (before clipping), ``train/samples_per_second`` and ``train/tokens_per_second`` (that step's,
-  visual tokens included), ``train/peak_memory_mb`` (the process's peak RSS on CPU, CUDA's max allocated on GPU) and
-  ``train/stage``; ``val/loss`` where the stage validates. These are the values of the run's own history
-  (``results.json`` ``loss_history``): the tracker gets the same numbers, not a second computation;
+  visual tokens included), ``train/padding_share``, ``train/peak_memory_mb`` (the process's peak RSS on CPU, CUDA's
+  max allocated on GPU) and ``train/stage``; ``val/loss`` where the stage validates. These are the values of the
+  run's own history (``results.json`` ``loss_history``): the tracker gets the same numbers, not a second computation;
 - after evaluation, per split: ``eval/<split>/exact_match``, ``eval/<split>/blind_exact_match``, one
   ``eval/<split>/<question type>`` each, and the loss;
 - the run's settings as hyper-parameters (flattened: ``connector.keep_ratio``; lists as JSON).
@@ -108,6 +108,7 @@ def step_values(entry: dict[str, Any], stage: int) -> dict[str, float]:
         "grad_norm": "train/grad_norm",
         "samples_per_second": "train/samples_per_second",
         "tokens_per_second": "train/tokens_per_second",
+        "padding_share": "train/padding_share",
         "peak_memory_mb": "train/peak_memory_mb",
         "val_loss": "val/loss",
     }

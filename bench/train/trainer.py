@@ -53,6 +53,7 @@ class Trainer:
         strict: bool = False,
         val_collator: Collator | None = None,
         tracker_step_offset: int = 0,
+        pack: bool = False,
     ):
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         # held-out samples index their own image table (the world's val split): its collator, not the training one
@@ -85,6 +86,7 @@ class Trainer:
         self.first_step_at: float | None = None  # wall clock at the end of this process's first optimizer step
         self.strict = strict
         self.tracker_step_offset = tracker_step_offset  # trackers count steps across stages (bench/train/tracking.py)
+        self.pack = pack  # several samples per row (connector_zoo.model.vlm.VLM._pack)
 
     # -------------------------------------------------------------- data order
     def micro_indices(self, step: int, micro: int) -> list[int]:
@@ -133,7 +135,7 @@ class Trainer:
         bar = progress_bar(self.total_steps, self.step, f"stage {self.cfg.stage}", self.acc.is_main_process)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            losses, used, tokens, grad_norm = [], 0, 0, 0.0
+            losses, used, tokens, positions, grad_norm = [], 0, 0, 0, 0.0
             for _ in range(self.cfg.grad_accum):
                 batch = self.collator.finish(next(batches))
                 for sample_id, reason in batch.skipped:
@@ -142,9 +144,11 @@ class Trainer:
                     if batch.inputs is None:  # every sample of this micro-batch was bad: a step of zero gradient
                         loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
                     else:
+                        batch.inputs.pack = self.pack
                         out = self.model(batch.inputs)
                         loss = out.loss
                         tokens += batch_tokens(batch.inputs, out.visual_tokens)
+                        positions += int(out.positions)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients:  # the norm before clipping (max_norm inf: measured, not clipped)
                         grad_norm = float(
@@ -166,8 +170,8 @@ class Trainer:
                 )
             loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             self.step += 1
-            counts = self.acc.reduce(torch.tensor([used, tokens], device=self.acc.device), reduction="sum").tolist()
-            used, tokens = int(counts[0]), int(counts[1])
+            counts = self.acc.reduce(torch.tensor([used, tokens, positions], device=self.acc.device), reduction="sum")
+            used, tokens, positions = (int(c) for c in counts.tolist())
             nominal = self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
             if self.step == 1 and used < nominal / 2:  # say it now, not only in results.json
                 why = skip_summary(self.train_data)
@@ -183,6 +187,8 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "samples_per_second": used / max(seconds, 1e-9),
                     "tokens_per_second": tokens / max(seconds, 1e-9),
+                    # the share of the LLM's input positions that were padding (0 when every row is full)
+                    "padding_share": 1 - tokens / positions if positions else 0.0,
                     "peak_memory_mb": peak_memory_bytes(self.acc.device) / 2**20,
                 }
             )
@@ -217,6 +223,7 @@ class Trainer:
             "lora": self.cfg.lora,
             "first_step_at": self.first_step_at,
             "num_workers": self.num_workers,
+            "packing": self.pack,
         }
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ class VLMOutput(ModelOutput):
     aux_loss:      the connector's auxiliary loss, or None
     logits:        (B, L, V); with labels, only the labelled positions' rows (n, V) unless full_logits
     visual_tokens: (B_img,) visual tokens per image, or None for a text-only batch
+    positions:     rows x width of the LLM's input (tokens + padding: what the LLM computed over)
     """
 
     loss: torch.FloatTensor | None = None
@@ -32,6 +33,7 @@ class VLMOutput(ModelOutput):
     aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     visual_tokens: torch.LongTensor | None = None
+    positions: torch.LongTensor | None = None
 
 
 @dataclass
@@ -47,3 +49,5 @@ class VLMInputs:
     pixel_values: torch.Tensor | None = None
     features: VisionFeatures | None = None
     has_image: list[bool] | None = None
+    #: training only: several samples per row (``VLM.splice``), no attention across them, no padding between them
+    pack: bool = False

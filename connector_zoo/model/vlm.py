@@ -124,7 +124,37 @@ class VLM(nn.Module):
                     f"sample {b} needs {rows[-1].shape[0]} tokens ({n_vis} visual) but the LLM context budget is "
                     f"{self.max_length}; it is not truncated: drop it, shorten its text, or use fewer visual tokens"
                 )
+        if inputs.pack:
+            return self._pack(rows, row_labels if inputs.labels is not None else None)
         return self._pad(rows, row_labels if inputs.labels is not None else None, padding_side)
+
+    def _pack(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None):
+        """Several samples per row (:func:`pack_layout`): position ids restart at each sample, so transformers' mask
+        keeps attention inside each sample (``find_packed_sequence_indices``: sdpa and eager; flash-attention's varlen
+        path on GPU), and the attention mask is None, which is what lets it do so. A sample's first label is never a
+        target (no token of its own comes before it), as without packing; the trailing padding of a short row is a
+        segment of its own (positions from 0, no label)."""
+        layout = pack_layout([r.shape[0] for r in rows])
+        width = max(r.shape[0] for r in rows)
+        n_rows = 1 + max(row for row, _ in layout)
+        D = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(n_rows, width, D)
+        position_ids = torch.zeros(n_rows, width, dtype=torch.long, device=embeds.device)
+        filled = [0] * n_rows
+        out_labels = (
+            torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long, device=embeds.device) if labels else None
+        )
+        for b, (row, start) in enumerate(layout):
+            n = rows[b].shape[0]
+            embeds[row, start : start + n] = rows[b]
+            position_ids[row, start : start + n] = torch.arange(n, device=embeds.device)
+            if out_labels is not None:
+                out_labels[row, start : start + n] = labels[b]
+                out_labels[row, start] = IGNORE_INDEX
+            filled[row] = max(filled[row], start + n)
+        for row, end in enumerate(filled):
+            position_ids[row, end:] = torch.arange(width - end, device=embeds.device)
+        return embeds, None, out_labels, position_ids
 
     def _pad(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str):
         longest = max(r.shape[0] for r in rows)
@@ -156,6 +186,7 @@ class VLM(nn.Module):
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=position_ids,
+                use_cache=False,  # (no cache: also what lets transformers see packed rows in the position ids)
             )
         aux = None if visual is None else visual.aux_loss
         loss = lm_loss if lm_loss is None or aux is None else lm_loss + aux
@@ -165,6 +196,7 @@ class VLM(nn.Module):
             aux_loss=aux,
             logits=logits,
             visual_tokens=None if visual is None else visual.num_tokens,
+            positions=torch.tensor(embeds.shape[0] * embeds.shape[1]),
         )
 
     @torch.no_grad()
@@ -224,6 +256,11 @@ class VLM(nn.Module):
         hook = getattr(connector or self.connector, "llm_hook", None)
         if hook is None or visual is None:
             return contextlib.nullcontext()
+        if inputs.pack:
+            raise ValueError(
+                f"{(connector or self.connector).registered_name} prunes visual tokens inside the LLM, one image per "
+                "row: it cannot train on packed rows (--packing off)"
+            )
         has_image = inputs.has_image or [True] * len(inputs.input_ids)
         rows, tok = iter(range(visual.tokens.shape[0])), self.llm.image_token_id
         image_at = [int((ids == tok).nonzero()[0]) if has else None for ids, has in zip(inputs.input_ids, has_image)]
@@ -381,3 +418,21 @@ class VLM(nn.Module):
                     own[k].data = v.to(own[k].device)  # trained fp32 master weights stay fp32 in a half backbone
                 else:
                     own[k].copy_(v)
+
+
+def pack_layout(lengths: list[int]) -> list[tuple[int, int]]:
+    """``(row, start)`` of each sample when samples of these lengths are packed: first-fit in decreasing length into
+    rows as wide as the longest one (so a row never costs more than one unpacked row of the same batch; the longest
+    samples open the rows and the short ones fill their tails). Deterministic: equal lengths keep their order."""
+    width = max(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[int] = []  # room left per row
+    out: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in order:
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            free.append(width)
+            row = len(free) - 1
+        out[i] = (row, width - free[row])
+        free[row] -= lengths[i]
+    return out
