@@ -420,11 +420,12 @@ class VLM(nn.Module):
                     own[k].copy_(v)
 
 
-def pack_layout(lengths: list[int]) -> list[tuple[int, int]]:
+def pack_layout(lengths: list[int], width: int | None = None) -> list[tuple[int, int]]:
     """``(row, start)`` of each sample when samples of these lengths are packed: first-fit in decreasing length into
-    rows as wide as the longest one (so a row never costs more than one unpacked row of the same batch; the longest
-    samples open the rows and the short ones fill their tails). Deterministic: equal lengths keep their order."""
-    width = max(lengths)
+    rows as wide as the longest one, or ``width`` when that is wider (by default a row never costs more than one
+    unpacked row of the same batch; the longest samples open the rows and the short ones fill their tails).
+    Deterministic: equal lengths keep their order."""
+    width = max(max(lengths), width or 0)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     free: list[int] = []  # room left per row
     out: list[tuple[int, int]] = [(0, 0)] * len(lengths)
