@@ -216,3 +216,14 @@ def test_the_example_files_in_the_docs_are_valid_for_their_command(tmp_path):
             assert args.from_file, (doc, block)
             found += 1
     assert found >= 3
+
+
+def test_length_grouping_is_the_recipes_unless_a_flag_or_the_file_says_otherwise(tmp_path):
+    """LLaVA-1.5's fine-tuning scripts group by length (``--group_by_modality_length True``): the recipes do too, and
+    ``--no-group-by-length`` (or ``group_by_length: false`` in a file) turns it off."""
+    stages = run_config_from_args(parse(["run", "--recipe", "llava-1.5-finetune"])).resolved_stages()
+    assert [s.group_by_length for s in stages] == [True]
+    cfg = run_config_from_args(parse(["run", "--recipe", "llava-1.5-finetune-lora", "--no-group-by-length"]))
+    assert [s.group_by_length for s in cfg.resolved_stages()] == [False]
+    path = write(tmp_path, "recipe: mini\ngroup_by_length: true\n")
+    assert all(s.group_by_length for s in run_config_from_args(parse(["run", "--config", str(path)])).resolved_stages())

@@ -181,6 +181,13 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
         help="recompute the LLM's activations in backward (default: the recipe's; on in llava-1.5-finetune*)",
     )
     p.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sort each optimizer step's samples by length before cutting micro-batches, so they pad less (LLaVA's "
+        "length grouping; default: the recipe's, on in llava-1.5-finetune*)",
+    )
+    p.add_argument(
         "--lora",
         nargs="?",
         const="",

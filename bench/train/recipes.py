@@ -58,6 +58,7 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
             warmup_ratio=0.03,
             save_every=1000,
             gradient_checkpointing=True,
+            group_by_length=True,  # finetune.sh: --group_by_modality_length True
         )
     ],
     # LLaVA-1.5's finetune_lora.sh: LoRA r 128, alpha 256 on every linear layer of the LLM, lr 2e-4 with the
@@ -73,6 +74,7 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
             warmup_ratio=0.03,
             save_every=1000,
             gradient_checkpointing=True,
+            group_by_length=True,  # finetune_lora.sh: --group_by_modality_length True
             lora=dict(r=128, alpha=256, dropout=0.05),
         )
     ],

@@ -100,6 +100,9 @@ class RunConfig:
     backbone_dtype: str = "auto"
     #: None keeps each stage's recipe setting
     gradient_checkpointing: bool | None = None
+    #: sort each optimizer step's samples by length before cutting micro-batches (LLaVA's length grouping); None keeps
+    #: each stage's recipe setting (on in llava-1.5-finetune*)
+    group_by_length: bool | None = None
     #: LoRA on the LLM in every stage that trains it ({"r", "alpha", "dropout", "targets"}); None keeps the recipe's
     lora: dict[str, Any] | None = None
     #: QLoRA: the LLM's base weights in 4-bit NF4 (bitsandbytes, CUDA only)
@@ -141,7 +144,7 @@ class RunConfig:
         check("run config", "seed", self.seed, int, lo=0)
         check_choice("run config", "precision", self.precision, ("auto", "no", "fp32", "bf16", "fp16"))
         check_choice("run config", "backbone_dtype", self.backbone_dtype, ("auto", "fp32", "bf16", "fp16"))
-        for name in ("gradient_checkpointing", "profile"):
+        for name in ("gradient_checkpointing", "group_by_length", "profile"):
             check("run config", name, getattr(self, name), bool, optional=True)
         for name in ("qlora", "strict", "allow_paths_outside_image_folder"):
             check("run config", name, getattr(self, name), bool)
@@ -208,6 +211,8 @@ class RunConfig:
         for s in stages:
             if self.gradient_checkpointing is not None:
                 s.gradient_checkpointing = self.gradient_checkpointing
+            if self.group_by_length is not None:
+                s.group_by_length = self.group_by_length
             if self.lora is not None and s.stage >= 2:
                 s.lora = self.lora
         return stages
