@@ -15,6 +15,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 SUITE_CACHE = os.environ["CONNECTOR_ZOO_CACHE"] = tempfile.mkdtemp(prefix="czoo-test-cache-")
+# --precision auto on a CPU times a training step in fp32 and bf16 and keeps the faster: the suite's runs stay fp32 on
+# every machine (their numbers are compared across runs and processes); tests/test_precision_auto.py tests the choice
+os.environ["CONNECTOR_ZOO_CPU_BF16"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -29,7 +29,7 @@ from bench.train.assemble import (
     packing_decision,
     stage_samples,
 )
-from bench.train.precision import resolve_backbone_dtype
+from bench.train.precision import cpu_precision_decision, resolve_backbone_dtype
 from bench.train.settings import RunConfig
 from bench.train.tracking import LOG_DIR, check_installed, eval_values
 from bench.train.tracking import start as start_trackers
@@ -100,6 +100,9 @@ def _run(
     stages = cfg.resolved_stages()
     with names():
         check_connector_settings(cfg)  # seconds, before any data is read or backbone built
+    # --precision auto on a CPU is measured on the run's own model once it is built (cpu_precision_decision); until
+    # then, and for accelerate, fp32: the run's own autocast applies the decision
+    auto_cpu = cfg.precision == "auto" and not torch.cuda.is_available()
     prec = resolve_precision(cfg.precision)
     backbone = resolve_backbone_dtype(cfg.backbone_dtype, prec)
     if cfg.precision == "fp16" and prec == "bf16":
@@ -118,6 +121,8 @@ def _run(
     kind = accelerator.distributed_type.value
     where = "one process" if kind == "NO" else f"{accelerator.num_processes} processes ({kind})"
     compute = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[prec]
+    if auto_cpu:
+        compute = "auto (measured once the model is built)"
     log(f"device: {accelerator.device.type}, {where}; compute {compute}, frozen weights stored in {backbone}")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
         # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
@@ -147,14 +152,19 @@ def _run(
         vlm.load_connector(cfg.init_connector, verify=verify)
         log(f"connector initialised from {cfg.init_connector}")
     features, collators, cache_info = feature_sources(cfg, vlm, [train, val, *eval_sets.values()], log)
+    own_autocast, prec_why = "no", None  # the run's own autocast (accelerate's is fp32 under auto on a CPU)
+    if auto_cpu:
+        prec, prec_why = auto_cpu_precision(vlm, train, collators[train.images.key], stages[0], accelerator)
+        own_autocast = prec
+        log(f"precision: {'bf16 autocast' if prec == 'bf16' else 'fp32'} ({prec_why})")
     blind = {}
     if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
         with autocast(prec, vlm.device):
             blind = {
                 name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
             }
-    pack, why = packing_decision(cfg, vlm)
-    log(f"packing: {'on' if pack else 'off'} ({why})")
+    pack, pack_why = packing_decision(cfg, vlm)
+    log(f"packing: {'on' if pack else 'off'} ({pack_why})")
     start_trackers(accelerator, dataclasses.asdict(cfg), out_dir, tracking.get("group"), tracking.get("tags", []))
     if cfg.report_to:
         log(
@@ -180,6 +190,7 @@ def _run(
             strict=cfg.strict,
             tracker_step_offset=offset,
             pack=pack,
+            autocast=own_autocast,
         )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
@@ -206,7 +217,7 @@ def _run(
                 started=started,
                 blind=blind,
                 log=log,
-                precision={"compute": prec, "backbone": backbone},
+                precision={"compute": prec, "backbone": backbone, **({"why": prec_why} if prec_why else {})},
                 cache_info=cache_info,
                 commit=commit,
             )
@@ -215,3 +226,16 @@ def _run(
     if cfg.report_to:  # trackers flushed and closed (accelerate's end_training also ends the process group: last)
         accelerator.end_training()
     return results
+
+
+def auto_cpu_precision(vlm, train, collator, stage, accelerator) -> tuple[str, str]:
+    """``--precision auto`` on a CPU: bf16 autocast or fp32, as a training step of this model on its first micro-batch
+    runs faster (``cpu_precision_decision``), and why. Several processes keep fp32 (each would time its own share of a
+    shared machine and might decide otherwise)."""
+    if accelerator.num_processes > 1:
+        return "no", "auto: fp32 with several processes (the probe times one)"
+    batch = collator.batch(train.samples[: stage.batch_size])
+    if batch.inputs is None:
+        return "no", "auto: fp32 (no usable sample to time a step on)"
+    precision, record = cpu_precision_decision(vlm, batch.inputs)
+    return precision, record["why"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from connector_zoo.io import cache_dir, read_json, write_json
-from connector_zoo.model.precision import DTYPES
+from connector_zoo.model.precision import DTYPES, autocast
 
 
 def resolve_backbone_dtype(name: str | None, precision: str, cuda: bool | None = None) -> str:
@@ -101,6 +101,53 @@ def cpu_bf16_decision() -> bool:
     fast = cpu_bf16_is_fast()
     write_json(path, {"bf16_is_fast": fast, "cpu_key": key, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return fast
+
+
+def training_step_seconds(vlm, inputs, precision: str) -> float:
+    """Seconds of one forward and backward of ``vlm`` on ``inputs`` under ``precision``'s autocast; gradients are
+    dropped and the random state restored, so the probe leaves the model as it found it."""
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        with autocast(precision, vlm.device):
+            loss = vlm(inputs).loss
+        if loss.requires_grad:
+            loss.backward()
+    vlm.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def cpu_precision_decision(vlm, inputs, rounds: int = 3, margin: float = 1.1) -> tuple[str, dict[str, Any]]:
+    """``--precision auto`` on a CPU: bf16 autocast where this CPU runs this model's training step faster in it
+    than in fp32 by ``margin``, fp32 otherwise; measured on the run's own model and first micro-batch (so the run's
+    widths, and the casts autocast adds, are what is timed: at the mini world's width 128 a single bf16 matmul is
+    faster on AVX-512 BF16 and AMX CPUs, yet a whole step can be slower). A warm-up step of each, then ``rounds``
+    alternating rounds, the best of each kept. Cached per machine (:func:`cpu_key`) and model (its specs and the
+    batch's shape); ``CONNECTOR_ZOO_CPU_BF16=1`` or ``0`` decides instead. Returns the precision and the record."""
+    forced = os.environ.get("CONNECTOR_ZOO_CPU_BF16")
+    if forced in ("0", "1"):
+        return ("bf16" if forced == "1" else "no"), {"why": f"CONNECTOR_ZOO_CPU_BF16={forced}"}
+    shape = [len(inputs.input_ids), max(len(ids) for ids in inputs.input_ids)]
+    described = json.dumps({"cpu": cpu_key(), "model": vlm.specs(), "batch": shape}, sort_keys=True, default=str)
+    key = hashlib.sha256(described.encode()).hexdigest()[:16]
+    path = cache_dir() / "machine" / f"cpu-step-precision-{key}.json"
+    if path.exists():
+        record = read_json(path)
+        return record["precision"], {**record, "why": record["why"] + " (measured earlier on this machine)"}
+    for precision in ("no", "bf16"):  # warm-up: first-call allocations and kernel selection are not timed
+        training_step_seconds(vlm, inputs, precision)
+    best = {"no": float("inf"), "bf16": float("inf")}
+    for _ in range(rounds):
+        for precision in best:
+            best[precision] = min(best[precision], training_step_seconds(vlm, inputs, precision))
+    ratio = best["no"] / best["bf16"]
+    precision = "bf16" if ratio >= margin else "no"
+    why = (
+        f"auto: a training step took {best['no'] * 1e3:.0f} ms in fp32 and {best['bf16'] * 1e3:.0f} ms under bf16 "
+        f"autocast here ({ratio:.2f}x; bf16 from {margin}x)"
+    )
+    record = {"precision": precision, "fp32_seconds": best["no"], "bf16_seconds": best["bf16"], "why": why}
+    write_json(path, {**record, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return precision, record
 
 
 def upcast_trainable(params: list[torch.nn.Parameter]) -> None:

@@ -34,6 +34,7 @@ from bench.train.settings import StageConfig
 from bench.train.stage import parameter_groups, set_trainable
 from bench.train.tracking import step_values
 from connector_zoo.io import atomic_path, kill_point, link_tree, progress, show_progress
+from connector_zoo.model.precision import autocast
 from connector_zoo.model.vlm import VLM
 
 
@@ -54,6 +55,7 @@ class Trainer:
         val_collator: Collator | None = None,
         tracker_step_offset: int = 0,
         pack: bool = False,
+        autocast: str = "no",
     ):
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         # held-out samples index their own image table (the world's val split): its collator, not the training one
@@ -87,6 +89,7 @@ class Trainer:
         self.strict = strict
         self.tracker_step_offset = tracker_step_offset  # trackers count steps across stages (bench/train/tracking.py)
         self.pack = pack  # several samples per row (connector_zoo.model.vlm.VLM._pack)
+        self.autocast = autocast  # the run's own autocast (--precision auto on a CPU), beside accelerate's
 
     # -------------------------------------------------------------- data order
     def micro_indices(self, step: int, micro: int) -> list[int]:
@@ -145,7 +148,8 @@ class Trainer:
                         loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
                     else:
                         batch.inputs.pack = self.pack
-                        out = self.model(batch.inputs)
+                        with autocast(self.autocast, self.acc.device):
+                            out = self.model(batch.inputs)
                         loss = out.loss
                         tokens += batch_tokens(batch.inputs, out.visual_tokens)
                         positions += int(out.positions)
@@ -239,7 +243,7 @@ class Trainer:
 
     def validate(self) -> bool:
         """Validation loss at this step (recorded in the history); True when it is the best so far."""
-        with self.acc.autocast():
+        with self.acc.autocast(), autocast(self.autocast, self.acc.device):
             loss = validation_loss(
                 self.acc.unwrap_model(self.model), self.val_data, self.val_collator, self.cfg.batch_size
             )

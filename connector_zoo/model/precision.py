@@ -38,11 +38,19 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
 
 
 def run_precision(run_dir) -> str:
-    """The compute precision a run directory trained with (``no`` for a model directory without a run config)."""
+    """The compute precision a run directory trained with: as its ``results.json`` records it (``--precision auto``
+    on a CPU is decided by measurement when the run starts), else as its config resolves here; ``no`` for a model
+    directory without a run config."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return "no"
     config = read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a run config (a JSON object), but a {type(config).__name__}")
+    results = Path(run_dir) / "results.json"
+    if results.exists():
+        recorded = read_json(results)
+        compute = recorded.get("precision", {}).get("compute") if isinstance(recorded, dict) else None
+        if compute in ("no", "bf16", "fp16"):
+            return "bf16" if compute == "fp16" and not torch.cuda.is_available() else compute
     return resolve_precision(config.get("precision", "auto"))
