@@ -11,6 +11,14 @@ import sys
 from pathlib import Path
 
 
+def chromium_executable() -> str:
+    """Debian's Chromium (what playwright drives here), or exit with what to install."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        sys.exit("no chromium on PATH: apt-get install chromium")
+    return chromium
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("page", type=Path)
@@ -20,9 +28,7 @@ def main() -> int:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        sys.exit("no chromium on PATH: apt-get install chromium")
+    chromium = chromium_executable()
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])

@@ -6,7 +6,6 @@ Starts ``tensorboard --logdir`` on a free local port, waits for the charts, and 
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from report_screenshot import chromium_executable  # (benchmarks/, beside this script)
 
 
 def free_port() -> int:
@@ -35,9 +36,7 @@ def main() -> int:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        sys.exit("no chromium on PATH: apt-get install chromium")
+    chromium = chromium_executable()
     port = free_port()
     board = subprocess.Popen(
         [

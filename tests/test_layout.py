@@ -137,19 +137,27 @@ def test_lint_imports_agrees():
     assert f"Contracts: {len(CONFIG['contracts'])} kept, 0 broken" in proc.stdout
 
 
+def heavy_modules_after(probe: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run ``probe`` in a fresh process and check that it loaded neither torch, transformers nor the composed model."""
+    probe += (
+        "\nprint('LOADED', *sorted(m for m in ('torch', 'transformers', 'connector_zoo.model') if m in sys.modules))"
+    )
+    env = {"PYTHONPATH": str(ROOT), "CONNECTOR_ZOO_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED"
+    return proc
+
+
 def test_bench_list_starts_without_torch(tmp_path):
     """``bench list`` imports neither torch, transformers nor the composed model (``bench tokens`` builds a VLM and
     needs them all)."""
     probe = (
         "import runpy, sys; sys.argv = ['bench', 'list']\n"
         "try:\n    runpy.run_module('bench.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "print('LOADED', *sorted(m for m in ('torch', 'transformers', 'connector_zoo.model') if m in sys.modules))"
     )
-    env = {"PYTHONPATH": str(ROOT), "CONNECTOR_ZOO_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = heavy_modules_after(probe, tmp_path)
     assert "  mlp2x_gelu" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "LOADED"
 
 
 def test_a_runs_settings_are_data_checked_without_torch(tmp_path):
@@ -162,10 +170,6 @@ def test_a_runs_settings_are_data_checked_without_torch(tmp_path):
         "cfg = RunConfig(connector={'name': 'cls_prune', 'keep_ratio': 0.5}, seed=3)\n"
         "try:\n    RunConfig(seed=-1)\nexcept ValueError as err:\n    print('REFUSED', err)\n"
         "print(cfg.resolved_stages()[0].lr, len(cfg.yaml_text()) > 0)\n"
-        "print('LOADED', *sorted(m for m in ('torch', 'transformers', 'connector_zoo.model') if m in sys.modules))"
     )
-    env = {"PYTHONPATH": str(ROOT), "CONNECTOR_ZOO_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = heavy_modules_after(probe, tmp_path)
     assert "REFUSED run config: seed=-1 is out of range" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "LOADED"

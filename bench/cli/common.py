@@ -116,9 +116,10 @@ def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
     set_here = (getattr(args, "given", set()) | getattr(args, "from_file", set())) - {"data"}
     if set_here & {"world_scale", "world_resolution"}:
         world = world_config(args)
-        data["world"] = dataclasses.asdict(world) if world is not None else {}
-        if world is None:
-            data.pop("world")
+        if world is None:  # the default world
+            data.pop("world", None)
+        else:
+            data["world"] = dataclasses.asdict(world)
     for option, key in (("qa_turns", "qa_turns"), ("data_path", "path"), ("image_folder", "image_folder")):
         if option in set_here:
             data[key] = getattr(args, option)

@@ -111,10 +111,11 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
     out = Path(args.out or args.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pruning_curve.json", [{k: v for k, v in r.items() if "answers" not in k} for r in rows])
-    plots = pruning_plot(rows, out / "pruning_curve") if have_matplotlib() else []
+    can_plot = have_matplotlib()
+    plots = pruning_plot(rows, out / "pruning_curve") if can_plot else []
     for path in [out / "pruning_curve.json", *plots]:
         print(f"wrote {path}")
-    if not have_matplotlib():
+    if not can_plot:
         print(f"plot skipped ({PLOTS_NEED})")
 
 
