@@ -93,7 +93,7 @@ def start(accelerator, settings: dict[str, Any], out_dir: Path, group: str | Non
     name = Path(out_dir).name
     init_kwargs = {
         "wandb": {"name": name, "group": group, "tags": tags, "dir": str(out_dir)},
-        "mlflow": {"run_name": name, "tags": {"sweep": group or "", **{t.split(":", 1)[0]: t for t in tags}}},
+        "mlflow": {"run_name": name, "tags": {"sweep": group or "", **dict(t.split(":", 1) for t in tags)}},
         "trackio": {"name": name, "group": group},
     }
     accelerator.init_trackers(PROJECT, config=flat_settings(settings), init_kwargs=init_kwargs)
