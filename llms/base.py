@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from connector_zoo.hf import gguf_source, load_pretrained, plain_model, preset_dir, random_geometry
 from connector_zoo.settings import SettingError
+from llms.attention import use_varlen
 from llms.lora import LORA_DEFAULTS, normalize_lora, quantization_config  # noqa: F401  (this module's API)
 
 IGNORE_INDEX = -100
@@ -91,6 +92,7 @@ class LLMBackend(nn.Module):
         what, dtype = f"{self.registered_name} model", getattr(torch, dtype or "float32")
         model = load_pretrained(self.model_cls.from_pretrained, path, what, dtype=dtype, **where, **extra)
         self.model = plain_model(model)
+        use_varlen(self.model)  # packed rows attend per sample, at no cost beyond it (llms/attention.py)
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = self.chat_template
         self._add_special_tokens()

@@ -15,9 +15,11 @@ CONVS = [CONV_A, CONV_TEXT, THREE_TURNS, SHORT, CONV_B, SHORT]
 HAS_IMAGE = [True, False, True, False, True, False]
 
 
-def model(connector: str) -> VLM:
+def model(connector: str, attention: str | None = None) -> VLM:
     torch.manual_seed(0)
     vlm = VLM.build({"name": "clip"}, {"name": connector}, {"name": "tinyllama"})
+    if attention:
+        vlm.llm.model.set_attn_implementation(attention)
     vlm.requires_grad_(True)  # the LLM's gradients too (stage 2)
     return vlm.eval()  # (no dropout: the two forwards see the same function)
 
@@ -36,9 +38,13 @@ def test_the_layout_by_hand():
     assert pack_layout([7]) == [(0, 0)]
 
 
-@pytest.mark.parametrize("connector", ["mlp2x_gelu", "prumerge", "qformer"])
-def test_packed_loss_and_gradients_equal_unpacked(connector):
-    vlm = model(connector)
+# the default (llms/attention.py's varlen sdpa: the batch in one row, each sample its own attention) and eager
+# (rows as wide as the longest sample, transformers' block-diagonal mask from the position ids)
+@pytest.mark.parametrize(
+    "connector,attention", [("mlp2x_gelu", None), ("prumerge", None), ("qformer", None), ("mlp2x_gelu", "eager")]
+)
+def test_packed_loss_and_gradients_equal_unpacked(connector, attention):
+    vlm = model(connector, attention)
     grads, losses, positions = [], [], []
     for pack in (False, True):
         vlm.zero_grad()
@@ -58,8 +64,9 @@ def test_packed_loss_and_gradients_equal_unpacked(connector):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (name, (a - b).abs().max().item())
 
 
-def test_a_change_to_one_sample_leaves_its_row_mates_logits_unchanged():
-    vlm = model("mlp2x_gelu")
+@pytest.mark.parametrize("attention", [None, "eager"])
+def test_a_change_to_one_sample_leaves_its_row_mates_logits_unchanged(attention):
+    vlm = model("mlp2x_gelu", attention)
     changed = list(CONVS)
     changed[1] = [CONV_TEXT[0], {"role": "assistant", "content": "Four, or more."}]  # the text-only sample, longer
     logits, layouts = [], []
@@ -68,7 +75,7 @@ def test_a_change_to_one_sample_leaves_its_row_mates_logits_unchanged():
         with torch.no_grad():
             logits.append(vlm(x, full_logits=True).logits)
         lengths = [len(ids) + (64 - 1 if has else 0) for ids, has in zip(x.input_ids, HAS_IMAGE)]  # <image> -> 64
-        layouts.append(pack_layout(lengths))
+        layouts.append(vlm.pack_layout(lengths)[0])
     first, second = layouts
     mates = [b for b in range(len(CONVS)) if b != 1 and first[b][0] == first[1][0]]
     assert mates, "the changed sample shares its row with another"
@@ -78,6 +85,70 @@ def test_a_change_to_one_sample_leaves_its_row_mates_logits_unchanged():
         n = lengths[b]
         (r0, s0), (r1, s1) = first[b], second[b]
         assert torch.allclose(logits[0][r0, s0 : s0 + n], logits[1][r1, s1 : s1 + n], atol=1e-5), b
+
+
+def block_causal(position_ids: torch.Tensor) -> torch.Tensor:
+    """The dense mask by hand: token i sees token j when j <= i and no position restart lies in (j, i]."""
+    restart = torch.zeros_like(position_ids)
+    restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    sample = restart.cumsum(-1)
+    L = position_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return (causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
+
+
+def test_varlen_attention_equals_sdpa_under_the_dense_block_mask():
+    """llms/attention.py against transformers' sdpa given the block-diagonal causal mask built by hand: values and
+    gradients, with grouped key/value heads, two rows, and a row ending in padding (a segment of its own)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llms.attention import varlen_sdpa_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]])
+    q = torch.randn(2, 4, 10, 8, requires_grad=True)
+    k = torch.randn(2, 2, 10, 8, requires_grad=True)
+    v = torch.randn(2, 2, 10, 8, requires_grad=True)
+    ours, _ = varlen_sdpa_forward(module, q, k, v, None, scaling=0.3, position_ids=positions)
+    ref, _ = sdpa_attention_forward(module, q, k, v, block_causal(positions), scaling=0.3)
+    assert ours.shape == ref.shape == (2, 10, 4, 8)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    w = torch.randn_like(ours)
+    g_ours = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    # and it is not plain causal attention over the row (which is what the position ids must prevent)
+    plain, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.3)
+    assert not torch.allclose(ours, plain, atol=1e-3)
+
+
+def test_a_packed_row_costs_the_sum_of_its_samples():
+    """The whole batch in one row, no padding: the LLM's FLOPs on the row (FlopCounterMode: matrix multiplies and
+    attention) equal those of its samples run one by one, and no L x L mask is built for it."""
+    from unittest import mock
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import llms.attention
+
+    vlm = model("mlp2x_gelu")
+    lengths = [7, 12, 3, 9]
+    embeds = [torch.randn(n, vlm.llm.hidden_size) for n in lengths]
+    layout, width = vlm.pack_layout(lengths)
+    assert width == sum(lengths) and {row for row, _ in layout} == {0}
+    row = torch.cat(embeds)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    decoder = vlm.llm.model.get_decoder()
+    no_dense_mask = mock.patch.object(llms.attention, "sdpa_mask", side_effect=AssertionError("a dense mask"))
+    with torch.no_grad(), no_dense_mask, FlopCounterMode(display=False) as packed:
+        decoder(inputs_embeds=row, position_ids=positions, use_cache=False)
+    with torch.no_grad(), FlopCounterMode(display=False) as one_by_one:
+        for e in embeds:
+            decoder(inputs_embeds=e[None], use_cache=False)
+    assert packed.get_total_flops() == one_by_one.get_total_flops() > 0
 
 
 def test_fastv_refuses_packed_rows():

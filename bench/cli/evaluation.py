@@ -131,7 +131,9 @@ def cmd_peer(args: argparse.Namespace) -> None:
         data=data_from_args(args),
         seed=args.seed,
     )
-    r = peer_benchmark(cfg, steps=args.steps, batch_size=args.batch_size)
+    if args.length_mix:
+        return peer_length_mix(cfg, args)
+    r = peer_benchmark(cfg, steps=args.steps or 60, batch_size=args.batch_size or 16, lr=args.lr or 2e-3)
     print(
         f"stage 1, {args.encoder} + {specs['connector']['name']} + {args.llm}, {r['steps']} steps x batch "
         f"{r['batch_size']}; this machine multiplies fp32 matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
@@ -144,6 +146,50 @@ def cmd_peer(args: argparse.Namespace) -> None:
         )
     print(f"  (feature cache built once in {r['ours_feature_cache_seconds']:.1f} s)")
     print(f"  ratio: {r['speedup']:.2f}x")
+
+
+def peer_length_mix(cfg, args: argparse.Namespace) -> None:
+    from bench.evaluate.peer_mix import length_mix_peer, summary
+
+    r = length_mix_peer(
+        cfg,
+        steps=args.steps or 4,
+        batch_size=args.batch_size or 4,
+        lr=args.lr or 2e-5,
+        rounds=args.rounds,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    s = summary(r)
+    print(
+        f"stage 2 on the length mix, {args.encoder} + {cfg.connector['name']} + {args.llm}, {r['steps']} steps x batch "
+        f"{r['batch_size']} ({r['useful_tokens']} useful tokens), fp32, {r['rounds']} interleaved rounds (median "
+        f"[min, max]); this machine multiplies fp32 matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
+    )
+
+    def fig(d: dict[str, float], f: str) -> str:
+        return f"{d['median']:{f}} [{d['min']:{f}}, {d['max']:{f}}]"
+
+    labels = {
+        "ours": "connector-zoo (packed, cache)",
+        "hf-grouped": "HF Trainer + Llava, grouped",
+        "hf": "HF Trainer + Llava",
+    }
+    for side, label in labels.items():
+        x = s[side]
+        print(
+            f"  {label:<29} {fig(x['useful_tokens_per_second'], '.4g')} useful tokens/s  "
+            f"{fig(x['samples_per_second'], '.3g')} samples/s  padding {x['padding_share']['median']:.1%}  "
+            f"peak RSS {fig(x['peak_rss_gib'], '.2f')} GiB  model {x['model_gflops_per_second']['median']:.1f} "
+            f"GFLOP/s ({x['model_gflops_per_second']['median'] / r['matmul_gflops_per_second']:.0%} of matmul)"
+        )
+    for peer in ("hf-grouped", "hf"):
+        print(
+            f"  ours / {labels[peer].strip()}: {fig(s['speedup_vs_' + peer], '.2f')}x useful tokens/s, "
+            f"peak RSS {fig(s['rss_vs_' + peer], '.2f')}x"
+        )
+    print("  loss per step, ours: " + " ".join(f"{v:.4f}" for v in s["ours"]["losses"]))
+    print("  loss per step, hf:   " + " ".join(f"{v:.4f}" for v in s["hf"]["losses"]))
+    print(f"  largest relative gap between ours' and hf's loss at a step (same batches): {s['loss_gap']:.2e}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -311,11 +311,21 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     add_trust_args(p)
     p.set_defaults(func=commands["prune_curve"])
 
-    p = sub.add_parser("peer", help="this harness vs transformers Trainer + LlavaForConditionalGeneration (stage 1)")
+    p = sub.add_parser("peer", help="this harness vs transformers Trainer + LlavaForConditionalGeneration")
     add_component_args(p)
     p.set_defaults(llm="tinyllama")
-    p.add_argument("--steps", type=POSITIVE, default=60)
-    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--steps", type=POSITIVE, help="optimizer steps (default 60; 4 with --length-mix)")
+    p.add_argument("--batch-size", type=POSITIVE, help="samples per step (default 16; 4 with --length-mix)")
+    p.add_argument(
+        "--length-mix",
+        action="store_true",
+        help="stage 2 on LLaVA-665K-shaped lengths, against HF with and without group_by_length (3 processes a round)",
+    )
+    p.add_argument("--rounds", type=POSITIVE, default=3, help="--length-mix: interleaved rounds (median and spread)")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-3; 2e-5 with --length-mix)")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="--length-mix: recompute activations, both sides"
+    )
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     add_data_args(p)
     p.add_argument("--pretrain-steps", type=POSITIVE)

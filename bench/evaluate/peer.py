@@ -146,20 +146,25 @@ class PeakRSS:
         return False
 
 
+def peer_tokens(vlm: VLM, sample) -> tuple[list[int], list[int]]:
+    """A sample's token ids and labels as the Llava processor gives them: our template's tokens, with the ``<image>``
+    token repeated once per patch of the encoder (no labels on those)."""
+    n_vis, image_id = vlm.encoder.info.num_patches, vlm.llm.image_token_id
+    enc = vlm.llm.encode_conversation(sample.messages)
+    ids, labels = [], []
+    for tok, lab in zip(enc.input_ids, enc.labels):
+        reps = n_vis if tok == image_id else 1
+        ids += [tok] * reps
+        labels += [IGNORE_INDEX if tok == image_id else lab] * reps
+    return ids, labels
+
+
 def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageConfig, seed: int) -> dict[str, Any]:
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
-    n_vis = vlm.encoder.info.num_patches
-    image_id = vlm.llm.image_token_id
-
     def expand(sample) -> dict[str, torch.Tensor]:
-        enc = vlm.llm.encode_conversation(sample.messages)
-        ids, labels = [], []
-        for tok, lab in zip(enc.input_ids, enc.labels):
-            reps = n_vis if tok == image_id else 1
-            ids += [tok] * reps
-            labels += [IGNORE_INDEX if tok == image_id else lab] * reps
+        ids, labels = peer_tokens(vlm, sample)
         pixel_values = processor.image_processor(images=data.images.load(sample.image), return_tensors="pt")
         return {
             "input_ids": torch.tensor(ids),

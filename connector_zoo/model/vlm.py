@@ -27,6 +27,7 @@ from connectors.base import Connector, ConnectorOutput
 from encoders import build_encoder
 from encoders.base import VisionEncoder, VisionFeatures
 from llms import build_llm
+from llms.attention import VARLEN_IMPLEMENTATIONS
 from llms.base import IGNORE_INDEX, LLMBackend
 from llms.hooks import VisualSpans, visual_token_hook
 from llms.loss import causal_lm_forward
@@ -129,13 +130,14 @@ class VLM(nn.Module):
         return self._pad(rows, row_labels if inputs.labels is not None else None, padding_side)
 
     def _pack(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None):
-        """Several samples per row (:func:`pack_layout`): position ids restart at each sample, so transformers' mask
-        keeps attention inside each sample (``find_packed_sequence_indices``: sdpa and eager; flash-attention's varlen
-        path on GPU), and the attention mask is None, which is what lets it do so. A sample's first label is never a
-        target (no token of its own comes before it), as without packing; the trailing padding of a short row is a
-        segment of its own (positions from 0, no label)."""
-        layout = pack_layout([r.shape[0] for r in rows])
-        width = max(r.shape[0] for r in rows)
+        """Several samples per row; position ids restart at each sample, the attention mask is None, and attention
+        stays inside each sample. Where the LLM's attention cuts rows at those restarts itself (``llms/attention.py``'s
+        varlen sdpa on CPU, flash-attention's varlen kernels on GPU), the whole batch is one row with no padding at
+        all; otherwise (eager, flex) rows as wide as the longest sample (:func:`pack_layout`), where transformers
+        builds the block-diagonal mask from the position ids (``find_packed_sequence_indices``) and a short row's
+        trailing padding is a segment of its own (positions from 0, no label). A sample's first label is never a
+        target (no token of its own comes before it), as without packing."""
+        layout, width = self.pack_layout([r.shape[0] for r in rows])
         n_rows = 1 + max(row for row, _ in layout)
         D = rows[0].shape[-1]
         embeds = rows[0].new_zeros(n_rows, width, D)
@@ -155,6 +157,13 @@ class VLM(nn.Module):
         for row, end in enumerate(filled):
             position_ids[row, end:] = torch.arange(width - end, device=embeds.device)
         return embeds, None, out_labels, position_ids
+
+    def pack_layout(self, lengths: list[int]) -> tuple[list[tuple[int, int]], int]:
+        """``(row, start)`` of each sample in a packed batch, and the rows' width (see :meth:`_pack`)."""
+        if self.llm.model.config._attn_implementation in VARLEN_IMPLEMENTATIONS:
+            starts = [sum(lengths[:b]) for b in range(len(lengths))]
+            return [(0, start) for start in starts], sum(lengths)
+        return pack_layout(lengths), max(lengths)
 
     def _pad(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str):
         longest = max(r.shape[0] for r in rows)
