@@ -1,7 +1,8 @@
 """Padding share on the length mix (``bench.data.length_mix``, LLaVA-1.5 665K's shape): the share of the LLM's input
 positions that are padding when each micro-batch is padded to its longest sample, with LLaVA's length grouping (the
 samples of each global batch sorted by length before they are cut into micro-batches), and with packing (first-fit
-decreasing into rows as wide as the longest sample: ``connector_zoo.model.vlm.pack_layout``).
+decreasing into rows as wide as the longest sample: ``connector_zoo.model.vlm.pack_layout``, the layout for eager
+attention), and with the micro-batch in one row (the layout with ``llms/attention.py``'s varlen attention).
 
 ``python benchmarks/padding_share.py [--records 2000] [--visual 576] [--batch 16] [--global-batch 128]``
 
@@ -37,10 +38,14 @@ def qwen_encoding():
     return tiktoken.Encoding("qwen", pat_str=PAT_STR, mergeable_ranks=table, special_tokens={})
 
 
-def share(batches: list[list[int]], packed: bool, width: int | None = None) -> float:
+def share(batches: list[list[int]], packed: bool, width: int | str | None = None) -> float:
+    """Padded share of the positions; ``width="all"``: the micro-batch in one row (VLM._pack with varlen attention)."""
     used = sum(sum(b) for b in batches)
     total = 0
     for b in batches:
+        if width == "all":
+            total += sum(b)
+            continue
         rows = 1 + max(r for r, _ in pack_layout(b, width)) if packed else len(b)
         total += rows * (max(max(b), width or 0) if packed else max(b))
     return 1 - used / total
@@ -79,6 +84,7 @@ def main() -> None:
     print(f"  grouped by length within {args.global_batch}-sample batches:  padding {share(grouped, False):.1%}")
     print(f"  packed (rows as wide as the longest):          padding {share(plain, True):.1%}")
     print(f"  grouped and packed:                            padding {share(grouped, True):.1%}")
+    print(f"  one row a micro-batch (varlen attention):      padding {share(plain, True, 'all'):.1%}")
     for width in (4096, 8192):
         print(f"  packed into rows of {width} (or the longest):      padding {share(plain, True, width):.1%}")
 

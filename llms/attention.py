@@ -40,6 +40,18 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
+def cached_segments(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
+    """:func:`segments`, computed once per forward: every layer receives the same position-id tensor, so the spans are
+    kept on that tensor itself, keyed by its in-place version and the batch size (another tensor, or this one changed
+    in place, is read again)."""
+    key = (position_ids._version, batch)
+    hit = getattr(position_ids, "_zoo_segments", None)
+    if hit is None or hit[0] != key:
+        hit = (key, segments(position_ids.expand(batch, -1)))
+        position_ids._zoo_segments = hit
+    return hit[1]
+
+
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature (``query``: ``(B, H, L, D)``; returns ``(B, L, H, D)``, None)."""
     position_ids = kwargs.get("position_ids")
@@ -49,7 +61,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         and query.shape[2] > 1
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
-    spans = segments(position_ids.expand(query.shape[0], -1)) if packed else None
+    spans = cached_segments(position_ids, query.shape[0]) if packed else None
     if spans is None or all(len(row) == 1 for row in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}

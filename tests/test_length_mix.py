@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.data.formats import llava_json
 from bench.data.length_mix import SOURCES, TOTAL, shape, write_length_mix
 
@@ -35,3 +37,18 @@ def test_the_same_seed_writes_the_same_records(tmp_path):
     b = write_length_mix(tmp_path / "b", 50, seed=3).read_text()
     c = write_length_mix(tmp_path / "c", 50, seed=4).read_text()
     assert a == b and a != c
+
+
+def test_padding_shares_of_each_layout_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "padding_share.py"
+    spec = importlib.util.spec_from_file_location("padding_share", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    batches = [[5, 3, 3], [4, 4]]  # 19 tokens
+    assert module.share(batches, False) == pytest.approx(1 - 19 / (3 * 5 + 2 * 4))
+    assert module.share(batches, True) == pytest.approx(1 - 19 / (3 * 5 + 2 * 4))  # 5 | 3 | 3 and 4 | 4: no gain
+    assert module.share([[5, 3, 2]], True) == 0.0  # 5 | 3 2
+    assert module.share(batches, True, "all") == 0.0

@@ -125,6 +125,26 @@ def test_varlen_attention_equals_sdpa_under_the_dense_block_mask():
     assert not torch.allclose(ours, plain, atol=1e-3)
 
 
+def test_the_segments_are_read_once_per_tensor_and_again_when_it_changes():
+    """The spans are kept on the position-id tensor (every layer of a forward gets the same one): a second call reads
+    them from there, a tensor with equal values but other restarts (changed in place) is read again."""
+    from unittest import mock
+
+    import llms.attention as attention
+
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    with mock.patch.object(attention, "segments", wraps=attention.segments) as read:
+        assert attention.cached_segments(positions, 1) == [[(0, 3), (3, 5)]]
+        assert attention.cached_segments(positions, 1) == [[(0, 3), (3, 5)]]
+        assert read.call_count == 1
+        positions[0, 3:] = torch.tensor([3, 4])  # one sample now: same shape, same tensor
+        assert attention.cached_segments(positions, 1) == [[(0, 5)]]
+        assert attention.cached_segments(positions, 2) == [[(0, 5)], [(0, 5)]]  # expanded to another batch
+        other = torch.tensor([[0, 1, 2, 0, 1]])
+        assert attention.cached_segments(other, 1) == [[(0, 3), (3, 5)]]
+        assert read.call_count == 4
+
+
 def test_a_packed_row_costs_the_sum_of_its_samples():
     """The whole batch in one row, no padding: the LLM's FLOPs on the row (FlopCounterMode: matrix multiplies and
     attention) equal those of its samples run one by one, and no L x L mask is built for it."""
