@@ -32,6 +32,12 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from encoders import build_encoder
     from llms import build_llm
 
+    if args.tiling == "anyres":  # bad sizes or pinpoints fail before anything is built
+        from encoders.anyres import parse_pinpoints, parse_size
+
+        [parse_size(s.strip()) for s in args.image_size.split(",")]
+        if args.grid_pinpoints:
+            parse_pinpoints(args.grid_pinpoints)
     specs = specs_from_args(args)
     enc = build_encoder(**specs["encoder"])
     llm = build_llm(**specs["llm"])
@@ -63,6 +69,33 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         if hook is not None and hasattr(hook, "keep_count"):
             note = f"  (enter the LLM; {hook.keep_count(counts[0])} after LLM layer {hook.layer})"
         print(f"{name:<{width}} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
+    if args.tiling == "anyres":
+        print_anyres(args, enc.info)
+
+
+def print_anyres(args: argparse.Namespace, info) -> None:
+    """LLaVA-NeXT's AnyRes tokens per image size (encoders/anyres.py), for a projector that keeps every patch."""
+    from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens, parse_pinpoints, parse_size, scaled_pinpoints
+
+    tile, (side, side_w) = info.image_size, info.grid
+    if side != side_w:
+        raise ValueError(f"--tiling anyres needs a square patch grid; this encoder's is {side}x{side_w}")
+    pinpoints = (
+        parse_pinpoints(args.grid_pinpoints) if args.grid_pinpoints else scaled_pinpoints(DEFAULT_PINPOINTS, tile)
+    )
+    sizes = [parse_size(s.strip()) for s in args.image_size.split(",")]
+    print(
+        f"AnyRes (LLaVA-NeXT) at {tile} px, {side}x{side} patches a view, pinpoints "
+        + ",".join(f"{h}x{w}" for h, w in pinpoints)
+        + "; tokens with a per-patch projector (linear, mlp2x_gelu); tiling is counted here, not yet trained:"
+    )
+    for h, w in sizes:
+        t = anyres_tokens(h, w, pinpoints, tile, side)
+        print(
+            f"  {h}x{w}: {t['tiles']} tiles + the global view = {t['views']} views; {t['base']} (global) + "
+            f"{t['grid']} (tiles, unpadded) + {t['newlines']} newlines = {t['total']} tokens "
+            f"({t['total'] / (side * side):.2f}x one view)"
+        )
 
 
 def cmd_profile(args: argparse.Namespace) -> None:

@@ -135,6 +135,15 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("tokens", help="visual tokens per image and parameter count of connectors")
     add_component_args(p, connector_default="linear,mlp2x_gelu")
     p.add_argument("--images", type=POSITIVE, default=4, help="number of demo images (flat, stripes, checker, noise)")
+    p.add_argument(
+        "--tiling", choices=["none", "anyres"], default="none", help="anyres: LLaVA-NeXT's tiles for --image-size"
+    )
+    p.add_argument("--image-size", default="672x672", help="--tiling anyres: HEIGHTxWIDTH[,HEIGHTxWIDTH...]")
+    p.add_argument(
+        "--grid-pinpoints",
+        help="--tiling anyres: HEIGHTxWIDTH,... (default LLaVA-NeXT's 336x672,672x336,672x672,1008x336,336x1008, "
+        "scaled to the encoder's input size)",
+    )
     p.set_defaults(func=commands["tokens"])
 
     p = sub.add_parser("run", help="train and evaluate one combination (default: the offline mini world)")

@@ -1,0 +1,85 @@
+"""AnyRes (LLaVA-NeXT) tiling geometry: which grid of tiles an image gets, and how many visual tokens that costs.
+
+LLaVA-NeXT (Liu et al., 2024; ``LlavaNextImageProcessor`` / ``LlavaNextForConditionalGeneration`` in transformers)
+picks, for an image of ``(height, width)``, the resolution from a list of *grid pinpoints* that keeps the most of the
+image's pixels and wastes the fewest (``select_best_resolution``), resizes the image into it keeping the aspect ratio
+and pads the rest, cuts it into tiles of the encoder's input size, and adds a global view (the whole image resized
+to one tile). Each view is encoded to the encoder's patch grid; the tiles' features are laid out as one large grid,
+the rows and columns that fell on padding are removed (``unpad_image``), and a learned ``image_newline`` token ends
+each remaining row. So an image costs ``base + unpadded rows x (unpadded columns + 1)`` tokens with a per-patch
+projector.
+
+This module is that arithmetic only (the counts ``bench tokens --tiling anyres`` prints); training on tiles is not
+built yet (issue 38). ``tests/test_anyres.py`` pins every count to transformers' own ``pack_image_features``.
+"""
+
+from __future__ import annotations
+
+from transformers.image_processing_utils import select_best_resolution
+
+#: LLaVA-NeXT's grid pinpoints (height, width) for a 336-pixel encoder (``llava-v1.6`` configs, transformers' default)
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def parse_pinpoints(text: str) -> tuple[tuple[int, int], ...]:
+    """``"336x672,672x336"`` (height x width, as transformers' ``image_grid_pinpoints``) as pairs; a clear error
+    naming the bad item otherwise."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(
+                f"grid pinpoint {item.strip()!r}: expected HEIGHTxWIDTH in pixels, e.g. 336x672 "
+                "(LLaVA-NeXT's: 336x672,672x336,672x672,1008x336,336x1008)"
+            )
+        out.append((int(parts[0]), int(parts[1])))
+    return tuple(out)
+
+
+def scaled_pinpoints(pinpoints, tile: int, reference: int = 336) -> tuple[tuple[int, int], ...]:
+    """Pinpoints written for a ``reference``-pixel encoder, as multiples of this encoder's ``tile`` (a 384-pixel
+    SigLIP gets 384x768, ... for LLaVA-NeXT's 336x672, ...)."""
+    return tuple((h * tile // reference, w * tile // reference) for h, w in pinpoints)
+
+
+def tile_grid(height: int, width: int, pinpoints, tile: int) -> tuple[int, int]:
+    """(rows, columns) of ``tile``-pixel tiles that an image of this size is cut into."""
+    best_h, best_w = select_best_resolution((height, width), [list(p) for p in pinpoints])
+    if best_h % tile or best_w % tile:
+        raise ValueError(f"grid pinpoint {best_h}x{best_w} is not a multiple of the encoder's {tile}-pixel input")
+    return best_h // tile, best_w // tile
+
+
+def unpadded_grid(height: int, width: int, grid_h: int, grid_w: int) -> tuple[int, int]:
+    """The feature grid (rows, columns) left after removing the rows or columns that cover the padding of an image
+    of ``(height, width)`` fitted into a ``grid_h x grid_w`` feature grid (transformers' ``unpad_image``)."""
+    if width / height > grid_w / grid_h:  # wider than the grid: padding above and below
+        new_h = int(round(height * (grid_w / width), 7))
+        return grid_h - 2 * ((grid_h - new_h) // 2), grid_w
+    new_w = int(round(width * (grid_h / height), 7))
+    return grid_h, grid_w - 2 * ((grid_w - new_w) // 2)
+
+
+def anyres_tokens(height: int, width: int, pinpoints, tile: int, side: int) -> dict[str, int]:
+    """Visual tokens of one image under AnyRes with a per-patch projector on a ``side x side`` patch grid per view:
+    ``tiles`` (without the global view), ``views`` (with it), ``base`` (the global view's patches), ``grid`` (the
+    unpadded tile features), ``newlines`` (one per unpadded row) and ``total``."""
+    rows, cols = tile_grid(height, width, pinpoints, tile)
+    gh, gw = unpadded_grid(height, width, rows * side, cols * side)
+    base = side * side
+    return {
+        "tiles": rows * cols,
+        "views": rows * cols + 1,
+        "base": base,
+        "grid": gh * gw,
+        "newlines": gh,
+        "total": base + gh * gw + gh,
+    }
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"672x448"`` (height x width) as a pair."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"image size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x672")
+    return int(parts[0]), int(parts[1])
