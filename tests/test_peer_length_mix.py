@@ -44,3 +44,20 @@ def test_the_length_mix_peer_trains_ours_to_hfs_losses_with_no_padding():
     assert gap < 1e-4, out
     ours, hf = (re.search(rf"loss per step, {who}:\s+(.*)", out).group(1).split() for who in ("ours", "hf"))
     assert len(ours) == len(hf) == 2
+
+
+def test_too_few_samples_is_one_line_naming_the_need(tmp_path):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Black."}]
+    (tmp_path / "chat.json").write_text(
+        json.dumps([{"id": str(i), "image": "a.png", "conversations": turns} for i in range(4)])
+    )
+    args = ["peer", "--length-mix", "--data", "llava", "--data-path", str(tmp_path / "chat.json")]
+    proc = bench([*args, "--image-folder", str(tmp_path / "images"), "--steps", "2", "--batch-size", "4"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("needs 8 training samples; the data has 3"), proc.stderr

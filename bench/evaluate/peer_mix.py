@@ -114,7 +114,12 @@ def worker(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
         text=True,
     )
     if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"bench peer --length-mix: the {side} process failed:\n{proc.stderr[-4000:]}")
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        if proc.returncode < 0:
+            why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+        else:
+            why = lines[-1] if lines else f"exit status {proc.returncode}, nothing on stderr"
+        raise ValueError(f"the {side} process failed: {why}")
     return json.loads(out.read_text())
 
 
