@@ -98,6 +98,7 @@ def varlen_mask(*args, **kwargs):
         and q_length is not None
         and q_length == kwargs.get("kv_length")
         and not kwargs.get("q_offset")
+        and kwargs.get("local_size") is None  # (a sliding window's mask is built as transformers builds it)
     ):
         return None
     return sdpa_mask(*args, **kwargs)
@@ -109,5 +110,9 @@ AttentionMaskInterface.register(VARLEN, varlen_mask)
 
 def use_varlen(model) -> None:
     """Switch a transformers model loaded with ``sdpa`` to :data:`VARLEN` (same results on every unpacked input)."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    config = model.config
+    sliding = getattr(config, "use_sliding_window", False) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    )
+    if getattr(config, "_attn_implementation", None) == "sdpa" and not sliding:  # (windows: not cut per sample here)
         model.set_attn_implementation(VARLEN)

@@ -284,3 +284,23 @@ def test_a_killed_packed_run_resumes_to_the_same_numbers(tmp_path):
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
     assert computed(a["loss_history"]) == computed(b["loss_history"])
     assert a["metrics"]["test"]["accuracy"] == b["metrics"]["test"]["accuracy"]
+
+
+def test_a_sliding_window_model_keeps_transformers_sdpa():
+    """The varlen attention knows no windows: a model with sliding-window layers stays on sdpa (packed into rows, with
+    transformers' own masks), one without them switches."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from llms.attention import VARLEN, use_varlen
+
+    chosen = []
+    for window in (False, True):
+        config = Qwen3Config(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=8, vocab_size=50, use_sliding_window=window, sliding_window=4, max_window_layers=0,
+        )  # fmt: skip
+        model = Qwen3ForCausalLM(config)
+        model.set_attn_implementation("sdpa")
+        use_varlen(model)
+        chosen.append(model.config._attn_implementation)
+    assert chosen == [VARLEN, "sdpa"]
