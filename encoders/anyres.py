@@ -21,18 +21,26 @@ from transformers.image_processing_utils import select_best_resolution
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
+def _height_width(text: str) -> tuple[int, int] | None:
+    """``"336x672"`` (spaces and case aside) as ``(336, 672)``; None if it is not two positive integers."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
 def parse_pinpoints(text: str) -> tuple[tuple[int, int], ...]:
     """``"336x672,672x336"`` (height x width, as transformers' ``image_grid_pinpoints``) as pairs; a clear error
     naming the bad item otherwise."""
     out = []
     for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        pair = _height_width(item)
+        if pair is None:
             raise ValueError(
                 f"grid pinpoint {item.strip()!r}: expected HEIGHTxWIDTH in pixels, e.g. 336x672 "
                 "(LLaVA-NeXT's: 336x672,672x336,672x672,1008x336,336x1008)"
             )
-        out.append((int(parts[0]), int(parts[1])))
+        out.append(pair)
     return tuple(out)
 
 
@@ -77,9 +85,12 @@ def anyres_tokens(height: int, width: int, pinpoints, tile: int, side: int) -> d
     }
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"672x448"`` (height x width) as a pair."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"image size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x672")
-    return int(parts[0]), int(parts[1])
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"672x448,336x336"`` (height x width each) as pairs; a clear error naming the bad item otherwise."""
+    out = []
+    for item in text.split(","):
+        pair = _height_width(item)
+        if pair is None:
+            raise ValueError(f"image size {item.strip()!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x672")
+        out.append(pair)
+    return out

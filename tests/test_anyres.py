@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens, parse_pinpoints, parse_size, scaled_pinpoints
+from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens, parse_pinpoints, parse_sizes, scaled_pinpoints
 
 # (100, 141) and (100, 223): an odd number of padded feature columns or rows (unpad_image keeps the extra one)
 SIZES = [(672, 672), (336, 336), (480, 640), (640, 480), (300, 1200), (1200, 300), (1000, 333), (517, 1033), (64, 96)]
@@ -70,7 +70,7 @@ def test_bad_pinpoints_and_sizes_say_what_to_write():
     with pytest.raises(ValueError, match=r"'336by672'.*HEIGHTxWIDTH"):
         parse_pinpoints("336x672,336by672")
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
-        parse_size("672")
+        parse_sizes("672x672,672")
     with pytest.raises(ValueError, match="not a multiple"):
         anyres_tokens(672, 672, ((500, 500),), 336, 24)
 

@@ -32,12 +32,11 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from encoders import build_encoder
     from llms import build_llm
 
+    anyres = None
     if args.tiling == "anyres":  # bad sizes or pinpoints fail before anything is built
-        from encoders.anyres import parse_pinpoints, parse_size
+        from encoders.anyres import parse_pinpoints, parse_sizes
 
-        [parse_size(s.strip()) for s in args.image_size.split(",")]
-        if args.grid_pinpoints:
-            parse_pinpoints(args.grid_pinpoints)
+        anyres = (parse_sizes(args.image_size), parse_pinpoints(args.grid_pinpoints) if args.grid_pinpoints else None)
     specs = specs_from_args(args)
     enc = build_encoder(**specs["encoder"])
     llm = build_llm(**specs["llm"])
@@ -69,21 +68,19 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         if hook is not None and hasattr(hook, "keep_count"):
             note = f"  (enter the LLM; {hook.keep_count(counts[0])} after LLM layer {hook.layer})"
         print(f"{name:<{width}} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
-    if args.tiling == "anyres":
-        print_anyres(args, enc.info)
+    if anyres is not None:
+        print_anyres(*anyres, enc.info)
 
 
-def print_anyres(args: argparse.Namespace, info) -> None:
-    """LLaVA-NeXT's AnyRes tokens per image size (encoders/anyres.py), for a projector that keeps every patch."""
-    from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens, parse_pinpoints, parse_size, scaled_pinpoints
+def print_anyres(sizes: list[tuple[int, int]], pinpoints, info) -> None:
+    """LLaVA-NeXT's AnyRes tokens per image size (encoders/anyres.py), for a projector that keeps every patch;
+    ``pinpoints`` None: LLaVA-NeXT's, scaled to the encoder's input."""
+    from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens, scaled_pinpoints
 
     tile, (side, side_w) = info.image_size, info.grid
     if side != side_w:
         raise ValueError(f"--tiling anyres needs a square patch grid; this encoder's is {side}x{side_w}")
-    pinpoints = (
-        parse_pinpoints(args.grid_pinpoints) if args.grid_pinpoints else scaled_pinpoints(DEFAULT_PINPOINTS, tile)
-    )
-    sizes = [parse_size(s.strip()) for s in args.image_size.split(",")]
+    pinpoints = pinpoints or scaled_pinpoints(DEFAULT_PINPOINTS, tile)
     print(
         f"AnyRes (LLaVA-NeXT) at {tile} px, {side}x{side} patches a view, pinpoints "
         + ",".join(f"{h}x{w}" for h, w in pinpoints)

@@ -159,10 +159,59 @@ def peer_tokens(vlm: VLM, sample) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageConfig, seed: int) -> dict[str, Any]:
+def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The peer's batch: ids, labels and mask padded on the right to the longest item; the pixel values of the items
+    that have an image, stacked (none: no ``pixel_values``)."""
+    longest = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), longest), pad_id)
+    labels = torch.full((len(items), longest), IGNORE_INDEX)
+    mask = torch.zeros(len(items), longest, dtype=torch.long)
+    for b, it in enumerate(items):
+        k = len(it["input_ids"])
+        ids[b, :k], labels[b, :k], mask[b, :k] = it["input_ids"], it["labels"], 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [it["pixel_values"] for it in items if "pixel_values" in it]
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out
+
+
+def hf_fit(model, samples, collate, stage: StageConfig, seed: int) -> tuple[float, list[float]]:
+    """transformers' Trainer on ``samples`` in their order (a sequential sampler), with ``stage``'s batch, steps,
+    learning rate, cosine schedule, warm-up, weight decay, clipping and gradient checkpointing; the seconds of
+    ``train()`` and the loss logged at each step."""
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=stage.batch_size,
+            max_steps=stage.steps,
+            learning_rate=stage.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=int(stage.warmup_ratio * stage.steps),
+            weight_decay=stage.weight_decay,
+            max_grad_norm=stage.max_grad_norm,
+            gradient_checkpointing=stage.gradient_checkpointing,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        trainer = HFTrainer(model=model, args=args, train_dataset=samples, data_collator=collate)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(samples)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    return seconds, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageConfig, seed: int) -> dict[str, Any]:
     def expand(sample) -> dict[str, torch.Tensor]:
         ids, labels = peer_tokens(vlm, sample)
         pixel_values = processor.image_processor(images=data.images.load(sample.image), return_tensors="pt")
@@ -182,48 +231,12 @@ def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageCon
             return expand(flat[i])
 
     def collate(items):
-        longest = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), longest), vlm.llm.pad_token_id)
-        labels = torch.full((len(items), longest), IGNORE_INDEX)
-        mask = torch.zeros(len(items), longest, dtype=torch.long)
-        for b, it in enumerate(items):
-            k = len(it["input_ids"])
-            ids[b, :k], labels[b, :k], mask[b, :k] = it["input_ids"], it["labels"], 1
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": mask,
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-        }
+        return pad_collate(items, vlm.llm.pad_token_id)
 
     for name, p in model.named_parameters():
         p.requires_grad = "multi_modal_projector" in name  # stage 1: the projector only
 
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=stage.batch_size,
-            max_steps=stage.steps,
-            learning_rate=stage.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=int(stage.warmup_ratio * stage.steps),
-            weight_decay=stage.weight_decay,
-            max_grad_norm=stage.max_grad_norm,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            seed=seed,
-            dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
-            remove_unused_columns=False,
-        )
-        trainer = HFTrainer(model=model, args=args, train_dataset=Samples(), data_collator=collate)
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Samples())
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    seconds, losses = hf_fit(model, Samples(), collate, stage, seed)
     tail = max(1, stage.steps // 10)
     return {
         "samples_per_second": stage.steps * stage.batch_size / seconds,

@@ -76,13 +76,15 @@ def length_mix_peer(
             gradient_checkpointing=gradient_checkpointing,
         )
         spec = {"config": dataclasses.asdict(cfg), "stage": dataclasses.asdict(stage), "dir": str(tmp)}
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps(spec))
         log("preparing: the model, its Llava export, the batch orders, the FLOPs of one step")
-        prep = worker("prepare", spec, tmp)
-        spec.update(prep)
+        prep = worker("prepare", spec_path)
+        spec_path.write_text(json.dumps({**spec, **prep}))  # every trainer reads the same spec
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
         for r in range(rounds):
             for side in SIDES:
-                runs[side].append(worker(side, spec, tmp))
+                runs[side].append(worker(side, spec_path))
                 log(f"round {r + 1}/{rounds}, {side}: {runs[side][-1]['seconds']:.1f} s")
     return {
         "steps": steps,
@@ -103,10 +105,9 @@ def length_mix_data(cfg: RunConfig, out: Path, n: int) -> dict[str, Any]:
     return {"kind": "llava", "path": str(path), "image_folder": str(out / "images"), "held_out": 0.0}
 
 
-def worker(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+def worker(side: str, spec_path: Path) -> dict[str, Any]:
     """One side in a fresh process (``python -m bench.evaluate.peer_mix SIDE SPEC OUT``); its JSON result."""
-    spec_path, out = tmp / "spec.json", tmp / f"{side}.json"
-    spec_path.write_text(json.dumps(spec))
+    out = spec_path.parent / f"{side}.json"
     out.unlink(missing_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.evaluate.peer_mix", side, str(spec_path), str(out)],
@@ -247,11 +248,9 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_hf(spec: dict[str, Any], side: str) -> dict[str, Any]:
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor, TrainingArguments
-    from transformers import Trainer as HFTrainer
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from bench.evaluate.peer import PeakRSS
-    from llms.base import IGNORE_INDEX
+    from bench.evaluate.peer import PeakRSS, hf_fit, pad_collate
 
     cfg, stage, train, _ = load(spec)
     model = LlavaForConditionalGeneration.from_pretrained(spec["llava"], dtype=torch.float32)
@@ -279,52 +278,12 @@ def run_hf(spec: dict[str, Any], side: str) -> dict[str, Any]:
             return item
 
     def collate(items):
-        longest = max(len(it["input_ids"]) for it in items)
-        positions.append(longest * len(items))
-        ids = torch.full((len(items), longest), pad_id)
-        labels = torch.full((len(items), longest), IGNORE_INDEX)
-        mask = torch.zeros(len(items), longest, dtype=torch.long)
-        for b, it in enumerate(items):
-            k = len(it["input_ids"])
-            ids[b, :k], labels[b, :k], mask[b, :k] = it["input_ids"], it["labels"], 1
-        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        pixels = [it["pixel_values"] for it in items if "pixel_values" in it]
-        if pixels:
-            out["pixel_values"] = torch.stack(pixels)
-        return out
+        positions.append(max(len(it["input_ids"]) for it in items) * len(items))
+        return pad_collate(items, pad_id)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=stage.batch_size,
-            max_steps=stage.steps,
-            learning_rate=stage.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=int(stage.warmup_ratio * stage.steps),
-            weight_decay=stage.weight_decay,
-            max_grad_norm=stage.max_grad_norm,
-            gradient_checkpointing=stage.gradient_checkpointing,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            seed=cfg.seed,
-            dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
-            remove_unused_columns=False,
-        )
-        trainer = HFTrainer(model=model, args=args, train_dataset=Samples(), data_collator=collate)
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Samples())
-        with PeakRSS() as peak:
-            t0 = time.perf_counter()
-            trainer.train()
-            seconds = time.perf_counter() - t0
-    return {
-        "seconds": seconds,
-        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "positions": sum(positions),
-        "peak_rss_bytes": peak.peak,
-    }
+    with PeakRSS() as peak:
+        seconds, losses = hf_fit(model, Samples(), collate, stage, cfg.seed)
+    return {"seconds": seconds, "losses": losses, "positions": sum(positions), "peak_rss_bytes": peak.peak}
 
 
 def main(argv: list[str]) -> None:
