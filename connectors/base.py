@@ -102,6 +102,14 @@ class Connector(nn.Module):
         """Upper bound on the tokens per image for an encoder (the LLM's context budget is checked against it)."""
         return info.num_patches + int(info.has_cls)
 
+    def output_grid(self, h: int, w: int) -> tuple[int, int] | None:
+        """The (rows, columns) grid that this connector's tokens form, in raster order, for an ``h x w`` patch grid;
+        None when they form none (learned queries, a selection of patches). AnyRes lays a grid connector's tiles out
+        as one image, removes the padding's rows or columns and ends each row with a newline token
+        (``connector_zoo/model/tiling.py``); the tokens of a connector without a grid are concatenated view by
+        view."""
+        return None
+
     @torch.no_grad()
     def num_visual_tokens(self, features: VisionFeatures) -> torch.Tensor:
         """(B,) tokens this connector emits for these features."""
@@ -138,3 +146,7 @@ class PerTokenConnector(Connector):
 
     def max_tokens(self, info: EncoderInfo) -> int:
         return info.num_patches + int(info.has_cls and self.feature_select == "cls_patch")
+
+    def output_grid(self, h: int, w: int) -> tuple[int, int] | None:
+        # with the CLS token in front the tokens are no grid (LLaVA-NeXT's AnyRes takes the patches only)
+        return (h, w) if self.feature_select == "patch" else None

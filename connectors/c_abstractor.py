@@ -127,3 +127,7 @@ class CAbstractor(Connector):
 
     def max_tokens(self, info: EncoderInfo) -> int:
         return self.num_queries
+
+    def output_grid(self, h: int, w: int) -> tuple[int, int]:
+        side = math.isqrt(self.num_queries)  # the adaptive pooling's square grid, whatever the patch grid
+        return side, side

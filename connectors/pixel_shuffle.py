@@ -55,4 +55,7 @@ class PixelShuffle(Connector):
         return ConnectorOutput.dense(self.mlp(self.shuffle(features)))
 
     def max_tokens(self, info: EncoderInfo) -> int:
-        return math.ceil(info.grid[0] / self.factor) * math.ceil(info.grid[1] / self.factor)
+        return math.prod(self.output_grid(*info.grid))
+
+    def output_grid(self, h: int, w: int) -> tuple[int, int]:
+        return math.ceil(h / self.factor), math.ceil(w / self.factor)

@@ -130,3 +130,6 @@ class TokenPacker(Connector):
 
     def max_tokens(self, info: EncoderInfo) -> int:
         return math.prod(self.coarse(*info.grid))
+
+    def output_grid(self, h: int, w: int) -> tuple[int, int]:
+        return self.coarse(h, w)

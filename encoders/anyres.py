@@ -9,12 +9,18 @@ the rows and columns that fell on padding are removed (``unpad_image``), and a l
 each remaining row. So an image costs ``base + unpadded rows x (unpadded columns + 1)`` tokens with a per-patch
 projector.
 
-This module is that arithmetic only (the counts ``bench tokens --tiling anyres`` prints); training on tiles is not
-built yet (issue 38). ``tests/test_anyres.py`` pins every count to transformers' own ``pack_image_features``.
+This module is the pixel side: the arithmetic (the counts ``bench tokens --tiling anyres`` prints) and the views
+of an image (:class:`AnyResGeometry`), computed as ``LlavaNextImageProcessor`` computes them. What happens to the
+views' features (the connector per view, the unpadding, the newline tokens) is the composed model's
+(``connector_zoo/model/tiling.py``). ``tests/test_anyres.py`` pins both to transformers.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 
 #: LLaVA-NeXT's grid pinpoints (height, width) for a 336-pixel encoder (``llava-v1.6`` configs, transformers' default)
@@ -94,3 +100,69 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"image size {item.strip()!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x672")
         out.append(pair)
     return out
+
+
+def fitted_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The size an image of ``(height, width)`` is resized to inside ``target`` keeping its aspect ratio (one side
+    fills the target, the other is rounded up), as transformers' ``get_patch_output_size``."""
+    target_h, target_w = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+@dataclass(frozen=True)
+class AnyResGeometry:
+    """AnyRes for an encoder of ``tile`` pixels: ``pinpoints`` (height, width), each a multiple of ``tile``.
+
+    An image becomes ``1 + rows x cols`` views of ``tile x tile`` pixels: first the global view (the whole image
+    resized to the tile, aspect ratio not kept), then the tiles in raster order of the best pinpoint, to which the
+    image is resized keeping its aspect ratio (bicubic) and centred on black padding."""
+
+    pinpoints: tuple[tuple[int, int], ...]
+    tile: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pinpoints", tuple((int(h), int(w)) for h, w in self.pinpoints))
+        if not self.pinpoints:
+            raise ValueError("AnyRes needs at least one grid pinpoint")
+        off = [f"{h}x{w}" for h, w in self.pinpoints if h % self.tile or w % self.tile]
+        if off:
+            raise ValueError(
+                f"grid pinpoints {', '.join(off)} are not multiples of the encoder's {self.tile}-pixel input; "
+                f"use multiples of {self.tile} (--grid-pinpoints)"
+            )
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of tiles for an image of this size."""
+        return tile_grid(height, width, self.pinpoints, self.tile)
+
+    def num_views(self, height: int, width: int) -> int:
+        rows, cols = self.grid(height, width)
+        return 1 + rows * cols
+
+    @property
+    def max_views(self) -> int:
+        return 1 + max(h * w for h, w in self.pinpoints) // (self.tile * self.tile)
+
+    def views(self, image: Image.Image) -> list[Image.Image]:
+        """The global view, then the tiles in raster order; RGB, ``tile x tile`` each."""
+        image = image.convert("RGB")
+        width, height = image.size
+        best = select_best_resolution((height, width), [list(p) for p in self.pinpoints])
+        new_h, new_w = fitted_size(height, width, best)
+        canvas = Image.new("RGB", (best[1], best[0]))
+        canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((best[1] - new_w) // 2, (best[0] - new_h) // 2))
+        t = self.tile
+        tiles = [canvas.crop((x, y, x + t, y + t)) for y in range(0, best[0], t) for x in range(0, best[1], t)]
+        return [image.resize((t, t), Image.BICUBIC), *tiles]
+
+    def tag(self, view: int) -> str:
+        """What, besides the image, determines a view's pixels (the feature cache keys a view's row by both)."""
+        points = ",".join(f"{h}x{w}" for h, w in self.pinpoints)
+        return f"|anyres:{points}@{self.tile}#{view}"
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "anyres", "grid_pinpoints": [list(p) for p in self.pinpoints]}

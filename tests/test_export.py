@@ -19,11 +19,18 @@ PROMPT = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}]
 
 
 @pytest.mark.parametrize(
-    "encoder,llm", [("clip", "vicuna"), ("clip", "qwen3"), ("siglip", "tinyllama"), ("siglip", "qwen3")]
+    "encoder,llm,connector",
+    [
+        ("clip", "vicuna", "mlp2x_gelu"),
+        ("clip", "qwen3", "mlp2x_gelu"),
+        ("siglip", "tinyllama", "mlp2x_gelu"),
+        ("siglip", "qwen3", "mlp2x_gelu"),
+        ("clip", "vicuna", "linear"),  # Llava's projector with an identity activation and second layer
+    ],
 )
-def test_exported_llava_matches_logits_and_greedy_tokens(tmp_path, encoder, llm):
+def test_exported_llava_matches_logits_and_greedy_tokens(tmp_path, encoder, llm, connector):
     torch.manual_seed(0)
-    vlm = VLM.build({"name": encoder}, {"name": "mlp2x_gelu"}, {"name": llm}).eval()
+    vlm = VLM.build({"name": encoder}, {"name": connector}, {"name": llm}).eval()
     with torch.no_grad():
         for p in vlm.connector.parameters():
             p.normal_(0, 0.3)  # a non-trivial projector
@@ -56,8 +63,8 @@ def test_exported_llava_matches_logits_and_greedy_tokens(tmp_path, encoder, llm)
 
 
 def test_other_connectors_are_refused_with_a_reason(tmp_path, capsys):
-    assert main(["export-hf", "--connector", "linear", "--out", str(tmp_path / "x")]) == 2
-    assert "always Linear-GELU-Linear" in capsys.readouterr().err
+    assert main(["export-hf", "--connector", "qformer", "--out", str(tmp_path / "x")]) == 2
+    assert "always Linear-activation-Linear" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     vlm = VLM.build({"name": "eva-vit-g"}, {"name": "mlp2x_gelu"}, {"name": "vicuna"})
     with pytest.raises(ExportError, match="transformers vision tower"):

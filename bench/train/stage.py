@@ -48,7 +48,8 @@ def set_trainable(vlm: VLM, cfg: StageConfig) -> list[torch.nn.Parameter]:
 def parameter_groups(vlm: VLM, params: list[torch.nn.Parameter], cfg: StageConfig) -> list[dict[str, Any]]:
     """One AdamW group for the connector (at ``connector_lr`` when set; "paper": its paper's rate for this stage) and
     one for the rest (LLM or adapters)."""
-    own = {id(p) for p in vlm.connector.parameters()}
+    # AnyRes's image_newline trains with the connector, at its rate: it is the connector's side of the image
+    own = {id(p) for p in vlm.connector.parameters()} | {id(p) for p in (vlm.tiling or torch.nn.Module()).parameters()}
     rate = paper_lr(vlm.connector, cfg.stage) if cfg.connector_lr == "paper" else cfg.connector_lr or cfg.lr
     groups = [
         {"params": [p for p in params if id(p) in own], "lr": rate, "name": "connector"},

@@ -41,7 +41,9 @@ class VLMInputs:
     """One batch for the composed model. ``input_ids``/``labels`` are unpadded per sample.
 
     Exactly one of ``pixel_values`` (B_img, 3, S, S) and ``features`` (precomputed, e.g. from the feature cache) is
-    given when any sample has an image; ``has_image[b]`` says which samples own the rows, in order.
+    given when any sample has an image; ``has_image[b]`` says which samples own the rows, in order. A tiling model
+    (AnyRes) takes a row per view instead (each image's global view, then its tiles) and ``image_sizes``, each
+    image's original (height, width), from which the views per image follow.
     """
 
     input_ids: list[torch.Tensor]
@@ -49,5 +51,6 @@ class VLMInputs:
     pixel_values: torch.Tensor | None = None
     features: VisionFeatures | None = None
     has_image: list[bool] | None = None
+    image_sizes: list[tuple[int, int]] | None = None
     #: training only: several samples per row (``VLM.splice``), no attention across them, no padding between them
     pack: bool = False

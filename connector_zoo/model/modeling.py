@@ -51,7 +51,9 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         if vlm is None:
             specs = config.specs()
-            vlm = VLM.build(specs["encoder"], specs["connector"], specs["llm"], specs["max_length"])
+            vlm = VLM.build(
+                specs["encoder"], specs["connector"], specs["llm"], specs["max_length"], specs.get("tiling")
+            )
         self.vlm = vlm
         remember_encoder(vlm.encoder)  # the AutoProcessor of this directory preprocesses with it (no second copy)
 
@@ -144,12 +146,14 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- compute
     def preprocess(self, images):
-        return self.vlm.encoder.preprocess(images)
+        """Pixel values of PIL images (with tiling: a row per view; ``self.vlm.preprocess`` gives the image sizes
+        too)."""
+        return self.vlm.preprocess(images)[0]
 
     def prompt_ids(self, prompts: list[str], with_image: list[bool] | None = None) -> list[torch.Tensor]:
         return self.vlm.prompt_ids(with_image or [True] * len(prompts), prompts)
 
-    def _inputs(self, input_ids, attention_mask, pixel_values, labels=None):
+    def _inputs(self, input_ids, attention_mask, pixel_values, labels=None, image_sizes=None):
         rows = list(input_ids) if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 2 else [input_ids]
         if attention_mask is not None:  # unpad (either side): the composed model re-pads after splicing
             rows = [r[m.bool()] for r, m in zip(rows, attention_mask)]
@@ -162,17 +166,22 @@ class ConnectorZooForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 if attention_mask is not None
                 else list(labels)
             )
-        return VLMInputs(rows, label_rows, pixel_values=pixel_values, has_image=has_image)
+        sizes = None if image_sizes is None else [tuple(int(x) for x in s) for s in image_sizes]
+        return VLMInputs(rows, label_rows, pixel_values=pixel_values, has_image=has_image, image_sizes=sizes)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs: Any):
-        out = self.vlm(self._inputs(input_ids, attention_mask, pixel_values, labels), full_logits=True)
+    def forward(
+        self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, image_sizes=None, **kwargs: Any
+    ):
+        out = self.vlm(self._inputs(input_ids, attention_mask, pixel_values, labels, image_sizes), full_logits=True)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **generation_kwargs: Any):
+    def generate(
+        self, input_ids=None, pixel_values=None, attention_mask=None, image_sizes=None, **generation_kwargs: Any
+    ):
         max_new = generation_kwargs.pop("max_new_tokens", 32)
         return self.vlm.generate_ids(
-            self._inputs(input_ids, attention_mask, pixel_values), max_new, **generation_kwargs
+            self._inputs(input_ids, attention_mask, pixel_values, image_sizes=image_sizes), max_new, **generation_kwargs
         )
 
     def answer(self, images, prompts: list[str], **generation_kwargs: Any) -> list[str]:

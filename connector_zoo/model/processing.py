@@ -26,6 +26,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
 from encoders import build_encoder
+from encoders.anyres import AnyResGeometry
 
 IMAGE_TOKEN = "<image>"
 # transformers' content lists -> the prompt text this project trains on; then the LLM's own template
@@ -55,13 +56,15 @@ def remember_encoder(encoder) -> None:
 
 
 class ConnectorZooImageProcessor(BaseImageProcessor):
-    """The vision encoder's own preprocessing, named by the encoder spec (``{"name", "checkpoint", **settings}``)."""
+    """The vision encoder's own preprocessing, named by the encoder spec (``{"name", "checkpoint", **settings}``);
+    with ``tiling`` (the model's AnyRes spec) a row per view and each image's ``image_sizes``."""
 
-    model_input_names = ["pixel_values"]
+    model_input_names = ["pixel_values", "image_sizes"]
 
-    def __init__(self, encoder: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, encoder: dict[str, Any] | None = None, tiling: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.encoder = encoder
+        self.tiling = tiling
         self._built = None
         self.directory: str | None = None  # where an embedded encoder (checkpoint "encoder") lives
 
@@ -81,9 +84,14 @@ class ConnectorZooImageProcessor(BaseImageProcessor):
         return self._built
 
     def preprocess(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        pixels = self.vision_encoder().preprocess([im.convert("RGB") for im in images])
-        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
+        images = [im.convert("RGB") for im in ([images] if isinstance(images, Image.Image) else list(images))]
+        encoder = self.vision_encoder()
+        if not self.tiling:
+            return BatchFeature({"pixel_values": encoder.preprocess(images)}, tensor_type=return_tensors)
+        geometry = AnyResGeometry(tuple(map(tuple, self.tiling["grid_pinpoints"])), encoder.info.image_size)
+        pixels = encoder.preprocess([view for im in images for view in geometry.views(im)])
+        sizes = torch.tensor([[im.height, im.width] for im in images])
+        return BatchFeature({"pixel_values": pixels, "image_sizes": sizes}, tensor_type=return_tensors)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -114,7 +122,9 @@ class ConnectorZooProcessor(ProcessorMixin):
         if kwargs:  # e.g. Qwen3's enable_thinking=False, as bench generate renders the prompt
             template = "".join(f"{{%- set {k} = {json.dumps(v).lower()} -%}}\n" for k, v in kwargs.items()) + template
         return cls(
-            ConnectorZooImageProcessor(encoder=vlm.encoder.spec),
+            ConnectorZooImageProcessor(
+                encoder=vlm.encoder.spec, tiling=None if vlm.tiling is None else vlm.tiling.spec
+            ),
             tok,
             chat_template=FLATTEN + template,
             prepend_bos=bool(vlm.llm.prepend_bos),
@@ -157,7 +167,7 @@ class ConnectorZooProcessor(ProcessorMixin):
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long),
         }
         if flat:
-            data["pixel_values"] = self.image_processor.preprocess(flat, return_tensors="pt")["pixel_values"]
+            data.update(self.image_processor.preprocess(flat, return_tensors="pt"))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs: Any):
@@ -165,4 +175,4 @@ class ConnectorZooProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]

@@ -21,6 +21,7 @@ from torch import nn
 
 from connector_zoo.io import atomic_path, read_json, verify_file, write_manifest
 from connector_zoo.model.inputs import SampleTooLong, VLMInputs, VLMOutput  # noqa: F401  (part of this module's API)
+from connector_zoo.model.tiling import AnyRes, build_tiling
 from connector_zoo.registry import names_from_file
 from connectors import build_connector
 from connectors.base import Connector, ConnectorOutput
@@ -41,7 +42,18 @@ HF_CONFIG_NAME, HF_WEIGHTS_NAME, HF_INDEX_NAME = "config.json", "model.safetenso
 
 
 class VLM(nn.Module):
-    def __init__(self, encoder: VisionEncoder, connector: Connector, llm: LLMBackend, max_length: int | None = None):
+    """``tiling``: None (each image resized to the encoder's input) or a spec ``{"name": "anyres", "grid_pinpoints":
+    [[h, w], ...]}``: each image becomes a global view and tiles, connected view by view and merged
+    (``connector_zoo/model/tiling.py``); its inputs then carry each image's ``image_sizes``."""
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        connector: Connector,
+        llm: LLMBackend,
+        max_length: int | None = None,
+        tiling: dict | None = None,
+    ):
         super().__init__()
         if connector.out_dim != llm.hidden_size or connector.in_dim != encoder.info.hidden_size:
             raise ValueError(
@@ -50,28 +62,51 @@ class VLM(nn.Module):
             )
         self.encoder, self.connector, self.llm = encoder, connector, llm
         self.max_length = max_length or getattr(llm.model.config, "max_position_embeddings", None)
+        self.tiling: AnyRes | None = build_tiling(tiling, encoder.info, connector, llm.hidden_size)
 
     # ------------------------------------------------------------- components
     @classmethod
     def build(
-        cls, encoder: dict[str, Any], connector: dict[str, Any], llm: dict[str, Any], max_length: int | None = None
+        cls,
+        encoder: dict[str, Any],
+        connector: dict[str, Any],
+        llm: dict[str, Any],
+        max_length: int | None = None,
+        tiling: dict[str, Any] | None = None,
     ) -> VLM:
         """Build from specs ``{"name": ..., "checkpoint": ..., **settings}`` (the JSON that ``save`` writes)."""
         enc = build_encoder(**encoder)
         lm = build_llm(**llm)
         conn_spec = dict(connector)
         conn = build_connector(conn_spec.pop("name"), enc.info.hidden_size, lm.hidden_size, **conn_spec)
-        return cls(enc, conn, lm, max_length)
+        return cls(enc, conn, lm, max_length, tiling)
 
     def specs(self) -> dict[str, Any]:
-        return {
+        specs = {
             "encoder": self.encoder.spec,
             "connector": self.connector.spec,
             "llm": self.llm.spec,
             "max_length": self.max_length,
         }
+        if self.tiling is not None:  # (absent, not null, without tiling: older files read the same)
+            specs["tiling"] = self.tiling.spec
+        return specs
+
+    def max_visual_tokens(self) -> int:
+        """The most visual tokens one image can get (the LLM's context budget is checked against it)."""
+        if self.tiling is not None:
+            return self.tiling.max_tokens(self.connector, self.encoder.info)
+        return self.connector.max_tokens(self.encoder.info)
 
     # ----------------------------------------------------------------- vision
+    def preprocess(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """(pixel values, image sizes) of PIL images: one row per image, or with tiling one per view (each image's
+        global view, then its tiles) and each image's (height, width)."""
+        if self.tiling is None:
+            return self.encoder.preprocess(images), None
+        views = [view for im in images for view in self.tiling.geometry.views(im)]
+        return self.encoder.preprocess(views), [(im.height, im.width) for im in images]
+
     def encode(self, pixel_values: torch.Tensor) -> VisionFeatures:
         return self.encoder(pixel_values, with_cls_attention=self.connector.feature_request)
 
@@ -83,7 +118,15 @@ class VLM(nn.Module):
             return None
         # features reach the connector in its own dtype (fp32 master weights), whatever the encoder is stored in
         dtype = next((p.dtype for p in self.connector.parameters()), torch.float32)
-        return self.connector(features.to(self.device, dtype=dtype))
+        visual = self.connector(features.to(self.device, dtype=dtype))
+        if self.tiling is None:
+            return visual
+        if inputs.image_sizes is None:
+            raise ValueError(
+                "this model tiles its images (AnyRes): its inputs need image_sizes, each image's original "
+                "(height, width) (VLM.preprocess gives them with the views' pixels)"
+            )
+        return self.tiling(visual, inputs.image_sizes, self.connector.output_grid(*features.grid))
 
     @property
     def device(self) -> torch.device:
@@ -219,10 +262,12 @@ class VLM(nn.Module):
         """Greedy generation (by default) for a batch of (image or None, prompt); returns the decoded answers."""
         images = images if images is not None else [None] * len(prompts)
         has_image = [im is not None for im in images]
-        pixel_values = self.encoder.preprocess([im for im in images if im is not None]) if any(has_image) else None
+        pixel_values, sizes = (
+            self.preprocess([im for im in images if im is not None]) if any(has_image) else (None, None)
+        )
         ids = self.prompt_ids(has_image, prompts)
         out = self.generate_ids(
-            VLMInputs(ids, pixel_values=pixel_values, has_image=has_image), max_new_tokens, **kwargs
+            VLMInputs(ids, pixel_values=pixel_values, has_image=has_image, image_sizes=sizes), max_new_tokens, **kwargs
         )
         return self.decode(out)
 
@@ -329,7 +374,9 @@ class VLM(nn.Module):
         for key, value in overrides.items():
             specs[key] = {**specs[key], **value} if isinstance(value, dict) else value
         with names_from_file(source, allow_dotted_paths):
-            model = cls.build(specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"))
+            model = cls.build(
+                specs["encoder"], specs["connector"], specs["llm"], specs.get("max_length"), specs.get("tiling")
+            )
         if weights:
             model.load_weights(directory, verify=verify and source.name == CONFIG_NAME)
         return model
@@ -349,7 +396,7 @@ class VLM(nn.Module):
             model_type = saved.get("model_type") if isinstance(saved, dict) else type(saved).__name__
             if model_type != "connector_zoo":
                 raise ValueError(f"{hf_config} is not a connector-zoo model (model_type {model_type!r})")
-            specs = {k: saved.get(k) for k in ("encoder", "connector", "llm")} | {
+            specs = {k: saved.get(k) for k in ("encoder", "connector", "llm", "tiling")} | {
                 "max_length": saved.get("context_budget")
             }
             for part in ("encoder", "llm"):  # embedded backbones: sub-checkpoints inside the directory
