@@ -260,3 +260,56 @@ def test_prismatic_dinosiglip_384_with_every_new_connector_at_real_width():
         assert torch.isfinite(out.loss), name
         n = int(out.visual_tokens[0])
         assert n == expected[name] if name in expected else 1 <= n <= 784, (name, n)
+
+
+def test_anyres_at_clip_l_336_and_vicuna_7b_width_trains_and_evaluates(llava_data, tmp_path):
+    """Issue 38's real geometry: LLaVA-NeXT's tiles at CLIP-L/336 under a 1-layer Vicuna-7B-width LLM, one training
+    step and an evaluation on CPU. A 300x400 image takes the 336x672 pinpoint (2 tiles + the global view); its 24x48
+    patch grid keeps int(400 * 24 / 300) = 32 columns, 8 dropped on each side: 576 + 24 x (32 + 1) = 1,368 tokens."""
+    from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens
+
+    out = tmp_path / "anyres"
+    proc = bench(
+        [
+            "run",
+            "--data",
+            "llava",
+            "--data-path",
+            str(llava_data / "chat.json"),
+            "--image-folder",
+            str(llava_data / "images"),
+            "--encoder-checkpoint",
+            CLIP_L,
+            "--llm",
+            "vicuna",
+            "--llm-checkpoint",
+            VICUNA,
+            "--connector",
+            "mlp2x_gelu",
+            "--tiling",
+            "anyres",
+            "--recipe",
+            "llava-1.5-pretrain",
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            "1",
+            "--eval-limit",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = run_record(out)
+    assert anyres_tokens(300, 400, DEFAULT_PINPOINTS, 336, 24)["total"] == 1368
+    assert r["visual_tokens_per_image"]["mean"] == 1368
+    # the run records what it was asked (--tiling anyres); the model, the pinpoints that default resolved to
+    assert r["config"]["tiling"] == {"name": "anyres"}
+    model = json.loads((out / "vlm_config.json").read_text())
+    assert model["tiling"]["grid_pinpoints"] == [list(p) for p in DEFAULT_PINPOINTS]
+    assert [len(h) for h in r["loss_history"]] == [1] and np.isfinite(r["loss_history"][0][0]["loss"])
+    # (the feature cache may hold some images already; each one it encodes is 3 forwards)
+    assert r["metrics"] and r["encoder_forwards"] > 0 and r["encoder_forwards"] % 3 == 0

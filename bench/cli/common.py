@@ -43,6 +43,23 @@ def specs_from_args(args: argparse.Namespace, connector: str | None = None) -> d
     }
 
 
+def tiling_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The tiling spec of ``--tiling`` / ``--grid-pinpoints`` (a configuration file may give the whole spec)."""
+    value = getattr(args, "tiling", None)
+    if isinstance(value, dict):
+        return value
+    if value in (None, "none"):
+        if getattr(args, "grid_pinpoints", None):
+            raise ValueError("--grid-pinpoints is an AnyRes setting: give --tiling anyres with it")
+        return None
+    spec: dict[str, Any] = {"name": value}
+    if getattr(args, "grid_pinpoints", None):
+        from encoders.anyres import parse_pinpoints
+
+        spec["grid_pinpoints"] = [list(p) for p in parse_pinpoints(args.grid_pinpoints)]
+    return spec
+
+
 def load_run(run_dir: str | Path, args: argparse.Namespace, weights: bool = True):
     """The one loader of a run directory for every command (generate, eval, profile, prune-curve, export-hf,
     save-pretrained): its ``config.json`` checked first (one line when it is not a run config), then the model
@@ -68,7 +85,7 @@ def vlm_from_args(args: argparse.Namespace):
         return load_run(args.run, args)
     s = specs_from_args(args)
     torch.manual_seed(0)
-    return VLM.build(s["encoder"], s["connector"], s["llm"])
+    return VLM.build(s["encoder"], s["connector"], s["llm"], tiling=tiling_from_args(args))
 
 
 def world_config(args: argparse.Namespace):
@@ -140,19 +157,19 @@ def pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return pre
 
 
-def demo_images(size: int, n: int):
-    """A few images of different content (flat, stripes, checkerboard, noise) for token-count reports."""
+def demo_images(size: int, n: int, shape: tuple[int, int] | None = None):
+    """A few images of different content (flat, stripes, checkerboard, noise) for token-count reports: ``size``
+    pixels square, or ``shape`` (height, width)."""
     import numpy as np
     from PIL import Image
 
+    h, w = shape or (size, size)
     rng = np.random.default_rng(0)
     kinds = [
-        np.full((size, size, 3), 128, np.uint8),
-        np.repeat((np.arange(size) // max(1, size // 8) % 2 * 255).astype(np.uint8)[None, :, None], size, 0).repeat(
-            3, 2
-        ),
-        ((np.add.outer(np.arange(size) // 4, np.arange(size) // 4) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),
-        rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        np.full((h, w, 3), 128, np.uint8),
+        np.repeat((np.arange(w) // max(1, w // 8) % 2 * 255).astype(np.uint8)[None, :, None], h, 0).repeat(3, 2),
+        ((np.add.outer(np.arange(h) // 4, np.arange(w) // 4) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
     ]
     return [Image.fromarray(kinds[i % len(kinds)]) for i in range(n)]
 

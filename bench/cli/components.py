@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.cli.common import data_from_args, demo_images, parse_lora, specs_from_args, vlm_from_args, world_config  # noqa: F401
+from bench.cli.common import (  # noqa: F401
+    data_from_args,
+    demo_images,
+    parse_lora,
+    specs_from_args,
+    tiling_from_args,
+    vlm_from_args,
+    world_config,
+)
 from bench.cli.parser import FAMILIES
 from connector_zoo.settings import SettingError
 
@@ -68,8 +76,26 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         if hook is not None and hasattr(hook, "keep_count"):
             note = f"  (enter the LLM; {hook.keep_count(counts[0])} after LLM layer {hook.layer})"
         print(f"{name:<{width}} {mean:<8.1f} {str(counts):<23} {conn.num_parameters():>10,}{note}")
+        if anyres is not None:
+            print_tiled(VLM(enc, conn, llm, tiling=tiling_from_args(args)).eval(), anyres[0], width)
     if anyres is not None:
         print_anyres(*anyres, enc.info)
+
+
+def print_tiled(vlm, sizes: list[tuple[int, int]], width: int) -> None:
+    """The visual tokens ``vlm`` (tiled) gives an image of each size, measured on a demo image of that size."""
+    import torch
+
+    from connector_zoo.model.vlm import VLMInputs
+
+    cells = []
+    for h, w in sizes:
+        pixels, image_sizes = vlm.preprocess(demo_images(0, 1, (h, w)))
+        with torch.no_grad():
+            visual = vlm.visual_tokens(VLMInputs([torch.tensor([0])], pixel_values=pixels, image_sizes=image_sizes))
+        cells.append(f"{h}x{w}: {int(visual.num_tokens[0]):,} ({pixels.shape[0]} views)")
+    layout = "unpadded grid + newlines" if vlm.tiling.image_newline is not None else "views concatenated"
+    print(f"{'':<{width}}   AnyRes, {layout}: " + "; ".join(cells))
 
 
 def print_anyres(sizes: list[tuple[int, int]], pinpoints, info) -> None:
@@ -84,7 +110,7 @@ def print_anyres(sizes: list[tuple[int, int]], pinpoints, info) -> None:
     print(
         f"AnyRes (LLaVA-NeXT) at {tile} px, {side}x{side} patches a view, pinpoints "
         + ",".join(f"{h}x{w}" for h, w in pinpoints)
-        + "; tokens with a per-patch projector (linear, mlp2x_gelu); tiling is counted here, not yet trained:"
+        + "; with a per-patch projector (linear, mlp2x_gelu; `bench run --tiling anyres` trains it):"
     )
     for h, w in sizes:
         t = anyres_tokens(h, w, pinpoints, tile, side)
@@ -100,13 +126,26 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     if args.keep is not None or "," in args.connector:
         return profile_comparison(args)
+    shape = None
+    if args.image_size:
+        from encoders.anyres import parse_sizes
+
+        (shape,) = parse_sizes(args.image_size)
     vlm = vlm_from_args(args)
-    result = profile(vlm, demo_images(vlm.encoder.info.image_size, args.images), repeats=args.repeats)
+    result = profile(vlm, demo_images(vlm.encoder.info.image_size, args.images, shape), repeats=args.repeats)
     tok, fl = result["visual_tokens_per_image"], result["flops"]
-    print(f"{vlm.connector.spec['name']}: visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})")
+    tiled = ""
+    if vlm.tiling is not None:
+        size = f"{shape[0]}x{shape[1]}" if shape else f"{vlm.encoder.info.image_size} px square"
+        tiled = f"; AnyRes, {result['views_per_image'][0]} views an image of {size}"
+    print(
+        f"{vlm.connector.spec['name']}: visual tokens/image {tok['mean']:.1f} (min {tok['min']}, max {tok['max']})"
+        + tiled
+    )
     print(f"  parameters: connector {result['parameters']['connector']:,}, total {result['parameters']['total']:,}")
     print(
-        f"  FLOPs: connector {fl['connector']:,}, LLM prefill {fl['llm_prefill']:,} ({result['prefill_tokens']} tokens)"
+        f"  FLOPs: encoder {fl['encoder']:,}, connector {fl['connector']:,}, LLM prefill {fl['llm_prefill']:,} "
+        f"({result['prefill_tokens']} tokens)"
     )
     decode = result["decode_tokens_per_second"]
     print(
@@ -185,5 +224,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         f"plan: {args.encoder} ({specs['encoder']['checkpoint']}) + {specs['connector']['name']} + {args.llm} "
         f"({specs['llm']['checkpoint']}), recipe {args.recipe}, {args.devices} devices"
     )
-    for line in plan(specs, stages, args.devices, args.text_tokens, args.backbone_dtype, lora and lora["r"]):
+    tiling = tiling_from_args(args)
+    for line in plan(specs, stages, args.devices, args.text_tokens, args.backbone_dtype, lora and lora["r"], tiling):
         print(line)

@@ -138,6 +138,8 @@ def _value(command: str, dest: str, action: argparse.Action, value: Any) -> Any:
         if dest != "data" and not isinstance(value.get("name"), str):
             raise ValueError(f"a component mapping needs a name (e.g. {{name: {action.default}}}), got {value!r}")
         return value
+    if dest == "tiling" and isinstance(value, dict):  # a run's config.yaml: the whole spec, pinpoints included
+        return value
     if dest == "lora":
         if isinstance(value, bool):  # true: LLaVA-1.5's settings (bare --lora); false: none
             return "" if value else None

@@ -79,6 +79,15 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tiling_args(p: argparse.ArgumentParser, help_tiling: str) -> None:
+    p.add_argument("--tiling", choices=["none", "anyres"], default="none", help=help_tiling)
+    p.add_argument(
+        "--grid-pinpoints",
+        help="--tiling anyres: HEIGHTxWIDTH,... (default LLaVA-NeXT's 336x672,672x336,672x672,1008x336,336x1008, "
+        "scaled to the encoder's input size)",
+    )
+
+
 def add_trust_args(p: argparse.ArgumentParser) -> None:
     """Options for commands that read a run directory written by someone else."""
     g = p.add_argument_group("reading a run directory")
@@ -135,15 +144,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p = sub.add_parser("tokens", help="visual tokens per image and parameter count of connectors")
     add_component_args(p, connector_default="linear,mlp2x_gelu")
     p.add_argument("--images", type=POSITIVE, default=4, help="number of demo images (flat, stripes, checker, noise)")
-    p.add_argument(
-        "--tiling", choices=["none", "anyres"], default="none", help="anyres: LLaVA-NeXT's tiles for --image-size"
-    )
+    add_tiling_args(p, "anyres: LLaVA-NeXT's tiles for --image-size")
     p.add_argument("--image-size", default="672x672", help="--tiling anyres: HEIGHTxWIDTH[,HEIGHTxWIDTH...]")
-    p.add_argument(
-        "--grid-pinpoints",
-        help="--tiling anyres: HEIGHTxWIDTH,... (default LLaVA-NeXT's 336x672,672x336,672x672,1008x336,336x1008, "
-        "scaled to the encoder's input size)",
-    )
     p.set_defaults(func=commands["tokens"])
 
     p = sub.add_parser("run", help="train and evaluate one combination (default: the offline mini world)")
@@ -176,6 +178,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
         default=DEFAULT_MAX_PIXELS,
         help=f"skip images with more pixels, before decoding (default {DEFAULT_MAX_PIXELS}, Pillow's limit; 0: none)",
     )
+    add_tiling_args(p, "anyres: each image as LLaVA-NeXT's global view + tiles, connected view by view (default none)")
     add_precision_arg(p)
     p.add_argument(
         "--backbone-dtype",
@@ -262,6 +265,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     add_world_args(p)
     add_turns_arg(p)
     add_precision_arg(p)
+    add_tiling_args(p, "anyres: every cell tiles its images (LLaVA-NeXT's AnyRes; default none)")
     p.add_argument("--pretrain-steps", type=POSITIVE)
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
@@ -290,6 +294,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     add_component_args(p)
     p.add_argument("--run", help="profile a trained run directory instead")
     p.add_argument("--images", type=POSITIVE, default=4)
+    p.add_argument(
+        "--image-size", metavar="HxW", help="the demo images' HEIGHTxWIDTH (default: the encoder's input, square)"
+    )
+    add_tiling_args(p, "anyres: LLaVA-NeXT's tiles (default none; a --run keeps its own)")
     p.add_argument("--repeats", type=POSITIVE, default=5)
     p.add_argument(
         "--keep",
@@ -350,6 +358,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     )
     p.add_argument("--backbone-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--lora", nargs="?", const="", help="LoRA on the LLM in stage 2 (as for bench run)")
+    add_tiling_args(p, "anyres: plan for LLaVA-NeXT's tiles, at the largest pinpoint (default none)")
     p.set_defaults(func=commands["plan"])
 
     p = sub.add_parser("eval", help="evaluate a run directory")

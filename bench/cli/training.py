@@ -15,6 +15,7 @@ from bench.cli.common import (
     parse_lora,
     report,
     specs_from_args,
+    tiling_from_args,
     world_config,
 )
 from bench.cli.parser import limit
@@ -61,6 +62,7 @@ def run_config_from_args(args: argparse.Namespace):
         data=data,
         lora=parse_lora(args.lora),
         report_to=parse_report_to(args.report_to),
+        tiling=tiling_from_args(args),
         **plain,
     )
     # a configuration file's own stage list (a run's config.yaml), unless --recipe on the command line names others
@@ -115,6 +117,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         base["precision"] = args.precision
     if args.report_to:
         base["report_to"] = parse_report_to(args.report_to)
+    tiling = tiling_from_args(args)
+    if tiling is not None:  # (likewise)
+        base["tiling"] = tiling
     data = data_from_args(argparse.Namespace(**{**vars(args), "data": "world"}))
     if set(data) != {"kind"}:  # a data option was given: a sweep's cells name their world
         from bench.data.world import WorldConfig

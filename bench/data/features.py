@@ -6,6 +6,12 @@ encoder lives in ``<cache>/features/<encoder.cache_key()><request.key()>/`` (``+
 ...) as a :class:`~bench.data.store.FeatureStore` (shards
 filled as batches first need them, rows keyed by image identity, crash-safe). ``forwards`` counts the images this
 process encoded (0 on a warm cache).
+
+With AnyRes tiling (an :class:`~encoders.anyres.AnyResGeometry`) an image is several views, each a row of its own,
+keyed by the image's identity *and* what cuts the view out of it (the pinpoints, the tile size, the view's index:
+``AnyResGeometry.tag``): the same image tiled under other pinpoints never reads these rows, and its untiled row
+(keyed by the identity alone) is another row again. Which views an image has follows from its size, read from the
+header (no pixel decoded), so a warm cache decodes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from bench.data.images import BadSample, ImageTable
 from bench.data.store import STORAGE, FeatureStore
 from connector_zoo.io import cache_dir
+from encoders.anyres import AnyResGeometry
 from encoders.base import FeatureRequest, VisionEncoder, VisionFeatures
 
 MODES = ("auto", "on", "off")
@@ -60,16 +67,18 @@ def bytes_per_image(encoder: VisionEncoder, request: bool | FeatureRequest) -> i
 
 @dataclass
 class Partial:
-    """What a data-loader worker hands over for a list of images: per position the image key (None when unreadable,
-    with the reason in ``bad``), the stored rows (``stored[name]``, one per key of ``stored_keys``) and the decoded,
-    preprocessed pixels of the images not stored (one per key of ``loaded``)."""
+    """What a data-loader worker hands over for a list of images: per position the keys of the image's rows (one,
+    or one per view when tiled; None when unreadable, with the reason in ``bad``) and its (height, width) when tiled,
+    the stored rows (``stored[name]``, one per key of ``stored_keys``) and the decoded, preprocessed pixels of the
+    rows not stored (one per key of ``loaded``)."""
 
-    keys: list[str | None]
+    keys: list[list[str] | None]
     bad: dict[int, str]
     stored_keys: list[str]
     stored: dict[str, torch.Tensor]
     loaded: list[str]
     pixels: torch.Tensor | None
+    sizes: list[tuple[int, int] | None] | None = None
 
     def pin_memory(self) -> Partial:
         def pin(t):
@@ -80,10 +89,12 @@ class Partial:
 
 @dataclass
 class Fetched:
-    """Features of a list of images: a row per readable image, in order, and the unreadable ones by position."""
+    """Features of a list of images: a row per readable image (per view of it when tiled), in order, and the
+    unreadable ones by position; when tiled, each readable image's (height, width)."""
 
     features: VisionFeatures | None
     bad: dict[int, str]
+    image_sizes: list[tuple[int, int]] | None = None
 
     def by_sample(self, has_image: list[bool]) -> dict[int, str]:
         """The reasons by position among samples, of which those with ``has_image`` were the images asked for."""
@@ -107,11 +118,14 @@ class FeatureCache:
         cached: bool = True,
         batch_size: int = 64,
         store: FeatureStore | None = None,
+        tiling: AnyResGeometry | None = None,
     ):
         """``with_attention``: the connector's :class:`FeatureRequest` (True: the CLS attention alone). ``store``:
         the open store of this directory to share (the image tables of one run use one store, so its index is read
-        once and one writer fills it); opened here when not given."""
-        self.encoder, self.images = encoder, images
+        once and one writer fills it); opened here when not given. ``tiling``: AnyRes views instead of the image."""
+        if tiling is not None and tiling.tile != encoder.info.image_size:
+            raise ValueError(f"AnyRes tiles of {tiling.tile} px cannot feed a {encoder.info.image_size}-px encoder")
+        self.encoder, self.images, self.tiling = encoder, images, tiling
         self.request = FeatureRequest.of(with_attention)
         self.batch_size = batch_size
         self.dir = (root or cache_dir() / "features") / (encoder.cache_key() + self.request.key(encoder))
@@ -129,32 +143,52 @@ class FeatureCache:
         return getattr(torch, self.encoder.dtype_name)
 
     # ---------------------------------------------------------- worker side
+    def row_keys(self, index: int) -> tuple[list[str], tuple[int, int] | None]:
+        """The keys of an image's rows (one; one per view when tiled) and its (height, width) when tiled."""
+        identity = self.images.identity(index)
+        if self.tiling is None:
+            return [image_key(identity)], None
+        height, width = self.images.size(index)
+        views = self.tiling.num_views(height, width)
+        return [image_key(identity + self.tiling.tag(v)) for v in range(views)], (height, width)
+
     def gather(self, indices: list[int]) -> Partial:
-        keys: list[str | None] = []
+        keys: list[list[str] | None] = []
+        sizes: list[tuple[int, int] | None] = []
         bad: dict[int, str] = {}
         for pos, i in enumerate(indices):
             try:
-                keys.append(image_key(self.images.identity(i)))
+                own, size = self.row_keys(i)
             except BadSample as err:
-                keys.append(None)
-                bad[pos] = str(err)
-        rows = self.store.read(list(dict.fromkeys(k for k in keys if k))) if self.store is not None else {}
-        first: dict[str, int] = {}  # each image not stored, decoded once however often it occurs
-        for pos, k in enumerate(keys):
-            if k is not None and k not in rows:
-                first.setdefault(k, pos)
+                own, size, bad[pos] = None, None, str(err)
+            keys.append(own)
+            sizes.append(size)
+        wanted = list(dict.fromkeys(k for own in keys if own for k in own))
+        rows = self.store.read(wanted) if self.store is not None else {}
+        first: dict[tuple[str, ...], int] = {}  # each image with a row not stored, decoded once however often it occurs
+        for pos, own in enumerate(keys):
+            if own is not None and any(k not in rows for k in own):
+                first.setdefault(tuple(own), pos)
         pil, loaded = [], []
-        for k, pos in first.items():
+        # a tiled image is read at full size (its largest pinpoint decides what detail counts)
+        size_hint = max(max(p) for p in self.tiling.pinpoints) if self.tiling else self.encoder.info.image_size
+        for own, pos in first.items():
             try:
-                pil.append(self.images.load(indices[pos], self.encoder.info.image_size))
-                loaded.append(k)
+                image = self.images.load(indices[pos], size_hint)
             except BadSample as err:
                 for p, other in enumerate(keys):
-                    if other == k:
-                        keys[p], bad[p] = None, str(err)
+                    if other is not None and tuple(other) == own:
+                        keys[p], sizes[p], bad[p] = None, None, str(err)
+                continue
+            views = self.tiling.views(image) if self.tiling is not None else [image]
+            for k, view in zip(own, views):
+                if k not in rows and k not in loaded:
+                    pil.append(view)
+                    loaded.append(k)
         stored_keys = list(rows)
         stored = {name: self.store.tensor([rows[k][name] for k in stored_keys]) for name in self.layout} if rows else {}
-        return Partial(keys, bad, stored_keys, stored, loaded, self.encoder.preprocess(pil) if pil else None)
+        pixels = self.encoder.preprocess(pil) if pil else None
+        return Partial(keys, bad, stored_keys, stored, loaded, pixels, sizes if self.tiling is not None else None)
 
     # ------------------------------------------------------------ main side
     @torch.no_grad()
@@ -190,7 +224,7 @@ class FeatureCache:
                 self.store.write(new, arrays)
             for i, k in enumerate(new):
                 rows[k] = {name: v[i] for name, v in arrays.items()}
-        order = [k for k in part.keys if k is not None]
+        order = [k for own in part.keys if own is not None for k in own]
         features = None
         if order:
             device = next(self.encoder.parameters()).device  # stored rows join the fresh ones where they are
@@ -205,7 +239,10 @@ class FeatureCache:
             features = VisionFeatures(
                 grid=self.encoder.info.grid, **{name: take(row) for name, row in ROW_NAMES.items()}
             )
-        return Fetched(features, part.bad)
+        sizes = None
+        if part.sizes is not None:
+            sizes = [size for own, size in zip(part.keys, part.sizes) if own is not None]
+        return Fetched(features, part.bad, sizes)
 
     def fetch(self, indices: list[int]) -> Fetched:
         """All in this process: features of the readable images among ``indices`` and the reasons for the rest."""
@@ -242,9 +279,11 @@ def decide(
     with_attention: bool | FeatureRequest,
     max_gb: float | None,
     root: Path | None = None,
+    views: int = 1,
 ) -> tuple[bool, str]:
     """(cache on?, why) for ``--feature-cache auto|on|off``: auto caches a frozen encoder when the projected size of
-    every image's row fits ``max_gb`` (default: half the free disk where the cache lives)."""
+    every image's rows (``views`` each at most: AnyRes) fits ``max_gb`` (default: half the free disk where the cache
+    lives)."""
     if mode not in MODES:
         raise ValueError(f"--feature-cache must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "auto":
@@ -253,7 +292,7 @@ def decide(
         return False, "the encoder trains, so its features change every step"
     root = root or cache_dir() / "features"
     n = sum(len(t) for t in tables)
-    per_image = bytes_per_image(encoder, with_attention)
+    per_image = bytes_per_image(encoder, with_attention) * views
     projected = n * per_image
     limit = max_gb * 1e9 if max_gb is not None else free_disk_bytes(root) / 2
     where = f"--feature-cache-max-gb {max_gb:g}" if max_gb is not None else f"half the free disk at {root}"

@@ -53,6 +53,15 @@ class ImageTable:
     def _open(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def size(self, index: int) -> tuple[int, int]:
+        """(height, width) of an image from its header, no pixel decoded (AnyRes needs it to name the views)."""
+        try:
+            with self._open(index) as image:
+                width, height = image.size
+        except Exception as err:  # missing, not an image, a decompression bomb
+            raise BadSample(f"image {self.names[index]!r} cannot be read ({type(err).__name__}: {err})") from err
+        return height, width
+
     def load(self, index: int, size: int | None = None) -> Image.Image:
         try:
             if Image.MAX_IMAGE_PIXELS and (not self.max_pixels or self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
@@ -128,6 +137,10 @@ class ArrayImages(ImageTable):
 
     def _open(self, index: int) -> Image.Image:
         return Image.fromarray(np.asarray(self.array[index]))
+
+    def size(self, index: int) -> tuple[int, int]:
+        height, width = self.array.shape[1:3]
+        return int(height), int(width)
 
 
 class HFImages(ImageTable):

@@ -153,6 +153,7 @@ class Collator:
             labels=[torch.tensor(prep.labels[j]) for j in keep],
             features=features,
             has_image=[prep.has_image[j] for j in keep],
+            image_sizes=got.image_sizes if prep.images is not None else None,
         )
         return Batch(inputs, [prep.kept[j] for j in keep], skipped)
 

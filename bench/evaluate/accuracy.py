@@ -53,13 +53,13 @@ def answer(
         disable=not show_progress() or len(starts) < 2,
     ):
         chunk = samples[start : start + batch_size]
-        features = None
+        features, sizes = None, None
         if not blind and any(s.image is not None for s in chunk):
             got = collator.features.fetch([s.image for s in chunk if s.image is not None])
             reasons = got.by_sample([s.image is not None for s in chunk])
             bad = set(reasons)
             unreadable.update({chunk[j].id: reason for j, reason in reasons.items()})
-            features = got.features
+            features, sizes = got.features, got.image_sizes
         else:
             bad = set()
         keep = [j for j in range(len(chunk)) if j not in bad]
@@ -70,7 +70,7 @@ def answer(
                 prompts = [strip_image(p) for p in prompts]
             ids = [torch.tensor(vlm.llm.encode_prompt(p)) for p in prompts]
             has_image = [not blind and chunk[j].image is not None for j in keep]
-            inputs = VLMInputs(ids, features=features, has_image=has_image)
+            inputs = VLMInputs(ids, features=features, has_image=has_image, image_sizes=sizes)
             answers = iter(vlm.decode(vlm.generate_ids(inputs, max_new_tokens=max_new_tokens)))
         out.extend(None if j in bad else next(answers) for j in range(len(chunk)))
     return out

@@ -185,13 +185,15 @@ def profile(
 ) -> dict[str, Any]:
     vlm.eval()
     device = vlm.device
-    pixel_values = vlm.encoder.preprocess(images).to(device)
+    pixel_values, sizes = vlm.preprocess(images)
+    pixel_values = pixel_values.to(device)
     features = vlm.encode(pixel_values)
-    counts = vlm.connector(features).num_tokens.tolist()
-    one = features.select(slice(0, 1))
     ids = vlm.prompt_ids([True], [prompt])
-    inputs = VLMInputs(ids, features=one, has_image=[True])
-    visual = vlm.connector(one)
+    counts = vlm.visual_tokens(VLMInputs(ids * len(images), features=features, image_sizes=sizes)).num_tokens.tolist()
+    views = vlm.tiling.views_per_image(sizes[:1])[0] if vlm.tiling is not None else 1  # the first image's
+    one = features.select(slice(0, views))
+    inputs = VLMInputs(ids, features=one, has_image=[True], image_sizes=sizes and sizes[:1])
+    visual = vlm.visual_tokens(inputs)
     embeds, mask, _, pos = vlm.splice(inputs, visual)
     hook = lambda: vlm.llm_hook(inputs, visual, mask, None, left_padded=True)  # noqa: E731  (FastV: inside the LLM)
 
@@ -226,6 +228,7 @@ def profile(
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     return {
+        "views_per_image": vlm.tiling.views_per_image(sizes) if vlm.tiling is not None else [1] * len(images),
         "visual_tokens_per_image": {
             "mean": sum(counts) / len(counts),
             "min": min(counts),
@@ -233,7 +236,11 @@ def profile(
             "per_image": counts,
         },
         "parameters": {"connector": vlm.connector.num_parameters(), "total": sum(p.numel() for p in vlm.parameters())},
-        "flops": {"connector": count_flops(lambda: vlm.connector(one)), "llm_prefill": count_flops(prefill)},
+        "flops": {
+            "encoder": count_flops(lambda: vlm.encode(pixel_values[:views])),
+            "connector": count_flops(lambda: vlm.visual_tokens(inputs)),
+            "llm_prefill": count_flops(prefill),
+        },
         "prefill_tokens": int(mask.sum()),
         "prefill_latency_ms": 1000 * prefill_s,
         "decode_tokens_per_second": (decode_tokens - 1) / decode_s if decode_s > 0 else None,

@@ -96,6 +96,7 @@ CELL_SETTINGS = (
     "qlora",
     "init_connector",
     "max_length",
+    "tiling",
 )
 
 

@@ -22,7 +22,7 @@ from bench.evaluate.profile import profile
 from bench.train.pretrain import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, link_tree, read_json, write_json
 from connector_zoo.model.modeling import write_run_model
-from connector_zoo.model.vlm import ADAPTER_DIR, CONFIG_NAME, VLM, WEIGHTS_NAME
+from connector_zoo.model.vlm import ADAPTER_DIR, CONFIG_NAME, VLM, WEIGHTS_NAME, VLMInputs
 
 
 def git_commit(where: Path | None = None) -> str | None:
@@ -96,9 +96,10 @@ def visual_token_stats(vlm: VLM, features: FeatureCache, data: Dataset, limit: i
     with torch.no_grad():
         for start in range(0, len(images), 128):
             got = features.fetch(images[start : start + 128])
-            if got.features is not None:
-                feats = got.features.to(vlm.device, dtype=next(vlm.connector.parameters()).dtype)
-                counts += vlm.connector(feats).num_tokens.tolist()
+            if got.features is not None:  # (an AnyRes model merges each image's views: image_sizes)
+                rows = len(got.image_sizes) if got.image_sizes is not None else got.features.patches.shape[0]
+                inputs = VLMInputs([torch.tensor([0])] * rows, features=got.features, image_sizes=got.image_sizes)
+                counts += vlm.visual_tokens(inputs).num_tokens.tolist()
     if not counts:
         return {}
     return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}

@@ -124,10 +124,15 @@ def build_model(cfg: RunConfig, world, log, backbone_dtype: str = "fp32") -> VLM
         if not llm_spec.get("checkpoint"):
             llm_spec["checkpoint"] = str(pretrain_llm(llm_spec["name"], world, **steps(pre, "llm"), log=log))
     torch.manual_seed(cfg.seed)
-    vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length)
+    vlm = VLM.build(enc_spec, conn_spec, llm_spec, cfg.max_length, cfg.tiling)
+    tiles = ""
+    if vlm.tiling is not None:
+        points = ",".join(f"{h}x{w}" for h, w in vlm.tiling.geometry.pinpoints)
+        layout = "grid, unpadded, newline per row" if vlm.tiling.image_newline is not None else "views concatenated"
+        tiles = f"; AnyRes tiling at {points} ({layout}), at most {vlm.max_visual_tokens():,} visual tokens an image"
     log(
         f"model: {enc_spec['name']} + {conn_spec['name']} + {llm_spec['name']}  "
-        f"(connector {vlm.connector.num_parameters():,} parameters)"
+        f"(connector {vlm.connector.num_parameters():,} parameters{tiles})"
     )
     return vlm
 
@@ -146,14 +151,18 @@ def feature_sources(cfg: RunConfig, vlm: VLM, datasets: list[Dataset | None], lo
     says (auto: by the projected size), logged with the reason. Nothing is encoded here."""
     tables = {ds.images.key: ds.images for ds in datasets if ds is not None}
     attention = vlm.connector.feature_request
-    on, why = decide(cfg.feature_cache, vlm.encoder, list(tables.values()), attention, cfg.feature_cache_max_gb)
+    geometry = vlm.tiling.geometry if vlm.tiling is not None else None
+    views = geometry.max_views if geometry is not None else 1
+    on, why = decide(
+        cfg.feature_cache, vlm.encoder, list(tables.values()), attention, cfg.feature_cache_max_gb, views=views
+    )
     features: dict[str, FeatureCache] = {}
     for key, table in tables.items():  # the tables of one encoder share its directory and one open store
         shared = next(iter(features.values())).store if features else None
-        features[key] = FeatureCache(vlm.encoder, table, attention, cached=on, store=shared)
+        features[key] = FeatureCache(vlm.encoder, table, attention, cached=on, store=shared, tiling=geometry)
     where = next(iter(features.values())).dir if features else None
     log(f"feature cache: {'on' if on else 'off'} ({why})" + (f", in {where}" if on else ""))
-    budget = vlm.connector.max_tokens(vlm.encoder.info)
+    budget = vlm.max_visual_tokens()
     collators = {k: Collator(vlm.llm, f, budget, vlm.max_length) for k, f in features.items()}
     return features, collators, {"mode": cfg.feature_cache, "on": on, "why": why, "dir": where and str(where)}
 

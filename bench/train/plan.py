@@ -31,6 +31,7 @@ import torch
 
 from connector_zoo.hf import random_geometry
 from connector_zoo.model.precision import DTYPES
+from connector_zoo.model.tiling import build_tiling
 from connectors import build_connector
 from encoders import ENCODERS
 from encoders.base import EncoderInfo
@@ -53,6 +54,7 @@ class Counts:
     visual_tokens: int
     encoder_tokens: int
     lora_per_rank: int  # LoRA parameters per unit of rank over every linear layer but the head
+    views: int = 1  # encoder forwards per image: 1, or AnyRes's most (the global view + the largest pinpoint's tiles)
 
 
 def _geometry(component_cls, checkpoint: str) -> dict[str, Any]:
@@ -75,8 +77,16 @@ def _geometry(component_cls, checkpoint: str) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
 
 
-def count(enc_name: str, enc_ckpt: str, conn_spec: dict[str, Any], llm_name: str, llm_ckpt: str) -> Counts:
-    """Exact parameter counts of the composition, built on the meta device."""
+def count(
+    enc_name: str,
+    enc_ckpt: str,
+    conn_spec: dict[str, Any],
+    llm_name: str,
+    llm_ckpt: str,
+    tiling: dict[str, Any] | None = None,
+) -> Counts:
+    """Exact parameter counts of the composition, built on the meta device; with ``tiling`` (AnyRes) the visual
+    tokens and encoder forwards of an image at the largest pinpoint."""
 
     enc_cls, _ = ENCODERS.resolve(enc_name)
     llm_cls, _ = LLMS.resolve(llm_name)
@@ -106,6 +116,11 @@ def count(enc_name: str, enc_ckpt: str, conn_spec: dict[str, Any], llm_name: str
         m.in_features + m.out_features for m in llm.modules() if isinstance(m, torch.nn.Linear) and m is not head
     )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    visual, views = conn.max_tokens(info), 1
+    if tiling:
+        with torch.device("meta"):
+            anyres = build_tiling(tiling, info, conn, cfg.hidden_size)
+        visual, views = anyres.max_tokens(conn, info), anyres.geometry.max_views
     return Counts(
         encoder=sum(p.numel() for p in enc.parameters()),
         connector=sum(p.numel() for p in conn.parameters()),
@@ -116,9 +131,10 @@ def count(enc_name: str, enc_ckpt: str, conn_spec: dict[str, Any], llm_name: str
         intermediate=cfg.intermediate_size,
         layers=cfg.num_hidden_layers,
         vocab=cfg.vocab_size,
-        visual_tokens=conn.max_tokens(info),
+        visual_tokens=visual,
         encoder_tokens=info.num_patches + int(info.has_cls),
         lora_per_rank=lora,
+        views=views,
     )
 
 
@@ -165,8 +181,9 @@ def memory(
 def flops_per_sample(c: Counts, stage: int, text_tokens: int, checkpointing: bool, lora: bool) -> dict[str, float]:
     s = c.visual_tokens + text_tokens
     llm_forward = 2 * s * (c.llm - c.llm_embedding + c.vocab * c.hidden) + 4 * c.layers * s * s * c.hidden
-    encoder = 2 * c.encoder_tokens * c.encoder  # attention terms of the encoder are small next to its matmuls
-    connector = 2 * c.encoder_tokens * c.connector
+    # attention terms of the encoder are small next to its matmuls; each AnyRes view is one encoder forward
+    encoder = 2 * c.encoder_tokens * c.encoder * c.views
+    connector = 2 * c.encoder_tokens * c.connector * c.views
     backward_llm = llm_forward * (2 if stage >= 2 and not lora else 1)  # frozen / LoRA: input gradients mostly
     train = encoder + 3 * connector + llm_forward + backward_llm + (llm_forward if checkpointing else 0)
     return {"forward": encoder + connector + llm_forward, "train": train}
@@ -196,16 +213,24 @@ def plan_table(
 
 
 def plan(
-    specs: dict[str, dict[str, Any]], stages, devices: int, text_tokens: int, backbone: str, lora_r: int | None
+    specs: dict[str, dict[str, Any]],
+    stages,
+    devices: int,
+    text_tokens: int,
+    backbone: str,
+    lora_r: int | None,
+    tiling: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The printed plan of every stage of a recipe (``stages``: ``StageConfig`` list)."""
+    """The printed plan of every stage of a recipe (``stages``: ``StageConfig`` list); ``tiling``: AnyRes, planned
+    at its largest pinpoint (the most tokens an image can take)."""
     enc, llm = specs["encoder"], specs["llm"]
-    c = count(enc["name"], enc["checkpoint"], specs["connector"], llm["name"], llm["checkpoint"])
+    c = count(enc["name"], enc["checkpoint"], specs["connector"], llm["name"], llm["checkpoint"], tiling)
     s = c.visual_tokens + text_tokens
+    tiles = f" (AnyRes at its largest pinpoint: {c.views} views an image)" if tiling else ""
     lines = [
         f"parameters: encoder {c.encoder / 1e6:,.1f} M (frozen), connector {c.connector / 1e6:,.1f} M, "
         f"LLM {c.llm / 1e9:,.3f} B ({c.layers} layers, width {c.hidden}, vocabulary {c.vocab:,})",
-        f"sequence: {c.visual_tokens} visual + {text_tokens} text = {s} tokens per sample; "
+        f"sequence: {c.visual_tokens} visual{tiles} + {text_tokens} text = {s} tokens per sample; "
         f"backbone weights {backbone}, trainable fp32, activations bf16",
     ]
     for stage in stages:

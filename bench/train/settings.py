@@ -107,6 +107,9 @@ class RunConfig:
     lora: dict[str, Any] | None = None
     #: QLoRA: the LLM's base weights in 4-bit NF4 (bitsandbytes, CUDA only)
     qlora: bool = False
+    #: AnyRes tiling ({"name": "anyres", "grid_pinpoints": [[h, w], ...]}; connector_zoo/model/tiling.py), None: each
+    #: image resized to the encoder's input
+    tiling: dict[str, Any] | None = None
     #: a finished run whose connector weights start this run (LLaVA's stage 2 from stage 1's projector)
     init_connector: str | None = None
     #: measure efficiency (FLOPs, latency, decode speed) after training; None: on for the mini world only
@@ -149,6 +152,7 @@ class RunConfig:
         for name in ("qlora", "strict", "allow_paths_outside_image_folder"):
             check("run config", name, getattr(self, name), bool)
         check("run config", "lora", self.lora, dict, optional=True)
+        check("run config", "tiling", self.tiling, dict, optional=True)
         check("run config", "init_connector", self.init_connector, str, optional=True)
         check_choice("run config", "feature_cache", self.feature_cache, ("auto", "on", "off"))
         check("run config", "feature_cache_max_gb", self.feature_cache_max_gb, float, lo=0, optional=True)
@@ -166,7 +170,7 @@ class RunConfig:
         """The settings given as they are by one command-line flag each (``--seed`` -> ``seed``); the others are
         assembled from several flags (the component specs, ``data``, ``stages``, ``lora``) or parsed
         (``eval_limit``, ``report_to``)."""
-        structured = {"encoder", "connector", "llm", "data", "stages", "lora", "eval_limit", "report_to"}
+        structured = {"encoder", "connector", "llm", "data", "stages", "lora", "eval_limit", "report_to", "tiling"}
         return [f.name for f in dataclasses.fields(cls) if f.name not in structured]
 
     @classmethod

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from connectors.base import Connector, ConnectorOutput
-from encoders.anyres import AnyResGeometry, unpadded_grid
+from encoders.anyres import DEFAULT_PINPOINTS, AnyResGeometry, scaled_pinpoints, unpadded_grid
 from encoders.base import EncoderInfo
 
 
@@ -104,15 +104,16 @@ class AnyRes(nn.Module):
 
 def build_tiling(spec: dict | None, info: EncoderInfo, connector: Connector, hidden_size: int) -> AnyRes | None:
     """The tiling a spec names (``{"name": "anyres", "grid_pinpoints": [[h, w], ...]}``, pinpoints in pixels of
-    this encoder's input), or None for none."""
+    this encoder's input; without ``grid_pinpoints``, LLaVA-NeXT's scaled to the encoder's input), or None for
+    none."""
     if not spec:
         return None
     spec = dict(spec)
     name = spec.pop("name", None)
     if name != "anyres":
         raise ValueError(f"tiling {name!r} is not known; the one built is 'anyres' (LLaVA-NeXT)")
-    pinpoints = spec.pop("grid_pinpoints", None)
-    if spec or not pinpoints:
+    pinpoints = spec.pop("grid_pinpoints", None) or scaled_pinpoints(DEFAULT_PINPOINTS, info.image_size)
+    if spec:
         raise ValueError(f"anyres tiling takes grid_pinpoints (a list of [height, width]) and nothing else: {spec}")
     geometry = AnyResGeometry(tuple(tuple(p) for p in pinpoints), info.image_size)
     return AnyRes(geometry, hidden_size, grid=connector.output_grid(*info.grid) is not None)

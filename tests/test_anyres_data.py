@@ -1,0 +1,124 @@
+"""AnyRes through the input pipeline and ``bench run``: the feature cache keeps a row per view, keyed by the image and
+by what cuts the view out of it, so another tiling of the same image, or the image untiled, is never served these
+rows; a tiled run trains (packed or not), records its tiling, saves, reloads and evaluates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from conftest import MICRO, bench
+from PIL import Image
+
+from bench.data.features import FeatureCache
+from bench.data.formats import llava_json
+from bench.data.loader import Collator
+from connector_zoo.model.vlm import VLM, VLMInputs
+from encoders.anyres import DEFAULT_PINPOINTS, AnyResGeometry, scaled_pinpoints
+
+SIZES = [(70, 150), (150, 70), (64, 64)]  # (height, width): wide, tall, square
+
+
+def picture(seed: int, height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def dataset(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    records = []
+    for i, (h, w) in enumerate(SIZES):
+        picture(i, h, w).save(folder / f"{i}.png")
+        records.append(
+            {
+                "id": f"r{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is it?"},
+                    {"from": "gpt", "value": f"picture {i}"},
+                ],
+            }
+        )
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    return llava_json(tmp_path / "chat.json", folder)
+
+
+def batch_of(encoder, llm, ds, root, tiling):
+    cache = FeatureCache(encoder, ds.images, with_attention=False, root=root, tiling=tiling)
+    return cache, Collator(llm, cache, visual_budget=400, max_length=None).batch(ds.samples)
+
+
+def expected_rows(encoder, ds, tiling) -> torch.Tensor:
+    """Every view of every image encoded now, in order: what the cache must give."""
+    views = [v for s in ds.samples for v in tiling.views(ds.images.load(s.image))]
+    return encoder.encode_images(views).patches
+
+
+def test_the_cache_keeps_a_row_per_view_keyed_by_the_tiling(tmp_path, encoders, llms):
+    enc, llm, ds, root = encoders["clip"], llms["vicuna"], dataset(tmp_path), tmp_path / "features"
+    llava_next = AnyResGeometry(scaled_pinpoints(DEFAULT_PINPOINTS, 64), 64)
+    small = AnyResGeometry(((64, 64), (128, 128)), 64)  # another tiling of the same images
+    cache, got = batch_of(enc, llm, ds, root, llava_next)
+    views = [llava_next.num_views(h, w) for h, w in SIZES]
+    assert cache.forwards == sum(views) == got.inputs.features.patches.shape[0]
+    assert got.inputs.image_sizes == SIZES
+    torch.testing.assert_close(got.inputs.features.patches, expected_rows(enc, ds, llava_next), rtol=0, atol=1e-6)
+
+    # warm: nothing encoded (the views follow from the image headers), the same rows
+    cache, warm = batch_of(enc, llm, ds, root, llava_next)
+    assert cache.forwards == 0 and warm.inputs.image_sizes == SIZES
+    torch.testing.assert_close(warm.inputs.features.patches, got.inputs.features.patches, rtol=0, atol=0)
+
+    # another tiling: its views differ from view 1 on (the 64x64 image: one 64x64 tile against two halves of a
+    # 64x128 canvas), so a key without the pinpoints would serve the wrong rows here
+    cache, other = batch_of(enc, llm, ds, root, small)
+    assert cache.forwards == sum(small.num_views(h, w) for h, w in SIZES)
+    torch.testing.assert_close(other.inputs.features.patches, expected_rows(enc, ds, small), rtol=0, atol=1e-6)
+    square = sum(views[:2])  # the 64x64 image's rows start here under LLaVA-NeXT's pinpoints
+    assert (got.inputs.features.patches[square + 1] - other.inputs.features.patches[-1]).abs().max() > 1e-2
+
+    # untiled: one row per image, not any view's
+    cache, plain = batch_of(enc, llm, ds, root, None)
+    assert cache.forwards == len(SIZES) and plain.inputs.image_sizes is None
+
+
+def test_an_unreadable_image_drops_its_sample_and_only_its_views(tmp_path, encoders, llms):
+    ds = dataset(tmp_path)
+    (tmp_path / "images" / "1.png").write_bytes(b"not a png")
+    tiling = AnyResGeometry(scaled_pinpoints(DEFAULT_PINPOINTS, 64), 64)
+    _, got = batch_of(encoders["clip"], llms["vicuna"], ds, tmp_path / "features", tiling)
+    assert [ds.samples[k].id for k in got.kept] == ["r0", "r2"] and got.skipped[0][0] == "r1"
+    assert got.inputs.image_sizes == [SIZES[0], SIZES[2]]
+    assert got.inputs.features.patches.shape[0] == tiling.num_views(*SIZES[0]) + tiling.num_views(*SIZES[2])
+
+
+def test_a_tiled_run_trains_packed_records_its_tiling_and_evaluates_after_loading(tmp_path):
+    run = tmp_path / "run"
+    flags = ["--tiling", "anyres", "--grid-pinpoints", "64x128,128x64,128x128", "--packing", "on", "--no-profile"]
+    proc = bench([*MICRO, *flags, "--out", str(run)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = {"name": "anyres", "grid_pinpoints": [[64, 128], [128, 64], [128, 128]]}
+    assert json.loads((run / "config.json").read_text())["tiling"] == spec
+    assert json.loads((run / "vlm_config.json").read_text())["tiling"] == spec
+    assert "AnyRes tiling at 64x128,128x64,128x128" in proc.stdout
+    # a 64x64 world image: the 64x128 pinpoint (2 tiles), 8x16 patches unpadded to 8x8, + 8 newlines + 64 global
+    vlm = VLM.load(run).eval()
+    pixels, sizes = vlm.preprocess([picture(0, 64, 64)])
+    with torch.no_grad():
+        visual = vlm.visual_tokens(VLMInputs([torch.tensor([0])], pixel_values=pixels, image_sizes=sizes))
+    assert pixels.shape[0] == 3 and int(visual.num_tokens[0]) == 64 + 8 * (8 + 1)
+    evaluated = bench(["eval", str(run), "--eval-limit", "4"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "accuracy" in evaluated.stdout
+    again = bench(
+        ["run", "--config", str(run / "config.yaml"), "--steps", "0", "--eval-limit", "0", "--out", str(tmp_path / "b")]
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["tiling"] == spec
+
+
+def test_grid_pinpoints_without_tiling_are_refused(tmp_path):
+    proc = bench([*MICRO, "--grid-pinpoints", "64x128", "--out", str(tmp_path / "x")])
+    assert proc.returncode == 2 and "--tiling anyres" in proc.stderr
+    assert not (tmp_path / "x").exists()
