@@ -201,3 +201,52 @@ def test_every_connector_trains_on_tiles_within_its_budget(encoders, llms, conne
     if grid is not None:
         assert vlm.tiling.image_newline.grad.abs().sum() > 0
     vlm.zero_grad(set_to_none=True)
+
+
+def test_max_tiles_downscales_as_llava_onevision():
+    """``max_tiles`` (OneVision's anyres_max_N) against ``LlavaOnevisionModel.pack_image_features``: OneVision's
+    pinpoints (384 x 1..6 on each side), features of random values, sizes that stay under N views' worth of tokens
+    and sizes that are resized bilinearly."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from connector_zoo.model.tiling import AnyRes
+    from encoders.anyres import AnyResGeometry
+
+    tile, patch, width = 384, 32, 8  # a 12x12 patch grid per view keeps the test small
+    pinpoints = [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)]
+    vision = SiglipVisionConfig(
+        image_size=tile,
+        patch_size=patch,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    text = Qwen2Config(
+        hidden_size=width, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=pinpoints
+    )
+    theirs = LlavaOnevisionModel(config).eval()
+    ours = AnyRes(AnyResGeometry(tuple(map(tuple, pinpoints)), tile), width, grid=True, max_tiles=9)
+    with torch.no_grad():
+        ours.image_newline.copy_(theirs.image_newline)
+    side = tile // patch
+    resized = 0
+    for h, w in [(384, 384), (768, 1152), (2000, 2300), (2304, 1000), (3000, 700), (500, 4000)]:
+        views = ours.geometry.num_views(h, w)
+        features = torch.randn(views, side * side, width)
+        with torch.no_grad():
+            packed, lens = theirs.pack_image_features([features], torch.tensor([[h, w]]), theirs.image_newline)
+            mine = ours.spatial_unpad(features, (h, w), (side, side))
+        assert mine.shape[0] == int(lens[0]), (h, w)
+        packed = packed[0] if isinstance(packed, (list, tuple)) else packed
+        torch.testing.assert_close(mine, packed, rtol=0, atol=1e-6)
+        rows, cols = ours.geometry.grid(h, w)
+        resized += rows * cols > 10
+    assert resized >= 2  # the bilinear resize was exercised
+    assert ours.spec["max_tiles"] == 9
+    with pytest.raises(ValueError, match="positive integer"):
+        AnyRes(ours.geometry, width, grid=True, max_tiles=0)

@@ -49,14 +49,17 @@ def tiling_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     if isinstance(value, dict):
         return value
     if value in (None, "none"):
-        if getattr(args, "grid_pinpoints", None):
-            raise ValueError("--grid-pinpoints is an AnyRes setting: give --tiling anyres with it")
+        for flag in ("grid_pinpoints", "max_tiles"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} is an AnyRes setting: give --tiling anyres with it")
         return None
     spec: dict[str, Any] = {"name": value}
     if getattr(args, "grid_pinpoints", None):
         from encoders.anyres import parse_pinpoints
 
         spec["grid_pinpoints"] = [list(p) for p in parse_pinpoints(args.grid_pinpoints)]
+    if getattr(args, "max_tiles", None):
+        spec["max_tiles"] = args.max_tiles
     return spec
 
 

@@ -24,9 +24,9 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     if not args.merge and not unmerged:
         print("export-hf: --no-merge: this model has no LoRA adapters; the export is the same either way")
     out = export_hf(vlm, args.out, merge=args.merge)
+    kind = "LlavaForConditionalGeneration" if vlm.tiling is None else "LlavaNextForConditionalGeneration"
     print(
-        f"wrote LlavaForConditionalGeneration to {out} (load with LlavaForConditionalGeneration.from_pretrained "
-        f"and AutoProcessor.from_pretrained)"
+        f"wrote {kind} to {out} (load with {kind}.from_pretrained and AutoProcessor.from_pretrained)"
         + (f"; the LoRA adapters unmerged in {out}/adapter (model.load_adapter)" if unmerged else "")
     )
 

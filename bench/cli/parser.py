@@ -86,6 +86,13 @@ def add_tiling_args(p: argparse.ArgumentParser, help_tiling: str) -> None:
         help="--tiling anyres: HEIGHTxWIDTH,... (default LLaVA-NeXT's 336x672,672x336,672x672,1008x336,336x1008, "
         "scaled to the encoder's input size)",
     )
+    p.add_argument(
+        "--max-tiles",
+        type=POSITIVE,
+        metavar="N",
+        help="--tiling anyres: LLaVA-OneVision's anyres_max_N: a tile grid with more than N views' worth of tokens is "
+        "resized bilinearly to N views' worth (grid connectors)",
+    )
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:
@@ -387,8 +394,11 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     add_world_args(w)
     w.set_defaults(func=commands["world_build"])
 
-    p = sub.add_parser("export-hf", help="write a transformers LlavaForConditionalGeneration directory")
+    p = sub.add_parser(
+        "export-hf", help="write a transformers LlavaForConditionalGeneration directory (LlavaNext for AnyRes)"
+    )
     add_component_args(p)
+    add_tiling_args(p, "anyres: a fresh model tiles its images and exports as LlavaNext (a --run keeps its own)")
     p.add_argument("--run", help="a run directory (vlm_config.json + trainable.safetensors) to export")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(

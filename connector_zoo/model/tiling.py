@@ -15,6 +15,10 @@ was built for one image (its position tables, its pooling windows, its queries).
 The connector runs per view rather than on the merged tile grid because a tile is what the encoder saw: a spatial
 connector's windows (c_abstractor's convolutions, pixel_shuffle's 2x2 blocks) then never straddle two tiles whose
 features were computed apart, and its tokens per view stay what they are without tiling.
+
+``max_tiles`` (LLaVA-OneVision's ``anyres_max_N``): when the unpadded tile grid holds more than about N views'
+worth of tokens (by more than 10 % in side), it is resized bilinearly to N views' worth, keeping its aspect ratio,
+before the newlines are added (``LlavaOnevisionModel.pack_image_features``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from connectors.base import Connector, ConnectorOutput
 from encoders.anyres import DEFAULT_PINPOINTS, AnyResGeometry, scaled_pinpoints, unpadded_grid
@@ -32,15 +37,19 @@ from encoders.base import EncoderInfo
 class AnyRes(nn.Module):
     """The merge of a tiled image's views; holds ``image_newline`` (the LLM's width) when ``grid`` is True."""
 
-    def __init__(self, geometry: AnyResGeometry, hidden_size: int, grid: bool):
+    def __init__(self, geometry: AnyResGeometry, hidden_size: int, grid: bool, max_tiles: int | None = None):
         super().__init__()
-        self.geometry = geometry
+        if max_tiles is not None and (not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1):
+            raise ValueError(
+                f"anyres max_tiles must be a positive integer (OneVision's anyres_max_9: 9), not {max_tiles!r}"
+            )
+        self.geometry, self.max_tiles = geometry, max_tiles
         # LLaVA-NeXT's initialisation: N(0, 1 / hidden_size)
         self.image_newline = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size)) if grid else None
 
     @property
     def spec(self) -> dict:
-        return self.geometry.spec
+        return self.geometry.spec | ({"max_tiles": self.max_tiles} if self.max_tiles is not None else {})
 
     def views_per_image(self, image_sizes: list[tuple[int, int]]) -> list[int]:
         return [self.geometry.num_views(h, w) for h, w in image_sizes]
@@ -84,6 +93,12 @@ class AnyRes(nn.Module):
         keep_h, keep_w = unpadded_grid(size[0], size[1], rows * gh, cols * gw)
         top, left = (rows * gh - keep_h) // 2, (cols * gw - keep_w) // 2
         tiles = tiles[top : top + keep_h, left : left + keep_w]
+        if self.max_tiles is not None:
+            ratio = math.sqrt(keep_h * keep_w / (self.max_tiles * gh * gw))
+            if ratio > 1.1:  # OneVision's anyres_max_N: bilinear, to N views' worth of tokens
+                size = [int(keep_h // ratio), int(keep_w // ratio)]
+                tiles = F.interpolate(tiles.permute(2, 0, 1)[None], size, mode="bilinear")[0].permute(1, 2, 0)
+                keep_h, keep_w = size
         newline = self.image_newline.to(tokens.dtype).expand(keep_h, 1, D)
         return torch.cat([tokens[0], torch.cat([tiles, newline], dim=1).reshape(-1, D)])
 
@@ -113,7 +128,10 @@ def build_tiling(spec: dict | None, info: EncoderInfo, connector: Connector, hid
     if name != "anyres":
         raise ValueError(f"tiling {name!r} is not known; the one built is 'anyres' (LLaVA-NeXT)")
     pinpoints = spec.pop("grid_pinpoints", None) or scaled_pinpoints(DEFAULT_PINPOINTS, info.image_size)
+    max_tiles = spec.pop("max_tiles", None)
     if spec:
-        raise ValueError(f"anyres tiling takes grid_pinpoints (a list of [height, width]) and nothing else: {spec}")
+        raise ValueError(
+            f"anyres tiling takes grid_pinpoints (a list of [height, width]) and max_tiles, not {sorted(spec)}"
+        )
     geometry = AnyResGeometry(tuple(tuple(p) for p in pinpoints), info.image_size)
-    return AnyRes(geometry, hidden_size, grid=connector.output_grid(*info.grid) is not None)
+    return AnyRes(geometry, hidden_size, grid=connector.output_grid(*info.grid) is not None, max_tiles=max_tiles)
