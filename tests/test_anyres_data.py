@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import MICRO, bench
 from PIL import Image
@@ -93,6 +94,7 @@ def test_an_unreadable_image_drops_its_sample_and_only_its_views(tmp_path, encod
     assert got.inputs.features.patches.shape[0] == tiling.num_views(*SIZES[0]) + tiling.num_views(*SIZES[2])
 
 
+@pytest.mark.slow
 def test_a_tiled_run_trains_packed_records_its_tiling_and_evaluates_after_loading(tmp_path):
     run = tmp_path / "run"
     flags = ["--tiling", "anyres", "--grid-pinpoints", "64x128,128x64,128x128", "--packing", "on", "--no-profile"]
