@@ -351,3 +351,22 @@ def test_a_split_with_no_usable_question_reads_not_evaluated_in_every_table(tmp_
     assert "not evaluated" in next(x for x in table(rows, "csv").splitlines() if x.startswith("clip + linear"))
     html_row = next(r for r in table_context(rows)["rows"] if r["cells"][0]["text"].startswith("clip + linear"))
     assert "not evaluated" in [c["text"] for c in html_row["cells"]]
+
+
+def test_a_world_setting_added_later_at_its_default_is_the_recorded_world():
+    """A cell recorded before ``object_scale`` existed (its world written without it) is the same cell as one asked
+    for now at the default; at another scale it is not."""
+    import dataclasses
+
+    from bench.data.world import WorldConfig
+    from bench.report.sweep import other_settings
+    from bench.train.settings import RunConfig
+
+    old_world = {k: v for k, v in dataclasses.asdict(WorldConfig()).items() if k != "object_scale"}
+    record = {"config": json.loads(json.dumps({"data": {"kind": "world", "world": old_world, "qa_turns": 3}}))}
+    now = RunConfig(data={"kind": "world", "world": WorldConfig().as_dict(), "qa_turns": 3})
+    assert other_settings(record, now) == []
+    explicit = RunConfig(data={"kind": "world", "world": {**old_world, "object_scale": 1.0}, "qa_turns": 3})
+    assert other_settings(record, explicit) == []
+    scaled = RunConfig(data={"kind": "world", "world": WorldConfig(object_scale=0.5).as_dict(), "qa_turns": 3})
+    assert other_settings(record, scaled) == ["data"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from bench.data.world import COLOURS, HELD_OUT, SHAPES, World, WorldConfig, generate
+from bench.data.world import COLOURS, HELD_OUT, SHAPES, Obj, Scene, World, WorldConfig, generate, render
+from connector_zoo.settings import SettingError
+from encoders.anyres import AnyResGeometry
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +234,35 @@ def test_each_world_llm_level_is_its_own_cached_llm():
     assert world_backbones(cfg)["llm"] == llm_dir_name("tinyllama", level="wide") != world_backbones(RunConfig())["llm"]
     with pytest.raises(ValueError, match="level 'huge' is unknown; known: small, wide"):
         pretrain_llm("tinyllama", world, level="huge")
+
+
+def test_object_scale_is_a_new_world_and_the_default_world_keeps_its_key():
+    # the key every cached world, backbone and sweep record of the default world was made under (before the setting)
+    assert WorldConfig().key() == "e6f2ee5e299a" == WorldConfig(object_scale=1.0).key()
+    assert WorldConfig(image_size=128).key() == "10a7b1c95794"
+    assert WorldConfig(image_size=192, object_scale=0.25).key() != WorldConfig(image_size=192).key()
+    assert (
+        "object_scale" not in WorldConfig().as_dict() and WorldConfig(object_scale=0.5).as_dict()["object_scale"] == 0.5
+    )
+    with pytest.raises(SettingError, match="object_scale"):
+        WorldConfig(object_scale=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_small_objects_of_a_scaled_world_are_legible_only_at_its_own_resolution(shape):
+    """At 192 px with objects a quarter of their size, a small object keeps 20-40 pixels of its own colour; resized to
+    a 64-px encoder's input (bicubic, as the processors do) it keeps none: what one resized view loses and AnyRes's
+    native-resolution tiles keep."""
+    cfg = WorldConfig(image_size=192, object_scale=0.25)
+    image = render(Scene("x", [Obj(shape, "red", "small", 4, x=96.3, y=95.7)]), cfg)
+    red = np.array(COLOURS["red"], float)
+
+    def own_pixels(im) -> int:
+        return int((np.linalg.norm(np.asarray(im).astype(float) - red, axis=-1) < 30).sum())
+
+    assert own_pixels(image) >= 20
+    assert own_pixels(image.resize((64, 64), Image.BICUBIC)) == 0
+    tiles = AnyResGeometry(((192, 192),), 64).views(image)[1:]  # 3x3 tiles at the image's own resolution
+    assert sum(own_pixels(t) for t in tiles) == own_pixels(image)
+    default = render(Scene("x", [Obj(shape, "red", "small", 4, x=32.1, y=31.9)]), WorldConfig())
+    assert own_pixels(default) >= 20  # the default world's small objects, at 64 px, are as legible as these at 192

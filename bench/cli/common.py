@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +95,10 @@ def world_config(args: argparse.Namespace):
     from bench.data.world import WorldConfig
 
     resolution = getattr(args, "world_resolution", None)
-    if args.world_scale == 1.0 and resolution in (None, 64):
+    object_scale = getattr(args, "world_object_scale", None) or 1.0
+    if args.world_scale == 1.0 and resolution in (None, 64) and object_scale == 1.0:
         return None
-    world = WorldConfig(image_size=resolution or 64)
+    world = WorldConfig(image_size=resolution or 64, object_scale=object_scale)
     return world.scaled(args.world_scale) if args.world_scale != 1.0 else world
 
 
@@ -111,7 +111,7 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.data == "world":
         world = world_config(args)
         if world is not None:
-            data["world"] = dataclasses.asdict(world)
+            data["world"] = world.as_dict()
         if getattr(args, "qa_turns", 1) > 1:
             data["qa_turns"] = args.qa_turns
     else:
@@ -134,12 +134,12 @@ def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
     data = copy.deepcopy(args.data)
     data.setdefault("kind", "world")
     set_here = (getattr(args, "given", set()) | getattr(args, "from_file", set())) - {"data"}
-    if set_here & {"world_scale", "world_resolution"}:
+    if set_here & {"world_scale", "world_resolution", "world_object_scale"}:
         world = world_config(args)
         if world is None:  # the default world
             data.pop("world", None)
         else:
-            data["world"] = dataclasses.asdict(world)
+            data["world"] = world.as_dict()
     for option, key in (("qa_turns", "qa_turns"), ("data_path", "path"), ("image_folder", "image_folder")):
         if option in set_here:
             data[key] = getattr(args, option)

@@ -70,6 +70,13 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
         help="mini world image side in pixels (default 64: 8x8 patches of 8 px; 128: 16x16; 192: 24x24)",
     )
     p.add_argument(
+        "--world-object-scale",
+        type=arg_type(float, lo=0, hi=1, lo_open=True),
+        metavar="F",
+        help="mini world objects F times their default size (default 1); with a larger --world-resolution, small "
+        "objects that a view resized to the encoder's input loses (the AnyRes comparison)",
+    )
+    p.add_argument(
         "--world-llm",
         choices=("small", "wide", "smollm2"),
         default="small",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -124,7 +123,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if set(data) != {"kind"}:  # a data option was given: a sweep's cells name their world
         from bench.data.world import WorldConfig
 
-        base["data"] = {"world": dataclasses.asdict(WorldConfig()), **data}
+        base["data"] = {"world": WorldConfig().as_dict(), **data}
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
     out = Path(args.out)

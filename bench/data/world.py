@@ -7,6 +7,10 @@ answers. Splits come from fixed seeds: train / val / test, plus a *compositional
 least one colour-shape combination that never occurs in train, val or test.
 
 Only looking at the image answers the questions: the blind baseline (the same LLM without the image) gives the floor.
+
+``object_scale`` shrinks every object by that factor (its radius), so that at a larger ``image_size`` the objects keep
+a few pixels of their own while a view resized to the encoder's input loses them: the world where resolution matters
+(AnyRes tiling against one resized view; issue 38). Its default, 1, is the world as it always was (and its key).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class WorldConfig:
     questions_per_image: int = 3
     seed: int = 0
     background: tuple[int, int, int] = (235, 235, 235)
+    #: the objects' size relative to the default world's (their radius as a share of a grid cell, times this)
+    object_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # read back from a run's config.json the background is a JSON list: the same world, so the same tuple
@@ -78,9 +84,20 @@ class WorldConfig:
             raise SettingError(f"world: background={list(self.background)} must be 3 integers in [0, 255]")
         for v in self.background:
             check("world", "background[]", v, int, lo=0, hi=255)
+        if isinstance(self.object_scale, int) and not isinstance(self.object_scale, bool):
+            object.__setattr__(self, "object_scale", float(self.object_scale))
+        check("world", "object_scale", self.object_scale, float, lo=0, hi=1, lo_open=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as a run config keeps them: a setting added later is left out at its default, so the worlds
+        (and runs, and sweep cells) recorded before it existed are the same worlds."""
+        out = dataclasses.asdict(self)
+        if out["object_scale"] == 1.0:
+            del out["object_scale"]
+        return out
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def scaled(self, factor: float) -> WorldConfig:
         """A smaller world (tests): every split scaled by ``factor``."""
@@ -138,7 +155,7 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
     draw = ImageDraw.Draw(img)
     cell_px = cfg.image_size / 3
     for o in scene.objects:
-        r = cell_px * RADIUS[o.size]
+        r = cell_px * RADIUS[o.size] * cfg.object_scale
         box = (o.x - r, o.y - r, o.x + r, o.y + r)
         fill = COLOURS[o.colour]
         if o.shape == "circle":
@@ -150,7 +167,7 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
     return img
 
 
-def patch_labels(record: dict[str, Any], image_size: int, patch: int) -> np.ndarray:
+def patch_labels(record: dict[str, Any], image_size: int, patch: int, object_scale: float = 1.0) -> np.ndarray:
     """(grid, grid, 3) int: per patch, 1 + the index of the colour, shape and size of the object whose box covers the
     patch's centre, or whose centre lies in the patch (a small object may cover no patch centre); 0: background. For
     dense pretraining of the world's encoders."""
@@ -158,7 +175,7 @@ def patch_labels(record: dict[str, Any], image_size: int, patch: int) -> np.ndar
     out = np.zeros((side, side, 3), np.int64)
     centres = (np.arange(side) + 0.5) * patch
     for o in record["objects"]:
-        r = image_size / 3 * RADIUS[o["size"]]
+        r = image_size / 3 * RADIUS[o["size"]] * object_scale
         rows, cols = np.abs(centres - o["y"]) <= r, np.abs(centres - o["x"]) <= r
         rows[min(side - 1, int(o["y"] // patch))] = cols[min(side - 1, int(o["x"] // patch))] = True
         out[np.ix_(rows, cols)] = (

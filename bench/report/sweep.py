@@ -10,6 +10,7 @@ Connector settings go in brackets: ``cls_prune[keep_ratio=0.25]``, ``qformer[num
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -17,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bench.data.world import WorldConfig
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run
 from bench.train.pretrain import world_backbones
@@ -106,7 +108,13 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     had = record.get("config") or {}
     as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731 (as config.json holds it: tuples are lists there)
     defaults, want = as_json(dataclasses.asdict(RunConfig())), as_json(dataclasses.asdict(cfg))
-    return [k for k in CELL_SETTINGS if had.get(k, defaults[k]) != want[k]]
+    had = {k: had.get(k, defaults[k]) for k in CELL_SETTINGS}
+    for side in (had, want):  # a world's settings compare as the world they make (a later setting at its default
+        data = side.get("data")  # is the world recorded without it)
+        if isinstance(data, dict) and isinstance(data.get("world"), dict):
+            with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
+                side["data"] = {**data, "world": as_json(WorldConfig(**data["world"]).as_dict())}
+    return [k for k in CELL_SETTINGS if had[k] != want[k]]
 
 
 def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:

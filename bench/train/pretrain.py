@@ -140,7 +140,8 @@ def pretrain_encoder(
         if dense:  # random numbers, so that recipe's encoder is byte for byte the one built before the option existed)
             heads.extend([nn.Linear(dim, len(COLOURS) + 1), nn.Linear(dim, len(SHAPES)), nn.Linear(dim, len(SIZES))])
             patch = enc.info.image_size // enc.info.grid[0]
-            labels = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch) for r in records]))
+            scale = world.cfg.object_scale
+            labels = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch, scale) for r in records]))
         where = nn.ModuleList()  # the position objective's row and column heads (built only when used, as above)
         if position:
             where.extend([nn.Linear(dim, enc.info.grid[0]), nn.Linear(dim, enc.info.grid[1])])
