@@ -266,3 +266,45 @@ def test_small_objects_of_a_scaled_world_are_legible_only_at_its_own_resolution(
     assert sum(own_pixels(t) for t in tiles) == own_pixels(image)
     default = render(Scene("x", [Obj(shape, "red", "small", 4, x=32.1, y=31.9)]), WorldConfig())
     assert own_pixels(default) >= 20  # the default world's small objects, at 64 px, are as legible as these at 192
+
+
+def test_patch_labels_of_a_resized_view_and_of_a_crop_by_hand():
+    """The test above's scene drawn at 192 px (everything x3): resized to 64 px it labels the same patches as the
+    64-px scene; a 64-px square cut at (top 72, left 60) of it shows the large square (centre (90, 102) -> (30, 30)
+    in the crop, half-width 24.3 px: patch centres 12 .. 52, rows and columns 1..6) and not the circle (outside)."""
+    from bench.data.world import patch_labels
+
+    record = {
+        "objects": [
+            {"colour": "orange", "shape": "square", "size": "large", "x": 90.0, "y": 102.0},
+            {"colour": "red", "shape": "circle", "size": "small", "x": 180.0, "y": 12.0},
+        ]
+    }
+    small = {"objects": [dict(o, x=o["x"] / 3, y=o["y"] / 3) for o in record["objects"]]}
+    np.testing.assert_array_equal(patch_labels(record, 64, 8, world_size=192), patch_labels(small, 64, 8))
+    crop = patch_labels(record, 64, 8, world_size=192, crop=(72, 60, 64))
+    square = (list(COLOURS).index("orange") + 1, SHAPES.index("square") + 1, 2)
+    for r in range(8):
+        for c in range(8):
+            assert tuple(crop[r, c]) == (square if 1 <= r <= 6 and 1 <= c <= 6 else (0, 0, 0)), (r, c)
+
+
+def test_a_world_encoder_at_a_smaller_input_is_its_own_encoder_and_sees_tiles():
+    from bench.train.pretrain import pretrain_encoder, world_backbones
+    from bench.train.settings import RunConfig
+    from encoders import build_encoder
+
+    cfg = WorldConfig(image_size=128, object_scale=0.5).scaled(0.01)
+    world = World(cfg, progress=False)
+    native = pretrain_encoder("clip", world, steps=2, log=lambda *a: None)
+    small = pretrain_encoder("clip", world, steps=2, input_px=64, log=lambda *a: None)
+    assert small != native and "-px64-" in small.name and "-px" not in native.name
+    assert pretrain_encoder("clip", world, steps=2, input_px=128, log=lambda *a: None) == native
+    assert (
+        build_encoder("clip", str(small)).info.image_size == 64
+        and build_encoder("clip", str(native)).info.image_size == 128
+    )
+    run = RunConfig(data={"kind": "world", "world": cfg.as_dict(), "pretrain": {"encoder_steps": 2, "encoder_px": 64}})
+    assert world_backbones(run)["encoder"] == small.name
+    with pytest.raises(ValueError, match="no larger than the world's 128-px images"):
+        pretrain_encoder("clip", world, steps=2, input_px=192, log=lambda *a: None)

@@ -145,7 +145,7 @@ def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
             data[key] = getattr(args, option)
     if "held_out" in set_here:
         data["held_out"] = args.held_out
-    if set_here & {"pretrain_steps", "world_llm"}:
+    if set_here & {"pretrain_steps", "world_llm", "world_encoder_px"}:
         data["pretrain"] = {**data.get("pretrain", {}), **pretrain_from_args(args)}
     return data
 
@@ -157,6 +157,8 @@ def pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
         pre.update(encoder_steps=args.pretrain_steps, llm_steps=args.pretrain_steps)
     if getattr(args, "world_llm", "small") != "small":
         pre["llm_level"] = args.world_llm
+    if getattr(args, "world_encoder_px", None):
+        pre["encoder_px"] = args.world_encoder_px
     return pre
 
 

@@ -77,6 +77,13 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
         "objects that a view resized to the encoder's input loses (the AnyRes comparison)",
     )
     p.add_argument(
+        "--world-encoder-px",
+        type=POSITIVE,
+        metavar="PX",
+        help="the world encoder's input side (default: the world's image side); smaller, it is pretrained on the"
+        " images resized to it and on squares cut at their own resolution, AnyRes's global view and tiles",
+    )
+    p.add_argument(
         "--world-llm",
         choices=("small", "wide", "smollm2"),
         default="small",

@@ -167,17 +167,32 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
     return img
 
 
-def patch_labels(record: dict[str, Any], image_size: int, patch: int, object_scale: float = 1.0) -> np.ndarray:
+def patch_labels(
+    record: dict[str, Any],
+    image_size: int,
+    patch: int,
+    object_scale: float = 1.0,
+    world_size: int | None = None,
+    crop: tuple[int, int, int] | None = None,
+) -> np.ndarray:
     """(grid, grid, 3) int: per patch, 1 + the index of the colour, shape and size of the object whose box covers the
     patch's centre, or whose centre lies in the patch (a small object may cover no patch centre); 0: background. For
-    dense pretraining of the world's encoders."""
+    dense pretraining of the world's encoders.
+
+    The view is ``image_size`` pixels a side and shows the whole ``world_size``-pixel image (default: the same size),
+    or with ``crop`` = (top, left, side) that square of it, in world pixels."""
+    world_size = world_size or image_size
+    top, left, extent = crop or (0, 0, world_size)
+    k = image_size / extent  # view pixels per world pixel
     side = image_size // patch
     out = np.zeros((side, side, 3), np.int64)
     centres = (np.arange(side) + 0.5) * patch
     for o in record["objects"]:
-        r = image_size / 3 * RADIUS[o["size"]] * object_scale
-        rows, cols = np.abs(centres - o["y"]) <= r, np.abs(centres - o["x"]) <= r
-        rows[min(side - 1, int(o["y"] // patch))] = cols[min(side - 1, int(o["x"] // patch))] = True
+        r = world_size / 3 * RADIUS[o["size"]] * object_scale * k
+        y, x = (o["y"] - top) * k, (o["x"] - left) * k
+        rows, cols = np.abs(centres - y) <= r, np.abs(centres - x) <= r
+        if 0 <= y < image_size and 0 <= x < image_size:  # the centre's own patch, when the view holds the centre
+            rows[min(side - 1, int(y // patch))] = cols[min(side - 1, int(x // patch))] = True
         out[np.ix_(rows, cols)] = (
             list(COLOURS).index(o["colour"]) + 1,
             SHAPES.index(o["shape"]) + 1,

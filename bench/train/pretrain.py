@@ -78,6 +78,7 @@ def encoder_dir_name(
     dense: float = ENCODER_DENSE,
     lr: float = ENCODER_LR,
     position: float = ENCODER_POSITION,
+    input_px: int | None = None,
 ) -> str:
     """The directory name of a world encoder: its readable settings and a digest of every setting of its recipe."""
     recipe = {
@@ -95,8 +96,11 @@ def encoder_dir_name(
             recipe["forward"] = "pooled_features-one-pass"
     if position:  # only when used, so that the recipes before it keep their names
         recipe["position"] = position
+    if input_px:  # likewise: an input smaller than the world's images (whole images resized + native crops)
+        recipe["input_px"] = input_px
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     readable = (f"-dense{dense:g}" if dense else "") + (f"-pos{position:g}" if position else "")
+    readable += f"-px{input_px}" if input_px else ""
     return f"encoder-{family}-s{steps}-b{batch_size}-seed{seed}{readable}-{digest}"
 
 
@@ -109,14 +113,28 @@ def pretrain_encoder(
     dense: float = ENCODER_DENSE,
     lr: float = ENCODER_LR,
     position: float = ENCODER_POSITION,
+    input_px: int | None = None,
     log=print,
 ) -> Path:
     """The world's ``family`` encoder directory, trained on first use. ``dense`` > 0 adds, with that weight, a dense
     objective on the selected layer's patch tokens: a linear head per patch predicts the colour, shape and size of
     the object covering it (or background), so that each patch token says what is under it. The directory is named
-    by every setting of the recipe (a digest of them), so a changed recipe never reuses an encoder built by another."""
+    by every setting of the recipe (a digest of them), so a changed recipe never reuses an encoder built by another.
+
+    ``input_px`` (smaller than the world's images; AnyRes's setting): the encoder takes that many pixels a side, and
+    each step it sees the batch's images resized to it (both objectives) and, for the dense objective, a square of
+    that side cut from each image at its own resolution (what an AnyRes tile shows), so both views are in its
+    training distribution."""
     cls = ENCODERS.get(family)
-    out = world.dir / "backbones" / encoder_dir_name(family, steps, batch_size, seed, dense, lr, position)
+    world_px = world.cfg.image_size
+    if input_px == world_px:
+        input_px = None  # the default: one name for one encoder
+    if input_px is not None and (input_px > world_px or input_px % 8):
+        raise ValueError(
+            f"world encoder input {input_px} px: a multiple of 8 no larger than the world's {world_px}-px images"
+        )
+    name = encoder_dir_name(family, steps, batch_size, seed, dense, lr, position, input_px)
+    out = world.dir / "backbones" / name
 
     def build(tmp: Path) -> None:
         from open_clip.loss import ClipLoss, SigLipLoss
@@ -126,7 +144,7 @@ def pretrain_encoder(
             "recipe; a few minutes on 2 CPU cores)"
         )
 
-        size = world.cfg.image_size  # the tiny preset at the world's resolution: 8-px patches, (size / 8)^2 of them
+        size = input_px or world_px  # the tiny preset at that resolution: 8-px patches, (size / 8)^2 of them
         enc = cls.from_checkpoint("tiny" if size == 64 else f"tiny@{size}", frozen=False)  # may build the preset
         # first, which draws random numbers
         torch.manual_seed(seed)  # so seed after it: a build after a kill starts from the same state as any other
@@ -140,8 +158,8 @@ def pretrain_encoder(
         if dense:  # random numbers, so that recipe's encoder is byte for byte the one built before the option existed)
             heads.extend([nn.Linear(dim, len(COLOURS) + 1), nn.Linear(dim, len(SHAPES)), nn.Linear(dim, len(SIZES))])
             patch = enc.info.image_size // enc.info.grid[0]
-            scale = world.cfg.object_scale
-            labels = torch.from_numpy(np.stack([patch_labels(r, enc.info.image_size, patch, scale) for r in records]))
+            objects = world.cfg.object_scale
+            labels = torch.from_numpy(np.stack([patch_labels(r, size, patch, objects, world_px) for r in records]))
         where = nn.ModuleList()  # the position objective's row and column heads (built only when used, as above)
         if position:
             where.extend([nn.Linear(dim, enc.info.grid[0]), nn.Linear(dim, enc.info.grid[1])])
@@ -169,6 +187,20 @@ def pretrain_encoder(
             loss = loss_fn(img, txt, scale.exp(), bias) if sigmoid else loss_fn(img, txt, scale.exp())
             if dense:
                 loss = loss + dense * dense_loss(heads, features.patches, labels[idx].flatten(1, 2))
+            if dense and input_px:  # squares at the images' own resolution: AnyRes's tiles
+                corners = [(rng.randrange(world_px - size + 1), rng.randrange(world_px - size + 1)) for _ in idx]
+                crops = [
+                    Image.fromarray(np.asarray(images[i])[t : t + size, c : c + size])
+                    for i, (t, c) in zip(idx, corners)
+                ]
+                crop_labels = np.stack(
+                    [
+                        patch_labels(records[i], size, patch, objects, world_px, (t, c, size))
+                        for i, (t, c) in zip(idx, corners)
+                    ]
+                )
+                crop_patches = enc(enc.preprocess(crops)).patches
+                loss = loss + dense * dense_loss(heads, crop_patches, torch.from_numpy(crop_labels).flatten(1, 2))
             if position:
                 loss = loss + position * position_loss(where, features.patches)
             opt.zero_grad()
@@ -215,9 +247,13 @@ def world_backbones(cfg) -> dict[str, str] | None:
     if cfg.data.get("kind", "world") != "world":
         return None
     pre = cfg.data.get("pretrain", {})
+    world = WorldConfig(**cfg.data.get("world", {}))
+    encoder = steps(pre, "encoder")
+    if encoder.get("input_px") == world.image_size:  # (as pretrain_encoder names it)
+        del encoder["input_px"]
     return {
-        "world": WorldConfig(**cfg.data.get("world", {})).key(),
-        "encoder": cfg.encoder.get("checkpoint") or encoder_dir_name(cfg.encoder["name"], **steps(pre, "encoder")),
+        "world": world.key(),
+        "encoder": cfg.encoder.get("checkpoint") or encoder_dir_name(cfg.encoder["name"], **encoder),
         "llm": cfg.llm.get("checkpoint") or llm_dir_name(cfg.llm["name"], **steps(pre, "llm")),
     }
 
@@ -227,6 +263,8 @@ def steps(pretrain: dict, backbone: str) -> dict:
     ("encoder" or "llm"): its ``steps`` override and, for the LLM, its ``llm_level``."""
     key = f"{backbone}_steps"
     out = {"steps": pretrain[key]} if key in pretrain else {}
+    if backbone == "encoder" and pretrain.get("encoder_px"):
+        out["input_px"] = pretrain["encoder_px"]
     if backbone == "llm" and pretrain.get("llm_level", "small") != "small":
         out["level"] = pretrain["llm_level"]
     return out
