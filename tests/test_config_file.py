@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from dataclasses import asdict
 
 import pytest
 import yaml
@@ -88,7 +87,7 @@ def test_flags_override_the_file_and_settings_merge(tmp_path):
         parse(["run", "--config", str(path), "--seed", "2", "--connector-arg", "keep_ratio=0.25"])
     )
     assert cfg.seed == 2 and cfg.strict is True and cfg.connector == {"name": "cls_prune", "keep_ratio": 0.25}
-    assert all(s["steps"] == 5 for s in cfg.stages) and cfg.data["world"] == asdict(WorldConfig().scaled(0.5))
+    assert all(s["steps"] == 5 for s in cfg.stages) and cfg.data["world"] == WorldConfig().scaled(0.5).as_dict()
     cfg = run_config_from_args(parse(["run", "--config", str(path), "--connector", "linear"]))
     assert cfg.connector["name"] == "linear"
     # a run's whole data mapping, with a data option given on the command line laid over it
