@@ -94,12 +94,18 @@ def test_an_unreadable_image_drops_its_sample_and_only_its_views(tmp_path, encod
     assert got.inputs.features.patches.shape[0] == tiling.num_views(*SIZES[0]) + tiling.num_views(*SIZES[2])
 
 
-@pytest.mark.slow
-def test_a_tiled_run_trains_packed_records_its_tiling_and_evaluates_after_loading(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiled_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("anyres") / "run"
     flags = ["--tiling", "anyres", "--grid-pinpoints", "64x128,128x64,128x128", "--packing", "on", "--no-profile"]
     proc = bench([*MICRO, *flags, "--out", str(run)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc
+
+
+@pytest.mark.slow
+def test_a_tiled_run_trains_packed_records_its_tiling_and_evaluates_after_loading(tiled_run, tmp_path):
+    run, proc = tiled_run
     spec = {"name": "anyres", "grid_pinpoints": [[64, 128], [128, 64], [128, 128]]}
     assert json.loads((run / "config.json").read_text())["tiling"] == spec
     assert json.loads((run / "vlm_config.json").read_text())["tiling"] == spec
@@ -118,6 +124,36 @@ def test_a_tiled_run_trains_packed_records_its_tiling_and_evaluates_after_loadin
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "b" / "config.json").read_text())["tiling"] == spec
+
+
+@pytest.mark.slow
+def test_lmms_eval_scores_a_tiled_run_with_its_views(tiled_run):
+    """lmms-eval's loglikelihood on an image request goes through the model's views: the same log-probability as the
+    model's own forward on the tiled image."""
+    from lmms_eval.api.instance import Instance
+
+    from connector_zoo.model.lmms import ConnectorZooLMM
+
+    run, _ = tiled_run
+    model = ConnectorZooLMM(run=str(run))
+    model.task_dict = {"t": {"test": [{"q": 0}]}}
+    image = picture(3, 70, 150)
+    request = Instance(
+        "loglikelihood",
+        ("What colour is the circle?", " red", lambda doc: [image], 0, "t", "test"),
+        idx=0,
+        metadata={"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    ((logprob, _),) = model.loglikelihood([request])
+    vlm, llm = model.vlm, model.vlm.llm
+    prompt = llm.encode_prompt([{"role": "user", "content": "<image>\nWhat colour is the circle?"}])
+    cont = llm.tokenizer(" red", add_special_tokens=False)["input_ids"]
+    pixels, sizes = vlm.preprocess([image])
+    assert pixels.shape[0] == 3  # 70x150 among these pinpoints: 64x128, 2 tiles + the global view
+    with torch.no_grad():
+        logits = vlm(VLMInputs([torch.tensor(prompt + cont)], pixel_values=pixels, has_image=[True], image_sizes=sizes))
+    rows = logits.logits[0, -len(cont) - 1 : -1].float().log_softmax(-1)
+    assert logprob == pytest.approx(rows[range(len(cont)), cont].sum().item(), rel=1e-4, abs=1e-4)
 
 
 def test_grid_pinpoints_without_tiling_are_refused(tmp_path):

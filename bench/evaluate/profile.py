@@ -63,12 +63,15 @@ def prefill_fn(vlm: VLM, image, prompt: str = "What colour is the circle?", conn
     """A no-grad callable running the LLM prefill of one (image, prompt) at batch 1, and its visual token count.
     ``connector_too``: the callable also runs the connector and the splice on the image's features (a reducer's own
     work, e.g. PruMerge's merging, is then part of the time); the encoder forward never is."""
-    features = vlm.encode(vlm.encoder.preprocess([image]).to(vlm.device))
+    pixels, sizes = vlm.preprocess([image])
+    features = vlm.encode(pixels.to(vlm.device))
     connector = vlm.connector  # bound now: a caller may swap the model's connector before calling run()
-    inputs = VLMInputs(vlm.prompt_ids([True], [prompt]), has_image=[True])
+    inputs = VLMInputs(vlm.prompt_ids([True], [prompt]), has_image=[True], image_sizes=sizes)
 
     def prepare():
         visual = connector(features)
+        if vlm.tiling is not None:  # (AnyRes: the views merged per image)
+            visual = vlm.tiling(visual, sizes, connector.output_grid(*features.grid))
         return (visual, *vlm.splice(inputs, visual))
 
     with torch.no_grad():

@@ -94,11 +94,11 @@ class ConnectorZooLMM(lmms):
                 prompts = [self._messages(requests[i].args[0], im) for i, im in zip(chunk, images)]
                 has = [im is not None for im in images]
                 ids = [torch.tensor(self.vlm.llm.encode_prompt(p)) for p in prompts]
-                px = self.vlm.encoder.preprocess([im for im in images if im is not None]) if any(has) else None
+                px, sizes = self.vlm.preprocess([im for im in images if im is not None]) if any(has) else (None, None)
                 with self._autocast():
                     # the encoder runs once: its features serve the token count and the generation
                     features = self.vlm.encode(px.to(self.vlm.device)) if px is not None else None
-                    inputs = VLMInputs(ids, features=features, has_image=has)
+                    inputs = VLMInputs(ids, features=features, has_image=has, image_sizes=sizes)
                     visual = self.vlm.visual_tokens(inputs)
                     if visual is not None:
                         self.visual_tokens += visual.num_tokens.tolist()
@@ -121,9 +121,9 @@ class ConnectorZooLMM(lmms):
             prompt = self.vlm.llm.encode_prompt(self._messages(context, image))
             cont = self.vlm.llm.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             ids = torch.tensor(prompt + cont)
-            px = self.vlm.encoder.preprocess([image]) if image is not None else None
+            px, sizes = self.vlm.preprocess([image]) if image is not None else (None, None)
             with self._autocast():
-                out = self.vlm(VLMInputs([ids], pixel_values=px, has_image=[image is not None]))
+                out = self.vlm(VLMInputs([ids], pixel_values=px, has_image=[image is not None], image_sizes=sizes))
             logits = out.logits[0, -len(cont) - 1 : -1].float()
             target_ids = torch.tensor(cont)
             logprob = logits.log_softmax(-1).gather(1, target_ids[:, None]).sum().item()
