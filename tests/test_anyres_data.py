@@ -160,3 +160,26 @@ def test_grid_pinpoints_without_tiling_are_refused(tmp_path):
     proc = bench([*MICRO, "--grid-pinpoints", "64x128", "--out", str(tmp_path / "x")])
     assert proc.returncode == 2 and "--tiling anyres" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_large_jpeg_is_tiled_from_its_full_decode(tmp_path, encoders, llms):
+    """Untiled, a JPEG twice the encoder's input is decoded at a reduced scale (draft); tiled it is not: its views are
+    cut from the image its header describes, as LLaVA-NeXT's processor cuts them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    y, x = np.mgrid[0:800, 0:1000]
+    smooth = np.stack([x * 255 // 1000, y * 255 // 800, (x + y) * 255 // 1800], axis=-1).astype(np.uint8)
+    Image.fromarray(smooth).save(folder / "big.jpg", quality=95)
+    record = {
+        "id": "big",
+        "image": "big.jpg",
+        "conversations": [{"from": "human", "value": "<image>\\nWhat?"}, {"from": "gpt", "value": "a gradient"}],
+    }
+    (tmp_path / "chat.json").write_text(json.dumps([record]))
+    ds = llava_json(tmp_path / "chat.json", folder)
+    tiling = AnyResGeometry(scaled_pinpoints(DEFAULT_PINPOINTS, 64), 64)
+    _, got = batch_of(encoders["clip"], llms["vicuna"], ds, tmp_path / "features", tiling)
+    assert got.inputs.image_sizes == [(800, 1000)]
+    full = Image.open(folder / "big.jpg").convert("RGB")
+    expected = encoders["clip"].encode_images(tiling.views(full)).patches
+    torch.testing.assert_close(got.inputs.features.patches, expected, rtol=0, atol=1e-6)

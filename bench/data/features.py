@@ -170,17 +170,25 @@ class FeatureCache:
             if own is not None and any(k not in rows for k in own):
                 first.setdefault(tuple(own), pos)
         pil, loaded = [], []
-        # a tiled image is read at full size (its largest pinpoint decides what detail counts)
-        size_hint = max(max(p) for p in self.tiling.pinpoints) if self.tiling else self.encoder.info.image_size
+        # a tiled image is decoded whole: a JPEG decoded at a reduced scale (draft) would change its size, and with it
+        # the pinpoint its views (named from its header) were cut for
+        size_hint = None if self.tiling is not None else self.encoder.info.image_size
+
+        def drop(own: tuple[str, ...], reason: str) -> None:  # every position of this image is unreadable
+            for p, other in enumerate(keys):
+                if other is not None and tuple(other) == own:
+                    keys[p], sizes[p], bad[p] = None, None, reason
+
         for own, pos in first.items():
             try:
                 image = self.images.load(indices[pos], size_hint)
             except BadSample as err:
-                for p, other in enumerate(keys):
-                    if other is not None and tuple(other) == own:
-                        keys[p], sizes[p], bad[p] = None, None, str(err)
+                drop(own, str(err))
                 continue
             views = self.tiling.views(image) if self.tiling is not None else [image]
+            if len(views) != len(own):  # a header that does not describe the pixels
+                drop(own, f"image {self.images.names[indices[pos]]!r}: its header's size is not its pixels' size")
+                continue
             for k, view in zip(own, views):
                 if k not in rows and k not in loaded:
                     pil.append(view)
