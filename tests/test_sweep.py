@@ -372,3 +372,6 @@ def test_a_world_setting_added_later_at_its_default_is_the_recorded_world():
     assert other_settings(record, explicit) == []
     scaled = RunConfig(data={"kind": "world", "world": WorldConfig(object_scale=0.5).as_dict(), "qa_turns": 3})
     assert other_settings(record, scaled) == ["data"]
+    # a `bench run` record names no world (the default one); a sweep cell spells the default world out
+    plain_run = {"config": {"data": {"kind": "world", "qa_turns": 3}}}
+    assert other_settings(plain_run, now) == [] and other_settings(plain_run, scaled) == ["data"]

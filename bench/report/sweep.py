@@ -109,11 +109,11 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731 (as config.json holds it: tuples are lists there)
     defaults, want = as_json(dataclasses.asdict(RunConfig())), as_json(dataclasses.asdict(cfg))
     had = {k: had.get(k, defaults[k]) for k in CELL_SETTINGS}
-    for side in (had, want):  # a world's settings compare as the world they make (a later setting at its default
-        data = side.get("data")  # is the world recorded without it)
-        if isinstance(data, dict) and isinstance(data.get("world"), dict):
+    for side in (had, want):  # a world's settings compare as the world they make: a later setting at its default is
+        data = side.get("data")  # the world recorded without it, and no world named (bench run's) is the default one
+        if isinstance(data, dict) and data.get("kind", "world") == "world" and isinstance(data.get("world", {}), dict):
             with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
-                side["data"] = {**data, "world": as_json(WorldConfig(**data["world"]).as_dict())}
+                side["data"] = {**data, "world": as_json(WorldConfig(**data.get("world", {})).as_dict())}
     return [k for k in CELL_SETTINGS if had[k] != want[k]]
 
 
