@@ -66,12 +66,10 @@ def prefill_fn(vlm: VLM, image, prompt: str = "What colour is the circle?", conn
     pixels, sizes = vlm.preprocess([image])
     features = vlm.encode(pixels.to(vlm.device))
     connector = vlm.connector  # bound now: a caller may swap the model's connector before calling run()
-    inputs = VLMInputs(vlm.prompt_ids([True], [prompt]), has_image=[True], image_sizes=sizes)
+    inputs = VLMInputs(vlm.prompt_ids([True], [prompt]), features=features, has_image=[True], image_sizes=sizes)
 
     def prepare():
-        visual = connector(features)
-        if vlm.tiling is not None:  # (AnyRes: the views merged per image)
-            visual = vlm.tiling(visual, sizes, connector.output_grid(*features.grid))
+        visual = vlm.visual_tokens(inputs, connector)  # (AnyRes: the views merged per image)
         return (visual, *vlm.splice(inputs, visual))
 
     with torch.no_grad():

@@ -110,15 +110,18 @@ class VLM(nn.Module):
     def encode(self, pixel_values: torch.Tensor) -> VisionFeatures:
         return self.encoder(pixel_values, with_cls_attention=self.connector.feature_request)
 
-    def visual_tokens(self, inputs: VLMInputs) -> ConnectorOutput | None:
+    def visual_tokens(self, inputs: VLMInputs, connector: Connector | None = None) -> ConnectorOutput | None:
+        """The visual tokens of a batch's images: ``connector`` (default: this model's; a profile swaps in a reducer)
+        on their features, merged per image when the model tiles."""
+        connector = connector or self.connector
         features = inputs.features
         if features is None and inputs.pixel_values is not None:
             features = self.encode(inputs.pixel_values.to(self.device))
         if features is None:
             return None
         # features reach the connector in its own dtype (fp32 master weights), whatever the encoder is stored in
-        dtype = next((p.dtype for p in self.connector.parameters()), torch.float32)
-        visual = self.connector(features.to(self.device, dtype=dtype))
+        dtype = next((p.dtype for p in connector.parameters()), torch.float32)
+        visual = connector(features.to(self.device, dtype=dtype))
         if self.tiling is None:
             return visual
         if inputs.image_sizes is None:
@@ -126,7 +129,7 @@ class VLM(nn.Module):
                 "this model tiles its images (AnyRes): its inputs need image_sizes, each image's original "
                 "(height, width) (VLM.preprocess gives them with the views' pixels)"
             )
-        return self.tiling(visual, inputs.image_sizes, self.connector.output_grid(*features.grid))
+        return self.tiling(visual, inputs.image_sizes, connector.output_grid(*features.grid))
 
     @property
     def device(self) -> torch.device:
