@@ -15,19 +15,16 @@ SIZES = [(672, 672), (336, 336), (480, 640), (640, 480), (300, 1200), (1200, 300
 SIZES += [(100, 141), (100, 223), (141, 100), (223, 100)]
 
 
+#: the vision tower and LLM of the transformers models the layouts are checked against: width 8, one layer
+TINY_TOWER = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+
+
 def llava_next(tile: int, patch: int, pinpoints):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
     from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
-    vision = CLIPVisionConfig(
-        image_size=tile,
-        patch_size=patch,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
-    text = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    vision = CLIPVisionConfig(image_size=tile, patch_size=patch, **TINY_TOWER)
+    text = LlamaConfig(vocab_size=32, **TINY_TOWER)
     config = LlavaNextConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=[list(p) for p in pinpoints]
     )

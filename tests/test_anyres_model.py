@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import BUILTIN_CONNECTORS
 from PIL import Image
+from test_anyres import TINY_TOWER
 
 from connector_zoo.model.llava import ExportError, export_hf, llava_next_image_processor
 from connector_zoo.model.vlm import VLM, VLMInputs
@@ -213,19 +214,10 @@ def test_max_tiles_downscales_as_llava_onevision():
     from connector_zoo.model.tiling import AnyRes
     from encoders.anyres import AnyResGeometry
 
-    tile, patch, width = 384, 32, 8  # a 12x12 patch grid per view keeps the test small
+    tile, patch, width = 384, 32, TINY_TOWER["hidden_size"]  # a 12x12 patch grid per view keeps the test small
     pinpoints = [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)]
-    vision = SiglipVisionConfig(
-        image_size=tile,
-        patch_size=patch,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
-    text = Qwen2Config(
-        hidden_size=width, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
-    )
+    vision = SiglipVisionConfig(image_size=tile, patch_size=patch, **TINY_TOWER)
+    text = Qwen2Config(vocab_size=32, **TINY_TOWER)
     config = LlavaOnevisionConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=pinpoints
     )

@@ -68,41 +68,40 @@ def run_record(out) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def llava_run(llava_data, out, *flags: str):
+    """``bench run`` on the LLaVA-JSON fixture, batch 1 without accumulation, one question evaluated."""
+    data = [
+        "--data",
+        "llava",
+        "--data-path",
+        str(llava_data / "chat.json"),
+        "--image-folder",
+        str(llava_data / "images"),
+    ]
+    tail = ["--batch-size", "1", "--grad-accum", "1", "--eval-limit", "1", "--out", str(out)]
+    return bench(["run", *data, *flags, *tail])
+
+
 def test_stage1_at_clip_l_336_and_vicuna_7b_width_matches_the_plan(llava_data, tmp_path):
     out = tmp_path / "stage1"
-    proc = bench(
-        [
-            "run",
-            "--data",
-            "llava",
-            "--data-path",
-            str(llava_data / "chat.json"),
-            "--image-folder",
-            str(llava_data / "images"),
-            "--encoder",
-            "clip",
-            "--encoder-checkpoint",
-            CLIP_L,
-            "--llm",
-            "vicuna",
-            "--llm-checkpoint",
-            VICUNA,
-            "--connector",
-            "mlp2x_gelu",
-            "--recipe",
-            "llava-1.5-pretrain",
-            "--steps",
-            "2",
-            "--batch-size",
-            "1",
-            "--grad-accum",
-            "1",
-            "--gradient-checkpointing",
-            "--eval-limit",
-            "1",
-            "--out",
-            str(out),
-        ]
+    proc = llava_run(
+        llava_data,
+        out,
+        "--encoder",
+        "clip",
+        "--encoder-checkpoint",
+        CLIP_L,
+        "--llm",
+        "vicuna",
+        "--llm-checkpoint",
+        VICUNA,
+        "--connector",
+        "mlp2x_gelu",
+        "--recipe",
+        "llava-1.5-pretrain",
+        "--steps",
+        "2",
+        "--gradient-checkpointing",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = run_record(out)
@@ -127,40 +126,25 @@ def test_stage1_at_clip_l_336_and_vicuna_7b_width_matches_the_plan(llava_data, t
 
 def test_stage2_lora_at_siglip_so400m_and_qwen3_4b_width(llava_data, tmp_path):
     out = tmp_path / "stage2"
-    proc = bench(
-        [
-            "run",
-            "--data",
-            "llava",
-            "--data-path",
-            str(llava_data / "chat.json"),
-            "--image-folder",
-            str(llava_data / "images"),
-            "--encoder",
-            "siglip",
-            "--encoder-checkpoint",
-            SIGLIP,
-            "--llm",
-            "qwen3",
-            "--llm-checkpoint",
-            QWEN3,
-            "--connector",
-            "mlp2x_gelu",
-            "--recipe",
-            "llava-1.5-finetune-lora",
-            "--lora",
-            "r=16,alpha=32",
-            "--steps",
-            "2",
-            "--batch-size",
-            "1",
-            "--grad-accum",
-            "1",
-            "--eval-limit",
-            "1",
-            "--out",
-            str(out),
-        ]
+    proc = llava_run(
+        llava_data,
+        out,
+        "--encoder",
+        "siglip",
+        "--encoder-checkpoint",
+        SIGLIP,
+        "--llm",
+        "qwen3",
+        "--llm-checkpoint",
+        QWEN3,
+        "--connector",
+        "mlp2x_gelu",
+        "--recipe",
+        "llava-1.5-finetune-lora",
+        "--lora",
+        "r=16,alpha=32",
+        "--steps",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = run_record(out)
@@ -269,38 +253,23 @@ def test_anyres_at_clip_l_336_and_vicuna_7b_width_trains_and_evaluates(llava_dat
     from encoders.anyres import DEFAULT_PINPOINTS, anyres_tokens
 
     out = tmp_path / "anyres"
-    proc = bench(
-        [
-            "run",
-            "--data",
-            "llava",
-            "--data-path",
-            str(llava_data / "chat.json"),
-            "--image-folder",
-            str(llava_data / "images"),
-            "--encoder-checkpoint",
-            CLIP_L,
-            "--llm",
-            "vicuna",
-            "--llm-checkpoint",
-            VICUNA,
-            "--connector",
-            "mlp2x_gelu",
-            "--tiling",
-            "anyres",
-            "--recipe",
-            "llava-1.5-pretrain",
-            "--steps",
-            "1",
-            "--batch-size",
-            "1",
-            "--grad-accum",
-            "1",
-            "--eval-limit",
-            "1",
-            "--out",
-            str(out),
-        ]
+    proc = llava_run(
+        llava_data,
+        out,
+        "--encoder-checkpoint",
+        CLIP_L,
+        "--llm",
+        "vicuna",
+        "--llm-checkpoint",
+        VICUNA,
+        "--connector",
+        "mlp2x_gelu",
+        "--tiling",
+        "anyres",
+        "--recipe",
+        "llava-1.5-pretrain",
+        "--steps",
+        "1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = run_record(out)
