@@ -192,6 +192,22 @@ def test_report_compares_each_configuration_with_the_best_paired_per_question(tm
     assert "McNemar" in table
 
 
+def test_a_tiled_and_an_untiled_run_of_the_same_components_are_two_configurations(tmp_path):
+    """The resolution sweep (issue 38) keeps no tiling and AnyRes in two directories whose cells have the same names;
+    read together, linear tiled (test 0.8) and linear untiled (0.4) are two rows, not one row of mean 0.6."""
+    from bench.report.tables import aggregate, load_runs
+
+    fake_run(tmp_path / "none", "linear", 0, 0.40, 0.2, 0.3, 64)
+    fake_run(tmp_path / "anyres", "linear", 0, 0.80, 0.2, 0.3, 664)
+    path = tmp_path / "anyres" / "linear-s0" / "results.json"
+    tiled = json.loads(path.read_text())
+    tiled["config"]["tiling"] = {"name": "anyres", "grid_pinpoints": [[192, 192]], "max_tiles": 4}
+    path.write_text(json.dumps(tiled))
+    rows = {r["name"]: r for r in aggregate(load_runs([tmp_path]))}
+    assert rows["clip + linear + tinyllama (mini)"]["test"] == (0.4, 0.0)
+    assert rows["clip + linear + tinyllama (mini, anyres 192x192 max 4)"]["test"] == (0.8, 0.0)
+
+
 def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, monkeypatch):
     """A sweep kept in the repository as results.json.gz: the report reads it like results.json, a directory holding
     both counts once, and `bench sweep` skips a cell whose record is there instead of training it again, but only if

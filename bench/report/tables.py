@@ -52,7 +52,21 @@ def config_name(cfg: dict[str, Any]) -> str:
     name = conn.pop("name")
     settings = ",".join(f"{k}={v}" for k, v in sorted(conn.items()))
     conn_label = f"{name}[{settings}]" if settings else name
-    return f"{cfg['encoder']['name']} + {conn_label} + {cfg['llm']['name']} ({cfg['recipe']})"
+    return f"{cfg['encoder']['name']} + {conn_label} + {cfg['llm']['name']} ({cfg['recipe']}{tiling_label(cfg)})"
+
+
+def tiling_label(cfg: dict[str, Any]) -> str:
+    """``, anyres 192x192`` for a tiled run (its pinpoints, ``max_tiles``), nothing for an untiled one: a tiled and an
+    untiled run of the same components are two configurations in every table and paired comparison."""
+    tiling = cfg.get("tiling")
+    if not tiling:
+        return ""
+    label = f", {tiling['name']}"
+    if tiling.get("grid_pinpoints"):
+        label += " " + ",".join(f"{h}x{w}" for h, w in tiling["grid_pinpoints"])
+    if tiling.get("max_tiles"):
+        label += f" max {tiling['max_tiles']}"
+    return label
 
 
 RESULTS = ("results.json", "results.json.gz")  # a run's own file; gzipped as a sweep's record keeps it (sweeps/)
