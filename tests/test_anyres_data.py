@@ -156,6 +156,24 @@ def test_lmms_eval_scores_a_tiled_run_with_its_views(tiled_run):
     assert logprob == pytest.approx(rows[range(len(cont)), cont].sum().item(), rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_the_pruning_curve_of_a_tiled_run_prunes_every_view(tiled_run):
+    """`bench prune-curve` on a tiled run: the reducers run view by view on the tiled features (64x64 world images:
+    the 64x128 pinpoint, 2 tiles + the global view, 64 patches each). A reducer's tokens have no grid, so its views
+    are concatenated (192 tokens at 100 %, padding included) where the unpruned model unpads and adds newlines (64 +
+    8 x (8 + 1) = 136); at 100 % cls_prune and random_keep keep every token in raster order: the same answers."""
+    from bench.evaluate.prune_curve import pruning_curve
+
+    run, _ = tiled_run
+    rows = pruning_curve(run, [1.0, 0.25], eval_limit=6, seeds=(0,), methods=("cls_prune", "random_keep", "avgpool"))
+    by = {(r["method"], r["keep_ratio"]): r for r in rows}
+    assert by[("cls_prune", 1.0)]["answers"] == by[("random_keep", 1.0)]["answers"]
+    assert [by[("cls_prune", r)]["tokens"] for r in (1.0, 0.25)] == [192.0, 48.0]
+    # avgpool keeps a grid (4x4 a view): unpadded to 4x4 with 4 newlines, + the global view's 16
+    assert by[("avgpool", 0.25)]["tokens"] == 16 + 4 * (4 + 1)
+    assert by[("cls_prune", 0.25)]["unpruned_accuracy"] == by[("avgpool", 0.25)]["unpruned_accuracy"]
+
+
 def test_grid_pinpoints_without_tiling_are_refused(tmp_path):
     proc = bench([*MICRO, "--grid-pinpoints", "64x128", "--out", str(tmp_path / "x")])
     assert proc.returncode == 2 and "--tiling anyres" in proc.stderr

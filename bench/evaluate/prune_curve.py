@@ -22,6 +22,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.data.features import FeatureCache
 from bench.data.loader import Collator
 from bench.evaluate.accuracy import accuracy, answer, qa_samples
@@ -30,9 +32,10 @@ from bench.evaluate.profile import interleaved_samples, prefill_fn, reducer_at, 
 from bench.train.assemble import load_data
 from bench.train.settings import RunConfig
 from connector_zoo.model.precision import autocast, run_precision
-from connector_zoo.model.vlm import VLM
+from connector_zoo.model.vlm import VLM, VLMInputs
 from connectors.base import PerTokenConnector
 from connectors.cls_prune import CLSPrune
+from connectors.fastv import FastV
 from encoders.base import FeatureRequest
 
 
@@ -63,6 +66,7 @@ def pruning_curve(
     samples = qa_samples(test, eval_limit)
     images = [test.images.load(s.image) for s in samples[:4] if s.image is not None]
     info = vlm.encoder.info
+    geometry = vlm.tiling.geometry if vlm.tiling is not None else None
     caches: dict[FeatureRequest, FeatureCache] = {}
 
     def features(connector) -> FeatureCache:
@@ -70,18 +74,18 @@ def pruning_curve(
         its eager path and the selected layer's patches are the same numbers for every point."""
         ask = dataclasses.replace(connector.feature_request, cls_attention=True)
         if ask not in caches:
-            caches[ask] = FeatureCache(vlm.encoder, test.images, with_attention=ask)
+            caches[ask] = FeatureCache(vlm.encoder, test.images, with_attention=ask, tiling=geometry)
             caches[ask].ensure([s.image for s in samples if s.image is not None])
         return caches[ask]
 
     def point(connector) -> dict[str, Any]:
         vlm.connector = connector
-        collator = Collator(vlm.llm, features(connector), connector.max_tokens(info), vlm.max_length)
+        collator = Collator(vlm.llm, features(connector), vlm.max_visual_tokens(), vlm.max_length)
         answers = answer(vlm, samples, collator)
         return {
             "accuracy": accuracy(samples, answers)["exact_match"],
             "answers": answers,
-            "tokens": tokens_after(connector, info),
+            "tokens": tokens_after(connector, info) if geometry is None else tiled_tokens(vlm, connector, images),
         }
 
     layer = 2 if vlm.llm.model.config.num_hidden_layers > 2 else 1  # the paper's K = 2 where the LLM has room
@@ -114,6 +118,20 @@ def pruning_curve(
                 rows.append(row)
     vlm.connector = projector
     return rows
+
+
+@torch.no_grad()
+def tiled_tokens(vlm: VLM, connector, images) -> float:
+    """A tiled model's visual tokens per image (mean over ``images``), as the LLM's later layers see them: every
+    view through ``connector`` and merged as the model merges them (a reducer has no grid: its views' tokens in
+    order), FastV's count after its LLM layer."""
+    pixels, sizes = vlm.preprocess(images)
+    ids = vlm.prompt_ids([True], ["?"]) * len(images)
+    visual = vlm.visual_tokens(VLMInputs(ids, features=vlm.encode(pixels.to(vlm.device)), image_sizes=sizes), connector)
+    counts = visual.num_tokens.tolist()
+    if isinstance(connector, FastV):
+        counts = [connector.llm_hook.keep_count(int(n)) for n in counts]
+    return statistics.fmean(float(n) for n in counts)
 
 
 def interleaved_prefill(vlm: VLM, connectors, images, rounds: int = 40) -> list[tuple[float, float]]:
