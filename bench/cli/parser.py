@@ -248,6 +248,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
         "as the micro-batch's longest sample): on, off, auto (on for --data llava/hf, off for the mini world)",
     )
     p.add_argument(
+        "--shard",
+        choices=["none", "full"],
+        default="none",
+        help="full: FSDP2 (fully_shard per decoder layer + the rest) over the processes torchrun / accelerate "
+        "start, in every stage that trains the LLM; weights, gradients and optimizer state split across them (GPUs, "
+        "or CPUs over gloo); checkpoints written whole. none: every process holds the whole model",
+    )
+    p.add_argument(
         "--feature-cache",
         choices=["auto", "on", "off"],
         default="auto",

@@ -36,6 +36,7 @@ from bench.train.tracking import start as start_trackers
 from bench.train.trainer import Trainer
 from connector_zoo.io import write_json, write_text
 from connector_zoo.model.precision import autocast, resolve_precision
+from connector_zoo.model.vlm import VLM
 from connector_zoo.registry import names_from_file
 
 
@@ -124,11 +125,18 @@ def _run(
     if auto_cpu:
         compute = "auto (measured once the model is built)"
     log(f"device: {accelerator.device.type}, {where}; compute {compute}, frozen weights stored in {backbone}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP" and cfg.shard != "full":
         # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
         log(
             f"warning: an FSDP config was given but accelerate runs {kind} here (no CUDA): weights are replicated, "
-            "not sharded"
+            "not sharded; --shard full shards with FSDP2 on CPUs and GPUs alike"
+        )
+    if cfg.shard == "full" and accelerator.num_processes == 1:
+        log("shard: full, but one process: nothing to shard over (start several with torchrun or accelerate launch)")
+    if cfg.shard == "full" and (cfg.qlora or backbone != "fp32"):
+        raise ValueError(
+            "--shard full needs the weights stored in fp32 (FSDP2's mixed precision computes in bf16 where "
+            f"--precision asks): not --backbone-dtype {backbone}" + (" or --qlora" if cfg.qlora else "")
         )
     created = accelerator.is_main_process and not resume
     if created:  # first: a run killed while the world or backbones are built can be resumed
@@ -191,6 +199,8 @@ def _run(
             tracker_step_offset=offset,
             pack=pack,
             autocast=own_autocast,
+            shard=cfg.shard,
+            precision=prec,
         )
         last = stage_dir / "checkpoint-last"
         if resume and (last / "trainer_state.json").exists():
@@ -202,6 +212,14 @@ def _run(
         train_stats.append(trainer.fit() | {"history": trainer.history})
         offset += trainer.total_steps
         vlm = accelerator.unwrap_model(trainer.model)
+    if trainer.sharded:  # evaluated by rank 0 alone: the model as its last checkpoint holds it, whole
+        vlm = None
+        if accelerator.is_main_process:
+            with names():
+                last = trainer.out_dir / "checkpoint-last"
+                vlm = VLM.load(last, allow_dotted_paths=allow_dotted_paths, verify=verify)
+            vlm.to(accelerator.device)
+            log("  the sharded model, gathered whole from its last checkpoint, is evaluated in one process")
     results = {}
     if accelerator.is_main_process:
         with autocast(prec, vlm.device):

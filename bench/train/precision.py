@@ -158,7 +158,10 @@ def upcast_trainable(params: list[torch.nn.Parameter]) -> None:
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    """Bytes this process holds for ``tensors`` (a sharded DTensor: its local shard; FSDP2, --shard full)."""
+    from bench.train.sharding import local_bytes
+
+    return local_bytes(tensors)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -169,7 +172,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Bytes held by parameters (all, trainable), gradients, optimizer state, and the process's peak so far."""
+    """Bytes this process holds for parameters (all, trainable), gradients, optimizer state (their local shards when
+    sharded), and the process's peak so far."""
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values()]
     on_cuda = any(p.is_cuda for p in params)

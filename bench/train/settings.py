@@ -133,6 +133,8 @@ class RunConfig:
     #: several samples per row in training (no attention across them; VLM._pack): on, off, or auto (on for LLaVA / HF
     #: data, whose lengths vary; off for the mini world, whose samples are all about as long)
     packing: str = "auto"
+    #: "full": FSDP2 over the processes in every stage that trains the LLM (bench/train/sharding.py); "none": replicated
+    shard: str = "none"
 
     def __post_init__(self) -> None:
         """Types and ranges, whether the values came from the command line or a run's config.json."""
@@ -161,6 +163,7 @@ class RunConfig:
         check("run config", "eval_limit", self.eval_limit, int, lo=0, optional=True)
         check("run config", "max_image_pixels", self.max_image_pixels, int, lo=0)
         check_choice("run config", "packing", self.packing, ("auto", "on", "off"))
+        check_choice("run config", "shard", self.shard, ("none", "full"))
         check("run config", "report_to", self.report_to, list)
         for name in self.report_to:
             check_choice("run config", "report_to[]", name, TRACKERS)

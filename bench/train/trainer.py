@@ -31,6 +31,8 @@ from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.train.precision import memory_report, peak_memory_bytes
 from bench.train.settings import StageConfig
+from bench.train.sharding import full_tensors, is_sharded, load_optimizer_state, optimizer_state
+from bench.train.sharding import shard as shard_model
 from bench.train.stage import parameter_groups, set_trainable
 from bench.train.tracking import step_values
 from connector_zoo.io import atomic_path, kill_point, link_tree, progress, show_progress
@@ -56,6 +58,8 @@ class Trainer:
         tracker_step_offset: int = 0,
         pack: bool = False,
         autocast: str = "no",
+        shard: str = "none",
+        precision: str = "no",
     ):
         self.vlm, self.train_data, self.val_data, self.collator = vlm, train, val, collator
         # held-out samples index their own image table (the world's val split): its collator, not the training one
@@ -67,14 +71,25 @@ class Trainer:
         self.acc.gradient_accumulation_steps = cfg.grad_accum
         params = set_trainable(vlm, cfg)
         self.num_trainable = sum(p.numel() for p in params)
+        # FSDP2 where the run asks for it, the stage trains the LLM and there are processes to shard over
+        self.sharded = is_sharded(vlm)
+        if shard == "full" and cfg.stage >= 2 and self.acc.num_processes > 1 and not self.sharded:
+            vlm.to(self.acc.device)
+            groups = shard_model(vlm, precision)
+            params = [p for p in vlm.parameters() if p.requires_grad]  # fully_shard made them DTensor parameters
+            self.sharded = True
+            log(f"  sharded (FSDP2) over {self.acc.num_processes} processes: {groups} decoder layers + the rest")
         optimizer = torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
+        if self.sharded:  # accelerate would wrap the model in DDP: it prepares the optimizer only
+            self.model, self.optimizer = vlm, self.acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.total_steps = (
             cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(train.samples) / per_step))
         )
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            self.inner_optimizer,
             num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
             min_lr_rate=cfg.min_lr_ratio,
@@ -90,6 +105,11 @@ class Trainer:
         self.tracker_step_offset = tracker_step_offset  # trackers count steps across stages (bench/train/tracking.py)
         self.pack = pack  # several samples per row (connector_zoo.model.vlm.VLM._pack)
         self.autocast = autocast  # the run's own autocast (--precision auto on a CPU), beside accelerate's
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer (accelerate wraps it)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     # -------------------------------------------------------------- data order
     def micro_indices(self, step: int, micro: int) -> list[int]:
@@ -155,9 +175,8 @@ class Trainer:
                         positions += int(out.positions)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients:  # the norm before clipping (max_norm inf: measured, not clipped)
-                        grad_norm = float(
-                            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
-                        )
+                        norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+                        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 if batch.inputs is not None:
@@ -169,9 +188,7 @@ class Trainer:
             if not losses:
                 losses.append(torch.tensor(float("nan"), device=self.acc.device))
             if not self.memory:  # after the first step: gradients and optimizer state exist
-                self.memory = memory_report(
-                    self.model, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-                )
+                self.memory = memory_report(self.model, self.inner_optimizer)
             loss = self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             self.step += 1
             counts = self.acc.reduce(torch.tensor([used, tokens, positions], device=self.acc.device), reduction="sum")
@@ -261,9 +278,14 @@ class Trainer:
         if not names:
             return
         self.acc.wait_for_everyone()
+        vlm = self.acc.unwrap_model(self.model)
+        weights = optimizer = None
+        if self.sharded:  # every process takes part in gathering the shards; rank 0 writes them whole
+            vlm.reshard()  # the root group stays gathered after a forward (a validation): its shards again
+            weights = full_tensors(vlm.trainable_tensors())
+            optimizer = optimizer_state(vlm, self.inner_optimizer)
         if not self.acc.is_main_process:
             return
-        vlm = self.acc.unwrap_model(self.model)
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -275,11 +297,11 @@ class Trainer:
         }
         first = self.out_dir / names[0]
         with atomic_path(first) as tmp:
-            vlm.save(tmp)
+            vlm.save(tmp, weights=weights)
             kill_point(f"checkpoint-write:{self.cfg.stage}:{self.step}")  # tests: weights written, not yet renamed
             torch.save(
                 {
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                 },
@@ -292,9 +314,11 @@ class Trainer:
     def resume(self, directory: Path, verify: bool = True) -> None:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint written by ``save_checkpoint``."""
         state = json.loads((directory / "trainer_state.json").read_text())
-        self.acc.unwrap_model(self.model).load_weights(directory, verify=verify)
+        vlm = self.acc.unwrap_model(self.model)
+        vlm.load_weights(directory, verify=verify)
         extra = torch.load(directory / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        # a sharded run's optimizer state is keyed by parameter name: it loads sharded or not, as does an unsharded one
+        load_optimizer_state(vlm, self.inner_optimizer, extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]

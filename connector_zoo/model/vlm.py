@@ -338,16 +338,20 @@ class VLM(nn.Module):
         """:meth:`trainable_tensors`, detached, contiguous, on the CPU (what is saved)."""
         return {k: v.detach().contiguous().cpu() for k, v in self.trainable_tensors().items()}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``vlm_config.json`` + ``trainable.safetensors`` atomically; ``VLM.load`` rebuilds it exactly."""
+    def save(self, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``vlm_config.json`` + ``trainable.safetensors`` atomically; ``VLM.load`` rebuilds it exactly.
+        ``weights``: the trainable state to write instead of this model's own (a sharded model's, gathered whole)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        state = weights if weights is not None else self.trainable_state_dict()
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(self.trainable_state_dict(), str(tmp), metadata={"format": "pt"})
+            save_file(state, str(tmp), metadata={"format": "pt"})
         with atomic_path(directory / CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(self.specs(), indent=2, sort_keys=True) + "\n")
         write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])
-        if self.llm.lora is not None:  # the same adapters in peft's own format, for the tools that read it
+        # the same adapters in peft's own format, for the tools that read it (a sharded model's checkpoints hold them
+        # in trainable.safetensors only: peft reads the model's own, sharded, tensors)
+        if self.llm.lora is not None and weights is None:
             with atomic_path(directory / ADAPTER_DIR) as tmp:
                 self.llm.save_adapter(tmp)
         return directory
@@ -471,12 +475,31 @@ class VLM(nn.Module):
                 f"{source} does not fit this model (built from its config): unknown {unknown[:5]}, "
                 f"missing {missing[:5]}, wrong shape {wrong[:5]}"
             )
+        from torch.distributed.tensor import DTensor
+
         with torch.no_grad():
             for k, v in state.items():
-                if own[k].dtype != v.dtype and v.dtype == torch.float32 and isinstance(own[k], nn.Parameter):
+                if isinstance(own[k], DTensor):  # a sharded model (FSDP2): this process's shard of the full value
+                    copy_full_into(own[k], v)
+                elif own[k].dtype != v.dtype and v.dtype == torch.float32 and isinstance(own[k], nn.Parameter):
                     own[k].data = v.to(own[k].device)  # trained fp32 master weights stay fp32 in a half backbone
                 else:
                     own[k].copy_(v)
+
+
+def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into a sharded parameter (FSDP2's DTensor): this process's shard of it. Every process holds
+    ``value`` whole (read from the same file), so no communication happens."""
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+    target.to_local().copy_(local.to_local())
+
+
+def llm_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LLM's entries of a VLM's trainable state, named as in the LLM's own model (``llm.model.`` removed)."""
+    prefix = "llm.model."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def pack_layout(lengths: list[int], width: int | None = None) -> list[tuple[int, int]]:
