@@ -34,6 +34,12 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
         dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50)
     ],
     "mini-smollm2-frozen-llm": [dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50)],
+    # a third of `mini`'s steps, for the resolution sweep (issue 38): a tiled image there is 10 views, and a tiled
+    # `linear` feeds 664 visual tokens a sample, ~5x an untiled step's cost (docs/zoo.md, high resolution)
+    "mini-short": [
+        dict(stage=1, steps=100, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=50),
+        dict(stage=2, steps=400, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=50),
+    ],
     "mini-stage1": [dict(stage=1, steps=1000, batch_size=32, lr=2e-3, warmup_ratio=0.05, save_every=100)],
     # for --world-llm wide: stage 2 trains the LLM 10x slower than the connector, as LLaVA's stage 2 keeps the LLM's
     # rate low, so that the yes/no checking the wide LLM learnt from text survives (docs/mini-world.md, the world's
