@@ -299,6 +299,28 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument("--eval-limit", type=EVAL_LIMIT, default=1000)
     p.add_argument("--out", default="sweeps/default", help="sweep directory (one run directory per cell)")
     add_report_to_arg(p)
+    p.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        default="local",
+        help="local: the cells one after another in this process; slurm: one Slurm job each (submitit; a job array, "
+        "requeued jobs resume from their cell's last checkpoint)",
+    )
+    p.add_argument("--slurm-partition", help="--launcher slurm: the partition (default: the cluster's default)")
+    p.add_argument("--slurm-cpus", type=POSITIVE, default=2, help="--launcher slurm: CPUs per cell")
+    p.add_argument("--slurm-gpus", type=NON_NEGATIVE, default=0, help="--launcher slurm: GPUs per cell")
+    p.add_argument("--slurm-mem-gb", type=float, help="--launcher slurm: memory per cell in GB")
+    p.add_argument("--slurm-time-min", type=POSITIVE, default=240, help="--launcher slurm: time limit per cell")
+    p.add_argument(
+        "--slurm-parallel", type=POSITIVE, default=4, help="--launcher slurm: cells running at once (array limit)"
+    )
+    p.add_argument("--wait", action="store_true", help="--launcher slurm: wait for the cells, then write the report")
+    p.add_argument(
+        "--status",
+        metavar="SWEEP_DIR",
+        help="list a sweep's cells as done, pending, running, failed (with the error's last line) or not submitted, "
+        "with their Slurm job ids and logs; nothing is run",
+    )
     p.set_defaults(func=commands["sweep"])
 
     p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots from run directories")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from bench.report.sweep import split_list, sweep
     from bench.train.tracking import parse_report_to
 
+    if args.status:
+        return cmd_sweep_status(Path(args.status))
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
     if args.precision != "auto":  # (not written when not given: the cells of older sweeps keep their keys)
         base["precision"] = args.precision
@@ -127,8 +130,38 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.steps is not None:
         base["stages"] = [dict(s, steps=args.steps) for s in RECIPES_FOR_CLI()[args.recipe]]
     out = Path(args.out)
-    cells = sweep(out, split_list(args.encoder), split_list(args.connector), split_list(args.llm), args.seeds, base)
+    slurm = None
+    if args.launcher == "slurm":
+        from bench.report.slurm import SlurmSettings
+
+        slurm = SlurmSettings(
+            partition=args.slurm_partition,
+            cpus=args.slurm_cpus,
+            gpus=args.slurm_gpus,
+            mem_gb=args.slurm_mem_gb,
+            time_min=args.slurm_time_min,
+            parallel=args.slurm_parallel,
+        )
+    cells = sweep(
+        out, split_list(args.encoder), split_list(args.connector), split_list(args.llm), args.seeds, base, slurm=slurm
+    )
+    if slurm is not None:
+        if not args.wait:
+            print(f"`bench sweep --status {out}` lists the cells' states; --wait waits for them and writes the report")
+            return
+        from bench.report.slurm import format_status, wait
+
+        rows = wait(out)
+        if any(r["state"] != "done" for r in rows):
+            print(format_status(rows))
+            sys.exit(f"bench sweep: {sum(r['state'] != 'done' for r in rows)} cells of {out} did not finish (above)")
     report(cells, out)
+
+
+def cmd_sweep_status(out: Path) -> None:
+    from bench.report.slurm import format_status, status
+
+    print(format_status(status(out)))
 
 
 def cmd_world_build(args: argparse.Namespace) -> None:

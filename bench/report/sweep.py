@@ -60,9 +60,17 @@ def sweep(
     seeds: list[int],
     base: dict[str, Any],
     log=print,
+    slurm=None,
 ) -> list[Path]:
+    """Run every cell not already recorded with these settings, one after another in this process; with ``slurm``
+    (:class:`bench.report.slurm.SlurmSettings`), submit them instead, one Slurm job each (``bench.report.slurm``)."""
     cells = list(itertools.product(encoders, [parse_connector(c) for c in connectors], llms, seeds))
-    done = []
+    done, submit = [], []
+    active = {}
+    if slurm is not None:  # cells whose job is still queued or running are not submitted twice
+        from bench.report.slurm import active_jobs
+
+        active = active_jobs(out)
     for i, (enc, conn, llm, seed) in enumerate(cells, start=1):
         cell = out / cell_name(enc, conn, llm, seed)
         cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
@@ -71,15 +79,25 @@ def sweep(
         recorded = any((cell / name).exists() for name in RESULTS)
         if recorded and same_cell(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")):
             log(f"{tag}: finished, skipped")
+        elif cell.name in active:
+            log(f"{tag}: in Slurm as job {active[cell.name]}, not submitted again")
         else:
             resume = (cell / "config.json").exists()
-            log(f"{tag}: {'resuming' if resume else 'running'}")
+            log(f"{tag}: {'resuming' if resume else 'running'}" + (" (to Slurm)" if slurm is not None else ""))
             # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
             # may be resolved again on resume
             dotted = any(":" in name for name in (enc, conn["name"], llm))
             tracking = {"group": out.name, "tags": cell_tags(enc, conn, llm, seed)}  # trackers group a sweep's cells
-            run(cfg, cell, resume=resume, log=lambda m: log("    " + m), allow_dotted_paths=dotted, tracking=tracking)
+            if slurm is not None:
+                submit.append((cell, cfg, dotted, tracking))
+            else:
+                say = lambda m: log("    " + m)  # noqa: E731
+                run(cfg, cell, resume=resume, log=say, allow_dotted_paths=dotted, tracking=tracking)
         done.append(cell)
+    if submit:
+        from bench.report.slurm import submit as submit_jobs
+
+        submit_jobs(out, submit, slurm, log=log)
     return done
 
 
