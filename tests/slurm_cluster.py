@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -35,8 +36,8 @@ def start(root: Path, cpus: int = 2) -> dict[str, str]:
     on cells at once from the node's."""
     if missing():
         raise RuntimeError(
-            f"Slurm is not installed here ({', '.join(missing())} missing): apt-get install slurm-wlm munge, as .ci/run "
-            "does"
+            f"Slurm is not installed here ({', '.join(missing())} missing): apt-get install slurm-wlm munge, as "
+            ".ci/run does"
         )
     root = Path(root)
     for sub in ("state", "spool", "log", "munge"):
@@ -105,10 +106,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 def stop(root: Path) -> None:
     """Stop the daemons started by :func:`start` (by their pid files)."""
     for pidfile in (root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"):
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
             os.kill(int(pidfile.read_text().strip()), 15)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def runs(tmp_path_factory):
     (root / "run.yaml").write_text(CONFIG)
     one = bench(["run", "--config", str(root / "run.yaml"), "--out", str(root / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = bench(["run", "--config", str(root / "run.yaml"), "--shard", "full", "--out", str(root / "two")], launcher=TWO)
+    args = ["run", "--config", str(root / "run.yaml"), "--shard", "full", "--out", str(root / "two")]
+    two = bench(args, launcher=TWO)
     assert two.returncode == 0, two.stderr[-3000:]
     return root, one, two
 
@@ -64,7 +65,7 @@ def test_two_sharded_processes_hold_half_each_and_train_as_one_process(runs):
     assert mem_one["gradients_bytes"] > 0
     assert close(one["loss_history"], sharded["loss_history"], "loss")
     assert close(one["loss_history"], sharded["loss_history"], "grad_norm")
-    wa, wb = load_file(str(root / "one" / "trainable.safetensors")), load_file(str(root / "two" / "trainable.safetensors"))
+    wa, wb = (load_file(str(root / name / "trainable.safetensors")) for name in ("one", "two"))
     assert wa.keys() == wb.keys() and any(k.startswith("llm.") for k in wa)
     assert all(torch.allclose(wa[k], wb[k], atol=TOLERANCE) for k in wa)
     # the checkpoint written from the shards is an unsharded run's: weights whole, optimizer state by parameter name
