@@ -132,7 +132,7 @@ def _run(
             "not sharded; --shard full shards with FSDP2 on CPUs and GPUs alike"
         )
     if cfg.shard == "full" and accelerator.num_processes == 1:
-        log("shard: full, but one process: nothing to shard over (start several with torchrun or accelerate launch)")
+        log("shard: full in one process: FSDP2's code path, nothing split (start several with torchrun or accelerate)")
     if cfg.shard == "full" and (cfg.qlora or backbone != "fp32"):
         raise ValueError(
             "--shard full needs the weights stored in fp32 (FSDP2's mixed precision computes in bf16 where "

@@ -74,6 +74,16 @@ def shard(vlm: nn.Module, precision: str = "no") -> int:
     return len(layers)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A process group for ``fully_shard``: the one torchrun / accelerate started, else one of this process alone
+    (NCCL on a GPU, gloo on the CPU), so that one process runs FSDP2's code path too."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def local_bytes(tensors) -> int:
     """Bytes this process holds for ``tensors``: a DTensor's local shard, a plain tensor whole."""
     DTensor = dtensor_type()

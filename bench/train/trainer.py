@@ -31,7 +31,13 @@ from bench.data.formats import BadSample, Dataset
 from bench.data.loader import Collator, StepSampler, default_num_workers, make_loader
 from bench.train.precision import memory_report, peak_memory_bytes
 from bench.train.settings import StageConfig
-from bench.train.sharding import full_tensors, is_sharded, load_optimizer_state, optimizer_state
+from bench.train.sharding import (
+    ensure_process_group,
+    full_tensors,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+)
 from bench.train.sharding import shard as shard_model
 from bench.train.stage import parameter_groups, set_trainable
 from bench.train.tracking import step_values
@@ -71,14 +77,17 @@ class Trainer:
         self.acc.gradient_accumulation_steps = cfg.grad_accum
         params = set_trainable(vlm, cfg)
         self.num_trainable = sum(p.numel() for p in params)
-        # FSDP2 where the run asks for it, the stage trains the LLM and there are processes to shard over
+        # FSDP2 where the run asks for it and the stage trains the LLM (one process: a process group of one, FSDP2's
+        # code path with nothing to split)
         self.sharded = is_sharded(vlm)
-        if shard == "full" and cfg.stage >= 2 and self.acc.num_processes > 1 and not self.sharded:
+        if shard == "full" and cfg.stage >= 2 and not self.sharded:
             vlm.to(self.acc.device)
+            ensure_process_group(self.acc.device)
             groups = shard_model(vlm, precision)
             params = [p for p in vlm.parameters() if p.requires_grad]  # fully_shard made them DTensor parameters
             self.sharded = True
-            log(f"  sharded (FSDP2) over {self.acc.num_processes} processes: {groups} decoder layers + the rest")
+            n = self.acc.num_processes
+            log(f"  sharded (FSDP2) over {n} process{'es' if n > 1 else ''}: {groups} decoder layers + the rest")
         optimizer = torch.optim.AdamW(parameter_groups(vlm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.sharded:  # accelerate would wrap the model in DDP: it prepares the optimizer only
             self.model, self.optimizer = vlm, self.acc.prepare(optimizer)
