@@ -25,9 +25,9 @@ SWEEP = [
     "--pretrain-steps",
     "3",
     "--steps",
-    "24",
+    "12",
     "--eval-limit",
-    "8",
+    "4",
     "--precision",
     "fp32",
 ]

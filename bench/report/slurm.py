@@ -105,10 +105,11 @@ def submit(out: Path, cells: list[tuple[Path, RunConfig, bool, dict[str, Any]]],
     """Submit ``cells`` (cell directory, config, dotted paths allowed, tracking) as one job array; record their job
     ids in ``<out>/.slurm/jobs.json``."""
     if shutil.which("sbatch") is None:
-        raise RuntimeError(
-            "--launcher slurm needs Slurm's sbatch on PATH (this machine has none); use --launcher local"
-        )
-    import submitit
+        raise OSError("--launcher slurm needs Slurm's sbatch on PATH (this machine has none); use --launcher local")
+    try:
+        import submitit
+    except ImportError as err:
+        raise OSError("--launcher slurm submits through submitit: pip install 'connector-zoo[slurm]'") from err
 
     folder = out / SLURM_DIR
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
