@@ -115,3 +115,20 @@ def test_a_sharded_run_exports_the_logits_of_the_one_process_run(runs, tmp_path)
     assert torch.allclose(logits[0], logits[1], atol=1e-3), (logits[0] - logits[1]).abs().max()
     evaluated = bench(["eval", str(root / "two"), "--eval-limit", "4"])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+
+def test_lora_checkpointing_and_bf16_compose_with_sharding(runs):
+    """LoRA (added before the layers are sharded), gradient checkpointing and FSDP2's bf16 policy in one sharded run:
+    it trains the adapters only, and the run directory holds them in peft's format like an unsharded LoRA run's."""
+    root, _, _ = runs
+    run = root / "lora"
+    lora = ["--lora", "r=8,alpha=16", "--gradient-checkpointing", "--precision", "bf16"]
+    flags = ["--shard", "full", *lora, "--out", str(run)]
+    proc = bench(["run", "--config", str(root / "run.yaml"), *flags], launcher=TWO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded (FSDP2) over 2 processes" in proc.stdout
+    stage2 = results(run)["training"][1]
+    full = results(root / "two")["training"][1]
+    assert stage2["lora"]["r"] == 8 and 0 < stage2["trainable_parameters"] < full["trainable_parameters"]
+    assert all(h["loss"] == h["loss"] for h in results(run)["loss_history"][1])  # finite, not NaN
+    assert (run / "adapter" / "adapter_config.json").exists()

@@ -192,6 +192,9 @@ def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
     if (last / ADAPTER_DIR).is_dir():  # a LoRA run's adapters in peft's format
         with atomic_path(out_dir / ADAPTER_DIR) as tmp:
             link_tree(last / ADAPTER_DIR, tmp)
+    elif vlm.llm.lora is not None:  # a sharded run's checkpoints hold them in trainable.safetensors only
+        with atomic_path(out_dir / ADAPTER_DIR) as tmp:
+            vlm.llm.save_adapter(tmp)
 
 
 def summary(results: dict[str, Any]) -> str:
