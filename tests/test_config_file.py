@@ -156,7 +156,7 @@ def test_a_sweep_file_names_the_same_grid_as_its_flags(tmp_path, monkeypatch):
     import bench.report.sweep as sweep_module
 
     seen = []
-    monkeypatch.setattr(sweep_module, "sweep", lambda out, *grid: seen.append((out, grid)) or [])
+    monkeypatch.setattr(sweep_module, "sweep", lambda out, *grid, **launcher: seen.append((out, grid)) or [])
     monkeypatch.setattr("bench.cli.training.report", lambda cells, out: None)
     path = write(
         tmp_path,
