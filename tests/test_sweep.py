@@ -304,7 +304,7 @@ def test_sweep_cells_get_the_data_options_bench_run_would_write(monkeypatch):
     from bench.data.world import WorldConfig
 
     seen: list[dict] = []
-    monkeypatch.setattr(sweep_module, "sweep", lambda out, *grid: seen.append(grid[-1]) or [])
+    monkeypatch.setattr(sweep_module, "sweep", lambda out, *grid, **launcher: seen.append(grid[-1]) or [])
     monkeypatch.setattr("bench.cli.training.report", lambda cells, out: None)
     parser = build_parser(COMMANDS)
     for flags in ([], ["--qa-turns", "3", "--world-llm", "wide"], ["--world-scale", "0.5"]):
