@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py at micro size on the CPU: every path a GPU user takes still runs (the same script runs at
-real geometry on a GPU; its figures are in docs/scale.md)."""
+real geometry on a GPU; its figures are in docs/scale.md). The suite runs its first geometry (CLIP + Vicuna: every
+path); the second (SigLIP + Qwen3) differs in the components only, which the rest of the suite covers."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ PATHS = [
 
 def test_every_gpu_path_runs_at_micro_size(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--size", "micro", "--out", str(tmp_path)],
+        [sys.executable, "benchmarks/gpu_check.py", "--size", "micro", "--geometry", "0", "--out", str(tmp_path)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -37,9 +38,8 @@ def test_every_gpu_path_runs_at_micro_size(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = {" ".join(line.split()[:2]): line.split()[2] for line in proc.stdout.splitlines()[1:-1]}
-    for geometry in ("clip+vicuna", "siglip+qwen3"):
-        for path in PATHS:
-            outcome = lines[f"{geometry} {path}"]
-            assert outcome == ("n/a" if path == "stage2-qlora" else "PASS"), (geometry, path, outcome)
+    for path in PATHS:
+        outcome = lines[f"clip+vicuna {path}"]
+        assert outcome == ("n/a" if path == "stage2-qlora" else "PASS"), (path, outcome)
     assert "resumed losses within 0.0e+00" in proc.stdout  # deterministic on the CPU: exactly the unkilled run's
-    assert "20 of 20 paths passed or not applicable" in proc.stdout
+    assert "10 of 10 paths passed or not applicable" in proc.stdout

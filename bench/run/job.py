@@ -213,10 +213,11 @@ def _run(
         offset += trainer.total_steps
         vlm = accelerator.unwrap_model(trainer.model)
     if trainer.sharded:  # evaluated by rank 0 alone: the model as its last checkpoint holds it, whole
-        vlm = None
+        last = trainer.out_dir / "checkpoint-last"
+        vlm = trainer = None  # the shards and the optimizer state go before the whole model comes
+        accelerator.free_memory()  # (accelerate's references to the prepared optimizer) + the garbage collector
         if accelerator.is_main_process:
             with names():
-                last = trainer.out_dir / "checkpoint-last"
                 vlm = VLM.load(last, allow_dotted_paths=allow_dotted_paths, verify=verify)
             vlm.to(accelerator.device)
             log("  the sharded model, gathered whole from its last checkpoint, is evaluated in one process")
