@@ -72,7 +72,13 @@ def test_a_slurm_sweep_equals_the_local_one_with_a_requeued_cell(slurm, tmp_path
         if not requeued and (cell / "stage1" / "checkpoint-last").exists() and not (cell / "results.json").exists():
             job = jobs[REQUEUED]["job_id"]
             subprocess.run(["scontrol", "requeue", job], env=env, check=True)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+            # Slurm holds a requeued job back two minutes (its BeginTime): once it is pending again, start it now
+            for _ in range(120):
+                state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
+                if state.stdout.strip() == "PENDING":
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+                    break
+                time.sleep(0.25)
             requeued = True
         if all((out / name / "results.json").exists() for name in jobs):
             break
