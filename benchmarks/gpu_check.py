@@ -32,10 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.data.length_mix import write_noise_captions  # noqa: E402
 
 GEOMETRIES = {
     "real": [
@@ -48,23 +48,8 @@ GEOMETRIES = {
 
 def write_data(root: Path) -> list[str]:
     """8 LLaVA-JSON records over 400x300 noise images; the data flags of ``bench run``."""
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        records.append(
-            {
-                "id": f"r{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                    {"from": "gpt", "value": ["Noise.", "Random pixels.", "Static."][i % 3]},
-                ],
-            }
-        )
-    (root / "chat.json").write_text(json.dumps(records))
-    return ["--data", "llava", "--data-path", str(root / "chat.json"), "--image-folder", str(root / "images")]
+    chat = write_noise_captions(root)
+    return ["--data", "llava", "--data-path", str(chat), "--image-folder", str(root / "images")]
 
 
 def bench(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

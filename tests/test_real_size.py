@@ -13,6 +13,7 @@ import torch
 from conftest import bench
 from PIL import Image
 
+from bench.data.length_mix import write_noise_captions
 from bench.train.plan import count, memory
 from encoders import build_encoder
 from llms import build_llm
@@ -29,22 +30,7 @@ QWEN3 = "random:Qwen/Qwen3-4B"
 def llava_data(tmp_path_factory):
     """8 LLaVA-JSON records over 400x300 images (the processors resize and crop them to 336 / 384 px)."""
     root = tmp_path_factory.mktemp("llava")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        records.append(
-            {
-                "id": f"r{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                    {"from": "gpt", "value": ["Noise.", "Random pixels.", "Static."][i % 3]},
-                ],
-            }
-        )
-    (root / "chat.json").write_text(json.dumps(records))
+    write_noise_captions(root)
     return root
 
 

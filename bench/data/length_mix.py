@@ -102,6 +102,32 @@ def write_length_mix(out: str | Path, n: int, seed: int = 0, image_size: int = 6
     return out / "length_mix.json"
 
 
+def write_noise_captions(out: str | Path, n: int = 8, size: tuple[int, int] = (400, 300)) -> Path:
+    """The smallest real-format set: ``n`` LLaVA-JSON records (``out/chat.json``), each a ``size`` (width, height)
+    noise PNG in ``out/images`` with one caption question and a one- or two-word answer. The processors resize and
+    crop the images to their own size (336 px for CLIP-L/336, 384 for SigLIP-so400m/384). Deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    from connector_zoo.io import atomic_path, write_json
+
+    out = Path(out)
+    rng = np.random.default_rng(0)
+    records = []
+    with atomic_path(out / "images") as images:
+        images.mkdir()
+        for i in range(n):
+            array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(array).save(images / f"{i}.png")
+            answer = ["Noise.", "Random pixels.", "Static."][i % 3]
+            conversation = [{"from": "human", "value": "<image>\nDescribe the image briefly."}]
+            records.append(
+                {"id": f"r{i}", "image": f"{i}.png", "conversations": [*conversation, {"from": "gpt", "value": answer}]}
+            )
+    write_json(out / "chat.json", records)
+    return out / "chat.json"
+
+
 def shape(records: list[dict]) -> dict[str, float]:
     """The shape of a data set: share of text-only records, turns per record, words per record (mean, min, max)."""
     turns = [len(r["conversations"]) // 2 for r in records]
