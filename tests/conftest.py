@@ -14,7 +14,15 @@ from pathlib import Path
 # developer's ~/.cache/connector_zoo or an exported CONNECTOR_ZOO_CACHE): nothing built by other code leaks in.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-SUITE_CACHE = os.environ["CONNECTOR_ZOO_CACHE"] = tempfile.mkdtemp(prefix="czoo-test-cache-")
+# pytest-xdist runs the suite in worker processes (pyproject's addopts: -n 2): they share the controller's cache (made
+# here before it starts them; the cache's locks are what concurrent runs rely on anyway) and take one thread each,
+# the processes they start too (OMP_NUM_THREADS), so that two workers do not oversubscribe two cores
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+SUITE_CACHE = os.environ.get("CZOO_SUITE_CACHE") or tempfile.mkdtemp(prefix="czoo-test-cache-")
+os.environ["CZOO_SUITE_CACHE"] = SUITE_CACHE
+os.environ["CONNECTOR_ZOO_CACHE"] = SUITE_CACHE
 # --precision auto on a CPU times a training step in fp32 and bf16 and keeps the faster: the suite's runs stay fp32 on
 # every machine (their numbers are compared across runs and processes); tests/test_precision_auto.py tests the choice
 os.environ["CONNECTOR_ZOO_CPU_BF16"] = "0"
@@ -27,7 +35,7 @@ from connector_zoo.model.vlm import VLMInputs  # noqa: E402
 from encoders import build_encoder  # noqa: E402
 from llms import build_llm  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if WORKER else 2)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -35,7 +43,8 @@ def pytest_sessionfinish(session, exitstatus):
     runs do not fill the disk."""
     import shutil
 
-    shutil.rmtree(SUITE_CACHE, ignore_errors=True)
+    if not WORKER:  # the controller, once every worker is done (or a run without workers)
+        shutil.rmtree(SUITE_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):
