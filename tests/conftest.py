@@ -137,10 +137,12 @@ MICRO = [
 ]
 
 
-def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None):
+def bench(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None, timeout: float = 900):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
     cmd = (launcher or [sys.executable]) + ["-m", "bench.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def computed(loss_history: list[list[dict]]) -> list[list[dict]]:

@@ -176,6 +176,22 @@ def test_a_llava_file_full_of_bad_records_trains_and_reports_each(tmp_path):
     assert results["training"][0]["steps"] == 4
 
 
+def test_a_temporary_directory_too_long_for_worker_sockets_trains_the_same_run(reference, tmp_path):
+    """A data-loader worker passes its tensors through an AF_UNIX socket under $TMPDIR (at most 107 bytes of path):
+    with a longer TMPDIR the first batch used to hang forever (the send failed in the worker's feeder thread)."""
+    from bench.data.loader import worker_sockets_fit
+
+    tmp = tmp_path / ("t" * max(1, 120 - len(str(tmp_path))))
+    tmp.mkdir()
+    assert not worker_sockets_fit(str(tmp)) and worker_sockets_fit("/tmp")
+    env = {"CONNECTOR_ZOO_CACHE": str(reference / "c"), "TMPDIR": str(tmp)}
+    proc = bench(
+        [*MICRO, "--num-workers", "1", "--out", str(tmp_path / "run"), "--save-every", "2"], env=env, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_run(reference / "run", tmp_path / "run")
+
+
 def test_steps_zero_trains_nothing_and_eval_limit_zero_evaluates_nothing(tmp_path):
     out = tmp_path / "run"
     args = [*MICRO, "--out", str(out)]

@@ -14,9 +14,11 @@ uninterrupted one would. Nothing is prepared up front: the time to the first ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,12 +203,47 @@ def _identity(item):
     return item
 
 
+UNIX_PATH_MAX = 107  # bytes of an AF_UNIX socket path on Linux (sun_path is 108, with its terminating NUL)
+
+
+def worker_sockets_fit(tmp: str | None = None) -> bool:
+    """Whether a worker can pass tensors by file descriptor: torch's default sharing strategy sends the descriptor
+    over an AF_UNIX socket that multiprocessing binds under the temporary directory
+    (``$TMPDIR/pymp-xxxxxxxx/listener-xxxxxxxx``), and a path longer than the kernel's limit cannot be bound (torch's
+    other strategy, ``file_system``, starts its shared-memory manager on a socket there too)."""
+    socket = os.path.join(tmp or tempfile.gettempdir(), "pymp-xxxxxxxx", "listener-xxxxxxxx")
+    return len(os.fsencode(socket)) <= UNIX_PATH_MAX
+
+
+def short_temp_dir() -> str:
+    """A temporary directory whose worker sockets fit, for a worker when ``$TMPDIR``'s do not."""
+    for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+        if worker_sockets_fit(tmp) and os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK):
+            return tmp
+    raise RuntimeError(
+        f"the temporary directory {tempfile.gettempdir()!r} is too long for the sockets data-loader workers pass "
+        f"tensors through (at most {UNIX_PATH_MAX} bytes with multiprocessing's pymp-*/listener-* names) and none "
+        "of /tmp, /var/tmp, /dev/shm is writable; set TMPDIR to a shorter directory, or --num-workers 0"
+    )
+
+
+def use_temp_dir(tmp: str, worker_id: int) -> None:
+    """A worker's ``worker_init_fn``: its temporary files (multiprocessing's socket directory) under ``tmp``."""
+    tempfile.tempdir = tmp
+
+
 def make_loader(samples: list[Sample], collator: Collator, sampler: Sampler, num_workers: int) -> DataLoader:
     """Workers forked where the platform allows it (they share the tokenizer and preprocessing without pickling
     them); pinned memory when a GPU is present; a private generator, so creating the loader leaves the global
-    torch RNG (dropout, resumed from checkpoints) untouched."""
+    torch RNG (dropout, resumed from checkpoints) untouched. Where ``$TMPDIR`` is too long for the sockets that pass
+    a worker's tensors (:func:`worker_sockets_fit`), the workers keep their sockets in a short one."""
 
     fork = "fork" in multiprocessing.get_all_start_methods()
+    init = None
+    if num_workers and not worker_sockets_fit():
+        # else the first batch hangs: the worker's send fails in its queue's feeder thread (an error on stderr) and the
+        # main process waits for the batch forever
+        init = functools.partial(use_temp_dir, short_temp_dir())
     return DataLoader(
         MicroBatches(samples, collator),
         batch_size=None,
@@ -217,4 +254,5 @@ def make_loader(samples: list[Sample], collator: Collator, sampler: Sampler, num
         prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(0),
         multiprocessing_context="fork" if num_workers and fork else None,
+        worker_init_fn=init,
     )
