@@ -384,3 +384,37 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     assert not stale.exists() and live.exists() and other.exists()
     assert (tmp_path / "thing" / "x").read_text() == "1"
     assert remove_stale_temporaries(tmp_path, "other") == [other]
+
+
+def test_worker_sockets_fit_at_the_kernels_limit_and_a_long_tmpdir_gets_a_short_one(monkeypatch):
+    """multiprocessing binds ``<tmp>/pymp-<8>/listener-<8>``: 107 bytes fit (sun_path has 108 with the NUL), 108 do
+    not; the loader's workers then get a short directory that exists and is writable."""
+    import shutil
+    import socket
+    import tempfile
+
+    from bench.data import loader
+
+    tail = len("/pymp-xxxxxxxx/listener-xxxxxxxx")
+    assert loader.worker_sockets_fit("/" + "a" * (106 - tail)) and not loader.worker_sockets_fit(
+        "/" + "a" * (107 - tail)
+    )
+    # the kernel agrees: a socket path of 107 bytes binds, 108 does not
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # short: pytest's own directories may be too long already
+    try:
+        for length, ok in ((107, True), (108, False)):
+            path = str(base / ("s" * (length - len(str(base)) - 1)))
+            assert len(path) == length
+            with socket.socket(socket.AF_UNIX) as s:
+                if ok:
+                    s.bind(path)
+                else:
+                    with pytest.raises(OSError):
+                        s.bind(path)
+    finally:
+        shutil.rmtree(base)
+    short = loader.short_temp_dir()
+    assert loader.worker_sockets_fit(short) and os.access(short, os.W_OK)
+    monkeypatch.setattr(loader.os, "access", lambda *a: False)  # no writable fallback: one line saying what to do
+    with pytest.raises(RuntimeError, match="set TMPDIR to a shorter directory, or --num-workers 0"):
+        loader.short_temp_dir()
