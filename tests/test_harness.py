@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, bench, computed
+from conftest import MICRO, SUITE_CACHE, bench, computed
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # whole CLI runs in subprocesses, one of them with 2 processes
@@ -180,8 +180,6 @@ def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
     """The same seed with the encoder online each batch, with the cache filled on the way, and read back: identical
     losses and mini-world accuracy (fp32), and the warm run encodes nothing."""
     import shutil
-
-    from conftest import SUITE_CACHE
 
     # a feature cache of the test's own (the suite's world and presets linked in): other tests, in another worker,
     # fill the suite's at the same time, and this one deletes its own
