@@ -7,7 +7,9 @@ The world's pretrained encoder (built on first use, like ``bench run``) encodes 
 test images; for each attribute (colour, shape, size) and each of the 9 grid cells, a linear classifier on all patch
 features of the selected layer (standardised) predicts the attribute of the object in that cell (or "none"), trained
 with Adam on the training images. Printed: test accuracy over the cells that hold an object, per attribute, and for
-shape split by object size. A VLM cannot answer a question type above what its encoder makes readable; far below it,
+shape split by object size; and the same probes on the compositional split, scored on the objects whose colour-shape
+pair never occurs in training (``HELD_OUT``): whether the encoder itself says "red circle" when it has only seen red
+squares and blue circles (``probe_accuracy_unseen_pairs``). A VLM cannot answer a question type above what its encoder makes readable; far below it,
 the connector and the LLM are the limit (see docs/mini-world.md, the world's ceiling).
 
 ``--per-token`` asks a harder question: one linear classifier shared by all patch tokens predicts what lies under each
@@ -27,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from bench.data.world import COLOURS, SHAPES, SIZES, World, WorldConfig, patch_labels
+from bench.data.world import COLOURS, HELD_OUT, SHAPES, SIZES, World, WorldConfig, patch_labels
 from bench.train.pretrain import ENCODER_DENSE, ENCODER_LR, ENCODER_POSITION, ENCODER_STEPS, pretrain_encoder
 from encoders import build_encoder
 
@@ -43,14 +45,17 @@ def patch_tokens(world: World, enc, split: str, n: int) -> torch.Tensor:
 
 
 def features_and_labels(world: World, enc, split: str, n: int):
+    """Flattened patch features of the split's first n images, and per attribute a (n, 9) label of each grid cell's
+    object (0: none); label "held_out" marks the cells whose object is a colour-shape pair never seen in training."""
     n = min(n, len(world.records(split)))
     features = patch_tokens(world, enc, split, n).flatten(1)
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
-    labels = {k: torch.zeros(n, 9, dtype=torch.long) for k in values}
+    labels = {k: torch.zeros(n, 9, dtype=torch.long) for k in [*values, "held_out"]}
     for j, record in enumerate(world.records(split)[:n]):
         for o in record["objects"]:
             for k, names in values.items():
                 labels[k][j, o["cell"]] = names.index(o[k]) + 1  # 0 = no object in the cell
+            labels["held_out"][j, o["cell"]] = int((o["colour"], o["shape"]) in HELD_OUT)
     return features, labels
 
 
@@ -127,9 +132,11 @@ def main() -> None:
         return
     x_train, y_train = features_and_labels(world, enc, "train", args.train)
     x_test, y_test = features_and_labels(world, enc, "test", args.test)
+    x_comp, y_comp = features_and_labels(world, enc, "compositional", args.test)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    x_train, x_test, x_comp = (x_train - mean) / std, (x_test - mean) / std, (x_comp - mean) / std
     out: dict[str, float] = {}
+    unseen: dict[str, float] = {}  # the compositional split's objects of a held-out colour-shape pair
     for k in ("colour", "shape", "size"):
         classes = int(y_train[k].max()) + 1
         w = torch.zeros(x_train.shape[1], 9 * classes, requires_grad=True)
@@ -142,8 +149,15 @@ def main() -> None:
             opt.step()
         with torch.no_grad():
             pred = (x_test @ w).view(-1, 9, classes).argmax(-1)
+            pred_comp = (x_comp @ w).view(-1, 9, classes).argmax(-1)
         held = y_test[k] > 0
         out[k] = float((pred[held] == y_test[k][held]).float().mean())
+        novel = y_comp["held_out"] > 0
+        unseen[k] = float((pred_comp[novel] == y_comp[k][novel]).float().mean())
+        if k == "shape":
+            for i, size in enumerate(SIZES):
+                cells = novel & (y_comp["size"] == i + 1)
+                unseen[f"shape ({size} objects)"] = float((pred_comp[cells] == y_comp[k][cells]).float().mean())
         if k == "shape":
             for i, size in enumerate(SIZES):
                 cells = held & (y_test["size"] == i + 1)
@@ -155,6 +169,7 @@ def main() -> None:
                 "layer": args.layer,
                 "world_resolution": args.world_resolution,
                 "probe_accuracy": {k: round(v, 3) for k, v in out.items()},
+                "probe_accuracy_unseen_pairs": {k: round(v, 3) for k, v in unseen.items()},
                 "seconds": round(time.time() - started),
             }
         )

@@ -391,3 +391,35 @@ def test_a_world_setting_added_later_at_its_default_is_the_recorded_world():
     # a `bench run` record names no world (the default one); a sweep cell spells the default world out
     plain_run = {"config": {"data": {"kind": "world", "qa_turns": 3}}}
     assert other_settings(plain_run, now) == [] and other_settings(plain_run, scaled) == ["data"]
+
+
+def test_a_record_of_a_recipe_whose_stages_changed_is_another_cell():
+    """A record names its recipe; since December 7 it also writes out the stages it trained. A recipe whose steps or
+    rates changed since is another cell (the record must not count as finished), a stage setting added later at its
+    default is not, and the validation-loss sample count (LOGGED_ONLY: neither the weights nor the report see it) is
+    not either."""
+    import dataclasses
+
+    from bench.report.sweep import other_settings
+    from bench.train.recipes import RECIPES
+    from bench.train.settings import RunConfig
+
+    cfg = RunConfig(recipe="mini-smollm2")
+    trained = json.loads(json.dumps([dataclasses.asdict(s) for s in cfg.resolved_stages()]))
+    record = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "stages": trained}
+    assert other_settings(record, cfg) == []
+    older = [{k: v for k, v in st.items() if k != "val_limit"} for st in trained]  # written before val_limit existed
+    assert other_settings({**record, "stages": older}, cfg) == []
+    assert other_settings({**record, "stages": [{**st, "val_limit": 7} for st in trained]}, cfg) == []
+    fewer = [{**trained[0], "steps": trained[0]["steps"] - 50}, trained[1]]
+    assert other_settings({**record, "stages": fewer}, cfg) == ["stages"]
+    slower = [trained[0], {**trained[1], "lr": trained[1]["lr"] / 2}]
+    assert other_settings({**record, "stages": slower}, cfg) == ["stages"]
+    # a record from before the stages were written out compares by the recipe's name, as before
+    assert other_settings({"config": record["config"]}, cfg) == []
+    assert other_settings({"config": record["config"]}, RunConfig(recipe="mini")) == ["recipe"]
+    # explicit stages in the config compare the same way
+    explicit = RunConfig(stages=[dict(s) for s in RECIPES["mini-smollm2"]])
+    as_recorded = json.loads(json.dumps(dataclasses.asdict(explicit)))
+    as_recorded["stages"] = [{k: v for k, v in st.items() if k != "val_limit"} for st in as_recorded["stages"]]
+    assert other_settings({"config": as_recorded}, explicit) == []

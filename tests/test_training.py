@@ -95,6 +95,49 @@ def test_connector_learning_rate_is_its_own_group():
     assert {id(p) for p in by_name["connector"]["params"]} == {id(p) for p in vlm.connector.parameters()}
 
 
+def test_the_fused_adamw_steps_as_torchs_default_loop_does():
+    """``adamw`` picks torch's fused kernel for plain CPU parameters; over a few steps with two rate groups and weight
+    decay it moves every parameter as the default per-parameter AdamW does (to float rounding), and it falls back to the
+    default for parameters it cannot fuse (an integer tensor stands in for any such one)."""
+    from bench.train.trainer import adamw
+
+    vlm = tiny_vlm()
+    cfg = StageConfig(stage=2, lr=2e-3, connector_lr=5e-3, weight_decay=0.05)
+    params = set_trainable(vlm, cfg)
+    start = [p.detach().clone() for p in params]
+    moved = []
+    for fused in (True, False):
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        groups = parameter_groups(vlm, params, cfg)
+        opt = (
+            adamw(groups, cfg.lr, cfg.weight_decay)
+            if fused
+            else torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        )
+        assert opt.defaults["fused"] is (True if fused else None)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            opt.zero_grad()
+        moved.append([p.detach().clone() for p in params])
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(moved[0], start))  # the steps moved the weights
+    for a, b in zip(*moved):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    odd = [
+        {
+            "params": [
+                torch.nn.Parameter(torch.zeros(2)),
+                torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False),
+            ]
+        }
+    ]
+    assert adamw(odd, 1e-3, 0.0).defaults["fused"] is None
+
+
 @pytest.mark.parametrize(
     "connector,rates", [("mlp2x_gelu", (2e-3, 2e-5)), ("c_abstractor", (1e-4, 2e-5)), ("tokenpacker", (1e-3, 2e-5))]
 )
@@ -381,3 +424,33 @@ def test_the_loss_history_and_log_give_the_llm_and_the_connector_rate(tmp_path):
         else:
             assert all("connector_lr" not in h for h in history)
             assert not any("(connector" in m for m in lines)
+
+
+def test_a_stage_validates_on_its_val_limit_samples(tmp_path):
+    """``val_limit`` bounds the held-out samples of a stage's validation loss: the recorded loss is the mean over the
+    first ``val_limit`` of them, and differs from the loss over all (the samples are of different difficulty)."""
+    from bench.data.formats import Dataset, Sample
+    from bench.data.loader import Collator
+    from bench.train.trainer import Trainer, validation_loss
+
+    def data(name, answers):
+        return Dataset(
+            name,
+            [
+                Sample(f"{name}{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}])
+                for i, a in enumerate(answers)
+            ],
+            images=None,
+        )
+
+    train = data("t", ["a b"] * 8)
+    val = data("v", ["a b", "a b", "c d e f g", "h i j k l m n"])
+    vlm = tiny_vlm()
+    collator = Collator(vlm.llm, None, visual_budget=0, max_length=None)
+    cfg = StageConfig(stage=2, steps=2, batch_size=2, lr=2e-4, val_limit=2)
+    trainer = Trainer(vlm, train, collator, cfg, tmp_path / "run", seed=0, val=val, log=lambda m: None)
+    trainer.fit()
+    recorded = trainer.history[-1]["val_loss"]
+    vlm.eval()
+    assert recorded == pytest.approx(validation_loss(vlm, val, collator, 2, limit=2), rel=1e-5)
+    assert abs(recorded - validation_loss(vlm, val, collator, 2, limit=4)) > 1e-3

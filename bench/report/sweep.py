@@ -22,7 +22,7 @@ from bench.data.world import WorldConfig
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run
 from bench.train.pretrain import world_backbones
-from bench.train.settings import RunConfig
+from bench.train.settings import RunConfig, StageConfig
 from connector_zoo.settings import parse_settings
 
 
@@ -120,6 +120,11 @@ CELL_SETTINGS = (
 )
 
 
+# stage settings that change neither the trained weights nor anything the report shows: the validation loss they
+# bound only picks checkpoint-best and is logged (a run's accuracy is measured on the weights as trained)
+LOGGED_ONLY = ("val_limit",)
+
+
 def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The CELL_SETTINGS in which ``record``'s config differs from ``cfg`` (a setting it does not name counts as
     RunConfig's default, as it was when the record was written)."""
@@ -132,7 +137,25 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
         if isinstance(data, dict) and data.get("kind", "world") == "world" and isinstance(data.get("world", {}), dict):
             with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
                 side["data"] = {**data, "world": as_json(WorldConfig(**data.get("world", {})).as_dict())}
-    return [k for k in CELL_SETTINGS if had[k] != want[k]]
+    differ = [k for k in CELL_SETTINGS if stage_view(had[k], k) != stage_view(want[k], k)]
+    trained = record.get("stages")  # records since December 7: the stages as trained, a recipe's written out
+    if isinstance(trained, list) and "stages" not in differ:
+        now = [dataclasses.asdict(s) for s in cfg.resolved_stages()]
+        if stage_view(trained, "stages") != stage_view(as_json(now), "stages"):
+            differ.append("stages")
+    return differ
+
+
+def stage_view(value: Any, key: str) -> Any:
+    """A ``stages`` list as compared: each stage with StageConfig's defaults for settings added after it was recorded,
+    without the LOGGED_ONLY ones; any other setting as it is."""
+    if key != "stages" or not isinstance(value, list):
+        return value
+    defaults = dataclasses.asdict(StageConfig())
+    return [
+        {k: v for k, v in {**defaults, **st}.items() if k not in LOGGED_ONLY} if isinstance(st, dict) else st
+        for st in value
+    ]
 
 
 def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:

@@ -135,6 +135,8 @@ def record(
         "efficiency": efficiency(vlm, first_eval) if profile else {},
         "precision": precision,
         "config": dataclasses.asdict(cfg),
+        # each stage's settings as trained (a recipe's, written out): a sweep tells a recipe whose steps changed
+        "stages": [dataclasses.asdict(s) for s in cfg.resolved_stages()],
         "backbones": world_backbones(cfg),  # the mini world's key and backbone recipes (None for published data)
         "metrics": metrics,
         "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),

@@ -23,17 +23,39 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     # for --world-llm smollm2 (pretrained SmolLM2-135M, 30 layers): fewer and smaller steps than `mini`, each ~10x its
     # cost; stage 2 trains the LLM at LLaVA's low rate for a pretrained LLM and the connector at half stage 1's
     # (with --qa-turns 3 and --precision bf16 where the CPU is fast at it; docs/pretrained-world.md)
+    # (val_limit: the validation loss at each stage's end over 400 held-out samples, not 2,000: it is a logged figure,
+    # and over 2,000 it cost 4-5 minutes a stage at this level)
     "mini-smollm2": [
-        dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50),
-        dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50),
+        dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50, val_limit=400),
+        dict(
+            stage=2,
+            steps=250,
+            batch_size=16,
+            lr=5e-5,
+            connector_lr=1e-3,
+            warmup_ratio=0.05,
+            save_every=50,
+            val_limit=400,
+        ),
     ],
     # the two published directions the pretrained level tests by recipe (docs/pretrained-world.md): Prismatic's
     # single-stage training (stage 2 alone, the same 250 steps), and LLaVA's frozen LLM against a fine-tuned one (the
     # connector alone for all 400 steps at stage 1's rate)
     "mini-smollm2-stage2-only": [
-        dict(stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50)
+        dict(
+            stage=2,
+            steps=250,
+            batch_size=16,
+            lr=5e-5,
+            connector_lr=1e-3,
+            warmup_ratio=0.05,
+            save_every=50,
+            val_limit=400,
+        )
     ],
-    "mini-smollm2-frozen-llm": [dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50)],
+    "mini-smollm2-frozen-llm": [
+        dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50, val_limit=400)
+    ],
     # a third of `mini`'s steps, for the resolution sweep (issue 38): a tiled image there is 10 views, and a tiled
     # `linear` feeds 664 visual tokens a sample, ~5x an untiled step's cost (docs/zoo.md, high resolution)
     "mini-short": [

@@ -38,6 +38,9 @@ class StageConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0  # steps between validation-loss checks (0: at the end only)
+    #: held-out samples in each validation-loss check (the first N of the validation split); the loss picks
+    #: ``checkpoint-best`` and goes into the history, never into a run's accuracy
+    val_limit: int = 2000
     save_every: int = 100
     #: which samples this stage trains on: "all", or only "captions" / "questions" (mini world sample types)
     data: str = "all"
@@ -68,6 +71,7 @@ class StageConfig:
         check(who, "min_lr_ratio", self.min_lr_ratio, float, lo=0, hi=1)
         check(who, "max_grad_norm", self.max_grad_norm, float, lo=0)
         check(who, "eval_every", self.eval_every, int, lo=0)
+        check(who, "val_limit", self.val_limit, int, lo=1)
         check_choice(who, "data", self.data, ("all", "captions", "questions"))
         check(who, "group_by_length", self.group_by_length, bool)
         check(who, "gradient_checkpointing", self.gradient_checkpointing, bool)
