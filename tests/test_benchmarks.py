@@ -71,3 +71,20 @@ def test_inside_gives_each_module_output_as_tokens_in_call_order():
     out = inside(tp, f)
     assert out["attn"].shape == (3, 16, 32)
     torch.testing.assert_close(tp.mlp(out["attn"]), out["tokens"])
+
+
+def test_the_optimizer_benchmark_times_the_same_step_three_ways():
+    """benchmarks/optimizer_step.py's variants are one AdamW step each: from the same weights and gradients they move
+    the weights alike (to float rounding), so its timings compare like with like."""
+    bench_opt = load("optimizer_step")
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    moved = []
+    for options in bench_opt.VARIANTS.values():
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        assert len(bench_opt.step_seconds(params, options, reps=2)) == 2
+        moved.append([p.detach() for p in params])
+    assert not torch.equal(moved[0][0], weights[0])
+    for other in moved[1:]:
+        for a, b in zip(moved[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
