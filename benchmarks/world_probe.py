@@ -1,7 +1,7 @@
 """What the mini world's frozen encoder makes readable: a linear probe per grid cell, per attribute.
 
     python benchmarks/world_probe.py [--encoder clip] [--layer -2] [--train 6000] [--test 1000] [--steps 300]
-                                     [--dense 4] [--encoder-steps 600] [--encoder-lr 3e-3] [--per-token]
+                                     [--dense 4] [--encoder-steps 600] [--encoder-lr 3e-3] [--recolour] [--per-token]
 
 The world's pretrained encoder (built on first use, like ``bench run``) encodes ``--train`` training and ``--test``
 test images; for each attribute (colour, shape, size) and each of the 9 grid cells, a linear classifier on all patch
@@ -107,13 +107,22 @@ def main() -> None:
     ap.add_argument("--encoder-steps", type=int, default=ENCODER_STEPS, help="the encoder's pretraining steps")
     ap.add_argument("--encoder-lr", type=float, default=ENCODER_LR, help="the encoder's pretraining learning rate")
     ap.add_argument("--position", type=float, default=ENCODER_POSITION, help="the position objective's weight (0: off)")
+    ap.add_argument(
+        "--recolour", action="store_true", help="the encoder pretrained on recoloured images (pretrain_encoder)"
+    )
     ap.add_argument("--per-token", action="store_true", help="one probe over single patch tokens (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.time()
     world = World(WorldConfig(image_size=args.world_resolution), progress=False)
     checkpoint = pretrain_encoder(
-        args.encoder, world, steps=args.encoder_steps, dense=args.dense, lr=args.encoder_lr, position=args.position
+        args.encoder,
+        world,
+        steps=args.encoder_steps,
+        dense=args.dense,
+        lr=args.encoder_lr,
+        position=args.position,
+        recolour=args.recolour,
     )
     enc = build_encoder(args.encoder, checkpoint=str(checkpoint), layer=args.layer)
     if args.per_token:
@@ -167,6 +176,7 @@ def main() -> None:
             {
                 "encoder": args.encoder,
                 "layer": args.layer,
+                "recolour": args.recolour,
                 "world_resolution": args.world_resolution,
                 "probe_accuracy": {k: round(v, 3) for k, v in out.items()},
                 "probe_accuracy_unseen_pairs": {k: round(v, 3) for k, v in unseen.items()},

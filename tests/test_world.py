@@ -140,6 +140,48 @@ def test_each_encoder_recipe_is_its_own_cached_encoder():
     assert (slower / "model.safetensors").read_bytes() != (dense / "model.safetensors").read_bytes()
 
 
+def test_recolouring_a_batch_is_rendering_its_scenes_in_the_permuted_colours():
+    """``recolour_batch`` against the world's own drawing: each recoloured image equals the same scene rendered with
+    every object's colour replaced by its permuted one, and its caption and dense labels equal that scene's caption
+    and ``patch_labels``. The permutations are the ones ``random.shuffle`` draws from the given generator, one per
+    image in order; shape and size labels and the background stay as they were."""
+    import dataclasses
+    import random
+
+    import torch
+
+    from bench.data.world import caption, patch_labels, sample_scene
+    from bench.train.pretrain import recolour_batch
+
+    cfg, rng = WorldConfig(), random.Random(5)
+    scenes = [sample_scene(rng, cfg, f"s{i}", compositional=False) for i in range(12)]
+    record = lambda scene: {"objects": [dataclasses.asdict(o) for o in scene.objects]}  # noqa: E731
+    pixels = np.stack([np.asarray(render(s, cfg)) for s in scenes])
+    labels = torch.from_numpy(np.stack([patch_labels(record(s), 64, 8) for s in scenes]))
+    out, texts, new_labels = recolour_batch(pixels, [s.caption for s in scenes], labels, random.Random(9))
+    twin, names, changed = random.Random(9), list(COLOURS), 0
+    for b, scene in enumerate(scenes):
+        perm = list(range(len(names)))
+        twin.shuffle(perm)
+        swap = {names[k]: names[perm[k]] for k in range(len(names))}
+        painted = Scene(scene.id, [dataclasses.replace(o, colour=swap[o.colour]) for o in scene.objects])
+        np.testing.assert_array_equal(out[b], np.asarray(render(painted, cfg)))
+        assert texts[b] == caption(painted)
+        np.testing.assert_array_equal(new_labels[b].numpy(), patch_labels(record(painted), 64, 8))
+        changed += int(texts[b] != scene.caption)
+    assert changed >= 10  # the permutations moved colours (identity for all 7 colours of a scene is rare)
+    assert torch.equal(new_labels[..., 1:], labels[..., 1:])
+    np.testing.assert_array_equal(pixels[0], np.asarray(render(scenes[0], cfg)))  # the input is left as it was
+
+
+def test_a_recoloured_encoder_is_its_own_encoder_and_the_default_keeps_its_name():
+    from bench.train.pretrain import encoder_dir_name
+
+    assert encoder_dir_name("clip") == "encoder-clip-s600-b256-seed0-dense4-effe7c7289"  # every recorded cell's
+    recoloured = encoder_dir_name("clip", recolour=True)
+    assert "-dense4-recolour-" in recoloured and recoloured.rsplit("-", 1)[1] != "effe7c7289"
+
+
 def test_dense_loss_reads_shape_and_size_on_object_patches_only():
     """By hand: colour (with background as class 0) over every patch, shape and size over covered patches only; a
     background patch has no shape or size to learn."""
@@ -308,3 +350,32 @@ def test_a_world_encoder_at_a_smaller_input_is_its_own_encoder_and_sees_tiles():
     assert world_backbones(run)["encoder"] == small.name
     with pytest.raises(ValueError, match="no larger than the world's 128-px images"):
         pretrain_encoder("clip", world, steps=2, input_px=192, log=lambda *a: None)
+
+
+def test_the_pretrained_level_pretrains_a_recoloured_encoder_unless_told_otherwise():
+    """``--world-llm smollm2`` builds its world encoder with ``recolour`` (RECOLOURED_LEVELS), ``--no-world-encoder-
+    recolour`` turns it off there, ``--world-encoder-recolour`` turns it on at the default level; the backbones a run
+    records name the encoder it builds, and a recoloured one is another file than the plain one."""
+    from bench.cli import COMMANDS
+    from bench.cli.common import data_from_args
+    from bench.cli.parser import build_parser
+    from bench.train.pretrain import encoder_dir_name, pretrain_encoder, steps, world_backbones
+    from bench.train.settings import RunConfig
+
+    parser = build_parser(COMMANDS)
+    plain, recoloured = encoder_dir_name("clip"), encoder_dir_name("clip", recolour=True)
+    for flags, name in (
+        ([], plain),
+        (["--world-llm", "smollm2"], recoloured),
+        (["--world-llm", "smollm2", "--no-world-encoder-recolour"], plain),
+        (["--world-encoder-recolour"], recoloured),
+        (["--world-llm", "wide"], plain),
+    ):
+        args = parser.parse_args(["run", "--connector", "linear", *flags])
+        assert world_backbones(RunConfig(data=data_from_args(args)))["encoder"] == name, flags
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    quiet = lambda *a: None  # noqa: E731
+    a = pretrain_encoder("clip", world, **steps({"encoder_steps": 2}, "encoder"), log=quiet)
+    b = pretrain_encoder("clip", world, **steps({"encoder_steps": 2, "llm_level": "smollm2"}, "encoder"), log=quiet)
+    assert "-recolour-" in b.name and "-recolour" not in a.name
+    assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()

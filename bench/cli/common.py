@@ -145,7 +145,7 @@ def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
             data[key] = getattr(args, option)
     if "held_out" in set_here:
         data["held_out"] = args.held_out
-    if set_here & {"pretrain_steps", "world_llm", "world_encoder_px"}:
+    if set_here & {"pretrain_steps", "world_llm", "world_encoder_px", "world_encoder_recolour"}:
         data["pretrain"] = {**data.get("pretrain", {}), **pretrain_from_args(args)}
     return data
 
@@ -159,6 +159,8 @@ def pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
         pre["llm_level"] = args.world_llm
     if getattr(args, "world_encoder_px", None):
         pre["encoder_px"] = args.world_encoder_px
+    if getattr(args, "world_encoder_recolour", None) is not None:
+        pre["encoder_recolour"] = args.world_encoder_recolour
     return pre
 
 

@@ -84,6 +84,14 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
         " images resized to it and on squares cut at their own resolution, AnyRes's global view and tiles",
     )
     p.add_argument(
+        "--world-encoder-recolour",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the world encoder pretrained on recoloured images, every colour-shape pair seen, also the"
+        " compositional split's held-out ones (default: on with --world-llm smollm2, off otherwise); docs:"
+        " mini-world.md",
+    )
+    p.add_argument(
         "--world-llm",
         choices=("small", "wide", "smollm2"),
         default="small",

@@ -13,6 +13,7 @@ from bench.cli.common import (
     component_name,
     data_from_args,
     parse_lora,
+    pretrain_from_args,
     report,
     specs_from_args,
     tiling_from_args,
@@ -166,10 +167,11 @@ def cmd_sweep_status(out: Path) -> None:
 
 def cmd_world_build(args: argparse.Namespace) -> None:
     from bench.data.world import World, WorldConfig
-    from bench.train.pretrain import pretrain_encoder
+    from bench.train.pretrain import pretrain_encoder, steps
     from bench.train.world_llm import pretrain_llm
 
     world = World(world_config(args) or WorldConfig())
+    pre = pretrain_from_args(args)  # the backbones `bench run` with the same world options builds
     print(f"world: {world.dir}")
     try:
         from bench.evaluate.lmms import TASKS_DIR, world_task_data
@@ -178,6 +180,6 @@ def cmd_world_build(args: argparse.Namespace) -> None:
     except ImportError as err:  # datasets: the hf extra (with eval); say what is missing and go on
         print(f"lmms-eval task data not written: {err}")
     for name in args.encoders.split(","):
-        print(f"encoder {name}: {pretrain_encoder(name, world)}")
+        print(f"encoder {name}: {pretrain_encoder(name, world, **steps(pre, 'encoder'))}")
     for name in args.llms.split(","):
-        print(f"llm {name}: {pretrain_llm(name, world, level=args.world_llm)}")
+        print(f"llm {name}: {pretrain_llm(name, world, **steps(pre, 'llm'))}")

@@ -36,6 +36,9 @@ ENCODER_STEPS = 600
 ENCODER_DENSE = 4.0
 ENCODER_LR = 3e-3
 ENCODER_POSITION = 0.0  # off: see position_loss
+#: the world LLM levels whose encoder is pretrained on recoloured images unless the run says otherwise
+#: (``--world-encoder-recolour``; pretrain_encoder's ``recolour``): the pretrained level, since December 7
+RECOLOURED_LEVELS = ("smollm2",)
 
 
 class TextTower(nn.Module):
@@ -79,6 +82,7 @@ def encoder_dir_name(
     lr: float = ENCODER_LR,
     position: float = ENCODER_POSITION,
     input_px: int | None = None,
+    recolour: bool = False,
 ) -> str:
     """The directory name of a world encoder: its readable settings and a digest of every setting of its recipe."""
     recipe = {
@@ -98,9 +102,11 @@ def encoder_dir_name(
         recipe["position"] = position
     if input_px:  # likewise: an input smaller than the world's images (whole images resized + native crops)
         recipe["input_px"] = input_px
+    if recolour:  # likewise: every image's colours permuted at random each step (recolour_batch)
+        recipe["recolour"] = True
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     readable = (f"-dense{dense:g}" if dense else "") + (f"-pos{position:g}" if position else "")
-    readable += f"-px{input_px}" if input_px else ""
+    readable += (f"-px{input_px}" if input_px else "") + ("-recolour" if recolour else "")
     return f"encoder-{family}-s{steps}-b{batch_size}-seed{seed}{readable}-{digest}"
 
 
@@ -114,6 +120,7 @@ def pretrain_encoder(
     lr: float = ENCODER_LR,
     position: float = ENCODER_POSITION,
     input_px: int | None = None,
+    recolour: bool = False,
     log=print,
 ) -> Path:
     """The world's ``family`` encoder directory, trained on first use. ``dense`` > 0 adds, with that weight, a dense
@@ -124,7 +131,13 @@ def pretrain_encoder(
     ``input_px`` (smaller than the world's images; AnyRes's setting): the encoder takes that many pixels a side, and
     each step it sees the batch's images resized to it (both objectives) and, for the dense objective, a square of
     that side cut from each image at its own resolution (what an AnyRes tile shows), so both views are in its
-    training distribution."""
+    training distribution.
+
+    ``recolour``: each step, each image's objects take other colours (one random permutation of the palette per image,
+    applied to its pixels, its caption's colour words and its dense colour labels alike; ``recolour_batch``), so the
+    encoder sees every colour-shape pair, also the ones the world holds out of its training split for the
+    compositional test. A pretrained CLIP has seen red circles too; what the compositional split then tests is
+    whether the connector and the LLM, trained on the world's training split only, carry a pair they never saw."""
     cls = ENCODERS.get(family)
     world_px = world.cfg.image_size
     if input_px == world_px:
@@ -133,7 +146,7 @@ def pretrain_encoder(
         raise ValueError(
             f"world encoder input {input_px} px: a multiple of 8 no larger than the world's {world_px}-px images"
         )
-    name = encoder_dir_name(family, steps, batch_size, seed, dense, lr, position, input_px)
+    name = encoder_dir_name(family, steps, batch_size, seed, dense, lr, position, input_px, recolour)
     out = world.dir / "backbones" / name
 
     def build(tmp: Path) -> None:
@@ -180,13 +193,17 @@ def pretrain_encoder(
         for step in progress(range(steps), desc=f"pretrain {family} ({objective})"):
             kill_point(f"pretrain-encoder-{family}:{step}")
             idx = rng.sample(range(len(records)), batch)
-            px = enc.preprocess([Image.fromarray(np.asarray(images[i])) for i in idx])
+            pixels, captions = np.asarray(images[idx]), [records[i]["caption"] for i in idx]
+            dense_labels = labels[idx] if labels is not None else None
+            if recolour:
+                pixels, captions, dense_labels = recolour_batch(pixels, captions, dense_labels, rng)
+            px = enc.preprocess([Image.fromarray(p) for p in pixels])
             pooled, features = enc.pooled_features(px) if dense or position else (enc.pooled(px), None)  # one forward
             img = nn.functional.normalize(img_proj(pooled), dim=-1)
-            txt = nn.functional.normalize(text([records[i]["caption"] for i in idx]), dim=-1)
+            txt = nn.functional.normalize(text(captions), dim=-1)
             loss = loss_fn(img, txt, scale.exp(), bias) if sigmoid else loss_fn(img, txt, scale.exp())
             if dense:
-                loss = loss + dense * dense_loss(heads, features.patches, labels[idx].flatten(1, 2))
+                loss = loss + dense * dense_loss(heads, features.patches, dense_labels.flatten(1, 2))
             if dense and input_px:  # squares at the images' own resolution: AnyRes's tiles
                 corners = [(rng.randrange(world_px - size + 1), rng.randrange(world_px - size + 1)) for _ in idx]
                 crops = [
@@ -210,6 +227,34 @@ def pretrain_encoder(
         enc.save_checkpoint(tmp)
 
     return materialize(out, build, verified=True)  # checked at every load: it decides every later number
+
+
+def recolour_batch(
+    pixels: np.ndarray, captions: list[str], labels: torch.Tensor | None, rng: random.Random
+) -> tuple[np.ndarray, list[str], torch.Tensor | None]:
+    """The batch with each image's colours permuted: one random permutation of ``COLOURS`` per image (drawn from
+    ``rng``), applied to its pixels (the world draws every object in an exact palette colour on the background,
+    without anti-aliasing, so a pixel's colour names its object's), to the colour words of its caption and to the
+    colour channel of its ``patch_labels`` (class 0, background, stays). ``pixels``: (B, H, W, 3) uint8."""
+    names, palette = list(COLOURS), np.array(list(COLOURS.values()), np.int64)
+    code = lambda rgb: (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # noqa: E731
+    codes = code(palette)
+    flat = code(pixels.astype(np.int64))
+    which = np.full(flat.shape, -1)
+    for k, c in enumerate(codes):
+        which[flat == c] = k
+    out, texts, new_labels = pixels.copy(), [], None if labels is None else labels.clone()
+    for b in range(len(pixels)):
+        perm = list(range(len(names)))
+        rng.shuffle(perm)
+        painted = which[b] >= 0
+        out[b][painted] = palette[np.array(perm)[which[b][painted]]]
+        swap = {names[k]: names[perm[k]] for k in range(len(names))}
+        texts.append(" ".join(swap.get(w, w) for w in captions[b].split(" ")))
+        if new_labels is not None:
+            lut = torch.tensor([0] + [p + 1 for p in perm])
+            new_labels[b, ..., 0] = lut[labels[b, ..., 0]]
+    return out, texts, new_labels
 
 
 def dense_loss(heads: nn.ModuleList, patches: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -265,6 +310,9 @@ def steps(pretrain: dict, backbone: str) -> dict:
     out = {"steps": pretrain[key]} if key in pretrain else {}
     if backbone == "encoder" and pretrain.get("encoder_px"):
         out["input_px"] = pretrain["encoder_px"]
+    level = pretrain.get("llm_level", "small")
+    if backbone == "encoder" and pretrain.get("encoder_recolour", level in RECOLOURED_LEVELS):
+        out["recolour"] = True
     if backbone == "llm" and pretrain.get("llm_level", "small") != "small":
         out["level"] = pretrain["llm_level"]
     return out
