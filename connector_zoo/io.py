@@ -26,6 +26,35 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+#: glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+#: whether this process called keep_freed_memory and glibc took it (a run logs it)
+FREED_MEMORY_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep what a process frees for its next allocations, instead of handing it back to the
+    kernel (large blocks are their own mappings, unmapped when freed; the heap's top is trimmed): a training step
+    allocates the same few GB of activations and gradients every step, and each page given back is faulted in and
+    zeroed again by the kernel at the next step (``benchmarks/malloc_step.py`` counts the faults and times both).
+    Peak RSS is what the process needed at its largest; it is not given back before the process ends. True when
+    glibc took both settings; False elsewhere (another C library, or ``CONNECTOR_ZOO_MALLOC=default``), nothing
+    changed."""
+    import ctypes
+
+    if os.environ.get("CONNECTOR_ZOO_MALLOC", "keep") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    global FREED_MEMORY_KEPT
+    FREED_MEMORY_KEPT = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return FREED_MEMORY_KEPT
+
+
 def show_progress() -> bool:
     """Progress bars on stderr: off under ``bench ... --quiet`` (``CONNECTOR_ZOO_QUIET=1``) and with tqdm's own
     ``TQDM_DISABLE=1``, read when each bar starts."""

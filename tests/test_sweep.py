@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import bench
 
+from connector_zoo.settings import SettingError
+
 MICRO_SWEEP = [
     "sweep",
     "--connector",
@@ -76,6 +78,34 @@ def test_peer_benchmark_trains_both_to_the_same_losses_step_by_step():
     assert r["ours_losses"][0] != r["ours_losses"][-1]  # training moved
     assert r["ours_samples_per_second"] > 0 and r["peer_peak_rss_bytes"] > 0 and r["matmul_gflops_per_second"] > 0
     assert r["peer_gflops_per_second"] > 0 and r["train_flops_per_sample"] > 0
+
+
+def test_peer_benchmark_under_bf16_runs_both_sides_under_autocast():
+    """``precision="bf16"``: both trainers under bf16 autocast (ours' ``--precision bf16``, the peer's ``bf16=True``)
+    agree step by step to bf16's rounding, and both differ from the fp32 losses of the same batches (each side did run
+    under autocast; fp32 master weights on both)."""
+    import dataclasses
+
+    from bench.data.world import WorldConfig
+    from bench.evaluate.peer import peer_benchmark
+    from bench.train.settings import RunConfig
+
+    world = {
+        "kind": "world",
+        "world": dataclasses.asdict(WorldConfig().scaled(0.01)),
+        "pretrain": {"encoder_steps": 3, "llm_steps": 3},
+    }
+    cfg = RunConfig(connector={"name": "mlp2x_gelu"}, data=world)
+    half = peer_benchmark(cfg, steps=3, batch_size=2, precision="bf16", log=print)
+    full = peer_benchmark(cfg, steps=3, batch_size=2, log=print)
+    assert half["precision"] == "bf16" and full["precision"] == "no"
+    for ours, peer in zip(half["ours_losses"], half["peer_losses"]):
+        assert abs(ours - peer) <= 2e-2 * abs(ours), (half["ours_losses"], half["peer_losses"])
+    for side in ("ours", "peer"):
+        assert half[side + "_losses"] != full[side + "_losses"], side
+        assert all(abs(a - b) <= 3e-2 * abs(b) for a, b in zip(half[side + "_losses"], full[side + "_losses"]))
+    with pytest.raises(SettingError, match="precision"):
+        peer_benchmark(cfg, steps=3, batch_size=2, precision="fp8")
 
 
 @pytest.mark.slow

@@ -379,3 +379,5 @@ def test_the_pretrained_level_pretrains_a_recoloured_encoder_unless_told_otherwi
     b = pretrain_encoder("clip", world, **steps({"encoder_steps": 2, "llm_level": "smollm2"}, "encoder"), log=quiet)
     assert "-recolour-" in b.name and "-recolour" not in a.name
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="recolour is not built for an input smaller"):
+        pretrain_encoder("clip", world, steps=2, recolour=True, input_px=32, log=quiet)

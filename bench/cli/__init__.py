@@ -15,6 +15,7 @@ from bench.cli import components, evaluation, export, training
 from bench.cli.common import demo_images  # noqa: F401  (tests and benchmarks draw the same images)
 from bench.cli.config_file import parse_with_config
 from bench.cli.parser import build_parser
+from connector_zoo.io import keep_freed_memory
 from connector_zoo.registry import RegistryError
 
 COMMANDS = {
@@ -30,6 +31,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (RegistryError, ValueError, OSErr
 
 def main(argv: list[str] | None = None, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
     args = parse_with_config(build_parser(COMMANDS), argv)
+    keep_freed_memory()  # before the model's first allocations (CONNECTOR_ZOO_MALLOC=default: glibc's own)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

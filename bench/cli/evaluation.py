@@ -119,6 +119,9 @@ def cmd_prune_curve(args: argparse.Namespace) -> None:
         print(f"plot skipped ({PLOTS_NEED})")
 
 
+PRECISION_WORDS = {"no": "fp32", "bf16": "bf16 autocast"}
+
+
 def cmd_peer(args: argparse.Namespace) -> None:
     from bench.evaluate.peer import peer_benchmark
     from bench.train.settings import RunConfig
@@ -133,10 +136,13 @@ def cmd_peer(args: argparse.Namespace) -> None:
     )
     if args.length_mix:
         return peer_length_mix(cfg, args)
-    r = peer_benchmark(cfg, steps=args.steps or 60, batch_size=args.batch_size or 16, lr=args.lr or 2e-3)
+    r = peer_benchmark(
+        cfg, steps=args.steps or 60, batch_size=args.batch_size or 16, lr=args.lr or 2e-3, precision=args.precision
+    )
     print(
         f"stage 1, {args.encoder} + {specs['connector']['name']} + {args.llm}, {r['steps']} steps x batch "
-        f"{r['batch_size']}; this machine multiplies fp32 matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
+        f"{r['batch_size']}, {PRECISION_WORDS[args.precision]}; this machine multiplies "
+        f"{PRECISION_WORDS[args.precision].split()[0]} matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
     )
     for who, label in (("ours", "connector-zoo (feature cache)"), ("peer", "transformers Trainer + Llava")):
         print(
@@ -158,12 +164,14 @@ def peer_length_mix(cfg, args: argparse.Namespace) -> None:
         lr=args.lr or 2e-5,
         rounds=args.rounds,
         gradient_checkpointing=args.gradient_checkpointing,
+        precision=args.precision,
     )
     s = summary(r)
     print(
         f"stage 2 on the length mix, {args.encoder} + {cfg.connector['name']} + {args.llm}, {r['steps']} steps x batch "
-        f"{r['batch_size']} ({r['useful_tokens']} useful tokens), fp32, {r['rounds']} interleaved rounds (median "
-        f"[min, max]); this machine multiplies fp32 matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
+        f"{r['batch_size']} ({r['useful_tokens']} useful tokens), {PRECISION_WORDS[args.precision]}, {r['rounds']} "
+        f"interleaved rounds (median [min, max]); this machine multiplies {PRECISION_WORDS[args.precision].split()[0]}"
+        f" matrices at {r['matmul_gflops_per_second']:.1f} GFLOP/s:"
     )
 
     def fig(d: dict[str, float], f: str) -> str:

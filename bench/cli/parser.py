@@ -402,6 +402,13 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="--length-mix: recompute activations, both sides"
     )
+    p.add_argument(
+        "--precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="no: fp32 (default); bf16: autocast on both sides (ours' --precision bf16, the peer's bf16=True), fp32"
+        " master weights",
+    )
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     add_data_args(p)
     p.add_argument("--pretrain-steps", type=POSITIVE)

@@ -35,13 +35,19 @@ from bench.train.settings import RunConfig, StageConfig
 from bench.train.trainer import Trainer
 from connector_zoo.model.llava import to_llava
 from connector_zoo.model.vlm import VLM
+from connector_zoo.settings import check_choice
 from llms.base import IGNORE_INDEX
 
 
-def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 2e-3, log=print) -> dict[str, Any]:
+def peer_benchmark(
+    cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 2e-3, precision: str = "no", log=print
+) -> dict[str, Any]:
     """Both trainers on ``cfg``'s combination and data (a ``bench.train.settings.RunConfig``; default: the mini world
     with tiny CLIP + ``mlp2x_gelu`` + tiny Llama). The combination must be expressible as Llava (clip/siglip +
-    mlp2x_gelu + a Llama-family or Qwen3 LLM), since the peer is transformers' own Llava model."""
+    mlp2x_gelu + a Llama-family or Qwen3 LLM), since the peer is transformers' own Llava model. ``precision``: "no"
+    (fp32) or "bf16" (autocast on both sides: ours' ``--precision bf16``, the peer's ``TrainingArguments(bf16=True)``;
+    fp32 master weights on both)."""
+    check_choice("bench peer", "precision", precision, PEER_PRECISIONS)
 
     cfg = cfg or RunConfig(connector={"name": "mlp2x_gelu"})
     train, _, _, world = load_data(cfg, lambda m: None)
@@ -65,7 +71,7 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
 
     flops = train_flops_per_sample(vlm, collator, data)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as ours_peak:
-        trainer = Trainer(vlm, data, collator, stage, Path(tmp), seed=seed, log=lambda m: None)
+        trainer = Trainer(vlm, data, collator, stage, Path(tmp), seed=seed, log=lambda m: None, autocast=precision)
         ours = trainer.fit()
         tail = max(1, steps // 10)
         ours["final_loss"] = sum(h["loss"] for h in trainer.history[-tail:]) / tail
@@ -75,11 +81,12 @@ def peer_benchmark(cfg=None, steps: int = 60, batch_size: int = 16, lr: float = 
     # ---- the peer: transformers Trainer on LlavaForConditionalGeneration (the vision tower runs every step)
     encoder_flops = 2 * vlm.encoder.info.num_patches * sum(p.numel() for p in vlm.encoder.parameters())
     with PeakRSS() as peer_peak:
-        peer = train_peer(hf_model, processor, vlm, data, order, stage, seed)
-    rate = matmul_rate()
+        peer = train_peer(hf_model, processor, vlm, data, order, stage, seed, precision)
+    rate = matmul_rate(dtype=PEER_PRECISIONS[precision])
     result = {
         "steps": steps,
         "batch_size": batch_size,
+        "precision": precision,
         "ours_samples_per_second": ours["train_samples_per_second"],
         "ours_final_loss": ours["final_loss"],
         "ours_losses": ours["losses"],
@@ -111,10 +118,15 @@ def train_flops_per_sample(vlm: VLM, collator: Collator, data: Dataset) -> float
     return float(counter.get_total_flops())
 
 
-def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
-    """This machine's fp32 matrix-multiply rate (FLOP/s, median of ``repeats``) at the current thread count."""
+#: the compute precisions both sides of ``bench peer`` run in, and the dtype whose matrix-multiply rate is printed
+PEER_PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16}
 
-    return 2 * n * 4 * n * n / statistics.median(matmul_seconds(n, 4 * n, n, repeats=repeats))
+
+def matmul_rate(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-multiply rate in ``dtype`` (FLOP/s, median of ``repeats``) at the current thread
+    count."""
+
+    return 2 * n * 4 * n * n / statistics.median(matmul_seconds(n, 4 * n, n, dtype=dtype, repeats=repeats))
 
 
 class PeakRSS:
@@ -176,13 +188,19 @@ def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, 
     return out
 
 
-def hf_fit(model, samples, collate, stage: StageConfig, seed: int) -> tuple[float, list[float]]:
+def hf_fit(model, samples, collate, stage: StageConfig, seed: int, precision: str = "no") -> tuple[float, list[float]]:
     """transformers' Trainer on ``samples`` in their order (a sequential sampler), with ``stage``'s batch, steps,
-    learning rate, cosine schedule, warm-up, weight decay, clipping and gradient checkpointing; the seconds of
-    ``train()`` and the loss logged at each step."""
+    learning rate, cosine schedule, warm-up, weight decay, clipping and gradient checkpointing, under bf16 autocast
+    when ``precision`` is "bf16" (its ``bf16=True``; the default optimizer, ``adamw_torch_fused``, as ours); the
+    seconds of ``train()`` and the loss logged at each step."""
+    from accelerate.state import AcceleratorState
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
+    # accelerate keeps one state per process, and its mixed precision is the first Accelerator's: the peer's
+    # Trainer must start from none (ours ran before it in this process), and leave none (or a later run here, such as
+    # a second peer benchmark, would train in the peer's precision: a test caught fp32 running as bf16)
+    AcceleratorState._reset_state()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
@@ -194,6 +212,7 @@ def hf_fit(model, samples, collate, stage: StageConfig, seed: int) -> tuple[floa
             weight_decay=stage.weight_decay,
             max_grad_norm=stage.max_grad_norm,
             gradient_checkpointing=stage.gradient_checkpointing,
+            bf16=precision == "bf16",
             logging_steps=1,
             save_strategy="no",
             report_to=[],
@@ -206,12 +225,17 @@ def hf_fit(model, samples, collate, stage: StageConfig, seed: int) -> tuple[floa
         trainer = HFTrainer(model=model, args=args, train_dataset=samples, data_collator=collate)
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(samples)
         t0 = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            AcceleratorState._reset_state()
         seconds = time.perf_counter() - t0
     return seconds, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageConfig, seed: int) -> dict[str, Any]:
+def train_peer(
+    model, processor, vlm: VLM, data: Dataset, order, stage: StageConfig, seed: int, precision: str = "no"
+) -> dict[str, Any]:
     def expand(sample) -> dict[str, torch.Tensor]:
         ids, labels = peer_tokens(vlm, sample)
         pixel_values = processor.image_processor(images=data.images.load(sample.image), return_tensors="pt")
@@ -236,7 +260,7 @@ def train_peer(model, processor, vlm: VLM, data: Dataset, order, stage: StageCon
     for name, p in model.named_parameters():
         p.requires_grad = "multi_modal_projector" in name  # stage 1: the projector only
 
-    seconds, losses = hf_fit(model, Samples(), collate, stage, seed)
+    seconds, losses = hf_fit(model, Samples(), collate, stage, seed, precision)
     tail = max(1, stage.steps // 10)
     return {
         "samples_per_second": stage.steps * stage.batch_size / seconds,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from bench.train.settings import RunConfig, StageConfig
+from connector_zoo.settings import check_choice
 
 SIDES = ("ours", "hf-grouped", "hf")
 
@@ -55,10 +56,14 @@ def length_mix_peer(
     lr: float = 2e-5,
     rounds: int = 3,
     gradient_checkpointing: bool = False,
+    precision: str = "no",
     log=print,
 ) -> dict[str, Any]:
-    """Run the three trainers ``rounds`` times, interleaved; returns per side the figures of every round."""
-    from bench.evaluate.peer import matmul_rate
+    """Run the three trainers ``rounds`` times, interleaved; returns per side the figures of every round.
+    ``precision``: "no" (fp32) or "bf16" (autocast on every side, fp32 master weights)."""
+    from bench.evaluate.peer import PEER_PRECISIONS, matmul_rate
+
+    check_choice("bench peer --length-mix", "precision", precision, PEER_PRECISIONS)
 
     with tempfile.TemporaryDirectory(prefix="peer-mix-") as tmp:
         tmp = Path(tmp)
@@ -75,7 +80,12 @@ def length_mix_peer(
             max_grad_norm=1.0,
             gradient_checkpointing=gradient_checkpointing,
         )
-        spec = {"config": dataclasses.asdict(cfg), "stage": dataclasses.asdict(stage), "dir": str(tmp)}
+        spec = {
+            "config": dataclasses.asdict(cfg),
+            "stage": dataclasses.asdict(stage),
+            "dir": str(tmp),
+            "precision": precision,
+        }
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec))
         log("preparing: the model, its Llava export, the batch orders, the FLOPs of one step")
@@ -90,10 +100,11 @@ def length_mix_peer(
         "steps": steps,
         "batch_size": batch_size,
         "rounds": rounds,
+        "precision": precision,
         "samples": steps * batch_size,
         "useful_tokens": prep["useful_tokens"],
         "model_flops": prep["model_flops"],
-        "matmul_gflops_per_second": matmul_rate() / 1e9,
+        "matmul_gflops_per_second": matmul_rate(dtype=PEER_PRECISIONS[precision]) / 1e9,
         "runs": runs,
     }
 
@@ -234,7 +245,18 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     positions: list[int] = []
     vlm.register_forward_hook(lambda module, args, out: positions.append(int(out.positions)))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(vlm, train, collator, stage, Path(tmp), seed=cfg.seed, log=quiet, num_workers=0, pack=True)
+        trainer = Trainer(
+            vlm,
+            train,
+            collator,
+            stage,
+            Path(tmp),
+            seed=cfg.seed,
+            log=quiet,
+            num_workers=0,
+            pack=True,
+            autocast=spec.get("precision", "no"),
+        )
         trainer.micro_indices = lambda step, micro: order[step]  # hf's batches, in hf's order
         with PeakRSS() as peak:
             trainer.fit()
@@ -282,11 +304,14 @@ def run_hf(spec: dict[str, Any], side: str) -> dict[str, Any]:
         return pad_collate(items, pad_id)
 
     with PeakRSS() as peak:
-        seconds, losses = hf_fit(model, Samples(), collate, stage, cfg.seed)
+        seconds, losses = hf_fit(model, Samples(), collate, stage, cfg.seed, spec.get("precision", "no"))
     return {"seconds": seconds, "losses": losses, "positions": sum(positions), "peak_rss_bytes": peak.peak}
 
 
 def main(argv: list[str]) -> None:
+    from connector_zoo.io import keep_freed_memory
+
+    keep_freed_memory()  # every side alike, as the bench command that starts them
     side, spec_path, out = argv
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(0)

@@ -93,6 +93,9 @@ def cell_job_class():
             self.cfg, self.cell, self.dotted, self.tracking = cfg, Path(cell), dotted, tracking
 
         def __call__(self) -> str:
+            from connector_zoo.io import keep_freed_memory
+
+            keep_freed_memory()  # as the bench command does
             resume = (self.cell / "config.json").exists()
             print(f"{self.cell.name}: {'resuming' if resume else 'running'}", flush=True)
             run(self.cfg, self.cell, resume=resume, allow_dotted_paths=self.dotted, tracking=self.tracking)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+import connector_zoo.io
 from bench.evaluate.accuracy import blind_answers
 from bench.run.lock import LOCK_NAME, writer_lock
 from bench.run.record import RunLog, git_commit, record
@@ -124,7 +125,8 @@ def _run(
     compute = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[prec]
     if auto_cpu:
         compute = "auto (measured once the model is built)"
-    log(f"device: {accelerator.device.type}, {where}; compute {compute}, frozen weights stored in {backbone}")
+    kept = "; malloc keeps freed memory" if connector_zoo.io.FREED_MEMORY_KEPT else ""
+    log(f"device: {accelerator.device.type}, {where}; compute {compute}, frozen weights stored in {backbone}{kept}")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP" and cfg.shard != "full":
         # measured with accelerate 1.15: on a machine without CUDA an FSDP config runs as DDP over gloo
         log(

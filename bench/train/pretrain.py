@@ -146,6 +146,11 @@ def pretrain_encoder(
         raise ValueError(
             f"world encoder input {input_px} px: a multiple of 8 no larger than the world's {world_px}-px images"
         )
+    if recolour and input_px is not None:  # its native-resolution crops would keep their colours
+        raise ValueError(
+            "world encoder: recolour is not built for an input smaller than the world's images (--world-encoder-px);"
+            " use one or the other"
+        )
     name = encoder_dir_name(family, steps, batch_size, seed, dense, lr, position, input_px, recolour)
     out = world.dir / "backbones" / name
 
