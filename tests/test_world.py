@@ -381,3 +381,30 @@ def test_the_pretrained_level_pretrains_a_recoloured_encoder_unless_told_otherwi
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="recolour is not built for an input smaller"):
         pretrain_encoder("clip", world, steps=2, recolour=True, input_px=32, log=quiet)
+
+
+def test_world_build_pretrains_the_backbones_a_run_with_the_same_options_builds(monkeypatch, tmp_path):
+    """``bench world build`` asks for the encoder and LLM that ``bench run`` with the same world options would build
+    (it passed none of ``--world-encoder-px`` before, and the pretrained level's encoder is recoloured)."""
+    import bench.train.pretrain as pretrain
+    import bench.train.world_llm as world_llm
+    from bench.cli import COMMANDS
+    from bench.cli.common import data_from_args
+    from bench.cli.parser import build_parser
+    from bench.cli.training import cmd_world_build
+    from bench.train.settings import RunConfig
+
+    asked = []
+    monkeypatch.setattr(pretrain, "pretrain_encoder", lambda name, world, **kw: asked.append(("encoder", kw)) or "e")
+    monkeypatch.setattr(world_llm, "pretrain_llm", lambda name, world, **kw: asked.append(("llm", kw)) or "l")
+    monkeypatch.setattr("bench.evaluate.lmms.world_task_data", lambda world: tmp_path, raising=False)
+    parser = build_parser(COMMANDS)
+    for flags in (["--world-llm", "smollm2"], ["--world-encoder-px", "32"], []):
+        asked.clear()
+        common = ["--world-scale", "0.01", *flags]
+        cmd_world_build(parser.parse_args(["world", "build", *common]))
+        run = RunConfig(data=data_from_args(parser.parse_args(["run", "--connector", "linear", *common])))
+        want = pretrain.world_backbones(run)
+        (_, enc), (_, llm) = asked
+        assert pretrain.encoder_dir_name("clip", **enc) == want["encoder"], flags
+        assert world_llm.llm_dir_name("tinyllama", **llm) == want["llm"], flags
