@@ -4,10 +4,13 @@ rounds (each round times every setting once, in turn), median and spread (min-ma
 first. Also the tokens per sample with SmolLM2's default system turn and without it (what the level renders).
 
     python benchmarks/world_levers.py [--rounds 5] [--batch-size 16] [--qa-turns 3] [--connector mlp2x_gelu]
+                                       [--only bf16]
 
 Settings: the LLM trained whole (stage 2) or frozen (stage 1, the connector still gets gradients through it), LoRA
 r=64 on every linear layer, fp32 or bf16 autocast, the LM head on every position (transformers' loss) or only where
-a label is (llms/loss.py). The world LLM is the level's (built on first use, minutes). Print only, nothing written.
+a label is (llms/loss.py), and the batch padded to its longest sample or packed into one row (``--packing on``).
+The padding share of the batch is printed. The world LLM is the level's (built on first use, minutes). Print only,
+nothing written.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--qa-turns", type=int, default=3)
     ap.add_argument("--connector", default="mlp2x_gelu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", help="only the settings whose name contains this (e.g. bf16, head at labels)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = RunConfig(
@@ -63,7 +67,7 @@ def main() -> None:
 
     lora_added = False
 
-    def step(trains_llm: bool, lora: bool, precision: str, full_logits: bool) -> float:
+    def step(trains_llm: bool, lora: bool, precision: str, full_logits: bool, packed: bool = False) -> float:
         nonlocal lora_added
         if lora and not lora_added:
             vlm.llm.add_lora({"r": 64, "alpha": 128, "dropout": 0.0})
@@ -79,6 +83,7 @@ def main() -> None:
         vlm.connector.requires_grad_(True)
         vlm.zero_grad(set_to_none=True)
         start = time.perf_counter()
+        batch.pack = packed  # one row of all the samples, attention per sample (llms/attention.py), no padding
         with autocast(precision):
             loss = vlm(batch, full_logits=full_logits).loss
         loss.backward()
@@ -90,7 +95,9 @@ def main() -> None:
         "LLM trained, bf16, head at labels": (True, False, "bf16", False),
         "LLM frozen (stage 1), bf16, head at labels": (False, False, "bf16", False),
         "LoRA r=64, bf16, head at labels": (True, True, "bf16", False),
+        "LLM trained, bf16, head at labels, packed": (True, False, "bf16", False, True),
     }
+    settings = {k: v for k, v in settings.items() if args.only is None or args.only in k}
     times: dict[str, list[float]] = {k: [] for k in settings}
     for s in settings.values():  # warm-up, untimed
         step(*s)
@@ -98,10 +105,12 @@ def main() -> None:
         for k, s in settings.items():
             times[k].append(step(*s))
     first = statistics.median(next(iter(times.values())))
+    lengths = [len(ids) - 1 + visual for ids in batch.input_ids]  # <image> becomes the visual tokens
+    padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
     print(
         f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch {len(samples)} samples, {rendered:.1f} "
         f"tokens a sample with its {visual} visual tokens ({longer:.1f} with SmolLM2's default system turn); "
-        f"{args.rounds} interleaved rounds"
+        f"{args.rounds} interleaved rounds; padded to the longest sample, {padding:.1%} of the batch is padding"
     )
     rows = []
     for k, ts in times.items():

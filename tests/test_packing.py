@@ -177,6 +177,28 @@ def test_fastv_refuses_packed_rows():
         vlm(inputs(vlm, pack=True))
 
 
+def test_packing_auto_packs_llava_data_and_the_pretrained_world_level_only():
+    """``--packing auto``: on for LLaVA data and for the world's pretrained level (PACKED_LEVELS), off for the
+    from-scratch world levels (their records were made padded) and for a connector that prunes inside the LLM; the
+    explicit settings win, and ``on`` with such a connector is refused."""
+    from bench.train.assemble import packing_decision
+    from bench.train.settings import RunConfig
+
+    vlm = VLM.build({"name": "clip"}, {"name": "mlp2x_gelu"}, {"name": "tinyllama"})
+    fastv = VLM.build({"name": "clip"}, {"name": "fastv"}, {"name": "tinyllama"})
+    world = lambda level: {"kind": "world", "pretrain": {"llm_level": level}}  # noqa: E731
+    assert packing_decision(RunConfig(data={"kind": "llava", "path": "x.json"}), vlm)[0] is True
+    assert packing_decision(RunConfig(data=world("smollm2")), vlm)[0] is True
+    for level in ("small", "wide"):
+        assert packing_decision(RunConfig(data=world(level)), vlm)[0] is False
+    assert packing_decision(RunConfig(), vlm) == (False, "auto: the mini world's samples are all about as long")
+    assert packing_decision(RunConfig(data=world("smollm2")), fastv)[0] is False
+    assert packing_decision(RunConfig(data=world("smollm2"), packing="off"), vlm) == (False, "--packing off")
+    assert packing_decision(RunConfig(packing="on"), vlm) == (True, "--packing on")
+    with pytest.raises(ValueError, match="prunes visual tokens inside the LLM"):
+        packing_decision(RunConfig(packing="on"), fastv)
+
+
 @pytest.fixture(scope="module")
 def mixed_lengths(tmp_path_factory):
     """LLaVA JSON whose samples differ in length as the 665K mix does: image questions with short and long answers and
