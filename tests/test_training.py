@@ -454,3 +454,8 @@ def test_a_stage_validates_on_its_val_limit_samples(tmp_path):
     vlm.eval()
     assert recorded == pytest.approx(validation_loss(vlm, val, collator, 2, limit=2), rel=1e-5)
     assert abs(recorded - validation_loss(vlm, val, collator, 2, limit=4)) > 1e-3
+    # and it builds no autograd graph (it lost its no_grad once, when a function was put between them)
+    modes = []
+    vlm.register_forward_pre_hook(lambda module, args: modes.append(torch.is_grad_enabled()))
+    validation_loss(vlm, val, collator, 2)
+    assert modes and not any(modes)
