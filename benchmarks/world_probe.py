@@ -9,8 +9,9 @@ features of the selected layer (standardised) predicts the attribute of the obje
 with Adam on the training images. Printed: test accuracy over the cells that hold an object, per attribute, and for
 shape split by object size; and the same probes on the compositional split, scored on the objects whose colour-shape
 pair never occurs in training (``HELD_OUT``): whether the encoder itself says "red circle" when it has only seen red
-squares and blue circles (``probe_accuracy_unseen_pairs``). A VLM cannot answer a question type above what its encoder makes readable; far below it,
-the connector and the LLM are the limit (see docs/mini-world.md, the world's ceiling).
+squares and blue circles (``probe_accuracy_unseen_pairs``). A VLM cannot answer a question type above what its
+encoder makes readable; far below it, the connector and the LLM are the limit (see docs/mini-world.md, the world's
+ceiling).
 
 ``--per-token`` asks a harder question: one linear classifier shared by all patch tokens predicts what lies under each
 token (``patch_labels``), scored on the tokens an object covers. A per-token projector (mlp2x_gelu) hands the LLM

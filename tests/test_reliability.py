@@ -441,8 +441,9 @@ print(kept, min(faults[-3:]), sum(faults[-3:]))
 @pytest.mark.parametrize("how", ["keep", "default", "opted-out"])
 def test_keep_freed_memory_stops_the_kernel_faulting_the_same_memory_in_again(how):
     """glibc unmaps a freed 64 MB block and the next one is faulted in and zeroed page by page (16,384 faults of 4 KB)
-    at every step; with ``keep_freed_memory``, after a few steps the process reuses what it freed (no faults). ``CONNECTOR_ZOO_MALLOC=default`` keeps
-    glibc's behaviour. Page faults are counted, not timed: the same on any machine with glibc."""
+    at every step; with ``keep_freed_memory``, after a few steps the process reuses what it freed (no faults).
+    ``CONNECTOR_ZOO_MALLOC=default`` keeps glibc's behaviour. Page faults are counted, not timed: the same on any
+    machine with glibc."""
     import subprocess
     import sys
 
