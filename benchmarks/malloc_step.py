@@ -24,8 +24,11 @@ SETTINGS = ("glibc default", "keep_freed_memory")
 
 def child(setting: str, layers: int, steps: int, batch: int, tokens: int) -> dict:
     if setting == "keep_freed_memory":
+        import os
+
         from connector_zoo.io import keep_freed_memory
 
+        os.environ["CONNECTOR_ZOO_MALLOC"] = "keep"
         assert keep_freed_memory()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -31,7 +31,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (RegistryError, ValueError, OSErr
 
 def main(argv: list[str] | None = None, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
     args = parse_with_config(build_parser(COMMANDS), argv)
-    keep_freed_memory()  # before the model's first allocations (CONNECTOR_ZOO_MALLOC=default: glibc's own)
+    keep_freed_memory()  # before the model's first allocations; only with CONNECTOR_ZOO_MALLOC=keep
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
