@@ -255,7 +255,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             log=quiet,
             num_workers=0,
             pack=True,
-            autocast=spec.get("precision", "no"),
+            autocast=spec["precision"],
         )
         trainer.micro_indices = lambda step, micro: order[step]  # hf's batches, in hf's order
         with PeakRSS() as peak:
@@ -304,7 +304,7 @@ def run_hf(spec: dict[str, Any], side: str) -> dict[str, Any]:
         return pad_collate(items, pad_id)
 
     with PeakRSS() as peak:
-        seconds, losses = hf_fit(model, Samples(), collate, stage, cfg.seed, spec.get("precision", "no"))
+        seconds, losses = hf_fit(model, Samples(), collate, stage, cfg.seed, spec["precision"])
     return {"seconds": seconds, "losses": losses, "positions": sum(positions), "peak_rss_bytes": peak.peak}
 
 

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+#: the pretrained world level's stage 2 (`mini-smollm2`'s, and all of `mini-smollm2-stage2-only`): the LLM at LLaVA's
+#: low rate for a pretrained LLM, the connector at half stage 1's; the validation loss at the stage's end over 400
+#: held-out samples, not 2,000 (a logged figure, and over 2,000 it cost 4-5 minutes a stage at this level)
+SMOLLM2_STAGE2: dict[str, Any] = dict(
+    stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50, val_limit=400
+)
+
 RECIPES: dict[str, list[dict[str, Any]]] = {
     # the mini world on 2 CPU cores: a short stage 1 (connector only) then a short stage 2 (connector + LLM); see
     # docs/training.md: the frozen 4-layer world LLM alone does not reach useful accuracy in minutes
@@ -27,32 +34,12 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     # and over 2,000 it cost 4-5 minutes a stage at this level)
     "mini-smollm2": [
         dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50, val_limit=400),
-        dict(
-            stage=2,
-            steps=250,
-            batch_size=16,
-            lr=5e-5,
-            connector_lr=1e-3,
-            warmup_ratio=0.05,
-            save_every=50,
-            val_limit=400,
-        ),
+        dict(SMOLLM2_STAGE2),
     ],
     # the two published directions the pretrained level tests by recipe (docs/pretrained-world.md): Prismatic's
     # single-stage training (stage 2 alone, the same 250 steps), and LLaVA's frozen LLM against a fine-tuned one (the
     # connector alone for all 400 steps at stage 1's rate)
-    "mini-smollm2-stage2-only": [
-        dict(
-            stage=2,
-            steps=250,
-            batch_size=16,
-            lr=5e-5,
-            connector_lr=1e-3,
-            warmup_ratio=0.05,
-            save_every=50,
-            val_limit=400,
-        )
-    ],
+    "mini-smollm2-stage2-only": [dict(SMOLLM2_STAGE2)],
     "mini-smollm2-frozen-llm": [
         dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50, val_limit=400)
     ],

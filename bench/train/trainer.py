@@ -391,11 +391,12 @@ def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch
 def validation_loss(vlm: VLM, data: Dataset, collator: Collator, batch_size: int, limit: int = 2000) -> float | None:
     """The mean LM loss over the first ``limit`` samples of ``data`` (batch-weighted); None when not one of them could
     be used (each skipped one is recorded with its reason): a loss over zero samples is no loss, not 0."""
-    if (collator.features.images if collator.features is not None else None) is not data.images:
+    images = collator.features.images if collator.features is not None else None
+    if images is not data.images:
         # a sample's image is an index into its own table: another table's collator would serve other images
         raise ValueError(
             f"validation of {data.name!r} needs the collator of its image table, not of "
-            f"{collator.features.images.key if collator.features is not None else 'no images'!r}"
+            f"{images.key if images is not None else 'no images'!r}"
         )
     vlm.eval()
     total, count = 0.0, 0
