@@ -97,6 +97,10 @@ def test_flags_override_the_file_and_settings_merge(tmp_path):
     cfg = run_config_from_args(parse(["run", "--config", str(path), "--qa-turns", "2", "--pretrain-steps", "3"]))
     assert cfg.data["qa_turns"] == 2 and cfg.data["world"] == data["world"]
     assert cfg.data["pretrain"] == {"llm_level": "wide", "encoder_steps": 3, "llm_steps": 3}
+    assert "train_questions" not in cfg.data
+    cfg = run_config_from_args(parse(["run", "--config", str(path), "--train-questions", "7", "--qa-turns", "7"]))
+    assert cfg.data["train_questions"] == 7 and cfg.data["qa_turns"] == 7
+    assert run_config_from_args(parse(["run", "--train-questions", "5"])).data["train_questions"] == 5
 
 
 def test_lora_in_a_file_is_a_switch_a_string_or_a_mapping(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -99,6 +101,46 @@ def test_qa_turns_put_a_scenes_questions_in_one_conversation_with_every_answer_a
         assert decoded == answers  # every answer, in order, and no question word
     with pytest.raises(ValueError, match="qa_turns=0"):
         world_dataset(world, "train", qa_turns=0)
+
+
+def test_fresh_training_questions_are_the_worlds_generator_seeded_by_scene():
+    """``train_questions=7``: each training scene's questions drawn afresh, one of each type its objects allow (count
+    and existence always), every answer true of the scene, the same in every call (a stream named by the world's seed,
+    the scene id and k; two scenes, or two k, draw differently); the evaluation splits keep their recorded
+    questions, and qa_turns groups the fresh ones into one conversation."""
+    from bench.data.formats import world_dataset
+    from bench.data.world import QUESTION_TYPES, fresh_questions, question_makers
+
+    world = World(WorldConfig().scaled(0.01), progress=False)
+    records = world.records("train")
+    for r in records:
+        qa = fresh_questions(r, 7, world.cfg.seed)
+        assert qa == fresh_questions(r, 7, world.cfg.seed)
+        objs = [Obj(o["shape"], o["colour"], o["size"], o["cell"]) for o in r["objects"]]
+        makers = question_makers(objs, random.Random(0))
+        available = {t for t in QUESTION_TYPES if t != "exist" and makers[t]()} | {"exist"}
+        assert sorted(q["type"] for q in qa) == sorted(available)  # one of each available type
+        for q in qa:
+            if q["type"] == "exist":  # drawn from its own random stream: check the answer against the objects
+                *_, colour, shape = q["question"].rstrip("?").split(" ")
+                assert q["answer"] == ("yes" if (colour, shape) in {(o.colour, o.shape) for o in objs} else "no")
+            else:
+                assert (q["question"], q["answer"]) in makers[q["type"]]()
+    draws = [tuple(q["question"] for q in fresh_questions(r, 7)) for r in records]
+    assert len(set(draws)) > len(draws) // 2  # scenes draw on their own streams, not one shared order
+    assert fresh_questions(records[0], 7, seed=1) != fresh_questions(records[0], 7) or len(records[0]["objects"]) == 1
+    fresh = world_dataset(world, "train", qa_turns=7, fresh_questions=7)
+    conversations = [s for s in fresh.samples if s.meta["type"] == "conversation"]
+    assert [s.meta["types"] for s in conversations] == [
+        [q["type"] for q in fresh_questions(r, 7, world.cfg.seed)] for r in records
+    ]
+    assert sum(s.meta["type"] == "caption" for s in fresh.samples) == len(records)
+    test = world_dataset(world, "test")
+    assert [s.meta["answer"] for s in test.samples if s.meta["type"] != "caption"] == [
+        q["answer"] for r in world.records("test") for q in r["qa"]
+    ]
+    with pytest.raises(ValueError, match="train_questions=0"):
+        world_dataset(world, "train", fresh_questions=0)
 
 
 def test_patch_labels_by_hand():

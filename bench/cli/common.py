@@ -114,6 +114,8 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
             data["world"] = world.as_dict()
         if getattr(args, "qa_turns", 1) > 1:
             data["qa_turns"] = args.qa_turns
+        if getattr(args, "train_questions", None) is not None:
+            data["train_questions"] = args.train_questions
     else:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
@@ -140,7 +142,12 @@ def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
             data.pop("world", None)
         else:
             data["world"] = world.as_dict()
-    for option, key in (("qa_turns", "qa_turns"), ("data_path", "path"), ("image_folder", "image_folder")):
+    for option, key in (
+        ("qa_turns", "qa_turns"),
+        ("train_questions", "train_questions"),
+        ("data_path", "path"),
+        ("image_folder", "image_folder"),
+    ):
         if option in set_here:
             data[key] = getattr(args, option)
     if "held_out" in set_here:

@@ -51,6 +51,15 @@ def add_turns_arg(p: argparse.ArgumentParser) -> None:
         help="mini world training: up to N of a scene's questions as the turns of one conversation "
         "(default 1: one question a sample; evaluation always asks one)",
     )
+    p.add_argument(
+        "--train-questions",
+        type=POSITIVE,
+        default=None,
+        metavar="K",
+        help="mini world training: K questions a training image, drawn afresh by the world's generator (one of each "
+        "of its 7 types while types last) instead of the 3 it recorded; with --qa-turns K they are one conversation "
+        "(the splits a run is scored on keep their recorded questions)",
+    )
 
 
 def add_precision_arg(p: argparse.ArgumentParser) -> None:

@@ -239,16 +239,33 @@ def hf_record_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
 
 
 # ----------------------------------------------------------------- the world
-def world_dataset(world, split: str, captions: bool = True, questions: bool = True, qa_turns: int = 1) -> Dataset:
+def world_dataset(
+    world,
+    split: str,
+    captions: bool = True,
+    questions: bool = True,
+    qa_turns: int = 1,
+    fresh_questions: int | None = None,
+) -> Dataset:
     """The split's samples: per scene its caption and its questions, one question a sample, or with ``qa_turns`` > 1
     up to that many of a scene's questions as the turns of one conversation (the image once, in the first turn; a
     label on every answer), as LLaVA's instruction data asks several questions of one image. The caption stays a
-    sample of its own (in the same conversation it would answer the position questions in words)."""
+    sample of its own (in the same conversation it would answer the position questions in words).
+
+    ``fresh_questions`` = k (training data, ``--train-questions``): each scene's questions are k drawn afresh by the
+    world's generator (``bench.data.world.fresh_questions``: one of each of the 7 types while types last) instead of the
+    ones the world recorded (``questions_per_image``, 3), as denser instruction data asks more of each image."""
+    from bench.data.world import fresh_questions as draw
+
     records = world.records(split)
     samples = []
     if qa_turns < 1:
         raise SettingError(f"world data: qa_turns={qa_turns} must be at least 1")
+    if fresh_questions is not None and fresh_questions < 1:
+        raise SettingError(f"world data: train_questions={fresh_questions} must be at least 1")
     for i, r in enumerate(records):
+        if fresh_questions is not None:
+            r = {**r, "qa": draw(r, fresh_questions, world.cfg.seed)}
         if captions:
             samples.append(
                 Sample(

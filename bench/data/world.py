@@ -255,6 +255,16 @@ def questions(scene: Scene, rng: random.Random, k: int) -> list[dict[str, str]]:
     return out
 
 
+def fresh_questions(record: dict[str, Any], k: int, seed: int = 0) -> list[dict[str, str]]:
+    """``k`` questions about a recorded scene drawn afresh by the world's own generator (``questions``: distinct types
+    while types last, in a random order), from a random stream named by the world's seed, the scene's id and ``k``, so
+    the same scene gets the same questions in every process and run. For training only (``--train-questions``): the
+    splits a run is scored on keep the questions the world recorded."""
+    objs = [Obj(o["shape"], o["colour"], o["size"], o["cell"], o["x"], o["y"]) for o in record["objects"]]
+    rng = random.Random(f"world-seed-{seed}/{record['id']}/questions-{k}")
+    return questions(Scene(record["id"], objs), rng, k)
+
+
 def exist_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str]]:
     present = {(o.colour, o.shape) for o in objs}
     if rng.random() < 0.5:

@@ -31,7 +31,9 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
     if kind == "world":
         world = World(WorldConfig(**data.get("world", {})))
         return (
-            world_dataset(world, "train", qa_turns=data.get("qa_turns", 1)),  # evaluation: one question a sample
+            world_dataset(  # evaluation: one question a sample, the world's recorded ones
+                world, "train", qa_turns=data.get("qa_turns", 1), fresh_questions=data.get("train_questions")
+            ),
             world_dataset(world, "val"),
             {"test": world_dataset(world, "test"), "compositional": world_dataset(world, "compositional")},
             world,

@@ -357,7 +357,8 @@ def describe_data(data: dict[str, Any]) -> str:
     if kind == "world":
         world = data.get("world") or {}
         size = f", {world['train']:,} training images of {world['image_size']} px" if "train" in world else ""
-        return f"the embedded mini world{size}" + (
+        fresh = f", {data['train_questions']} fresh questions a training image" if data.get("train_questions") else ""
+        return f"the embedded mini world{size}{fresh}" + (
             f", {data['qa_turns']} questions a turn" if data.get("qa_turns") else ""
         )
     if kind == "llava":
