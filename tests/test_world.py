@@ -401,15 +401,20 @@ def test_the_pretrained_level_pretrains_a_recoloured_encoder_unless_told_otherwi
     from bench.cli import COMMANDS
     from bench.cli.common import data_from_args
     from bench.cli.parser import build_parser
-    from bench.train.pretrain import encoder_dir_name, pretrain_encoder, steps, world_backbones
+    from bench.train.pretrain import ENCODER_STEPS, encoder_dir_name, pretrain_encoder, steps, world_backbones
     from bench.train.settings import RunConfig
 
     parser = build_parser(COMMANDS)
     plain, recoloured = encoder_dir_name("clip"), encoder_dir_name("clip", recolour=True)
+    # the level pretrains its encoder for 2,000 steps (LEVEL_ENCODER_STEPS), the others for ENCODER_STEPS;
+    # --pretrain-steps overrides both
+    level, level_plain = encoder_dir_name("clip", 2000, recolour=True), encoder_dir_name("clip", 2000)
+    assert ENCODER_STEPS == 600 and "-s600-" in plain and "-s2000-" in level
     for flags, name in (
         ([], plain),
-        (["--world-llm", "smollm2"], recoloured),
-        (["--world-llm", "smollm2", "--no-world-encoder-recolour"], plain),
+        (["--world-llm", "smollm2"], level),
+        (["--world-llm", "smollm2", "--no-world-encoder-recolour"], level_plain),
+        (["--world-llm", "smollm2", "--pretrain-steps", "7"], encoder_dir_name("clip", 7, recolour=True)),
         (["--world-encoder-recolour"], recoloured),
         (["--world-llm", "wide"], plain),
     ):
