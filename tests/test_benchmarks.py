@@ -88,3 +88,19 @@ def test_the_optimizer_benchmark_times_the_same_step_three_ways():
     for other in moved[1:]:
         for a, b in zip(moved[0], other):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_directions_pair_the_pruning_curve_by_draw_and_question():
+    """cls_prune's one answer sheet against each random_keep draw, question by question: cls right on q0 and q1,
+    draw 0 right on q0, draw 1 on q1 -> differences (0, 1, 0, 0) and (1, 0, 0, 0): +2/8; a curve of other questions
+    (another digest) is not paired at all."""
+    directions = load("directions")
+    rows = [
+        {"method": "cls_prune", "keep_ratio": 0.1, "correct": ["1100"], "questions": "4:ab"},
+        {"method": "random_keep", "keep_ratio": 0.1, "correct": ["1000", "0100"], "questions": "4:ab"},
+    ]
+    p = directions.curve_pairs(rows, 0.1)
+    assert p["questions"] == 8 and abs(p["diff"] - 0.25) < 1e-12
+    assert directions.curve_pairs([rows[0], {**rows[1], "questions": "4:cd"}], 0.1) is None
+    assert directions.curve_pairs(rows, 0.25) is None
+    assert directions.interval({"diff": 0.1, "low": -0.02, "high": 0.2, "p": 0.04}) == "+10.0 [-2.0, +20.0] (p = 0.04)"

@@ -170,6 +170,13 @@ def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
     assert [by[("random_keep", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 32.0, 16.0]
     assert [by[("avgpool", r)]["tokens"] for r in (1.0, 0.5, 0.25)] == [64.0, 36.0, 16.0]  # 8x8, 6x6, 4x4
     assert by[("random_keep", 0.5)]["draws"] == 2 and "speedup" in by[("cls_prune", 0.5)]
+    # per draw, each question's exact match, the same questions named in every row: the accuracy is their mean
+    assert len({r["questions"] for r in rows}) == 1 and rows[0]["questions"].startswith("8:")
+    for r in rows:
+        assert len(r["correct"]) == r["draws"] and all(len(c) == 8 and set(c) <= {"0", "1"} for c in r["correct"])
+        mean = sum(c.count("1") for c in r["correct"]) / (8 * r["draws"])
+        assert abs(mean - r["accuracy"]) < 1e-9, r["method"]
+    assert by[("cls_prune", 1.0)]["correct"] == by[("random_keep", 1.0)]["correct"][:1]
     # the other training-free reducers at the same counts: VisionZip k, PruMerge int(k) + 1, FastV k after its layer
     assert [by[("visionzip", r)]["tokens"] for r in (0.5, 0.25)] == [32.0, 16.0]
     assert [by[("prumerge", r)]["tokens"] for r in (0.5, 0.25)] == [33.0, 17.0]

@@ -18,6 +18,8 @@ exactly. Prefill time is measured for the cls_prune points (interleaved rounds);
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ def pruning_curve(
     _, _, eval_sets, _ = load_data(cfg, lambda m: None)
     test = next(iter(eval_sets.values()))
     samples = qa_samples(test, eval_limit)
+    questions = question_digest([s.id for s in samples])
     images = [test.images.load(s.image) for s in samples[:4] if s.image is not None]
     info = vlm.encoder.info
     geometry = vlm.tiling.geometry if vlm.tiling is not None else None
@@ -82,8 +85,10 @@ def pruning_curve(
         vlm.connector = connector
         collator = Collator(vlm.llm, features(connector), vlm.max_visual_tokens(), vlm.max_length)
         answers = answer(vlm, samples, collator)
+        scored = accuracy(samples, answers)
         return {
-            "accuracy": accuracy(samples, answers)["exact_match"],
+            "accuracy": scored["exact_match"],
+            "correct": "".join(str(c) for c in scored["per_question"]["correct"]),
             "answers": answers,
             "tokens": tokens_after(connector, info) if geometry is None else tiled_tokens(vlm, connector, images),
         }
@@ -108,6 +113,10 @@ def pruning_curve(
                     "accuracy": mean,
                     "accuracy_std": statistics.pstdev(acc),
                     "draws": len(points),
+                    # per draw, each question's 0/1 exact match in sample order (the same questions in every row,
+                    # named by ``questions``): paired comparisons between methods (benchmarks/directions.py)
+                    "correct": [p["correct"] for p in points],
+                    "questions": questions,
                     "answers": points[0]["answers"],
                     "retained": mean / ref if ref else None,
                     "unpruned_accuracy": ref,
@@ -118,6 +127,12 @@ def pruning_curve(
                 rows.append(row)
     vlm.connector = projector
     return rows
+
+
+def question_digest(ids: list[str]) -> str:
+    """The evaluated questions, named: their count and a digest of their ids in order (two curves' ``correct``
+    strings pair position by position only when this is equal)."""
+    return f"{len(ids)}:{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}"
 
 
 @torch.no_grad()

@@ -1,0 +1,235 @@
+"""Published directions, as the mini world measures them: the README's directions table, rebuilt from kept records.
+
+    python benchmarks/directions.py sweeps/smollm2 [--base mlp2x_gelu] [--seed-of-curve 0]
+
+Reads every record under the sweep directory (``results.json(.gz)`` of each cell, and ``pruning_curve.json`` of the
+base connector's cell) and prints one markdown row per direction: the paper's claim and figure, the world's
+measurement with its paired 95 % interval (``bench/evaluate/stats.py``: the same questions and seeds on both sides,
+bootstrap over them, McNemar's exact p), and a verdict computed by the rule the row states. A direction whose records
+are missing says which run would supply them. The rules:
+
+- **FasterVLM** (CLS-attention pruning, training-free): cls_prune minus random_keep at 10 % kept, paired over (random
+  draw, question); reproduced when the interval is above 0 *and* cls_prune keeps at least 90 % of the unpruned
+  accuracy at 25 % kept (the issue's "flat to 25 %"; the paper: 90 % kept at 5 %).
+- **Honeybee** (a): c_abstractor (16 tokens) minus linear (64): reproduced when the interval's upper end is above 0
+  (not worse; "better" when its lower end is too). (b): on the spatial questions (position and relation), each
+  resampler (perceiver_resampler, qformer) minus c_abstractor: reproduced when every interval is below 0.
+- **MM1** (tokens matter more than the connector type): the spread between the best and the worst trained 16-token
+  connector against the gain of the best 64-token connector over the best 16-token one; reproduced when the gain's
+  interval lies above the spread.
+- **LLaVA** (fine-tuning the LLM in stage 2 beats a frozen LLM): the two-stage run minus the frozen-LLM run
+  (``mini-smollm2-frozen-llm``); reproduced when the interval is above 0.
+- **Prismatic** (skipping stage 1 costs little): stage 2 alone (``mini-smollm2-stage2-only``) minus the two-stage
+  run; reproduced when the interval's lower end is above -2 points.
+- **LLaVA-NeXT / MM1** (resolution): not testable in this budget (a 128-px world is ~4 h a run on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.evaluate.stats import paired
+from bench.report.tables import config_name, load_runs, per_question
+
+SIXTEEN = ("avgpool", "c_abstractor", "ldpv2", "pixel_shuffle", "tokenpacker", "perceiver_resampler", "cls_prune")
+SPATIAL = ("position", "relation")
+
+
+def interval(p: dict[str, float] | None) -> str:
+    if p is None:
+        return "no common questions"
+    return f"{100 * p['diff']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] (p = {p['p']:.2g})"
+
+
+def mean_acc(answers: dict[tuple[int, str], int]) -> float:
+    return 100 * statistics.fmean(answers.values())
+
+
+class Records:
+    def __init__(self, sweep: Path, base: str):
+        self.sweep, self.base = sweep, base
+        self.runs = load_runs([sweep])
+        self.names = sorted({config_name(r["config"]) for r in self.runs})
+        recipes = sorted({r["config"]["recipe"] for r in self.runs if r["config"]["connector"]["name"] == base})
+        self.recipe = next((x for x in recipes if not x.endswith(("-frozen-llm", "-stage2-only"))), None)
+        self.types = question_types(self.runs)
+
+    def name(self, connector: str, recipe: str | None = None) -> str | None:
+        recipe = recipe or self.recipe
+        hits = [n for n in self.names if f" + {connector} + " in n and n.endswith(f"({recipe})")]
+        return hits[0] if len(hits) == 1 else None
+
+    def answers(self, connector: str, recipe: str | None = None, types: tuple[str, ...] = ()) -> dict:
+        name = self.name(connector, recipe)
+        out = per_question(self.runs, name) if name else {}
+        return {k: v for k, v in out.items() if self.types.get(k[1]) in types} if types else out
+
+
+def question_types(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """Test question id -> its type, from the world the runs were scored on (its records, in the cache)."""
+    from bench.data.world import World, WorldConfig
+
+    worlds = {json.dumps(r["config"]["data"].get("world", {}), sort_keys=True) for r in runs}
+    out = {}
+    for w in worlds:
+        world = World(WorldConfig(**json.loads(w)), progress=False)
+        for rec in world.records("test"):
+            out.update({f"{rec['id']}/q{j}": qa["type"] for j, qa in enumerate(rec["qa"])})
+    return out
+
+
+def curve_pairs(rows: list[dict[str, Any]], ratio: float) -> dict | None:
+    """cls_prune against random_keep at ``ratio``, paired over (random draw, question)."""
+    by = {(r["method"], r["keep_ratio"]): r for r in rows}
+    a, b = by.get(("cls_prune", ratio)), by.get(("random_keep", ratio))
+    if not a or not b or "correct" not in a or a.get("questions") != b.get("questions"):
+        return None
+    cls = a["correct"][0]
+    left = {(d, q): int(cls[q]) for d in range(len(b["correct"])) for q in range(len(cls))}
+    right = {(d, q): int(c[q]) for d, c in enumerate(b["correct"]) for q in range(len(c))}
+    return paired(left, right)
+
+
+def fastervlm(rec: Records, seed: int) -> list[str]:
+    cell = next(rec.sweep.glob(f"*--{rec.base}--*--s{seed}"), None)
+    path = cell / "pruning_curve.json" if cell else None
+    claim = "CLS-attention pruning beats random-keep at 10 % kept and stays flat to 25 % (FasterVLM)"
+    paper = "prunes 95 % of LLaVA-1.5-7B's visual tokens keeping 90 % of its performance; beats random selection"
+    if not path or not path.exists():
+        return [claim, paper, f"no pruning curve: `bench prune-curve <the {rec.base} s{seed} run>`", "to run"]
+    rows = json.loads(path.read_text())
+    by = {(r["method"], r["keep_ratio"]): r for r in rows}
+    p10 = curve_pairs(rows, 0.1)
+    kept25 = by.get(("cls_prune", 0.25), {}).get("retained")
+    if p10 is None or kept25 is None:
+        return [claim, paper, f"{path} lacks the 10 % and 25 % points or their per-question records", "to run"]
+    world = (
+        f"10 % kept: cls_prune {100 * by[('cls_prune', 0.1)]['accuracy']:.1f} % against random_keep "
+        f"{100 * by[('random_keep', 0.1)]['accuracy']:.1f} % ({by[('random_keep', 0.1)]['draws']} draws), "
+        f"{interval(p10)}; 25 % kept: {100 * kept25:.0f} % of the unpruned accuracy "
+        f"({100 * by[('cls_prune', 0.25)]['accuracy']:.1f} of {100 * by[('cls_prune', 0.25)]['unpruned_accuracy']:.1f})"
+    )
+    beats, flat = p10["low"] > 0, kept25 >= 0.9
+    verdict = (
+        "**reproduced**"
+        if beats and flat
+        else "**partly**: beats random at 10 %, not flat to 25 %"
+        if beats
+        else "**partly**: flat to 25 %, not above random at 10 %"
+        if flat
+        else "**not reproduced**"
+    )
+    return [claim, paper, world, verdict]
+
+
+def honeybee(rec: Records) -> list[list[str]]:
+    paper_a = "C-Abstractor at fewer tokens matches or beats the linear projector (Honeybee, its projector ablation)"
+    paper_b = "resamplers lose spatial understanding against C-Abstractor (Honeybee, spatial tasks)"
+    out = []
+    a, b = rec.answers("c_abstractor"), rec.answers("linear")
+    if a and b:
+        p = paired(a, b)
+        verdict = "**reproduced** (better)" if p["low"] > 0 else "**reproduced** (not worse)"
+        verdict = verdict if p["high"] > 0 else "**not reproduced**"
+        world = f"test: c_abstractor {mean_acc(a):.1f} against linear {mean_acc(b):.1f}, {interval(p)}"
+        out.append(["C-Abstractor >= linear (Honeybee)", paper_a, world, verdict])
+    else:
+        out.append(["C-Abstractor >= linear (Honeybee)", paper_a, "needs the c_abstractor and linear cells", "to run"])
+    ref = rec.answers("c_abstractor", types=SPATIAL)
+    parts, below = [], []
+    for res in ("perceiver_resampler", "qformer"):
+        mine = rec.answers(res, types=SPATIAL)
+        if ref and mine:
+            p = paired(mine, ref)
+            parts.append(f"{res} {mean_acc(mine):.1f} against {mean_acc(ref):.1f}, {interval(p)}")
+            below.append(p["high"] < 0)
+    if parts:
+        verdict = "**reproduced**" if all(below) else "**partly**" if any(below) else "**not reproduced**"
+        world = "position and relation questions: " + "; ".join(parts)
+        out.append(["resamplers lose spatial questions against C-Abstractor (Honeybee)", paper_b, world, verdict])
+    else:
+        out.append(["resamplers lose spatial questions (Honeybee)", paper_b, "needs the resampler cells", "to run"])
+    return out
+
+
+def mm1(rec: Records) -> list[str]:
+    claim = "the number of visual tokens matters more than the connector type (MM1)"
+    paper = "MM1's connector ablation: tokens (64 -> 144) and resolution move the scores, the connector type barely"
+    sixteen = {c: rec.answers(c) for c in SIXTEEN if rec.answers(c)}
+    wide = {c: rec.answers(c) for c in ("mlp2x_gelu", "linear") if rec.answers(c)}
+    if len(sixteen) < 3 or not wide:
+        return [claim, paper, "needs the zoo's 16-token cells and a 64-token one", "to run"]
+    ranked = sorted(sixteen, key=lambda c: mean_acc(sixteen[c]))
+    worst, best16 = ranked[0], ranked[-1]
+    best64 = max(wide, key=lambda c: mean_acc(wide[c]))
+    spread, gain = paired(sixteen[best16], sixteen[worst]), paired(wide[best64], sixteen[best16])
+    world = (
+        f"type, at 16 tokens ({len(sixteen)} connectors): {best16} minus {worst} {interval(spread)}; tokens: {best64} "
+        f"(64) minus {best16} (16) {interval(gain)}"
+    )
+    verdict = "**reproduced**" if gain["low"] > spread["diff"] else "**not reproduced**"
+    return [claim, paper, world, verdict]
+
+
+def recipe_row(rec: Records, claim: str, paper: str, recipe: str, sign: int, rule) -> list[str]:
+    base, other = rec.answers(rec.base), rec.answers(rec.base, f"{rec.recipe}-{recipe}")
+    if not base or not other:
+        return [claim, paper, f"needs `--recipe {rec.recipe}-{recipe}` for {rec.base}", "to run"]
+    p = paired(other, base) if sign < 0 else paired(base, other)
+    first, second = (f"{recipe}", "two-stage") if sign < 0 else ("two-stage", recipe)
+    world = f"test: {first} {mean_acc(other if sign < 0 else base):.1f} against {second} "
+    world += f"{mean_acc(base if sign < 0 else other):.1f}, {interval(p)}"
+    return [claim, paper, world, "**reproduced**" if rule(p) else "**not reproduced**"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--base", default="mlp2x_gelu", help="the connector the recipe directions vary")
+    ap.add_argument("--seed-of-curve", type=int, default=0, help="the base cell whose pruning curve is read")
+    args = ap.parse_args()
+    rec = Records(args.sweep, args.base)
+    if rec.recipe is None:
+        sys.exit(f"{args.sweep}: no record of {args.base}")
+    rows = [
+        fastervlm(rec, args.seed_of_curve),
+        *honeybee(rec),
+        mm1(rec),
+        recipe_row(
+            rec,
+            "fine-tuning the LLM in stage 2 beats a frozen LLM (LLaVA)",
+            "LLaVA trains the LLM in stage 2; a frozen-LLM figure is not in this project's source notes",
+            "frozen-llm",
+            +1,
+            lambda p: p["low"] > 0,
+        ),
+        recipe_row(
+            rec,
+            "skipping stage 1 costs little (Prismatic)",
+            "single-stage training matches two-stage training across Prismatic's benchmarks",
+            "stage2-only",
+            -1,
+            lambda p: p["low"] > -0.02,
+        ),
+        [
+            "higher input resolution helps small-object questions (LLaVA-NeXT, MM1)",
+            "AnyRes and higher resolution lift fine-grained benchmarks",
+            "a 128-px world quadruples the visual tokens: about 4 h a run on 2 cores",
+            "not testable in this budget",
+        ],
+    ]
+    print(f"records: {args.sweep} ({len(rec.runs)} runs; base {args.base}, recipe {rec.recipe}); test split\n")
+    print("| direction | the paper | the world: difference in points [paired 95 % CI] | verdict |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
