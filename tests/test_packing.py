@@ -64,6 +64,26 @@ def test_packed_loss_and_gradients_equal_unpacked(connector, attention):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (name, (a - b).abs().max().item())
 
 
+def test_a_packed_row_rounded_up_to_a_multiple_trains_the_same_numbers():
+    """``pack_multiple`` = 64: the one packed row is padded at its end to the next multiple of 64 tokens (a tail that
+    is a segment of its own, without labels); the loss and every gradient equal the exact-width row's."""
+    vlm = model("mlp2x_gelu")
+    grads, losses, widths = [], [], []
+    for multiple in (1, 64):
+        vlm.pack_multiple = multiple
+        vlm.zero_grad()
+        x = inputs(vlm, pack=True)
+        out = vlm(x)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None})
+        widths.append(int(out.positions))
+    assert widths[0] % 64 and widths[1] == -(-widths[0] // 64) * 64  # really rounded up, from a width that was not
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6), losses
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("attention", [None, "eager"])
 def test_a_change_to_one_sample_leaves_its_row_mates_logits_unchanged(attention):
     vlm = model("mlp2x_gelu", attention)

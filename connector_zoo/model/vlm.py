@@ -41,6 +41,11 @@ WEIGHTS_NAME = "trainable.safetensors"
 HF_CONFIG_NAME, HF_WEIGHTS_NAME, HF_INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
 
 
+#: the width of a one-row packed batch is rounded up to a multiple of this many tokens: on CPU a row of a new width
+#: is a new matrix shape for every linear layer, and oneDNN builds (and caches) kernels per shape
+PACK_MULTIPLE = 1
+
+
 class VLM(nn.Module):
     """``tiling``: None (each image resized to the encoder's input) or a spec ``{"name": "anyres", "grid_pinpoints":
     [[h, w], ...]}``: each image becomes a global view and tiles, connected view by view and merged
@@ -63,6 +68,9 @@ class VLM(nn.Module):
         self.encoder, self.connector, self.llm = encoder, connector, llm
         self.max_length = max_length or getattr(llm.model.config, "max_position_embeddings", None)
         self.tiling: AnyRes | None = build_tiling(tiling, encoder.info, connector, llm.hidden_size)
+        #: a one-row packed batch (varlen attention) is as wide as its samples, rounded up to a multiple of this
+        #: (1: exactly as wide); see :meth:`pack_layout`
+        self.pack_multiple = PACK_MULTIPLE
 
     # ------------------------------------------------------------- components
     @classmethod
@@ -208,7 +216,7 @@ class VLM(nn.Module):
         """``(row, start)`` of each sample in a packed batch, and the rows' width (see :meth:`_pack`)."""
         if self.llm.model.config._attn_implementation in VARLEN_IMPLEMENTATIONS:
             starts = [sum(lengths[:b]) for b in range(len(lengths))]
-            return [(0, start) for start in starts], sum(lengths)
+            return [(0, start) for start in starts], -(-sum(lengths) // self.pack_multiple) * self.pack_multiple
         return pack_layout(lengths), max(lengths)
 
     def _pad(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str):
