@@ -30,14 +30,41 @@ VARLEN_IMPLEMENTATIONS = (VARLEN, "flash_attention_2", "flash_attention_3")
 
 
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the ``(start, end)`` of each run of increasing position ids: a packed sample, or the row's trailing
-    padding, whose positions also restart at 0. Increasing ids with gaps stay one sample (FastV's kept positions keep
-    their original ids)."""
+    """Per row, the ``(start, end)`` of each packed sample: a run that begins where the position ids restart at 0 (a
+    sample, or the row's trailing padding, whose positions also restart at 0). Increasing ids with gaps stay one sample
+    (FastV's kept positions keep their original ids); so does a restart at r > 0: a *branch* of the sample
+    (:func:`branch_mask`)."""
     out = []
     for row in position_ids.tolist():
-        starts = [0] + [i for i in range(1, len(row)) if row[i] <= row[i - 1]]
+        starts = [0] + [i for i in range(1, len(row)) if row[i] <= row[i - 1] and row[i] == 0]
         out.append(list(zip(starts, starts[1:] + [len(row)])))
     return out
+
+
+def branch_mask(positions: torch.Tensor) -> torch.Tensor | None:
+    """A sample's ``(L, L)`` boolean attention mask when its position ids restart at r > 0 (``LLMBackend.
+    encode_branches``: one opening, then branches, each numbered on from the opening as if it followed it alone), else
+    None (plain causal). A token of the first branch attends causally, as usual; a token of a later branch whose ids
+    restart at r attends to the opening's tokens (ids below r, before the first restart) and, causally, to its own
+    branch, never to another branch: each branch computes what it would alone after the opening."""
+    L = positions.shape[0]
+    if L < 2:
+        return None
+    restart = torch.zeros(L, dtype=torch.bool, device=positions.device)
+    restart[1:] = positions[1:] <= positions[:-1]
+    if not bool(restart.any()):
+        return None
+    branch = restart.long().cumsum(0)  # 0: the opening and the first branch, k: the k-th restart's branch
+    first = int(restart.nonzero()[0])
+    opening = torch.arange(L, device=positions.device) < first
+    starts = torch.zeros(int(branch.max()) + 1, dtype=positions.dtype, device=positions.device)
+    starts[branch[restart]] = positions[restart]
+    start_of = starts[branch]  # per token: the id its branch restarted at (0 for branch 0)
+    idx = torch.arange(L, device=positions.device)
+    causal = idx[None, :] <= idx[:, None]
+    same = branch[None, :] == branch[:, None]
+    shared = opening[None, :] & (positions[None, :] < start_of[:, None]) & (branch[:, None] > 0)
+    return (causal & same) | shared
 
 
 def cached_segments(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
@@ -62,7 +89,8 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
     spans = cached_segments(position_ids, query.shape[0]) if packed else None
-    if spans is None or all(len(row) == 1 for row in spans):
+    masks = cached_branch_masks(position_ids, spans) if spans is not None else None
+    if spans is None or all(len(row) == 1 and row_masks[0] is None for row, row_masks in zip(spans, masks)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
     p = dropout if module.training else 0.0
@@ -75,17 +103,30 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                         query[b : b + 1, :, s:e],
                         key[b : b + 1, :, s:e],
                         value[b : b + 1, :, s:e],
+                        attn_mask=masks[b][j],
                         dropout_p=p,
-                        is_causal=e - s > 1,
+                        is_causal=masks[b][j] is None and e - s > 1,
                         scale=scaling,
                         **gqa,
                     )
-                    for s, e in row
+                    for j, (s, e) in enumerate(row)
                 ],
                 dim=2,
             )
         )
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def cached_branch_masks(position_ids: torch.Tensor, spans) -> list[list[torch.Tensor | None]]:
+    """Per row and span, :func:`branch_mask` (None for a sample without branches), computed once per forward and kept
+    on the position-id tensor beside its spans (same key)."""
+    key = (position_ids._version, len(spans))
+    hit = getattr(position_ids, "_zoo_branch_masks", None)
+    if hit is None or hit[0] != key:
+        rows = position_ids.expand(len(spans), -1)
+        hit = (key, [[branch_mask(rows[b, s:e]) for s, e in row] for b, row in enumerate(spans)])
+        position_ids._zoo_branch_masks = hit
+    return hit[1]
 
 
 def varlen_mask(*args, **kwargs):

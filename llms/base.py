@@ -32,6 +32,8 @@ IMAGE_TOKEN = "<image>"
 class EncodedConversation:
     input_ids: list[int]
     labels: list[int]
+    #: per token, its position id, where that is not its index: a sample of branches (``encode_branches``)
+    positions: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -269,6 +271,34 @@ class LLMBackend(nn.Module):
             if stop > start and any(start < s_end and stop > s_start for s_start, s_end in spans):
                 labels[t] = ids[t]
         return EncodedConversation(ids, labels)
+
+    def encode_branches(self, branches: list[list[dict[str, str]]]) -> EncodedConversation:
+        """Conversations that open alike (the same image and prompt) as one sample: their common opening once, then
+        the rest of each, its position ids numbered on from the opening as if it followed it alone. Under
+        ``llms/attention.py``'s varlen attention each rest attends to the opening and to itself only, never to another
+        branch (``branch_mask``), so each branch trains exactly as its conversation alone would, and the opening (with
+        an image's visual tokens) is computed once for all of them."""
+        encoded = [self.encode_conversation(m) for m in branches]
+        if len(encoded) == 1:
+            return encoded[0]
+        first = encoded[0].input_ids
+        opening = min(
+            next((i for i, (a, b) in enumerate(zip(first, e.input_ids)) if a != b), min(len(first), len(e)))
+            for e in encoded[1:]
+        )
+        for k, e in enumerate(encoded):
+            # the opening's last token predicts each rest's first: that token must be no label of any branch
+            if opening == 0 or opening >= len(e) or any(y != IGNORE_INDEX for y in e.labels[: opening + 1]):
+                raise TemplateError(
+                    f"{self.registered_name}: branch {k} does not open like the others and then go on with a prompt "
+                    f"before its answer (shared opening {opening} tokens); branches need a common opening"
+                )
+        ids, labels, positions = list(first[:opening]), list(encoded[0].labels[:opening]), list(range(opening))
+        for e in encoded:
+            ids += e.input_ids[opening:]
+            labels += e.labels[opening:]
+            positions += range(opening, len(e))
+        return EncodedConversation(ids, labels, positions)
 
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a prompt that ends with the generation prompt (for ``generate``)."""

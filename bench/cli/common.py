@@ -116,6 +116,8 @@ def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
             data["qa_turns"] = args.qa_turns
         if getattr(args, "train_questions", None) is not None:
             data["train_questions"] = args.train_questions
+        if getattr(args, "qa_branches", None):
+            data["qa_branches"] = True
     else:
         if not args.data_path:
             raise ValueError(f"--data {args.data} needs --data-path (a LLaVA JSON file or a local HF dataset)")
@@ -145,6 +147,7 @@ def data_over_file(args: argparse.Namespace) -> dict[str, Any]:
     for option, key in (
         ("qa_turns", "qa_turns"),
         ("train_questions", "train_questions"),
+        ("qa_branches", "qa_branches"),
         ("data_path", "path"),
         ("image_folder", "image_folder"),
     ):

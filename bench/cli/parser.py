@@ -60,6 +60,14 @@ def add_turns_arg(p: argparse.ArgumentParser) -> None:
         "of its 7 types while types last) instead of the 3 it recorded; with --qa-turns K they are one conversation "
         "(the splits a run is scored on keep their recorded questions)",
     )
+    p.add_argument(
+        "--qa-branches",
+        action="store_true",
+        default=None,
+        help="mini world training, with --qa-turns N: the N questions share the image but each is answered as if "
+        "asked alone (it attends to the image and itself, not to the other questions and answers), as evaluation "
+        "asks; the visual tokens are computed once (packed rows, varlen attention)",
+    )
 
 
 def add_precision_arg(p: argparse.ArgumentParser) -> None:

@@ -246,6 +246,7 @@ def world_dataset(
     questions: bool = True,
     qa_turns: int = 1,
     fresh_questions: int | None = None,
+    branches: bool = False,
 ) -> Dataset:
     """The split's samples: per scene its caption and its questions, one question a sample, or with ``qa_turns`` > 1
     up to that many of a scene's questions as the turns of one conversation (the image once, in the first turn; a
@@ -254,7 +255,13 @@ def world_dataset(
 
     ``fresh_questions`` = k (training data, ``--train-questions``): each scene's questions are k drawn afresh by the
     world's generator (``bench.data.world.fresh_questions``: one of each of the 7 types while types last) instead of the
-    ones the world recorded (``questions_per_image``, 3), as denser instruction data asks more of each image."""
+    ones the world recorded (``questions_per_image``, 3), as denser instruction data asks more of each image.
+
+    ``branches`` (with ``qa_turns`` > 1, ``--qa-branches``): the conversation's questions are branches that share the
+    image (``Sample.meta["branches"]``; ``LLMBackend.encode_branches``): each is answered as if asked alone, as
+    evaluation asks it, seeing neither the other questions nor their answers, and the image's visual tokens are
+    computed once for all of them. In a plain conversation a later question can be answered from an earlier answer
+    ("Where is the red circle?" "top left", then "Is the red circle left of ...?"), which evaluation never offers."""
     from bench.data.world import fresh_questions as draw
 
     records = world.records(split)
@@ -289,6 +296,8 @@ def world_dataset(
                         {"role": "assistant", "content": qa["answer"]},
                     ]
                 meta = {"type": "conversation", "types": [qa["type"] for qa in turns], "answer": turns[-1]["answer"]}
+                if branches:
+                    meta["branches"] = True
                 samples.append(Sample(f"{r['id']}/q{j}-{j + len(turns) - 1}", messages, i, meta))
         elif questions:
             for j, qa in enumerate(r["qa"]):

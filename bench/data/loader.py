@@ -30,7 +30,7 @@ from bench.data.features import FeatureCache, Partial
 from bench.data.formats import Sample
 from bench.data.images import BadSample
 from connector_zoo.model.vlm import VLMInputs
-from llms.base import LLMBackend, TemplateError
+from llms.base import IMAGE_TOKEN, LLMBackend, TemplateError
 
 
 def default_num_workers() -> int:
@@ -51,6 +51,7 @@ class Prepared:
     ids: list[str]
     input_ids: list[list[int]]  # lists, not tensors: pickled in one piece instead of a shared-memory file each
     labels: list[list[int]]
+    positions: list[list[int] | None]  # a sample of branches: its tokens' position ids (else None: their index)
     has_image: list[bool]
     images: Partial | None
     skipped: list[tuple[str, str]]
@@ -70,6 +71,19 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.kept)
+
+
+def branches(messages: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """A conversation of question turns as branches (``Sample.meta["branches"]``): each user-assistant pair as a
+    conversation of its own, the image (the first user turn's ``<image>`` line) in every one."""
+    first = messages[0]["content"]
+    image = first[: first.index("\n") + 1] if first.startswith(IMAGE_TOKEN) else ""
+    out = []
+    for i in range(0, len(messages), 2):
+        user, answer = messages[i], messages[i + 1]
+        text = user["content"] if i == 0 else image + user["content"]
+        out.append([{**user, "content": text}, answer])
+    return out
 
 
 class Collator:
@@ -94,13 +108,18 @@ class Collator:
     def encode(self, sample: Sample):
         """Token ids and labels of a sample (identical texts tokenize once, in a bounded cache); BadSample when the
         template fails or the sample cannot fit the context."""
-        key = json.dumps(sample.messages) + f"|{sample.image is not None}"
+        branched = bool(sample.meta.get("branches"))
+        key = json.dumps(sample.messages) + f"|{sample.image is not None}|{branched}"
         hit = self._encoded.get(key)
         if hit is not None:
             self._encoded.move_to_end(key)
         else:
             try:
-                hit = self.llm.encode_conversation(sample.messages)
+                hit = (
+                    self.llm.encode_branches(branches(sample.messages))
+                    if branched
+                    else self.llm.encode_conversation(sample.messages)
+                )
             except TemplateError as err:
                 hit = BadSample(str(err))
             n_visual = self.visual_budget if sample.image is not None else 0
@@ -132,6 +151,7 @@ class Collator:
             [samples[p].id for p in kept],
             [e.input_ids for e in encoded],
             [e.labels for e in encoded],
+            [e.positions for e in encoded],
             [samples[p].image is not None for p in kept],
             self.features.gather(images) if images else None,
             skipped,
@@ -153,6 +173,11 @@ class Collator:
         inputs = VLMInputs(
             input_ids=[torch.tensor(prep.input_ids[j]) for j in keep],
             labels=[torch.tensor(prep.labels[j]) for j in keep],
+            positions=(
+                [None if prep.positions[j] is None else torch.tensor(prep.positions[j]) for j in keep]
+                if any(prep.positions[j] is not None for j in keep)
+                else None
+            ),
             features=features,
             has_image=[prep.has_image[j] for j in keep],
             image_sizes=got.image_sizes if prep.images is not None else None,

@@ -32,7 +32,11 @@ def load_data(cfg: RunConfig, log) -> tuple[Dataset, Dataset | None, dict[str, D
         world = World(WorldConfig(**data.get("world", {})))
         return (
             world_dataset(  # evaluation: one question a sample, the world's recorded ones
-                world, "train", qa_turns=data.get("qa_turns", 1), fresh_questions=data.get("train_questions")
+                world,
+                "train",
+                qa_turns=data.get("qa_turns", 1),
+                fresh_questions=data.get("train_questions"),
+                branches=data.get("qa_branches", False),
             ),
             world_dataset(world, "val"),
             {"test": world_dataset(world, "test"), "compositional": world_dataset(world, "compositional")},
@@ -181,6 +185,11 @@ def packing_decision(cfg: RunConfig, vlm: VLM) -> tuple[bool, str]:
     (PACKED_LEVELS), off for the from-scratch world levels (their samples are about as long, their model narrow). A
     connector that prunes inside the LLM (FastV) works row by row: off for it, and ``on`` is refused."""
     inside_llm = getattr(vlm.connector, "llm_hook", None) is not None
+    if cfg.data.get("qa_branches"):  # a sample of branches is told apart by its position ids: packed rows only
+        if cfg.packing == "off" or inside_llm:
+            why = "--packing off" if cfg.packing == "off" else f"{vlm.connector.registered_name} prunes inside the LLM"
+            raise ValueError(f"--qa-branches trains on packed rows, and {why}: drop one of them")
+        return True, "--qa-branches: its samples train on packed rows"
     if cfg.packing == "on":
         if inside_llm:
             raise ValueError(

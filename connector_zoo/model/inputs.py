@@ -54,3 +54,6 @@ class VLMInputs:
     image_sizes: list[tuple[int, int]] | None = None
     #: training only: several samples per row (``VLM.splice``), no attention across them, no padding between them
     pack: bool = False
+    #: per sample, its tokens' position ids where they are not their index (a sample of branches,
+    #: ``LLMBackend.encode_branches``: trained on packed rows under varlen attention only), else None
+    positions: list[torch.Tensor | None] | None = None

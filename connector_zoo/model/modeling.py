@@ -359,7 +359,9 @@ def describe_data(data: dict[str, Any]) -> str:
         size = f", {world['train']:,} training images of {world['image_size']} px" if "train" in world else ""
         fresh = f", {data['train_questions']} fresh questions a training image" if data.get("train_questions") else ""
         return f"the embedded mini world{size}{fresh}" + (
-            f", {data['qa_turns']} questions a turn" if data.get("qa_turns") else ""
+            f", {data['qa_turns']} questions a {'sample, each asked alone' if data.get('qa_branches') else 'turn'}"
+            if data.get("qa_turns")
+            else ""
         )
     if kind == "llava":
         return f"LLaVA JSON `{data.get('path')}` (images in `{data.get('image_folder')}`)"

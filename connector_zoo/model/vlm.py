@@ -28,7 +28,7 @@ from connectors.base import Connector, ConnectorOutput
 from encoders import build_encoder
 from encoders.base import VisionEncoder, VisionFeatures
 from llms import build_llm
-from llms.attention import VARLEN_IMPLEMENTATIONS
+from llms.attention import VARLEN, VARLEN_IMPLEMENTATIONS
 from llms.base import IGNORE_INDEX, LLMBackend
 from llms.hooks import VisualSpans, visual_token_hook
 from llms.loss import causal_lm_forward
@@ -152,10 +152,12 @@ class VLM(nn.Module):
             raise ValueError(f"{n_images} samples have an image but {visual.tokens.shape[0]} were encoded")
         embed_dtype = self.llm.model.get_input_embeddings().weight.dtype
         rows, row_labels = [], []
+        row_positions: list[torch.Tensor | None] = [None] * len(inputs.input_ids)  # a sample of branches: its own
         image_row = 0
         for b, ids in enumerate(inputs.input_ids):
             ids = ids.to(self.device)
             labels = inputs.labels[b].to(self.device) if inputs.labels is not None else None
+            given = inputs.positions[b] if inputs.positions is not None else None
             where = (ids == self.llm.image_token_id).nonzero().flatten()
             if has_image[b]:
                 if len(where) != 1:
@@ -167,7 +169,14 @@ class VLM(nn.Module):
                 if labels is not None:
                     fill = labels.new_full((vis.shape[0],), IGNORE_INDEX)
                     row_labels.append(torch.cat([labels[:p], fill, labels[p + 1 :]]))
+                if given is not None:  # the <image> id becomes as many ids as visual tokens, the later ones shift
+                    given = given.to(self.device)
+                    n = vis.shape[0]
+                    row_positions[b] = torch.cat(
+                        [given[:p], given[p] + torch.arange(n, device=self.device), given[p + 1 :] + n - 1]
+                    )
             else:
+                row_positions[b] = given.to(self.device) if given is not None else None
                 if len(where):
                     raise ValueError(f"sample {b} has an <image> token in its text but no image")
                 rows.append(self.llm.embed(ids))
@@ -179,11 +188,23 @@ class VLM(nn.Module):
                     f"sample {b} needs {rows[-1].shape[0]} tokens ({n_vis} visual) but the LLM context budget is "
                     f"{self.max_length}; it is not truncated: drop it, shorten its text, or use fewer visual tokens"
                 )
+        branched = any(p is not None for p in row_positions)
+        if branched and (not inputs.pack or self.llm.model.config._attn_implementation != VARLEN):
+            raise ValueError(
+                "samples of branches (--qa-branches) train on packed rows under this project's varlen sdpa attention "
+                f"only (packing {'on' if inputs.pack else 'off'}, attention "
+                f"{self.llm.model.config._attn_implementation!r}): --packing on, and the LLM's default sdpa attention"
+            )
         if inputs.pack:
-            return self._pack(rows, row_labels if inputs.labels is not None else None)
+            return self._pack(rows, row_labels if inputs.labels is not None else None, row_positions)
         return self._pad(rows, row_labels if inputs.labels is not None else None, padding_side)
 
-    def _pack(self, rows: list[torch.Tensor], labels: list[torch.Tensor] | None):
+    def _pack(
+        self,
+        rows: list[torch.Tensor],
+        labels: list[torch.Tensor] | None,
+        positions: list[torch.Tensor | None] | None = None,
+    ):
         """Several samples per row; position ids restart at each sample, the attention mask is None, and attention
         stays inside each sample. Where the LLM's attention cuts rows at those restarts itself (``llms/attention.py``'s
         varlen sdpa on CPU, flash-attention's varlen kernels on GPU), the whole batch is one row with no padding at
@@ -203,7 +224,8 @@ class VLM(nn.Module):
         for b, (row, start) in enumerate(layout):
             n = rows[b].shape[0]
             embeds[row, start : start + n] = rows[b]
-            position_ids[row, start : start + n] = torch.arange(n, device=embeds.device)
+            given = positions[b] if positions is not None else None
+            position_ids[row, start : start + n] = given if given is not None else torch.arange(n, device=embeds.device)
             if out_labels is not None:
                 out_labels[row, start : start + n] = labels[b]
                 out_labels[row, start] = IGNORE_INDEX
