@@ -41,8 +41,9 @@ WEIGHTS_NAME = "trainable.safetensors"
 HF_CONFIG_NAME, HF_WEIGHTS_NAME, HF_INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
 
 
-#: the width of a one-row packed batch is rounded up to a multiple of this many tokens: on CPU a row of a new width
-#: is a new matrix shape for every linear layer, and oneDNN builds (and caches) kernels per shape
+#: the width of a one-row packed batch is rounded up to a multiple of this many tokens (1: exactly its samples). A row
+#: of a new width is a new matrix shape for every linear layer; rounding to 64 bought 1.01x a step on CPU
+#: (benchmarks/shape_churn.py, docs/pretrained-world.md), so it stays 1
 PACK_MULTIPLE = 1
 
 
