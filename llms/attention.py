@@ -55,28 +55,31 @@ def branch_mask(positions: torch.Tensor) -> torch.Tensor | None:
     if not bool(restart.any()):
         return None
     branch = restart.long().cumsum(0)  # 0: the opening and the first branch, k: the k-th restart's branch
-    first = int(restart.nonzero()[0])
-    opening = torch.arange(L, device=positions.device) < first
+    idx = torch.arange(L, device=positions.device)
+    opening = idx < int(restart.nonzero()[0])
     starts = torch.zeros(int(branch.max()) + 1, dtype=positions.dtype, device=positions.device)
     starts[branch[restart]] = positions[restart]
     start_of = starts[branch]  # per token: the id its branch restarted at (0 for branch 0)
-    idx = torch.arange(L, device=positions.device)
     causal = idx[None, :] <= idx[:, None]
     same = branch[None, :] == branch[:, None]
     shared = opening[None, :] & (positions[None, :] < start_of[:, None]) & (branch[:, None] > 0)
     return (causal & same) | shared
 
 
-def cached_segments(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
-    """:func:`segments`, computed once per forward: every layer receives the same position-id tensor, so the spans are
-    kept on that tensor itself, keyed by its in-place version and the batch size (another tensor, or this one changed
-    in place, is read again)."""
+def cached_segments(
+    position_ids: torch.Tensor, batch: int
+) -> tuple[list[list[tuple[int, int]]], list[list[torch.Tensor | None]]]:
+    """:func:`segments`, and per segment its :func:`branch_mask` (None for a sample without branches), computed once
+    per forward: every layer receives the same position-id tensor, so they are kept on that tensor itself, keyed by
+    its in-place version and the batch size (another tensor, or this one changed in place, is read again)."""
     key = (position_ids._version, batch)
     hit = getattr(position_ids, "_zoo_segments", None)
     if hit is None or hit[0] != key:
-        hit = (key, segments(position_ids.expand(batch, -1)))
+        rows = position_ids.expand(batch, -1)
+        spans = segments(rows)
+        hit = (key, spans, [[branch_mask(rows[b, s:e]) for s, e in row] for b, row in enumerate(spans)])
         position_ids._zoo_segments = hit
-    return hit[1]
+    return hit[1], hit[2]
 
 
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -88,8 +91,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         and query.shape[2] > 1
         and query.shape[2] == key.shape[2] == position_ids.shape[-1]
     )
-    spans = cached_segments(position_ids, query.shape[0]) if packed else None
-    masks = cached_branch_masks(position_ids, spans) if spans is not None else None
+    spans, masks = cached_segments(position_ids, query.shape[0]) if packed else (None, None)
     if spans is None or all(len(row) == 1 and row_masks[0] is None for row, row_masks in zip(spans, masks)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
@@ -115,18 +117,6 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             )
         )
     return torch.cat(rows).transpose(1, 2).contiguous(), None
-
-
-def cached_branch_masks(position_ids: torch.Tensor, spans) -> list[list[torch.Tensor | None]]:
-    """Per row and span, :func:`branch_mask` (None for a sample without branches), computed once per forward and kept
-    on the position-id tensor beside its spans (same key)."""
-    key = (position_ids._version, len(spans))
-    hit = getattr(position_ids, "_zoo_branch_masks", None)
-    if hit is None or hit[0] != key:
-        rows = position_ids.expand(len(spans), -1)
-        hit = (key, [[branch_mask(rows[b, s:e]) for s, e in row] for b, row in enumerate(spans)])
-        position_ids._zoo_branch_masks = hit
-    return hit[1]
 
 
 def varlen_mask(*args, **kwargs):

@@ -73,6 +73,19 @@ def model(attention: str | None = None) -> VLM:
     return vlm.eval()
 
 
+def inputs_of(encoded, pixels, pack: bool = True) -> VLMInputs:
+    """One batch of encoded samples, each with an image (``pixels``' rows in order); a branched sample's positions."""
+    positions = [None if e.positions is None else torch.tensor(e.positions) for e in encoded]
+    return VLMInputs(
+        [torch.tensor(e.input_ids) for e in encoded],
+        [torch.tensor(e.labels) for e in encoded],
+        pixel_values=pixels,
+        has_image=[True] * len(encoded),
+        pack=pack,
+        positions=positions if any(p is not None for p in positions) else None,
+    )
+
+
 def run(vlm: VLM, inputs: VLMInputs):
     vlm.zero_grad()
     out = vlm(inputs)
@@ -89,22 +102,8 @@ def test_a_sample_of_branches_trains_as_its_questions_asked_one_by_one():
     tail = parts[0]
     b = vlm.llm.encode_branches(parts)
     t = vlm.llm.encode_conversation(tail)
-    branched = VLMInputs(
-        [torch.tensor(b.input_ids), torch.tensor(t.input_ids)],
-        [torch.tensor(b.labels), torch.tensor(t.labels)],
-        pixel_values=pixels,
-        has_image=[True, True],
-        pack=True,
-        positions=[torch.tensor(b.positions), None],
-    )
-    alone = [vlm.llm.encode_conversation(p) for p in [*parts, tail]]
-    one_by_one = VLMInputs(
-        [torch.tensor(a.input_ids) for a in alone],
-        [torch.tensor(a.labels) for a in alone],
-        pixel_values=pixels[[0, 0, 0, 1]],
-        has_image=[True] * 4,
-        pack=True,
-    )
+    branched = inputs_of([b, t], pixels)
+    one_by_one = inputs_of([vlm.llm.encode_conversation(p) for p in [*parts, tail]], pixels[[0, 0, 0, 1]])
     loss_b, logits_b, grads_b = run(vlm, branched)
     loss_a, logits_a, grads_a = run(vlm, one_by_one)
     assert torch.allclose(loss_b, loss_a, rtol=1e-5, atol=1e-6), (loss_b, loss_a)
@@ -113,30 +112,14 @@ def test_a_sample_of_branches_trains_as_its_questions_asked_one_by_one():
     for name in grads_b:
         assert torch.allclose(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6), name
     # the same turns as one conversation: the later questions see the earlier answers, and the numbers differ
-    c = vlm.llm.encode_conversation(THREE_TURNS)
-    plain = VLMInputs(
-        [torch.tensor(c.input_ids), torch.tensor(t.input_ids)],
-        [torch.tensor(c.labels), torch.tensor(t.labels)],
-        pixel_values=pixels,
-        has_image=[True, True],
-        pack=True,
-    )
-    loss_c, _, _ = run(vlm, plain)
+    loss_c, _, _ = run(vlm, inputs_of([vlm.llm.encode_conversation(THREE_TURNS), t], pixels))
     assert not torch.allclose(loss_c, loss_a, rtol=1e-5, atol=1e-6), (loss_c, loss_a)
 
 
 @pytest.mark.parametrize("attention,pack", [(None, False), ("eager", True)])
 def test_branches_are_refused_where_the_attention_cannot_tell_them(attention, pack):
     vlm = model(attention)
-    b = vlm.llm.encode_branches(branches(THREE_TURNS))
-    inputs = VLMInputs(
-        [torch.tensor(b.input_ids)],
-        [torch.tensor(b.labels)],
-        pixel_values=vlm.encoder.preprocess(images(1)),
-        has_image=[True],
-        pack=pack,
-        positions=[torch.tensor(b.positions)],
-    )
+    inputs = inputs_of([vlm.llm.encode_branches(branches(THREE_TURNS))], vlm.encoder.preprocess(images(1)), pack)
     with pytest.raises(ValueError, match="samples of branches"):
         vlm(inputs)
 

@@ -154,14 +154,14 @@ def test_the_segments_are_read_once_per_tensor_and_again_when_it_changes():
 
     positions = torch.tensor([[0, 1, 2, 0, 1]])
     with mock.patch.object(attention, "segments", wraps=attention.segments) as read:
-        assert attention.cached_segments(positions, 1) == [[(0, 3), (3, 5)]]
-        assert attention.cached_segments(positions, 1) == [[(0, 3), (3, 5)]]
+        assert attention.cached_segments(positions, 1)[0] == [[(0, 3), (3, 5)]]
+        assert attention.cached_segments(positions, 1)[0] == [[(0, 3), (3, 5)]]
         assert read.call_count == 1
         positions[0, 3:] = torch.tensor([3, 4])  # one sample now: same shape, same tensor
-        assert attention.cached_segments(positions, 1) == [[(0, 5)]]
-        assert attention.cached_segments(positions, 2) == [[(0, 5)], [(0, 5)]]  # expanded to another batch
+        assert attention.cached_segments(positions, 1)[0] == [[(0, 5)]]
+        assert attention.cached_segments(positions, 2)[0] == [[(0, 5)], [(0, 5)]]  # expanded to another batch
         other = torch.tensor([[0, 1, 2, 0, 1]])
-        assert attention.cached_segments(other, 1) == [[(0, 3), (3, 5)]]
+        assert attention.cached_segments(other, 1)[0] == [[(0, 3), (3, 5)]]
         assert read.call_count == 4
 
 
