@@ -230,3 +230,36 @@ def test_length_grouping_is_the_recipes_unless_a_flag_or_the_file_says_otherwise
     assert [s.group_by_length for s in cfg.resolved_stages()] == [False]
     path = write(tmp_path, "recipe: mini\ngroup_by_length: true\n")
     assert all(s.group_by_length for s in run_config_from_args(parse(["run", "--config", str(path)])).resolved_stages())
+
+
+def test_the_pretrained_level_brings_its_recipe_and_question_settings(tmp_path):
+    """``--world-llm smollm2`` alone is the level's recipe (run B): recipe mini-smollm2, 7 fresh questions an image as
+    branches; each is overridden by its own flag or a configuration file's key, and the other levels keep the plain
+    defaults (no data option written, as their recorded cells were)."""
+    level = run_config_from_args(parse(["run", "--world-llm", "smollm2"]))
+    assert level.recipe == "mini-smollm2"
+    assert {k: level.data[k] for k in ("qa_turns", "train_questions", "qa_branches")} == {
+        "qa_turns": 7,
+        "train_questions": 7,
+        "qa_branches": True,
+    }
+    assert [(s.data, s.steps) for s in level.resolved_stages()] == [("captions", 150), ("questions", 150)]
+    plain = run_config_from_args(parse(["run"]))
+    assert plain.recipe == "mini" and plain.data == {"kind": "world"}
+    wide = run_config_from_args(parse(["run", "--world-llm", "wide"]))
+    assert wide.recipe == "mini" and "qa_turns" not in wide.data and "qa_branches" not in wide.data
+    # a flag wins over the level; one turn has nothing to branch, so the branches go with it
+    one = run_config_from_args(parse(["run", "--world-llm", "smollm2", "--qa-turns", "1", "--recipe", "mini"]))
+    assert one.recipe == "mini" and "qa_turns" not in one.data and "qa_branches" not in one.data
+    off = run_config_from_args(parse(["run", "--world-llm", "smollm2", "--no-qa-branches"]))
+    assert off.data["qa_turns"] == 7 and "qa_branches" not in off.data
+    # and so does a configuration file's key
+    path = write(tmp_path, "world_llm: smollm2\nqa_turns: 3\ntrain_questions: 3\n")
+    from_file = run_config_from_args(parse(["run", "--config", str(path)]))
+    assert (from_file.data["qa_turns"], from_file.data["train_questions"], from_file.data["qa_branches"]) == (
+        3,
+        3,
+        True,
+    )
+    with pytest.raises(SystemExit):  # --qa-branches takes no value: --no-qa-branches turns it off
+        parse(["run", "--qa-branches", "yes"])

@@ -322,6 +322,35 @@ def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_pa
     assert len(list((tmp_path / "sweep.superseded").iterdir())) == 3
 
 
+def test_an_unfinished_cell_started_with_other_settings_starts_afresh(tmp_path, monkeypatch):
+    """A killed sweep's unfinished cell resumes from its own config.json, so it is resumed only when that config is
+    this sweep's cell; one started with other settings (here 3 questions a sample where the sweep now asks 7) moves
+    aside and the cell runs afresh with the sweep's settings."""
+    import dataclasses
+
+    import bench.report.sweep as sweep_module
+    from bench.report.sweep import cell_name, sweep
+    from bench.train.settings import RunConfig
+
+    calls: list[tuple[Path, bool]] = []
+    monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, resume, **kw: calls.append((cell, resume)))
+    cell = tmp_path / "sweep" / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
+    base = {"recipe": "mini-smollm2", "data": {"kind": "world", "qa_turns": 7}}
+    for started, resumed in (({"kind": "world", "qa_turns": 3}, False), (base["data"], True)):
+        cell.mkdir(parents=True, exist_ok=True)
+        cfg = RunConfig(encoder={"name": "clip"}, connector={"name": "linear"}, llm={"name": "tinyllama"}, seed=0)
+        config = {**dataclasses.asdict(cfg), "recipe": "mini-smollm2", "data": started}
+        (cell / "config.json").write_text(json.dumps(config))
+        said: list[str] = []
+        sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
+        assert calls[-1] == (cell, resumed), said
+        assert cell.exists() == resumed
+        if not resumed:
+            assert "started with other settings (data)" in said[0], said
+            moved = tmp_path / "sweep.superseded" / cell.name / "config.json"
+            assert json.loads(moved.read_text())["data"] == started
+
+
 def test_sweep_cells_get_the_data_options_bench_run_would_write(monkeypatch):
     """`bench sweep --qa-turns 3 --world-llm wide` hands each cell the same ``data`` as `bench run` with those flags
     (plus the world it is drawn from), and with no data option no ``data`` at all: the recorded cells stay valid."""
@@ -453,3 +482,9 @@ def test_a_record_of_a_recipe_whose_stages_changed_is_another_cell():
     as_recorded = json.loads(json.dumps(dataclasses.asdict(explicit)))
     as_recorded["stages"] = [{k: v for k, v in st.items() if k != "val_limit"} for st in as_recorded["stages"]]
     assert other_settings({"config": as_recorded}, explicit) == []
+    # a run whose configuration file wrote the recipe's stages out (with checkpoints at other intervals) is the
+    # recipe's cell; the same file with one stage shorter is not
+    file_run = {**as_recorded, "recipe": "mini-smollm2"}
+    file_run["stages"] = [{**st, "save_every": 50} for st in as_recorded["stages"]]
+    assert other_settings({"config": file_run, "stages": [{**st, "save_every": 50} for st in trained]}, cfg) == []
+    assert other_settings({"config": file_run, "stages": fewer}, cfg) == ["stages"]

@@ -108,10 +108,13 @@ def test_the_pretrained_level_is_keyed_by_its_file_and_cut(nine_layers, tmp_path
 def test_a_run_on_the_pretrained_level_trains_evaluates_and_exports(nine_layers, tmp_path):
     env = {"CONNECTOR_ZOO_CACHE": str(tmp_path / "cache"), "CONNECTOR_ZOO_GGUF_SMOLLM2": str(nine_layers[1])}
     run = tmp_path / "run"
-    proc = bench([*MICRO, "--world-llm", "smollm2", "--recipe", "mini-smollm2", "--out", str(run)], env=env)
+    proc = bench([*MICRO, "--world-llm", "smollm2", "--out", str(run)], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "results.json").read_text())
     assert result["config"]["data"]["pretrain"]["llm_level"] == "smollm2"
+    # the level's own recipe and questions (MICRO's --steps shortens the recipe's stages, their data split kept)
+    assert result["config"]["recipe"] == "mini-smollm2" and result["config"]["data"]["qa_branches"] is True
+    assert [(st["data"], st["steps"]) for st in result["stages"]] == [("captions", 6), ("questions", 6)]
     from transformers import AutoModelForImageTextToText
 
     import connector_zoo.model.modeling  # noqa: F401  (registers the Auto classes)

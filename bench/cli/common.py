@@ -102,9 +102,32 @@ def world_config(args: argparse.Namespace):
     return world.scaled(args.world_scale) if args.world_scale != 1.0 else world
 
 
+#: what a mini world LLM level sets when neither the command line nor a configuration file does: the pretrained
+#: level's recipe trains on 7 fresh questions an image, asked as branches (docs/pretrained-world.md, run B)
+LEVEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smollm2": {"recipe": "mini-smollm2", "qa_turns": 7, "train_questions": 7, "qa_branches": True},
+}
+#: the same settings' defaults at the other levels
+PLAIN_DEFAULTS: dict[str, Any] = {"recipe": "mini", "qa_turns": 1, "train_questions": None, "qa_branches": False}
+
+
+def apply_level_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the settings of PLAIN_DEFAULTS that ``args`` leaves unset (None) with ``--world-llm``'s LEVEL_DEFAULTS or
+    the plain ones; idempotent. ``--qa-branches`` defaults on only where there is more than one question to branch."""
+    level = LEVEL_DEFAULTS.get(getattr(args, "world_llm", None) or "", {})
+    branches_unset = getattr(args, "qa_branches", False) is None
+    for key, plain in PLAIN_DEFAULTS.items():
+        if getattr(args, key, plain) is None:
+            setattr(args, key, level.get(key, plain))
+    if branches_unset and (getattr(args, "qa_turns", 1) or 1) == 1:
+        args.qa_branches = False
+    return args
+
+
 def data_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``data`` part of a run config from ``--data``, ``--data-path``, ``--image-folder``, ``--world-scale``; when a
     configuration file gave ``data`` as a mapping, that mapping with the data options set beside it laid over."""
+    apply_level_defaults(args)
     if isinstance(args.data, dict):
         return data_over_file(args)
     data: dict[str, Any] = {"kind": args.data}

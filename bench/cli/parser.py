@@ -46,10 +46,10 @@ def add_turns_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--qa-turns",
         type=POSITIVE,
-        default=1,
+        default=None,
         metavar="N",
         help="mini world training: up to N of a scene's questions as the turns of one conversation "
-        "(default 1: one question a sample; evaluation always asks one)",
+        "(default 1: one question a sample, 7 with --world-llm smollm2; evaluation always asks one)",
     )
     p.add_argument(
         "--train-questions",
@@ -58,15 +58,17 @@ def add_turns_arg(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="mini world training: K questions a training image, drawn afresh by the world's generator (one of each "
         "of its 7 types while types last) instead of the 3 it recorded; with --qa-turns K they are one conversation "
-        "(the splits a run is scored on keep their recorded questions)",
+        "(the splits a run is scored on keep their recorded questions; default: the recorded ones, 7 fresh ones with"
+        " --world-llm smollm2)",
     )
     p.add_argument(
         "--qa-branches",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="mini world training, with --qa-turns N: the N questions share the image but each is answered as if "
         "asked alone (it attends to the image and itself, not to the other questions and answers), as evaluation "
-        "asks; the visual tokens are computed once (packed rows, varlen attention)",
+        "asks; the visual tokens are computed once (packed rows, varlen attention; default: on with --world-llm "
+        "smollm2 and more than one turn, off otherwise)",
     )
 
 
@@ -113,8 +115,8 @@ def add_world_args(p: argparse.ArgumentParser) -> None:
         choices=("small", "wide", "smollm2"),
         default="small",
         help="mini world LLM level: small (default; d=128), wide (d=256, --recipe mini-wide) or smollm2 "
-        "(pretrained SmolLM2-135M, --recipe mini-smollm2); docs: what each costs and "
-        "gives",
+        "(pretrained SmolLM2-135M; its defaults: --recipe mini-smollm2 --qa-turns 7 --train-questions 7 "
+        "--qa-branches); docs: what each costs and gives",
     )
 
 
@@ -198,7 +200,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     add_config_arg(p, "run")
     add_component_args(p, connector_default="qformer")
     p.set_defaults(llm="tinyllama")
-    p.add_argument("--recipe", default="mini", help="named training recipe (mini, llava-1.5-pretrain, budget, ...)")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="named training recipe (default mini, mini-smollm2 with --world-llm smollm2; llava-1.5-pretrain, "
+        "budget, ...)",
+    )
     p.add_argument("--steps", type=NON_NEGATIVE, help="optimizer steps of every stage (0: no training)")
     p.add_argument("--batch-size", type=POSITIVE, help="override the per-process batch size of every stage")
     p.add_argument("--grad-accum", type=POSITIVE, help="override the gradient accumulation of every stage")
@@ -314,7 +321,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], None]]) -> a
     )
     p.add_argument("--llm", default="tinyllama", help="comma-separated LLM backends")
     p.add_argument("--seeds", type=SEEDS, default="0,1,2", help="comma-separated seeds (default 3: mean ± std)")
-    p.add_argument("--recipe", default="mini")
+    p.add_argument("--recipe", default=None, help="(default mini, mini-smollm2 with --world-llm smollm2)")
     p.add_argument("--steps", type=NON_NEGATIVE)
     add_world_args(p)
     add_turns_arg(p)

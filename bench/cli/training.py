@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli.common import (
+    apply_level_defaults,
     component_name,
     data_from_args,
     parse_lora,
@@ -49,6 +50,7 @@ def run_config_from_args(args: argparse.Namespace):
     from bench.train.settings import RunConfig
     from bench.train.tracking import parse_report_to
 
+    apply_level_defaults(args)
     specs = specs_from_args(args)
     specs["encoder"] = {k: v for k, v in specs["encoder"].items() if v is not None}
     specs["llm"] = {k: v for k, v in specs["llm"].items() if v is not None}
@@ -115,6 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     if args.status:
         return cmd_sweep_status(Path(args.status))
+    apply_level_defaults(args)
     base: dict[str, Any] = {"recipe": args.recipe, "eval_limit": limit(args.eval_limit)}
     if args.precision != "auto":  # (not written when not given: the cells of older sweeps keep their keys)
         base["precision"] = args.precision

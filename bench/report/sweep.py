@@ -82,7 +82,10 @@ def sweep(
         elif cell.name in active:
             log(f"{tag}: in Slurm as job {active[cell.name]}, not submitted again")
         else:
-            resume = (cell / "config.json").exists()
+            # an unfinished cell resumes from its own config.json: only if that is this sweep's cell
+            resume = (cell / "config.json").exists() and same_unfinished_cell(
+                cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")
+            )
             log(f"{tag}: {'resuming' if resume else 'running'}" + (" (to Slurm)" if slurm is not None else ""))
             # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
             # may be resolved again on resume
@@ -121,8 +124,9 @@ CELL_SETTINGS = (
 
 
 # stage settings that change neither the trained weights nor anything the report shows: the validation loss they
-# bound only picks checkpoint-best and is logged (a run's accuracy is measured on the weights as trained)
-LOGGED_ONLY = ("val_limit",)
+# bound only picks checkpoint-best and is logged (a run's accuracy is measured on the weights as trained), and a
+# checkpoint's interval only decides where a killed run resumes from
+LOGGED_ONLY = ("val_limit", "save_every")
 
 
 def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
@@ -137,13 +141,11 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
         if isinstance(data, dict) and data.get("kind", "world") == "world" and isinstance(data.get("world", {}), dict):
             with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
                 side["data"] = {**data, "world": as_json(WorldConfig(**data.get("world", {})).as_dict())}
-    differ = [k for k in CELL_SETTINGS if stage_view(had[k], k) != stage_view(want[k], k)]
     trained = record.get("stages")  # records since December 7: the stages as trained, a recipe's written out
-    if isinstance(trained, list) and "stages" not in differ:
-        now = [dataclasses.asdict(s) for s in cfg.resolved_stages()]
-        if stage_view(trained, "stages") != stage_view(as_json(now), "stages"):
-            differ.append("stages")
-    return differ
+    if isinstance(trained, list):  # those compare as trained: a recipe and its stages written out are one cell
+        now = as_json([dataclasses.asdict(s) for s in cfg.resolved_stages()])
+        had["stages"], want["stages"] = trained, now
+    return [k for k in CELL_SETTINGS if stage_view(had[k], k) != stage_view(want[k], k)]
 
 
 def stage_view(value: Any, key: str) -> Any:
@@ -168,6 +170,33 @@ def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
     had = record.get("backbones")
     if not differ and (want is None or had == want):
         return True
+    why = (
+        f"recorded with other settings ({', '.join(differ)})"
+        if differ
+        else f"recorded with other backbones ({had or 'not recorded'}; this code builds {want})"
+    )
+    supersede(cell, why, log)
+    return False
+
+
+def same_unfinished_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
+    """Whether the unfinished run in ``cell`` (a killed sweep's) was started with ``cfg``'s settings, so that resuming
+    it, which trains what its own config.json says, finishes this sweep's cell; if not, it moves aside as
+    :func:`same_cell`'s records do and the cell starts afresh. (Its backbones are not recorded until it finishes.)"""
+    try:
+        started = json.loads((cell / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        supersede(cell, f"its config.json does not read ({err})", log)
+        return False
+    differ = other_settings({"config": started}, cfg)
+    if not differ:
+        return True
+    supersede(cell, f"started with other settings ({', '.join(differ)})", log)
+    return False
+
+
+def supersede(cell: Path, why: str, log=print) -> None:
+    """Move ``cell`` to ``<sweep>.superseded/<cell>`` (``<cell>.2``, ... when taken) and say why."""
     target = cell.parent.with_name(cell.parent.name + ".superseded") / cell.name
     n = 1
     while target.exists():
@@ -175,10 +204,4 @@ def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
         target = target.with_name(f"{cell.name}.{n}")
     target.parent.mkdir(parents=True, exist_ok=True)
     cell.rename(target)
-    why = (
-        f"recorded with other settings ({', '.join(differ)})"
-        if differ
-        else f"recorded with other backbones ({had or 'not recorded'}; this code builds {want})"
-    )
-    log(f"{why}: record moved to {target}, running again")
-    return False
+    log(f"{why}: moved to {target}, running again")

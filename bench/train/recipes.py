@@ -6,11 +6,24 @@ from __future__ import annotations
 
 from typing import Any
 
-#: the pretrained world level's stage 2 (`mini-smollm2`'s, and all of `mini-smollm2-stage2-only`): the LLM at LLaVA's
-#: low rate for a pretrained LLM, the connector at half stage 1's; the validation loss at the stage's end over 400
-#: held-out samples, not 2,000 (a logged figure, and over 2,000 it cost 4-5 minutes a stage at this level)
+#: the pretrained world level's stages (docs/pretrained-world.md, run B): LLaVA's split of the data, stage 1 (the
+#: connector alone) on the captions, stage 2 (the connector and the LLM) on the questions, at LLaVA's low rate for a
+#: pretrained LLM and the connector at half stage 1's. The validation loss at each stage's end over 400 held-out
+#: samples, not 2,000 (a logged figure; over 2,000 it cost 4-5 minutes a stage at this level); a checkpoint every 25
+#: steps, since a stage-2 step costs ~10 s and a killed run resumes from the last one.
+SMOLLM2_STAGE1: dict[str, Any] = dict(
+    stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=25, val_limit=400, data="captions"
+)
 SMOLLM2_STAGE2: dict[str, Any] = dict(
-    stage=2, steps=250, batch_size=16, lr=5e-5, connector_lr=1e-3, warmup_ratio=0.05, save_every=50, val_limit=400
+    stage=2,
+    steps=150,
+    batch_size=16,
+    lr=5e-5,
+    connector_lr=1e-3,
+    warmup_ratio=0.05,
+    save_every=25,
+    val_limit=400,
+    data="questions",
 )
 
 RECIPES: dict[str, list[dict[str, Any]]] = {
@@ -27,21 +40,16 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
         dict(stage=1, steps=300, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05, save_every=100),
         dict(stage=2, steps=1200, batch_size=32, lr=2e-3, connector_lr="paper", warmup_ratio=0.05, save_every=100),
     ],
-    # for --world-llm smollm2 (pretrained SmolLM2-135M, 30 layers): fewer and smaller steps than `mini`, each ~10x its
-    # cost; stage 2 trains the LLM at LLaVA's low rate for a pretrained LLM and the connector at half stage 1's
-    # (with --qa-turns 3 and --precision bf16 where the CPU is fast at it; docs/pretrained-world.md)
-    # (val_limit: the validation loss at each stage's end over 400 held-out samples, not 2,000: it is a logged figure,
-    # and over 2,000 it cost 4-5 minutes a stage at this level)
-    "mini-smollm2": [
-        dict(stage=1, steps=150, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50, val_limit=400),
-        dict(SMOLLM2_STAGE2),
-    ],
+    # --world-llm smollm2 (pretrained SmolLM2-135M, 30 layers; its default recipe, with --qa-turns 7 --train-questions 7
+    # --qa-branches): fewer and smaller steps than `mini`, each ~10x its cost
+    "mini-smollm2": [dict(SMOLLM2_STAGE1), dict(SMOLLM2_STAGE2)],
     # the two published directions the pretrained level tests by recipe (docs/pretrained-world.md): Prismatic's
-    # single-stage training (stage 2 alone, the same 250 steps), and LLaVA's frozen LLM against a fine-tuned one (the
-    # connector alone for all 400 steps at stage 1's rate)
+    # single-stage training (stage 2 alone, the same 150 steps), and LLaVA's frozen LLM against a fine-tuned one (the
+    # same two stages of data, the second training the connector alone at the rate stage 2 gives it)
     "mini-smollm2-stage2-only": [dict(SMOLLM2_STAGE2)],
     "mini-smollm2-frozen-llm": [
-        dict(stage=1, steps=400, batch_size=16, lr=2e-3, warmup_ratio=0.05, save_every=50, val_limit=400)
+        dict(SMOLLM2_STAGE1),
+        {**{k: v for k, v in SMOLLM2_STAGE2.items() if k != "connector_lr"}, "stage": 1, "lr": 1e-3},
     ],
     # a third of `mini`'s steps, for the resolution sweep (issue 38): a tiled image there is 10 views, and a tiled
     # `linear` feeds 664 visual tokens a sample, ~5x an untiled step's cost (docs/zoo.md, high resolution)
