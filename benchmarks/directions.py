@@ -50,6 +50,19 @@ def mean_acc(answers: dict[tuple[int, str], int]) -> float:
     return 100 * statistics.fmean(answers.values())
 
 
+def compared(a: dict, b: dict, a_name: str, b_name: str) -> tuple[dict[str, float] | None, str]:
+    """``a`` against ``b`` on their common (seed, question) pairs only: the paired figures and a phrase whose two
+    accuracies are over those same pairs (a mean over all of one side's seeds beside an interval over fewer would
+    not be the difference the interval is about), naming the seeds."""
+    common = set(a) & set(b)
+    p = paired(a, b)
+    if not common:
+        return p, f"{a_name} against {b_name}: no common questions"
+    on = lambda x: {k: x[k] for k in common}  # noqa: E731
+    seeds = ", ".join(str(s) for s in sorted({k[0] for k in common}))
+    return p, f"{a_name} {mean_acc(on(a)):.1f} against {b_name} {mean_acc(on(b)):.1f} (seed {seeds}), {interval(p)}"
+
+
 class Records:
     def __init__(self, sweep: Path, base: str):
         self.sweep, self.base = sweep, base
@@ -133,10 +146,10 @@ def honeybee(rec: Records) -> list[list[str]]:
     out = []
     a, b = rec.answers("c_abstractor"), rec.answers("linear")
     if a and b:
-        p = paired(a, b)
+        p, said = compared(a, b, "c_abstractor", "linear")
         verdict = "**reproduced** (better)" if p["low"] > 0 else "**reproduced** (not worse)"
         verdict = verdict if p["high"] > 0 else "**not reproduced**"
-        world = f"test: c_abstractor {mean_acc(a):.1f} against linear {mean_acc(b):.1f}, {interval(p)}"
+        world = f"test: {said}"
         out.append(["C-Abstractor >= linear (Honeybee)", paper_a, world, verdict])
     else:
         out.append(["C-Abstractor >= linear (Honeybee)", paper_a, "needs the c_abstractor and linear cells", "to run"])
@@ -145,8 +158,8 @@ def honeybee(rec: Records) -> list[list[str]]:
     for res in ("perceiver_resampler", "qformer"):
         mine = rec.answers(res, types=SPATIAL)
         if ref and mine:
-            p = paired(mine, ref)
-            parts.append(f"{res} {mean_acc(mine):.1f} against {mean_acc(ref):.1f}, {interval(p)}")
+            p, said = compared(mine, ref, res, "c_abstractor")
+            parts.append(said)
             below.append(p["high"] < 0)
     if parts:
         verdict = "**reproduced**" if all(below) else "**partly**" if any(below) else "**not reproduced**"
@@ -183,8 +196,8 @@ def recipe_row(rec: Records, claim: str, paper: str, recipe: str, variant_first:
     if not two_stage or not variant:
         return [claim, paper, f"needs `--recipe {rec.recipe}-{recipe}` for {rec.base}", "to run"]
     (a, a_name), (b, b_name) = ((variant, recipe), (two_stage, "two-stage"))[:: 1 if variant_first else -1]
-    p = paired(a, b)
-    world = f"test: {a_name} {mean_acc(a):.1f} against {b_name} {mean_acc(b):.1f}, {interval(p)}"
+    p, said = compared(a, b, a_name, b_name)
+    world = f"test: {said}"
     return [claim, paper, world, "**reproduced**" if rule(p) else "**not reproduced**"]
 
 

@@ -104,3 +104,14 @@ def test_directions_pair_the_pruning_curve_by_draw_and_question():
     assert directions.curve_pairs([rows[0], {**rows[1], "questions": "4:cd"}], 0.1) is None
     assert directions.curve_pairs(rows, 0.25) is None
     assert directions.interval({"diff": 0.1, "low": -0.02, "high": 0.2, "p": 0.04}) == "+10.0 [-2.0, +20.0] (p = 0.04)"
+
+
+def test_directions_show_the_accuracies_of_the_pairs_they_compare():
+    """Two seeds of one side against one seed of the other: the accuracies beside the interval are seed 0's on both
+    sides (50 against 0 here), not the first side's mean over both seeds (75)."""
+    directions = load("directions")
+    two_seeds = {(0, "q0"): 1, (0, "q1"): 0, (1, "q0"): 1, (1, "q1"): 1}
+    one_seed = {(0, "q0"): 0, (0, "q1"): 0}
+    p, said = directions.compared(two_seeds, one_seed, "two-stage", "frozen-llm")
+    assert p["questions"] == 2 and abs(p["diff"] - 0.5) < 1e-12
+    assert said.startswith("two-stage 50.0 against frozen-llm 0.0 (seed 0), +50.0 ["), said
