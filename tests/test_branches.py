@@ -64,6 +64,22 @@ def test_branches_share_the_opening_and_number_each_rest_on_from_it():
         llm.encode_branches([parts[0], parts[0]])  # nothing of the second left after the opening
 
 
+def test_branches_of_an_image_without_its_own_line_and_of_turns_that_do_not_pair():
+    """An image token with the question on its line (no newline) is still the image of every branch; turns that are
+    not user-assistant pairs are a TemplateError (the Collator skips such a sample with that reason)."""
+    inline = [{**THREE_TURNS[0], "content": "<image>What colour is the circle?"}, *THREE_TURNS[1:]]
+    parts = branches(inline)
+    assert [p[0]["content"] for p in parts] == [
+        "<image>What colour is the circle?",
+        "<image>\nHow many squares are there?",
+        "<image>\nIs the triangle above the circle?",
+    ]
+    with pytest.raises(TemplateError, match="user-assistant pairs"):
+        branches(THREE_TURNS[:-1])  # a question without its answer
+    with pytest.raises(TemplateError, match="user-assistant pairs"):
+        branches([{"role": "system", "content": "Be brief."}, *THREE_TURNS])
+
+
 def model(attention: str | None = None) -> VLM:
     torch.manual_seed(0)
     vlm = VLM.build({"name": "clip"}, {"name": "mlp2x_gelu"}, {"name": "tinyllama"})

@@ -75,9 +75,16 @@ class Batch:
 
 def branches(messages: list[dict[str, str]]) -> list[list[dict[str, str]]]:
     """A conversation of question turns as branches (``Sample.meta["branches"]``): each user-assistant pair as a
-    conversation of its own, the image (the first user turn's ``<image>`` line) in every one."""
+    conversation of its own, the image (the first user turn's leading ``<image>``) in every one, on a line of its own in
+    the later ones; TemplateError (the sample is skipped with that reason) when the turns are not such pairs."""
+    roles = [m.get("role") for m in messages]
+    if not messages or len(messages) % 2 or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(roles)):
+        raise TemplateError(
+            f"branches need user-assistant pairs, one per question; this conversation's roles are {roles} "
+            "(ask for plain conversations with --no-qa-branches)"
+        )
     first = messages[0]["content"]
-    image = first[: first.index("\n") + 1] if first.startswith(IMAGE_TOKEN) else ""
+    image = IMAGE_TOKEN + "\n" if first.startswith(IMAGE_TOKEN) else ""  # its own line in every later branch
     out = []
     for i in range(0, len(messages), 2):
         user, answer = messages[i], messages[i + 1]
