@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def test_a_killed_run_resumes_to_the_same_numbers(micro_run, tmp_path):
     state = json.loads((killed / "stage1" / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the last complete checkpoint; nothing half-written under a real name
     assert not [p for p in (killed / "stage1").iterdir() if not p.name.startswith("checkpoint-")]
+    # the backbones it started on are kept from the start; a copy told it started on others does not resume
+    started = json.loads((killed / "backbones.json").read_text())
+    assert started == json.loads((out / "results.json").read_text())["backbones"]
+    other = tmp_path / "other-backbones"
+    shutil.copytree(killed, other)
+    (other / "backbones.json").write_text(json.dumps({**started, "llm": started["llm"] + "-older"}))
+    proc = bench(["run", "--resume", str(other)])
+    assert proc.returncode != 0 and "started on the backbones" in proc.stderr, proc.stderr[-2000:]
+    assert not (other / "results.json").exists()
     proc = bench(["run", "--resume", str(killed)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed at step 4/6" in proc.stdout
@@ -186,7 +196,6 @@ def test_pruning_curve_at_100_percent_equals_the_unpruned_model(micro_run):
 def test_feature_cache_off_cold_and_warm_give_the_same_run(micro_run, tmp_path):
     """The same seed with the encoder online each batch, with the cache filled on the way, and read back: identical
     losses and mini-world accuracy (fp32), and the warm run encodes nothing."""
-    import shutil
 
     # a feature cache of the test's own (the suite's world and presets linked in): other tests, in another worker,
     # fill the suite's at the same time, and this one deletes its own

@@ -325,29 +325,42 @@ def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_pa
 def test_an_unfinished_cell_started_with_other_settings_starts_afresh(tmp_path, monkeypatch):
     """A killed sweep's unfinished cell resumes from its own config.json, so it is resumed only when that config is
     this sweep's cell; one started with other settings (here 3 questions a sample where the sweep now asks 7) moves
-    aside and the cell runs afresh with the sweep's settings."""
+    aside and the cell runs afresh with the sweep's settings; so does one started on other backbones than this code
+    builds for the cell (its backbones.json), or that did not record them."""
     import dataclasses
 
     import bench.report.sweep as sweep_module
     from bench.report.sweep import cell_name, sweep
+    from bench.run.job import BACKBONES_NAME
+    from bench.train.pretrain import world_backbones
     from bench.train.settings import RunConfig
 
     calls: list[tuple[Path, bool]] = []
     monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, resume, **kw: calls.append((cell, resume)))
     cell = tmp_path / "sweep" / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
     base = {"recipe": "mini-smollm2", "data": {"kind": "world", "qa_turns": 7}}
-    for started, resumed in (({"kind": "world", "qa_turns": 3}, False), (base["data"], True)):
+    cfg = RunConfig(encoder={"name": "clip"}, connector={"name": "linear"}, llm={"name": "tinyllama"}, seed=0)
+    builds = world_backbones(RunConfig(**{**dataclasses.asdict(cfg), **base}))
+    other = {**builds, "llm": builds["llm"] + "-older-recipe"}
+    cases = (  # the settings and backbones the cell started with, whether it resumes, why it does not
+        ({"kind": "world", "qa_turns": 3}, builds, False, "started with other settings (data)"),
+        (base["data"], other, False, "started on other backbones"),
+        (base["data"], None, False, "started on other backbones (not recorded"),
+        (base["data"], builds, True, None),
+    )
+    for n, (started, backbones, resumed, why) in enumerate(cases, start=1):
         cell.mkdir(parents=True, exist_ok=True)
-        cfg = RunConfig(encoder={"name": "clip"}, connector={"name": "linear"}, llm={"name": "tinyllama"}, seed=0)
         config = {**dataclasses.asdict(cfg), "recipe": "mini-smollm2", "data": started}
         (cell / "config.json").write_text(json.dumps(config))
+        if backbones is not None:
+            (cell / BACKBONES_NAME).write_text(json.dumps(backbones))
         said: list[str] = []
         sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
         assert calls[-1] == (cell, resumed), said
         assert cell.exists() == resumed
         if not resumed:
-            assert "started with other settings (data)" in said[0], said
-            moved = tmp_path / "sweep.superseded" / cell.name / "config.json"
+            assert why in said[0], said
+            moved = tmp_path / "sweep.superseded" / (cell.name + (f".{n}" if n > 1 else "")) / "config.json"
             assert json.loads(moved.read_text())["data"] == started
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.data.world import WorldConfig
 from bench.report.tables import RESULTS, load_runs
-from bench.run.job import run
+from bench.run.job import run, started_backbones
 from bench.train.pretrain import world_backbones
 from bench.train.settings import RunConfig, StageConfig
 from connector_zoo.settings import parse_settings
@@ -182,16 +182,23 @@ def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
 def same_unfinished_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
     """Whether the unfinished run in ``cell`` (a killed sweep's) was started with ``cfg``'s settings, so that resuming
     it, which trains what its own config.json says, finishes this sweep's cell; if not, it moves aside as
-    :func:`same_cell`'s records do and the cell starts afresh. (Its backbones are not recorded until it finishes.)"""
+    :func:`same_cell`'s records do and the cell starts afresh. Its backbones are those its ``backbones.json`` says it
+    started on (a cell started before runs wrote that file counts as other backbones, as a record without them does)."""
     try:
         started = json.loads((cell / "config.json").read_text())
     except (OSError, ValueError) as err:
         supersede(cell, f"its config.json does not read ({err})", log)
         return False
     differ = other_settings({"config": started}, cfg)
-    if not differ:
+    want, had = world_backbones(cfg), started_backbones(cell)
+    if not differ and (want is None or had == want):
         return True
-    supersede(cell, f"started with other settings ({', '.join(differ)})", log)
+    why = (
+        f"started with other settings ({', '.join(differ)})"
+        if differ
+        else f"started on other backbones ({had or 'not recorded'}; this code builds {want})"
+    )
+    supersede(cell, why, log)
     return False
 
 

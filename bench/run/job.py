@@ -4,7 +4,7 @@ The run directory holds ``config.json`` (everything needed to reproduce it; the 
 ``bench run --config`` reads), the trained model
 (``vlm_config.json`` + ``trainable.safetensors``, and ``hf/`` for transformers), ``stageN/checkpoint-{last,best}``,
 ``results.json`` and ``summary.txt``. On the mini world, unset checkpoints mean the world's own pretrained miniature
-backbones.
+backbones, named in ``backbones.json`` when the run starts (a resumed run must find the same ones).
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from bench.train.assemble import (
     stage_samples,
 )
 from bench.train.precision import cpu_precision_decision, resolve_backbone_dtype
+from bench.train.pretrain import world_backbones
 from bench.train.settings import RunConfig
 from bench.train.tracking import LOG_DIR, check_installed, eval_values
 from bench.train.tracking import start as start_trackers
 from bench.train.trainer import Trainer
-from connector_zoo.io import write_json, write_text
+from connector_zoo.io import read_json, write_json, write_text
 from connector_zoo.model.precision import autocast, resolve_precision
 from connector_zoo.model.vlm import VLM
 from connector_zoo.registry import names_from_file
@@ -95,6 +96,7 @@ def _run(
 
     if resume:
         cfg = RunConfig.from_file(out_dir / "config.json")
+        check_resumed_backbones(cfg, out_dir)  # (every process: one that raised alone would leave the others waiting)
         if not (out_dir / "config.yaml").exists():  # a run killed between its two settings files, or an older run
             write_text(out_dir / "config.yaml", cfg.yaml_text())
     elif existing:
@@ -144,6 +146,8 @@ def _run(
     if created:  # first: a run killed while the world or backbones are built can be resumed
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
         write_text(out_dir / "config.yaml", cfg.yaml_text())  # the same settings for `bench run --config`
+        if (backbones := world_backbones(cfg)) is not None:  # what it trains on, before a checkpoint holds any of it
+            write_json(out_dir / BACKBONES_NAME, backbones)
     try:
         with accelerator.main_process_first():  # the main process builds the world and presets; others read them
             train, val, eval_sets, world = load_data(cfg, log)
@@ -153,6 +157,7 @@ def _run(
         if created:
             (out_dir / "config.json").unlink(missing_ok=True)
             (out_dir / "config.yaml").unlink(missing_ok=True)
+            (out_dir / BACKBONES_NAME).unlink(missing_ok=True)
             log.close()
             (out_dir / "run.log").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -247,6 +252,28 @@ def _run(
     if cfg.report_to:  # trackers flushed and closed (accelerate's end_training also ends the process group: last)
         accelerator.end_training()
     return results
+
+
+#: a mini-world run's backbones (``world_backbones``) as it started: a resumed run must train on the same ones
+BACKBONES_NAME = "backbones.json"
+
+
+def started_backbones(out_dir: Path) -> dict[str, str] | None:
+    """The backbones the run in ``out_dir`` started on; None when it did not record them (a published-data run, or
+    one started before December 7's evening)."""
+    path = Path(out_dir) / BACKBONES_NAME
+    return read_json(path) if path.exists() else None
+
+
+def check_resumed_backbones(cfg: RunConfig, out_dir: Path) -> None:
+    """A resumed mini-world run goes on only on the backbones it started on: its checkpoints were trained against
+    them, and this code may build others now (a backbone recipe changed since)."""
+    had, want = started_backbones(out_dir), world_backbones(cfg)
+    if had is not None and had != want:
+        raise ValueError(
+            f"{out_dir} started on the backbones {had}; this code builds {want} for its settings, and resuming would "
+            "train its checkpoints on other weights: start the run afresh in another --out"
+        )
 
 
 def auto_cpu_precision(vlm, train, collator, stage, accelerator) -> tuple[str, str]:
