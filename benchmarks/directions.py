@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.evaluate.stats import paired
-from bench.report.tables import config_name, load_runs, per_question
+from bench.report.tables import load_runs, per_question, run_name
 
 SIXTEEN = ("avgpool", "c_abstractor", "ldpv2", "pixel_shuffle", "tokenpacker", "perceiver_resampler", "cls_prune")
 SPATIAL = ("position", "relation")
@@ -67,7 +67,7 @@ class Records:
     def __init__(self, sweep: Path, base: str):
         self.sweep, self.base = sweep, base
         self.runs = load_runs([sweep])
-        self.names = sorted({config_name(r["config"]) for r in self.runs})
+        self.names = sorted({run_name(r) for r in self.runs})
         recipes = sorted({r["config"]["recipe"] for r in self.runs if r["config"]["connector"]["name"] == base})
         self.recipe = next((x for x in recipes if not x.endswith(("-frozen-llm", "-stage2-only"))), None)
         self.types = question_types(self.runs)

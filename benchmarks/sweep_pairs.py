@@ -14,14 +14,14 @@ from __future__ import annotations
 import sys
 
 from bench.evaluate.stats import paired
-from bench.report.tables import config_name, load_runs, per_question
+from bench.report.tables import load_runs, per_question, run_name
 
 
 def main() -> int:
     if len(sys.argv) < 3 or any(":" not in a for a in sys.argv[2:]):
         sys.exit(__doc__.splitlines()[2].strip())
     runs = load_runs([sys.argv[1]])
-    names = sorted({config_name(r["config"]) for r in runs})
+    names = sorted({run_name(r) for r in runs})
 
     def find(part: str) -> str:
         hits = [n for n in names if n == part or f" + {part} + " in n]

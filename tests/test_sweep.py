@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,55 @@ def test_a_tiled_and_an_untiled_run_of_the_same_components_are_two_configuration
     rows = {r["name"]: r for r in aggregate(load_runs([tmp_path]))}
     assert rows["clip + linear + tinyllama (mini)"]["test"] == (0.4, 0.0)
     assert rows["clip + linear + tinyllama (mini, anyres 192x192 max 4)"]["test"] == (0.8, 0.0)
+
+
+def test_runs_of_one_name_with_other_data_or_stages_are_other_configurations(tmp_path):
+    """Runs whose names agree but whose settings differ where the name does not show them are rows of their own,
+    labelled with what differs (the group at the defaults keeps the plain name); the same settings written two ways (a
+    recipe, and its stages written out as a config file writes them) are one row of two seeds; and one configuration
+    with one seed recorded twice is an error, not a silently double-counted or dropped run."""
+    import pytest
+
+    from bench.report.tables import aggregate, load_runs, per_question
+
+    def run(folder: str, seed: int, test: float, correct: list[int], **config):
+        fake_run(tmp_path / folder, "mlp2x_gelu", seed, test, 0.5, 0.3, 64)
+        path = tmp_path / folder / f"mlp2x_gelu-s{seed}" / "results.json"
+        r = json.loads(path.read_text())
+        r["config"] |= config
+        r["stages"] = written_out  # the stages as trained, as every record since December 7 holds them
+        r["metrics"]["test"]["accuracy"]["per_question"] = {"ids": [f"q{i}" for i in range(4)], "correct": correct}
+        path.write_text(json.dumps(r))
+        return path
+
+    world = {"kind": "world", "pretrain": {"llm_level": "smollm2"}}
+    written_out = [
+        {"stage": 1, "steps": 300, "batch_size": 32, "lr": 2e-3, "connector_lr": "paper", "warmup_ratio": 0.05},
+        {"stage": 2, "steps": 1200, "batch_size": 32, "lr": 2e-3, "connector_lr": "paper", "warmup_ratio": 0.05},
+    ]
+    run("a", 0, 0.50, [1, 1, 0, 0], data=world)
+    second = run("b", 1, 0.75, [1, 1, 1, 0], data=world, stages=written_out)  # `mini` written out, another seed
+    run("c", 0, 1.00, [1, 1, 1, 1], data={**world, "pretrain": {**world["pretrain"], "encoder_px": 32}})
+    runs = load_runs([tmp_path])
+    rows = {r["name"]: r for r in aggregate(runs)}
+    plain, px32 = (
+        "clip + mlp2x_gelu + tinyllama (mini)",
+        "clip + mlp2x_gelu + tinyllama (mini; data.pretrain.encoder_px=32)",
+    )
+    assert rows[plain]["seeds"] == [0, 1] and rows[plain]["test"] == (0.625, statistics.stdev([0.5, 0.75]))
+    assert rows[px32]["seeds"] == [0] and rows[px32]["test"] == (1.0, 0.0)
+    assert per_question(runs, plain) == {(0, "q0"): 1, (0, "q1"): 1, (0, "q2"): 0, (0, "q3"): 0} | {
+        (1, "q0"): 1,
+        (1, "q1"): 1,
+        (1, "q2"): 1,
+        (1, "q3"): 0,
+    }
+    assert per_question(runs, px32) == {(0, f"q{i}"): 1 for i in range(4)}
+    twice = json.loads(second.read_text())
+    twice["config"]["seed"] = 0
+    second.write_text(json.dumps(twice))  # now seed 0 of the plain configuration twice
+    with pytest.raises(ValueError, match=r"\(mini\): seed 0 is recorded by 2 runs"):
+        load_runs([tmp_path])
 
 
 def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from bench.report.tables import QUESTION_TYPES, config_name
+from bench.report.tables import QUESTION_TYPES, run_name
 
 
 def pyplot():
@@ -83,7 +83,7 @@ def mean_curves(runs: list[dict[str, Any]]) -> dict[str, list[list[tuple[int, fl
     by_config: dict[str, list[list[dict[str, float]]]] = defaultdict(list)
     for r in runs:
         if r.get("loss_history"):
-            by_config[config_name(r["config"])].append(r["loss_history"])
+            by_config[run_name(r)].append(r["loss_history"])
     out = {}
     for name, histories in sorted(by_config.items()):
         stages = []

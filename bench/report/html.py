@@ -28,7 +28,7 @@ from bench.report.tables import (
     all_columns,
     best,
     column_info,
-    config_name,
+    run_name,
     fmt,
     load_runs,
     missing_cell,
@@ -88,7 +88,7 @@ def lowest_seed_answers(runs: list[dict[str, Any]], split: str) -> dict[str, dic
     """{configuration: {question id: (answer or None, 0/1)}} from each configuration's lowest seed."""
     chosen: dict[str, dict[str, Any]] = {}
     for r in runs:
-        name = config_name(r["config"])
+        name = run_name(r)
         if "per_question" in r["metrics"].get(split, {}).get("accuracy", {}) and (
             name not in chosen or r["config"]["seed"] < chosen[name]["config"]["seed"]
         ):
@@ -118,7 +118,7 @@ def gallery(runs: list[dict[str, Any]], per_type: int, log=print) -> tuple[dict[
     split = eval_split(runs)
     if split is None:
         return None, None, "no run recorded per-question answers (results.json from before December 2026)"
-    first = min(runs, key=lambda r: (config_name(r["config"]), r["config"]["seed"]))
+    first = min(runs, key=lambda r: (run_name(r), r["config"]["seed"]))
     try:
         cfg = RunConfig(**{k: v for k, v in first["config"].items() if k in RunConfig.__dataclass_fields__})
         _, _, evals, world = load_data(cfg, log=lambda m: None)
@@ -171,7 +171,7 @@ def breakdown_context(runs, world, log=print) -> dict[str, Any] | None:
     except ValueError as err:  # a world whose questions this version does not parse: the page goes on without it
         log(f"error breakdown left out: {err}")
         return None
-    bd = breakdown(runs, facts, lambda r: config_name(r["config"]))
+    bd = breakdown(runs, facts, run_name)
     if not bd:
         return None
     objects = sorted({k for v in bd.values() for k in v["objects"]})

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.data.world import WorldConfig
+from bench.report.cells import as_record, differing
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run, started_backbones
 from bench.train.pretrain import world_backbones
@@ -104,60 +104,11 @@ def sweep(
     return done
 
 
-# the settings that decide what a cell trains and measures (a cell's name says only the components and the seed)
-CELL_SETTINGS = (
-    "encoder",
-    "connector",
-    "llm",
-    "seed",
-    "recipe",
-    "stages",
-    "data",
-    "eval_limit",
-    "precision",
-    "lora",
-    "qlora",
-    "init_connector",
-    "max_length",
-    "tiling",
-)
-
-
-# stage settings that change neither the trained weights nor anything the report shows: the validation loss they
-# bound only picks checkpoint-best and is logged (a run's accuracy is measured on the weights as trained), and a
-# checkpoint's interval only decides where a killed run resumes from
-LOGGED_ONLY = ("val_limit", "save_every")
-
-
 def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The CELL_SETTINGS in which ``record``'s config differs from ``cfg`` (a setting it does not name counts as
-    RunConfig's default, as it was when the record was written)."""
-    had = record.get("config") or {}
-    as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731 (as config.json holds it: tuples are lists there)
-    defaults, want = as_json(dataclasses.asdict(RunConfig())), as_json(dataclasses.asdict(cfg))
-    had = {k: had.get(k, defaults[k]) for k in CELL_SETTINGS}
-    for side in (had, want):  # a world's settings compare as the world they make: a later setting at its default is
-        data = side.get("data")  # the world recorded without it, and no world named (bench run's) is the default one
-        if isinstance(data, dict) and data.get("kind", "world") == "world" and isinstance(data.get("world", {}), dict):
-            with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
-                side["data"] = {**data, "world": as_json(WorldConfig(**data.get("world", {})).as_dict())}
-    trained = record.get("stages")  # records since December 7: the stages as trained, a recipe's written out
-    if isinstance(trained, list):  # those compare as trained: a recipe and its stages written out are one cell
-        now = as_json([dataclasses.asdict(s) for s in cfg.resolved_stages()])
-        had["stages"], want["stages"] = trained, now
-    return [k for k in CELL_SETTINGS if stage_view(had[k], k) != stage_view(want[k], k)]
-
-
-def stage_view(value: Any, key: str) -> Any:
-    """A ``stages`` list as compared: each stage with StageConfig's defaults for settings added after it was recorded,
-    without the LOGGED_ONLY ones; any other setting as it is."""
-    if key != "stages" or not isinstance(value, list):
-        return value
-    defaults = dataclasses.asdict(StageConfig())
-    return [
-        {k: v for k, v in {**defaults, **st}.items() if k not in LOGGED_ONLY} if isinstance(st, dict) else st
-        for st in value
-    ]
+    """The CELL_SETTINGS in which ``record``'s config differs from ``cfg`` (``bench.report.cells``: a setting it does
+    not name counts as RunConfig's default, as it was when the record was written; stages as trained when the record
+    holds them)."""
+    return differing(record, as_record(cfg))
 
 
 def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:

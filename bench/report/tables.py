@@ -55,6 +55,50 @@ def config_name(cfg: dict[str, Any]) -> str:
     return f"{cfg['encoder']['name']} + {conn_label} + {cfg['llm']['name']} ({cfg['recipe']}{tiling_label(cfg)})"
 
 
+#: the key ``name_runs`` gives each loaded run: its configuration's name in every table of the report
+NAME_KEY = "configuration"
+
+
+def name_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each run its configuration's name (``run[NAME_KEY]``): ``config_name``, and where runs of one such name
+    differ in a setting it does not show (``bench.report.cells``: data options such as the world encoder's input
+    side, the stages as trained, the evaluation limit, precision ...), each group of them that setting too:
+    ``clip + mlp2x_gelu + tinyllama (mini-smollm2; data.pretrain.encoder_px=32)``; the group at the defaults keeps
+    the plain name. Two runs of one configuration and one seed are an error: as two seeds of one row, or two answers to
+    one paired question, they would count one run twice or drop one silently."""
+    from bench.report.cells import compared_views, differing, distinguishing
+
+    seed_only = ("seed",)  # a row's seeds are its runs
+
+    by_name: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    for r in runs:
+        groups = by_name[config_name(r["config"])]
+        home = next((g for g in groups if not differing(g[0], r, ignore=seed_only)), None)
+        if home is None:
+            groups.append([r])
+        else:
+            home.append(r)
+    for name, groups in by_name.items():
+        labels = [""] if len(groups) == 1 else distinguishing([compared_views(g[0], g[0])[0] for g in groups], ignore=seed_only)
+        for group, label in zip(groups, labels):
+            full = f"{name[:-1]}; {label})" if label else name
+            seeds = [r["config"]["seed"] for r in group]
+            twice = sorted({s for s in seeds if seeds.count(s) > 1})
+            if twice:
+                raise ValueError(
+                    f"{full}: seed {twice[0]} is recorded by {seeds.count(twice[0])} runs of the same settings; keep "
+                    "one (move the others out of the report's directories, e.g. to <sweep>.superseded/)"
+                )
+            for r in group:
+                r[NAME_KEY] = full
+    return runs
+
+
+def run_name(run: dict[str, Any]) -> str:
+    """The run's configuration's name as ``name_runs`` gave it (``config_name`` for a run it has not seen)."""
+    return run.get(NAME_KEY) or config_name(run["config"])
+
+
 def tiling_label(cfg: dict[str, Any]) -> str:
     """``, anyres 192x192`` for a tiled run (its pinpoints, ``max_tiles``), nothing for an untiled one: a tiled and an
     untiled run of the same components are two configurations in every table and paired comparison."""
@@ -91,7 +135,7 @@ def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{path}: no results.json (is it a finished run directory?)")
         for f in files:
             runs.append(json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text()))
-    return runs
+    return name_runs(runs)
 
 
 def run_values(r: dict[str, Any], blind: bool = False) -> dict[str, float]:
@@ -138,9 +182,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     seeds: dict[str, list[int]] = defaultdict(list)
     unmeasured: dict[str, set[str]] = defaultdict(set)
+    if any(NAME_KEY not in r for r in runs):
+        name_runs(runs)
     for r in runs:
         cfg = r["config"]
-        name = config_name(cfg)
+        name = run_name(r)
         groups[name].append(run_values(r))
         seeds[name].append(cfg["seed"])
         blind = f"blind baseline: {cfg['llm']['name']} without the image"
@@ -166,9 +212,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def per_question(runs: list[dict[str, Any]], name: str) -> dict[tuple[int, str], int]:
     """{(seed, question id): 0/1} on the test split for one configuration (runs that recorded it)."""
     out = {}
+    if any(NAME_KEY not in r for r in runs):
+        name_runs(runs)
     for r in runs:
         acc = r["metrics"].get("test", {}).get("accuracy", {})
-        if config_name(r["config"]) == name and "per_question" in acc:
+        if run_name(r) == name and "per_question" in acc:
             pq = acc["per_question"]
             out.update({(r["config"]["seed"], qid): c for qid, c in zip(pq["ids"], pq["correct"])})
     return out
