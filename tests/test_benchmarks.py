@@ -115,3 +115,29 @@ def test_directions_show_the_accuracies_of_the_pairs_they_compare():
     p, said = directions.compared(two_seeds, one_seed, "two-stage", "frozen-llm")
     assert p["questions"] == 2 and abs(p["diff"] - 0.5) < 1e-12
     assert said.startswith("two-stage 50.0 against frozen-llm 0.0 (seed 0), +50.0 ["), said
+
+
+def test_directions_resolution_row_compares_small_and_large_object_questions_apart():
+    """64 px right on both small-object questions where 32 px is wrong on both, the two alike on the large-object
+    ones: +100 points on the small objects (reproduced), 0 on the large, +50 over all four."""
+    directions = load("directions")
+    high = {(0, "q0"): 1, (0, "q1"): 1, (0, "q2"): 0, (0, "q3"): 1}
+    low = {(0, "q0"): 0, (0, "q1"): 0, (0, "q2"): 0, (0, "q3"): 1}
+    buckets = {"q0": "small", "q1": "small", "q2": "large", "q3": "large"}
+    claim, _, world, verdict = directions.resolution(high, low, buckets, "mlp2x_gelu", (64, 32), [64.0, 16.0])
+    assert "resolution" in claim and verdict == "**reproduced**"
+    assert "encoder input 64 against 32 px (64 against 16 visual tokens)" in world
+    assert "small objects: 64 px 100.0 against 32 px 0.0 (seed 0), +100.0 [" in world, world
+    assert "large objects: 64 px 50.0 against 32 px 50.0 (seed 0), +0.0 [" in world, world
+    assert "all: 64 px 75.0 against 32 px 25.0 (seed 0), +50.0 [" in world, world
+    flipped = directions.resolution(low, high, buckets, "mlp2x_gelu", (64, 32), [64.0, 16.0])
+    assert flipped[3] == "**not reproduced**"
+    names = [
+        "clip + mlp2x_gelu + tinyllama (mini-smollm2)",
+        "clip + mlp2x_gelu + tinyllama (mini-smollm2; data.pretrain.encoder_px=32)",
+        "clip + mlp2x_gelu + tinyllama (mini-smollm2; data.pretrain.encoder_px=48; eval_limit=10)",  # differs more
+        "clip + linear + tinyllama (mini-smollm2; data.pretrain.encoder_px=40)",
+    ]
+    assert directions.lower_resolution(names, "mlp2x_gelu", "mini-smollm2") == (names[1], 32)
+    assert directions.lower_resolution(names, "linear", "mini-smollm2") == (names[3], 40)
+    assert directions.lower_resolution(names, "mlp2x_gelu", "mini") is None
