@@ -47,6 +47,8 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     # single-stage training (stage 2 alone, the same 150 steps), and LLaVA's frozen LLM against a fine-tuned one (the
     # same two stages of data, the second training the connector alone at the rate stage 2 gives it)
     "mini-smollm2-stage2-only": [dict(SMOLLM2_STAGE2)],
+    # stage 2 alone for as many steps (and samples) as the two stages together: the stage skipped, not its steps
+    "mini-smollm2-stage2-only-300": [{**SMOLLM2_STAGE2, "steps": 300}],
     "mini-smollm2-frozen-llm": [
         dict(SMOLLM2_STAGE1),
         {**{k: v for k, v in SMOLLM2_STAGE2.items() if k != "connector_lr"}, "stage": 1, "lr": 1e-3},
