@@ -53,6 +53,21 @@ def test_a_run_writes_its_record(micro_run):
     }
     assert Path(specs["encoder"]["checkpoint"]).parent.parent == world.dir
     assert [len(h) for h in results["loss_history"]] == [6, 6]
+    # where its wall time went, part by part (the summary lists them in the order the run spent them)
+    seconds = results["seconds"]
+    assert set(seconds) == {
+        "setup",
+        "blind",
+        "stage1",
+        "stage2",
+        "save",
+        "evaluate test",
+        "evaluate compositional",
+        "profile",
+        "visual tokens",
+    }
+    assert all(v >= 0 for v in seconds.values()) and sum(seconds.values()) <= results["wall_time_seconds"] + 0.5
+    assert "of it: setup " in proc.stdout and "stage2 " in proc.stdout.split("of it: setup ")[1]
     # measured efficiency: mlp2x_gelu from the 64-wide world encoder to the 128-wide world LLM, 64 tokens
     eff = results["efficiency"]
     assert eff["flops"]["connector"] == 2 * 64 * 64 * 128 + 2 * 64 * 128 * 128

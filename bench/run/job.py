@@ -172,12 +172,15 @@ def _run(
         prec, prec_why = auto_cpu_precision(vlm, train, collators[train.images.key], stages[0], accelerator)
         own_autocast = prec
         log(f"precision: {'bf16 autocast' if prec == 'bf16' else 'fp32'} ({prec_why})")
+    seconds: dict[str, Any] = {"setup": time.time() - started}  # where this process's wall time went (results.json)
     blind = {}
     if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
+        tick = time.time()
         with autocast(prec, vlm.device):
             blind = {
                 name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit) for name, ds in eval_sets.items()
             }
+        seconds["blind"] = time.time() - tick
     pack, pack_why = packing_decision(cfg, vlm)
     log(f"packing: {'on' if pack else 'off'} ({pack_why})")
     start_trackers(accelerator, dataclasses.asdict(cfg), out_dir, tracking.get("group"), tracking.get("tags", []))
@@ -216,7 +219,9 @@ def _run(
             f"stage {index} ({'connector' if stage.stage == 1 else 'connector + LLM'}): {trainer.total_steps} steps "
             f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
         )
+        tick = time.time()
         train_stats.append(trainer.fit() | {"history": trainer.history})
+        seconds[f"stage{index}"] = time.time() - tick  # its steps, validation and checkpoints
         offset += trainer.total_steps
         vlm = accelerator.unwrap_model(trainer.model)
     if trainer.sharded:  # evaluated by rank 0 alone: the model as its last checkpoint holds it, whole
@@ -246,6 +251,7 @@ def _run(
                 precision={"compute": prec, "backbone": backbone, **({"why": prec_why} if prec_why else {})},
                 cache_info=cache_info,
                 commit=commit,
+                seconds=seconds,
             )
         accelerator.log(eval_values(results.get("metrics", {})), step=offset)
     accelerator.wait_for_everyone()

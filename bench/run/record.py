@@ -121,25 +121,39 @@ def record(
     precision,
     cache_info,
     commit: str | None = None,
+    seconds: dict[str, Any] | None = None,
 ) -> dict:
     """Save the run's model, evaluate it, and write ``results.json``, ``summary.txt`` and ``<run>/hf``: ``cfg`` trained
-    as ``vlm`` into ``out_dir``; the rest by name (what the run measured and loaded on its way)."""
+    as ``vlm`` into ``out_dir``; the rest by name (what the run measured and loaded on its way). ``seconds``: where
+    the run's wall time went before this (setup, blind baseline, each stage); the parts after it are added."""
+    seconds = dict(seconds or {})
+    tick = time.time()
+
+    def timed(name: str) -> None:  # the seconds since the last part ended, as ``name``
+        nonlocal tick
+        seconds[name], tick = time.time() - tick, time.time()
+
     save_final(vlm, out_dir, len(train_stats))
-    metrics = {
-        name: evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
-        for name, ds in eval_sets.items()
-    }
+    timed("save")
+    metrics = {}
+    for name, ds in eval_sets.items():  # each split's answers and its caption (or held-out) loss
+        metrics[name] = evaluate_split(vlm, ds, collators[ds.images.key], cfg.eval_limit, blind[name])
+        timed(f"evaluate {name}")
     first_eval = next(iter(eval_sets.values()))
     profile = cfg.profile if cfg.profile is not None else cfg.data.get("kind", "world") == "world"
+    measured = efficiency(vlm, first_eval) if profile else {}
+    timed("profile")
+    tokens = visual_token_stats(vlm, features[first_eval.images.key], first_eval)
+    timed("visual tokens")
     results = {
-        "efficiency": efficiency(vlm, first_eval) if profile else {},
+        "efficiency": measured,
         "precision": precision,
         "config": dataclasses.asdict(cfg),
         # each stage's settings as trained (a recipe's, written out): a sweep tells a recipe whose steps changed
         "stages": [dataclasses.asdict(s) for s in cfg.resolved_stages()],
         "backbones": world_backbones(cfg),  # the mini world's key and backbone recipes (None for published data)
         "metrics": metrics,
-        "visual_tokens_per_image": visual_token_stats(vlm, features[first_eval.images.key], first_eval),
+        "visual_tokens_per_image": tokens,
         "parameters": {
             "trainable": sum(s["trainable_parameters"] for s in train_stats[-1:]),
             "connector": vlm.connector.num_parameters(),
@@ -150,6 +164,9 @@ def record(
         "loss_history": [s["history"] for s in train_stats],
         "train_samples_per_second": train_stats[-1]["train_samples_per_second"],
         "wall_time_seconds": time.time() - started,
+        # the parts of it: setup (data, backbones, model, features), blind, stageN, save, evaluate <split>, profile,
+        # visual tokens (the export and summary after results.json are not in it)
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
         # this process, this session (a resumed run counts from its restart)
         "seconds_to_first_step": (train_stats[0]["first_step_at"] - started)
         if train_stats[0]["first_step_at"]
@@ -230,6 +247,8 @@ def summary(results: dict[str, Any]) -> str:
         f"{results['encoder_forwards']}; skipped {len(results['skipped_samples'])}; "
         f"wall {results['wall_time_seconds']:.0f} s"
     )
+    if results.get("seconds"):  # (records from before December 7's evening have none)
+        lines.append("  of it: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()))
     examples = next((m["examples"] for m in results["metrics"].values() if m.get("examples")), [])
     for ex in examples[:3]:
         lines.append(f"  e.g. {ex['question']!r}: {ex['answer']!r} (truth {ex['truth']!r}, blind {ex['blind']!r})")
