@@ -141,3 +141,28 @@ def test_directions_resolution_row_compares_small_and_large_object_questions_apa
     assert directions.lower_resolution(names, "mlp2x_gelu", "mini-smollm2") == (names[1], 32)
     assert directions.lower_resolution(names, "linear", "mini-smollm2") == (names[3], 40)
     assert directions.lower_resolution(names, "mlp2x_gelu", "mini") is None
+
+
+def test_directions_honeybee_judges_c_abstractor_at_equal_tokens_where_that_cell_is_kept():
+    """linear right on 6 of 8 questions; c_abstractor at 64 tokens right on all 8 (not worse at equal tokens), at
+    16 tokens on 4: the verdict is the equal-token one; with the 64-token cell missing, the 16-token one (not
+    reproduced here) and a note naming the cell that would settle it."""
+    directions = load("directions")
+
+    def sheet(right: int) -> dict:
+        return {(0, f"q{i}"): int(i < right) for i in range(8)}
+
+    class Stub:
+        def __init__(self, sheets: dict):
+            self.sheets = sheets
+
+        def answers(self, connector, recipe=None, types=()):
+            return self.sheets.get(connector, {})
+
+    both = Stub({"linear": sheet(6), "c_abstractor": sheet(4), "c_abstractor[num_queries=64]": sheet(8)})
+    row = directions.honeybee(both)[0]
+    assert row[3] == "**reproduced** (not worse)", row  # +25 [+0.0, +50.0]: the interval's lower end is not above 0
+    assert row[2].startswith("test, 64 tokens each: c_abstractor[num_queries=64] 100.0 against linear 75.0"), row[2]
+    assert "16 tokens against 64: c_abstractor 50.0 against linear 75.0" in row[2]
+    sixteen = directions.honeybee(Stub({"linear": sheet(8), "c_abstractor": sheet(0)}))[0]
+    assert sixteen[3] == "**not reproduced**" and "needs `c_abstractor[num_queries=64]`" in sixteen[2]
