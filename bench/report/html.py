@@ -28,10 +28,10 @@ from bench.report.tables import (
     all_columns,
     best,
     column_info,
-    run_name,
     fmt,
     load_runs,
     missing_cell,
+    run_name,
     vs_best_text,
 )
 from bench.train.assemble import load_data

@@ -10,8 +10,6 @@ Connector settings go in brackets: ``cls_prune[keep_ratio=0.25]``, ``qformer[num
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
 import json
 import re
@@ -22,7 +20,7 @@ from bench.report.cells import as_record, differing
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run, started_backbones
 from bench.train.pretrain import world_backbones
-from bench.train.settings import RunConfig, StageConfig
+from bench.train.settings import RunConfig
 from connector_zoo.settings import parse_settings
 
 

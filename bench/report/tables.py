@@ -79,7 +79,11 @@ def name_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             home.append(r)
     for name, groups in by_name.items():
-        labels = [""] if len(groups) == 1 else distinguishing([compared_views(g[0], g[0])[0] for g in groups], ignore=seed_only)
+        labels = (
+            [""]
+            if len(groups) == 1
+            else distinguishing([compared_views(g[0], g[0])[0] for g in groups], ignore=seed_only)
+        )
         for group, label in zip(groups, labels):
             full = f"{name[:-1]}; {label})" if label else name
             seeds = [r["config"]["seed"] for r in group]
