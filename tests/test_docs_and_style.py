@@ -65,6 +65,19 @@ def test_ruff_clean():
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
+def test_no_source_file_is_ignored_by_git():
+    """A .gitignore pattern that matches a source directory (``report/`` matched bench/report/) leaves its new files
+    out of every commit and out of ruff's view (ruff follows .gitignore): the module works here and is missing from a
+    clone. Every Python file of the tree is tracked or trackable."""
+    listed = []
+    for which in ("--cached", "--others"):  # tracked files a pattern matches (ruff skips them), and new ones
+        cmd = ["git", "ls-files", which, "--ignored", "--exclude-standard", "--", "*.py"]
+        listed += subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    skipped = (".venv/", "build/", "dist/")  # environments and build outputs: not the project's sources
+    ignored = [f for f in listed if not f.startswith(skipped) and "/." not in f"/{f}"]
+    assert not ignored, f"git ignores these source files (see .gitignore): {ignored[:10]}"
+
+
 BENCH_STAGES = ["data", "train", "evaluate", "run", "report", "cli"]  # their import order: tests/test_layout.py
 
 
