@@ -166,3 +166,11 @@ def test_directions_honeybee_judges_c_abstractor_at_equal_tokens_where_that_cell
     assert "16 tokens against 64: c_abstractor 50.0 against linear 75.0" in row[2]
     sixteen = directions.honeybee(Stub({"linear": sheet(8), "c_abstractor": sheet(0)}))[0]
     assert sixteen[3] == "**not reproduced**" and "needs `c_abstractor[num_queries=64]`" in sixteen[2]
+
+
+def test_memory_drift_slope_is_least_squares_growth_per_step():
+    """A straight line's slope, a constant's 0, and (0, 2, 1, 3): the least-squares line through four points,
+    sum((i - 1.5)(v - 1.5)) / sum((i - 1.5)^2) = 4 / 5."""
+    drift = load("memory_drift")
+    assert drift.slope([3.0, 5.0, 7.0, 9.0]) == 2.0 and drift.slope([4.0] * 6) == 0.0
+    assert abs(drift.slope([0.0, 2.0, 1.0, 3.0]) - 0.8) < 1e-12
