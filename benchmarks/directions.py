@@ -186,6 +186,19 @@ def fastervlm(rec: Records, seed: int) -> list[str]:
     return [claim, paper, world, verdict]
 
 
+#: a trained connector within this many points of its blind baseline learnt nothing from the image: a comparison with
+#: it judges its training, not the paper's direction (the issue: rule out a defect before reporting a contradiction)
+UNTRAINED_POINTS = 5.0
+
+
+def blind_of(rec, connector: str) -> float | None:
+    """The blind baseline's test accuracy (%) of ``connector``'s runs under the base recipe, None if unknown."""
+    name = rec.name(connector) if hasattr(rec, "name") else None
+    runs = [r for r in getattr(rec, "runs", []) if name and run_name(r) == name]
+    values = [r["metrics"]["test"]["blind"]["exact_match"] for r in runs if "blind" in r["metrics"].get("test", {})]
+    return 100 * statistics.fmean(values) if values else None
+
+
 def honeybee(rec: Records) -> list[list[str]]:
     paper_a = "C-Abstractor matches or beats the linear projector, at equal and at fewer tokens (Honeybee's ablation)"
     paper_b = "resamplers lose spatial understanding against C-Abstractor (Honeybee, spatial tasks)"
@@ -199,6 +212,10 @@ def honeybee(rec: Records) -> list[list[str]]:
         for name, how, a in found:
             p, said = compared(a, linear, name, "linear")
             parts.append(f"{how}: {said}")
+            floor = blind_of(rec, name)
+            if floor is not None and mean_acc(a) - floor < UNTRAINED_POINTS:  # a defect to rule out, not a verdict
+                verdicts.append(f"**not judged**: {name} stayed at its blind value ({floor:.1f}): it did not train")
+                continue
             verdicts.append(
                 ("**reproduced** (better)" if p["low"] > 0 else "**reproduced** (not worse)")
                 if p["high"] > 0

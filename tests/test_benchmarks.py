@@ -174,3 +174,26 @@ def test_memory_drift_slope_is_least_squares_growth_per_step():
     drift = load("memory_drift")
     assert drift.slope([3.0, 5.0, 7.0, 9.0]) == 2.0 and drift.slope([4.0] * 6) == 0.0
     assert abs(drift.slope([0.0, 2.0, 1.0, 3.0]) - 0.8) < 1e-12
+
+
+def test_directions_do_not_judge_a_paper_by_a_connector_that_stayed_at_its_blind_value():
+    """c_abstractor right on 4 of 10 questions where its blind baseline is 40 %: it learnt nothing from the image, so
+    its loss to linear (9 of 10) is a training failure to rule out, not Honeybee contradicted."""
+    directions = load("directions")
+    name = "clip + c_abstractor + tinyllama (mini-smollm2)"
+    run = {"configuration": name, "metrics": {"test": {"blind": {"exact_match": 0.40}}}}
+
+    class Stub:
+        runs = [run]
+
+        def name(self, connector, recipe=None):
+            return name if connector == "c_abstractor" else None
+
+        def answers(self, connector, recipe=None, types=()):
+            right = {"linear": 9, "c_abstractor": 4}.get(connector)
+            return {(0, f"q{i}"): int(i < right) for i in range(10)} if right is not None else {}
+
+    row = directions.honeybee(Stub())[0]
+    assert row[3].startswith("**not judged**: c_abstractor stayed at its blind value (40.0)"), row[3]
+    run["metrics"]["test"]["blind"]["exact_match"] = 0.30  # 10 points over its blind value: judged
+    assert directions.honeybee(Stub())[0][3] == "**not reproduced**"
