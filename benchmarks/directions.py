@@ -285,7 +285,6 @@ def resolution_row(rec: Records) -> list[str]:
             "to run",
         ]
     from bench.data.world import WorldConfig
-    from bench.report.tables import run_name
 
     name, low_px = lower
     (px,) = {WorldConfig(**r["config"]["data"].get("world", {})).image_size for r in rec.runs}
