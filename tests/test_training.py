@@ -158,6 +158,9 @@ def test_paper_connector_rate_is_the_papers_per_stage(connector, rates):
         by_name = {g["name"]: g["lr"] for g in parameter_groups(vlm, set_trainable(vlm, cfg), cfg)}
         assert by_name["connector"] == rate and by_name.get("llm", 2e-3) == 2e-3
     assert [s["connector_lr"] for s in RECIPES["mini-paper-rates"]] == ["paper", "paper"]
+    # the pretrained level's row at the papers' rates: the level's stages, only the connector's rate other
+    level, paper = RECIPES["mini-smollm2"], RECIPES["mini-smollm2-paper-rates"]
+    assert [{**s, "connector_lr": "paper"} for s in level] == paper
     with pytest.raises(SettingError, match="connector_lr"):
         StageConfig(stage=2, connector_lr="papers")
 

@@ -49,6 +49,13 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "mini-smollm2-stage2-only": [dict(SMOLLM2_STAGE2)],
     # stage 2 alone for as many steps (and samples) as the two stages together: the stage skipped, not its steps
     "mini-smollm2-stage2-only-300": [{**SMOLLM2_STAGE2, "steps": 300}],
+    # the level with each connector at its paper's rates in both stages (Connector.paper_lr, as `mini-paper-rates`;
+    # the LLM at the level's 5e-5): the row beside the shared recipe for the connectors whose papers train them
+    # slower (C-Abstractor 1e-4 / 2e-5, TokenPacker 1e-3 / 2e-5), which the level's 2e-3 / 1e-3 may overshoot
+    "mini-smollm2-paper-rates": [
+        {**SMOLLM2_STAGE1, "connector_lr": "paper"},
+        {**SMOLLM2_STAGE2, "connector_lr": "paper"},
+    ],
     "mini-smollm2-frozen-llm": [
         dict(SMOLLM2_STAGE1),
         {**{k: v for k, v in SMOLLM2_STAGE2.items() if k != "connector_lr"}, "stage": 1, "lr": 1e-3},
