@@ -200,7 +200,12 @@ def test_recolouring_a_batch_is_rendering_its_scenes_in_the_permuted_colours():
     record = lambda scene: {"objects": [dataclasses.asdict(o) for o in scene.objects]}  # noqa: E731
     pixels = np.stack([np.asarray(render(s, cfg)) for s in scenes])
     labels = torch.from_numpy(np.stack([patch_labels(record(s), 64, 8) for s in scenes]))
-    out, texts, new_labels = recolour_batch(pixels, [s.caption for s in scenes], labels, random.Random(9))
+    corners = [(3 * b % 33, 5 * b % 33) for b in range(len(scenes))]  # a 32-px tile of each (--world-encoder-px 32)
+    tile = lambda rec, b: patch_labels(rec, 32, 8, cfg.object_scale, 64, (*corners[b], 32))  # noqa: E731
+    tiles = torch.from_numpy(np.stack([tile(record(s), b) for b, s in enumerate(scenes)]))
+    out, texts, new_labels, new_tiles = recolour_batch(
+        pixels, [s.caption for s in scenes], labels, random.Random(9), tiles
+    )
     twin, names, changed = random.Random(9), list(COLOURS), 0
     for b, scene in enumerate(scenes):
         perm = list(range(len(names)))
@@ -210,6 +215,7 @@ def test_recolouring_a_batch_is_rendering_its_scenes_in_the_permuted_colours():
         np.testing.assert_array_equal(out[b], np.asarray(render(painted, cfg)))
         assert texts[b] == caption(painted)
         np.testing.assert_array_equal(new_labels[b].numpy(), patch_labels(record(painted), 64, 8))
+        np.testing.assert_array_equal(new_tiles[b].numpy(), tile(record(painted), b))  # the same image's permutation
         changed += int(texts[b] != scene.caption)
     assert changed >= 10  # the permutations moved colours (identity for all 7 colours of a scene is rare)
     assert torch.equal(new_labels[..., 1:], labels[..., 1:])
@@ -426,8 +432,10 @@ def test_the_pretrained_level_pretrains_a_recoloured_encoder_unless_told_otherwi
     b = pretrain_encoder("clip", world, **steps({"encoder_steps": 2, "llm_level": "smollm2"}, "encoder"), log=quiet)
     assert "-recolour-" in b.name and "-recolour" not in a.name
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="recolour is not built for an input smaller"):
-        pretrain_encoder("clip", world, steps=2, recolour=True, input_px=32, log=quiet)
+    # at a smaller input (the resolution direction's --world-encoder-px 32) the native-resolution tiles are cut from
+    # the recoloured images (their labels recoloured alike: the recolouring test above)
+    small = pretrain_encoder("clip", world, steps=2, recolour=True, input_px=32, log=quiet)
+    assert "-px32-recolour-" in small.name
 
 
 def test_world_build_pretrains_the_backbones_a_run_with_the_same_options_builds(monkeypatch, tmp_path):

@@ -150,11 +150,6 @@ def pretrain_encoder(
         raise ValueError(
             f"world encoder input {input_px} px: a multiple of 8 no larger than the world's {world_px}-px images"
         )
-    if recolour and input_px is not None:  # its native-resolution crops would keep their colours
-        raise ValueError(
-            "world encoder: recolour is not built for an input smaller than the world's images (--world-encoder-px);"
-            " use one or the other"
-        )
     name = encoder_dir_name(family, steps, batch_size, seed, dense, lr, position, input_px, recolour)
     out = world.dir / "backbones" / name
 
@@ -204,8 +199,21 @@ def pretrain_encoder(
             idx = rng.sample(range(len(records)), batch)
             pixels, captions = np.asarray(images[idx]), [records[i]["caption"] for i in idx]
             dense_labels = labels[idx] if labels is not None else None
+            corners, crop_labels = None, None
+            if dense and input_px:  # squares at the images' own resolution: AnyRes's tiles (cut from the pixels
+                corners = [(rng.randrange(world_px - size + 1), rng.randrange(world_px - size + 1)) for _ in idx]
+                crop_labels = torch.from_numpy(  # as recoloured below, so that a tile keeps its image's colours)
+                    np.stack(
+                        [
+                            patch_labels(records[i], size, patch, objects, world_px, (t, c, size))
+                            for i, (t, c) in zip(idx, corners)
+                        ]
+                    )
+                )
             if recolour:
-                pixels, captions, dense_labels = recolour_batch(pixels, captions, dense_labels, rng)
+                pixels, captions, dense_labels, crop_labels = recolour_batch(
+                    pixels, captions, dense_labels, rng, crop_labels
+                )
             px = enc.preprocess([Image.fromarray(p) for p in pixels])
             pooled, features = enc.pooled_features(px) if dense or position else (enc.pooled(px), None)  # one forward
             img = nn.functional.normalize(img_proj(pooled), dim=-1)
@@ -213,20 +221,10 @@ def pretrain_encoder(
             loss = loss_fn(img, txt, scale.exp(), bias) if sigmoid else loss_fn(img, txt, scale.exp())
             if dense:
                 loss = loss + dense * dense_loss(heads, features.patches, dense_labels.flatten(1, 2))
-            if dense and input_px:  # squares at the images' own resolution: AnyRes's tiles
-                corners = [(rng.randrange(world_px - size + 1), rng.randrange(world_px - size + 1)) for _ in idx]
-                crops = [
-                    Image.fromarray(np.asarray(images[i])[t : t + size, c : c + size])
-                    for i, (t, c) in zip(idx, corners)
-                ]
-                crop_labels = np.stack(
-                    [
-                        patch_labels(records[i], size, patch, objects, world_px, (t, c, size))
-                        for i, (t, c) in zip(idx, corners)
-                    ]
-                )
+            if corners is not None:
+                crops = [Image.fromarray(pixels[j][t : t + size, c : c + size]) for j, (t, c) in enumerate(corners)]
                 crop_patches = enc(enc.preprocess(crops)).patches
-                loss = loss + dense * dense_loss(heads, crop_patches, torch.from_numpy(crop_labels).flatten(1, 2))
+                loss = loss + dense * dense_loss(heads, crop_patches, crop_labels.flatten(1, 2))
             if position:
                 loss = loss + position * position_loss(where, features.patches)
             opt.zero_grad()
@@ -239,12 +237,18 @@ def pretrain_encoder(
 
 
 def recolour_batch(
-    pixels: np.ndarray, captions: list[str], labels: torch.Tensor | None, rng: random.Random
-) -> tuple[np.ndarray, list[str], torch.Tensor | None]:
+    pixels: np.ndarray,
+    captions: list[str],
+    labels: torch.Tensor | None,
+    rng: random.Random,
+    crop_labels: torch.Tensor | None = None,
+) -> tuple[np.ndarray, list[str], torch.Tensor | None, torch.Tensor | None]:
     """The batch with each image's colours permuted: one random permutation of ``COLOURS`` per image (drawn from
     ``rng``), applied to its pixels (the world draws every object in an exact palette colour on the background,
     without anti-aliasing, so a pixel's colour names its object's), to the colour words of its caption and to the
-    colour channel of its ``patch_labels`` (class 0, background, stays). ``pixels``: (B, H, W, 3) uint8."""
+    colour channel of its ``patch_labels`` (class 0, background, stays), and of ``crop_labels`` (the labels of a
+    square cut from each image, ``--world-encoder-px``'s tiles) by the same image's permutation.
+    ``pixels``: (B, H, W, 3) uint8."""
     names, palette = list(COLOURS), np.array(list(COLOURS.values()), np.int64)
     code = lambda rgb: (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # noqa: E731
     codes = code(palette)
@@ -252,7 +256,8 @@ def recolour_batch(
     which = np.full(flat.shape, -1)
     for k, c in enumerate(codes):
         which[flat == c] = k
-    out, texts, new_labels = pixels.copy(), [], None if labels is None else labels.clone()
+    out, texts = pixels.copy(), []
+    new_labels, new_crops = (None if t is None else t.clone() for t in (labels, crop_labels))
     for b in range(len(pixels)):
         perm = list(range(len(names)))
         rng.shuffle(perm)
@@ -260,10 +265,11 @@ def recolour_batch(
         out[b][painted] = palette[np.array(perm)[which[b][painted]]]
         swap = {names[k]: names[perm[k]] for k in range(len(names))}
         texts.append(" ".join(swap.get(w, w) for w in captions[b].split(" ")))
-        if new_labels is not None:
-            lut = torch.tensor([0] + [p + 1 for p in perm])
-            new_labels[b, ..., 0] = lut[labels[b, ..., 0]]
-    return out, texts, new_labels
+        lut = torch.tensor([0] + [p + 1 for p in perm])
+        for new, old in ((new_labels, labels), (new_crops, crop_labels)):
+            if new is not None:
+                new[b, ..., 0] = lut[old[b, ..., 0]]
+    return out, texts, new_labels, new_crops
 
 
 def dense_loss(heads: nn.ModuleList, patches: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
