@@ -462,3 +462,21 @@ def test_a_stage_validates_on_its_val_limit_samples(tmp_path):
     vlm.register_forward_pre_hook(lambda module, args: modes.append(torch.is_grad_enabled()))
     validation_loss(vlm, val, collator, 2)
     assert modes and not any(modes)
+
+
+def test_a_stage_says_each_groups_rate_when_they_differ():
+    """The stage's first log line names the rate each optimizer group trains at: one figure when all agree, else each
+    group's (``connector_lr="paper"`` puts stage 1's connector at its paper's rate under the recipe's ``lr``)."""
+    from types import SimpleNamespace
+
+    from bench.run.job import group_rates
+
+    torch.manual_seed(0)
+    small = CONNECTORS.get("c_abstractor").small_settings
+    vlm = VLM.build({"name": "clip"}, {"name": "c_abstractor", **small}, {"name": "tinyllama"})
+    said = {}
+    for stage, rate in ((1, "paper"), (2, "paper"), (2, None)):
+        cfg = StageConfig(stage=stage, lr=2e-3, connector_lr=rate)
+        groups = parameter_groups(vlm, set_trainable(vlm, cfg), cfg)
+        said[stage, rate] = group_rates(SimpleNamespace(optimizer=torch.optim.AdamW(groups)))
+    assert said == {(1, "paper"): "lr 0.0001", (2, "paper"): "lr: connector 2e-05, llm 0.002", (2, None): "lr 0.002"}

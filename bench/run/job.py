@@ -217,7 +217,7 @@ def _run(
             trainer.resume(last, verify=verify)
         log(
             f"stage {index} ({'connector' if stage.stage == 1 else 'connector + LLM'}): {trainer.total_steps} steps "
-            f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, lr {stage.lr}"
+            f"of {stage.batch_size * stage.grad_accum * accelerator.num_processes} samples, {group_rates(trainer)}"
         )
         tick = time.time()
         train_stats.append(trainer.fit() | {"history": trainer.history})
@@ -293,3 +293,12 @@ def auto_cpu_precision(vlm, train, collator, stage, accelerator) -> tuple[str, s
         return "no", "auto: fp32 (no usable sample to time a step on)"
     precision, record = cpu_precision_decision(vlm, batch.inputs)
     return precision, record["why"]
+
+
+def group_rates(trainer) -> str:
+    """The peak rate of each of the trainer's optimizer groups, as the stage's first log line says them (``lr 0.002``
+    for one group; ``lr: connector 0.0001, llm 5e-05`` when they differ: a recipe's ``connector_lr``, "paper" too)."""
+    rates = {g.get("name", str(i)): g.get("initial_lr", g["lr"]) for i, g in enumerate(trainer.optimizer.param_groups)}
+    if len(set(rates.values())) == 1:
+        return f"lr {next(iter(rates.values())):g}"
+    return "lr: " + ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
