@@ -286,6 +286,16 @@ def test_runs_of_one_name_with_other_data_or_stages_are_other_configurations(tmp
     second.write_text(json.dumps(twice))  # now seed 0 of the plain configuration twice
     with pytest.raises(ValueError, match=r"\(mini\): seed 0 is recorded by 2 runs"):
         load_runs([tmp_path])
+    twice["config"]["seed"] = 1
+    second.write_text(json.dumps(twice))
+    # a record from before records held their stages as trained, of another world encoder side: the labels compare
+    # every group alike (stages as configured), so the others keep their labels and gain no spurious stages one
+    old = run("d", 0, 0.25, [1, 0, 0, 0], data={**world, "pretrain": {**world["pretrain"], "encoder_px": 48}})
+    record = json.loads(old.read_text())
+    del record["stages"]
+    old.write_text(json.dumps(record))
+    names = {r["name"] for r in aggregate(load_runs([tmp_path])) if not r["name"].startswith("blind")}
+    assert names == {plain, px32, "clip + mlp2x_gelu + tinyllama (mini; data.pretrain.encoder_px=48)"}
 
 
 def test_gzipped_records_count_once_and_a_recorded_cell_is_not_rerun(tmp_path, monkeypatch):

@@ -47,26 +47,33 @@ def as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def compared_views(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The CELL_SETTINGS of two records (``{"config": ..., "stages": ...}`` as ``results.json`` holds them) as they
-    compare: a setting a config does not name is RunConfig's default (as it was when the record was written); a
-    world compares as the world it makes (a later setting at its default is the world recorded without it); the stages
-    compare as trained (a recipe's, written out) when both records hold them, else as configured; a stage setting
-    added later counts as its default, and LOGGED_ONLY ones not at all."""
+def view(record: dict[str, Any], as_trained: bool) -> dict[str, Any]:
+    """The CELL_SETTINGS of one record (``{"config": ..., "stages": ...}`` as ``results.json`` holds it) as records
+    compare: a setting its config does not name is RunConfig's default (as it was when the record was written); a
+    world is the world it makes (a later setting at its default is the world recorded without it); the stages are
+    the ones trained (a recipe's, written out) when ``as_trained`` (every record compared holds them), else as
+    configured; a stage setting added later counts as its default, and LOGGED_ONLY ones not at all."""
     defaults = as_json(dataclasses.asdict(RunConfig()))
-    views = []
-    for record in (a, b):
-        had = record.get("config") or {}
-        view = {k: as_json(had.get(k, defaults[k])) for k in CELL_SETTINGS}
-        data = view.get("data")  # no world named (bench run's) is the default one
-        if isinstance(data, dict) and data.get("kind", "world") == "world" and isinstance(data.get("world", {}), dict):
-            with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
-                view["data"] = {**data, "world": as_json(WorldConfig(**data.get("world", {})).as_dict())}
-        views.append(view)
-    if all(isinstance(r.get("stages"), list) for r in (a, b)):
-        for view, record in zip(views, (a, b)):
-            view["stages"] = as_json(record["stages"])
-    return tuple({k: stage_view(v[k], k) for k in CELL_SETTINGS} for v in views)  # type: ignore[return-value]
+    had = record.get("config") or {}
+    out = {k: as_json(had.get(k, defaults[k])) for k in CELL_SETTINGS}
+    data = out.get("data")  # no world named (bench run's) is the default one
+    if isinstance(data, dict) and data.get("kind", "world") == "world" and isinstance(data.get("world", {}), dict):
+        with contextlib.suppress(TypeError, ValueError):  # not a world this code makes: compared as written
+            out["data"] = {**data, "world": as_json(WorldConfig(**data.get("world", {})).as_dict())}
+    if as_trained:
+        out["stages"] = as_json(record["stages"])
+    return {k: stage_view(v, k) for k, v in out.items()}
+
+
+def trained_stages_in_all(records: list[dict[str, Any]]) -> bool:
+    """Whether every record holds its stages as trained (records written before they did hold the config's)."""
+    return all(isinstance(r.get("stages"), list) for r in records)
+
+
+def compared_views(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two records' :func:`view` as they compare: the stages as trained when both hold them."""
+    as_trained = trained_stages_in_all([a, b])
+    return view(a, as_trained), view(b, as_trained)
 
 
 def differing(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
@@ -102,7 +109,7 @@ def flat(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def distinguishing(views: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> list[str]:
-    """For records that differ (their :func:`compared_views`, one per record), a label each: the settings (but
+    """For records that differ (their :func:`view`, one per record), a label each: the settings (but
     ``ignore``) in which it differs from the others, as ``key.path=value``; a setting it leaves unset or at
     RunConfig's default is not named, so of several records the one at the defaults keeps an empty label (its plain
     name)."""

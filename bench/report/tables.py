@@ -66,7 +66,7 @@ def name_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``clip + mlp2x_gelu + tinyllama (mini-smollm2; data.pretrain.encoder_px=32)``; the group at the defaults keeps
     the plain name. Two runs of one configuration and one seed are an error: as two seeds of one row, or two answers to
     one paired question, they would count one run twice or drop one silently."""
-    from bench.report.cells import compared_views, differing, distinguishing
+    from bench.report.cells import differing, distinguishing, trained_stages_in_all, view
 
     seed_only = ("seed",)  # a row's seeds are its runs
 
@@ -79,11 +79,9 @@ def name_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             home.append(r)
     for name, groups in by_name.items():
-        labels = (
-            [""]
-            if len(groups) == 1
-            else distinguishing([compared_views(g[0], g[0])[0] for g in groups], ignore=seed_only)
-        )
+        firsts = [g[0] for g in groups]  # the groups' labels compare them all alike (stages as trained only if all)
+        as_trained = trained_stages_in_all(firsts)
+        labels = [""] if len(groups) == 1 else distinguishing([view(r, as_trained) for r in firsts], ignore=seed_only)
         for group, label in zip(groups, labels):
             full = f"{name[:-1]}; {label})" if label else name
             seeds = [r["config"]["seed"] for r in group]
