@@ -152,12 +152,17 @@ def test_directions_honeybee_judges_c_abstractor_at_equal_tokens_where_that_cell
     def sheet(right: int) -> dict:
         return {(0, f"q{i}"): int(i < right) for i in range(8)}
 
-    class Stub:
+    class Stub:  # Records' interface: sheets keyed by connector (the base recipe) or (connector, recipe)
+        runs, recipe = [], "mini-smollm2"
+
         def __init__(self, sheets: dict):
             self.sheets = sheets
 
+        def name(self, connector, recipe=None):
+            return None
+
         def answers(self, connector, recipe=None, types=()):
-            return self.sheets.get(connector, {})
+            return self.sheets.get((connector, recipe) if recipe else connector, {})
 
     both = Stub({"linear": sheet(6), "c_abstractor": sheet(4), "c_abstractor[num_queries=64]": sheet(8)})
     row = directions.honeybee(both)[0]
@@ -166,6 +171,12 @@ def test_directions_honeybee_judges_c_abstractor_at_equal_tokens_where_that_cell
     assert "16 tokens against 64: c_abstractor 50.0 against linear 75.0" in row[2]
     sixteen = directions.honeybee(Stub({"linear": sheet(8), "c_abstractor": sheet(0)}))[0]
     assert sixteen[3] == "**not reproduced**" and "needs `c_abstractor[num_queries=64]`" in sixteen[2]
+    # at Honeybee's own rates (recipe mini-smollm2-paper-rates) beside the level's: judged before the shared rates
+    rates = Stub({"linear": sheet(6), "c_abstractor": sheet(0), ("c_abstractor", "mini-smollm2-paper-rates"): sheet(7)})
+    row = directions.honeybee(rates)[0]
+    assert row[3] == "**reproduced** (not worse)", row
+    assert "16 tokens against 64, at Honeybee's rates: c_abstractor 87.5 against linear 75.0" in row[2], row[2]
+    assert "16 tokens against 64: c_abstractor 0.0 against linear 75.0" in row[2], row[2]
 
 
 def test_memory_drift_slope_is_least_squares_growth_per_step():
@@ -184,13 +195,13 @@ def test_directions_do_not_judge_a_paper_by_a_connector_that_stayed_at_its_blind
     run = {"configuration": name, "metrics": {"test": {"blind": {"exact_match": 0.40}}}}
 
     class Stub:
-        runs = [run]
+        runs, recipe = [run], "mini-smollm2"
 
         def name(self, connector, recipe=None):
-            return name if connector == "c_abstractor" else None
+            return name if connector == "c_abstractor" and recipe in (None, self.recipe) else None
 
         def answers(self, connector, recipe=None, types=()):
-            right = {"linear": 9, "c_abstractor": 4}.get(connector)
+            right = {"linear": 9, "c_abstractor": 4}.get(connector) if recipe in (None, self.recipe) else None
             return {(0, f"q{i}"): int(i < right) for i in range(10)} if right is not None else {}
 
     row = directions.honeybee(Stub())[0]
