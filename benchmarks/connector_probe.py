@@ -1,7 +1,7 @@
 """What a trained connector's tokens still say about the objects: a linear probe on its output, before and after
 training.
 
-    python benchmarks/connector_probe.py RUN_DIR [RUN_DIR ...] [--train 3000] [--steps 300]
+    python benchmarks/connector_probe.py RUN_DIR [RUN_DIR ...] [--train 3000] [--steps 300] [--norms-only]
 
 For each mini-world run (a ``bench run`` or sweep-cell directory), the connector's visual tokens for the images that
 hold a single object are flattened and standardised, and one linear classifier per attribute (colour, shape, size) is
@@ -118,9 +118,17 @@ def measure(conn, train: tuple, test: tuple, steps: int) -> dict:
     ``train`` and ``test`` are (encoder features, {attribute: values})."""
     with torch.no_grad():
         t_tr, t_te = conn.eval()(train[0]).tokens.float(), conn(test[0]).tokens.float()
+    norms = {
+        "token_norm": round(t_te.norm(dim=-1).mean().item(), 2),
+        # the part of a token that says something: its distance from the mean token (a large shared offset leaves
+        # the LLM's RMSNorm little of the rest; the standardised probes below do not see this)
+        "centred_norm": round((t_te - t_te.flatten(0, 1).mean(0)).norm(dim=-1).mean().item(), 2),
+    }
+    if not steps:  # --norms-only
+        return norms
     acc = {a: round(probe(t_tr.flatten(1), train[1][a], t_te.flatten(1), test[1][a], steps), 3) for a in ATTRIBUTES}
     shared = {a: round(probe(t_tr, train[1][a], t_te, test[1][a], steps), 3) for a in ATTRIBUTES}
-    return {"token_norm": round(t_te.norm(dim=-1).mean().item(), 2), "probe": acc, "shared_probe": shared}
+    return {**norms, "probe": acc, "shared_probe": shared}
 
 
 def probe_run(run_dir: Path, n_train: int, steps: int, modules: bool = False) -> None:
@@ -134,9 +142,10 @@ def probe_run(run_dir: Path, n_train: int, steps: int, modules: bool = False) ->
     encoder = {
         a: round(probe(train[0].patches.flatten(1), tr_y[a], test[0].patches.flatten(1), te_y[a], steps), 3)
         for a in ATTRIBUTES
+        if steps
     }
     encoder_shared = {
-        a: round(probe(train[0].patches, tr_y[a], test[0].patches, te_y[a], steps), 3) for a in ATTRIBUTES
+        a: round(probe(train[0].patches, tr_y[a], test[0].patches, te_y[a], steps), 3) for a in ATTRIBUTES if steps
     }
     text_norm = round(vlm.llm.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item(), 2)
     head = {
@@ -147,6 +156,7 @@ def probe_run(run_dir: Path, n_train: int, steps: int, modules: bool = False) ->
         "encoder_patches": encoder,
         "encoder_patches_shared": encoder_shared,
         "text_embedding_norm": text_norm,
+        "encoder_patch_norm": round(test[0].patches.float().norm(dim=-1).mean().item(), 2),
     }
     print(json.dumps(head))
     spec = dict(vlm.connector.spec)
@@ -173,9 +183,10 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=3000, help="single-object training images for the probe")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--inside", action="store_true", help="also probe each module of the trained connector")
+    ap.add_argument("--norms-only", action="store_true", help="no probe: the token norms at each point (seconds)")
     args = ap.parse_args()
     for run_dir in args.runs:
-        probe_run(run_dir, args.train, args.steps, args.inside)
+        probe_run(run_dir, args.train, 0 if args.norms_only else args.steps, args.inside)
 
 
 if __name__ == "__main__":

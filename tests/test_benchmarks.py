@@ -73,6 +73,19 @@ def test_inside_gives_each_module_output_as_tokens_in_call_order():
     torch.testing.assert_close(tp.mlp(out["attn"]), out["tokens"])
 
 
+def test_connector_probe_norms_say_how_much_of_a_token_is_a_shared_offset():
+    """``measure``'s norms by hand: tokens (+-1, 10) have norm sqrt(101) and, the mean token being (0, 10), a centred
+    norm of 1; without probe steps (``--norms-only``) the norms alone."""
+    measure = load("connector_probe").measure
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return type("Out", (), {"tokens": torch.tensor([[[1.0, 10.0], [-1.0, 10.0]]]).expand(x.shape[0], -1, -1)})
+
+    data = (torch.zeros(4, 1), {})
+    assert measure(Fixed(), data, data, 0) == {"token_norm": round(101**0.5, 2), "centred_norm": 1.0}
+
+
 def test_the_optimizer_benchmark_times_the_same_step_three_ways():
     """benchmarks/optimizer_step.py's variants are one AdamW step each: from the same weights and gradients they move
     the weights alike (to float rounding), so its timings compare like with like."""
