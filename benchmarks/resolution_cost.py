@@ -12,14 +12,13 @@ with the visual tokens spliced in (the connector and the AnyRes merge are not ti
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 from bench.evaluate.profile import interleaved_samples, prefill_fn
-from bench.report.tables import config_name, results_files
+from bench.report.tables import name_runs, read_results, results_files, run_name
 from bench.train.assemble import load_data
 from bench.train.settings import RunConfig
 from connector_zoo.model.vlm import VLM
@@ -32,14 +31,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args()
     torch.set_num_threads(2)
-    runs = []
+    records = []  # every record, so that configurations are named as `bench report` names them
     for f in results_files(Path(args.sweep)):
-        if not (f.parent / "config.json").exists():
-            continue  # a kept record without its checkpoint
-        cfg = json.loads((f.parent / "config.json").read_text())
-        if cfg["seed"] == args.seed:
-            runs.append((config_name(cfg), f.parent))
-    runs.sort()
+        records.append({**read_results(f), "dir": f.parent})
+    name_runs(records)  # runs of one config_name with other settings (e.g. the encoder's input side) apart
+    runs = sorted(
+        (run_name(r), r["dir"])
+        for r in records
+        if r["config"]["seed"] == args.seed and (r["dir"] / "config.json").exists()  # else: kept without weights
+    )
     if not runs:
         raise SystemExit(f"no run directory of seed {args.seed} with its weights under {args.sweep}")
     cfg = RunConfig.from_file(runs[0][1] / "config.json")

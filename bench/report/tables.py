@@ -135,9 +135,13 @@ def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
         files = results_files(path)
         if not files:
             raise FileNotFoundError(f"{path}: no results.json (is it a finished run directory?)")
-        for f in files:
-            runs.append(json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text()))
+        runs.extend(read_results(f) for f in files)
     return name_runs(runs)
+
+
+def read_results(f: Path) -> dict[str, Any]:
+    """One run's record: ``results.json`` or the ``results.json.gz`` a kept sweep holds."""
+    return json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text())
 
 
 def run_values(r: dict[str, Any], blind: bool = False) -> dict[str, float]:
