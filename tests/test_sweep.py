@@ -382,6 +382,41 @@ def test_a_recorded_cell_with_other_settings_is_moved_aside_and_run_again(tmp_pa
     assert len(list((tmp_path / "sweep.superseded").iterdir())) == 3
 
 
+def test_a_sweep_under_another_recipe_sits_beside_the_default_recipes_cells(tmp_path, monkeypatch):
+    """``bench sweep --recipe R`` (R not the level's default) names its cells ``...--s0--R``: the default recipe's
+    record of the same components and seed in that folder stays where it is and counts for the default recipe, and R's
+    cell runs beside it. A cell of the plain name recorded under R (as sweeps named them before) still counts as R's."""
+    import bench.report.sweep as sweep_module
+    from bench.report.sweep import cell_name, sweep
+    from bench.train.pretrain import world_backbones
+    from bench.train.settings import RunConfig
+
+    now = world_backbones(RunConfig(encoder={"name": "clip"}, llm={"name": "tinyllama"}))
+    fake_run(tmp_path / "runs", "linear", 0, 0.40, 0.2, 0.3, 16, backbones=now)
+    record = json.loads((tmp_path / "runs" / "linear-s0" / "results.json").read_text())
+    out = tmp_path / "sweep"
+    plain = out / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
+    plain.mkdir(parents=True)
+    (plain / "results.json").write_text(json.dumps(record))  # the default recipe, `mini`
+    ran: list[Path] = []
+    monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, **kw: ran.append(cell) or cell.mkdir(parents=True))
+    said: list[str] = []
+    rates = {"recipe": "mini-paper-rates"}
+    sweep(out, ["clip"], ["linear"], ["tinyllama"], [0], base=rates, log=said.append, recipe_in_name=True)
+    assert ran == [out / "clip--linear--tinyllama--s0--mini-paper-rates"], said
+    assert json.loads((plain / "results.json").read_text()) == record  # untouched
+    assert not (tmp_path / "sweep.superseded").exists()
+    said.clear()
+    sweep(out, ["clip"], ["linear"], ["tinyllama"], [0], base={}, log=said.append)
+    assert said == [f"[1/1] {plain.name}: finished, skipped"]
+    # an earlier sweep's cell of the plain name, recorded under the other recipe: found and skipped
+    ran[-1].rmdir()
+    (plain / "results.json").write_text(json.dumps({**record, "config": {**record["config"], **rates}}))
+    said.clear()
+    sweep(out, ["clip"], ["linear"], ["tinyllama"], [0], base=rates, log=said.append, recipe_in_name=True)
+    assert said == [f"[1/1] {plain.name}: finished, skipped"] and len(ran) == 1
+
+
 def test_an_unfinished_cell_started_with_other_settings_starts_afresh(tmp_path, monkeypatch):
     """A killed sweep's unfinished cell resumes from its own config.json, so it is resumed only when that config is
     this sweep's cell; one started with other settings (here 3 questions a sample where the sweep now asks 7) moves
@@ -561,3 +596,26 @@ def test_a_record_of_a_recipe_whose_stages_changed_is_another_cell():
     file_run["stages"] = [{**st, "save_every": 50} for st in as_recorded["stages"]]
     assert other_settings({"config": file_run, "stages": [{**st, "save_every": 50} for st in trained]}, cfg) == []
     assert other_settings({"config": file_run, "stages": fewer}, cfg) == ["stages"]
+
+
+def test_bench_sweep_names_cells_by_recipe_only_off_the_levels_default(monkeypatch):
+    """The command puts the recipe in the cells' names when it is not the level's default (``mini``;
+    ``mini-smollm2`` with ``--world-llm smollm2``), and only then, so that default sweeps keep their cells' names."""
+    import bench.report.sweep as sweep_module
+    from bench.cli import COMMANDS
+    from bench.cli.parser import build_parser
+
+    seen = []
+    monkeypatch.setattr(sweep_module, "sweep", lambda *a, **kw: seen.append(kw["recipe_in_name"]) or [])
+    monkeypatch.setattr("bench.cli.training.report", lambda cells, out: None)
+    parser = build_parser(COMMANDS)
+    for flags in (
+        [],
+        ["--recipe", "mini-paper-rates"],
+        ["--world-llm", "smollm2"],
+        ["--world-llm", "smollm2", "--recipe", "mini-smollm2-paper-rates"],
+        ["--world-llm", "smollm2", "--recipe", "mini"],
+    ):
+        args = parser.parse_args(["sweep", "--connector", "linear", "--out", "sweeps/x", *flags])
+        args.func(args)
+    assert seen == [False, True, False, True, True]

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli.common import (
+    LEVEL_DEFAULTS,
+    PLAIN_DEFAULTS,
     apply_level_defaults,
     component_name,
     data_from_args,
@@ -146,8 +148,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             time_min=args.slurm_time_min,
             parallel=args.slurm_parallel,
         )
+    level_recipe = LEVEL_DEFAULTS.get(args.world_llm or "", {}).get("recipe", PLAIN_DEFAULTS["recipe"])
     cells = sweep(
-        out, split_list(args.encoder), split_list(args.connector), split_list(args.llm), args.seeds, base, slurm=slurm
+        out,
+        split_list(args.encoder),
+        split_list(args.connector),
+        split_list(args.llm),
+        args.seeds,
+        base,
+        slurm=slurm,
+        recipe_in_name=args.recipe != level_recipe,  # beside the default recipe's cells of one folder
     )
     if slurm is not None:
         if not args.wait:

@@ -38,10 +38,13 @@ def parse_connector(text: str) -> dict[str, Any]:
     return {"name": name, **parse_settings(split_list(settings) if settings else [])}
 
 
-def cell_name(encoder: str, connector: dict[str, Any], llm: str, seed: int) -> str:
+def cell_name(encoder: str, connector: dict[str, Any], llm: str, seed: int, recipe: str | None = None) -> str:
+    """``clip--cls_prune-keep_ratio0.5--tinyllama--s0``; with ``recipe`` (a recipe other than the level's default),
+    ``...--s0--mini-paper-rates``, so that one sweep folder holds a configuration under several recipes."""
     settings = "-".join(f"{k}{v}" for k, v in sorted(connector.items()) if k != "name")
     label = connector["name"] + (f"-{settings}" if settings else "")
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{encoder}--{label}--{llm}--s{seed}")
+    tail = f"--{recipe}" if recipe else ""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{encoder}--{label}--{llm}--s{seed}{tail}")
 
 
 def cell_tags(encoder: str, connector: dict[str, Any], llm: str, seed: int) -> list[str]:
@@ -59,9 +62,14 @@ def sweep(
     base: dict[str, Any],
     log=print,
     slurm=None,
+    recipe_in_name: bool = False,
 ) -> list[Path]:
     """Run every cell not already recorded with these settings, one after another in this process; with ``slurm``
-    (:class:`bench.report.slurm.SlurmSettings`), submit them instead, one Slurm job each (``bench.report.slurm``)."""
+    (:class:`bench.report.slurm.SlurmSettings`), submit them instead, one Slurm job each (``bench.report.slurm``).
+    ``recipe_in_name`` (``bench sweep`` sets it for a recipe other than the level's default): the cells' names end in
+    the recipe's, so that they sit beside the default recipe's cells of one folder instead of replacing them; a cell
+    of the plain name recorded (or started) with exactly these settings, as sweeps wrote them before, is kept as it
+    is and counts."""
     cells = list(itertools.product(encoders, [parse_connector(c) for c in connectors], llms, seeds))
     done, submit = [], []
     active = {}
@@ -70,8 +78,11 @@ def sweep(
 
         active = active_jobs(out)
     for i, (enc, conn, llm, seed) in enumerate(cells, start=1):
-        cell = out / cell_name(enc, conn, llm, seed)
         cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
+        cell = out / cell_name(enc, conn, llm, seed, cfg.recipe if recipe_in_name else None)
+        plain = out / cell_name(enc, conn, llm, seed)
+        if cell != plain and not cell.exists() and plain.exists() and why_other(plain, cfg) is None:
+            cell = plain  # this configuration's cell as an earlier sweep named it
         tag = f"[{i}/{len(cells)}] {cell.name}"
         # a finished cell, or its gzipped record (sweeps/), trained on the backbones this code builds
         recorded = any((cell / name).exists() for name in RESULTS)
@@ -109,46 +120,44 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     return differing(record, as_record(cfg))
 
 
-def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
-    """Whether ``cell``'s record was trained with ``cfg``'s settings (CELL_SETTINGS: recipe, data options such as
-    ``qa_turns`` or the world LLM level, ...) on the backbones ``cfg`` would build; if not, the record moves to
-    ``<sweep>.superseded/<cell>/`` (a record from before backbones were recorded counts as other backbones)."""
-    (record,) = load_runs([cell])
-    differ = other_settings(record, cfg)
+def why_other(cell: Path, cfg: RunConfig) -> str | None:
+    """None when ``cell`` holds ``cfg``'s run: finished (its record) or started (its config.json), with ``cfg``'s
+    settings (CELL_SETTINGS: recipe, data options such as ``qa_turns`` or the world LLM level, ...) on the backbones
+    ``cfg`` would build; else why not. A record from before backbones were recorded, or a run started before runs
+    wrote ``backbones.json``, counts as other backbones. Reads only."""
+    if any((cell / name).exists() for name in RESULTS):
+        (record,) = load_runs([cell])
+        differ, had, verb = other_settings(record, cfg), record.get("backbones"), "recorded"
+    else:
+        try:
+            started = json.loads((cell / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            return f"its config.json does not read ({err})"
+        differ, had, verb = other_settings({"config": started}, cfg), started_backbones(cell), "started"
     want = world_backbones(cfg)
-    had = record.get("backbones")
-    if not differ and (want is None or had == want):
-        return True
-    why = (
-        f"recorded with other settings ({', '.join(differ)})"
-        if differ
-        else f"recorded with other backbones ({had or 'not recorded'}; this code builds {want})"
-    )
-    supersede(cell, why, log)
-    return False
+    if differ:
+        return f"{verb} with other settings ({', '.join(differ)})"
+    if want is not None and had != want:
+        on = "with" if verb == "recorded" else "on"
+        return f"{verb} {on} other backbones ({had or 'not recorded'}; this code builds {want})"
+    return None
+
+
+def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
+    """Whether ``cell``'s record was trained with ``cfg``'s settings on the backbones ``cfg`` would build
+    (:func:`why_other`); if not, the record moves to ``<sweep>.superseded/<cell>/``."""
+    why = why_other(cell, cfg)
+    if why is not None:
+        supersede(cell, why, log)
+    return why is None
 
 
 def same_unfinished_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
     """Whether the unfinished run in ``cell`` (a killed sweep's) was started with ``cfg``'s settings, so that resuming
     it, which trains what its own config.json says, finishes this sweep's cell; if not, it moves aside as
     :func:`same_cell`'s records do and the cell starts afresh. Its backbones are those its ``backbones.json`` says it
-    started on (a cell started before runs wrote that file counts as other backbones, as a record without them does)."""
-    try:
-        started = json.loads((cell / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        supersede(cell, f"its config.json does not read ({err})", log)
-        return False
-    differ = other_settings({"config": started}, cfg)
-    want, had = world_backbones(cfg), started_backbones(cell)
-    if not differ and (want is None or had == want):
-        return True
-    why = (
-        f"started with other settings ({', '.join(differ)})"
-        if differ
-        else f"started on other backbones ({had or 'not recorded'}; this code builds {want})"
-    )
-    supersede(cell, why, log)
-    return False
+    started on (:func:`why_other`)."""
+    return same_cell(cell, cfg, log)
 
 
 def supersede(cell: Path, why: str, log=print) -> None:
