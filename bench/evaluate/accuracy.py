@@ -3,17 +3,24 @@ examples next to the truth, and the blind baseline (the same LLM with no image) 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import inspect
+import json
 import math
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import connector_zoo.model.vlm as VLM_MODULE  # noqa: N812
+import llms.base as LLM_BASE  # noqa: N812
 from bench.data.formats import BadSample, Dataset, Sample
 from bench.data.loader import Collator
 from bench.train.trainer import validation_loss
-from connector_zoo.io import progress, show_progress
+from connector_zoo.io import cache_dir, progress, read_json, show_progress, write_json
 from connector_zoo.model.vlm import VLM, VLMInputs
 from llms.base import IMAGE_TOKEN
 
@@ -115,13 +122,88 @@ def eval_samples(data: Dataset, collator: Collator, limit: int | None) -> list[S
     return list(usable) if limit is None else [s for _, s in zip(range(limit), usable)]
 
 
-def blind_answers(vlm: VLM, data: Dataset, collator: Collator, limit: int | None) -> list[str]:
+def blind_answers(
+    vlm: VLM,
+    data: Dataset,
+    collator: Collator,
+    limit: int | None,
+    cache: Path | None = None,
+    weights: str | None = None,
+) -> list[str]:
     """The blind baseline: the LLM *as loaded, before this run trained anything*, answering from the text alone.
 
     Called before training (or before a run's weights are loaded), so a stage-2 run is compared with its base LLM,
     which for the mini world has read every training question and answer as text: the floor knows the answer priors.
+
+    ``cache`` (a directory): the answers are kept there under :func:`blind_key`, everything they are computed from,
+    and read back by the next run that asks the same (every cell of a sweep on one LLM does: ~90 s a run at the
+    pretrained level); a file that does not read as the answers to these questions is computed again. ``weights``:
+    the LLM's :func:`weights_digest`, when the caller has it (one digest serves every split of a run).
     """
-    return answer(vlm, eval_samples(data, collator, limit), collator, blind=True)
+    samples = eval_samples(data, collator, limit)
+    if cache is None:
+        return answer(vlm, samples, collator, blind=True)
+    path, ids = cache / f"{blind_key(vlm, samples, weights=weights)}.json", [s.id for s in samples]
+    digest = lambda answers: hashlib.sha256(json.dumps([ids, answers]).encode()).hexdigest()  # noqa: E731
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # unreadable or damaged: computed again
+        kept = read_json(path)
+        if kept["ids"] == ids and kept["sha256"] == digest(kept["answers"]):
+            return kept["answers"]
+    out = answer(vlm, samples, collator, blind=True)
+    write_json(path, {"ids": ids, "answers": out, "sha256": digest(out)})
+    return out
+
+
+def blind_cache_for(feature_cache: str) -> Path | None:
+    """Where a run keeps its blind answers (:func:`blind_answers`): beside the feature cache, and nowhere when the
+    run turns caches off (``feature_cache="off"``)."""
+    return None if feature_cache == "off" else cache_dir() / "blind"
+
+
+#: the code that turns questions into blind answers: a change to any of these files is another key
+BLIND_CODE = (Path(__file__), Path(VLM_MODULE.__file__), Path(LLM_BASE.__file__))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's weights and buffers: each one's name, dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def blind_key(
+    vlm: VLM, samples: list[Sample], batch_size: int = 64, max_new_tokens: int = 12, weights: str | None = None
+) -> str:
+    """A digest of everything :func:`answer` reads to answer ``samples`` blind: the LLM's weights and buffers (bytes,
+    names, dtypes, shapes), its class and tokenizer, each prompt's token ids as the blind model sees them (the
+    questions, the chat template and the tokenizer), the batching (which decides the padding) and the generation
+    length, the autocast in effect, the device, the torch version and thread count (floating-point reductions), and
+    the source of the code that answers (``BLIND_CODE`` and the backend's module). Two runs with equal keys compute
+    the same answers."""
+    h = hashlib.blake2b(digest_size=16)
+    llm = vlm.llm
+    cpu_autocast = torch.is_autocast_enabled("cpu") and str(torch.get_autocast_dtype("cpu"))
+    cuda_autocast = torch.cuda.is_available() and torch.is_autocast_enabled("cuda") and "cuda"
+    tok = getattr(llm, "tokenizer", None)
+    about = {
+        "llm": f"{type(llm).__module__}.{type(llm).__qualname__}",
+        "tokenizer": [type(tok).__name__, len(tok) if tok is not None else None],
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "autocast": [cpu_autocast, cuda_autocast],
+        "device": str(vlm.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    h.update(json.dumps(about, sort_keys=True).encode())
+    for f in (*BLIND_CODE, Path(inspect.getfile(type(llm)))):
+        h.update(f.read_bytes())
+    h.update((weights or weights_digest(llm)).encode())
+    for s in samples:
+        h.update(json.dumps(llm.encode_prompt(strip_image(s.messages[:-1]))).encode())
+    return h.hexdigest()
 
 
 def evaluate_split(
