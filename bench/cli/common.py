@@ -111,14 +111,18 @@ LEVEL_DEFAULTS: dict[str, dict[str, Any]] = {
 PLAIN_DEFAULTS: dict[str, Any] = {"recipe": "mini", "qa_turns": 1, "train_questions": None, "qa_branches": False}
 
 
+def level_default(args: argparse.Namespace, key: str) -> Any:
+    """The default of a PLAIN_DEFAULTS setting at ``args``' ``--world-llm`` level (LEVEL_DEFAULTS, else the plain)."""
+    return LEVEL_DEFAULTS.get(getattr(args, "world_llm", None) or "", {}).get(key, PLAIN_DEFAULTS[key])
+
+
 def apply_level_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the settings of PLAIN_DEFAULTS that ``args`` leaves unset (None) with ``--world-llm``'s LEVEL_DEFAULTS or
     the plain ones; idempotent. ``--qa-branches`` defaults on only where there is more than one question to branch."""
-    level = LEVEL_DEFAULTS.get(getattr(args, "world_llm", None) or "", {})
     branches_unset = getattr(args, "qa_branches", False) is None
     for key, plain in PLAIN_DEFAULTS.items():
         if getattr(args, key, plain) is None:
-            setattr(args, key, level.get(key, plain))
+            setattr(args, key, level_default(args, key))
     if branches_unset and (getattr(args, "qa_turns", 1) or 1) == 1:
         args.qa_branches = False
     return args

@@ -18,7 +18,7 @@ from connector_zoo.io import write_json
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bench.evaluate.accuracy import blind_answers, blind_cache_for, evaluate_split, shown_loss, weights_digest
+    from bench.evaluate.accuracy import blind_baselines, evaluate_split, shown_loss
     from bench.run.record import questions
     from bench.train.assemble import feature_sources, load_data
     from bench.train.settings import RunConfig
@@ -36,12 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     collators = {name: by_table[ds.images.key] for name, ds in eval_sets.items()}
     # the blind baseline uses the LLM as loaded, before the run's trained weights go in (as `bench run` does)
     with autocast(run_precision(run_dir), vlm.device):
-        kept = blind_cache_for(cfg.feature_cache)
-        weights = weights_digest(vlm.llm) if kept else None
-        blind = {
-            name: blind_answers(vlm, ds, collators[name], cfg.eval_limit, kept, weights)
-            for name, ds in eval_sets.items()
-        }
+        blind = blind_baselines(vlm, eval_sets, collators, cfg.eval_limit, cfg.feature_cache)
     vlm.load_weights(run_dir, verify=not args.no_verify)
     for name, ds in eval_sets.items():
         with autocast(run_precision(run_dir), vlm.device):

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli.common import (
-    LEVEL_DEFAULTS,
-    PLAIN_DEFAULTS,
     apply_level_defaults,
     component_name,
     data_from_args,
+    level_default,
     parse_lora,
     pretrain_from_args,
     report,
@@ -148,7 +147,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             time_min=args.slurm_time_min,
             parallel=args.slurm_parallel,
         )
-    level_recipe = LEVEL_DEFAULTS.get(args.world_llm or "", {}).get("recipe", PLAIN_DEFAULTS["recipe"])
     cells = sweep(
         out,
         split_list(args.encoder),
@@ -157,7 +155,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         args.seeds,
         base,
         slurm=slurm,
-        recipe_in_name=args.recipe != level_recipe,  # beside the default recipe's cells of one folder
+        recipe_in_name=args.recipe != level_default(args, "recipe"),  # beside the default recipe's cells of one folder
     )
     if slurm is not None:
         if not args.wait:

@@ -15,14 +15,12 @@ from typing import Any
 
 import torch
 
-import connector_zoo.model.vlm as VLM_MODULE  # noqa: N812
-import llms.base as LLM_BASE  # noqa: N812
 from bench.data.formats import BadSample, Dataset, Sample
 from bench.data.loader import Collator
 from bench.train.trainer import validation_loss
 from connector_zoo.io import cache_dir, progress, read_json, show_progress, write_json
 from connector_zoo.model.vlm import VLM, VLMInputs
-from llms.base import IMAGE_TOKEN
+from llms.base import IMAGE_TOKEN, LLMBackend
 
 
 def normalize(text: str) -> str:
@@ -154,14 +152,19 @@ def blind_answers(
     return out
 
 
-def blind_cache_for(feature_cache: str) -> Path | None:
-    """Where a run keeps its blind answers (:func:`blind_answers`): beside the feature cache, and nowhere when the
-    run turns caches off (``feature_cache="off"``)."""
-    return None if feature_cache == "off" else cache_dir() / "blind"
+def blind_baselines(
+    vlm: VLM, eval_sets: dict[str, Dataset], collators: dict[str, Collator], limit: int | None, feature_cache: str
+) -> dict[str, list[str]]:
+    """:func:`blind_answers` for each evaluation split (``collators`` by split name), kept beside the feature cache
+    (``<cache>/blind``) unless the run turns caches off (``feature_cache="off"``); the LLM's weights are digested
+    once for all splits."""
+    cache = None if feature_cache == "off" else cache_dir() / "blind"
+    weights = weights_digest(vlm.llm) if cache else None
+    return {name: blind_answers(vlm, ds, collators[name], limit, cache, weights) for name, ds in eval_sets.items()}
 
 
 #: the code that turns questions into blind answers: a change to any of these files is another key
-BLIND_CODE = (Path(__file__), Path(VLM_MODULE.__file__), Path(LLM_BASE.__file__))
+BLIND_CODE = (Path(__file__), Path(inspect.getfile(VLM)), Path(inspect.getfile(LLMBackend)))
 
 
 def weights_digest(module: torch.nn.Module) -> str:

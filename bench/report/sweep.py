@@ -92,9 +92,7 @@ def sweep(
             log(f"{tag}: in Slurm as job {active[cell.name]}, not submitted again")
         else:
             # an unfinished cell resumes from its own config.json: only if that is this sweep's cell
-            resume = (cell / "config.json").exists() and same_unfinished_cell(
-                cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}")
-            )
+            resume = (cell / "config.json").exists() and same_cell(cell, cfg, log=lambda m, tag=tag: log(f"{tag}: {m}"))
             log(f"{tag}: {'resuming' if resume else 'running'}" + (" (to Slurm)" if slurm is not None else ""))
             # a cell's config.json was written by this sweep from the names given now: a dotted path the user typed
             # may be resolved again on resume
@@ -144,20 +142,14 @@ def why_other(cell: Path, cfg: RunConfig) -> str | None:
 
 
 def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
-    """Whether ``cell``'s record was trained with ``cfg``'s settings on the backbones ``cfg`` would build
-    (:func:`why_other`); if not, the record moves to ``<sweep>.superseded/<cell>/``."""
+    """Whether ``cell`` holds ``cfg``'s run (:func:`why_other`): a record trained with ``cfg``'s settings on the
+    backbones ``cfg`` would build, or an unfinished run (a killed sweep's) started so, which resuming (it trains what
+    its own config.json says) finishes as this sweep's cell; if not, the cell moves to ``<sweep>.superseded/<cell>/``
+    and runs afresh."""
     why = why_other(cell, cfg)
     if why is not None:
         supersede(cell, why, log)
     return why is None
-
-
-def same_unfinished_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
-    """Whether the unfinished run in ``cell`` (a killed sweep's) was started with ``cfg``'s settings, so that resuming
-    it, which trains what its own config.json says, finishes this sweep's cell; if not, it moves aside as
-    :func:`same_cell`'s records do and the cell starts afresh. Its backbones are those its ``backbones.json`` says it
-    started on (:func:`why_other`)."""
-    return same_cell(cell, cfg, log)
 
 
 def supersede(cell: Path, why: str, log=print) -> None:

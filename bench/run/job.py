@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import connector_zoo.io
-from bench.evaluate.accuracy import blind_answers, blind_cache_for, weights_digest
+from bench.evaluate.accuracy import blind_baselines
 from bench.run.lock import LOCK_NAME, writer_lock
 from bench.run.record import RunLog, git_commit, record
 from bench.train.assemble import (
@@ -177,12 +177,8 @@ def _run(
     if accelerator.is_main_process:  # before any training: the blind baseline is the LLM as loaded
         tick = time.time()
         with autocast(prec, vlm.device):
-            kept = blind_cache_for(cfg.feature_cache)  # every cell of a sweep on one LLM asks the same
-            weights = weights_digest(vlm.llm) if kept else None  # once for every split
-            blind = {
-                name: blind_answers(vlm, ds, collators[ds.images.key], cfg.eval_limit, kept, weights)
-                for name, ds in eval_sets.items()
-            }
+            by_split = {name: collators[ds.images.key] for name, ds in eval_sets.items()}
+            blind = blind_baselines(vlm, eval_sets, by_split, cfg.eval_limit, cfg.feature_cache)
         seconds["blind"] = time.time() - tick
     pack, pack_why = packing_decision(cfg, vlm)
     log(f"packing: {'on' if pack else 'off'} ({pack_why})")
