@@ -135,8 +135,9 @@ def blind_answers(
 
     ``cache`` (a directory): the answers are kept there under :func:`blind_key`, everything they are computed from,
     and read back by the next run that asks the same (every cell of a sweep on one LLM does: ~40 s a run at the
-    pretrained level on 2 CPU cores); a file that does not read as the answers to these questions is computed
-    again. ``weights``: the LLM's :func:`weights_digest`, when the caller has it (one digest serves every split).
+    pretrained level on an AMD EPYC without AMX, 2 cores; docs/training.md); a file that does not read as the
+    answers to these questions is computed again. ``weights``: the LLM's :func:`weights_digest`, when the caller has
+    it (one digest serves every split).
     """
     samples = eval_samples(data, collator, limit)
     if cache is None:
