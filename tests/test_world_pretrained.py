@@ -162,6 +162,46 @@ def test_the_fine_tuning_precision_is_part_of_the_world_llms_key(nine_layers, mo
     assert llm_dir_name("tinyllama", level="smollm2") != bf16
 
 
+def test_a_sweep_stops_on_records_of_the_other_precisions_world_llm(nine_layers, tmp_path, monkeypatch):
+    """Kept records made where bf16 is fast, swept on a machine that fine-tunes the world LLM in fp32: the sweep stops
+    with the switch that builds the records' world LLM and moves nothing (a weaker check, "other backbones", would set
+    every kept record aside and train it again); with the switch, the record counts; a record of truly other
+    backbones is still set aside."""
+    import gzip
+
+    import bench.report.sweep as sweep_module
+    from bench.report.cells import as_record
+    from bench.report.sweep import cell_name, sweep
+    from bench.train import world_llm
+    from bench.train.pretrain import world_backbones
+    from bench.train.settings import RunConfig
+
+    monkeypatch.setenv("CONNECTOR_ZOO_GGUF_SMOLLM2", str(nine_layers[1]))
+    base = {"data": {"pretrain": {"llm_level": "smollm2"}}}
+    cfg = RunConfig(encoder={"name": "clip"}, connector={"name": "linear"}, llm={"name": "tinyllama"}, **base)
+    bf16 = world_backbones(cfg, llm_precision="bf16")
+    assert bf16 != world_backbones(cfg, llm_precision="fp32") and bf16["llm"].startswith("llm-tinyllama-smollm2-")
+    cell = tmp_path / "sweep" / cell_name("clip", {"name": "linear"}, "tinyllama", 0)
+    cell.mkdir(parents=True)
+    record = {**as_record(cfg), "backbones": bf16}
+    (cell / "results.json.gz").write_bytes(gzip.compress(json.dumps(record).encode()))
+    ran, said = [], []
+    monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, **kw: ran.append(cell))
+    monkeypatch.setattr(world_llm, "_CPU_PRECISION", "fp32")  # this machine: bf16 slow
+    with pytest.raises(ValueError, match="CONNECTOR_ZOO_CPU_BF16=1") as err:
+        sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
+    assert "under bf16" in str(err.value) and "Nothing was moved" in str(err.value)
+    assert (cell / "results.json.gz").exists() and not (tmp_path / "sweep.superseded").exists() and not ran
+    monkeypatch.setattr(world_llm, "_CPU_PRECISION", "bf16")  # the switch set
+    sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
+    assert said == [f"[1/1] {cell.name}: finished, skipped"] and not ran
+    other = {**record, "backbones": {**bf16, "llm": bf16["llm"][:-10] + "0123456789"}}  # another recipe's LLM
+    (cell / "results.json.gz").write_bytes(gzip.compress(json.dumps(other).encode()))
+    monkeypatch.setattr(world_llm, "_CPU_PRECISION", "fp32")
+    sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
+    assert ran == [cell] and (tmp_path / "sweep.superseded" / cell.name / "results.json.gz").exists()
+
+
 def test_the_cpu_bf16_decision_is_measured_once_per_machine(tmp_path, monkeypatch):
     """The decision keys a world LLM, so a busy moment must not flip it: measured once per CPU key and read back
     after; two machines whose CPUs share a model name but not their flags (a weaker key would collide) get a

@@ -148,8 +148,40 @@ def same_cell(cell: Path, cfg: RunConfig, log=print) -> bool:
     and runs afresh."""
     why = why_other(cell, cfg)
     if why is not None:
+        refuse_other_machines_world_llm(cell, cfg)
         supersede(cell, why, log)
     return why is None
+
+
+def refuse_other_machines_world_llm(cell: Path, cfg: RunConfig) -> None:
+    """Stop, moving nothing, when ``cell`` was recorded (or started) on the world LLM this code builds but fine-tuned
+    at the other precision: a pretrained level fine-tunes its world LLM in bf16 where the CPU multiplies bf16 faster
+    and in fp32 elsewhere, so kept records made on one kind of machine would all be set aside and run again on the
+    other. Said with the switch that builds the records' own world LLM."""
+    from bench.train.world_llm import pretrained_precision
+
+    if any((cell / name).exists() for name in RESULTS):
+        record = load_runs([cell])[0]
+        had = record.get("backbones")
+    else:
+        try:
+            record, had = {"config": json.loads((cell / "config.json").read_text())}, started_backbones(cell)
+        except (OSError, ValueError):
+            return  # unreadable: set aside as why_other says
+    if other_settings(record, cfg):
+        return  # another cell under this name: set aside as any other
+    mine = pretrained_precision()
+    theirs = next((p for p in ("bf16", "fp32") if p != mine and had == world_backbones(cfg, llm_precision=p)), None)
+    if theirs is None:
+        return
+    flag = "1" if theirs == "bf16" else "0"
+    raise ValueError(
+        f"{cell} was made on the world LLM fine-tuned under {theirs} ({had['llm']}); this machine fine-tunes it "
+        f"under {mine} (it measured its bf16 matmuls {'slower' if mine == 'fp32' else 'faster'} than fp32's), which "
+        f"is another world LLM, and every such cell would run again. To add to these records, build theirs: set "
+        f"CONNECTOR_ZOO_CPU_BF16={flag} for this sweep (slower here); for a zoo of this machine's own world LLM, "
+        "give another --out. Nothing was moved"
+    )
 
 
 def supersede(cell: Path, why: str, log=print) -> None:

@@ -300,10 +300,11 @@ def position_loss(heads: nn.ModuleList, patches: torch.Tensor) -> torch.Tensor:
     return (ce(heads[0](patches).flatten(0, 1), row.flatten()) + ce(heads[1](patches).flatten(0, 1), col.flatten())) / 2
 
 
-def world_backbones(cfg) -> dict[str, str] | None:
+def world_backbones(cfg, llm_precision: str | None = None) -> dict[str, str] | None:
     """For a mini-world run (a RunConfig), what its backbones are, computed without building anything: the world's
     key and the directory names of the encoder and LLM that ``build_model`` pretrains (or the checkpoints the config
-    names). Recorded in results.json; ``bench sweep`` re-runs a recorded cell whose backbones differ from these."""
+    names). Recorded in results.json; ``bench sweep`` re-runs a recorded cell whose backbones differ from these.
+    ``llm_precision``: a pretrained level's world LLM as fine-tuned at that precision instead of this machine's."""
     if cfg.data.get("kind", "world") != "world":
         return None
     pre = cfg.data.get("pretrain", {})
@@ -314,7 +315,7 @@ def world_backbones(cfg) -> dict[str, str] | None:
     return {
         "world": world.key(),
         "encoder": cfg.encoder.get("checkpoint") or encoder_dir_name(cfg.encoder["name"], **encoder),
-        "llm": cfg.llm.get("checkpoint") or llm_dir_name(cfg.llm["name"], **steps(pre, "llm")),
+        "llm": cfg.llm.get("checkpoint") or llm_dir_name(cfg.llm["name"], **steps(pre, "llm"), precision=llm_precision),
     }
 
 

@@ -115,9 +115,10 @@ def lm_conversations(world: World, backend, scene_qa: int | None = None, seed: i
     return [(e.input_ids, e.labels) for e in map(backend.encode_conversation, texts)]
 
 
-def llm_recipe(name: str, level: str = "small") -> dict:
+def llm_recipe(name: str, level: str = "small", precision: str | None = None) -> dict:
     """What a world LLM is made of: tokenizer, architecture and (beyond ``small``, whose recipe predates levels and
-    keeps its digest) the level's training text, rate and loss."""
+    keeps its digest) the level's training text, rate and loss; for a pretrained level also its fine-tuning
+    ``precision`` (None: this machine's, :func:`pretrained_precision`)."""
     spec = level_of(level)
     if spec.get("pretrained"):
         keys = ("pretrained", "layers", "lr", "scene_qa")
@@ -131,7 +132,7 @@ def llm_recipe(name: str, level: str = "small") -> dict:
             "loss": "assistant-turns",
             "scene_seed": 7,
             "template": "no-default-system",
-            "precision": pretrained_precision(),
+            "precision": precision or pretrained_precision(),
         }
     recipe = {
         "tokenizer": LLMS.get(name).tiny_tokenizer_key(),
@@ -146,12 +147,17 @@ def llm_recipe(name: str, level: str = "small") -> dict:
 
 
 def llm_dir_name(
-    name: str, steps: int | None = None, batch_size: int | None = None, seed: int = 0, level: str = "small"
+    name: str,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    level: str = "small",
+    precision: str | None = None,
 ) -> str:
-    """The directory name of a world LLM: its readable settings and a digest of its recipe."""
+    """The directory name of a world LLM: its readable settings and a digest of its recipe (:func:`llm_recipe`)."""
     steps = level_of(level)["steps"] if steps is None else steps
     batch_size = level_of(level).get("batch_size", 64) if batch_size is None else batch_size
-    digest = hashlib.sha256(json.dumps(llm_recipe(name, level), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(llm_recipe(name, level, precision), sort_keys=True).encode()).hexdigest()[:10]
     tag = "" if level == "small" else f"-{level}"
     return f"llm-{name}{tag}-s{steps}-b{batch_size}-seed{seed}-{digest}"
 
