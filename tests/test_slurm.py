@@ -80,7 +80,9 @@ def test_a_slurm_sweep_equals_the_local_one_with_a_requeued_cell(slurm, tmp_path
                     break
                 time.sleep(0.25)
             requeued = True
-        if all((out / name / "results.json").exists() for name in jobs):
+        # every record written and no job left: a cell requeued just after its results.json (while it writes hf/)
+        # runs once more, resuming, and the test must not read its run.log before then
+        if all((out / name / "results.json").exists() for name in jobs) and not squeue(env, "%i"):
             break
         time.sleep(0.5)
     assert requeued, "the cell finished before it could be requeued"
