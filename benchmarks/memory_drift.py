@@ -13,7 +13,11 @@ turn, ``--rounds`` times:
 - ``default``: as ``bench run`` trains;
 - ``trim``: glibc's ``malloc_trim(0)`` after every step (free heap pages handed back to the kernel);
 - ``arena2``: ``MALLOC_ARENA_MAX=2`` (fewer malloc arenas for the threads to spread their frees over);
-- ``multiple64``: packed rows rounded up to a multiple of 64 tokens (``VLM.pack_multiple``: fewer distinct shapes).
+- ``multiple64``: packed rows rounded up to a multiple of 64 tokens (``VLM.pack_multiple``: fewer distinct shapes);
+- ``onednn0``: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` (oneDNN keeps no kernel per shape). Under bf16 autocast a
+  ``Linear(576, 1536)`` alone, forward and backward at 150 row counts (800, 807, ...), grew the process by 724 MB
+  with oneDNN's default cache (1,024 primitives) and 219 MB with none, 322 and 153 MB after ``malloc_trim``; at one
+  row count, 40 MB (Intel Xeon with AVX-512 BF16, no AMX, 1 thread, December 7; a one-off script, not this one).
 
 Printed per setting: the resident memory (``/proc/self/statm``) after the first steps and at the end, its growth a
 step (least squares over the steps after the fifth), the median step and its growth a step. Prints only.
@@ -30,7 +34,8 @@ import subprocess
 import sys
 import time
 
-SETTINGS = ("default", "trim", "arena2", "multiple64")
+SETTINGS = ("default", "trim", "arena2", "multiple64", "onednn0")
+ENV = {"arena2": {"MALLOC_ARENA_MAX": "2"}, "onednn0": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}}  # from process start
 
 
 def slope(values: list[float]) -> float:
@@ -112,7 +117,7 @@ def main() -> int:
     results: dict[str, list[dict]] = {s: [] for s in settings}
     for _ in range(args.rounds):
         for s in settings:
-            env = dict(os.environ, **({"MALLOC_ARENA_MAX": "2"} if s == "arena2" else {}))
+            env = dict(os.environ, **ENV.get(s, {}))
             cmd = [sys.executable, __file__, "--child", s, "--steps", str(args.steps), "--stage", str(args.stage)]
             cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
