@@ -160,6 +160,13 @@ def test_the_fine_tuning_precision_is_part_of_the_world_llms_key(nine_layers, mo
     bf16 = llm_dir_name("tinyllama", level="smollm2")
     monkeypatch.setattr(world_llm, "_CPU_PRECISION", "fp32")
     assert llm_dir_name("tinyllama", level="smollm2") != bf16
+    # the build says which it makes, why, and (fp32) how to make the kept records' one
+    monkeypatch.delenv("CONNECTOR_ZOO_CPU_BF16", raising=False)
+    monkeypatch.setattr(world_llm.torch.cuda, "is_available", lambda: False)
+    said = world_llm.precision_said()
+    assert said.startswith("fp32 (this CPU's bf16 matmuls measured slower") and "CONNECTOR_ZOO_CPU_BF16=1" in said
+    monkeypatch.setattr(world_llm, "_CPU_PRECISION", "bf16")
+    assert world_llm.precision_said() == "bf16 (this CPU's bf16 matmuls measured faster than fp32's)"
 
 
 def test_a_sweep_stops_on_records_of_the_other_precisions_world_llm(nine_layers, tmp_path, monkeypatch):

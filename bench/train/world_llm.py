@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -82,6 +83,21 @@ def pretrained_precision() -> str:
 
 
 _CPU_PRECISION: str | None = None
+
+
+def precision_said() -> str:
+    """:func:`pretrained_precision` as the world LLM's build says it: why, on a CPU, and, where it is fp32, that
+    the kept pretrained-level records (sweeps/smollm2) were made on the bf16 one and how to build that."""
+    precision = pretrained_precision()
+    if torch.cuda.is_available():
+        return precision
+    if os.environ.get("CONNECTOR_ZOO_CPU_BF16") in ("0", "1"):
+        why = "as CONNECTOR_ZOO_CPU_BF16 says"
+    else:
+        why = f"this CPU's bf16 matmuls measured {'faster' if precision == 'bf16' else 'slower'} than fp32's"
+    if precision == "bf16":
+        return f"bf16 ({why})"
+    return f"fp32 ({why}; the kept records in sweeps/smollm2 are on the bf16 one: CONNECTOR_ZOO_CPU_BF16=1 builds it)"
 
 
 def level_of(name: str) -> dict:
@@ -182,7 +198,7 @@ def pretrain_llm(
         if spec.get("pretrained"):
             log(
                 f"world LLM {level}: {spec['pretrained']}'s layers {spec['layers']}, then {steps} steps on the "
-                f"world's text (once per world; minutes)"
+                f"world's text under {precision_said()} (once per world; minutes)"
             )
             backend = cls(str(packaged_gguf(spec["pretrained"], log)), frozen=False)
             keep_layers(backend.model, layer_indices(spec["layers"], len(backend.model.get_decoder().layers)))
