@@ -195,9 +195,12 @@ def test_a_sweep_stops_on_records_of_the_other_precisions_world_llm(nine_layers,
     ran, said = [], []
     monkeypatch.setattr(sweep_module, "run", lambda cfg, cell, **kw: ran.append(cell))
     monkeypatch.setattr(world_llm, "_CPU_PRECISION", "fp32")  # this machine: bf16 slow
+    monkeypatch.setattr(sweep_module.torch.cuda, "is_available", lambda: False)  # (a CPU's choice)
+    monkeypatch.delenv("CONNECTOR_ZOO_CPU_BF16", raising=False)
     with pytest.raises(ValueError, match="CONNECTOR_ZOO_CPU_BF16=1") as err:
         sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)
-    assert "under bf16" in str(err.value) and "Nothing was moved" in str(err.value)
+    assert "under bf16" in str(err.value) and "under fp32 (this CPU's bf16 matmuls measured slower" in str(err.value)
+    assert str(err.value).endswith("Nothing was moved")
     assert (cell / "results.json.gz").exists() and not (tmp_path / "sweep.superseded").exists() and not ran
     monkeypatch.setattr(world_llm, "_CPU_PRECISION", "bf16")  # the switch set
     sweep(tmp_path / "sweep", ["clip"], ["linear"], ["tinyllama"], [0], base=base, log=said.append)

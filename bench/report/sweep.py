@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.report.cells import as_record, differing
 from bench.report.tables import RESULTS, load_runs
 from bench.run.job import run, started_backbones
@@ -158,7 +160,7 @@ def refuse_other_machines_world_llm(cell: Path, cfg: RunConfig) -> None:
     at the other precision: a pretrained level fine-tunes its world LLM in bf16 where the CPU multiplies bf16 faster
     and in fp32 elsewhere, so kept records made on one kind of machine would all be set aside and run again on the
     other. Said with the switch that builds the records' own world LLM."""
-    from bench.train.world_llm import pretrained_precision
+    from bench.train.world_llm import precision_reason, pretrained_precision
 
     if any((cell / name).exists() for name in RESULTS):
         record = load_runs([cell])[0]
@@ -174,13 +176,15 @@ def refuse_other_machines_world_llm(cell: Path, cfg: RunConfig) -> None:
     theirs = next((p for p in ("bf16", "fp32") if p != mine and had == world_backbones(cfg, llm_precision=p)), None)
     if theirs is None:
         return
-    flag = "1" if theirs == "bf16" else "0"
+    own = "another --out for a zoo of this machine's own world LLM. Nothing was moved"
+    if torch.cuda.is_available():  # the switch decides a CPU's choice only
+        what = f"Give {own}"
+    else:
+        flag = "1" if theirs == "bf16" else "0"
+        what = f"To add to these records, build theirs: set CONNECTOR_ZOO_CPU_BF16={flag} for this sweep; or give {own}"
     raise ValueError(
         f"{cell} was made on the world LLM fine-tuned under {theirs} ({had['llm']}); this machine fine-tunes it "
-        f"under {mine} (it measured its bf16 matmuls {'slower' if mine == 'fp32' else 'faster'} than fp32's), which "
-        f"is another world LLM, and every such cell would run again. To add to these records, build theirs: set "
-        f"CONNECTOR_ZOO_CPU_BF16={flag} for this sweep (slower here); for a zoo of this machine's own world LLM, "
-        "give another --out. Nothing was moved"
+        f"under {mine} ({precision_reason()}), which is another world LLM, and every such cell would run again. {what}"
     )
 
 

@@ -85,19 +85,25 @@ def pretrained_precision() -> str:
 _CPU_PRECISION: str | None = None
 
 
-def precision_said() -> str:
-    """:func:`pretrained_precision` as the world LLM's build says it: why, on a CPU, and, where it is fp32, that
-    the kept pretrained-level records (sweeps/smollm2) were made on the bf16 one and how to build that."""
+def precision_reason() -> str:
+    """Why this machine fine-tunes a pretrained level's world LLM at :func:`pretrained_precision`."""
     precision = pretrained_precision()
     if torch.cuda.is_available():
-        return precision
+        return f"this GPU {'supports' if precision == 'bf16' else 'lacks'} bf16"
     if os.environ.get("CONNECTOR_ZOO_CPU_BF16") in ("0", "1"):
-        why = "as CONNECTOR_ZOO_CPU_BF16 says"
-    else:
-        why = f"this CPU's bf16 matmuls measured {'faster' if precision == 'bf16' else 'slower'} than fp32's"
-    if precision == "bf16":
-        return f"bf16 ({why})"
-    return f"fp32 ({why}; the kept records in sweeps/smollm2 are on the bf16 one: CONNECTOR_ZOO_CPU_BF16=1 builds it)"
+        return "as CONNECTOR_ZOO_CPU_BF16 says"
+    return f"this CPU's bf16 matmuls measured {'faster' if precision == 'bf16' else 'slower'} than fp32's"
+
+
+def precision_said() -> str:
+    """:func:`pretrained_precision` as the world LLM's build says it: why, and, where it is fp32, that the kept
+    pretrained-level records (sweeps/smollm2) were made on the bf16 one and how to build that."""
+    if pretrained_precision() == "bf16":
+        return f"bf16 ({precision_reason()})"
+    return (
+        f"fp32 ({precision_reason()}; the kept records in sweeps/smollm2 are on the bf16 one: "
+        "CONNECTOR_ZOO_CPU_BF16=1 builds it)"
+    )
 
 
 def level_of(name: str) -> dict:
