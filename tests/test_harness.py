@@ -52,6 +52,13 @@ def test_a_run_writes_its_record(micro_run):
         "llm": Path(specs["llm"]["checkpoint"]).name,
     }
     assert Path(specs["encoder"]["checkpoint"]).parent.parent == world.dir
+    # and what they were byte for byte: each directory's manifest (every file's SHA-256), digested
+    import hashlib
+
+    manifests = {k: Path(specs[k]["checkpoint"]) / "manifest.json" for k in ("encoder", "llm")}
+    want = {k: hashlib.sha256(m.read_bytes()).hexdigest()[:16] for k, m in manifests.items()}
+    assert results["backbone_bytes"] == want and want["encoder"] != want["llm"]
+    assert '"model.safetensors"' in manifests["encoder"].read_text()
     assert [len(h) for h in results["loss_history"]] == [6, 6]
     # where its wall time went, part by part (the summary lists them in the order the run spent them)
     seconds = results["seconds"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import platform
@@ -152,6 +153,7 @@ def record(
         # each stage's settings as trained (a recipe's, written out): a sweep tells a recipe whose steps changed
         "stages": [dataclasses.asdict(s) for s in cfg.resolved_stages()],
         "backbones": world_backbones(cfg),  # the mini world's key and backbone recipes (None for published data)
+        "backbone_bytes": backbone_bytes(vlm) if cfg.data.get("kind", "world") == "world" else None,
         "metrics": metrics,
         "visual_tokens_per_image": tokens,
         "parameters": {
@@ -214,6 +216,19 @@ def save_final(vlm: VLM, out_dir: Path, num_stages: int) -> None:
     elif vlm.llm.lora is not None:  # a sharded run's checkpoints hold them in trainable.safetensors only
         with atomic_path(out_dir / ADAPTER_DIR) as tmp:
             vlm.llm.save_adapter(tmp)
+
+
+def backbone_bytes(vlm) -> dict[str, str | None]:
+    """What the run's backbones were byte for byte: the SHA-256 (16 hex digits) of the ``manifest.json`` of the
+    encoder's and the LLM's checkpoint directories, which lists every file's own SHA-256 (None for a checkpoint with
+    no manifest). ``backbones`` names their recipes; two machines build one recipe into other bytes where their CPUs
+    round differently, and two records on other bytes are two backbones, as two seeds are."""
+
+    def digest(checkpoint) -> str | None:
+        manifest = Path(str(checkpoint)) / MANIFEST_NAME
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else None
+
+    return {"encoder": digest(vlm.encoder.checkpoint), "llm": digest(vlm.llm.checkpoint)}
 
 
 def summary(results: dict[str, Any]) -> str:
