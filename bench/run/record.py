@@ -225,10 +225,13 @@ def backbone_bytes(vlm) -> dict[str, str | None]:
     round differently, and two records on other bytes are two backbones, as two seeds are."""
 
     def digest(checkpoint) -> str | None:
-        manifest = Path(str(checkpoint)) / MANIFEST_NAME
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else None
+        manifest = Path(str(checkpoint)) / MANIFEST_NAME if checkpoint is not None else None
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest and manifest.is_file() else None
 
-    return {"encoder": digest(vlm.encoder.checkpoint), "llm": digest(vlm.llm.checkpoint)}
+    return {
+        "encoder": digest(getattr(vlm.encoder, "checkpoint", None)),
+        "llm": digest(getattr(vlm.llm, "checkpoint", None)),
+    }
 
 
 def summary(results: dict[str, Any]) -> str:
