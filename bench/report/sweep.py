@@ -120,21 +120,25 @@ def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:
     return differing(record, as_record(cfg))
 
 
+def cell_state(cell: Path) -> tuple[dict[str, Any], dict[str, str] | None, str]:
+    """What ``cell`` holds: its record (or, for a started run, ``{"config": <its config.json>}``), the backbones it
+    was made (or started) on, and "recorded" or "started". An unreadable config.json raises OSError or ValueError."""
+    if any((cell / name).exists() for name in RESULTS):
+        (record,) = load_runs([cell])
+        return record, record.get("backbones"), "recorded"
+    return {"config": json.loads((cell / "config.json").read_text())}, started_backbones(cell), "started"
+
+
 def why_other(cell: Path, cfg: RunConfig) -> str | None:
     """None when ``cell`` holds ``cfg``'s run: finished (its record) or started (its config.json), with ``cfg``'s
     settings (CELL_SETTINGS: recipe, data options such as ``qa_turns`` or the world LLM level, ...) on the backbones
     ``cfg`` would build; else why not. A record from before backbones were recorded, or a run started before runs
     wrote ``backbones.json``, counts as other backbones. Reads only."""
-    if any((cell / name).exists() for name in RESULTS):
-        (record,) = load_runs([cell])
-        differ, had, verb = other_settings(record, cfg), record.get("backbones"), "recorded"
-    else:
-        try:
-            started = json.loads((cell / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            return f"its config.json does not read ({err})"
-        differ, had, verb = other_settings({"config": started}, cfg), started_backbones(cell), "started"
-    want = world_backbones(cfg)
+    try:
+        record, had, verb = cell_state(cell)
+    except (OSError, ValueError) as err:
+        return f"its config.json does not read ({err})"
+    differ, want = other_settings(record, cfg), world_backbones(cfg)
     if differ:
         return f"{verb} with other settings ({', '.join(differ)})"
     if want is not None and had != want:
@@ -162,14 +166,10 @@ def refuse_other_machines_world_llm(cell: Path, cfg: RunConfig) -> None:
     other. Said with the switch that builds the records' own world LLM."""
     from bench.train.world_llm import precision_reason, pretrained_precision
 
-    if any((cell / name).exists() for name in RESULTS):
-        record = load_runs([cell])[0]
-        had = record.get("backbones")
-    else:
-        try:
-            record, had = {"config": json.loads((cell / "config.json").read_text())}, started_backbones(cell)
-        except (OSError, ValueError):
-            return  # unreadable: set aside as why_other says
+    try:
+        record, had, _ = cell_state(cell)
+    except (OSError, ValueError):
+        return  # unreadable: set aside as why_other says
     if other_settings(record, cfg):
         return  # another cell under this name: set aside as any other
     mine = pretrained_precision()

@@ -87,13 +87,20 @@ def cpu_key() -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cpu_bf16_forced() -> bool | None:
+    """What ``CONNECTOR_ZOO_CPU_BF16`` (``1`` or ``0``) decides in place of :func:`cpu_bf16_decision`'s measurement;
+    None when it is not set so."""
+    forced = os.environ.get("CONNECTOR_ZOO_CPU_BF16")
+    return forced == "1" if forced in ("0", "1") else None
+
+
 def cpu_bf16_decision() -> bool:
     """:func:`cpu_bf16_is_fast`, measured once per machine (:func:`cpu_key`) and kept in the cache: a decision that
     keys a world LLM must not change with the load of the moment (the same machine would build a second one).
     ``CONNECTOR_ZOO_CPU_BF16=1`` or ``0`` decides instead of measuring."""
-    forced = os.environ.get("CONNECTOR_ZOO_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = cpu_bf16_forced()
+    if forced is not None:
+        return forced
     key = cpu_key()
     path = cache_dir() / "machine" / f"cpu-bf16-{key}.json"
     if path.exists():

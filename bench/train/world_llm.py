@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 from bench.data.formats import CAPTION_PROMPT
 from bench.data.world import Obj, World, exist_questions, relation_questions
 from bench.train.packaged_llm import gguf_digest, packaged_gguf
-from bench.train.precision import cpu_bf16_decision
+from bench.train.precision import cpu_bf16_decision, cpu_bf16_forced
 from connector_zoo.io import kill_point, materialize, progress
 from connector_zoo.model.precision import autocast
 from llms import LLMS
@@ -90,7 +89,7 @@ def precision_reason() -> str:
     precision = pretrained_precision()
     if torch.cuda.is_available():
         return f"this GPU {'supports' if precision == 'bf16' else 'lacks'} bf16"
-    if os.environ.get("CONNECTOR_ZOO_CPU_BF16") in ("0", "1"):
+    if cpu_bf16_forced() is not None:
         return "as CONNECTOR_ZOO_CPU_BF16 says"
     return f"this CPU's bf16 matmuls measured {'faster' if precision == 'bf16' else 'slower'} than fp32's"
 
