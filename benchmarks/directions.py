@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.evaluate.stats import paired
+from bench.report.builds import backbone_builds, legend_note
 from bench.report.tables import load_runs, per_question, run_name
 
 SIXTEEN = ("avgpool", "c_abstractor", "ldpv2", "pixel_shuffle", "tokenpacker", "perceiver_resampler", "cls_prune")
@@ -86,6 +87,13 @@ class Records:
         self.recipe = next((x for x in recipes if not x.endswith(VARIANTS)), None)
         self.facts = question_facts(self.runs)
         self.types = {q: f["type"] for q, f in self.facts.items()}
+        # the backbone builds the records are on (bench/report/builds.py), and those of the answers a row has read
+        self.builds = backbone_builds(self.runs)
+        self.touched: set[str] = set()
+
+    def touch(self, name: str) -> None:
+        letters = self.builds.letter
+        self.touched |= {letters[id(r)] for r in self.runs if run_name(r) == name and id(r) in letters}
 
     def name(self, connector: str, recipe: str | None = None) -> str | None:
         recipe = recipe or self.recipe
@@ -94,10 +102,13 @@ class Records:
 
     def answers_of(self, name: str, keep=None) -> dict:
         """(seed, question) -> 0/1 of configuration ``name``, the questions ``keep(question id)`` accepts."""
+        self.touch(name)
         return {k: v for k, v in per_question(self.runs, name).items() if keep is None or keep(k[1])}
 
     def answers(self, connector: str, recipe: str | None = None, types: tuple[str, ...] = ()) -> dict:
         name = self.name(connector, recipe)
+        if name:
+            self.touch(name)
         out = per_question(self.runs, name) if name else {}
         return {k: v for k, v in out.items() if self.types.get(k[1]) in types} if types else out
 
@@ -203,10 +214,8 @@ def blind_of(rec: Records, connector: str, recipe: str | None = None) -> float |
     return 100 * statistics.fmean(values) if values else None
 
 
-def honeybee(rec: Records) -> list[list[str]]:
+def honeybee_linear(rec: Records) -> list[str]:
     paper_a = "C-Abstractor matches or beats the linear projector, at equal and at fewer tokens (Honeybee's ablation)"
-    paper_b = "resamplers lose spatial understanding against C-Abstractor (Honeybee, spatial tasks)"
-    out = []
     linear = rec.answers("linear")
     # at equal tokens (the issue's reading: 64, linear's) where that cell is kept; at 16 (the zoo's) beside it, at
     # Honeybee's own rates (recipe <base>-paper-rates) and at the level's shared ones
@@ -235,9 +244,12 @@ def honeybee(rec: Records) -> list[list[str]]:
         if found[0][0] != EQUAL_TOKENS_CABS:
             world += f" (at equal tokens: needs `{EQUAL_TOKENS_CABS}`)"
         # judged on the first side (in the order above) that trained; where none did, why not
-        out.append(["C-Abstractor >= linear (Honeybee)", paper_a, world, (judged or verdicts)[0]])
-    else:
-        out.append(["C-Abstractor >= linear (Honeybee)", paper_a, "needs the c_abstractor and linear cells", "to run"])
+        return ["C-Abstractor >= linear (Honeybee)", paper_a, world, (judged or verdicts)[0]]
+    return ["C-Abstractor >= linear (Honeybee)", paper_a, "needs the c_abstractor and linear cells", "to run"]
+
+
+def honeybee_spatial(rec: Records) -> list[str]:
+    paper_b = "resamplers lose spatial understanding against C-Abstractor (Honeybee, spatial tasks)"
     ref = rec.answers("c_abstractor", types=SPATIAL)
     parts, below = [], []
     for res in ("perceiver_resampler", "qformer"):
@@ -249,10 +261,8 @@ def honeybee(rec: Records) -> list[list[str]]:
     if parts:
         verdict = "**reproduced**" if all(below) else "**partly**" if any(below) else "**not reproduced**"
         world = "position and relation questions: " + "; ".join(parts)
-        out.append(["resamplers lose spatial questions against C-Abstractor (Honeybee)", paper_b, world, verdict])
-    else:
-        out.append(["resamplers lose spatial questions (Honeybee)", paper_b, "needs the resampler cells", "to run"])
-    return out
+        return ["resamplers lose spatial questions against C-Abstractor (Honeybee)", paper_b, world, verdict]
+    return ["resamplers lose spatial questions (Honeybee)", paper_b, "needs the resampler cells", "to run"]
 
 
 def mm1(rec: Records) -> list[str]:
@@ -307,6 +317,16 @@ def resolution_row(rec: Records) -> list[str]:
     return resolution(rec.answers_of(base), rec.answers_of(name), buckets, rec.base, (px, low_px), tokens)
 
 
+def on_builds(rec: Records, direction) -> list[str]:
+    """``direction()``'s row, its measurement marked when the answers it read were trained on more than one build of
+    the backbones (``bench.report.builds``): a difference across builds is not the component's alone."""
+    rec.touched = set()
+    row = direction()
+    if len(rec.touched) > 1:
+        row[2] += f" (across backbone builds {'+'.join(sorted(rec.touched))})"
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", type=Path)
@@ -316,11 +336,12 @@ def main() -> int:
     rec = Records(args.sweep, args.base)
     if rec.recipe is None:
         sys.exit(f"{args.sweep}: no record of {args.base}")
-    rows = [
-        fastervlm(rec, args.seed_of_curve),
-        *honeybee(rec),
-        mm1(rec),
-        recipe_row(
+    directions = [
+        lambda: fastervlm(rec, args.seed_of_curve),
+        lambda: honeybee_linear(rec),
+        lambda: honeybee_spatial(rec),
+        lambda: mm1(rec),
+        lambda: recipe_row(
             rec,
             "fine-tuning the LLM in stage 2 beats a frozen LLM (LLaVA)",
             "LLaVA trains the LLM in stage 2; a frozen-LLM figure is not in this project's source notes",
@@ -328,7 +349,7 @@ def main() -> int:
             False,
             lambda p: p["low"] > 0,
         ),
-        recipe_row(
+        lambda: recipe_row(
             rec,
             "skipping stage 1 costs little (Prismatic)",
             "single-stage training matches two-stage training across Prismatic's benchmarks",
@@ -336,7 +357,7 @@ def main() -> int:
             True,
             lambda p: p["low"] > -0.02,
         ),
-        recipe_row(
+        lambda: recipe_row(
             rec,
             "skipping stage 1 costs little, at the same number of steps (Prismatic)",
             "single-stage training matches two-stage training across Prismatic's benchmarks",
@@ -344,13 +365,16 @@ def main() -> int:
             True,
             lambda p: p["low"] > -0.02,
         ),
-        resolution_row(rec),
+        lambda: resolution_row(rec),
     ]
+    rows = [on_builds(rec, direction) for direction in directions]
     print(f"records: {args.sweep} ({len(rec.runs)} runs; base {args.base}, recipe {rec.recipe}); test split\n")
     print("| direction | the paper | the world: difference in points [paired 95 % CI] | verdict |")
     print("|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    if rec.builds.mixed:
+        print(f"\n{legend_note(rec.builds)}")
     return 0
 
 

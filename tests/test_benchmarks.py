@@ -4,6 +4,7 @@ nothing else."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -178,15 +179,15 @@ def test_directions_honeybee_judges_c_abstractor_at_equal_tokens_where_that_cell
             return self.sheets.get((connector, recipe) if recipe else connector, {})
 
     both = Stub({"linear": sheet(6), "c_abstractor": sheet(4), "c_abstractor[num_queries=64]": sheet(8)})
-    row = directions.honeybee(both)[0]
+    row = directions.honeybee_linear(both)
     assert row[3] == "**reproduced** (not worse)", row  # +25 [+0.0, +50.0]: the interval's lower end is not above 0
     assert row[2].startswith("test, 64 tokens each: c_abstractor[num_queries=64] 100.0 against linear 75.0"), row[2]
     assert "16 tokens against 64: c_abstractor 50.0 against linear 75.0" in row[2]
-    sixteen = directions.honeybee(Stub({"linear": sheet(8), "c_abstractor": sheet(0)}))[0]
+    sixteen = directions.honeybee_linear(Stub({"linear": sheet(8), "c_abstractor": sheet(0)}))
     assert sixteen[3] == "**not reproduced**" and "needs `c_abstractor[num_queries=64]`" in sixteen[2]
     # at Honeybee's own rates (recipe mini-smollm2-paper-rates) beside the level's: judged before the shared rates
     rates = Stub({"linear": sheet(6), "c_abstractor": sheet(0), ("c_abstractor", "mini-smollm2-paper-rates"): sheet(7)})
-    row = directions.honeybee(rates)[0]
+    row = directions.honeybee_linear(rates)
     assert row[3] == "**reproduced** (not worse)", row
     assert "16 tokens against 64, at Honeybee's rates: c_abstractor 87.5 against linear 75.0" in row[2], row[2]
     assert "16 tokens against 64: c_abstractor 0.0 against linear 75.0" in row[2], row[2]
@@ -217,7 +218,44 @@ def test_directions_do_not_judge_a_paper_by_a_connector_that_stayed_at_its_blind
             right = {"linear": 9, "c_abstractor": 4}.get(connector) if recipe in (None, self.recipe) else None
             return {(0, f"q{i}"): int(i < right) for i in range(10)} if right is not None else {}
 
-    row = directions.honeybee(Stub())[0]
+    row = directions.honeybee_linear(Stub())
     assert row[3].startswith("**not judged**: c_abstractor stayed at its blind value (40.0)"), row[3]
     run["metrics"]["test"]["blind"]["exact_match"] = 0.30  # 10 points over its blind value: judged
-    assert directions.honeybee(Stub())[0][3] == "**not reproduced**"
+    assert directions.honeybee_linear(Stub())[3] == "**not reproduced**"
+
+
+def test_directions_mark_a_measurement_whose_sides_trained_on_other_backbone_builds(tmp_path):
+    """The frozen-LLM direction reads mlp2x_gelu two-stage (seed 0 on one build of the backbones) and frozen (seed 0
+    on another build: another encoder feature key): its row says "across backbone builds A+B"; the same two on one
+    build are not marked. The records are fake ones (tests/test_sweep.py) with per-question answers."""
+    from test_sweep import fake_run
+
+    from bench.report.builds import backbone_builds
+    from bench.report.tables import load_runs
+
+    directions = load("directions")
+
+    def sweep(root, frozen_key):
+        for recipe, key, correct in (("mini", "a" * 24, [1, 1, 0, 1]), ("mini-frozen-llm", frozen_key, [0, 1, 0, 0])):
+            fake_run(
+                root / recipe, "mlp2x_gelu", 0, sum(correct) / 4, 0.5, 0.3, 64, backbones={"encoder": "e", "llm": "l"}
+            )
+            path = root / recipe / "mlp2x_gelu-s0" / "results.json"
+            r = json.loads(path.read_text())
+            r["config"]["recipe"] = recipe
+            r["feature_cache"] = {"on": True, "dir": f"/cache/features/{key}"}
+            r["metrics"]["test"]["accuracy"]["per_question"] = {"ids": ["q0", "q1", "q2", "q3"], "correct": correct}
+            path.write_text(json.dumps(r))
+        rec = object.__new__(directions.Records)  # the records without the world's question facts (not read here)
+        rec.base, rec.recipe, rec.runs = "mlp2x_gelu", "mini", load_runs([root])
+        rec.names = sorted({directions.run_name(r) for r in rec.runs})
+        rec.builds = backbone_builds(rec.runs)
+        return directions.on_builds(
+            rec, lambda: directions.recipe_row(rec, "claim", "paper", "frozen-llm", False, lambda p: p["low"] > 0)
+        )
+
+    row = sweep(tmp_path / "two", "b" * 24)
+    assert row[2].startswith("test: two-stage 75.0 against frozen-llm 25.0 (seed 0)") and row[2].endswith(
+        "(across backbone builds A+B)"
+    ), row
+    assert "across backbone builds" not in sweep(tmp_path / "one", "a" * 24)[2]

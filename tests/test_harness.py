@@ -59,6 +59,15 @@ def test_a_run_writes_its_record(micro_run):
     want = {k: hashlib.sha256(m.read_bytes()).hexdigest()[:16] for k, m in manifests.items()}
     assert results["backbone_bytes"] == want and want["encoder"] != want["llm"]
     assert '"model.safetensors"' in manifests["encoder"].read_text()
+    # the machine it ran on, read independently of the code that records it
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    said = {k.strip(): v.strip() for k, _, v in reversed([line.partition(":") for line in cpuinfo])}  # the first
+    machine = results["machine"]
+    assert "model name" not in said or machine["cpu"] == said["model name"]
+    for flag in ("amx_bf16", "avx512_bf16", "avx2"):
+        assert (flag in machine["isa"]) == (flag in said.get("flags", "").split())
+    assert machine["threads"] == torch.get_num_threads()
+    assert (machine["cuda"] is None) == (not torch.cuda.is_available())
     assert [len(h) for h in results["loss_history"]] == [6, 6]
     # where its wall time went, part by part (the summary lists them in the order the run spent them)
     seconds = results["seconds"]

@@ -21,8 +21,10 @@ from typing import Any
 from bench.evaluate.accuracy import strip_image
 from bench.report import charts
 from bench.report.breakdown import SIZE_BUCKETS, breakdown, question_facts
+from bench.report.builds import backbone_builds, legend_note
 from bench.report.plots import pareto_front, pruning_figure, scatter_figure
 from bench.report.tables import (
+    BUILD,
     VS_BEST,
     aggregate,
     all_columns,
@@ -39,11 +41,13 @@ from bench.train.settings import RunConfig
 from connector_zoo.io import atomic_path
 
 
-def table_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def table_context(rows: list[dict[str, Any]], builds_note: str = "") -> dict[str, Any]:
     cols = all_columns(rows)
     top = best(rows)
     with_std = any(len(r["seeds"]) > 1 for r in rows)
+    with_builds = any("build" in r for r in rows)
     header = [{"label": "configuration", "numeric": False}, {"label": "seeds", "numeric": True}]
+    header += [{"label": BUILD, "numeric": False}] if with_builds else []
     header += [{"label": column_info(c)[0], "numeric": True, "higher": column_info(c)[1]} for c in cols]
     with_pairs = any("vs_best" in r for r in rows)
     if with_pairs:
@@ -55,6 +59,8 @@ def table_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
             {"text": r["name"], "sort": r["name"], "best": False},
             {"text": str(len(r["seeds"])), "sort": len(r["seeds"]), "best": False},
         ]
+        if with_builds:
+            cells.append({"text": r.get("build", ""), "sort": r.get("build", ""), "best": False})
         for c in cols:
             if c not in r:
                 cells.append({"text": missing_cell(r, c), "sort": "", "best": False})
@@ -66,7 +72,7 @@ def table_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
             sort = 0 if pair == "best" else "" if pair is None else f"{pair['diff']:.9g}"
             cells.append({"text": vs_best_text(pair), "sort": sort, "best": pair == "best"})
         body.append({"blind": blind, "cells": cells})
-    return {"header": header, "rows": body, "with_std": with_std}
+    return {"header": header, "rows": body, "with_std": with_std, "builds_note": builds_note}
 
 
 def eval_split(runs: list[dict[str, Any]]) -> str | None:
@@ -260,7 +266,7 @@ def write_html(run_paths: list[str | Path], out_dir: Path, per_type: int = 4, lo
         runs=len(runs),
         configs=sum(not r["name"].startswith("blind") for r in rows),
         commits=commits,
-        table=table_context(rows),
+        table=table_context(rows, legend_note(backbone_builds(runs))),
         figures=figures(rows, runs),
         pruning=pruning_curves(run_paths),
         breakdown=breakdown_context(runs, world, log),

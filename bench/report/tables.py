@@ -185,11 +185,15 @@ def not_evaluated(r: dict[str, Any]) -> set[str]:
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows: {"name", "seeds", col: (mean, std)}; blind baselines as rows of their own (one per LLM)."""
+    from bench.report.builds import backbone_builds
+
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     seeds: dict[str, list[int]] = defaultdict(list)
     unmeasured: dict[str, set[str]] = defaultdict(set)
+    letters: dict[str, set[str]] = defaultdict(set)  # a row's backbone builds where the table mixes them
     if any(NAME_KEY not in r for r in runs):
         name_runs(runs)
+    builds = backbone_builds(runs)
     for r in runs:
         cfg = r["config"]
         name = run_name(r)
@@ -200,6 +204,9 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         seeds[blind].append(cfg["seed"])
         unmeasured[name] |= not_evaluated(r)
         unmeasured[blind] |= not_evaluated(r)
+        if id(r) in builds.letter:
+            letters[name].add(builds.letter[id(r)])
+            letters[blind].add(builds.letter[id(r)])
     lmms = sorted({c for values in groups.values() for v in values for c in v if c.startswith(LMMS)})
     rows = []
     for name in sorted(groups):
@@ -210,6 +217,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         # columns no seed measured: "not evaluated" in every table, not an empty cell that reads as "not asked"
         row["not_evaluated"] = sorted(c for c in unmeasured[name] if c not in row)
+        if builds.mixed:
+            row["build"] = "+".join(sorted(letters[name]))
         rows.append(row)
     compare_with_best(rows, runs)
     return rows
@@ -289,15 +298,23 @@ def vs_best_text(value: Any) -> str:
     return f"{100 * value['diff']:+.1f} [{100 * value['low']:+.1f}, {100 * value['high']:+.1f}], p={value['p']:.2g}"
 
 
-def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
+#: the column of a table whose runs are of several builds of one backbone recipe (``bench.report.builds``)
+BUILD = "backbones"
+
+
+def table(rows: list[dict[str, Any]], style: str = "markdown", builds_note: str = "") -> str:
+    """The rows as a ``markdown``, ``csv`` or ``latex`` table; ``builds_note`` (``bench.report.builds.legend_note``)
+    is the markdown note's account of the rows' backbone builds, each row's letters in its own column."""
     cols = all_columns(rows)
     with_std = any(len(r["seeds"]) > 1 for r in rows)
     with_pairs = any("vs_best" in r for r in rows)
+    with_builds = any("build" in r for r in rows)
     top = best(rows)
-    header = ["configuration", "seeds", *[column_info(c)[0] for c in cols], *([VS_BEST] if with_pairs else [])]
+    lead = ["configuration", "seeds", *([BUILD] if with_builds else [])]
+    header = [*lead, *[column_info(c)[0] for c in cols], *([VS_BEST] if with_pairs else [])]
     body = []
     for r in rows:
-        cells = [r["name"], str(len(r["seeds"]))]
+        cells = [r["name"], str(len(r["seeds"])), *([r.get("build", "")] if with_builds else [])]
         for c in cols:
             if c not in r:
                 cells.append(missing_cell(r, c))
@@ -322,7 +339,7 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
                 else [f"{pair['diff']:.6g} [{pair['low']:.6g}, {pair['high']:.6g}] p={pair['p']:.3g}"]
             )
             writer.writerow(
-                [r["name"], len(r["seeds"])]
+                [r["name"], len(r["seeds"]), *([r.get("build", "")] if with_builds else [])]
                 + [missing_cell(r, c) if c not in r else f"{r[c][0]:.6g}" for c in cols]
                 + extra
             )
@@ -350,17 +367,23 @@ def table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
             "; test vs best: each configuration against the best on the same questions and seeds, the accuracy "
             "difference in points with a paired bootstrap 95 % interval and McNemar's exact p-value"
         )
+    if builds_note:
+        note += f"; {builds_note}"
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def write_reports(run_paths: list[str | Path], out_dir: Path) -> dict[str, Path]:
 
-    rows = aggregate(load_runs(run_paths))
+    from bench.report.builds import backbone_builds, legend_note
+
+    runs = load_runs(run_paths)
+    rows = aggregate(runs)
+    note = legend_note(backbone_builds(runs))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for style, ext in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
         path = out_dir / f"table.{ext}"
         with atomic_path(path) as tmp:
-            tmp.write_text(table(rows, style))
+            tmp.write_text(table(rows, style, builds_note=note))
         written[style] = path
     return written

@@ -20,6 +20,7 @@ from bench.data.features import FeatureCache
 from bench.data.formats import Dataset
 from bench.evaluate.accuracy import evaluate_split, shown_loss
 from bench.evaluate.profile import profile
+from bench.train.precision import machine_info
 from bench.train.pretrain import world_backbones
 from connector_zoo.io import MANIFEST_NAME, atomic_path, link_or_copy, link_tree, read_json, write_json
 from connector_zoo.model.modeling import write_run_model
@@ -183,6 +184,7 @@ def record(
         "encoder_forwards": sum(f.forwards for f in features.values()),
         "skipped_samples": [item for ds in (train, *eval_sets.values()) for item in ds.skipped],
         "versions": versions(),
+        "machine": machine_info(),  # the CPU (model, bf16 instruction sets), threads, GPU: what the timings ran on
         "git_commit": commit if commit is not None else git_commit(),  # the code the run started with
     }
     write_json(out_dir / "results.json", results)

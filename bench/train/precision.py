@@ -69,15 +69,40 @@ def cpu_bf16_is_fast(m: int = 1536, k: int = 576, n: int = 1536, rounds: int = 5
     return best[torch.bfloat16] * 1.5 < best[torch.float32]
 
 
-def cpu_key() -> str:
-    """What decides this CPU's bf16 speed: the processor (model name and instruction-set flags), the thread count
-    and the torch build; two machines that differ in any of these get their own measurement."""
+def cpu_fields() -> tuple[dict[str, str], str]:
+    """The first processor's model name and instruction-set flags in ``/proc/cpuinfo`` (``platform.processor()``
+    where there is none), and the text they were read from."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
-    fields = {}
+    fields: dict[str, str] = {}
     for line in info.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
             fields.setdefault(key.strip(), value.strip())
+    return fields, info
+
+
+#: the instruction sets that decide a CPU's bf16 and fp32 matmul rates, as /proc/cpuinfo names them
+RATE_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "asimd", "sve", "bf16")
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a run ran on, as its record keeps it: the CPU's model name, which of RATE_FLAGS it has, the
+    thread count, the GPU's name (None on CPU). Records of two machines can differ in their backbones' bytes
+    (``bench.report.builds``) and in every timing."""
+    fields, info = cpu_fields()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "isa": [f for f in RATE_FLAGS if f in flags],
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def cpu_key() -> str:
+    """What decides this CPU's bf16 speed: the processor (model name and instruction-set flags), the thread count
+    and the torch build; two machines that differ in any of these get their own measurement."""
+    fields, info = cpu_fields()
     described = {
         "cpu": fields or info[:200],
         "machine": platform.machine(),

@@ -1,0 +1,127 @@
+"""`bench report` says when a table mixes builds of one backbone recipe (bench/report/builds.py): the same recipe
+trained on two CPU types is two sets of bytes, and rows of two builds differ as if the backbones had another seed."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import bench
+from test_sweep import fake_run
+
+RECIPE = {"encoder": "encoder-clip-s2000-recolour-ef6e", "llm": "llm-tinyllama-smollm2-a03d", "world": "e6f2"}
+AMD_FEATURES = "32643a7e2b3b9394c8239227"  # the kept records' encoder feature cache key (no backbone_bytes then)
+INTEL_FEATURES = "a649e5ded8e6c3b184195d68"
+INTEL = {"cpu": "Intel(R) Xeon(R) Processor", "isa": ["avx512_bf16"], "threads": 2, "cuda": None}
+
+
+def record(root, connector, seed, test, *, features=None, suffix="", encoder=None, llm=None, machine=None, recipe=None):
+    """A fake run (tests/test_sweep.py) on ``recipe``'s backbones, with what it says of their bytes."""
+    fake_run(root, connector, seed, test, 0.5, 0.3, 64, backbones=recipe or RECIPE)
+    path = root / f"{connector}-s{seed}" / "results.json"
+    r = json.loads(path.read_text())
+    if features:
+        r["feature_cache"] = {"on": True, "dir": f"/root/.cache/connector_zoo/features/{features}{suffix}"}
+    if encoder or llm:
+        r["backbone_bytes"] = {"encoder": encoder, "llm": llm}
+    if machine:
+        r["machine"] = machine
+    path.write_text(json.dumps(r))
+
+
+def rows_of(table: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line[:1] == "|")
+    return header, {c[0]: dict(zip(header, c)) for c in cells}
+
+
+def report(tmp_path) -> str:
+    proc = bench(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (tmp_path / "report" / "table.md").read_text()
+
+
+def test_a_table_of_two_builds_of_one_recipe_gives_each_row_its_builds(tmp_path):
+    """Seed 0 of both connectors on the AMD build (the feature cache key only, as records before backbone_bytes),
+    seed 1 on the Intel rebuild (its key behind cls_prune's request suffix, and backbone_bytes): compared on the key
+    all four hold, they are two builds; each row (and the blind row) is on A+B, and the note says what A and B are."""
+    root = tmp_path / "runs"
+    record(root, "mlp2x_gelu", 0, 0.9, features=AMD_FEATURES)
+    record(root, "cls_prune", 0, 0.8, features=AMD_FEATURES, suffix="+attn")
+    record(root, "mlp2x_gelu", 1, 0.7, features=INTEL_FEATURES, encoder="e1" * 8, llm="f2" * 8, machine=INTEL)
+    record(root, "cls_prune", 1, 0.6, features=INTEL_FEATURES, suffix="+attn", encoder="e1" * 8, machine=INTEL)
+    table = report(tmp_path)
+    header, rows = rows_of(table)
+    assert header[:3] == ["configuration", "seeds", "backbones"]
+    assert rows["clip + mlp2x_gelu + tinyllama (mini)"]["backbones"] == "A+B"
+    assert rows["blind baseline: tinyllama without the image"]["backbones"] == "A+B"
+    note = table.split("\n\n")[1]
+    assert "mixes builds of one backbone recipe" in note
+    a = note[note.index("A: ") : note.index("B: ")]
+    b = note[note.index("B: ") :]
+    assert f"encoder features {AMD_FEATURES[:8]}" in a and "machine not recorded" in a and "2 runs" in a
+    assert f"encoder features {INTEL_FEATURES[:8]}" in b and "Intel(R) Xeon(R) Processor (avx512_bf16)" in b
+    assert "LLM bytes not recorded by all" in a  # one Intel record has no LLM digest: the LLM is not compared
+    csv = (tmp_path / "report" / "table.csv").read_text().splitlines()
+    assert csv[0].startswith("configuration,seeds,backbones,") and any(",2,A+B," in line for line in csv)
+
+
+def test_one_build_of_each_recipe_has_no_build_column(tmp_path):
+    """The same encoder bytes read through other request suffixes, a record with backbone_bytes beside one without,
+    and a second recipe (the 32-px encoder, its own key) built once: one build of each recipe, no column, no note."""
+    root = tmp_path / "runs"
+    record(root, "mlp2x_gelu", 0, 0.9, features=AMD_FEATURES)
+    record(root, "cls_prune", 0, 0.8, features=AMD_FEATURES, suffix="+attn", encoder="e1" * 8, llm="f2" * 8)
+    px32 = {**RECIPE, "encoder": "encoder-clip-s2000-px32-recolour-978e"}
+    record(root / "px32", "mlp2x_gelu", 0, 0.7, features="14520f8b6fcc3ff874633cfd", recipe=px32)
+    r = json.loads((root / "px32" / "mlp2x_gelu-s0" / "results.json").read_text())
+    r["config"]["data"] = {"pretrain": {"encoder_px": 32}}
+    (root / "px32" / "mlp2x_gelu-s0" / "results.json").write_text(json.dumps(r))
+    table = report(tmp_path)
+    header, _ = rows_of(table)
+    assert "backbones" not in header and "mixes builds" not in table
+
+
+def test_bytes_decide_over_the_feature_key_and_the_llm_counts_where_all_hold_it(tmp_path):
+    """Records that all hold backbone_bytes are compared on them: equal encoder bytes under two feature keys (another
+    cache path) are one encoder, and two LLM digests are two builds all the same."""
+    from bench.report.builds import backbone_builds
+    from bench.report.tables import load_runs
+
+    root = tmp_path / "runs"
+    record(root, "linear", 0, 0.5, features=AMD_FEATURES, encoder="e1" * 8, llm="f2" * 8)
+    record(root, "linear", 1, 0.5, features=INTEL_FEATURES, encoder="e1" * 8, llm="f2" * 8)
+    assert not backbone_builds(load_runs([root])).mixed
+    record(root, "mlp2x_gelu", 0, 0.5, features=AMD_FEATURES, encoder="e1" * 8, llm="99" * 8)
+    builds = backbone_builds(load_runs([root]))
+    assert builds.mixed and len(builds.legend) == 2
+    assert "LLM bytes 99999999" in builds.legend[0] and "(1 runs;" in builds.legend[0]
+    assert "LLM bytes f2f2f2f2" in builds.legend[1] and "(2 runs;" in builds.legend[1]
+
+
+def test_runs_of_one_recipe_that_say_nothing_of_their_bytes_are_named(tmp_path):
+    """Two runs with the feature cache off and no backbone_bytes: no build can be told; the note names them rather
+    than calling them one build."""
+    from bench.report.builds import backbone_builds, legend_note
+    from bench.report.tables import load_runs
+
+    root = tmp_path / "runs"
+    record(root, "linear", 0, 0.5)
+    record(root, "linear", 1, 0.5)
+    builds = backbone_builds(load_runs([root]))
+    assert not builds.mixed and builds.untold == ["clip + linear + tinyllama (mini)"]
+    assert "cannot be told apart" in legend_note(builds)
+
+
+def test_the_html_page_table_has_the_build_column_and_its_note(tmp_path):
+    from bench.report.builds import backbone_builds, legend_note
+    from bench.report.html import table_context
+    from bench.report.tables import aggregate, load_runs
+
+    root = tmp_path / "runs"
+    record(root, "linear", 0, 0.5, features=AMD_FEATURES)
+    record(root, "linear", 1, 0.4, features=INTEL_FEATURES)
+    runs = load_runs([root])
+    ctx = table_context(aggregate(runs), legend_note(backbone_builds(runs)))
+    assert [h["label"] for h in ctx["header"][:3]] == ["configuration", "seeds", "backbones"]
+    assert ctx["rows"][0]["cells"][2]["text"] == "A+B" and "A: " in ctx["builds_note"]
