@@ -95,7 +95,7 @@ def test_bytes_decide_over_the_feature_key_and_the_llm_counts_where_all_hold_it(
     record(root, "mlp2x_gelu", 0, 0.5, features=AMD_FEATURES, encoder="e1" * 8, llm="99" * 8)
     builds = backbone_builds(load_runs([root]))
     assert builds.mixed and len(builds.legend) == 2
-    assert "LLM bytes 99999999" in builds.legend[0] and "(1 runs;" in builds.legend[0]
+    assert "LLM bytes 99999999" in builds.legend[0] and "(1 run;" in builds.legend[0]
     assert "LLM bytes f2f2f2f2" in builds.legend[1] and "(2 runs;" in builds.legend[1]
 
 

@@ -102,7 +102,8 @@ def backbone_builds(runs: list[dict[str, Any]]) -> Builds:
             said = "; ".join(f"{k} {v[:8]}" for k, v in zip(keys, value))
             unsaid = "" if llm else "; LLM bytes not recorded by all"
             machines = ", ".join(sorted({machine_text(r) for r in members}))
-            out.legend.append(f"{letter}: {recipes} as {said}{unsaid} ({len(members)} runs; ran on {machines})")
+            runs_said = f"{len(members)} run{'s' if len(members) > 1 else ''}"
+            out.legend.append(f"{letter}: {recipes} as {said}{unsaid} ({runs_said}; ran on {machines})")
     return out
 
 
