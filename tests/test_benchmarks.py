@@ -259,3 +259,39 @@ def test_directions_mark_a_measurement_whose_sides_trained_on_other_backbone_bui
         "(across backbone builds A+B)"
     ), row
     assert "across backbone builds" not in sweep(tmp_path / "one", "a" * 24)[2]
+
+
+def test_directions_honeybee_spatial_takes_c_abstractor_where_it_trained():
+    """On 10 questions, every blind baseline at 10 %: perceiver_resampler right on 2 (trained: 10 points over it),
+    c_abstractor at the level's rates on 1 (it did not train: not the reference), at Honeybee's rates on 9: the
+    resampler is compared with the paper-rates cell, -70 points, reproduced; with no trained c_abstractor, or no
+    trained resampler, not judged."""
+    directions = load("directions")
+    paper = "mini-smollm2-paper-rates"
+
+    class Stub:
+        recipe = "mini-smollm2"
+
+        def __init__(self, right: dict):
+            self.right = right  # (connector, recipe) -> questions right of 10
+            self.runs = [
+                {"configuration": self.name(*k), "metrics": {"test": {"blind": {"exact_match": 0.10}}}} for k in right
+            ]
+
+        def name(self, connector, recipe=None):
+            return f"{connector} ({recipe or self.recipe})" if (connector, recipe) in self.right else None
+
+        def answers(self, connector, recipe=None, types=()):
+            right = self.right.get((connector, recipe))
+            return {(0, f"q{i}"): int(i < right) for i in range(10)} if right is not None else {}
+
+    row = directions.honeybee_spatial(
+        Stub({("perceiver_resampler", None): 2, ("c_abstractor", None): 1, ("c_abstractor", paper): 9})
+    )
+    assert row[3] == "**reproduced**", row
+    assert row[2].startswith("position and relation questions: c_abstractor stayed at its blind value (10.0)"), row[2]
+    assert "perceiver_resampler 20.0 against c_abstractor at Honeybee's rates 90.0 (seed 0), -70.0 [" in row[2], row[2]
+    row = directions.honeybee_spatial(Stub({("perceiver_resampler", None): 2, ("c_abstractor", None): 1}))
+    assert row[3] == "**not judged**: no trained c_abstractor", row
+    row = directions.honeybee_spatial(Stub({("perceiver_resampler", None): 1, ("c_abstractor", None): 9}))
+    assert row[3] == "**not judged**: no trained resampler" and "perceiver_resampler stayed at its blind" in row[2]
