@@ -351,7 +351,7 @@ def on_builds(rec: Records, direction) -> list[str]:
     the backbones (``bench.report.builds``): a difference across builds is not the component's alone."""
     rec.touched = set()
     row = direction()
-    if len(rec.touched) > 1:
+    if len(rec.touched) > 1 and row[3] != "to run":  # a row still to run measured nothing
         row[2] += f" (across backbone builds {'+'.join(sorted(rec.touched))})"
     return row
 

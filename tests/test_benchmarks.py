@@ -259,6 +259,11 @@ def test_directions_mark_a_measurement_whose_sides_trained_on_other_backbone_bui
         "(across backbone builds A+B)"
     ), row
     assert "across backbone builds" not in sweep(tmp_path / "one", "a" * 24)[2]
+    rec = object.__new__(directions.Records)  # a row still to run measured nothing: no mark, whatever it read
+    rec.runs = load_runs([tmp_path / "two"])
+    rec.builds = backbone_builds(rec.runs)
+    read_both = lambda: [rec.touch(directions.run_name(r)) for r in rec.runs] and ["c", "p", "needs a cell", "to run"]  # noqa: E731
+    assert directions.on_builds(rec, read_both)[2] == "needs a cell"
 
 
 def test_directions_honeybee_spatial_takes_c_abstractor_where_it_trained():
