@@ -89,7 +89,7 @@ class Records:
         self.facts = question_facts(self.runs)
         self.types = {q: f["type"] for q, f in self.facts.items()}
         # the backbone builds the records are on (bench/report/builds.py), and those of the answers a row has read
-        self.builds = backbone_builds(self.runs)
+        self.builds = backbone_builds(self.runs, run_name)
         self.touched: set[str] = set()
 
     def touch(self, name: str) -> None:

@@ -249,7 +249,7 @@ def test_directions_mark_a_measurement_whose_sides_trained_on_other_backbone_bui
         rec = object.__new__(directions.Records)  # the records without the world's question facts (not read here)
         rec.base, rec.recipe, rec.runs = "mlp2x_gelu", "mini", load_runs([root])
         rec.names = sorted({directions.run_name(r) for r in rec.runs})
-        rec.builds = backbone_builds(rec.runs)
+        rec.builds = backbone_builds(rec.runs, directions.run_name)
         return directions.on_builds(
             rec, lambda: directions.recipe_row(rec, "claim", "paper", "frozen-llm", False, lambda p: p["low"] > 0)
         )
@@ -261,7 +261,7 @@ def test_directions_mark_a_measurement_whose_sides_trained_on_other_backbone_bui
     assert "across backbone builds" not in sweep(tmp_path / "one", "a" * 24)[2]
     rec = object.__new__(directions.Records)  # a row still to run measured nothing: no mark, whatever it read
     rec.runs = load_runs([tmp_path / "two"])
-    rec.builds = backbone_builds(rec.runs)
+    rec.builds = backbone_builds(rec.runs, directions.run_name)
     read_both = lambda: [rec.touch(directions.run_name(r)) for r in rec.runs] and ["c", "p", "needs a cell", "to run"]  # noqa: E731
     assert directions.on_builds(rec, read_both)[2] == "needs a cell"
 

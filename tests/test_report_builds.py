@@ -86,14 +86,14 @@ def test_bytes_decide_over_the_feature_key_and_the_llm_counts_where_all_hold_it(
     """Records that all hold backbone_bytes are compared on them: equal encoder bytes under two feature keys (another
     cache path) are one encoder, and two LLM digests are two builds all the same."""
     from bench.report.builds import backbone_builds
-    from bench.report.tables import load_runs
+    from bench.report.tables import load_runs, run_name
 
     root = tmp_path / "runs"
     record(root, "linear", 0, 0.5, features=AMD_FEATURES, encoder="e1" * 8, llm="f2" * 8)
     record(root, "linear", 1, 0.5, features=INTEL_FEATURES, encoder="e1" * 8, llm="f2" * 8)
-    assert not backbone_builds(load_runs([root])).mixed
+    assert not backbone_builds(load_runs([root]), run_name).mixed
     record(root, "mlp2x_gelu", 0, 0.5, features=AMD_FEATURES, encoder="e1" * 8, llm="99" * 8)
-    builds = backbone_builds(load_runs([root]))
+    builds = backbone_builds(load_runs([root]), run_name)
     assert builds.mixed and len(builds.legend) == 2
     assert "LLM bytes 99999999" in builds.legend[0] and "(1 run;" in builds.legend[0]
     assert "LLM bytes f2f2f2f2" in builds.legend[1] and "(2 runs;" in builds.legend[1]
@@ -103,12 +103,12 @@ def test_runs_of_one_recipe_that_say_nothing_of_their_bytes_are_named(tmp_path):
     """Two runs with the feature cache off and no backbone_bytes: no build can be told; the note names them rather
     than calling them one build."""
     from bench.report.builds import backbone_builds, legend_note
-    from bench.report.tables import load_runs
+    from bench.report.tables import load_runs, run_name
 
     root = tmp_path / "runs"
     record(root, "linear", 0, 0.5)
     record(root, "linear", 1, 0.5)
-    builds = backbone_builds(load_runs([root]))
+    builds = backbone_builds(load_runs([root]), run_name)
     assert not builds.mixed and builds.untold == ["clip + linear + tinyllama (mini)"]
     assert "cannot be told apart" in legend_note(builds)
 
@@ -116,12 +116,12 @@ def test_runs_of_one_recipe_that_say_nothing_of_their_bytes_are_named(tmp_path):
 def test_the_html_page_table_has_the_build_column_and_its_note(tmp_path):
     from bench.report.builds import backbone_builds, legend_note
     from bench.report.html import table_context
-    from bench.report.tables import aggregate, load_runs
+    from bench.report.tables import aggregate, load_runs, run_name
 
     root = tmp_path / "runs"
     record(root, "linear", 0, 0.5, features=AMD_FEATURES)
     record(root, "linear", 1, 0.4, features=INTEL_FEATURES)
     runs = load_runs([root])
-    ctx = table_context(aggregate(runs), legend_note(backbone_builds(runs)))
+    ctx = table_context(aggregate(runs), legend_note(backbone_builds(runs, run_name)))
     assert [h["label"] for h in ctx["header"][:3]] == ["configuration", "seeds", "backbones"]
     assert ctx["rows"][0]["cells"][2]["text"] == "A+B" and "A: " in ctx["builds_note"]

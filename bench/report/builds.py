@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,9 @@ class Builds:
         return bool(self.letter)
 
 
-def backbone_builds(runs: list[dict[str, Any]]) -> Builds:
-    """The builds of the runs' backbones, recipe by recipe (``runs``: records as ``load_runs`` gives them)."""
-    from bench.report.tables import run_name
-
+def backbone_builds(runs: list[dict[str, Any]], name_of: Callable[[dict[str, Any]], str]) -> Builds:
+    """The builds of the runs' backbones, recipe by recipe (``runs``: records as ``load_runs`` gives them;
+    ``name_of``: a run's configuration's name, ``bench.report.tables.run_name``, for the runs it cannot tell)."""
     by_recipe: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         if r.get("backbones"):  # published data has no built backbones
@@ -84,7 +84,7 @@ def backbone_builds(runs: list[dict[str, Any]]) -> Builds:
         llm = "LLM bytes" if all("LLM bytes" in e for e in held) else None
         if encoder is None and llm is None:
             if len(group) > 1:
-                out.untold += sorted({run_name(r) for r in group})
+                out.untold += sorted({name_of(r) for r in group})
             continue
         keys = [k for k in (encoder, llm) if k is not None]
         values: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.evaluate.stats import paired
+from bench.report.builds import backbone_builds, legend_note
 from connector_zoo.io import atomic_path
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "exist", "relation")
@@ -185,15 +186,13 @@ def not_evaluated(r: dict[str, Any]) -> set[str]:
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows: {"name", "seeds", col: (mean, std)}; blind baselines as rows of their own (one per LLM)."""
-    from bench.report.builds import backbone_builds
-
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     seeds: dict[str, list[int]] = defaultdict(list)
     unmeasured: dict[str, set[str]] = defaultdict(set)
     letters: dict[str, set[str]] = defaultdict(set)  # a row's backbone builds where the table mixes them
     if any(NAME_KEY not in r for r in runs):
         name_runs(runs)
-    builds = backbone_builds(runs)
+    builds = backbone_builds(runs, run_name)
     for r in runs:
         cfg = r["config"]
         name = run_name(r)
@@ -374,11 +373,9 @@ def table(rows: list[dict[str, Any]], style: str = "markdown", builds_note: str 
 
 def write_reports(run_paths: list[str | Path], out_dir: Path) -> dict[str, Path]:
 
-    from bench.report.builds import backbone_builds, legend_note
-
     runs = load_runs(run_paths)
     rows = aggregate(runs)
-    note = legend_note(backbone_builds(runs))
+    note = legend_note(backbone_builds(runs, run_name))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for style, ext in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
