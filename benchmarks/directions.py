@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.evaluate.stats import paired
-from bench.report.builds import backbone_builds, legend_note
-from bench.report.tables import load_runs, per_question, run_name
+from bench.report.builds import legend_note
+from bench.report.tables import builds_of, load_runs, per_question, run_name
 
 SIXTEEN = ("avgpool", "c_abstractor", "ldpv2", "pixel_shuffle", "tokenpacker", "perceiver_resampler", "cls_prune")
 SPATIAL = ("position", "relation")
@@ -89,7 +89,7 @@ class Records:
         self.facts = question_facts(self.runs)
         self.types = {q: f["type"] for q, f in self.facts.items()}
         # the backbone builds the records are on (bench/report/builds.py), and those of the answers a row has read
-        self.builds = backbone_builds(self.runs, run_name)
+        self.builds = builds_of(self.runs)
         self.touched: set[str] = set()
 
     def touch(self, name: str) -> None:
@@ -356,17 +356,15 @@ def on_builds(rec: Records, direction) -> list[str]:
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep", type=Path)
-    ap.add_argument("--base", default="mlp2x_gelu", help="the connector the recipe directions vary")
-    ap.add_argument("--seed-of-curve", type=int, default=0, help="the base cell whose pruning curve is read")
-    args = ap.parse_args()
-    rec = Records(args.sweep, args.base)
+def directions_table(sweep: Path, base: str = "mlp2x_gelu", seed_of_curve: int = 0) -> tuple[str, str]:
+    """The directions table (markdown) from the records under ``sweep``, and the legend of its backbone builds (empty
+    where the records are of one build of each recipe). Raises ValueError where ``sweep`` holds no record of
+    ``base``."""
+    rec = Records(sweep, base)
     if rec.recipe is None:
-        sys.exit(f"{args.sweep}: no record of {args.base}")
+        raise ValueError(f"{sweep}: no record of {base}")
     directions = [
-        lambda: fastervlm(rec, args.seed_of_curve),
+        lambda: fastervlm(rec, seed_of_curve),
         lambda: honeybee_linear(rec),
         lambda: honeybee_spatial(rec),
         lambda: mm1(rec),
@@ -397,13 +395,29 @@ def main() -> int:
         lambda: resolution_row(rec),
     ]
     rows = [on_builds(rec, direction) for direction in directions]
-    print(f"records: {args.sweep} ({len(rec.runs)} runs; base {args.base}, recipe {rec.recipe}); test split\n")
-    print("| direction | the paper | the world: difference in points [paired 95 % CI] | verdict |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-    if rec.builds.mixed:
-        print(f"\n{legend_note(rec.builds)}")
+    lines = [
+        "| direction | the paper | the world: difference in points [paired 95 % CI] | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines), legend_note(rec.builds) if rec.builds.mixed else ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--base", default="mlp2x_gelu", help="the connector the recipe directions vary")
+    ap.add_argument("--seed-of-curve", type=int, default=0, help="the base cell whose pruning curve is read")
+    args = ap.parse_args()
+    try:
+        table, legend = directions_table(args.sweep, args.base, args.seed_of_curve)
+    except ValueError as e:
+        sys.exit(str(e))
+    runs = len(load_runs([args.sweep]))
+    print(f"records: {args.sweep} ({runs} runs; base {args.base}); test split\n")
+    print(table)
+    if legend:
+        print(f"\n{legend}")
     return 0
 
 

@@ -300,3 +300,24 @@ def test_directions_honeybee_spatial_takes_c_abstractor_where_it_trained():
     assert row[3] == "**not judged**: no trained c_abstractor", row
     row = directions.honeybee_spatial(Stub({("perceiver_resampler", None): 1, ("c_abstractor", None): 9}))
     assert row[3] == "**not judged**: no trained resampler" and "perceiver_resampler stayed at its blind" in row[2]
+
+
+def test_the_readme_tables_are_the_kept_records():
+    """README.md's zoo and directions tables of the pretrained level are what benchmarks/readme_tables.py rebuilds
+    from the records kept in sweeps/smollm2: a figure changed by hand (or a record kept without rebuilding the README)
+    fails here. The zoo table reads the default recipe's cells and the paper-rates ones, not the directions' runs."""
+    tables = load("readme_tables")
+    readme_path = Path(__file__).resolve().parents[1] / "README.md"
+    readme = readme_path.read_text()
+    cells = [d.name for d in tables.zoo_cells(tables.SWEEP)]
+    assert (
+        "clip--mlp2x_gelu--tinyllama--s0" in cells
+        and "clip--c_abstractor--tinyllama--s0--mini-smollm2-paper-rates" in cells
+    )
+    assert not any(name.endswith(("--px32", "--mini-smollm2-frozen-llm")) for name in cells)
+    assert tables.rebuilt(readme, tables.SWEEP) == readme, "run: python benchmarks/readme_tables.py"
+    row = next(line for line in readme.splitlines() if line.startswith("| clip + mlp2x_gelu + SmolLM2-135M"))
+    cells = row.split(" | ")
+    cells[3] = "12.3 ± 4.5"  # its test accuracy, changed by hand
+    edited = readme.replace(row, " | ".join(cells))
+    assert edited != readme and tables.rebuilt(edited, tables.SWEEP) == readme

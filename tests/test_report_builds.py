@@ -54,7 +54,11 @@ def test_a_table_of_two_builds_of_one_recipe_gives_each_row_its_builds(tmp_path)
     header, rows = rows_of(table)
     assert header[:3] == ["configuration", "seeds", "backbones"]
     assert rows["clip + mlp2x_gelu + tinyllama (mini)"]["backbones"] == "A+B"
-    assert rows["blind baseline: tinyllama without the image"]["backbones"] == "A+B"
+    # one blind row per build: two builds of the world LLM are two LLMs as loaded (seed 0 answered on A, 1 on B)
+    assert "blind baseline: tinyllama without the image" not in rows
+    for letter in "AB":  # each of one seed (the column counts seeds)
+        blind = rows[f"blind baseline: tinyllama without the image (backbones {letter})"]
+        assert (blind["backbones"], blind["seeds"]) == (letter, "1")
     note = table.split("\n\n")[1]
     assert "mixes builds of one backbone recipe" in note
     a = note[note.index("A: ") : note.index("B: ")]
@@ -114,14 +118,17 @@ def test_runs_of_one_recipe_that_say_nothing_of_their_bytes_are_named(tmp_path):
 
 
 def test_the_html_page_table_has_the_build_column_and_its_note(tmp_path):
-    from bench.report.builds import backbone_builds, legend_note
+    from bench.report.builds import legend_note
     from bench.report.html import table_context
-    from bench.report.tables import aggregate, load_runs, run_name
+    from bench.report.tables import aggregate, builds_of, load_runs
 
     root = tmp_path / "runs"
     record(root, "linear", 0, 0.5, features=AMD_FEATURES)
     record(root, "linear", 1, 0.4, features=INTEL_FEATURES)
     runs = load_runs([root])
-    ctx = table_context(aggregate(runs), legend_note(backbone_builds(runs, run_name)))
+    builds = builds_of(runs)
+    ctx = table_context(aggregate(runs, builds), legend_note(builds))
     assert [h["label"] for h in ctx["header"][:3]] == ["configuration", "seeds", "backbones"]
-    assert ctx["rows"][0]["cells"][2]["text"] == "A+B" and "A: " in ctx["builds_note"]
+    by_name = {r["cells"][0]["text"]: r["cells"][2]["text"] for r in ctx["rows"]}
+    assert by_name["clip + linear + tinyllama (mini)"] == "A+B" and "A: " in ctx["builds_note"]
+    assert by_name["blind baseline: tinyllama without the image (backbones B)"] == "B"

@@ -21,7 +21,7 @@ from typing import Any
 from bench.evaluate.accuracy import strip_image
 from bench.report import charts
 from bench.report.breakdown import SIZE_BUCKETS, breakdown, question_facts
-from bench.report.builds import backbone_builds, legend_note
+from bench.report.builds import legend_note
 from bench.report.plots import pareto_front, pruning_figure, scatter_figure
 from bench.report.tables import (
     BUILD,
@@ -29,6 +29,7 @@ from bench.report.tables import (
     aggregate,
     all_columns,
     best,
+    builds_of,
     column_info,
     fmt,
     load_runs,
@@ -251,7 +252,8 @@ def write_html(run_paths: list[str | Path], out_dir: Path, per_type: int = 4, lo
     import jinja2
 
     runs = load_runs(run_paths)
-    rows = aggregate(runs)
+    builds = builds_of(runs)
+    rows = aggregate(runs, builds)
     gal, world, gallery_note = gallery(runs, per_type, log)
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("bench.report", "templates"),
@@ -266,7 +268,7 @@ def write_html(run_paths: list[str | Path], out_dir: Path, per_type: int = 4, lo
         runs=len(runs),
         configs=sum(not r["name"].startswith("blind") for r in rows),
         commits=commits,
-        table=table_context(rows, legend_note(backbone_builds(runs, run_name))),
+        table=table_context(rows, legend_note(builds)),
         figures=figures(rows, runs),
         pruning=pruning_curves(run_paths),
         breakdown=breakdown_context(runs, world, log),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.evaluate.stats import paired
-from bench.report.builds import backbone_builds, legend_note
+from bench.report.builds import Builds, backbone_builds, legend_note
 from connector_zoo.io import atomic_path
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "exist", "relation")
@@ -184,21 +184,34 @@ def not_evaluated(r: dict[str, Any]) -> set[str]:
     return out | (set(QUESTION_TYPES) if "test" in out else set())
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows: {"name", "seeds", col: (mean, std)}; blind baselines as rows of their own (one per LLM)."""
+def builds_of(runs: list[dict[str, Any]]) -> Builds:
+    """The runs' backbone builds (``bench.report.builds``), the runs named first: the one decision a report's rows
+    and its note both take, so that a row's letters and the legend under the table cannot disagree."""
+    if any(NAME_KEY not in r for r in runs):
+        name_runs(runs)
+    return backbone_builds(runs, run_name)
+
+
+def aggregate(runs: list[dict[str, Any]], builds: Builds | None = None) -> list[dict[str, Any]]:
+    """Rows: {"name", "seeds", col: (mean, std)}; blind baselines as rows of their own: one per LLM, and one per
+    backbone build where the table mixes builds (two builds of a world LLM are two LLMs as loaded, and their blind
+    answers differ). ``builds``: ``builds_of(runs)``, which the caller passes when it also writes the legend."""
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     seeds: dict[str, list[int]] = defaultdict(list)
     unmeasured: dict[str, set[str]] = defaultdict(set)
     letters: dict[str, set[str]] = defaultdict(set)  # a row's backbone builds where the table mixes them
-    if any(NAME_KEY not in r for r in runs):
+    if builds is None:
+        builds = builds_of(runs)
+    elif any(NAME_KEY not in r for r in runs):
         name_runs(runs)
-    builds = backbone_builds(runs, run_name)
     for r in runs:
         cfg = r["config"]
         name = run_name(r)
         groups[name].append(run_values(r))
         seeds[name].append(cfg["seed"])
         blind = f"blind baseline: {cfg['llm']['name']} without the image"
+        if id(r) in builds.letter:
+            blind += f" (backbones {builds.letter[id(r)]})"
         groups[blind].append(run_values(r, blind=True))
         seeds[blind].append(cfg["seed"])
         unmeasured[name] |= not_evaluated(r)
@@ -374,8 +387,8 @@ def table(rows: list[dict[str, Any]], style: str = "markdown", builds_note: str 
 def write_reports(run_paths: list[str | Path], out_dir: Path) -> dict[str, Path]:
 
     runs = load_runs(run_paths)
-    rows = aggregate(runs)
-    note = legend_note(backbone_builds(runs, run_name))
+    builds = builds_of(runs)
+    rows, note = aggregate(runs, builds), legend_note(builds)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for style, ext in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
