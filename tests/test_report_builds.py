@@ -132,3 +132,40 @@ def test_the_html_page_table_has_the_build_column_and_its_note(tmp_path):
     by_name = {r["cells"][0]["text"]: r["cells"][2]["text"] for r in ctx["rows"]}
     assert by_name["clip + linear + tinyllama (mini)"] == "A+B" and "A: " in ctx["builds_note"]
     assert by_name["blind baseline: tinyllama without the image (backbones B)"] == "B"
+
+
+def test_a_sweep_says_before_it_trains_that_its_cells_would_mix_builds(tmp_path, monkeypatch):
+    """`bench sweep` compares the folder's records of its backbone recipes with this machine's build before the first
+    cell trains: on the bytes where this machine has built them (a record of other bytes: warned; of these: quiet),
+    else on the machine the records name (another CPU: warned; this one: quiet)."""
+    from bench.data.world import WorldConfig, world_dir
+    from bench.report.sweep import other_builds
+    from bench.run.record import manifest_digest
+    from bench.train.precision import machine_info
+    from bench.train.pretrain import world_backbones
+    from bench.train.settings import RunConfig
+
+    monkeypatch.setenv("CONNECTOR_ZOO_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(encoder={"name": "clip"}, connector={"name": "linear"}, llm={"name": "tinyllama"}, seed=0)
+    want = world_backbones(cfg)
+    out = tmp_path / "zoo"
+    here = machine_info()
+    record(out, "linear", 0, 0.5, recipe=want, machine={**here, "cpu": "AMD EPYC 9B14", "isa": ["avx2"]})
+    said = other_builds(out, cfg)  # not built here: the records' machine decides
+    assert said and "1 of its 1 records" in said and "AMD EPYC 9B14 (avx2)" in said and "has not built" in said
+    assert other_builds(tmp_path / "elsewhere", cfg) is None  # no folder yet
+    record(out / "mine", "linear", 0, 0.5, recipe=want, machine=here)
+    assert other_builds(out / "mine", cfg) is None  # this machine's own records
+
+    built = world_dir(WorldConfig()) / "backbones" / want["encoder"]  # now this machine has built the encoder
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text('{"model.safetensors": "ab12"}')
+    ours = manifest_digest(built)
+    record(out / "bytes", "linear", 0, 0.5, recipe=want, encoder=ours, machine={**here, "cpu": "another"})
+    assert other_builds(out / "bytes", cfg) is None  # the same bytes, whatever machine made the record
+    record(out / "bytes", "linear", 1, 0.5, recipe=want, encoder="0" * 16)
+    said = other_builds(out / "bytes", cfg)
+    assert said and "1 of its 2 records" in said and "other bytes" in said and str(built.parent) in said
+    other = {**want, "encoder": "encoder-clip-another-recipe"}
+    record(out / "recipe", "linear", 0, 0.5, recipe=other, encoder="0" * 16)
+    assert other_builds(out / "recipe", cfg) is None  # records of another recipe are another configuration

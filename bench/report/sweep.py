@@ -73,6 +73,15 @@ def sweep(
     of the plain name recorded (or started) with exactly these settings, as sweeps wrote them before, is kept as it
     is and counts."""
     cells = list(itertools.product(encoders, [parse_connector(c) for c in connectors], llms, seeds))
+    warned = set()
+    for enc, conn, llm, seed in cells:  # before hours are spent: will these cells make the folder mix builds?
+        cfg = RunConfig(encoder={"name": enc}, connector=conn, llm={"name": llm}, seed=seed, **base)
+        recipe = json.dumps(world_backbones(cfg), sort_keys=True)
+        if recipe not in warned:
+            warned.add(recipe)
+            said = other_builds(out, cfg)
+            if said:
+                log(said)
     done, submit = [], []
     active = {}
     if slurm is not None:  # cells whose job is still queued or running are not submitted twice
@@ -111,6 +120,58 @@ def sweep(
 
         submit_jobs(out, submit, slurm, log=log)
     return done
+
+
+def other_builds(out: Path, cfg: RunConfig) -> str | None:
+    """A warning where records kept in ``out`` on the backbone recipes ``cfg`` trains on are of another build of them
+    than this machine's (``bench.report.builds``: one recipe trained on two CPU types is two sets of bytes), so that
+    the cells this sweep adds will make the folder's table mix builds; None where nothing says so. Compared on the
+    bytes (``backbone_bytes``) where this machine has built the backbones and the records hold them, else on the
+    machine the records name: a record of another CPU model or instruction set was made on backbones built there,
+    unless this machine copied them. Records from before December 7, 2026 hold neither: they are not compared here
+    (the report still compares them on their feature cache key). Reads only; said at the start, before hours are
+    spent, not in the report after."""
+    from bench.data.world import WorldConfig, world_dir
+    from bench.report.builds import machine_text
+    from bench.run.record import manifest_digest
+    from bench.train.precision import machine_info
+
+    want = world_backbones(cfg)
+    if want is None or not out.is_dir():
+        return None
+    records = []
+    for cell in sorted(p for p in out.iterdir() if p.is_dir() and any((p / n).exists() for n in RESULTS)):
+        try:
+            records += [r for r in load_runs([cell]) if r.get("backbones") == want]
+        except (OSError, ValueError):
+            continue  # an unreadable record is the cell's own business (same_cell sets it aside)
+    if not records:
+        return None
+    home = world_dir(WorldConfig(**cfg.data.get("world", {}))) / "backbones"
+    mine = {k: manifest_digest(want[k] if Path(want[k]).is_dir() else home / want[k]) for k in ("encoder", "llm")}
+    here = machine_info()
+    other_bytes = [
+        r
+        for r in records
+        if any(mine[k] and (r.get("backbone_bytes") or {}).get(k) not in (None, mine[k]) for k in mine)
+    ]
+    mine_said = machine_text({"machine": here})
+    if other_bytes:
+        what = f"hold other bytes of them than this machine's build ({mine_said})"
+    elif any(mine.values()):
+        return None  # built here, and no record says other bytes (records without backbone_bytes cannot say)
+    else:
+        other_bytes = [r for r in records if r.get("machine") and machine_text(r) != mine_said]
+        if not other_bytes:
+            return None
+        theirs = ", ".join(sorted({machine_text(r) for r in other_bytes}))
+        what = f"ran on another machine ({theirs}) than this one ({mine_said}), which has not built them yet"
+    return (
+        f"note: {out}: {len(other_bytes)} of its {len(records)} records on these backbone recipes {what}. One recipe "
+        "trained on two CPU types is two sets of bytes, so the cells this sweep adds make the folder's table mix "
+        "backbone builds (bench report gives each row its builds). To keep one build, copy the records' backbones "
+        f"into {home} first, or give another --out"
+    )
 
 
 def other_settings(record: dict[str, Any], cfg: RunConfig) -> list[str]:

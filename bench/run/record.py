@@ -226,14 +226,17 @@ def backbone_bytes(vlm) -> dict[str, str | None]:
     no manifest). ``backbones`` names their recipes; two machines build one recipe into other bytes where their CPUs
     round differently, and two records on other bytes are two backbones, as two seeds are."""
 
-    def digest(checkpoint) -> str | None:
-        manifest = Path(str(checkpoint)) / MANIFEST_NAME if checkpoint is not None else None
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest and manifest.is_file() else None
-
     return {
-        "encoder": digest(getattr(vlm.encoder, "checkpoint", None)),
-        "llm": digest(getattr(vlm.llm, "checkpoint", None)),
+        "encoder": manifest_digest(getattr(vlm.encoder, "checkpoint", None)),
+        "llm": manifest_digest(getattr(vlm.llm, "checkpoint", None)),
     }
+
+
+def manifest_digest(checkpoint: str | Path | None) -> str | None:
+    """The SHA-256 (16 hex digits) of a checkpoint directory's ``manifest.json`` (None without one): what a record's
+    ``backbone_bytes`` holds of each backbone."""
+    manifest = Path(str(checkpoint)) / MANIFEST_NAME if checkpoint is not None else None
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest and manifest.is_file() else None
 
 
 def summary(results: dict[str, Any]) -> str:
