@@ -166,6 +166,13 @@ def test_a_sweep_says_before_it_trains_that_its_cells_would_mix_builds(tmp_path,
     record(out / "bytes", "linear", 1, 0.5, recipe=want, encoder="0" * 16)
     said = other_builds(out / "bytes", cfg)
     assert said and "1 of its 2 records" in said and "other bytes" in said and str(built.parent) in said
+    # records before backbone_bytes: compared on the feature key of a record of this machine's bytes, where one is
+    record(out / "keys", "linear", 0, 0.5, recipe=want, encoder=ours, features=INTEL_FEATURES)
+    record(out / "keys", "mlp2x_gelu", 0, 0.5, recipe=want, features=INTEL_FEATURES, suffix="+attn")
+    assert other_builds(out / "keys", cfg) is None  # the same key: the same encoder
+    record(out / "keys", "qformer", 0, 0.5, recipe=want, features=AMD_FEATURES)
+    said = other_builds(out / "keys", cfg)
+    assert said and "1 of its 3 records" in said and "other bytes" in said
     other = {**want, "encoder": "encoder-clip-another-recipe"}
     record(out / "recipe", "linear", 0, 0.5, recipe=other, encoder="0" * 16)
     assert other_builds(out / "recipe", cfg) is None  # records of another recipe are another configuration

@@ -128,11 +128,11 @@ def other_builds(out: Path, cfg: RunConfig) -> str | None:
     the cells this sweep adds will make the folder's table mix builds; None where nothing says so. Compared on the
     bytes (``backbone_bytes``) where this machine has built the backbones and the records hold them, else on the
     machine the records name: a record of another CPU model or instruction set was made on backbones built there,
-    unless this machine copied them. Records from before December 7, 2026 hold neither: they are not compared here
-    (the report still compares them on their feature cache key). Reads only; said at the start, before hours are
-    spent, not in the report after."""
+    unless this machine copied them. Records from before December 7, 2026 hold neither: they are compared on their
+    encoder's feature cache key with the key of a record of this machine's encoder bytes, where the folder has one.
+    Reads only; said at the start, before hours are spent, not in the report after."""
     from bench.data.world import WorldConfig, world_dir
-    from bench.report.builds import machine_text
+    from bench.report.builds import evidence, machine_text
     from bench.run.record import manifest_digest
     from bench.train.precision import machine_info
 
@@ -155,6 +155,17 @@ def other_builds(out: Path, cfg: RunConfig) -> str | None:
         for r in records
         if any(mine[k] and (r.get("backbone_bytes") or {}).get(k) not in (None, mine[k]) for k in mine)
     ]
+    # a record without bytes (before December 7) still names its encoder's feature cache key: where a record of this
+    # machine's encoder bytes names its key too, a record of another key is of another build
+    held = [(r, evidence(r)) for r in records]
+    my_keys = {
+        e.get("encoder features") for _, e in held if mine["encoder"] and e.get("encoder bytes") == mine["encoder"]
+    }
+    my_keys.discard(None)
+    if my_keys:
+        other_bytes += [
+            r for r, e in held if "encoder bytes" not in e and e.get("encoder features") not in (None, *my_keys)
+        ]
     mine_said = machine_text({"machine": here})
     if other_bytes:
         what = f"hold other bytes of them than this machine's build ({mine_said})"
