@@ -321,3 +321,40 @@ def test_the_readme_tables_are_the_kept_records():
     cells[3] = "12.3 ± 4.5"  # its test accuracy, changed by hand
     edited = readme.replace(row, " | ".join(cells))
     assert edited != readme and tables.rebuilt(edited, tables.SWEEP) == readme
+
+
+def test_directions_mm1_counts_only_the_16_token_connectors_that_trained():
+    """MM1's spread between 16-token connectors reads each at the level's rates, or at its paper's where it stayed at
+    its blind value (40 %) at the level's; one that trained at neither is left out, and the row says so. Read at the
+    level's rates, c_abstractor (4 of 10: its blind value) would make the spread avgpool's 9 minus 4, 50 points, a
+    training failure counted as a connector type's cost; at its paper's rates (7 of 10) it is 20."""
+    directions = load("directions")
+    paper = "mini-smollm2-paper-rates"
+    right = {
+        ("avgpool", None): 9,
+        ("perceiver_resampler", None): 8,
+        ("c_abstractor", None): 4,
+        ("c_abstractor", paper): 7,
+        ("tokenpacker", None): 4,
+        ("mlp2x_gelu", None): 10,
+    }
+    runs = [{"configuration": f"{c}|{r}", "metrics": {"test": {"blind": {"exact_match": 0.40}}}} for c, r in right]
+
+    class Stub:
+        recipe = "mini-smollm2"
+
+        def __init__(self):
+            self.runs = runs
+
+        def name(self, connector, recipe=None):
+            key = (connector, None if recipe in (None, self.recipe) else recipe)
+            return f"{key[0]}|{key[1]}" if key in right else None
+
+        def answers(self, connector, recipe=None, types=()):
+            n = right.get((connector, None if recipe in (None, self.recipe) else recipe))
+            return {(0, f"q{i}"): int(i < n) for i in range(10)} if n is not None else {}
+
+    row = directions.mm1(Stub())
+    assert "type, at 16 tokens (3 connectors): avgpool minus c_abstractor at its paper's rates +20.0" in row[2], row[2]
+    assert "not counted, at their blind value: c_abstractor at the level's rates, tokenpacker at the level's" in row[2]
+    assert "mlp2x_gelu (64) minus avgpool (16) +10.0" in row[2], row[2]
