@@ -367,13 +367,11 @@ def on_builds(rec: Records, direction) -> list[str]:
     return row
 
 
-def directions_table(sweep: Path, base: str = "mlp2x_gelu", seed_of_curve: int = 0) -> tuple[str, str]:
-    """The directions table (markdown) from the records under ``sweep``, and the legend of its backbone builds (empty
-    where the records are of one build of each recipe). Raises ValueError where ``sweep`` holds no record of
-    ``base``."""
-    rec = Records(sweep, base)
+def directions_table(rec: Records, seed_of_curve: int = 0) -> tuple[str, str]:
+    """The directions table (markdown) from the records ``rec`` read, and the legend of their backbone builds (empty
+    where the records are of one build of each recipe). Raises ValueError where they hold no record of the base."""
     if rec.recipe is None:
-        raise ValueError(f"{sweep}: no record of {base}")
+        raise ValueError(f"{rec.sweep}: no record of {rec.base}")
     directions = [
         lambda: fastervlm(rec, seed_of_curve),
         lambda: honeybee_linear(rec),
@@ -420,12 +418,12 @@ def main() -> int:
     ap.add_argument("--base", default="mlp2x_gelu", help="the connector the recipe directions vary")
     ap.add_argument("--seed-of-curve", type=int, default=0, help="the base cell whose pruning curve is read")
     args = ap.parse_args()
+    rec = Records(args.sweep, args.base)
     try:
-        table, legend = directions_table(args.sweep, args.base, args.seed_of_curve)
+        table, legend = directions_table(rec, args.seed_of_curve)
     except ValueError as e:
         sys.exit(str(e))
-    runs = len(load_runs([args.sweep]))
-    print(f"records: {args.sweep} ({runs} runs; base {args.base}); test split\n")
+    print(f"records: {args.sweep} ({len(rec.runs)} runs; base {args.base}, recipe {rec.recipe}); test split\n")
     print(table)
     if legend:
         print(f"\n{legend}")

@@ -20,11 +20,11 @@ import re
 import sys
 from pathlib import Path
 
-from bench.report.builds import legend_note
-from bench.report.tables import aggregate, builds_of, load_runs, table
+from bench.report.tables import RESULTS, aggregate, load_runs, table
+from connector_zoo.io import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from directions import directions_table  # noqa: E402
+from directions import Records, directions_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "smollm2"
@@ -40,7 +40,6 @@ COLUMNS = [
     ("test vs best: diff [95 % CI], McNemar p", "test vs best [95 % CI], McNemar p"),
 ]
 PAPER_RATES = "--mini-smollm2-paper-rates"
-RECORDS = ("results.json", "results.json.gz")
 ZOO_START, DIRECTIONS_START = "| configuration | seeds |", "| direction | the paper |"
 CELLS = re.compile(r"has \d+ of its 22 cells so far")
 
@@ -51,7 +50,7 @@ def zoo_cells(sweep: Path) -> list[Path]:
     for d in sorted(sweep.iterdir()):
         parts = d.name.split("--")  # <encoder>--<connector>--<llm>--s<seed>[--<recipe or setting>]
         default = len(parts) == 4 and re.fullmatch(r"s\d+", parts[3])
-        if (default or d.name.endswith(PAPER_RATES)) and any((d / f).exists() for f in RECORDS):
+        if (default or d.name.endswith(PAPER_RATES)) and any((d / f).exists() for f in RESULTS):
             out.append(d)
     return out
 
@@ -59,9 +58,7 @@ def zoo_cells(sweep: Path) -> list[Path]:
 def zoo_table(sweep: Path) -> tuple[str, int]:
     """The README's zoo table from the records, and the number of default-recipe cells in it."""
     cells = zoo_cells(sweep)
-    runs = load_runs(cells)
-    builds = builds_of(runs)
-    markdown = table(aggregate(runs, builds), "markdown", builds_note=legend_note(builds)).split("\n\n")[0]
+    markdown = table(aggregate(load_runs(cells)), "markdown").split("\n\n")[0]  # the table without its note
     lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()]
     header = lines[0]
     shown = [(ours, theirs) for ours, theirs in COLUMNS if ours in header]
@@ -88,7 +85,7 @@ def replace_table(text: str, start: str, new: str, after: str = "") -> str:
 
 def rebuilt(readme: str, sweep: Path) -> str:
     zoo, cells = zoo_table(sweep)
-    directions, _ = directions_table(sweep)
+    directions, _ = directions_table(Records(sweep, "mlp2x_gelu"))
     readme = replace_table(readme, ZOO_START, zoo, after="### The zoo on the pretrained level")
     readme = replace_table(readme, DIRECTIONS_START, directions)
     if not CELLS.search(readme):
@@ -115,9 +112,8 @@ def main() -> int:
         print(f"\n{args.readme} differs from the records in {args.sweep}: run python benchmarks/readme_tables.py")
         return 1
     if new != old:
-        tmp = args.readme.with_suffix(".md.tmp")
-        tmp.write_text(new)
-        tmp.replace(args.readme)
+        with atomic_path(args.readme) as tmp:
+            tmp.write_text(new)
     print(f"{args.readme}: tables rebuilt from {args.sweep}" + ("" if new != old else " (unchanged)"))
     return 0
 

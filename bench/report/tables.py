@@ -200,10 +200,10 @@ def aggregate(runs: list[dict[str, Any]], builds: Builds | None = None) -> list[
     seeds: dict[str, list[int]] = defaultdict(list)
     unmeasured: dict[str, set[str]] = defaultdict(set)
     letters: dict[str, set[str]] = defaultdict(set)  # a row's backbone builds where the table mixes them
-    if builds is None:
-        builds = builds_of(runs)
-    elif any(NAME_KEY not in r for r in runs):
+    if any(NAME_KEY not in r for r in runs):
         name_runs(runs)
+    if builds is None:
+        builds = backbone_builds(runs, run_name)
     for r in runs:
         cfg = r["config"]
         name = run_name(r)
